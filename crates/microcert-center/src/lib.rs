@@ -1,0 +1,1 @@
+//! The microcert authentication center (work in progress).
