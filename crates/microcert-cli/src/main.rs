@@ -1,1 +1,59 @@
-fn main() {}
+//! `microcert`: the command-line front of the microcert key management
+//! system. Libraries return typed errors; this binary prints the chain.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// `println!` that ends the process quietly when stdout is gone (a closed
+/// pipe, as in `microcert demo | head`), instead of panicking.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(141);
+        }
+    }};
+}
+
+mod cert;
+mod demo;
+mod hexarg;
+
+/// microcert: symmetric micro-certificates and key management for IoT fleets.
+#[derive(Debug, Parser)]
+#[command(name = "microcert", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Offline tools: make, verify, open and inspect micro-certificates.
+    #[command(subcommand)]
+    Cert(cert::CertCommand),
+    /// Issue and check every message type in one process, and print them.
+    Demo {
+        /// The suite: 1 (8-byte tags) or 2 (16-byte tags).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        suite: u8,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Cert(cmd) => cert::run(cmd).map_err(|e| (e, ExitCode::from(2))),
+        Command::Demo { suite } => demo::run(suite)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| (e, ExitCode::FAILURE)),
+    };
+    match result {
+        Ok(code) => code,
+        Err((e, code)) => {
+            eprintln!("error: {e:#}");
+            code
+        }
+    }
+}

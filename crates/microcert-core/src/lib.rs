@@ -3,7 +3,6 @@
 #![warn(missing_docs)]
 #![doc = include_str!("../README.md")]
 
-
 pub mod csk;
 mod error;
 pub mod kdf;
@@ -15,17 +14,17 @@ pub mod time;
 pub mod wire;
 
 pub use error::{Error, Result};
-pub use kdf::{Purpose, derive_key, kdf_ctr_cmac, transport_key};
+pub use kdf::{Purpose, aes_cmac, derive_key, kdf_ctr_cmac, transport_key};
 pub use lifecycle::{Event, KeyState, transition};
 pub use msg::{
-    Auth, AuthResponse, CHALLENGE_LEN, Command, ENROLL_PLAINTEXT_LEN, Enroll,
-    MAX_SEALED_PLAINTEXT, Message, Opcode, Receipt, Sealed, Sender, Signature,
+    Auth, AuthResponse, CHALLENGE_LEN, Command, ENROLL_PLAINTEXT_LEN, Enroll, MAX_SEALED_PLAINTEXT,
+    Message, Opcode, Receipt, Sealed, Sender, Signature,
 };
 pub use ops::{
-    DataDigest, EnrollKey, check_challenge, make_auth, make_auth_response, make_challenge,
-    make_command, make_enroll, make_receipt, make_signature, open_enroll, open_in_place, seal,
-    seal_in_place, verify_auth, verify_auth_response, verify_command, verify_receipt,
-    verify_signature, working_key,
+    DataDigest, EnrollKey, challenge_window, check_challenge, make_auth, make_auth_response,
+    make_challenge, make_command, make_enroll, make_receipt, make_signature, open_enroll,
+    open_in_place, seal, seal_in_place, verify_auth, verify_auth_response, verify_command,
+    verify_receipt, verify_signature, working_key,
 };
 pub use secret::{Key128, KeySeed, SEED_LEN, SEED_ROWS, SEED_YEARS};
 pub use wire::{Audience, DeviceId, HEADER_LEN, Header, MsgType, Suite};

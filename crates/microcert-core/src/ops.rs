@@ -29,9 +29,10 @@ pub fn working_key(seed: &KeySeed, purpose: Purpose, header: &Header) -> Result<
     Ok(derive_key(&k0, purpose.label(), &header.context()))
 }
 
-/// The full 16-byte MAC; callers truncate to the suite's length.
-fn mac(key: &Key128, parts: &[&[u8]]) -> [u8; 16] {
-    *cmac_parts(key.expose(), parts).expose()
+/// The full 16-byte MAC; callers truncate to the suite's length. Wiped
+/// on drop because with suite 0x01 its second half is never sent.
+fn mac(key: &Key128, parts: &[&[u8]]) -> Zeroizing<[u8; 16]> {
+    Zeroizing::new(*cmac_parts(key.expose(), parts).expose())
 }
 
 fn check_mac(key: &Key128, suite: Suite, parts: &[&[u8]], tag: &[u8]) -> Result<()> {
@@ -106,6 +107,12 @@ pub fn verify_auth_response(seed: &KeySeed, msg: &AuthResponse<'_>, aud: &Audien
 /// SHA-256 of signed data, fed in pieces so data of any size needs no buffer.
 #[derive(Clone, Default)]
 pub struct DataDigest(Sha256);
+
+impl core::fmt::Debug for DataDigest {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("DataDigest { .. }")
+    }
+}
 
 impl DataDigest {
     /// An empty digest.
@@ -432,7 +439,7 @@ pub const fn challenge_window(now: u32) -> u32 {
     now / 60
 }
 
-fn challenge_mac(kchal: &Key128, device: DeviceId, c: &[u8; 8], w: u32) -> [u8; 16] {
+fn challenge_mac(kchal: &Key128, device: DeviceId, c: &[u8; 8], w: u32) -> Zeroizing<[u8; 16]> {
     mac(kchal, &[&device.0, c, &w.to_be_bytes()])
 }
 
@@ -461,7 +468,9 @@ pub fn check_challenge(
     let c: &[u8; 8] = c.try_into().map_err(|_| Error::Verification)?;
     let w = challenge_window(now);
     let cur = challenge_mac(kchal, device, c, w);
-    let prev = challenge_mac(kchal, device, c, w.wrapping_sub(1));
+    // In window 0 there is no previous window: checking window 0 twice
+    // (rather than wrapping to u32::MAX) accepts nothing extra.
+    let prev = challenge_mac(kchal, device, c, w.saturating_sub(1));
     let ok = cur[..8].ct_eq(tag) | prev[..8].ct_eq(tag);
     if bool::from(ok) {
         Ok(())
