@@ -1,1 +1,6 @@
-//! The microcert authentication center (work in progress).
+//! The microcert authentication center as a library.
+
+pub mod card;
+mod error;
+
+pub use error::{Error, Result};

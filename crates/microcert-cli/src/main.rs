@@ -16,7 +16,9 @@ macro_rules! say {
     }};
 }
 
+mod card;
 mod cert;
+mod datadir;
 mod demo;
 mod hexarg;
 
@@ -33,6 +35,12 @@ enum Command {
     /// Offline tools: make, verify, open and inspect micro-certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// The encryption card: init, split into shares, recover.
+    #[command(subcommand)]
+    Card(card::CardCommand),
+    /// Bearer tokens for operators and relying parties.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Issue and check every message type in one process, and print them.
     Demo {
         /// The suite: 1 (8-byte tags) or 2 (16-byte tags).
@@ -41,10 +49,42 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a token and print it (only the token, once; it is stored hashed).
+    Create {
+        #[command(flatten)]
+        data: datadir::DataArgs,
+        /// What the token may do.
+        #[arg(long, value_enum)]
+        role: microcert_server::tokens::Role,
+        /// Who holds it; for a verifier, the relying party's name (its audience).
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn token(cmd: TokenCommand) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create { data, role, name } => {
+            data.create()?;
+            let token = microcert_server::tokens::create(&data.dir, role, &name)?;
+            say!("{}", token.as_str());
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Cert(cmd) => cert::run(cmd).map_err(|e| (e, ExitCode::from(2))),
+        Command::Card(cmd) => card::run(cmd)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| (e, ExitCode::FAILURE)),
+        Command::Token(cmd) => token(cmd)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| (e, ExitCode::FAILURE)),
         Command::Demo { suite } => demo::run(suite)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| (e, ExitCode::FAILURE)),

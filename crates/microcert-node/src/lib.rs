@@ -1,3 +1,27 @@
 #![no_std]
 #![forbid(unsafe_code)]
-//! The microcert sensor node (work in progress).
+#![warn(missing_docs)]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+#![doc = include_str!("../README.md")]
+
+mod chip;
+mod error;
+mod image;
+mod seedgen;
+mod soft;
+
+pub use chip::{
+    Answered, Entropy, EntropyFailure, Life, Personalization, SecureChip, Status,
+};
+pub use error::{Error, Result};
+pub use image::{IMAGE_LEN, IMAGE_MAGIC, IMAGE_VERSION};
+pub use seedgen::SEED_INPUT_LEN;
+pub use soft::{CLASS1_MAX_SEALED, MAX_AUDIENCES, SoftChip};

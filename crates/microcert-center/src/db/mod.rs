@@ -1,0 +1,344 @@
+//! The key database: what the center stores (PROTOCOL.md section 7) behind
+//! a trait, so a backend (SQLite here, PostgreSQL later) plugs in without
+//! the services knowing which.
+//!
+//! Every service call runs in one [`KeyDatabase::transaction`]: the service
+//! passes a closure that reads and writes through [`Tx`], whose methods are
+//! at the level of records ("the device", "its seeds", "record this replay
+//! if absent"), never SQL. The closure may be run more than once (a
+//! PostgreSQL backend retries serialization failures), so it must not have
+//! effects outside the transaction other than computing values; the
+//! services only touch their caches after the transaction has committed.
+//!
+//! What a backend must guarantee:
+//! - a transaction is atomic and durable when `transaction` returns `Ok`;
+//! - [`Tx::device`] locks the device row for the rest of the transaction
+//!   (SQLite: one writer at a time; PostgreSQL: `SELECT ... FOR UPDATE`), so
+//!   two centers cannot both commit changes to one device from the same
+//!   prior state;
+//! - [`Tx::record_replay`] and [`Tx::spend_challenge`] are atomic
+//!   insert-if-absent under a unique constraint across every center sharing
+//!   the database;
+//! - [`Tx::append_audit`] chains the entry to the one before it
+//!   ([`crate::audit::chain_hash`]), serialised across writers.
+
+mod sqlite;
+
+pub use sqlite::SqliteDatabase;
+
+use std::fmt;
+
+use microcert_core::{DeviceId, KeyState, Suite};
+
+use crate::card::EnrollVia;
+use crate::{Error, Result};
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRow {
+    /// The EUI-64.
+    pub id: DeviceId,
+    /// RFC 7228 class (1..=3), which selects the profile.
+    pub class: u8,
+    /// The suite recorded at registration from the class profile.
+    pub suite: Suite,
+    /// Personalization count of the chip (Ktr(device, epoch)).
+    pub epoch: u8,
+    /// Whether an ENROLL under Ktr(device, epoch) is accepted now.
+    pub transport_open: bool,
+    /// Registration time.
+    pub created: u64,
+    /// Highest generation ever enrolled, None before the first.
+    pub highest_generation: Option<u8>,
+    /// The last COMMAND counter used; never decreases.
+    pub command_counter: u32,
+}
+
+/// Bytes stored as-is whose content does not belong in logs.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Blob(pub Vec<u8>);
+
+impl fmt::Debug for Blob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Blob({} bytes)", self.0.len())
+    }
+}
+
+/// One seed (device, generation) and its life-cycle attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeedRow {
+    /// The device.
+    pub device: DeviceId,
+    /// The seed's generation.
+    pub generation: u8,
+    /// Life-cycle state.
+    pub state: KeyState,
+    /// Calendar year of the seed's first year row.
+    pub base_year: u16,
+    /// The device's suite when enrolled.
+    pub suite: Suite,
+    /// Kstore version of the ciphertext.
+    pub kstore_version: u32,
+    /// AES-256-GCM ciphertext under Kstore; None once destroyed (or when a
+    /// query left it out).
+    pub ciphertext: Option<Blob>,
+    /// Integrity tag by the card over [`crate::integrity::record_bytes`].
+    pub tag: [u8; 32],
+    /// Which key the ENROLL came under.
+    pub via: EnrollVia,
+    /// t of the ENROLL.
+    pub enroll_t: u32,
+    /// r of the ENROLL.
+    pub enroll_r: u64,
+    /// SHA-256 of the ENROLL bytes: a byte-identical retransmission is
+    /// recognised by it.
+    pub enroll_digest: [u8; 32],
+    /// The RECEIPT the center answered the ENROLL with (served again for a
+    /// retransmission).
+    pub receipt: Blob,
+    /// Enrollment time.
+    pub created: u64,
+    /// When it became Active.
+    pub activated_at: Option<u64>,
+    /// When last suspended.
+    pub suspended_at: Option<u64>,
+    /// When deactivated.
+    pub deactivated_at: Option<u64>,
+    /// When revoked (signatures notarised before this stay valid).
+    pub compromised_at: Option<u64>,
+    /// When destroyed.
+    pub destroyed_at: Option<u64>,
+    /// For the previous generation during a seed update: it keeps verifying
+    /// until this time or until the new generation is first used.
+    pub grace_until: Option<u64>,
+}
+
+/// A device and its seeds (ascending generation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceView {
+    /// The device.
+    pub device: DeviceRow,
+    /// Its seeds; ciphertexts are left out by operator queries.
+    pub seeds: Vec<SeedRow>,
+}
+
+impl DeviceView {
+    /// The seed of the highest generation.
+    pub fn current(&self) -> Option<&SeedRow> {
+        self.seeds.last()
+    }
+}
+
+/// A COMMAND in a device's outbox: the latest one; pending until answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandRow {
+    /// The device.
+    pub device: DeviceId,
+    /// The command's counter.
+    pub counter: u32,
+    /// Opcode byte (1 UPDATE_SEED, 2 REVOKE).
+    pub opcode: u8,
+    /// Generation of the seed that keys it.
+    pub generation: u8,
+    /// r of its header: a node's RECEIPT refers to it.
+    pub r: u64,
+    /// The COMMAND bytes, served unchanged until answered.
+    pub bytes: Blob,
+    /// When built.
+    pub created: u64,
+    /// When the node's RECEIPT was accepted.
+    pub answered_at: Option<u64>,
+    /// The status of that RECEIPT.
+    pub status: Option<u8>,
+}
+
+/// A SIGNATURE the center verified, as a notary records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotaryRow {
+    /// The device.
+    pub device: DeviceId,
+    /// The seed's generation.
+    pub generation: u8,
+    /// t of the signature.
+    pub t: u32,
+    /// r of the signature.
+    pub r: u64,
+    /// SHA-256 of the signed data.
+    pub digest: [u8; 32],
+    /// The signature's tag.
+    pub tag: Vec<u8>,
+    /// When the center first verified it.
+    pub first_seen: u64,
+}
+
+/// One shard of the database digest (see [`crate::integrity`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DigestShard {
+    /// Shard number.
+    pub shard: u8,
+    /// XOR of the integrity tags of the shard's seed records.
+    pub acc: [u8; 32],
+    /// Number of records in the shard.
+    pub count: u64,
+    /// Number of changes ever applied to the shard.
+    pub seq: u64,
+    /// The card's tag over (shard, acc, count, seq).
+    pub tag: [u8; 32],
+}
+
+/// An audit entry to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAudit {
+    /// When.
+    pub time: u64,
+    /// Who: "center" for the center's own decisions, "import", or an
+    /// operator's token name.
+    pub actor: String,
+    /// What, e.g. "enroll", "revoke", "suspend".
+    pub action: String,
+    /// The device concerned, if any.
+    pub device: Option<DeviceId>,
+    /// The generation concerned, if any.
+    pub generation: Option<u8>,
+    /// Why (free text, never key material).
+    pub reason: String,
+}
+
+/// A stored audit entry with its place in the hash chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Position in the log, from 1.
+    pub seq: u64,
+    /// The entry.
+    pub entry: NewAudit,
+    /// Hash of the previous entry (0^32 for the first).
+    pub prev_hash: [u8; 32],
+    /// SHA-256 chain hash of this entry ([`crate::audit::chain_hash`]).
+    pub hash: [u8; 32],
+}
+
+/// Filters and paging for the operator's device list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceQuery {
+    /// Only devices whose current seed is in this state.
+    pub state: Option<KeyState>,
+    /// Only devices of this class.
+    pub class: Option<u8>,
+    /// Only devices whose current seed's last year is at most this year
+    /// (seed expiry filter).
+    pub last_year_at_most: Option<u16>,
+    /// Keyset paging: only devices with an id above this one.
+    pub after: Option<DeviceId>,
+    /// Page size (0 means 100).
+    pub limit: usize,
+}
+
+/// Reads and writes inside one transaction.
+pub trait Tx {
+    /// The device row, locked for the rest of the transaction.
+    fn device(&mut self, id: DeviceId) -> Result<Option<DeviceRow>>;
+    /// Inserts a new device (fails if it exists).
+    fn insert_device(&mut self, d: &DeviceRow) -> Result<()>;
+    /// Rewrites a device row.
+    fn update_device(&mut self, d: &DeviceRow) -> Result<()>;
+    /// Every seed of a device, ascending generation, with ciphertexts.
+    fn seeds(&mut self, id: DeviceId) -> Result<Vec<SeedRow>>;
+    /// The seed enrolled by the ENROLL with this (t, r), if any.
+    fn seed_by_enroll_nonce(&mut self, id: DeviceId, t: u32, r: u64) -> Result<Option<SeedRow>>;
+    /// Inserts a new seed record.
+    fn insert_seed(&mut self, s: &SeedRow) -> Result<()>;
+    /// Rewrites a seed record (state, timestamps, tag, ciphertext).
+    fn update_seed(&mut self, s: &SeedRow) -> Result<()>;
+    /// Records (device, generation, t, r) as accepted; false when it
+    /// already was (a replay).
+    fn record_replay(
+        &mut self,
+        id: DeviceId,
+        generation: u8,
+        t: u32,
+        r: u64,
+        expires: u64,
+    ) -> Result<bool>;
+    /// Records challenge c of a device as used; false when it already was.
+    fn spend_challenge(&mut self, id: DeviceId, c: &[u8; 8], expires: u64) -> Result<bool>;
+    /// Records a verified signature unless already recorded; returns the
+    /// stored record (with the first first_seen).
+    fn notarize(&mut self, n: &NotaryRow) -> Result<NotaryRow>;
+    /// A notary record of exactly this signature.
+    fn notary(
+        &mut self,
+        id: DeviceId,
+        generation: u8,
+        t: u32,
+        r: u64,
+        digest: &[u8; 32],
+    ) -> Result<Option<NotaryRow>>;
+    /// The device's latest command, pending or answered.
+    fn command(&mut self, id: DeviceId) -> Result<Option<CommandRow>>;
+    /// Stores the device's latest command (replacing the previous one).
+    fn put_command(&mut self, c: &CommandRow) -> Result<()>;
+    /// A digest shard, None if never written.
+    fn digest_shard(&mut self, shard: u8) -> Result<Option<DigestShard>>;
+    /// Writes a digest shard.
+    fn put_digest_shard(&mut self, s: &DigestShard) -> Result<()>;
+    /// Appends an audit entry to the hash chain.
+    fn append_audit(&mut self, e: &NewAudit) -> Result<()>;
+    /// The next line to import of the batch file with this SHA-256.
+    fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>>;
+    /// Records how far a batch file was imported.
+    fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()>;
+}
+
+/// A key database backend.
+pub trait KeyDatabase: Send + Sync + fmt::Debug {
+    /// Runs `f` in one transaction: commits when it returns `Ok`, rolls back
+    /// when it returns `Err` (which is passed on).
+    fn transaction(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()>;
+
+    /// A device and its seeds (without ciphertexts), for operators.
+    fn device_view(&self, id: DeviceId) -> Result<Option<DeviceView>>;
+
+    /// Devices with their current seed (without ciphertext), ordered by id.
+    fn list_devices(&self, q: &DeviceQuery) -> Result<Vec<DeviceView>>;
+
+    /// Devices whose current seed is Active, has a base year of at most
+    /// `max_base_year`, and that have no pending command; ordered by id,
+    /// after `after`, at most `limit`.
+    fn devices_due(
+        &self,
+        max_base_year: u16,
+        after: Option<DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<DeviceId>>;
+
+    /// Devices with a seed whose grace period ended before `now` and that
+    /// is still Active, or an Active seed whose last year ended before `now`.
+    fn devices_to_expire(&self, now: u64, year_now: u16, limit: usize) -> Result<Vec<DeviceId>>;
+
+    /// Seed records in (device, generation) order after `after`, with
+    /// ciphertexts: the integrity scan.
+    fn scan_seeds(&self, after: Option<(DeviceId, u8)>, limit: usize) -> Result<Vec<SeedRow>>;
+
+    /// Every digest shard written so far.
+    fn digest_shards(&self) -> Result<Vec<DigestShard>>;
+
+    /// Audit entries with seq above `after`, at most `limit`.
+    fn audit_log(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>>;
+
+    /// Deletes replay records and used challenges that expired before
+    /// `now`; returns how many.
+    fn prune(&self, now: u64) -> Result<u64>;
+}
+
+/// Runs `f` in one transaction of `db` and returns its value.
+pub fn with_tx<T>(
+    db: &dyn KeyDatabase,
+    mut f: impl FnMut(&mut dyn Tx) -> Result<T>,
+) -> Result<T> {
+    let mut out = None;
+    db.transaction(&mut |tx| {
+        out = Some(f(tx)?);
+        Ok(())
+    })?;
+    out.ok_or_else(|| Error::Database("transaction produced no value".into()))
+}

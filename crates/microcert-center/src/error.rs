@@ -1,0 +1,189 @@
+//! The one error type of the center.
+//!
+//! Refusals (a message or request the protocol says no to) and operational
+//! failures (database, card, files) are separate variants, so a transport
+//! maps each to its status code in one exhaustive `match`. No variant
+//! carries key material, and a failed MAC or AEAD is always the one opaque
+//! [`Error::Verification`].
+
+use microcert_core::{Event, KeyState};
+
+/// Everything the center can refuse or fail at.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No device with this id is registered.
+    #[error("unknown device")]
+    UnknownDevice,
+    /// The device's seed is revoked (Compromised).
+    #[error("device revoked")]
+    Revoked,
+    /// The device's seed is suspended by an operator.
+    #[error("device suspended")]
+    Suspended,
+    /// The seed the message is under is not active (pre-activation where
+    /// activity is needed, deactivated, destroyed, or a superseded
+    /// generation outside its grace period).
+    #[error("seed not active")]
+    NotActive,
+    /// The seed does not cover the date in question.
+    #[error("seed expired or not yet valid")]
+    Expired,
+    /// The message (or challenge) was already accepted once.
+    #[error("replayed message")]
+    Replay,
+    /// The message's time is outside the clock-skew window.
+    #[error("message time outside the accepted window")]
+    Stale,
+    /// The bytes are not a well-formed message of the expected type.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The message, challenge or receipt is not authentic. Deliberately
+    /// opaque: it never says which check failed.
+    #[error("verification failed")]
+    Verification,
+    /// The message is in another suite than the device's.
+    #[error("wrong suite for this device")]
+    WrongSuite,
+    /// An ENROLL or message under a generation the rules do not allow.
+    #[error("wrong seed generation")]
+    WrongGeneration,
+    /// An operator request the current state does not allow (e.g. reopening
+    /// transport enrollment for a device whose seed is still valid).
+    #[error("request refused: {0}")]
+    Refused(String),
+    /// A life-cycle transition not allowed by the state table.
+    #[error("illegal life-cycle transition: {event} in state {from}")]
+    IllegalTransition {
+        /// The state the seed was in.
+        from: KeyState,
+        /// The refused event.
+        event: Event,
+    },
+    /// A stored record's integrity tag does not match (tampered database);
+    /// the device is refused until the record is repaired.
+    #[error("integrity check failed for device {0}")]
+    Integrity(String),
+    /// The card file does not open with this passphrase (or was altered).
+    #[error("wrong passphrase, or the card file was altered")]
+    WrongPassphrase,
+    /// The card file or a backup share is not in a format this version reads.
+    #[error("bad card data: {0}")]
+    CardFormat(String),
+    /// Shamir backup shares that do not recover a card.
+    #[error("shares do not recover a card: {0}")]
+    Shares(String),
+    /// The encryption card failed (RNG, token, ...).
+    #[error("encryption card failure: {0}")]
+    Card(String),
+    /// The key database failed.
+    #[error("database error: {0}")]
+    Database(String),
+    /// A file could not be read or written.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// A short stable name of the refusal kind, for the network layer and
+    /// logs (PROTOCOL.md section 8: the body of a refusal names its kind).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::UnknownDevice => "unknown-device",
+            Error::Revoked => "revoked",
+            Error::Suspended => "suspended",
+            Error::NotActive => "not-active",
+            Error::Expired => "expired",
+            Error::Replay => "replay",
+            Error::Stale => "stale",
+            Error::Malformed(_) => "malformed",
+            Error::Verification => "verification-failed",
+            Error::WrongSuite => "wrong-suite",
+            Error::WrongGeneration => "wrong-generation",
+            Error::Refused(_) => "refused",
+            Error::IllegalTransition { .. } => "illegal-transition",
+            Error::Integrity(_) => "integrity",
+            Error::WrongPassphrase => "wrong-passphrase",
+            Error::CardFormat(_) => "card-format",
+            Error::Shares(_) => "shares",
+            Error::Card(_) => "card",
+            Error::Database(_) => "database",
+            Error::Io(_) => "io",
+        }
+    }
+
+    /// True for a refusal of a message or request (the client's doing),
+    /// false for an operational failure of the center.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Error::UnknownDevice
+            | Error::Revoked
+            | Error::Suspended
+            | Error::NotActive
+            | Error::Expired
+            | Error::Replay
+            | Error::Stale
+            | Error::Malformed(_)
+            | Error::Verification
+            | Error::WrongSuite
+            | Error::WrongGeneration
+            | Error::Refused(_)
+            | Error::IllegalTransition { .. }
+            | Error::Integrity(_) => true,
+            Error::WrongPassphrase
+            | Error::CardFormat(_)
+            | Error::Shares(_)
+            | Error::Card(_)
+            | Error::Database(_)
+            | Error::Io(_) => false,
+        }
+    }
+
+    /// Maps a protocol-core error met while checking a received message.
+    pub(crate) fn from_core(e: microcert_core::Error) -> Self {
+        use microcert_core::Error as C;
+        match e {
+            C::Verification => Error::Verification,
+            C::SeedExpired | C::SeedNotYetValid => Error::Expired,
+            C::IllegalTransition { from, event } => Error::IllegalTransition { from, event },
+            other => Error::Malformed(other.to_string()),
+        }
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Database(e.to_string())
+    }
+}
+
+/// Result with the center's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_are_distinct() {
+        let all = [
+            Error::UnknownDevice,
+            Error::Revoked,
+            Error::Suspended,
+            Error::NotActive,
+            Error::Expired,
+            Error::Replay,
+            Error::Stale,
+            Error::Malformed(String::new()),
+            Error::Verification,
+            Error::WrongSuite,
+            Error::WrongGeneration,
+        ];
+        let mut kinds: Vec<_> = all.iter().map(Error::kind).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), all.len());
+        assert!(all.iter().all(Error::is_refusal));
+        assert!(!Error::Database("x".into()).is_refusal());
+    }
+}

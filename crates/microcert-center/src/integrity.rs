@@ -1,0 +1,208 @@
+//! Record integrity tags and the database digest (PROTOCOL.md section 7).
+//!
+//! Design, chosen so that several writers (several centers on one
+//! PostgreSQL) keep it consistent:
+//!
+//! - Every seed record carries a tag: the card's HMAC-SHA256 (integrity
+//!   key, domain "MC-REC") over [`record_bytes`], which covers everything
+//!   that decides what the record may do: device, generation, state, base
+//!   year, suite, Kstore version, the ciphertext's SHA-256, the key the
+//!   ENROLL came under, the ENROLL's t and r and the compromise time. An
+//!   edited or swapped record fails its tag; the services check the tag
+//!   every time they load a record and refuse the device otherwise
+//!   ([`crate::Error::Integrity`]).
+//! - The digest is an aggregate over all records that the card can check:
+//!   the XOR of the records' tags, split into [`SHARDS`] shards by device
+//!   id, each shard stored as a row (acc, count, seq) with the card's tag
+//!   (domain "MC-DIGEST") over it. Each committed change applies
+//!   `acc ^= old_tag ^ new_tag` (and count, seq) to its shard in the same
+//!   database transaction as the record, so record and digest can never be
+//!   apart after a crash. XOR is commutative, so concurrent writers need no
+//!   ordering between them, only the row lock each shard update takes;
+//!   sharding spreads that lock over many rows.
+//! - Why in the database under a card tag, not in the card file: the digest
+//!   changes with every committed change, and keeping it in a file beside
+//!   the database would need a two-phase commit between the two (a crash
+//!   between them leaves them disagreeing), and would give each of several
+//!   centers its own diverging copy. In the database it commits atomically
+//!   with the records, and the card's tag means it cannot be edited to hide
+//!   a deleted, inserted or altered record: the integrity scan recomputes
+//!   every record's tag, XORs them per shard and compares with the tagged
+//!   shards.
+//! - What this alone does not catch: the whole database put back to an
+//!   older copy of itself (consistent with its own old digest). For that
+//!   the card keeps a high-water mark of the shards' seq outside the
+//!   database (issue 5: the card's anchor, refreshed at each backup and
+//!   periodically); an older copy has a lower seq sum.
+
+use sha2::{Digest, Sha256};
+
+use crate::card::EncryptionCard;
+use crate::db::{DigestShard, SeedRow, Tx};
+use crate::{Error, Result};
+
+/// Number of digest shards.
+pub const SHARDS: u8 = 16;
+
+/// The shard of a device.
+pub fn shard_of(device: microcert_core::DeviceId) -> u8 {
+    device.0[7] % SHARDS
+}
+
+/// The canonical bytes of a seed record that its integrity tag covers.
+pub fn record_bytes(s: &SeedRow) -> Vec<u8> {
+    let mut b = Vec::with_capacity(96);
+    b.extend_from_slice(b"MC-REC-v1");
+    b.extend_from_slice(&s.device.0);
+    b.push(s.generation);
+    let state = s.state.name().as_bytes();
+    b.push(state.len() as u8);
+    b.extend_from_slice(state);
+    b.extend_from_slice(&s.base_year.to_be_bytes());
+    b.push(s.suite.id());
+    b.extend_from_slice(&s.kstore_version.to_be_bytes());
+    match &s.ciphertext {
+        Some(ct) => b.extend_from_slice(&Sha256::digest(&ct.0)),
+        None => b.extend_from_slice(&[0u8; 32]),
+    }
+    b.push(match s.via {
+        crate::card::EnrollVia::Update => 1,
+        crate::card::EnrollVia::Transport => 2,
+    });
+    b.extend_from_slice(&s.enroll_t.to_be_bytes());
+    b.extend_from_slice(&s.enroll_r.to_be_bytes());
+    b.extend_from_slice(&s.compromised_at.unwrap_or(0).to_be_bytes());
+    b
+}
+
+/// The canonical bytes of a digest shard that its tag covers.
+pub fn shard_bytes(s: &DigestShard) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64);
+    b.extend_from_slice(b"MC-DIGEST-v1");
+    b.push(s.shard);
+    b.extend_from_slice(&s.acc);
+    b.extend_from_slice(&s.count.to_be_bytes());
+    b.extend_from_slice(&s.seq.to_be_bytes());
+    b
+}
+
+/// Checks a stored record's tag; Err(Integrity) names the record.
+pub fn check_record(card: &dyn EncryptionCard, s: &SeedRow) -> Result<()> {
+    let tag = card.record_tag(&record_bytes(s))?;
+    if subtle::ConstantTimeEq::ct_eq(&tag[..], &s.tag[..]).into() {
+        Ok(())
+    } else {
+        tracing::error!(device = %s.device, generation = s.generation, "seed record fails its integrity tag");
+        Err(Error::Integrity(format!("{} generation {}", s.device, s.generation)))
+    }
+}
+
+/// Recomputes a record's tag after a change.
+pub fn retag(card: &dyn EncryptionCard, s: &mut SeedRow) -> Result<()> {
+    s.tag = card.record_tag(&record_bytes(s))?;
+    Ok(())
+}
+
+/// Loads a shard and checks its tag; an absent shard is the empty one.
+fn load_shard(tx: &mut dyn Tx, card: &dyn EncryptionCard, shard: u8) -> Result<DigestShard> {
+    match tx.digest_shard(shard)? {
+        Some(s) => {
+            let tag = card.digest_tag(&shard_bytes(&s))?;
+            if subtle::ConstantTimeEq::ct_eq(&tag[..], &s.tag[..]).into() {
+                Ok(s)
+            } else {
+                tracing::error!(shard, "digest shard fails its tag");
+                Err(Error::Integrity(format!("digest shard {shard}")))
+            }
+        }
+        None => Ok(DigestShard {
+            shard,
+            acc: [0; 32],
+            count: 0,
+            seq: 0,
+            tag: [0; 32],
+        }),
+    }
+}
+
+/// Applies a record change to its shard of the digest: `old` is the tag
+/// the record had (None for an insert), `new` the tag it has now.
+pub fn apply_change(
+    tx: &mut dyn Tx,
+    card: &dyn EncryptionCard,
+    device: microcert_core::DeviceId,
+    old: Option<&[u8; 32]>,
+    new: &[u8; 32],
+) -> Result<()> {
+    let mut s = load_shard(tx, card, shard_of(device))?;
+    if let Some(o) = old {
+        xor_into(&mut s.acc, o);
+    } else {
+        s.count += 1;
+    }
+    xor_into(&mut s.acc, new);
+    s.seq += 1;
+    s.tag = card.digest_tag(&shard_bytes(&s))?;
+    tx.put_digest_shard(&s)
+}
+
+fn xor_into(acc: &mut [u8; 32], t: &[u8; 32]) {
+    for (a, b) in acc.iter_mut().zip(t) {
+        *a ^= b;
+    }
+}
+
+/// What an integrity scan found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IntegrityReport {
+    /// Records scanned.
+    pub records: u64,
+    /// Records whose tag does not match (device, generation).
+    pub bad_records: Vec<(microcert_core::DeviceId, u8)>,
+    /// Shards whose tag, record count or XOR does not match the records.
+    pub bad_shards: Vec<u8>,
+}
+
+impl IntegrityReport {
+    /// True when nothing was found.
+    pub fn is_clean(&self) -> bool {
+        self.bad_records.is_empty() && self.bad_shards.is_empty()
+    }
+}
+
+/// Recomputes every record's tag and every shard's aggregate and compares
+/// them with what is stored.
+pub fn scan(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result<IntegrityReport> {
+    let mut report = IntegrityReport::default();
+    let mut acc = vec![([0u8; 32], 0u64); usize::from(SHARDS)];
+    let mut after = None;
+    loop {
+        let page = db.scan_seeds(after, 1000)?;
+        let Some(last) = page.last() else { break };
+        after = Some((last.device, last.generation));
+        for s in &page {
+            report.records += 1;
+            if check_record(card, s).is_err() {
+                report.bad_records.push((s.device, s.generation));
+            }
+            let a = &mut acc[usize::from(shard_of(s.device))];
+            xor_into(&mut a.0, &s.tag);
+            a.1 += 1;
+        }
+    }
+    let stored = db.digest_shards()?;
+    for shard in 0..SHARDS {
+        let (x, n) = acc[usize::from(shard)];
+        let ok = match stored.iter().find(|s| s.shard == shard) {
+            Some(s) => {
+                let tag = card.digest_tag(&shard_bytes(s))?;
+                tag == s.tag && s.acc == x && s.count == n
+            }
+            None => n == 0,
+        };
+        if !ok {
+            report.bad_shards.push(shard);
+        }
+    }
+    Ok(report)
+}

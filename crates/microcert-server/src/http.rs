@@ -1,0 +1,171 @@
+//! The device and relying-party resources over HTTP (PROTOCOL.md section 8),
+//! beside the operator API of `operator.rs`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+
+use crate::api::{self, DeviceResource, DeviceService, MAX_BODY, Refusal};
+use crate::tokens::{Role, TokenRecord, TokenStore};
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+#[allow(missing_debug_implementations)] // holds a trait object
+pub struct HttpState {
+    /// The device and relying-party resources.
+    pub svc: Arc<dyn DeviceService>,
+    /// Bearer tokens.
+    pub tokens: Arc<TokenStore>,
+}
+
+/// The device and relying-party routes.
+pub fn device_routes(state: HttpState) -> Router {
+    Router::new()
+        .route("/v1/device/enroll", post(enroll))
+        .route("/v1/device/auth", post(auth))
+        .route("/v1/device/challenge", post(challenge))
+        .route("/v1/device/auth-response", post(auth_response))
+        .route("/v1/device/receipt", post(receipt))
+        .route("/v1/device/{device}/command", get(command))
+        .route("/v1/verify", post(verify))
+        .route("/v1/open", post(open))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+fn octets(status: StatusCode, body: Vec<u8>) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        body,
+    )
+        .into_response()
+}
+
+/// A refusal as an HTTP reply: its status and a JSON body naming the kind.
+pub fn refusal(r: Refusal) -> Response {
+    (r.http_status(), axum::Json(json!({ "error": r.kind() }))).into_response()
+}
+
+async fn device(state: HttpState, res: DeviceResource, body: Bytes) -> Response {
+    let svc = state.svc.clone();
+    let outcome =
+        tokio::task::spawn_blocking(move || api::serve_device(svc.as_ref(), res, &body)).await;
+    match outcome {
+        Ok(Ok(Some(bytes))) => octets(StatusCode::OK, bytes),
+        Ok(Ok(None)) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(r)) => refusal(r),
+        Err(_) => refusal(Refusal::Internal),
+    }
+}
+
+async fn enroll(State(s): State<HttpState>, body: Bytes) -> Response {
+    device(s, DeviceResource::Enroll, body).await
+}
+
+async fn auth(State(s): State<HttpState>, body: Bytes) -> Response {
+    device(s, DeviceResource::Auth, body).await
+}
+
+async fn challenge(State(s): State<HttpState>, body: Bytes) -> Response {
+    device(s, DeviceResource::Challenge, body).await
+}
+
+async fn auth_response(State(s): State<HttpState>, body: Bytes) -> Response {
+    device(s, DeviceResource::AuthResponse, body).await
+}
+
+async fn receipt(State(s): State<HttpState>, body: Bytes) -> Response {
+    device(s, DeviceResource::Receipt, body).await
+}
+
+async fn command(State(s): State<HttpState>, Path(hex): Path<String>) -> Response {
+    match api::parse_device(&hex) {
+        Ok(id) => device(s, DeviceResource::Command(id), Bytes::new()).await,
+        Err(r) => refusal(r),
+    }
+}
+
+/// Why a bearer token was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// No token, or an unknown one: 401.
+    Unauthenticated,
+    /// A known token without the role: 403.
+    Forbidden,
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Denied::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                axum::Json(json!({ "error": "unauthenticated" })),
+            )
+                .into_response(),
+            Denied::Forbidden => (
+                StatusCode::FORBIDDEN,
+                axum::Json(json!({ "error": "forbidden" })),
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// The token of a request if it has one of `roles` (admin always does,
+/// except for the relying-party resources, which need a verifier's name).
+pub fn authorize(
+    tokens: &TokenStore,
+    headers: &HeaderMap,
+    roles: &[Role],
+) -> Result<TokenRecord, Denied> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(Denied::Unauthenticated)?;
+    let record = tokens.check(token.trim()).ok_or(Denied::Unauthenticated)?;
+    if roles.contains(&record.role) {
+        Ok(record)
+    } else {
+        Err(Denied::Forbidden)
+    }
+}
+
+async fn verify(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let who = match authorize(&s.tokens, &headers, &[Role::Verifier]) {
+        Ok(r) => r,
+        Err(d) => return d.into_response(),
+    };
+    let svc = s.svc.clone();
+    let outcome = tokio::task::spawn_blocking(move || svc.verify(&who.name, &body)).await;
+    match outcome {
+        Ok(Ok(v)) => axum::Json(v).into_response(),
+        Ok(Err(r)) => (
+            r.http_status(),
+            axum::Json(json!({ "valid": false, "error": r.kind() })),
+        )
+            .into_response(),
+        Err(_) => refusal(Refusal::Internal),
+    }
+}
+
+async fn open(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let who = match authorize(&s.tokens, &headers, &[Role::Verifier]) {
+        Ok(r) => r,
+        Err(d) => return d.into_response(),
+    };
+    let svc = s.svc.clone();
+    match tokio::task::spawn_blocking(move || svc.open(&who.name, &body)).await {
+        Ok(Ok(plaintext)) => octets(StatusCode::OK, plaintext),
+        Ok(Err(r)) => refusal(r),
+        Err(_) => refusal(Refusal::Internal),
+    }
+}

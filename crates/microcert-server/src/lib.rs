@@ -1,0 +1,11 @@
+//! microcert's network front ends: the device and relying-party resources
+//! of PROTOCOL.md section 8 over CoAP (UDP) and HTTP, and the operator API.
+//!
+//! The front ends know no database and no card: they call a
+//! [`api::DeviceService`], which the center implements.
+
+pub mod api;
+pub mod coap;
+pub mod http;
+pub mod run;
+pub mod tokens;
