@@ -23,9 +23,9 @@ use std::path::PathBuf;
 
 use microcert_core::csk::combine;
 use microcert_core::{
-    Audience, DataDigest, DeviceId, EnrollKey, Header, Key128, KeySeed, Opcode, Purpose,
-    SEED_LEN, Sender, Suite, challenge_window, make_auth, make_auth_response, make_challenge,
-    make_command, make_enroll, make_receipt, make_signature, seal, transport_key, working_key,
+    Audience, DataDigest, DeviceId, EnrollKey, Header, Key128, KeySeed, Opcode, Purpose, SEED_LEN,
+    Sender, Suite, challenge_window, make_auth, make_auth_response, make_challenge, make_command,
+    make_enroll, make_receipt, make_signature, seal, transport_key, working_key,
 };
 
 const BASE_YEAR: u16 = 2026;
@@ -104,7 +104,8 @@ impl Out {
     /// gets its message.
     fn push(&mut self, target: &str, mut rec: Record, message: &[u8]) {
         rec.hex("MESSAGE", message);
-        self.records.push((target.to_owned(), rec, message.to_vec()));
+        self.records
+            .push((target.to_owned(), rec, message.to_vec()));
     }
 }
 
@@ -259,7 +260,10 @@ fn main() {
         out.push("enroll", rec, &buf[..n]);
 
         // COMMANDs from the center, counter = now.
-        for (i, opcode) in [Opcode::UPDATE_SEED, Opcode::REVOKE].into_iter().enumerate() {
+        for (i, opcode) in [Opcode::UPDATE_SEED, Opcode::REVOKE]
+            .into_iter()
+            .enumerate()
+        {
             let t = 1_790_000_500 + i as u32;
             let h = header(suite, 0, t, r_for(suite, 0x3c3c_0000_1234_0000 + i as u64));
             let n = make_command(&seed, &h, t, opcode, &mut buf).unwrap();

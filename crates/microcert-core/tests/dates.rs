@@ -97,7 +97,10 @@ fn date_of_around_new_year() {
 #[test]
 fn days_from_civil_and_year_start_invert_date_of() {
     assert_eq!(days_from_civil(1970, 1, 1), 0);
-    assert_eq!(days_from_civil(2028, 2, 29) * 86_400, i64::from(T_2028_02_29_000000));
+    assert_eq!(
+        days_from_civil(2028, 2, 29) * 86_400,
+        i64::from(T_2028_02_29_000000)
+    );
     assert_eq!(year_start(2026), i64::from(T_2026_01_01_000000));
     assert_eq!(year_start(2031), i64::from(T_2031_01_01_000000));
 }
@@ -112,13 +115,19 @@ fn seed_validity_bounds() {
 
 #[test]
 fn year_index_at_the_edges_of_the_five_years() {
-    assert_eq!(year_index(BASE_YEAR, T_2025_12_31_235959), Err(Error::SeedNotYetValid));
+    assert_eq!(
+        year_index(BASE_YEAR, T_2025_12_31_235959),
+        Err(Error::SeedNotYetValid)
+    );
     assert_eq!(year_index(BASE_YEAR, T_2026_01_01_000000), Ok(0));
     assert_eq!(year_index(BASE_YEAR, T_2026_12_31_235959), Ok(0));
     assert_eq!(year_index(BASE_YEAR, T_2027_01_01_000000), Ok(1));
     assert_eq!(year_index(BASE_YEAR, T_2028_02_29_000000), Ok(2));
     assert_eq!(year_index(BASE_YEAR, T_2030_12_31_235959), Ok(4));
-    assert_eq!(year_index(BASE_YEAR, T_2031_01_01_000000), Err(Error::SeedExpired));
+    assert_eq!(
+        year_index(BASE_YEAR, T_2031_01_01_000000),
+        Err(Error::SeedExpired)
+    );
     assert_eq!(year_index(BASE_YEAR, 0), Err(Error::SeedNotYetValid));
     assert_eq!(year_index(BASE_YEAR, u32::MAX), Err(Error::SeedExpired));
 }
@@ -157,20 +166,44 @@ fn verify_refuses_a_message_dated_outside_the_years() {
 #[test]
 fn rows_on_29_february_2028() {
     // Year row Y[2] (2028), month row M[1] (February), day row D[28].
-    assert_eq!(rows_used(T_2028_02_29_000000, 0), rows_expected(2, 2, 29, 0));
-    assert_eq!(rows_used(T_2028_02_29_000000, 0), vec![2, 6, 45, 48, 49, 50, 51]);
-    assert_eq!(rows_used(T_2028_02_28_120000, 0), vec![2, 6, 44, 48, 49, 50, 51]);
-    assert_eq!(rows_used(T_2028_03_01_000000, 0), vec![2, 7, 17, 48, 49, 50, 51]);
+    assert_eq!(
+        rows_used(T_2028_02_29_000000, 0),
+        rows_expected(2, 2, 29, 0)
+    );
+    assert_eq!(
+        rows_used(T_2028_02_29_000000, 0),
+        vec![2, 6, 45, 48, 49, 50, 51]
+    );
+    assert_eq!(
+        rows_used(T_2028_02_28_120000, 0),
+        vec![2, 6, 44, 48, 49, 50, 51]
+    );
+    assert_eq!(
+        rows_used(T_2028_03_01_000000, 0),
+        vec![2, 7, 17, 48, 49, 50, 51]
+    );
 }
 
 #[test]
 fn the_year_row_changes_at_new_year() {
     // 2026-12-31T23:59:59 uses Y[0], M[11], D[30]; one second later Y[1], M[0], D[0].
-    assert_eq!(rows_used(T_2026_12_31_235959, 0), vec![0, 16, 47, 48, 49, 50, 51]);
-    assert_eq!(rows_used(T_2027_01_01_000000, 0), vec![1, 5, 17, 48, 49, 50, 51]);
+    assert_eq!(
+        rows_used(T_2026_12_31_235959, 0),
+        vec![0, 16, 47, 48, 49, 50, 51]
+    );
+    assert_eq!(
+        rows_used(T_2027_01_01_000000, 0),
+        vec![1, 5, 17, 48, 49, 50, 51]
+    );
     // The last second of the last year uses the last year row.
-    assert_eq!(rows_used(T_2030_12_31_235959, 0), vec![4, 16, 47, 48, 49, 50, 51]);
-    assert_eq!(rows_used(T_2026_01_01_000000, 0), vec![0, 5, 17, 48, 49, 50, 51]);
+    assert_eq!(
+        rows_used(T_2030_12_31_235959, 0),
+        vec![4, 16, 47, 48, 49, 50, 51]
+    );
+    assert_eq!(
+        rows_used(T_2026_01_01_000000, 0),
+        vec![0, 5, 17, 48, 49, 50, 51]
+    );
 }
 
 #[test]

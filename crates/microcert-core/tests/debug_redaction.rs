@@ -13,7 +13,10 @@ use microcert_core::{
 /// not, on one line or several): every way `[u8]`'s `Debug` or a careless
 /// hand-written one prints bytes.
 fn assert_no_bytes(shown: &str, secret: &[u8]) {
-    let compact: String = shown.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    let compact: String = shown
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
     let compact = compact.to_lowercase();
     let tokens: Vec<&str> = shown
         .split(|c: char| !c.is_ascii_alphanumeric())
@@ -51,7 +54,10 @@ fn the_checker_catches_a_leak() {
         format!("{secret:02X?}"),
         format!("{secret:#?}"),
         format!("{secret:#04x?}"),
-        format!("Key({:02X}-{:02X}-{:02X}-{:02X})", secret[0], secret[1], secret[2], secret[3]),
+        format!(
+            "Key({:02X}-{:02X}-{:02X}-{:02X})",
+            secret[0], secret[1], secret[2], secret[3]
+        ),
         hex::encode(secret),
     ] {
         let caught = std::panic::catch_unwind(|| assert_no_bytes(&leak, &secret));

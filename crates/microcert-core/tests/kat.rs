@@ -9,10 +9,10 @@ use common::{Kat, Record};
 use microcert_core::csk::combine;
 use microcert_core::{
     Audience, AuthResponse, Command, DataDigest, DeviceId, Enroll, EnrollKey, Error, Key128,
-    KeySeed, Opcode, Purpose, Receipt, SEED_LEN, Sender, Signature, check_challenge,
-    make_auth, make_auth_response, make_challenge, make_command, make_enroll, make_receipt,
-    make_signature, open_enroll, open_in_place, seal, transport_key, verify_auth,
-    verify_auth_response, verify_command, verify_receipt, verify_signature, working_key,
+    KeySeed, Opcode, Purpose, Receipt, SEED_LEN, Sender, Signature, check_challenge, make_auth,
+    make_auth_response, make_challenge, make_command, make_enroll, make_receipt, make_signature,
+    open_enroll, open_in_place, seal, transport_key, verify_auth, verify_auth_response,
+    verify_command, verify_receipt, verify_signature, working_key,
 };
 
 /// Flips each bit of `msg` in turn; `check` must refuse every variant.
@@ -27,11 +27,19 @@ fn flips_are_rejected(
     bits: impl Iterator<Item = usize>,
     check: impl Fn(&[u8]) -> bool,
 ) {
-    assert!(check(msg), "COUNT {}: the vector itself must pass", rec.count());
+    assert!(
+        check(msg),
+        "COUNT {}: the vector itself must pass",
+        rec.count()
+    );
     let mut m = msg.to_vec();
     for bit in bits {
         m[bit / 8] ^= 1 << (bit % 8);
-        assert!(!check(&m), "COUNT {}: bit {bit} flipped was accepted", rec.count());
+        assert!(
+            !check(&m),
+            "COUNT {}: bit {bit} flipped was accepted",
+            rec.count()
+        );
         m[bit / 8] ^= 1 << (bit % 8);
     }
 }
@@ -39,9 +47,19 @@ fn flips_are_rejected(
 fn check_keys(rec: &Record, seed: &KeySeed, purpose: Purpose) {
     let h = rec.header();
     let k0 = combine(seed, h.t, h.r).unwrap();
-    assert_eq!(hex::encode(k0.expose()), rec.str("K0"), "COUNT {} K0", rec.count());
+    assert_eq!(
+        hex::encode(k0.expose()),
+        rec.str("K0"),
+        "COUNT {} K0",
+        rec.count()
+    );
     let key = working_key(seed, purpose, &h).unwrap();
-    assert_eq!(hex::encode(key.expose()), rec.str("KEY"), "COUNT {} KEY", rec.count());
+    assert_eq!(
+        hex::encode(key.expose()),
+        rec.str("KEY"),
+        "COUNT {} KEY",
+        rec.count()
+    );
 }
 
 fn audience(rec: &Record) -> Audience {
@@ -53,7 +71,12 @@ fn audience(rec: &Record) -> Audience {
 }
 
 fn expect_message(rec: &Record, made: &[u8]) {
-    assert_eq!(hex::encode(made), rec.str("MESSAGE"), "COUNT {} MESSAGE", rec.count());
+    assert_eq!(
+        hex::encode(made),
+        rec.str("MESSAGE"),
+        "COUNT {} MESSAGE",
+        rec.count()
+    );
 }
 
 fn expected_len(ty: &str, suite: u8, data_len: usize) -> usize {
@@ -197,8 +220,8 @@ fn check_record(rec: &Record, seed: &KeySeed) {
             // Every bit of the header and the tag, and one bit of every
             // ciphertext byte (all 8,000 bits take seconds in a debug build).
             let body = 23..23 + 978;
-            let bits = (0..msg.len() * 8)
-                .filter(|b| !body.contains(&(b / 8)) || b % 8 == (b / 8) % 8);
+            let bits =
+                (0..msg.len() * 8).filter(|b| !body.contains(&(b / 8)) || b % 8 == (b / 8) % 8);
             flips_are_rejected(rec, &msg, bits, |m| {
                 Enroll::decode(m).is_ok_and(|e| open_enroll(key, &e).is_ok())
             });
@@ -277,7 +300,11 @@ fn every_type_is_covered_in_both_suites() {
     }
     assert_eq!(kat.of_type("challenge").count(), 1);
     assert_eq!(kat.of_type("transport-key").count(), 2);
-    assert!(kat.records.iter().any(|r| r.get("AUDIENCE_NAME") == Some("billing.example")));
+    assert!(
+        kat.records
+            .iter()
+            .any(|r| r.get("AUDIENCE_NAME") == Some("billing.example"))
+    );
 }
 
 #[test]

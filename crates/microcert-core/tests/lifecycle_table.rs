@@ -10,10 +10,29 @@ use KeyState::{Active, Compromised, Deactivated, Destroyed, PreActivation, Suspe
 /// `None` marks an illegal transition.
 const TABLE: [(KeyState, [Option<KeyState>; 6]); 6] = [
     // state          Activate      Suspend          Resume        Deactivate         Revoke             Destroy
-    (PreActivation, [Some(Active), None, None, None, Some(Compromised), None]),
-    (Active, [None, Some(Suspended), None, Some(Deactivated), Some(Compromised), None]),
-    (Suspended, [None, None, Some(Active), None, Some(Compromised), None]),
-    (Deactivated, [None, None, None, None, Some(Compromised), Some(Destroyed)]),
+    (
+        PreActivation,
+        [Some(Active), None, None, None, Some(Compromised), None],
+    ),
+    (
+        Active,
+        [
+            None,
+            Some(Suspended),
+            None,
+            Some(Deactivated),
+            Some(Compromised),
+            None,
+        ],
+    ),
+    (
+        Suspended,
+        [None, None, Some(Active), None, Some(Compromised), None],
+    ),
+    (
+        Deactivated,
+        [None, None, None, None, Some(Compromised), Some(Destroyed)],
+    ),
     (Compromised, [None, None, None, None, None, Some(Destroyed)]),
     (Destroyed, [None, None, None, None, None, None]),
 ];
@@ -61,7 +80,11 @@ fn destroyed_is_terminal_and_no_event_is_a_no_op() {
     for event in Event::ALL {
         assert!(transition(Destroyed, event).is_err());
         for from in KeyState::ALL {
-            assert_ne!(transition(from, event), Ok(from), "{from} --{event}--> is a no-op");
+            assert_ne!(
+                transition(from, event),
+                Ok(from),
+                "{from} --{event}--> is a no-op"
+            );
         }
     }
 }
@@ -75,6 +98,13 @@ fn state_names_round_trip() {
     let names: Vec<_> = KeyState::ALL.iter().map(|s| s.name()).collect();
     assert_eq!(
         names,
-        ["pre-activation", "active", "suspended", "deactivated", "compromised", "destroyed"]
+        [
+            "pre-activation",
+            "active",
+            "suspended",
+            "deactivated",
+            "compromised",
+            "destroyed"
+        ]
     );
 }

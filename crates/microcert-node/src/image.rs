@@ -48,7 +48,21 @@ pub const IMAGE_MAGIC: [u8; 4] = *b"MCNI";
 /// The image format this build writes and reads.
 pub const IMAGE_VERSION: u8 = 1;
 const CHECKSUM_LEN: usize = 16;
-const BODY_LEN: usize = 4 + 1 + 1 + 1 + 8 + 1 + 1 + 1 + 4 + 4 + 4 + 16 + 1 + 2 + SEED_LEN
+const BODY_LEN: usize = 4
+    + 1
+    + 1
+    + 1
+    + 8
+    + 1
+    + 1
+    + 1
+    + 4
+    + 4
+    + 4
+    + 16
+    + 1
+    + 2
+    + SEED_LEN
     + (1 + 4 + 8 + 2 + SEED_INPUT_LEN)
     + (1 + AWAIT_MAX)
     + (1 + 8 * MAX_AUDIENCES);
@@ -124,7 +138,10 @@ fn write_body(st: &State, out: &mut [u8]) -> usize {
         (st.has_seed, F_SEED),
         (st.enrolled_before, F_ENROLLED),
         (st.pending.is_some(), F_PENDING),
-        (st.pending.as_ref().is_some_and(|p| p.under_update), F_PENDING_UPD),
+        (
+            st.pending.as_ref().is_some_and(|p| p.under_update),
+            F_PENDING_UPD,
+        ),
         (st.awaiting.is_some(), F_AWAITING),
     ] {
         if set {
@@ -298,5 +315,33 @@ mod tests {
     fn layout_offsets_match_the_table() {
         assert_eq!(BODY_LEN, 1161);
         assert_eq!(IMAGE_LEN, 1177);
+        let mut st = State::blank();
+        st.device = DeviceId([0xd0; 8]);
+        st.epoch = 0xe1;
+        st.node_time = 0x0a0b_0c0d;
+        st.seed = KeySeed::from_bytes(&[0x5e; SEED_LEN], 0x07ea);
+        st.pending = Some(Pending {
+            generation: 0x99,
+            t: 1,
+            r: 2,
+            base_year: 3,
+            under_update: false,
+            input: SeedInput([0x1b; SEED_INPUT_LEN]),
+        });
+        st.audience_count = 1;
+        st.audiences[0] = Audience([0xa0; 8]);
+        let mut out = [0u8; IMAGE_LEN];
+        write_body(&st, &mut out);
+        assert_eq!(out[0..4], *b"MCNI");
+        assert_eq!(out[6], F_PENDING);
+        assert_eq!(out[7..15], [0xd0; 8]);
+        assert_eq!(out[15], 0xe1);
+        assert_eq!(out[18..22], [0x0a, 0x0b, 0x0c, 0x0d]);
+        assert_eq!(out[47..49], [0x07, 0xea]);
+        assert_eq!(out[49..1025], [0x5e; SEED_LEN]);
+        assert_eq!(out[1025], 0x99);
+        assert_eq!(out[1040..1072], [0x1b; 32]);
+        assert_eq!(out[1128], 1);
+        assert_eq!(out[1129..1137], [0xa0; 8]);
     }
 }

@@ -18,9 +18,7 @@ mod image;
 mod seedgen;
 mod soft;
 
-pub use chip::{
-    Answered, Entropy, EntropyFailure, Life, Personalization, SecureChip, Status,
-};
+pub use chip::{Answered, Entropy, EntropyFailure, Life, Personalization, SecureChip, Status};
 pub use error::{Error, Result};
 pub use image::{IMAGE_LEN, IMAGE_MAGIC, IMAGE_VERSION};
 pub use seedgen::SEED_INPUT_LEN;

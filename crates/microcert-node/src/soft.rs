@@ -5,9 +5,9 @@ use core::fmt;
 
 use microcert_core::{
     Audience, CHALLENGE_LEN, Command, DataDigest, DeviceId, ENROLL_PLAINTEXT_LEN, EnrollKey,
-    HEADER_LEN, Header, Key128, KeySeed, Opcode, Receipt, SEED_LEN, Sender, Suite, csk,
-    make_auth, make_auth_response, make_enroll, make_receipt, make_signature, seal_in_place,
-    time, verify_command, verify_receipt,
+    HEADER_LEN, Header, Key128, KeySeed, Opcode, Receipt, SEED_LEN, Sender, Suite, csk, make_auth,
+    make_auth_response, make_enroll, make_receipt, make_signature, seal_in_place, time,
+    verify_command, verify_receipt,
 };
 
 use crate::chip::{Answered, Entropy, Life, Personalization, SecureChip, Status};
@@ -188,9 +188,7 @@ impl<E: Entropy> SoftChip<E> {
             .checked_add(1)
             .ok_or(Error::CounterExhausted)?;
         let mut random = [0u8; 4];
-        self.entropy
-            .fill(&mut random)
-            .map_err(|_| Error::Entropy)?;
+        self.entropy.fill(&mut random).map_err(|_| Error::Entropy)?;
         self.state.r_counter = counter;
         self.dirty = true;
         Ok((u64::from(counter) << 32) | u64::from(u32::from_be_bytes(random)))
@@ -581,7 +579,11 @@ impl<E: Entropy> SecureChip for SoftChip<E> {
         if self.state.pending.is_some() {
             return self.build_pending(out);
         }
-        let a = self.state.awaiting.as_ref().ok_or(Error::NothingToRetransmit)?;
+        let a = self
+            .state
+            .awaiting
+            .as_ref()
+            .ok_or(Error::NothingToRetransmit)?;
         let msg = a.message();
         let dst = out.get_mut(..msg.len()).ok_or(Error::BufferTooSmall)?;
         dst.copy_from_slice(msg);
@@ -615,7 +617,10 @@ impl<E> fmt::Debug for SoftChip<E> {
             .field("suite", &st.suite)
             .field("class", &st.class)
             .field("generation", &st.has_seed.then_some(st.generation))
-            .field("pending_generation", &st.pending.as_ref().map(|p| p.generation))
+            .field(
+                "pending_generation",
+                &st.pending.as_ref().map(|p| p.generation),
+            )
             .field("node_time", &st.node_time)
             .field("highest_counter", &st.highest_counter)
             .field("audiences", &st.audience_count)

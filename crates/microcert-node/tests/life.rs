@@ -6,9 +6,9 @@ mod common;
 
 use common::*;
 use microcert_core::{
-    Audience, Auth, AuthResponse, CHALLENGE_LEN, DataDigest, EnrollKey, HEADER_LEN, Key128,
-    Opcode, Receipt, Sender, Signature, Suite, check_challenge, make_challenge, open_in_place,
-    verify_auth, verify_auth_response, verify_receipt, verify_signature,
+    Audience, Auth, AuthResponse, CHALLENGE_LEN, DataDigest, EnrollKey, HEADER_LEN, Key128, Opcode,
+    Receipt, Sender, Signature, Suite, check_challenge, make_challenge, open_in_place, verify_auth,
+    verify_auth_response, verify_receipt, verify_signature,
 };
 use microcert_node::{Answered, Error, IMAGE_LEN, Life, SecureChip, SoftChip};
 
@@ -78,7 +78,11 @@ fn whole_life() {
     assert_eq!(gw, Audience::relying_party("acme-gateway"));
     let n = chip.auth(ISSUED + 300, &gw, &mut buf).unwrap();
     let auth = Auth::decode(&buf[..n]).unwrap();
-    assert_eq!(auth.header.t, ISSUED + 300, "a real-time clock moves time on");
+    assert_eq!(
+        auth.header.t,
+        ISSUED + 300,
+        "a real-time clock moves time on"
+    );
     verify_auth(&seed0, &auth, &gw).unwrap();
     assert!(verify_auth(&seed0, &auth, &Audience::CENTER).is_err());
     let other = Audience::relying_party("someone-else");
@@ -161,7 +165,10 @@ fn whole_life() {
     let cmd2 = command(&seed0, 0, ISSUED + 500, 2, Opcode::UPDATE_SEED);
     let m = chip.handle_command(0, &cmd2, &mut again).unwrap();
     assert_eq!(&again[..m], &update[..]);
-    assert_eq!(chip.handle_command(0, &cmd2, &mut again), Err(Error::Replay));
+    assert_eq!(
+        chip.handle_command(0, &cmd2, &mut again),
+        Err(Error::Replay)
+    );
 
     // The RECEIPT for generation 1, keyed by the new seed: seed 0 is wiped.
     let rc_old_key = receipt(&seed0, 1, ISSUED + 600, h1.r, 0);
@@ -194,10 +201,19 @@ fn whole_life() {
     assert!(verify_receipt(&seed1, &rc, Sender::Center).is_err());
     assert_eq!(chip.status().life, Life::Revoked);
     assert_eq!(chip.status().generation, None);
-    assert_eq!(chip.auth(0, &Audience::CENTER, &mut buf), Err(Error::Revoked));
-    assert_eq!(chip.sign(0, DataDigest::new(), &mut buf), Err(Error::Revoked));
+    assert_eq!(
+        chip.auth(0, &Audience::CENTER, &mut buf),
+        Err(Error::Revoked)
+    );
+    assert_eq!(
+        chip.sign(0, DataDigest::new(), &mut buf),
+        Err(Error::Revoked)
+    );
     assert_eq!(chip.enroll(0, &mut reply), Err(Error::Revoked));
-    assert_eq!(chip.handle_command(0, &cmd, &mut reply), Err(Error::Revoked));
+    assert_eq!(
+        chip.handle_command(0, &cmd, &mut reply),
+        Err(Error::Revoked)
+    );
     assert_eq!(chip.accept_receipt(&rc_old_key), Err(Error::Revoked));
     assert_eq!(chip.retransmit(&mut reply), Err(Error::Revoked));
     chip.to_image(&mut image);
@@ -206,14 +222,24 @@ fn whole_life() {
 
     // Re-personalization needs the next epoch; then a new seed under the
     // new Ktr, with the next generation (generations are never reused).
-    assert_eq!(chip.personalize(&line(0, Suite::CMAC64)), Err(Error::AlreadyPersonalized));
-    assert_eq!(chip.personalize(&line(2, Suite::CMAC64)), Err(Error::AlreadyPersonalized));
+    assert_eq!(
+        chip.personalize(&line(0, Suite::CMAC64)),
+        Err(Error::AlreadyPersonalized)
+    );
+    assert_eq!(
+        chip.personalize(&line(2, Suite::CMAC64)),
+        Err(Error::AlreadyPersonalized)
+    );
     chip.personalize(&line(1, Suite::CMAC64)).unwrap();
     assert_eq!(chip.status().epoch, 1);
     let n = chip.enroll(0, &mut reply).unwrap();
     let (h2, _) = open(&reply[..n], EnrollKey::Transport(&ktr(1)));
     assert_eq!(h2.generation, 2);
-    assert_eq!(chip.status().highest_counter, 3, "the counter is never reset");
+    assert_eq!(
+        chip.status().highest_counter,
+        3,
+        "the counter is never reset"
+    );
 }
 
 #[test]
@@ -241,7 +267,10 @@ fn every_r_carries_a_rising_persisted_counter() {
     for i in 0..5 {
         chip.mark_persisted();
         let n = chip.auth(0, &Audience::CENTER, &mut buf).unwrap();
-        assert!(chip.is_dirty(), "a message went out: the image must be saved");
+        assert!(
+            chip.is_dirty(),
+            "a message went out: the image must be saved"
+        );
         chip.to_image(&mut image);
         // Restart with the same entropy every time: the counter still rises.
         chip = SoftChip::from_image(&image, Det(1)).unwrap();
@@ -256,14 +285,23 @@ fn expired_seed_is_refused_and_reenrolled_under_ktr() {
     let (mut chip, _) = enrolled(Suite::CMAC64);
     let mut buf = [0u8; 1100];
     assert_eq!(chip.days_left(YEAR_2031 - 86_400), Ok(1));
-    assert!(chip.auth(YEAR_2031 - 1, &Audience::CENTER, &mut buf).is_ok());
+    assert!(
+        chip.auth(YEAR_2031 - 1, &Audience::CENTER, &mut buf)
+            .is_ok()
+    );
     assert_eq!(
         chip.auth(YEAR_2031, &Audience::CENTER, &mut buf),
         Err(Error::SeedExpired)
     );
     // Time moved forward and stays there, whatever `now` says later.
-    assert_eq!(chip.auth(0, &Audience::CENTER, &mut buf), Err(Error::SeedExpired));
-    assert_eq!(chip.sign(0, DataDigest::new(), &mut buf), Err(Error::SeedExpired));
+    assert_eq!(
+        chip.auth(0, &Audience::CENTER, &mut buf),
+        Err(Error::SeedExpired)
+    );
+    assert_eq!(
+        chip.sign(0, DataDigest::new(), &mut buf),
+        Err(Error::SeedExpired)
+    );
     assert_eq!(chip.days_left(0), Ok(0));
     // No usable seed: a fresh one under Ktr, next generation, base year 2031.
     let n = chip.enroll(0, &mut buf).unwrap();

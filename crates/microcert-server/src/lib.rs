@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod coap;
+pub mod coap_client;
 pub mod http;
 pub mod run;
 pub mod tokens;

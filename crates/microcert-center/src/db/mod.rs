@@ -328,6 +328,11 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     /// Deletes replay records and used challenges that expired before
     /// `now`; returns how many.
     fn prune(&self, now: u64) -> Result<u64>;
+
+    /// Makes erased data (a destroyed ciphertext) leave the storage files
+    /// as far as the backend can (SQLite: a WAL checkpoint that truncates
+    /// the log; with secure_delete on, freed pages are already zeroed).
+    fn flush_erased(&self) -> Result<()>;
 }
 
 /// Runs `f` in one transaction of `db` and returns its value.

@@ -94,7 +94,11 @@ impl Kat {
             let field = (name.to_owned(), value.to_owned());
             match (&mut cur, name) {
                 (Some(r), _) => r.fields.push(field),
-                (None, "COUNT") => cur = Some(Record { fields: vec![field] }),
+                (None, "COUNT") => {
+                    cur = Some(Record {
+                        fields: vec![field],
+                    })
+                }
                 (None, _) => globals.fields.push(field),
             }
         }

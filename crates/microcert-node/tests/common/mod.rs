@@ -68,7 +68,15 @@ pub fn personalized(suite: Suite) -> SoftChip<Det> {
 
 /// The center's RECEIPT answering the message whose r is `reference`.
 pub fn receipt(seed: &KeySeed, generation: u8, t: u32, reference: u64, status: u8) -> Vec<u8> {
-    receipt_as(seed, Suite::CMAC64, generation, t, reference, status, Sender::Center)
+    receipt_as(
+        seed,
+        Suite::CMAC64,
+        generation,
+        t,
+        reference,
+        status,
+        Sender::Center,
+    )
 }
 
 pub fn receipt_as(
