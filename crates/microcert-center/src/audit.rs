@@ -43,13 +43,15 @@ pub fn chain_hash(prev: &[u8; 32], seq: u64, e: &NewAudit) -> [u8; 32] {
 /// chain, if any.
 pub fn verify_chain(prev: [u8; 32], entries: &[AuditRecord]) -> Option<u64> {
     let mut prev = prev;
-    let mut expect_seq = entries.first().map(|e| e.seq)?;
-    for e in entries {
-        if e.seq != expect_seq || e.prev_hash != prev || chain_hash(&prev, e.seq, &e.entry) != e.hash {
+    let first = entries.first().map(|e| e.seq)?;
+    for (expect_seq, e) in (first..).zip(entries) {
+        if e.seq != expect_seq
+            || e.prev_hash != prev
+            || chain_hash(&prev, e.seq, &e.entry) != e.hash
+        {
             return Some(e.seq);
         }
         prev = e.hash;
-        expect_seq += 1;
     }
     None
 }

@@ -93,7 +93,10 @@ pub fn check_record(card: &dyn EncryptionCard, s: &SeedRow) -> Result<()> {
         Ok(())
     } else {
         tracing::error!(device = %s.device, generation = s.generation, "seed record fails its integrity tag");
-        Err(Error::Integrity(format!("{} generation {}", s.device, s.generation)))
+        Err(Error::Integrity(format!(
+            "{} generation {}",
+            s.device, s.generation
+        )))
     }
 }
 

@@ -28,8 +28,16 @@ impl ClassProfile {
     pub fn builtin(class: u8) -> Option<Self> {
         let (default_suite, suites, max_sealed) = match class {
             1 => (Suite::CMAC64, vec![Suite::CMAC64], 1024),
-            2 => (Suite::CMAC64, vec![Suite::CMAC64, Suite::CMAC128], 16 * 1024),
-            3 => (Suite::CMAC128, vec![Suite::CMAC64, Suite::CMAC128], MAX_SEALED_PLAINTEXT),
+            2 => (
+                Suite::CMAC64,
+                vec![Suite::CMAC64, Suite::CMAC128],
+                16 * 1024,
+            ),
+            3 => (
+                Suite::CMAC128,
+                vec![Suite::CMAC64, Suite::CMAC128],
+                MAX_SEALED_PLAINTEXT,
+            ),
             _ => return None,
         };
         Some(ClassProfile {

@@ -299,17 +299,36 @@ impl<E: Entropy> SoftChip<E> {
         self.build_pending(out)
     }
 
-    /// Makes the pending seed the one in use; the old one is wiped.
-    fn commit_pending(&mut self, new_seed: KeySeed) {
-        if let Some(p) = self.state.pending.take() {
-            self.state.seed = new_seed;
-            self.state.has_seed = true;
-            self.state.generation = p.generation;
-            self.state.enrolled_before = true;
-            // An AUTH under the old generation can no longer be checked.
-            self.state.awaiting = None;
-            self.dirty = true;
-        }
+    /// Runs `check` with the pending ENROLL's seed. Kept out of line, like
+    /// [`SoftChip::commit_pending`], so the 976-byte seed it expands lives
+    /// in its own short-lived frame, not in every caller's.
+    #[inline(never)]
+    fn check_with_pending(
+        &self,
+        check: impl FnOnce(&KeySeed) -> microcert_core::Result<()>,
+    ) -> Result<()> {
+        let p = self.state.pending.as_ref().ok_or(Error::NotPending)?;
+        let new_seed = seedgen::expand(&p.input, p.base_year)?;
+        check(&new_seed).map_err(from_verify)
+    }
+
+    /// Makes the pending seed the one in use; the old one is wiped (it
+    /// zeroizes as it is dropped).
+    #[inline(never)]
+    fn commit_pending(&mut self) -> Result<()> {
+        let Some(p) = self.state.pending.as_ref() else {
+            return Ok(());
+        };
+        let generation = p.generation;
+        self.state.seed = seedgen::expand(&p.input, p.base_year)?;
+        self.state.pending = None;
+        self.state.has_seed = true;
+        self.state.generation = generation;
+        self.state.enrolled_before = true;
+        // An AUTH under the old generation can no longer be checked.
+        self.state.awaiting = None;
+        self.dirty = true;
+        Ok(())
     }
 
     fn update_seed(&mut self, out: &mut [u8]) -> Result<usize> {
@@ -503,13 +522,12 @@ impl<E: Entropy> SecureChip for SoftChip<E> {
                 return Err(Error::WrongGeneration);
             }
             let generation = p.generation;
-            let new_seed = seedgen::expand(&p.input, p.base_year)?;
-            verify_receipt(&new_seed, &rc, Sender::Center).map_err(from_verify)?;
+            self.check_with_pending(|seed| verify_receipt(seed, &rc, Sender::Center))?;
             self.advance(rc.header.t);
             if rc.status != 0 {
                 return Err(Error::CenterRefused(rc.status));
             }
-            self.commit_pending(new_seed);
+            self.commit_pending()?;
             return Ok(Answered::Enrollment { generation });
         }
         let awaited = self.state.awaiting.as_ref().and_then(Awaiting::header);
@@ -538,16 +556,16 @@ impl<E: Entropy> SecureChip for SoftChip<E> {
         let gen_ = cmd.header.generation;
         // A COMMAND is keyed by the seed in use, or by the pending one when
         // the center accepted its ENROLL and the RECEIPT got lost.
-        let mut promote = None;
-        if self.state.has_seed && gen_ == self.state.generation {
+        let pending_gen = self.state.pending.as_ref().map(|p| p.generation);
+        let promote = if self.state.has_seed && gen_ == self.state.generation {
             verify_command(&self.state.seed, &cmd).map_err(from_verify)?;
-        } else if let Some(p) = self.state.pending.as_ref().filter(|p| p.generation == gen_) {
-            let new_seed = seedgen::expand(&p.input, p.base_year)?;
-            verify_command(&new_seed, &cmd).map_err(from_verify)?;
-            promote = Some(new_seed);
+            false
+        } else if pending_gen == Some(gen_) {
+            self.check_with_pending(|seed| verify_command(seed, &cmd))?;
+            true
         } else {
             return Err(Error::WrongGeneration);
-        }
+        };
         if cmd.counter <= self.state.highest_counter {
             return Err(Error::Replay);
         }
@@ -563,9 +581,9 @@ impl<E: Entropy> SecureChip for SoftChip<E> {
         self.state.highest_counter = cmd.counter;
         self.advance(now.max(cmd.header.t));
         self.dirty = true;
-        if let Some(new_seed) = promote {
+        if promote {
             // The center proved it holds the new seed: as good as its RECEIPT.
-            self.commit_pending(new_seed);
+            self.commit_pending()?;
         }
         if cmd.opcode == Opcode::UPDATE_SEED {
             self.update_seed(out)

@@ -308,3 +308,33 @@ fn expired_seed_is_refused_and_reenrolled_under_ktr() {
     let (h, seed) = open(&buf[..n], EnrollKey::Transport(&ktr(0)));
     assert_eq!((h.generation, h.t, seed.base_year()), (1, YEAR_2031, 2031));
 }
+
+#[test]
+fn command_under_the_new_seed_stands_in_for_a_lost_receipt() {
+    let (mut chip, seed0) = enrolled(Suite::CMAC64);
+    let mut out = [0u8; 1100];
+    let cmd = command(&seed0, 0, ISSUED + 60, 1, Opcode::UPDATE_SEED);
+    let n = chip.handle_command(0, &cmd, &mut out).unwrap();
+    let (_, seed1) = open(&out[..n], EnrollKey::Update(&seed0));
+    // The center accepted the ENROLL; its RECEIPT was lost; its next
+    // COMMAND is keyed by generation 1, which proves it holds the new seed.
+    let revoke = command(&seed1, 1, ISSUED + 120, 2, Opcode::REVOKE);
+    let n = chip.handle_command(0, &revoke, &mut out).unwrap();
+    let rc = Receipt::decode(&out[..n]).unwrap();
+    assert_eq!(rc.header.generation, 1);
+    verify_receipt(&seed1, &rc, Sender::Node).unwrap();
+    assert_eq!(chip.status().life, Life::Revoked);
+}
+
+#[test]
+fn command_time_moves_node_time_forward_only() {
+    let (mut chip, seed) = enrolled(Suite::CMAC64);
+    let mut out = [0u8; 1100];
+    let cmd = command(&seed, 0, ISSUED + 5_000, 1, Opcode::UPDATE_SEED);
+    chip.handle_command(0, &cmd, &mut out).unwrap();
+    assert_eq!(chip.status().node_time, ISSUED + 5_000);
+    // An older (but authentic, newer-counter) command does not move it back.
+    let cmd = command(&seed, 0, ISSUED + 1_000, 2, Opcode::UPDATE_SEED);
+    chip.handle_command(0, &cmd, &mut out).unwrap();
+    assert_eq!(chip.status().node_time, ISSUED + 5_000);
+}

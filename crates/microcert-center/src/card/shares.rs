@@ -154,8 +154,8 @@ pub fn recover_secret<S: AsRef<str>>(shares: &[S]) -> Result<Zeroizing<Vec<u8>>>
     }
     let raw: Vec<Vec<u8>> = parsed.iter().map(|p| p.share.to_vec()).collect();
     let mut raw = Zeroizing::new(raw);
-    let combined = Gf256::combine_bytes(&raw[..])
-        .map_err(|e| ShareError::Mismatch.into_error(&e.to_string()));
+    let combined =
+        Gf256::combine_bytes(&raw[..]).map_err(|e| ShareError::Mismatch.into_error(&e.to_string()));
     for s in raw.iter_mut() {
         s.zeroize();
     }

@@ -280,14 +280,17 @@ impl SoftwareCard {
                 path.display()
             )));
         }
-        let u32_at = |o: usize| u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let u32_at =
+            |o: usize| u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
         let params = KdfParams {
             m_cost_kib: u32_at(8),
             t_cost: u32_at(12),
             p_cost: u32_at(16),
         };
         let key = file_key(passphrase, &bytes[20..36], params)?;
-        let nonce: [u8; GCM_NONCE] = bytes[36..48].try_into().map_err(|_| Error::WrongPassphrase)?;
+        let nonce: [u8; GCM_NONCE] = bytes[36..48]
+            .try_into()
+            .map_err(|_| Error::WrongPassphrase)?;
         let (header, body) = bytes.split_at(FILE_HEADER_LEN);
         let (ct, tag) = body.split_at(body.len() - GCM_TAG);
         let mut plain = Zeroizing::new(ct.to_vec());
@@ -310,7 +313,9 @@ impl SoftwareCard {
         header[16..20].copy_from_slice(&params.p_cost.to_be_bytes());
         os_random(&mut header[20..48])?;
         let key = file_key(passphrase, &header[20..36], params)?;
-        let nonce: [u8; GCM_NONCE] = header[36..48].try_into().map_err(|_| Error::Card("nonce".into()))?;
+        let nonce: [u8; GCM_NONCE] = header[36..48]
+            .try_into()
+            .map_err(|_| Error::Card("nonce".into()))?;
         let mut body = self.keys.to_bytes();
         let tag = gcm(&key)
             .encrypt_inout_detached((&nonce).into(), &header, body[..].as_mut().into())

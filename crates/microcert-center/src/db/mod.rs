@@ -24,7 +24,7 @@
 
 mod sqlite;
 
-pub use sqlite::SqliteDatabase;
+pub use sqlite::{SqliteDatabase, SqliteOptions};
 
 use std::fmt;
 
@@ -336,10 +336,7 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
 }
 
 /// Runs `f` in one transaction of `db` and returns its value.
-pub fn with_tx<T>(
-    db: &dyn KeyDatabase,
-    mut f: impl FnMut(&mut dyn Tx) -> Result<T>,
-) -> Result<T> {
+pub fn with_tx<T>(db: &dyn KeyDatabase, mut f: impl FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
     let mut out = None;
     db.transaction(&mut |tx| {
         out = Some(f(tx)?);

@@ -1,0 +1,162 @@
+//! A bounded cache of devices with their opened seeds, so a hot device is
+//! verified without a database read or an unseal.
+//!
+//! Seeds are [`KeySeed`]s, which zeroize on drop: an entry evicted,
+//! invalidated or replaced is wiped when the last request using it ends.
+//! Every state change this center commits invalidates the device's entry;
+//! changes by another center sharing the database are seen after at most
+//! the TTL.
+//!
+//! A load that raced with an invalidation must not put the old state back:
+//! [`SeedCache::ticket`] is taken before the database read, and
+//! [`SeedCache::insert`] drops the entry if the shard was invalidated since.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use microcert_core::{DeviceId, KeySeed};
+
+use crate::db::{DeviceRow, SeedRow};
+
+const SHARDS: usize = 16;
+
+/// A seed record (without ciphertext) and, for the seeds that may verify,
+/// the opened seed.
+pub(crate) struct CachedSeed {
+    pub(crate) row: SeedRow,
+    pub(crate) seed: Option<KeySeed>,
+}
+
+/// A device as the verification path needs it.
+pub(crate) struct CachedDevice {
+    pub(crate) device: DeviceRow,
+    pub(crate) seeds: Vec<CachedSeed>,
+    loaded: Instant,
+}
+
+impl CachedDevice {
+    pub(crate) fn new(device: DeviceRow, seeds: Vec<CachedSeed>) -> Self {
+        CachedDevice {
+            device,
+            seeds,
+            loaded: Instant::now(),
+        }
+    }
+
+    pub(crate) fn seed(&self, generation: u8) -> Option<&CachedSeed> {
+        self.seeds.iter().find(|s| s.row.generation == generation)
+    }
+}
+
+struct Shard {
+    map: HashMap<DeviceId, Arc<CachedDevice>>,
+    version: u64,
+}
+
+/// The cache.
+pub(crate) struct SeedCache {
+    shards: Vec<Mutex<Shard>>,
+    per_shard: usize,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for SeedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeedCache")
+            .field("per_shard", &self.per_shard)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+fn shard_index(id: DeviceId) -> usize {
+    (id.0[7] as usize ^ id.0[6] as usize) % SHARDS
+}
+
+impl SeedCache {
+    pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
+        SeedCache {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        map: HashMap::new(),
+                        version: 0,
+                    })
+                })
+                .collect(),
+            per_shard: capacity.div_ceil(SHARDS),
+            ttl,
+        }
+    }
+
+    fn shard(&self, id: DeviceId) -> std::sync::MutexGuard<'_, Shard> {
+        // A poisoned shard only means a panic elsewhere while holding it;
+        // its map is still consistent (each operation is one map call).
+        match self.shards[shard_index(id)].lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    pub(crate) fn get(&self, id: DeviceId) -> Option<Arc<CachedDevice>> {
+        let mut s = self.shard(id);
+        let hit = s.map.get(&id)?;
+        if hit.loaded.elapsed() <= self.ttl {
+            return Some(Arc::clone(hit));
+        }
+        s.map.remove(&id);
+        None
+    }
+
+    pub(crate) fn ticket(&self, id: DeviceId) -> u64 {
+        self.shard(id).version
+    }
+
+    pub(crate) fn insert(&self, id: DeviceId, dev: Arc<CachedDevice>, ticket: u64) {
+        if self.per_shard == 0 {
+            return;
+        }
+        let mut s = self.shard(id);
+        if s.version != ticket {
+            return;
+        }
+        if s.map.len() >= self.per_shard && !s.map.contains_key(&id) {
+            // Evict expired entries first, else an arbitrary one.
+            let ttl = self.ttl;
+            s.map.retain(|_, d| d.loaded.elapsed() <= ttl);
+            if s.map.len() >= self.per_shard
+                && let Some(victim) = s.map.keys().next().copied()
+            {
+                s.map.remove(&victim);
+            }
+        }
+        s.map.insert(id, dev);
+    }
+
+    pub(crate) fn invalidate(&self, id: DeviceId) {
+        let mut s = self.shard(id);
+        s.version += 1;
+        s.map.remove(&id);
+    }
+
+    pub(crate) fn clear(&self) {
+        for i in 0..SHARDS {
+            let mut s = match self.shards[i].lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            s.version += 1;
+            s.map.clear();
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        (0..SHARDS)
+            .map(|i| match self.shards[i].lock() {
+                Ok(g) => g.map.len(),
+                Err(p) => p.into_inner().map.len(),
+            })
+            .sum()
+    }
+}

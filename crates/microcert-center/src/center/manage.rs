@@ -1,0 +1,482 @@
+//! Life cycle, seed updates, revocation, the command outbox, node receipts,
+//! housekeeping and operator queries.
+
+use microcert_core::{
+    DeviceId, Event, Header, KeyState, Opcode, Receipt, Sender, make_command, verify_receipt,
+};
+
+use super::{CENTER_ACTOR, Center, malformed, now32, refusal_for, year_of};
+use crate::card::random_u64;
+use crate::db::{
+    AuditRecord, Blob, CommandRow, DeviceQuery, DeviceRow, DeviceView, SeedRow, Tx, with_tx,
+};
+use crate::integrity::{self, IntegrityReport};
+use crate::{Error, Result, audit};
+
+/// What [`Center::housekeeping`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HousekeepingReport {
+    /// Replay records and used challenges deleted.
+    pub pruned: u64,
+    /// Seeds deactivated (grace period over, or expired).
+    pub deactivated: u64,
+}
+
+impl Center {
+    /// Applies an operator's life-cycle event to a device's seed
+    /// (`generation` None = the current one) and returns the new state.
+    /// `Event::Revoke` is [`Center::revoke`]; an illegal transition is
+    /// [`Error::IllegalTransition`].
+    pub fn lifecycle(
+        &self,
+        id: DeviceId,
+        generation: Option<u8>,
+        event: Event,
+        actor: &str,
+        reason: &str,
+        now: u64,
+    ) -> Result<KeyState> {
+        if event == Event::Revoke {
+            self.revoke(id, actor, reason, now)?;
+            return Ok(KeyState::Compromised);
+        }
+        let state = with_tx(&*self.db, |tx| {
+            let dev = Self::device_in(tx, id)?;
+            let mut seeds = self.seeds_checked(tx, id)?;
+            let g = generation
+                .or(dev.highest_generation)
+                .ok_or_else(|| Error::Refused(format!("device {id} has no seed")))?;
+            let pos = seeds
+                .iter()
+                .position(|s| s.generation == g)
+                .ok_or(Error::WrongGeneration)?;
+            if event == Event::Activate {
+                self.activate_in_tx(tx, &mut seeds, g, now, actor, reason)?;
+            } else {
+                self.apply_event(tx, &mut seeds[pos], event, now, actor, reason)?;
+            }
+            Ok(seeds[pos].state)
+        })?;
+        self.cache.invalidate(id);
+        if event == Event::Destroy {
+            self.db.flush_erased()?;
+        }
+        Ok(state)
+    }
+
+    /// Operator activation of a PreActivation seed.
+    pub fn activate(&self, id: DeviceId, actor: &str, reason: &str, now: u64) -> Result<KeyState> {
+        self.lifecycle(id, None, Event::Activate, actor, reason, now)
+    }
+
+    /// Suspends the current seed.
+    pub fn suspend(&self, id: DeviceId, actor: &str, reason: &str, now: u64) -> Result<KeyState> {
+        self.lifecycle(id, None, Event::Suspend, actor, reason, now)
+    }
+
+    /// Resumes a suspended current seed.
+    pub fn resume(&self, id: DeviceId, actor: &str, reason: &str, now: u64) -> Result<KeyState> {
+        self.lifecycle(id, None, Event::Resume, actor, reason, now)
+    }
+
+    /// Deactivates the current seed.
+    pub fn deactivate(
+        &self,
+        id: DeviceId,
+        actor: &str,
+        reason: &str,
+        now: u64,
+    ) -> Result<KeyState> {
+        self.lifecycle(id, None, Event::Deactivate, actor, reason, now)
+    }
+
+    /// Destroys a Deactivated or Compromised seed: its ciphertext is
+    /// overwritten and erased, its attributes stay.
+    pub fn destroy(
+        &self,
+        id: DeviceId,
+        generation: u8,
+        actor: &str,
+        reason: &str,
+        now: u64,
+    ) -> Result<KeyState> {
+        self.lifecycle(id, Some(generation), Event::Destroy, actor, reason, now)
+    }
+
+    /// Revokes a device: every seed not yet Compromised or Destroyed
+    /// becomes Compromised (refused at once), transport enrollment closes,
+    /// and a REVOKE command replaces any pending command.
+    pub fn revoke(&self, id: DeviceId, actor: &str, reason: &str, now: u64) -> Result<()> {
+        with_tx(&*self.db, |tx| {
+            let mut dev = Self::device_in(tx, id)?;
+            let mut seeds = self.seeds_checked(tx, id)?;
+            let mut any = false;
+            for s in seeds.iter_mut() {
+                if matches!(s.state, KeyState::Compromised | KeyState::Destroyed) {
+                    continue;
+                }
+                self.apply_event(tx, s, Event::Revoke, now, actor, reason)?;
+                any = true;
+            }
+            if !any && let Some(c) = seeds.last() {
+                return Err(Error::IllegalTransition {
+                    from: c.state,
+                    event: Event::Revoke,
+                });
+            }
+            dev.transport_open = false;
+            if let Some(cur) = seeds.last().filter(|s| s.ciphertext.is_some()) {
+                let cmd = self.build_command(&mut dev, cur, Opcode::REVOKE, now)?;
+                tx.put_command(&cmd)?;
+                self.audit(
+                    tx,
+                    now,
+                    actor,
+                    "queue-revoke",
+                    (Some(id), Some(cur.generation)),
+                    reason,
+                )?;
+            } else {
+                self.audit(tx, now, actor, "revoke", (Some(id), None), reason)?;
+            }
+            tx.update_device(&dev)?;
+            Ok(())
+        })?;
+        self.cache.invalidate(id);
+        tracing::warn!(device = %id, actor, "device revoked");
+        Ok(())
+    }
+
+    /// Builds a COMMAND under `seed`: counter = max(previous + 1, now).
+    fn build_command(
+        &self,
+        dev: &mut DeviceRow,
+        seed_row: &SeedRow,
+        opcode: Opcode,
+        now: u64,
+    ) -> Result<CommandRow> {
+        let counter = dev.command_counter.saturating_add(1).max(now32(now)?);
+        dev.command_counter = counter;
+        let header = Header {
+            suite: dev.suite,
+            device: dev.id,
+            generation: seed_row.generation,
+            t: now32(now)?,
+            r: random_u64(&*self.card)?,
+        };
+        let seed = self.unseal(seed_row)?;
+        let mut buf = [0u8; microcert_core::HEADER_LEN + 5 + 16];
+        let n = make_command(&seed, &header, counter, opcode, &mut buf)
+            .map_err(|e| Error::Card(format!("making a command: {e}")))?;
+        Ok(CommandRow {
+            device: dev.id,
+            counter,
+            opcode: opcode.get(),
+            generation: seed_row.generation,
+            r: header.r,
+            bytes: Blob(buf[..n].to_vec()),
+            created: now,
+            answered_at: None,
+            status: None,
+        })
+    }
+
+    /// Queues UPDATE_SEED for one device. Its current seed must be Active;
+    /// a pending UPDATE_SEED is left as it is (served unchanged), a pending
+    /// REVOKE is not replaced.
+    pub fn queue_update(&self, id: DeviceId, actor: &str, reason: &str, now: u64) -> Result<()> {
+        with_tx(&*self.db, |tx| {
+            self.queue_update_in(tx, id, actor, reason, now, false)
+        })
+        .map(|_| ())
+    }
+
+    /// Returns whether a command was queued.
+    fn queue_update_in(
+        &self,
+        tx: &mut dyn Tx,
+        id: DeviceId,
+        actor: &str,
+        reason: &str,
+        now: u64,
+        only_if_due: bool,
+    ) -> Result<bool> {
+        let mut dev = Self::device_in(tx, id)?;
+        let seeds = self.seeds_checked(tx, id)?;
+        let cur = seeds
+            .last()
+            .ok_or_else(|| Error::Refused(format!("device {id} has no seed")))?;
+        if cur.state != KeyState::Active {
+            return Err(refusal_for(cur.state));
+        }
+        if only_if_due {
+            let renew = self.profile(dev.class)?.renewal_years;
+            let last_year = cur.base_year.saturating_add(microcert_core::SEED_YEARS - 1);
+            if u32::from(year_of(now)) + u32::from(renew) <= u32::from(last_year) {
+                return Ok(false);
+            }
+        }
+        if let Some(p) = tx.command(id)?.filter(|c| c.answered_at.is_none()) {
+            if p.opcode == Opcode::REVOKE.get() {
+                return Err(Error::Refused("a REVOKE is pending for this device".into()));
+            }
+            return Ok(false);
+        }
+        let cmd = self.build_command(&mut dev, cur, Opcode::UPDATE_SEED, now)?;
+        tx.put_command(&cmd)?;
+        tx.update_device(&dev)?;
+        self.audit(
+            tx,
+            now,
+            actor,
+            "queue-update",
+            (Some(id), Some(cur.generation)),
+            reason,
+        )?;
+        Ok(true)
+    }
+
+    /// Queues UPDATE_SEED for every device whose current seed is within its
+    /// class's renewal period (by default: in its last year) and that has
+    /// no pending command. Returns how many were queued.
+    pub fn update_due(&self, actor: &str, now: u64) -> Result<u64> {
+        let max_renew = self
+            .config
+            .profiles
+            .iter()
+            .map(|p| p.renewal_years)
+            .max()
+            .unwrap_or(1);
+        let max_base = (year_of(now) + max_renew).saturating_sub(microcert_core::SEED_YEARS);
+        let mut after = None;
+        let mut queued = 0;
+        loop {
+            let page = self.db.devices_due(max_base, after, 500)?;
+            let Some(last) = page.last() else { break };
+            after = Some(*last);
+            for id in page {
+                let done = with_tx(&*self.db, |tx| {
+                    self.queue_update_in(tx, id, actor, "seed in its renewal period", now, true)
+                })?;
+                queued += u64::from(done);
+            }
+        }
+        Ok(queued)
+    }
+
+    /// The pending COMMAND for a device, if any: the same bytes every time
+    /// until the node answers.
+    pub fn command(&self, id: DeviceId) -> Result<Option<Vec<u8>>> {
+        with_tx(&*self.db, |tx| {
+            Self::device_in(tx, id)?;
+            Ok(tx
+                .command(id)?
+                .filter(|c| c.answered_at.is_none())
+                .map(|c| c.bytes.0))
+        })
+    }
+
+    /// Accepts a node's RECEIPT answering its pending COMMAND (once).
+    pub fn accept_receipt(&self, bytes: &[u8], now: u64) -> Result<()> {
+        let msg = Receipt::decode(bytes).map_err(malformed)?;
+        let h = msg.header;
+        let r = with_tx(&*self.db, |tx| {
+            let dev = Self::device_in(tx, h.device)?;
+            if h.suite != dev.suite {
+                return Err(Error::WrongSuite);
+            }
+            let mut cmd = tx.command(h.device)?.ok_or(Error::Verification)?;
+            if cmd.r != msg.reference || cmd.generation != h.generation {
+                return Err(Error::Verification);
+            }
+            let seeds = self.seeds_checked(tx, h.device)?;
+            let row = seeds
+                .iter()
+                .find(|s| s.generation == h.generation)
+                .ok_or(Error::WrongGeneration)?;
+            let seed = self.unseal(row)?;
+            verify_receipt(&seed, &msg, Sender::Node).map_err(Error::from_core)?;
+            if cmd.answered_at.is_some() {
+                return Err(Error::Replay);
+            }
+            cmd.answered_at = Some(now);
+            cmd.status = Some(msg.status);
+            tx.put_command(&cmd)?;
+            let name = Opcode::new(cmd.opcode).map(|o| o.name()).unwrap_or("?");
+            self.audit(
+                tx,
+                now,
+                CENTER_ACTOR,
+                "command-answered",
+                (Some(h.device), Some(h.generation)),
+                &format!("{name} counter {} status {}", cmd.counter, msg.status),
+            )?;
+            Ok(())
+        });
+        if let Err(e) = &r {
+            tracing::debug!(device = %h.device, kind = e.kind(), "RECEIPT refused");
+        }
+        r
+    }
+
+    /// Reopens transport-key enrollment for a device (PROTOCOL.md section
+    /// 6): after its seed expired (same epoch), or after a revocation only
+    /// with the next epoch (the chip is re-personalized). Epoch 255 is final.
+    pub fn reopen_transport(
+        &self,
+        id: DeviceId,
+        new_epoch: Option<u8>,
+        actor: &str,
+        reason: &str,
+        now: u64,
+    ) -> Result<u8> {
+        let epoch = with_tx(&*self.db, |tx| {
+            let mut dev = Self::device_in(tx, id)?;
+            let mut seeds = self.seeds_checked(tx, id)?;
+            let Some(cur) = seeds.last_mut() else {
+                return Err(Error::Refused(
+                    "device has no seed: transport enrollment is open".into(),
+                ));
+            };
+            let expired =
+                year_of(now) > cur.base_year.saturating_add(microcert_core::SEED_YEARS - 1);
+            match cur.state {
+                KeyState::Compromised | KeyState::Destroyed if cur.compromised_at.is_some() => {
+                    let next = dev.epoch.checked_add(1).ok_or_else(|| {
+                        Error::Refused(
+                            "epoch 255 is final: the chip cannot be re-personalized".into(),
+                        )
+                    })?;
+                    if new_epoch != Some(next) {
+                        return Err(Error::Refused(format!(
+                            "after a revocation transport enrollment reopens only with epoch {next}"
+                        )));
+                    }
+                    dev.epoch = next;
+                }
+                _ if expired => {
+                    if new_epoch.is_some_and(|e| e != dev.epoch) {
+                        return Err(Error::Refused(
+                            "an expired seed reopens with the same epoch".into(),
+                        ));
+                    }
+                    if cur.state == KeyState::Active {
+                        self.apply_event(
+                            tx,
+                            cur,
+                            Event::Deactivate,
+                            now,
+                            actor,
+                            "expired before its update",
+                        )?;
+                    }
+                }
+                _ => {
+                    return Err(Error::Refused(
+                        "the current seed is neither expired nor revoked".into(),
+                    ));
+                }
+            }
+            dev.transport_open = true;
+            tx.update_device(&dev)?;
+            self.audit(
+                tx,
+                now,
+                actor,
+                "reopen-transport",
+                (Some(id), None),
+                &format!("epoch {}: {reason}", dev.epoch),
+            )?;
+            Ok(dev.epoch)
+        })?;
+        self.cache.invalidate(id);
+        Ok(epoch)
+    }
+
+    /// Periodic work: prune expired replay records and challenges;
+    /// deactivate seeds whose grace period ended or whose last year is over.
+    pub fn housekeeping(&self, now: u64) -> Result<HousekeepingReport> {
+        let mut report = HousekeepingReport {
+            pruned: self.db.prune(now)?,
+            ..HousekeepingReport::default()
+        };
+        let year = year_of(now);
+        loop {
+            let ids = self.db.devices_to_expire(now, year, 500)?;
+            if ids.is_empty() {
+                break;
+            }
+            let mut changed = 0;
+            for id in ids {
+                let n = with_tx(&*self.db, |tx| {
+                    let mut seeds = self.seeds_checked(tx, id)?;
+                    let mut n = 0u64;
+                    for s in seeds.iter_mut().filter(|s| s.state == KeyState::Active) {
+                        let over_grace = s.grace_until.is_some_and(|g| g < now);
+                        let expired =
+                            s.base_year.saturating_add(microcert_core::SEED_YEARS - 1) < year;
+                        if over_grace || expired {
+                            let why = if over_grace {
+                                "grace period ended"
+                            } else {
+                                "seed expired"
+                            };
+                            self.apply_event(tx, s, Event::Deactivate, now, CENTER_ACTOR, why)?;
+                            n += 1;
+                        }
+                    }
+                    Ok(n)
+                })?;
+                self.cache.invalidate(id);
+                changed += n;
+            }
+            report.deactivated += changed;
+            if changed == 0 {
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    /// One device with all its seeds (no ciphertexts).
+    pub fn device(&self, id: DeviceId) -> Result<Option<DeviceView>> {
+        self.db.device_view(id)
+    }
+
+    /// Devices with their current seed, filtered and paged by id.
+    pub fn list_devices(&self, q: &DeviceQuery) -> Result<Vec<DeviceView>> {
+        self.db.list_devices(q)
+    }
+
+    /// Audit entries after `after` (seq), at most `limit`.
+    pub fn audit_log(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>> {
+        self.db.audit_log(after, limit)
+    }
+
+    /// Walks the whole audit chain; returns the seq of the first entry that
+    /// breaks it, or None when it is intact.
+    pub fn verify_audit_chain(&self) -> Result<Option<u64>> {
+        let mut prev = [0u8; 32];
+        let mut after = 0;
+        loop {
+            let page = self.db.audit_log(after, 1000)?;
+            let Some(last) = page.last() else {
+                return Ok(None);
+            };
+            if page[0].seq != after + 1 {
+                return Ok(Some(after + 1));
+            }
+            if let Some(bad) = audit::verify_chain(prev, &page) {
+                return Ok(Some(bad));
+            }
+            prev = last.hash;
+            after = last.seq;
+        }
+    }
+
+    /// Recomputes every record tag and the digest and compares them with
+    /// the database.
+    pub fn integrity_scan(&self) -> Result<IntegrityReport> {
+        integrity::scan(&*self.db, &*self.card)
+    }
+}

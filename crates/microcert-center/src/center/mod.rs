@@ -1,0 +1,324 @@
+//! The center's services on one [`Center`] type.
+//!
+//! Every service takes the time as `now` (Unix seconds) so callers and
+//! tests control it, runs in one database transaction, and changes
+//! life-cycle state only through the core's `transition`. The services are
+//! split by topic: [`enroll`] (registration, ENROLL, batch import),
+//! [`verify`] (AUTH, challenges, AUTH_RESPONSE, SIGNATURE, SEALED) and
+//! [`manage`] (life cycle, updates, revocation, commands, receipts,
+//! housekeeping, operator queries).
+
+mod enroll;
+mod manage;
+mod verify;
+
+pub use enroll::{ImportProgress, ImportReject, ImportReport};
+pub use manage::HousekeepingReport;
+pub use verify::{AuthOutcome, OpenedSealed, SignatureOutcome, VerifyOutcome};
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use microcert_core::{
+    DeviceId, Event, Header, KeySeed, KeyState, Sender, Suite, make_receipt, time, transition,
+};
+
+use crate::cache::{CachedDevice, CachedSeed, SeedCache};
+use crate::card::{EncryptionCard, random_u64};
+use crate::db::{DeviceRow, KeyDatabase, NewAudit, SeedRow, SqliteDatabase, Tx, with_tx};
+use crate::integrity;
+use crate::profile::{CenterConfig, ClassProfile};
+use crate::{Error, Result};
+
+/// The authentication center: a key database, an encryption card, a cache
+/// of opened seeds and the configuration. `Send + Sync`: share it in an
+/// `Arc` between threads.
+pub struct Center {
+    db: Arc<dyn KeyDatabase>,
+    card: Arc<dyn EncryptionCard>,
+    cache: SeedCache,
+    config: CenterConfig,
+}
+
+impl std::fmt::Debug for Center {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Center")
+            .field("db", &self.db)
+            .field("card", &self.card)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The actor name the center uses for its own decisions in the audit log.
+pub const CENTER_ACTOR: &str = "center";
+
+pub(crate) fn now32(now: u64) -> Result<u32> {
+    u32::try_from(now).map_err(|_| Error::Refused("time beyond 2106".into()))
+}
+
+pub(crate) fn year_of(now: u64) -> u16 {
+    let y = time::date_of(now as i64).year;
+    u16::try_from(y).unwrap_or(u16::MAX)
+}
+
+/// Whether a seed's five years cover the calendar date of `now`.
+pub(crate) fn covers(base_year: u16, now: u64) -> bool {
+    let y = year_of(now);
+    base_year <= y && y <= base_year.saturating_add(microcert_core::SEED_YEARS - 1)
+}
+
+pub(crate) fn malformed(e: microcert_core::Error) -> Error {
+    Error::Malformed(e.to_string())
+}
+
+/// The refusal for a message under a seed in `state`.
+pub(crate) fn refusal_for(state: KeyState) -> Error {
+    match state {
+        KeyState::Compromised => Error::Revoked,
+        KeyState::Suspended => Error::Suspended,
+        KeyState::PreActivation
+        | KeyState::Active
+        | KeyState::Deactivated
+        | KeyState::Destroyed => Error::NotActive,
+    }
+}
+
+impl Center {
+    /// A center over any database and card.
+    pub fn new(
+        db: Arc<dyn KeyDatabase>,
+        card: Arc<dyn EncryptionCard>,
+        config: CenterConfig,
+    ) -> Self {
+        let cache = SeedCache::new(
+            config.cache_capacity,
+            Duration::from_secs(config.cache_ttl_secs),
+        );
+        Center {
+            db,
+            card,
+            cache,
+            config,
+        }
+    }
+
+    /// A center over the SQLite database at `path` (created if missing).
+    pub fn open_sqlite(
+        path: &Path,
+        card: Arc<dyn EncryptionCard>,
+        config: CenterConfig,
+    ) -> Result<Self> {
+        let db = SqliteDatabase::open(path)?;
+        Ok(Center::new(Arc::new(db), card, config))
+    }
+
+    /// The encryption card.
+    pub fn card(&self) -> &dyn EncryptionCard {
+        &*self.card
+    }
+
+    /// The key database.
+    pub fn database(&self) -> &dyn KeyDatabase {
+        &*self.db
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CenterConfig {
+        &self.config
+    }
+
+    /// Drops every cached seed (they zeroize).
+    pub fn clear_cache(&self) {
+        self.cache.clear();
+    }
+
+    /// Number of devices in the seed cache.
+    pub fn cached_devices(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub(crate) fn profile(&self, class: u8) -> Result<&ClassProfile> {
+        self.config
+            .profile(class)
+            .ok_or_else(|| Error::Refused(format!("no profile for device class {class}")))
+    }
+
+    /// A device for the verification path: from the cache, else read from
+    /// the database (tags checked), with its usable seeds opened.
+    pub(crate) fn load(&self, id: DeviceId) -> Result<Arc<CachedDevice>> {
+        if let Some(hit) = self.cache.get(id) {
+            return Ok(hit);
+        }
+        let ticket = self.cache.ticket(id);
+        let (device, rows) = with_tx(&*self.db, |tx| {
+            let device = tx.device(id)?.ok_or(Error::UnknownDevice)?;
+            let rows = self.seeds_checked(tx, id)?;
+            Ok((device, rows))
+        })?;
+        let mut seeds = Vec::with_capacity(rows.len());
+        for mut row in rows {
+            let seed = match row.state {
+                KeyState::PreActivation | KeyState::Active => Some(self.unseal(&row)?),
+                _ => None,
+            };
+            row.ciphertext = None;
+            seeds.push(CachedSeed { row, seed });
+        }
+        let dev = Arc::new(CachedDevice::new(device, seeds));
+        self.cache.insert(id, Arc::clone(&dev), ticket);
+        Ok(dev)
+    }
+
+    /// Every seed of a device with its integrity tag checked.
+    pub(crate) fn seeds_checked(&self, tx: &mut dyn Tx, id: DeviceId) -> Result<Vec<SeedRow>> {
+        let rows = tx.seeds(id)?;
+        for r in &rows {
+            integrity::check_record(&*self.card, r)?;
+        }
+        Ok(rows)
+    }
+
+    pub(crate) fn unseal(&self, row: &SeedRow) -> Result<KeySeed> {
+        let ct = row.ciphertext.as_ref().ok_or(Error::NotActive)?;
+        self.card
+            .unseal_seed(row.device, row.generation, row.kstore_version, &ct.0)
+            .map_err(|e| match e {
+                // The tag matched but the ciphertext does not open: the
+                // record was tampered with in a way the tag cannot see
+                // (or the card is not this database's).
+                Error::Verification => Error::Integrity(format!(
+                    "{} generation {}: ciphertext does not open",
+                    row.device, row.generation
+                )),
+                other => other,
+            })
+    }
+
+    /// A RECEIPT from the center, keyed by `seed`.
+    pub(crate) fn receipt(
+        &self,
+        seed: &KeySeed,
+        suite: Suite,
+        device: DeviceId,
+        generation: u8,
+        reference: u64,
+        now: u64,
+    ) -> Result<Vec<u8>> {
+        let header = Header {
+            suite,
+            device,
+            generation,
+            t: now32(now)?,
+            r: random_u64(&*self.card)?,
+        };
+        let mut out = [0u8; microcert_core::HEADER_LEN + 9 + 16];
+        let n = make_receipt(seed, &header, Sender::Center, reference, 0, &mut out)
+            .map_err(|e| Error::Card(format!("making a receipt: {e}")))?;
+        Ok(out[..n].to_vec())
+    }
+
+    /// Applies a life-cycle event to a seed record inside a transaction:
+    /// the core's transition, timestamps, new tag, digest, audit entry.
+    pub(crate) fn apply_event(
+        &self,
+        tx: &mut dyn Tx,
+        row: &mut SeedRow,
+        event: Event,
+        now: u64,
+        actor: &str,
+        reason: &str,
+    ) -> Result<()> {
+        let to = transition(row.state, event).map_err(Error::from_core)?;
+        let old_tag = row.tag;
+        row.state = to;
+        match event {
+            Event::Activate => row.activated_at = Some(now),
+            Event::Suspend => row.suspended_at = Some(now),
+            Event::Resume => {}
+            Event::Deactivate => {
+                row.deactivated_at = Some(now);
+                row.grace_until = None;
+            }
+            Event::Revoke => {
+                row.compromised_at = Some(now);
+                row.grace_until = None;
+            }
+            Event::Destroy => {
+                row.destroyed_at = Some(now);
+                // The ciphertext is overwritten with zeros and set NULL in
+                // the same statement; secure_delete zeroes the freed cell.
+                if let Some(ct) = row.ciphertext.as_mut() {
+                    ct.0.fill(0);
+                }
+                row.ciphertext = None;
+            }
+        }
+        integrity::retag(&*self.card, row)?;
+        tx.update_seed(row)?;
+        integrity::apply_change(tx, &*self.card, row.device, Some(&old_tag), &row.tag)?;
+        tx.append_audit(&NewAudit {
+            time: now,
+            actor: actor.to_string(),
+            action: event.name().to_string(),
+            device: Some(row.device),
+            generation: Some(row.generation),
+            reason: reason.to_string(),
+        })?;
+        tracing::info!(device = %row.device, generation = row.generation, event = event.name(), state = to.name(), actor, "life-cycle transition");
+        Ok(())
+    }
+
+    /// First use (or an operator's activation) of a PreActivation seed:
+    /// activates it and deactivates the generation it supersedes.
+    pub(crate) fn activate_in_tx(
+        &self,
+        tx: &mut dyn Tx,
+        seeds: &mut [SeedRow],
+        generation: u8,
+        now: u64,
+        actor: &str,
+        reason: &str,
+    ) -> Result<()> {
+        let Some(pos) = seeds.iter().position(|s| s.generation == generation) else {
+            return Err(Error::WrongGeneration);
+        };
+        self.apply_event(tx, &mut seeds[pos], Event::Activate, now, actor, reason)?;
+        if pos > 0 && seeds[pos - 1].state == KeyState::Active {
+            self.apply_event(
+                tx,
+                &mut seeds[pos - 1],
+                Event::Deactivate,
+                now,
+                actor,
+                "superseded: next generation in use",
+            )?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn audit(
+        &self,
+        tx: &mut dyn Tx,
+        now: u64,
+        actor: &str,
+        action: &str,
+        (device, generation): (Option<DeviceId>, Option<u8>),
+        reason: &str,
+    ) -> Result<()> {
+        tx.append_audit(&NewAudit {
+            time: now,
+            actor: actor.to_string(),
+            action: action.to_string(),
+            device,
+            generation,
+            reason: reason.to_string(),
+        })
+    }
+
+    /// The device row or UnknownDevice.
+    pub(crate) fn device_in(tx: &mut dyn Tx, id: DeviceId) -> Result<DeviceRow> {
+        tx.device(id)?.ok_or(Error::UnknownDevice)
+    }
+}

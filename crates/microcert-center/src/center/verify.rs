@@ -1,0 +1,435 @@
+//! Verification services: AUTH, challenges and AUTH_RESPONSE, SIGNATURE
+//! with the notary, SEALED (PROTOCOL.md sections 6 and 8).
+//!
+//! Order of checks, cheapest and least revealing first: decode (malformed),
+//! device (unknown), suite, freshness, seed state, then the MAC, and only
+//! after the MAC the database write that makes a message count once
+//! (so garbage cannot fill the replay table).
+
+use microcert_core::{
+    Audience, Auth, AuthResponse, CHALLENGE_LEN, DataDigest, DeviceId, Header, KeySeed, KeyState,
+    MsgType, Sealed, Signature, open_in_place, verify_auth, verify_auth_response, verify_signature,
+};
+use zeroize::Zeroizing;
+
+use super::{CENTER_ACTOR, Center, malformed, now32, refusal_for};
+use crate::cache::{CachedDevice, CachedSeed};
+use crate::db::{NotaryRow, with_tx};
+use crate::{Error, Result};
+
+/// An accepted AUTH or AUTH_RESPONSE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthOutcome {
+    /// The device.
+    pub device: DeviceId,
+    /// The generation of the seed that verified.
+    pub generation: u8,
+    /// The message's t.
+    pub time: u32,
+    /// The center's RECEIPT (ref = the message's r), keyed by that seed:
+    /// the node checks it, which makes the authentication mutual.
+    pub receipt: Vec<u8>,
+}
+
+/// A valid SIGNATURE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignatureOutcome {
+    /// The device.
+    pub device: DeviceId,
+    /// The seed's generation.
+    pub generation: u8,
+    /// The signature's t.
+    pub time: u32,
+    /// When the center's notary first saw this signature.
+    pub first_seen: u64,
+}
+
+/// The answer of `/v1/verify`: an AUTH or a SIGNATURE.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyOutcome {
+    /// An AUTH for the relying party.
+    Auth(AuthOutcome),
+    /// A SIGNATURE over the data that followed it.
+    Signature(SignatureOutcome),
+}
+
+/// An opened SEALED message.
+pub struct OpenedSealed {
+    /// The device.
+    pub device: DeviceId,
+    /// The seed's generation.
+    pub generation: u8,
+    /// The message's t.
+    pub time: u32,
+    /// The plaintext (zeroized on drop).
+    pub plaintext: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for OpenedSealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedSealed")
+            .field("device", &self.device)
+            .field("generation", &self.generation)
+            .field("time", &self.time)
+            .field("plaintext_len", &self.plaintext.len())
+            .finish()
+    }
+}
+
+/// How a message's generation relates to the device's seeds.
+enum Use {
+    /// The current generation, Active.
+    Steady,
+    /// The current generation, not yet used: this use activates it.
+    Activates,
+    /// The previous generation during a seed update's grace period.
+    Grace,
+}
+
+impl Center {
+    /// The seed a message under `generation` may be verified with, or the
+    /// refusal. `first_use_ok`: whether a PreActivation seed may be used
+    /// (AUTH and AUTH_RESPONSE activate it; other messages may not).
+    fn usable<'d>(
+        &self,
+        dev: &'d CachedDevice,
+        generation: u8,
+        now: u64,
+        first_use_ok: bool,
+    ) -> Result<(&'d CachedSeed, &'d KeySeed, Use)> {
+        let Some(highest) = dev.device.highest_generation else {
+            return Err(Error::NotActive);
+        };
+        let s = dev.seed(generation).ok_or(Error::WrongGeneration)?;
+        let state = s.row.state;
+        let how = if generation == highest {
+            match state {
+                KeyState::Active => Use::Steady,
+                KeyState::PreActivation if first_use_ok => Use::Activates,
+                other => return Err(refusal_for(other)),
+            }
+        } else {
+            let current = dev.seed(highest).map(|c| c.row.state);
+            let in_grace = generation.checked_add(1) == Some(highest)
+                && state == KeyState::Active
+                && current == Some(KeyState::PreActivation)
+                && s.row.grace_until.is_some_and(|g| now < g);
+            if in_grace {
+                Use::Grace
+            } else if state == KeyState::Active {
+                // Superseded and out of grace: refused as not active.
+                return Err(Error::NotActive);
+            } else {
+                return Err(refusal_for(state));
+            }
+        };
+        let seed = s.seed.as_ref().ok_or(Error::NotActive)?;
+        Ok((s, seed, how))
+    }
+
+    fn check_suite(dev: &CachedDevice, h: &Header) -> Result<()> {
+        if h.suite == dev.device.suite {
+            Ok(())
+        } else {
+            Err(Error::WrongSuite)
+        }
+    }
+
+    fn check_fresh(&self, dev: &CachedDevice, t: u32, now: u64) -> Result<()> {
+        let skew = u64::from(self.profile(dev.device.class)?.skew);
+        if now.abs_diff(u64::from(t)) <= skew {
+            Ok(())
+        } else {
+            Err(Error::Stale)
+        }
+    }
+
+    /// Records the use in one transaction: the replay record (or the spent
+    /// challenge) and, on first use, the activation.
+    fn commit_use(
+        &self,
+        id: DeviceId,
+        generation: u8,
+        how: &Use,
+        mark: &mut dyn FnMut(&mut dyn crate::db::Tx) -> Result<bool>,
+        now: u64,
+    ) -> Result<()> {
+        let activated = with_tx(&*self.db, |tx| {
+            if !mark(tx)? {
+                return Err(Error::Replay);
+            }
+            if matches!(how, Use::Activates) {
+                Self::device_in(tx, id)?;
+                let mut seeds = self.seeds_checked(tx, id)?;
+                let still_pending = seeds
+                    .iter()
+                    .any(|s| s.generation == generation && s.state == KeyState::PreActivation);
+                if still_pending {
+                    self.activate_in_tx(
+                        tx,
+                        &mut seeds,
+                        generation,
+                        now,
+                        CENTER_ACTOR,
+                        "first successful AUTH",
+                    )?;
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })?;
+        if activated {
+            self.cache.invalidate(id);
+        }
+        Ok(())
+    }
+
+    fn log_refusal<T>(r: Result<T>, what: &'static str, device: Option<DeviceId>) -> Result<T> {
+        if let Err(e) = &r {
+            match device {
+                Some(d) => tracing::debug!(device = %d, kind = e.kind(), what, "refused"),
+                None => tracing::debug!(kind = e.kind(), what, "refused"),
+            }
+        }
+        r
+    }
+
+    /// Verifies an AUTH for audience `aud` (the center's 0^8 on the device
+    /// resource, a relying party's on `/v1/verify`) and returns the
+    /// center's RECEIPT.
+    pub fn verify_auth(&self, bytes: &[u8], aud: &Audience, now: u64) -> Result<AuthOutcome> {
+        let msg = Auth::decode(bytes).map_err(malformed);
+        let id = msg.as_ref().ok().map(|m| m.header.device);
+        Self::log_refusal(msg.and_then(|m| self.auth_inner(&m, aud, now)), "AUTH", id)
+    }
+
+    fn auth_inner(&self, msg: &Auth<'_>, aud: &Audience, now: u64) -> Result<AuthOutcome> {
+        let h = msg.header;
+        let dev = self.load(h.device)?;
+        Self::check_suite(&dev, &h)?;
+        self.check_fresh(&dev, h.t, now)?;
+        let (_, seed, how) = self.usable(&dev, h.generation, now, true)?;
+        verify_auth(seed, msg, aud).map_err(Error::from_core)?;
+        let expires = u64::from(h.t) + u64::from(self.profile(dev.device.class)?.skew) + 1;
+        self.commit_use(
+            h.device,
+            h.generation,
+            &how,
+            &mut |tx| tx.record_replay(h.device, h.generation, h.t, h.r, expires),
+            now,
+        )?;
+        let receipt = self.receipt(seed, dev.device.suite, h.device, h.generation, h.r, now)?;
+        Ok(AuthOutcome {
+            device: h.device,
+            generation: h.generation,
+            time: h.t,
+            receipt,
+        })
+    }
+
+    /// A stateless challenge for any device id, known or not.
+    pub fn issue_challenge(&self, device: DeviceId, now: u64) -> Result<[u8; CHALLENGE_LEN]> {
+        self.card.make_challenge(device, now32(now)?)
+    }
+
+    /// Verifies an AUTH_RESPONSE: the challenge's MAC, the tag, then the
+    /// challenge is spent once across all centers; t is checked against
+    /// the seed's years only.
+    pub fn verify_auth_response(
+        &self,
+        bytes: &[u8],
+        aud: &Audience,
+        now: u64,
+    ) -> Result<AuthOutcome> {
+        let msg = AuthResponse::decode(bytes).map_err(malformed);
+        let id = msg.as_ref().ok().map(|m| m.header.device);
+        Self::log_refusal(
+            msg.and_then(|m| self.auth_response_inner(&m, aud, now)),
+            "AUTH_RESPONSE",
+            id,
+        )
+    }
+
+    fn auth_response_inner(
+        &self,
+        msg: &AuthResponse<'_>,
+        aud: &Audience,
+        now: u64,
+    ) -> Result<AuthOutcome> {
+        let h = msg.header;
+        self.card
+            .check_challenge(h.device, msg.challenge, now32(now)?)?;
+        let dev = self.load(h.device)?;
+        Self::check_suite(&dev, &h)?;
+        let (_, seed, how) = self.usable(&dev, h.generation, now, true)?;
+        verify_auth_response(seed, msg, aud).map_err(Error::from_core)?;
+        let mut c = [0u8; 8];
+        c.copy_from_slice(&msg.challenge[..8]);
+        // Valid for the current and the previous minute: at most 120 s.
+        let expires = now + 120 + self.config.instance_skew;
+        self.commit_use(
+            h.device,
+            h.generation,
+            &how,
+            &mut |tx| tx.spend_challenge(h.device, &c, expires),
+            now,
+        )?;
+        let receipt = self.receipt(seed, dev.device.suite, h.device, h.generation, h.r, now)?;
+        Ok(AuthOutcome {
+            device: h.device,
+            generation: h.generation,
+            time: h.t,
+            receipt,
+        })
+    }
+
+    /// Verifies a SIGNATURE over `data` and records it as a notary.
+    pub fn verify_signature(
+        &self,
+        signature: &[u8],
+        data: &[u8],
+        now: u64,
+    ) -> Result<SignatureOutcome> {
+        self.verify_signature_digest(signature, &DataDigest::of(data), now)
+    }
+
+    /// Like [`Center::verify_signature`], with the data's SHA-256.
+    pub fn verify_signature_digest(
+        &self,
+        signature: &[u8],
+        digest: &[u8; 32],
+        now: u64,
+    ) -> Result<SignatureOutcome> {
+        let msg = Signature::decode(signature).map_err(malformed);
+        let id = msg.as_ref().ok().map(|m| m.header.device);
+        Self::log_refusal(
+            msg.and_then(|m| self.signature_inner(&m, digest, now)),
+            "SIGNATURE",
+            id,
+        )
+    }
+
+    fn signature_inner(
+        &self,
+        msg: &Signature<'_>,
+        digest: &[u8; 32],
+        now: u64,
+    ) -> Result<SignatureOutcome> {
+        let h = msg.header;
+        let dev = self.load(h.device)?;
+        Self::check_suite(&dev, &h)?;
+        let skew = u64::from(self.profile(dev.device.class)?.skew);
+        if u64::from(h.t) > now + skew {
+            return Err(Error::Stale);
+        }
+        let s = dev.seed(h.generation).ok_or(Error::WrongGeneration)?;
+        let outcome = |first_seen| SignatureOutcome {
+            device: h.device,
+            generation: h.generation,
+            time: h.t,
+            first_seen,
+        };
+        if s.row.state == KeyState::Active {
+            let seed = s.seed.as_ref().ok_or(Error::NotActive)?;
+            verify_signature(seed, msg, digest).map_err(Error::from_core)?;
+            let record = NotaryRow {
+                device: h.device,
+                generation: h.generation,
+                t: h.t,
+                r: h.r,
+                digest: *digest,
+                tag: msg.tag.to_vec(),
+                first_seen: now,
+            };
+            let stored = with_tx(&*self.db, |tx| tx.notarize(&record))?;
+            return Ok(outcome(stored.first_seen));
+        }
+        // Not Active now: valid only as the notary recorded it while the
+        // seed was Active (for a Compromised seed, before the compromise).
+        let found = with_tx(&*self.db, |tx| {
+            tx.notary(h.device, h.generation, h.t, h.r, digest)
+        })?;
+        match found {
+            Some(n)
+                if subtle::ConstantTimeEq::ct_eq(&n.tag[..], msg.tag).into()
+                    && s.row.compromised_at.is_none_or(|c| n.first_seen < c) =>
+            {
+                Ok(outcome(n.first_seen))
+            }
+            _ => Err(refusal_for(s.row.state)),
+        }
+    }
+
+    /// `/v1/verify`: an AUTH for the relying party `aud`, or a SIGNATURE
+    /// followed by the signed data.
+    pub fn verify(&self, body: &[u8], aud: &Audience, now: u64) -> Result<VerifyOutcome> {
+        let (ty, _) = Header::parse(body).map_err(malformed)?;
+        if ty == MsgType::AUTH {
+            self.verify_auth(body, aud, now).map(VerifyOutcome::Auth)
+        } else if ty == MsgType::SIGNATURE {
+            let (sig, data) = Signature::decode_prefix(body).map_err(malformed)?;
+            let sig_len = sig.len();
+            self.verify_signature(&body[..sig_len], data, now)
+                .map(VerifyOutcome::Signature)
+        } else {
+            Err(Error::Malformed(format!(
+                "/v1/verify takes AUTH or SIGNATURE, not {}",
+                ty.name()
+            )))
+        }
+    }
+
+    /// Opens a SEALED message for relying party `aud` (never 0^8).
+    pub fn open_sealed(&self, bytes: &[u8], aud: &Audience, now: u64) -> Result<OpenedSealed> {
+        let msg = Sealed::decode(bytes).map_err(malformed);
+        let id = msg.as_ref().ok().map(|m| m.header.device);
+        Self::log_refusal(
+            msg.and_then(|m| self.sealed_inner(&m, bytes, aud, now)),
+            "SEALED",
+            id,
+        )
+    }
+
+    fn sealed_inner(
+        &self,
+        msg: &Sealed<'_>,
+        bytes: &[u8],
+        aud: &Audience,
+        now: u64,
+    ) -> Result<OpenedSealed> {
+        if aud.is_center() {
+            return Err(Error::Malformed(
+                "a SEALED message needs a relying party audience".into(),
+            ));
+        }
+        let h = msg.header;
+        let dev = self.load(h.device)?;
+        Self::check_suite(&dev, &h)?;
+        if msg.ciphertext.len() > self.profile(dev.device.class)?.max_sealed {
+            return Err(Error::Malformed(
+                "SEALED plaintext longer than the device class allows".into(),
+            ));
+        }
+        self.check_fresh(&dev, h.t, now)?;
+        let (_, seed, how) = self.usable(&dev, h.generation, now, false)?;
+        let mut buf = Zeroizing::new(bytes.to_vec());
+        let plaintext = {
+            let (_, pt) = open_in_place(seed, &mut buf[..], aud).map_err(Error::from_core)?;
+            Zeroizing::new(pt.to_vec())
+        };
+        let expires = u64::from(h.t) + u64::from(self.profile(dev.device.class)?.skew) + 1;
+        self.commit_use(
+            h.device,
+            h.generation,
+            &how,
+            &mut |tx| tx.record_replay(h.device, h.generation, h.t, h.r, expires),
+            now,
+        )?;
+        Ok(OpenedSealed {
+            device: h.device,
+            generation: h.generation,
+            time: h.t,
+            plaintext,
+        })
+    }
+}

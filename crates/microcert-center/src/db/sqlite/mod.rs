@@ -1,0 +1,301 @@
+//! The SQLite backend: one database file in WAL mode, foreign keys on,
+//! secure_delete on (a destroyed ciphertext's bytes are overwritten in the
+//! file, not just unlinked from the b-tree), schema versions applied in
+//! order and counted in `PRAGMA user_version`.
+//!
+//! One connection behind a mutex: SQLite has one writer at a time anyway,
+//! and every service call writes (replay records), so a pool of readers
+//! would buy little. Each transaction is `BEGIN IMMEDIATE`, so it holds the
+//! write lock from its first statement and two processes on one file never
+//! deadlock on a lock upgrade; `busy_timeout` makes the other wait.
+//!
+//! Integers: u64 values (r, times) are stored as the i64 of the same bits.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use microcert_core::DeviceId;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::{
+    AuditRecord, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit, SeedRow, Tx,
+};
+use crate::{Error, Result};
+
+mod rows;
+mod schema;
+mod tx;
+
+use rows::*;
+use schema::migrate;
+use tx::SqliteTx;
+
+/// Options of the SQLite backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// `synchronous = FULL` (the default): every commit is fsynced before
+    /// it is acknowledged, so an accepted ENROLL survives a power loss (the
+    /// node wipes its old seed once it has the RECEIPT). False selects
+    /// `NORMAL`: still safe against a killed process, but a power loss may
+    /// lose the last commits.
+    pub sync_every_commit: bool,
+    /// How long a transaction waits for another process's write lock.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            sync_every_commit: true,
+            busy_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The SQLite key database.
+#[derive(Debug)]
+pub struct SqliteDatabase {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+fn db_err(e: impl std::fmt::Display) -> Error {
+    Error::Database(e.to_string())
+}
+
+impl SqliteDatabase {
+    /// Opens (creating if needed) the database file at `path` with the
+    /// default options and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, SqliteOptions::default())
+    }
+
+    /// Like [`SqliteDatabase::open`], with options.
+    pub fn open_with(path: &Path, opts: SqliteOptions) -> Result<Self> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(opts.busy_timeout)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let sync = if opts.sync_every_commit {
+            "FULL"
+        } else {
+            "NORMAL"
+        };
+        conn.pragma_update(None, "synchronous", sync)?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.pragma_update(None, "secure_delete", "ON")?;
+        migrate(&mut conn)?;
+        Ok(SqliteDatabase {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version (number of migrations applied).
+    pub fn schema_version(&self) -> Result<u32> {
+        let conn = self.lock()?;
+        Ok(conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
+        self.conn
+            .lock()
+            .map_err(|_| Error::Database("connection mutex poisoned".into()))
+    }
+}
+
+impl KeyDatabase for SqliteDatabase {
+    fn transaction(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let result = f(&mut SqliteTx { tx: &tx });
+        match result {
+            Ok(()) => tx.commit().map_err(db_err),
+            Err(e) => {
+                // Dropping the transaction rolls it back.
+                drop(tx);
+                Err(e)
+            }
+        }
+    }
+
+    fn device_view(&self, id: DeviceId) -> Result<Option<DeviceView>> {
+        let conn = self.lock()?;
+        let device = conn
+            .prepare_cached(&format!("SELECT {DEVICE_COLS} FROM devices WHERE id = ?1"))?
+            .query_row([&id.0[..]], device_row)
+            .optional()?;
+        let Some(device) = device else {
+            return Ok(None);
+        };
+        let mut st = conn.prepare_cached(&format!(
+            "SELECT {SEED_COLS_NO_CT} FROM seeds WHERE device = ?1 ORDER BY generation"
+        ))?;
+        let seeds = st
+            .query_map([&id.0[..]], seed_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(Some(DeviceView { device, seeds }))
+    }
+
+    fn list_devices(&self, q: &DeviceQuery) -> Result<Vec<DeviceView>> {
+        let conn = self.lock()?;
+        let limit = if q.limit == 0 {
+            100
+        } else {
+            q.limit.min(10_000)
+        };
+        let dcols = DEVICE_COLS
+            .split(", ")
+            .map(|c| format!("d.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let scols = SEED_COLS_NO_CT
+            .split(", ")
+            .map(|c| {
+                if c == "NULL" {
+                    c.to_string()
+                } else {
+                    format!("s.{c}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT {dcols}, {scols} FROM devices d \
+             LEFT JOIN seeds s ON s.device = d.id AND s.generation = d.highest_gen \
+             WHERE (?1 IS NULL OR d.id > ?1) \
+             AND (?2 IS NULL OR s.state = ?2) \
+             AND (?3 IS NULL OR d.class = ?3) \
+             AND (?4 IS NULL OR s.base_year + 4 <= ?4) \
+             ORDER BY d.id LIMIT ?5"
+        );
+        let mut st = conn.prepare_cached(&sql)?;
+        let rows = st.query_map(
+            params![
+                q.after.map(|d| d.0.to_vec()),
+                q.state.map(|s| s.name()),
+                q.class,
+                q.last_year_at_most,
+                limit as i64
+            ],
+            |r| {
+                let device = device_row(r)?;
+                let has_seed: Option<Vec<u8>> = r.get(8)?;
+                let seeds = match has_seed {
+                    Some(_) => vec![seed_row_at(r, 8)?],
+                    None => Vec::new(),
+                };
+                Ok(DeviceView { device, seeds })
+            },
+        )?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn devices_due(
+        &self,
+        max_base_year: u16,
+        after: Option<DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<DeviceId>> {
+        let conn = self.lock()?;
+        let mut st = conn.prepare_cached(
+            "SELECT d.id FROM devices d JOIN seeds s ON s.device = d.id AND s.generation = d.highest_gen \
+             LEFT JOIN commands c ON c.device = d.id AND c.answered_at IS NULL \
+             WHERE s.state = 'active' AND s.base_year <= ?1 AND c.device IS NULL \
+             AND (?2 IS NULL OR d.id > ?2) ORDER BY d.id LIMIT ?3",
+        )?;
+        let rows = st.query_map(
+            params![max_base_year, after.map(|d| d.0.to_vec()), limit as i64],
+            |r| dev(r.get(0)?),
+        )?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn devices_to_expire(&self, now: u64, year_now: u16, limit: usize) -> Result<Vec<DeviceId>> {
+        let conn = self.lock()?;
+        let mut st = conn.prepare_cached(
+            "SELECT DISTINCT device FROM seeds WHERE state = 'active' \
+             AND ((grace_until IS NOT NULL AND grace_until < ?1) OR base_year + 4 < ?2) \
+             ORDER BY device LIMIT ?3",
+        )?;
+        let rows = st.query_map(params![i(now), year_now, limit as i64], |r| dev(r.get(0)?))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn scan_seeds(&self, after: Option<(DeviceId, u8)>, limit: usize) -> Result<Vec<SeedRow>> {
+        let conn = self.lock()?;
+        let (d, g) = match after {
+            Some((d, g)) => (Some(d.0.to_vec()), i64::from(g)),
+            None => (None, -1),
+        };
+        let mut st = conn.prepare_cached(&format!(
+            "SELECT {SEED_COLS} FROM seeds WHERE ?1 IS NULL OR (device, generation) > (?1, ?2) \
+             ORDER BY device, generation LIMIT ?3"
+        ))?;
+        let rows = st.query_map(params![d, g, limit as i64], seed_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn digest_shards(&self) -> Result<Vec<DigestShard>> {
+        let conn = self.lock()?;
+        let mut st =
+            conn.prepare_cached("SELECT shard, acc, count, seq, tag FROM digest ORDER BY shard")?;
+        let rows = st.query_map([], |row| {
+            Ok(DigestShard {
+                shard: row.get(0)?,
+                acc: arr32(row.get(1)?)?,
+                count: row.get::<_, i64>(2)? as u64,
+                seq: row.get::<_, i64>(3)? as u64,
+                tag: arr32(row.get(4)?)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn audit_log(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>> {
+        let conn = self.lock()?;
+        let mut st = conn.prepare_cached(
+            "SELECT seq, time, actor, action, device, generation, reason, prev_hash, hash \
+             FROM audit WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![i(after), limit as i64], |r| {
+            let device: Option<Vec<u8>> = r.get(4)?;
+            Ok(AuditRecord {
+                seq: r.get::<_, i64>(0)? as u64,
+                entry: NewAudit {
+                    time: r.get::<_, i64>(1)? as u64,
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    device: device.map(dev).transpose()?,
+                    generation: r.get(5)?,
+                    reason: r.get(6)?,
+                },
+                prev_hash: arr32(r.get(7)?)?,
+                hash: arr32(r.get(8)?)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn prune(&self, now: u64) -> Result<u64> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let a = tx.execute("DELETE FROM replay WHERE expires < ?1", [i(now)])?;
+        let b = tx.execute("DELETE FROM challenges WHERE expires < ?1", [i(now)])?;
+        tx.commit()?;
+        Ok((a + b) as u64)
+    }
+
+    fn flush_erased(&self) -> Result<()> {
+        // Moves everything from the write-ahead log into the main file and
+        // truncates the log, so erased bytes do not linger in old frames.
+        let conn = self.lock()?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,136 @@
+//! The schema, as versioned migrations.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::{Error, Result};
+
+/// Schema versions, applied in order; `user_version` counts those applied.
+/// Never edit an applied one: add the next.
+pub(super) const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE devices (
+    id BLOB PRIMARY KEY CHECK (length(id) = 8),
+    class INTEGER NOT NULL,
+    suite INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    transport_open INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    highest_gen INTEGER,
+    command_counter INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
+CREATE TABLE seeds (
+    device BLOB NOT NULL REFERENCES devices(id),
+    generation INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    base_year INTEGER NOT NULL,
+    suite INTEGER NOT NULL,
+    kstore_version INTEGER NOT NULL,
+    ciphertext BLOB,
+    tag BLOB NOT NULL,
+    via TEXT NOT NULL,
+    enroll_t INTEGER NOT NULL,
+    enroll_r INTEGER NOT NULL,
+    enroll_digest BLOB NOT NULL,
+    receipt BLOB NOT NULL,
+    created INTEGER NOT NULL,
+    activated_at INTEGER,
+    suspended_at INTEGER,
+    deactivated_at INTEGER,
+    compromised_at INTEGER,
+    destroyed_at INTEGER,
+    grace_until INTEGER,
+    PRIMARY KEY (device, generation)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX seeds_enroll_nonce ON seeds (device, enroll_t, enroll_r);
+CREATE INDEX seeds_state_year ON seeds (state, base_year);
+CREATE INDEX seeds_grace ON seeds (grace_until) WHERE grace_until IS NOT NULL;
+
+CREATE TABLE replay (
+    device BLOB NOT NULL,
+    generation INTEGER NOT NULL,
+    t INTEGER NOT NULL,
+    r INTEGER NOT NULL,
+    expires INTEGER NOT NULL,
+    PRIMARY KEY (device, generation, t, r)
+) WITHOUT ROWID;
+CREATE INDEX replay_expires ON replay (expires);
+
+CREATE TABLE challenges (
+    device BLOB NOT NULL,
+    c BLOB NOT NULL,
+    expires INTEGER NOT NULL,
+    PRIMARY KEY (device, c)
+) WITHOUT ROWID;
+CREATE INDEX challenges_expires ON challenges (expires);
+
+CREATE TABLE notary (
+    device BLOB NOT NULL REFERENCES devices(id),
+    generation INTEGER NOT NULL,
+    t INTEGER NOT NULL,
+    r INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    tag BLOB NOT NULL,
+    first_seen INTEGER NOT NULL,
+    PRIMARY KEY (device, generation, t, r, digest)
+) WITHOUT ROWID;
+
+CREATE TABLE commands (
+    device BLOB PRIMARY KEY REFERENCES devices(id),
+    counter INTEGER NOT NULL,
+    opcode INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    r INTEGER NOT NULL,
+    bytes BLOB NOT NULL,
+    created INTEGER NOT NULL,
+    answered_at INTEGER,
+    status INTEGER
+) WITHOUT ROWID;
+
+CREATE TABLE digest (
+    shard INTEGER PRIMARY KEY,
+    acc BLOB NOT NULL,
+    count INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    tag BLOB NOT NULL
+);
+
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY,
+    time INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    device BLOB,
+    generation INTEGER,
+    reason TEXT NOT NULL,
+    prev_hash BLOB NOT NULL,
+    hash BLOB NOT NULL
+);
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+
+CREATE TABLE imports (
+    file_digest BLOB PRIMARY KEY,
+    next_line INTEGER NOT NULL,
+    updated INTEGER NOT NULL
+) WITHOUT ROWID;
+"#];
+
+pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+    let version: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.len() as u32;
+    if version > known {
+        return Err(Error::Database(format!(
+            "database schema version {version} is newer than this program's {known}"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as u32 + 1)?;
+        tracing::info!(version = i + 1, "database schema migrated");
+    }
+    tx.commit()?;
+    Ok(())
+}

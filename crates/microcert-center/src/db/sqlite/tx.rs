@@ -1,0 +1,327 @@
+//! [`Tx`] over one SQLite transaction.
+
+use microcert_core::DeviceId;
+use rusqlite::{OptionalExtension, params};
+
+use super::rows::*;
+use crate::db::{Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, SeedRow, Tx};
+use crate::{Error, Result, audit};
+
+pub(super) struct SqliteTx<'c> {
+    pub(super) tx: &'c rusqlite::Transaction<'c>,
+}
+
+impl Tx for SqliteTx<'_> {
+    fn device(&mut self, id: DeviceId) -> Result<Option<DeviceRow>> {
+        let mut st = self
+            .tx
+            .prepare_cached(&format!("SELECT {DEVICE_COLS} FROM devices WHERE id = ?1"))?;
+        Ok(st.query_row([&id.0[..]], device_row).optional()?)
+    }
+
+    fn insert_device(&mut self, d: &DeviceRow) -> Result<()> {
+        let mut st = self.tx.prepare_cached(&format!(
+            "INSERT INTO devices ({DEVICE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        ))?;
+        st.execute(params![
+            &d.id.0[..],
+            d.class,
+            d.suite.id(),
+            d.epoch,
+            d.transport_open,
+            i(d.created),
+            d.highest_generation,
+            d.command_counter
+        ])?;
+        Ok(())
+    }
+
+    fn update_device(&mut self, d: &DeviceRow) -> Result<()> {
+        let mut st = self.tx.prepare_cached(
+            "UPDATE devices SET class = ?2, suite = ?3, epoch = ?4, transport_open = ?5, \
+             created = ?6, highest_gen = ?7, command_counter = ?8 WHERE id = ?1",
+        )?;
+        let n = st.execute(params![
+            &d.id.0[..],
+            d.class,
+            d.suite.id(),
+            d.epoch,
+            d.transport_open,
+            i(d.created),
+            d.highest_generation,
+            d.command_counter
+        ])?;
+        if n != 1 {
+            return Err(Error::Database(format!("device {} not found", d.id)));
+        }
+        Ok(())
+    }
+
+    fn seeds(&mut self, id: DeviceId) -> Result<Vec<SeedRow>> {
+        let mut st = self.tx.prepare_cached(&format!(
+            "SELECT {SEED_COLS} FROM seeds WHERE device = ?1 ORDER BY generation"
+        ))?;
+        let rows = st.query_map([&id.0[..]], seed_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn seed_by_enroll_nonce(&mut self, id: DeviceId, t: u32, r: u64) -> Result<Option<SeedRow>> {
+        let mut st = self.tx.prepare_cached(&format!(
+            "SELECT {SEED_COLS} FROM seeds WHERE device = ?1 AND enroll_t = ?2 AND enroll_r = ?3"
+        ))?;
+        Ok(st
+            .query_row(params![&id.0[..], t, i(r)], seed_row)
+            .optional()?)
+    }
+
+    fn insert_seed(&mut self, s: &SeedRow) -> Result<()> {
+        let mut st = self.tx.prepare_cached(&format!(
+            "INSERT INTO seeds ({SEED_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
+             ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
+        ))?;
+        st.execute(params![
+            &s.device.0[..],
+            s.generation,
+            s.state.name(),
+            s.base_year,
+            s.suite.id(),
+            s.kstore_version,
+            s.ciphertext.as_ref().map(|c| &c.0[..]),
+            &s.tag[..],
+            s.via.name(),
+            s.enroll_t,
+            i(s.enroll_r),
+            &s.enroll_digest[..],
+            &s.receipt.0[..],
+            i(s.created),
+            oi(s.activated_at),
+            oi(s.suspended_at),
+            oi(s.deactivated_at),
+            oi(s.compromised_at),
+            oi(s.destroyed_at),
+            oi(s.grace_until)
+        ])?;
+        Ok(())
+    }
+
+    fn update_seed(&mut self, s: &SeedRow) -> Result<()> {
+        let mut st = self.tx.prepare_cached(
+            "UPDATE seeds SET state = ?3, base_year = ?4, suite = ?5, kstore_version = ?6, \
+             ciphertext = ?7, tag = ?8, activated_at = ?9, suspended_at = ?10, \
+             deactivated_at = ?11, compromised_at = ?12, destroyed_at = ?13, grace_until = ?14 \
+             WHERE device = ?1 AND generation = ?2",
+        )?;
+        let n = st.execute(params![
+            &s.device.0[..],
+            s.generation,
+            s.state.name(),
+            s.base_year,
+            s.suite.id(),
+            s.kstore_version,
+            s.ciphertext.as_ref().map(|c| &c.0[..]),
+            &s.tag[..],
+            oi(s.activated_at),
+            oi(s.suspended_at),
+            oi(s.deactivated_at),
+            oi(s.compromised_at),
+            oi(s.destroyed_at),
+            oi(s.grace_until)
+        ])?;
+        if n != 1 {
+            return Err(Error::Database(format!(
+                "seed {} generation {} not found",
+                s.device, s.generation
+            )));
+        }
+        Ok(())
+    }
+
+    fn record_replay(
+        &mut self,
+        id: DeviceId,
+        generation: u8,
+        t: u32,
+        r: u64,
+        expires: u64,
+    ) -> Result<bool> {
+        let mut st = self.tx.prepare_cached(
+            "INSERT OR IGNORE INTO replay (device, generation, t, r, expires) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        Ok(st.execute(params![&id.0[..], generation, t, i(r), i(expires)])? == 1)
+    }
+
+    fn spend_challenge(&mut self, id: DeviceId, c: &[u8; 8], expires: u64) -> Result<bool> {
+        let mut st = self.tx.prepare_cached(
+            "INSERT OR IGNORE INTO challenges (device, c, expires) VALUES (?1, ?2, ?3)",
+        )?;
+        Ok(st.execute(params![&id.0[..], &c[..], i(expires)])? == 1)
+    }
+
+    fn notarize(&mut self, n: &NotaryRow) -> Result<NotaryRow> {
+        let mut st = self.tx.prepare_cached(
+            "INSERT OR IGNORE INTO notary (device, generation, t, r, digest, tag, first_seen) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        st.execute(params![
+            &n.device.0[..],
+            n.generation,
+            n.t,
+            i(n.r),
+            &n.digest[..],
+            &n.tag[..],
+            i(n.first_seen)
+        ])?;
+        self.notary(n.device, n.generation, n.t, n.r, &n.digest)?
+            .ok_or_else(|| Error::Database("notary record vanished".into()))
+    }
+
+    fn notary(
+        &mut self,
+        id: DeviceId,
+        generation: u8,
+        t: u32,
+        r: u64,
+        digest: &[u8; 32],
+    ) -> Result<Option<NotaryRow>> {
+        let mut st = self.tx.prepare_cached(
+            "SELECT tag, first_seen FROM notary WHERE device = ?1 AND generation = ?2 \
+             AND t = ?3 AND r = ?4 AND digest = ?5",
+        )?;
+        Ok(st
+            .query_row(
+                params![&id.0[..], generation, t, i(r), &digest[..]],
+                |row| {
+                    Ok(NotaryRow {
+                        device: id,
+                        generation,
+                        t,
+                        r,
+                        digest: *digest,
+                        tag: row.get(0)?,
+                        first_seen: row.get::<_, i64>(1)? as u64,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn command(&mut self, id: DeviceId) -> Result<Option<CommandRow>> {
+        let mut st = self.tx.prepare_cached(
+            "SELECT counter, opcode, generation, r, bytes, created, answered_at, status \
+             FROM commands WHERE device = ?1",
+        )?;
+        Ok(st
+            .query_row([&id.0[..]], |row| {
+                Ok(CommandRow {
+                    device: id,
+                    counter: row.get(0)?,
+                    opcode: row.get(1)?,
+                    generation: row.get(2)?,
+                    r: row.get::<_, i64>(3)? as u64,
+                    bytes: Blob(row.get(4)?),
+                    created: row.get::<_, i64>(5)? as u64,
+                    answered_at: opt_u64(row.get(6)?),
+                    status: row.get(7)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn put_command(&mut self, c: &CommandRow) -> Result<()> {
+        let mut st = self.tx.prepare_cached(
+            "INSERT OR REPLACE INTO commands (device, counter, opcode, generation, r, bytes, \
+             created, answered_at, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        st.execute(params![
+            &c.device.0[..],
+            c.counter,
+            c.opcode,
+            c.generation,
+            i(c.r),
+            &c.bytes.0[..],
+            i(c.created),
+            oi(c.answered_at),
+            c.status
+        ])?;
+        Ok(())
+    }
+
+    fn digest_shard(&mut self, shard: u8) -> Result<Option<DigestShard>> {
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT acc, count, seq, tag FROM digest WHERE shard = ?1")?;
+        Ok(st
+            .query_row([shard], |row| {
+                Ok(DigestShard {
+                    shard,
+                    acc: arr32(row.get(0)?)?,
+                    count: row.get::<_, i64>(1)? as u64,
+                    seq: row.get::<_, i64>(2)? as u64,
+                    tag: arr32(row.get(3)?)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn put_digest_shard(&mut self, s: &DigestShard) -> Result<()> {
+        let mut st = self.tx.prepare_cached(
+            "INSERT OR REPLACE INTO digest (shard, acc, count, seq, tag) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        st.execute(params![
+            s.shard,
+            &s.acc[..],
+            i(s.count),
+            i(s.seq),
+            &s.tag[..]
+        ])?;
+        Ok(())
+    }
+
+    fn append_audit(&mut self, e: &NewAudit) -> Result<()> {
+        let last: Option<(i64, Vec<u8>)> = self
+            .tx
+            .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let (seq, prev) = match last {
+            Some((s, h)) => (s as u64 + 1, arr32(h)?),
+            None => (1, [0u8; 32]),
+        };
+        let hash = audit::chain_hash(&prev, seq, e);
+        let mut st = self.tx.prepare_cached(
+            "INSERT INTO audit (seq, time, actor, action, device, generation, reason, prev_hash, hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        st.execute(params![
+            i(seq),
+            i(e.time),
+            e.actor,
+            e.action,
+            e.device.map(|d| d.0.to_vec()),
+            e.generation,
+            e.reason,
+            &prev[..],
+            &hash[..]
+        ])?;
+        Ok(())
+    }
+
+    fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>> {
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT next_line FROM imports WHERE file_digest = ?1")?;
+        Ok(st
+            .query_row([&file[..]], |r| r.get::<_, i64>(0))
+            .optional()?
+            .map(|v| v as u64))
+    }
+
+    fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()> {
+        let mut st = self.tx.prepare_cached(
+            "INSERT OR REPLACE INTO imports (file_digest, next_line, updated) VALUES (?1, ?2, ?3)",
+        )?;
+        st.execute(params![&file[..], i(next_line), i(now)])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,514 @@
+//! [`Pkcs11Card`]: the center's encryption card on a PKCS#11 token.
+
+use std::fmt;
+use std::sync::{PoisonError, RwLock};
+
+use cryptoki::context::{Function, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::object::ObjectHandle;
+use cryptoki::session::Session;
+use cryptoki::slot::Slot;
+use microcert_center::card::{EncryptionCard, EnrollVia, SealedSeed, TAG_LEN};
+use microcert_core::{
+    CHALLENGE_LEN, DeviceId, Enroll, EnrollKey, Key128, KeySeed, SEED_LEN, challenge_window,
+    open_enroll,
+};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use crate::config::Pkcs11Config;
+use crate::error::{Pkcs11Error, Result};
+use crate::keys::{self, KCHAL_LABEL, KINT_LABEL, KTRANS_LABEL, KeyPolicy, Role};
+use crate::pool::{self, SessionPool};
+
+const GCM_NONCE: usize = 12;
+const GCM_TAG: usize = 16;
+const SEED_PLAIN: usize = SEED_LEN + 2;
+const SEALED_LEN: usize = GCM_NONCE + SEED_PLAIN + GCM_TAG;
+
+/// The Kstore versions on the token and the one new seeds are sealed under.
+struct Kstores {
+    current: u32,
+    keys: Vec<(u32, ObjectHandle)>,
+}
+
+/// An encryption card whose keys live in a PKCS#11 token.
+///
+/// Every operation with a card key runs inside the token; the values that
+/// reach host memory are listed in docs/hsm.md. Object handles are valid in
+/// every session of the process, so they are found once at [`open`] and
+/// each operation borrows any session of the pool.
+///
+/// [`open`]: Pkcs11Card::open
+pub struct Pkcs11Card {
+    // Kept so that the module stays loaded as long as a card uses it.
+    _ctx: Pkcs11,
+    slot: Slot,
+    token_label: String,
+    serial: String,
+    pool: SessionPool,
+    policy: KeyPolicy,
+    ktrans: ObjectHandle,
+    kint: ObjectHandle,
+    kchal: ObjectHandle,
+    kstore: RwLock<Kstores>,
+}
+
+impl fmt::Debug for Pkcs11Card {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Card")
+            .field("token_label", &self.token_label)
+            .field("serial", &self.serial)
+            .field("slot", &self.slot.id())
+            .field("sessions", &self.pool.size())
+            .field("policy", &self.policy)
+            .field("kstore_version", &self.storage_key_version())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A session on the configured token, logged in as the user, for one-off
+/// work (init, import) before the card's pool exists.
+pub(crate) fn one_session(config: &Pkcs11Config) -> Result<Session> {
+    let ctx = pool::module(&config.module)?;
+    let slot = pool::find_slot(&ctx, &config.token_label)?;
+    let pin = config.read_pin()?;
+    pool::user_session(&ctx, slot, &pin)
+}
+
+/// Refuses to make keys on a token that already holds card keys.
+pub(crate) fn refuse_existing(session: &Session) -> Result<()> {
+    match keys::card_objects(session)?.into_iter().next() {
+        Some((label, _)) => Err(Pkcs11Error::KeysExist { label }),
+        None => Ok(()),
+    }
+}
+
+/// Runs `make` for every label; when one fails, destroys the objects
+/// already made, so that a retried init starts from an empty token.
+pub(crate) fn make_all(
+    session: &Session,
+    labels: &[&str],
+    mut make: impl FnMut(&str) -> Result<ObjectHandle>,
+) -> Result<()> {
+    let mut made = Vec::new();
+    for label in labels {
+        match make(label) {
+            Ok(h) => made.push(h),
+            Err(e) => {
+                for h in made {
+                    let _ = session.destroy_object(h);
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Pkcs11Card {
+    /// Makes the card's keys inside the token (non-extractable) and opens
+    /// the card. Refused when the token already holds card keys.
+    pub fn init(config: &Pkcs11Config) -> Result<Self> {
+        Self::init_with_policy(config, KeyPolicy::NonExtractable)
+    }
+
+    /// [`Pkcs11Card::init`] with a chosen [`KeyPolicy`]:
+    /// [`KeyPolicy::WrapWithTrusted`] allows cloning to a second token.
+    pub fn init_with_policy(config: &Pkcs11Config, policy: KeyPolicy) -> Result<Self> {
+        let session = one_session(config)?;
+        refuse_existing(&session)?;
+        let kstore1 = keys::kstore_label(1);
+        make_all(
+            &session,
+            &[KTRANS_LABEL, KINT_LABEL, KCHAL_LABEL, &kstore1],
+            |label| {
+                let role = Role::of_label(label).ok_or_else(|| Pkcs11Error::Format(label.into()))?;
+                keys::generate(&session, label, role, policy)
+            },
+        )?;
+        drop(session);
+        tracing::info!(token = %config.token_label, ?policy, "PKCS#11 card initialised");
+        Self::open(config)
+    }
+
+    /// Opens the card on its token: loads the module, finds the token by
+    /// label, logs in the session pool and finds every key by label.
+    ///
+    /// A wrong PIN is [`Pkcs11Error::WrongPin`], a missing token
+    /// [`Pkcs11Error::TokenNotFound`], a missing key
+    /// [`Pkcs11Error::KeyMissing`]; a key whose value could be read out is
+    /// [`Pkcs11Error::KeyAttributes`].
+    pub fn open(config: &Pkcs11Config) -> Result<Self> {
+        let ctx = pool::module(&config.module)?;
+        let slot = pool::find_slot(&ctx, &config.token_label)?;
+        let serial = ctx.get_token_info(slot)?.serial_number().to_owned();
+        let pin = config.read_pin()?;
+        let pool = SessionPool::open(&ctx, slot, &pin, config.sessions)?;
+        drop(pin);
+        let (ktrans, kint, kchal, kstore, policy) = pool.with(|s| -> Result<_> {
+            let ktrans = keys::find(s, KTRANS_LABEL)?;
+            let kint = keys::find(s, KINT_LABEL)?;
+            let kchal = keys::find(s, KCHAL_LABEL)?;
+            let policy = keys::check(s, ktrans, KTRANS_LABEL, Role::Cmac)?;
+            keys::check(s, kint, KINT_LABEL, Role::Hmac)?;
+            keys::check(s, kchal, KCHAL_LABEL, Role::Cmac)?;
+            let mut stores = Vec::new();
+            for (label, h) in keys::card_objects(s)? {
+                if let Some(v) = keys::parse_kstore_label(&label) {
+                    keys::check(s, h, &label, Role::Gcm)?;
+                    stores.push((v, h));
+                }
+            }
+            stores.sort_by_key(|(v, _)| *v);
+            let current = match stores.last() {
+                Some((v, _)) => *v,
+                None => {
+                    return Err(Pkcs11Error::KeyMissing {
+                        label: keys::kstore_label(1),
+                    });
+                }
+            };
+            let kstore = Kstores {
+                current,
+                keys: stores,
+            };
+            Ok((ktrans, kint, kchal, kstore, policy))
+        })?;
+        Ok(Pkcs11Card {
+            _ctx: ctx,
+            slot,
+            token_label: config.token_label.clone(),
+            serial,
+            pool,
+            policy,
+            ktrans,
+            kint,
+            kchal,
+            kstore: RwLock::new(kstore),
+        })
+    }
+
+    /// The label of the card's token.
+    pub fn token_label(&self) -> &str {
+        &self.token_label
+    }
+
+    /// Whether the card's keys may leave the token wrapped.
+    pub fn key_policy(&self) -> KeyPolicy {
+        self.policy
+    }
+
+    /// Every Kstore version on the token, oldest first.
+    pub fn storage_key_versions(&self) -> Vec<u32> {
+        let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
+        k.keys.iter().map(|(v, _)| *v).collect()
+    }
+
+    /// Makes the next Kstore version inside the token and seals new seeds
+    /// under it from now on; older versions stay for unsealing until
+    /// [`Pkcs11Card::destroy_storage_key`]. Returns the new version.
+    pub fn rotate_storage_key(&self) -> Result<u32> {
+        let mut k = self.kstore.write().unwrap_or_else(PoisonError::into_inner);
+        let next = k
+            .keys
+            .iter()
+            .map(|(v, _)| *v)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| Pkcs11Error::Refused("no Kstore version left".into()))?;
+        let label = keys::kstore_label(next);
+        let h = self
+            .pool
+            .with(|s| keys::generate(s, &label, Role::Gcm, self.policy))?;
+        k.keys.push((next, h));
+        k.current = next;
+        tracing::info!(token = %self.token_label, version = next, "new storage key");
+        Ok(next)
+    }
+
+    /// Destroys an old Kstore version on the token (every record must have
+    /// been re-sealed first). The current version cannot be destroyed.
+    pub fn destroy_storage_key(&self, version: u32) -> Result<()> {
+        let mut k = self.kstore.write().unwrap_or_else(PoisonError::into_inner);
+        if version == k.current {
+            return Err(Pkcs11Error::Refused(
+                "the current storage key cannot be destroyed".into(),
+            ));
+        }
+        let i = k
+            .keys
+            .iter()
+            .position(|(v, _)| *v == version)
+            .ok_or_else(|| Pkcs11Error::KeyMissing {
+                label: keys::kstore_label(version),
+            })?;
+        self.pool.with(|s| s.destroy_object(k.keys[i].1))?;
+        k.keys.remove(i);
+        Ok(())
+    }
+
+    pub(crate) fn pool(&self) -> &SessionPool {
+        &self.pool
+    }
+
+    /// Every card key with its label, for cloning.
+    pub(crate) fn labelled_keys(&self) -> Vec<(String, ObjectHandle)> {
+        let mut out = vec![
+            (KTRANS_LABEL.to_owned(), self.ktrans),
+            (KINT_LABEL.to_owned(), self.kint),
+            (KCHAL_LABEL.to_owned(), self.kchal),
+        ];
+        let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
+        out.extend(k.keys.iter().map(|(v, h)| (keys::kstore_label(*v), *h)));
+        out
+    }
+
+    fn kstore_handle(&self, version: u32) -> microcert_center::Result<ObjectHandle> {
+        let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
+        k.keys
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, h)| *h)
+            .ok_or_else(|| card_err(format!("no storage key of version {version}")))
+    }
+
+    /// A one-block CMAC inside the token; the result lands in a zeroizing
+    /// buffer because for Ktrans it is a transport key.
+    fn cmac(&self, key: ObjectHandle, data: &[u8]) -> microcert_center::Result<Zeroizing<[u8; 16]>> {
+        let out = Zeroizing::new(
+            self.pool
+                .with(|s| s.sign(&Mechanism::AesCMac, key, data))
+                .map_err(ck_err)?,
+        );
+        let mut mac = Zeroizing::new([0u8; 16]);
+        if out.len() != 16 {
+            return Err(card_err("CMAC of unexpected length".into()));
+        }
+        mac.copy_from_slice(&out);
+        Ok(mac)
+    }
+
+    fn ktr(&self, device: DeviceId, epoch: u8) -> microcert_center::Result<Key128> {
+        // KDF(Ktrans, "MC-TRANSPORT", device || epoch): PROTOCOL.md section 3.
+        let mut input = [0u8; 4 + 12 + 1 + 9 + 4];
+        input[..4].copy_from_slice(&1u32.to_be_bytes());
+        input[4..16].copy_from_slice(b"MC-TRANSPORT");
+        input[17..25].copy_from_slice(&device.0);
+        input[25] = epoch;
+        input[26..].copy_from_slice(&128u32.to_be_bytes());
+        let mac = self.cmac(self.ktrans, &input)?;
+        Ok(Key128::from_bytes(*mac))
+    }
+
+    fn challenge_mac(&self, device: DeviceId, c: &[u8], w: u32) -> microcert_center::Result<[u8; 8]> {
+        let mut input = [0u8; 20];
+        input[..8].copy_from_slice(&device.0);
+        input[8..16].copy_from_slice(c);
+        input[16..].copy_from_slice(&w.to_be_bytes());
+        let mac = self.cmac(self.kchal, &input)?;
+        let mut out = [0u8; 8];
+        out.copy_from_slice(&mac[..8]);
+        Ok(out)
+    }
+
+    fn hmac(&self, domain: &[u8], data: &[u8]) -> microcert_center::Result<[u8; TAG_LEN]> {
+        // The same bytes the software card feeds its HMAC: domain || data.
+        let mut input = Vec::with_capacity(domain.len() + data.len());
+        input.extend_from_slice(domain);
+        input.extend_from_slice(data);
+        let tag = self
+            .pool
+            .with(|s| s.sign(&Mechanism::Sha256Hmac, self.kint, &input))
+            .map_err(ck_err)?;
+        tag.try_into()
+            .map_err(|_| card_err("HMAC of unexpected length".into()))
+    }
+}
+
+fn card_err(msg: String) -> microcert_center::Error {
+    microcert_center::Error::Card(msg)
+}
+
+fn ck_err(e: CkError) -> microcert_center::Error {
+    card_err(format!("PKCS#11: {e}"))
+}
+
+fn seed_aad(device: DeviceId, generation: u8) -> [u8; 9] {
+    let mut aad = [0u8; 9];
+    aad[..8].copy_from_slice(&device.0);
+    aad[8] = generation;
+    aad
+}
+
+impl EncryptionCard for Pkcs11Card {
+    fn transport_key(&self, device: DeviceId, epoch: u8) -> microcert_center::Result<Key128> {
+        self.ktr(device, epoch)
+    }
+
+    fn make_challenge(
+        &self,
+        device: DeviceId,
+        now: u32,
+    ) -> microcert_center::Result<[u8; CHALLENGE_LEN]> {
+        let mut c = [0u8; 8];
+        self.random(&mut c)?;
+        let mac = self.challenge_mac(device, &c, challenge_window(now))?;
+        let mut out = [0u8; CHALLENGE_LEN];
+        out[..8].copy_from_slice(&c);
+        out[8..].copy_from_slice(&mac);
+        Ok(out)
+    }
+
+    fn check_challenge(
+        &self,
+        device: DeviceId,
+        challenge: &[u8; CHALLENGE_LEN],
+        now: u32,
+    ) -> microcert_center::Result<()> {
+        let (c, tag) = challenge.split_at(8);
+        let w = challenge_window(now);
+        let cur = self.challenge_mac(device, c, w)?;
+        // As in microcert-core: window 0 has no previous window.
+        let prev = self.challenge_mac(device, c, w.saturating_sub(1))?;
+        if bool::from(cur.ct_eq(tag) | prev.ct_eq(tag)) {
+            Ok(())
+        } else {
+            Err(microcert_center::Error::Verification)
+        }
+    }
+
+    fn open_enroll(
+        &self,
+        msg: &Enroll<'_>,
+        current: Option<&KeySeed>,
+        transport_epoch: Option<u8>,
+    ) -> microcert_center::Result<(KeySeed, EnrollVia)> {
+        // Kupd comes from a seed, which is in host memory already.
+        if let Some(seed) = current
+            && let Ok(s) = open_enroll(EnrollKey::Update(seed), msg)
+        {
+            return Ok((s, EnrollVia::Update));
+        }
+        if let Some(epoch) = transport_epoch {
+            // Ktr leaves the token: the token has no AES-CCM (docs/hsm.md).
+            let ktr = self.ktr(msg.header.device, epoch)?;
+            if let Ok(s) = open_enroll(EnrollKey::Transport(&ktr), msg) {
+                return Ok((s, EnrollVia::Transport));
+            }
+        }
+        Err(microcert_center::Error::Verification)
+    }
+
+    fn seal_seed(
+        &self,
+        device: DeviceId,
+        generation: u8,
+        seed: &KeySeed,
+    ) -> microcert_center::Result<SealedSeed> {
+        let (version, key) = {
+            let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
+            let h = k
+                .keys
+                .iter()
+                .find(|(v, _)| *v == k.current)
+                .map(|(_, h)| *h)
+                .ok_or_else(|| card_err("current storage key missing".into()))?;
+            (k.current, h)
+        };
+        let mut plain = Zeroizing::new([0u8; SEED_PLAIN]);
+        plain[..SEED_LEN].copy_from_slice(seed.expose());
+        plain[SEED_LEN..].copy_from_slice(&seed.base_year().to_be_bytes());
+        let aad = seed_aad(device, generation);
+        let (nonce, ct) = self
+            .pool
+            .with(|s| -> std::result::Result<_, CkError> {
+                let mut nonce = [0u8; GCM_NONCE];
+                s.generate_random_slice(&mut nonce)?;
+                let mut iv = nonce;
+                let params = GcmParams::new(&mut iv, &aad, (GCM_TAG as u64 * 8).into())?;
+                let ct = s.encrypt(&Mechanism::AesGcm(params), key, &plain[..])?;
+                Ok((nonce, ct))
+            })
+            .map_err(ck_err)?;
+        if ct.len() != SEED_PLAIN + GCM_TAG {
+            return Err(card_err("AES-GCM output of unexpected length".into()));
+        }
+        let mut out = Vec::with_capacity(SEALED_LEN);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        Ok(SealedSeed {
+            kstore_version: version,
+            ciphertext: out,
+        })
+    }
+
+    fn unseal_seed(
+        &self,
+        device: DeviceId,
+        generation: u8,
+        kstore_version: u32,
+        ciphertext: &[u8],
+    ) -> microcert_center::Result<KeySeed> {
+        if ciphertext.len() != SEALED_LEN {
+            return Err(microcert_center::Error::Verification);
+        }
+        let key = self.kstore_handle(kstore_version)?;
+        let aad = seed_aad(device, generation);
+        let mut iv = [0u8; GCM_NONCE];
+        iv.copy_from_slice(&ciphertext[..GCM_NONCE]);
+        let plain = self
+            .pool
+            .with(|s| -> std::result::Result<_, CkError> {
+                let params = GcmParams::new(&mut iv, &aad, (GCM_TAG as u64 * 8).into())?;
+                s.decrypt(&Mechanism::AesGcm(params), key, &ciphertext[GCM_NONCE..])
+            })
+            .map(Zeroizing::new)
+            .map_err(|e| match e {
+                // A tag that does not verify: moved, altered or foreign.
+                // PKCS#11 3.0 says CKR_ENCRYPTED_DATA_INVALID; SoftHSM2 2.6
+                // answers CKR_GENERAL_ERROR from C_Decrypt (not from
+                // C_DecryptInit) when the GCM tag fails. With a key found at
+                // open and an input of the right length, nothing else makes
+                // C_Decrypt fail that way.
+                CkError::Pkcs11(
+                    RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange,
+                    _,
+                )
+                | CkError::Pkcs11(RvError::GeneralError, Function::Decrypt) => {
+                    microcert_center::Error::Verification
+                }
+                other => ck_err(other),
+            })?;
+        if plain.len() != SEED_PLAIN {
+            return Err(microcert_center::Error::Verification);
+        }
+        let base_year = u16::from_be_bytes([plain[SEED_LEN], plain[SEED_LEN + 1]]);
+        KeySeed::from_slice(&plain[..SEED_LEN], base_year)
+            .map_err(|_| microcert_center::Error::Verification)
+    }
+
+    fn record_tag(&self, record: &[u8]) -> microcert_center::Result<[u8; TAG_LEN]> {
+        self.hmac(b"MC-REC\0", record)
+    }
+
+    fn digest_tag(&self, state: &[u8]) -> microcert_center::Result<[u8; TAG_LEN]> {
+        self.hmac(b"MC-DIGEST\0", state)
+    }
+
+    fn random(&self, out: &mut [u8]) -> microcert_center::Result<()> {
+        self.pool
+            .with(|s| s.generate_random_slice(out))
+            .map_err(ck_err)
+    }
+
+    fn storage_key_version(&self) -> u32 {
+        self.kstore
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .current
+    }
+}

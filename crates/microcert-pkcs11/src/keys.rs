@@ -1,0 +1,244 @@
+//! The card's key objects on the token: labels, attribute templates,
+//! generation, import, lookup and the attribute check made at open.
+
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+use crate::error::{Pkcs11Error, Result};
+
+/// Label of the transport master key Ktrans.
+pub const KTRANS_LABEL: &str = "microcert-ktrans";
+/// Label of the integrity key (HMAC-SHA256).
+pub const KINT_LABEL: &str = "microcert-kint";
+/// Label of the challenge key Kchal.
+pub const KCHAL_LABEL: &str = "microcert-kchal";
+/// Prefix of the storage keys' labels; the version follows
+/// (`microcert-kstore-v1`, `microcert-kstore-v2`, ...).
+pub const KSTORE_PREFIX: &str = "microcert-kstore-v";
+/// Prefix shared by every object the card makes.
+pub const LABEL_PREFIX: &str = "microcert-";
+
+/// The label of Kstore version `v`.
+pub fn kstore_label(v: u32) -> String {
+    format!("{KSTORE_PREFIX}{v}")
+}
+
+/// Whether the card's keys may ever leave the token, chosen once at
+/// `init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyPolicy {
+    /// CKA_EXTRACTABLE false: no key leaves the token in any form, not even
+    /// wrapped. A second token of the same center can then only be made
+    /// with the HSM vendor's own cloning or backup (docs/hsm.md).
+    #[default]
+    NonExtractable,
+    /// CKA_EXTRACTABLE true with CKA_WRAP_WITH_TRUSTED true: a key leaves
+    /// the token only wrapped under a key that the token's security officer
+    /// marked CKA_TRUSTED (the clone procedure of [`crate::clone`]). Its
+    /// value is still never readable (CKA_SENSITIVE).
+    WrapWithTrusted,
+}
+
+/// What a card key is for, which fixes its type, size and use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// AES-128 for CKM_AES_CMAC (Ktrans, Kchal).
+    Cmac,
+    /// 32-byte generic secret for CKM_SHA256_HMAC (integrity key).
+    Hmac,
+    /// AES-256 for CKM_AES_GCM (Kstore).
+    Gcm,
+}
+
+impl Role {
+    pub(crate) fn key_type(self) -> KeyType {
+        match self {
+            Role::Cmac | Role::Gcm => KeyType::AES,
+            Role::Hmac => KeyType::GENERIC_SECRET,
+        }
+    }
+
+    pub(crate) fn len(self) -> usize {
+        match self {
+            Role::Cmac => 16,
+            Role::Hmac | Role::Gcm => 32,
+        }
+    }
+
+    pub(crate) fn of_label(label: &str) -> Option<Role> {
+        match label {
+            KTRANS_LABEL | KCHAL_LABEL => Some(Role::Cmac),
+            KINT_LABEL => Some(Role::Hmac),
+            l if parse_kstore_label(l).is_some() => Some(Role::Gcm),
+            _ => None,
+        }
+    }
+
+    fn mechanism(self) -> MechanismType {
+        match self {
+            Role::Cmac => MechanismType::AES_CMAC,
+            Role::Hmac => MechanismType::SHA256_HMAC,
+            Role::Gcm => MechanismType::AES_GCM,
+        }
+    }
+
+    fn gen_mechanism(self) -> Mechanism<'static> {
+        match self {
+            Role::Cmac | Role::Gcm => Mechanism::AesKeyGen,
+            Role::Hmac => Mechanism::GenericSecretKeyGen,
+        }
+    }
+}
+
+/// The version in a Kstore label, if it is one.
+pub(crate) fn parse_kstore_label(label: &str) -> Option<u32> {
+    let v = label.strip_prefix(KSTORE_PREFIX)?;
+    if v.is_empty() || v.starts_with('0') || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
+/// The attributes every card key gets, less its value or length: a private
+/// token object, sensitive, usable for one mechanism and one direction pair
+/// only.
+pub(crate) fn template(label: &str, role: Role, policy: KeyPolicy) -> Vec<Attribute> {
+    let mac = matches!(role, Role::Cmac | Role::Hmac);
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(role.key_type()),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(policy == KeyPolicy::WrapWithTrusted),
+        Attribute::WrapWithTrusted(policy == KeyPolicy::WrapWithTrusted),
+        Attribute::Sign(mac),
+        Attribute::Verify(mac),
+        Attribute::Encrypt(!mac),
+        Attribute::Decrypt(!mac),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![role.mechanism()]),
+    ]
+}
+
+/// Makes a new key inside the token.
+pub(crate) fn generate(
+    session: &Session,
+    label: &str,
+    role: Role,
+    policy: KeyPolicy,
+) -> Result<ObjectHandle> {
+    let mut t = template(label, role, policy);
+    t.push(Attribute::ValueLen((role.len() as u64).into()));
+    Ok(session.generate_key(&role.gen_mechanism(), &t)?)
+}
+
+/// Creates a key object from known bytes (migration from a software card).
+/// The attribute buffer holding the bytes is zeroized afterwards.
+pub(crate) fn import(
+    session: &Session,
+    label: &str,
+    role: Role,
+    policy: KeyPolicy,
+    value: &[u8],
+) -> Result<ObjectHandle> {
+    if value.len() != role.len() {
+        return Err(Pkcs11Error::Format(format!("{label}: wrong key length")));
+    }
+    let mut t = template(label, role, policy);
+    t.push(Attribute::Value(value.to_vec()));
+    let result = session.create_object(&t);
+    for a in &mut t {
+        if let Attribute::Value(v) = a {
+            v.zeroize();
+        }
+    }
+    Ok(result?)
+}
+
+/// Every secret key object on the token whose label starts with the card's
+/// prefix, with its label.
+pub(crate) fn card_objects(session: &Session) -> Result<Vec<(String, ObjectHandle)>> {
+    let mut out = Vec::new();
+    for h in session.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])? {
+        for a in session.get_attributes(h, &[AttributeType::Label])? {
+            if let Attribute::Label(l) = a
+                && let Ok(l) = String::from_utf8(l)
+                && l.starts_with(LABEL_PREFIX)
+            {
+                out.push((l, h));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The one key labelled `label`.
+pub(crate) fn find(session: &Session, label: &str) -> Result<ObjectHandle> {
+    let found = session.find_objects(&[
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ])?;
+    match found.as_slice() {
+        [] => Err(Pkcs11Error::KeyMissing {
+            label: label.to_owned(),
+        }),
+        [h] => Ok(*h),
+        _ => Err(Pkcs11Error::KeyAttributes {
+            label: label.to_owned(),
+            reason: format!("{} objects carry this label", found.len()),
+        }),
+    }
+}
+
+/// Refuses a key that could be read out of the token, or that is not the
+/// type and size its role needs. Returns the key's policy.
+pub(crate) fn check(session: &Session, h: ObjectHandle, label: &str, role: Role) -> Result<KeyPolicy> {
+    let bad = |reason: &str| Pkcs11Error::KeyAttributes {
+        label: label.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let attrs = session.get_attributes(
+        h,
+        &[
+            AttributeType::KeyType,
+            AttributeType::ValueLen,
+            AttributeType::Sensitive,
+            AttributeType::Extractable,
+            AttributeType::WrapWithTrusted,
+        ],
+    )?;
+    let (mut key_type, mut len, mut sensitive, mut extractable, mut trusted_only) =
+        (None, None, false, true, false);
+    for a in attrs {
+        match a {
+            Attribute::KeyType(t) => key_type = Some(t),
+            Attribute::ValueLen(l) => len = Some(u64::from(l)),
+            Attribute::Sensitive(b) => sensitive = b,
+            Attribute::Extractable(b) => extractable = b,
+            Attribute::WrapWithTrusted(b) => trusted_only = b,
+            _ => {}
+        }
+    }
+    // SoftHSM2 2.6 records CKA_VALUE_LEN 0 for a key made by C_UnwrapKey
+    // (a clone) and refuses it in the unwrap template: 0 means unknown.
+    let len_ok = matches!(len, Some(l) if l == role.len() as u64 || l == 0);
+    if key_type != Some(role.key_type()) || !len_ok {
+        return Err(bad("wrong key type or length"));
+    }
+    if !sensitive {
+        return Err(bad("not sensitive: its value could be read out"));
+    }
+    match (extractable, trusted_only) {
+        (false, _) => Ok(KeyPolicy::NonExtractable),
+        (true, true) => Ok(KeyPolicy::WrapWithTrusted),
+        (true, false) => Err(bad("extractable under any wrapping key")),
+    }
+}
