@@ -7,8 +7,7 @@
 use core::panic::PanicInfo;
 
 use microcert_core::{
-    Audience, Auth, DataDigest, DeviceId, Header, KeySeed, SEED_LEN, Suite, make_auth,
-    verify_auth,
+    Audience, Auth, DataDigest, DeviceId, Header, KeySeed, SEED_LEN, Suite, make_auth, verify_auth,
 };
 use microcert_node::{EntropyFailure, SecureChip, SoftChip};
 

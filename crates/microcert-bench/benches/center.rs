@@ -63,24 +63,19 @@ fn warm_up_cache(center: &Center, maker: &mut AuthMaker) {
     }
 }
 
-fn verification(c: &mut Criterion, fleet: &Fleet, cold: &Center) {
-    let mut maker = AuthMaker::new(FLEET);
-    warm_up_cache(&fleet.center, &mut maker);
+fn verification(c: &mut Criterion, fleet: &Fleet, cold: &Center, maker: &mut AuthMaker) {
+    warm_up_cache(&fleet.center, maker);
     let mut g = c.benchmark_group("center/verify_auth");
     g.throughput(Throughput::Elements(1));
     g.bench_function("warm", |b| {
         b.iter_batched(
-            || next(&mut maker),
+            || next(maker),
             |m| verify(&fleet.center, &m),
             BatchSize::SmallInput,
         )
     });
     g.bench_function("cold", |b| {
-        b.iter_batched(
-            || next(&mut maker),
-            |m| verify(cold, &m),
-            BatchSize::SmallInput,
-        )
+        b.iter_batched(|| next(maker), |m| verify(cold, &m), BatchSize::SmallInput)
     });
     g.finish();
 }
@@ -203,14 +198,13 @@ fn per_auth_ns(center: &Center, maker: &mut AuthMaker, chunks: usize, chunk: usi
 
 /// The service-level figures and the ratio, timed again here in one
 /// process so they print even when criterion ran only some benches.
-fn summary(fleet: &Fleet, cold: &Center) {
+fn summary(fleet: &Fleet, cold: &Center, maker: &mut AuthMaker) {
     let base = Baseline::new().expect("ECDSA baseline");
     let ecdsa = timing::ns_per_op(|| base.verify(), 21);
-    let mut maker = AuthMaker::new(FLEET);
     // Warm the cache again: the criterion run may have been long.
-    warm_up_cache(&fleet.center, &mut maker);
-    let warm = per_auth_ns(&fleet.center, &mut maker, 21, 200);
-    let cold_ns = per_auth_ns(cold, &mut maker, 11, 100);
+    warm_up_cache(&fleet.center, maker);
+    let warm = per_auth_ns(&fleet.center, maker, 11, 200);
+    let cold_ns = per_auth_ns(cold, maker, 11, 100);
     let line = |name: &str, ns: f64, target: f64| {
         let rate = timing::per_second(ns);
         println!(
@@ -240,12 +234,15 @@ fn main() {
     let cold = fleet
         .another_center(fleet::cold_config())
         .expect("cold center");
-    verification(&mut c, &fleet, &cold);
+    // One maker for the whole run: its r values never repeat, so no AUTH
+    // is refused as a replay.
+    let mut maker = AuthMaker::new(FLEET);
+    verification(&mut c, &fleet, &cold, &mut maker);
     parts(&mut c, &fleet);
     import(&mut c);
     integrity_scan(&mut c);
     c.final_summary();
     if measuring() {
-        summary(&fleet, &cold);
+        summary(&fleet, &cold, &mut maker);
     }
 }

@@ -121,15 +121,13 @@ impl SeedCache {
         if s.version != ticket {
             return;
         }
-        if s.map.len() >= self.per_shard && !s.map.contains_key(&id) {
-            // Evict expired entries first, else an arbitrary one.
-            let ttl = self.ttl;
-            s.map.retain(|_, d| d.loaded.elapsed() <= ttl);
-            if s.map.len() >= self.per_shard
-                && let Some(victim) = s.map.keys().next().copied()
-            {
-                s.map.remove(&victim);
-            }
+        if s.map.len() >= self.per_shard
+            && !s.map.contains_key(&id)
+            && let Some(victim) = s.map.keys().next().copied()
+        {
+            // Full: drop an arbitrary entry (O(1); a scan for expired
+            // entries on every insert would cost O(capacity)).
+            s.map.remove(&victim);
         }
         s.map.insert(id, dev);
     }

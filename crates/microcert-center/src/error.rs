@@ -9,8 +9,11 @@
 use microcert_core::{Event, KeyState};
 
 /// Everything the center can refuse or fail at.
+///
+/// Deliberately not `#[non_exhaustive]`: the transports map every variant
+/// to a status in one exhaustive `match`, so a new variant must be placed
+/// there consciously.
 #[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
 pub enum Error {
     /// No device with this id is registered.
     #[error("unknown device")]

@@ -137,16 +137,58 @@ pub fn apply_change(
     old: Option<&[u8; 32]>,
     new: &[u8; 32],
 ) -> Result<()> {
-    let mut s = load_shard(tx, card, shard_of(device))?;
-    if let Some(o) = old {
-        xor_into(&mut s.acc, o);
-    } else {
-        s.count += 1;
+    let mut d = DigestDelta::default();
+    d.add(device, old, new);
+    d.flush(tx, card)
+}
+
+/// Record changes collected over many records of one transaction and
+/// applied to each touched shard once (a batch import touches every shard
+/// once per chunk instead of once per record).
+#[derive(Debug, Default)]
+pub struct DigestDelta {
+    shards: Vec<(u8, [u8; 32], u64, u64)>,
+}
+
+impl DigestDelta {
+    /// Adds one record change (see [`apply_change`]).
+    pub fn add(
+        &mut self,
+        device: microcert_core::DeviceId,
+        old: Option<&[u8; 32]>,
+        new: &[u8; 32],
+    ) {
+        let shard = shard_of(device);
+        let pos = match self.shards.iter().position(|s| s.0 == shard) {
+            Some(p) => p,
+            None => {
+                self.shards.push((shard, [0; 32], 0, 0));
+                self.shards.len() - 1
+            }
+        };
+        let e = &mut self.shards[pos];
+        if let Some(o) = old {
+            xor_into(&mut e.1, o);
+        } else {
+            e.2 += 1;
+        }
+        xor_into(&mut e.1, new);
+        e.3 += 1;
     }
-    xor_into(&mut s.acc, new);
-    s.seq += 1;
-    s.tag = card.digest_tag(&shard_bytes(&s))?;
-    tx.put_digest_shard(&s)
+
+    /// Applies the collected changes inside the transaction and empties
+    /// the delta.
+    pub fn flush(&mut self, tx: &mut dyn Tx, card: &dyn EncryptionCard) -> Result<()> {
+        for (shard, x, added, changes) in self.shards.drain(..) {
+            let mut s = load_shard(tx, card, shard)?;
+            xor_into(&mut s.acc, &x);
+            s.count += added;
+            s.seq += changes;
+            s.tag = card.digest_tag(&shard_bytes(&s))?;
+            tx.put_digest_shard(&s)?;
+        }
+        Ok(())
+    }
 }
 
 fn xor_into(acc: &mut [u8; 32], t: &[u8; 32]) {

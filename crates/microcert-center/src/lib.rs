@@ -1,15 +1,6 @@
-//! The microcert authentication center as a library: the encryption card
-//! ([`card`]), the key database ([`db`]), and the services on [`Center`]
-//! that the network front ends serve (PROTOCOL.md sections 6 to 8).
-//!
-//! ```text
-//! Center ── EncryptionCard (SoftwareCard; PKCS#11 later)
-//!        ── KeyDatabase    (SqliteDatabase; PostgreSQL later)
-//!        ── seed cache     (bounded, zeroizing, invalidated on change)
-//! ```
-//!
-//! Time is always an argument (`now`, Unix seconds): the library reads no
-//! clock, so tests and simulations control it.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![doc = include_str!("../README.md")]
 
 pub mod audit;
 mod cache;

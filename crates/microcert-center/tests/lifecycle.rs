@@ -285,8 +285,8 @@ fn corrupt_batch_entries_are_reported_and_not_stored() {
     let dir = tempfile::tempdir().unwrap();
     let card = Arc::new(SoftwareCard::ephemeral().unwrap());
     let center = new_center(&dir.path().join("c.db"), card.clone());
-    let mut fleet = make_fleet(&*card, 6);
-    let mut text = String::new();
+    let mut fleet = make_fleet(&*card, 7);
+    let mut text = Vec::new();
     for (i, node) in fleet.iter_mut().enumerate() {
         let mut line = batch_line(node, NOW);
         match i {
@@ -301,9 +301,15 @@ fn corrupt_batch_entries_are_reported_and_not_stored() {
             4 => line = line.replace("\"class\":1", "\"class\":9"),
             _ => {}
         }
-        text.push_str(&line);
+        if i == 6 {
+            // A line that is not UTF-8, then a last line without its newline.
+            text.extend_from_slice(b"\xff\xfe\n");
+            text.extend_from_slice(line.trim_end().as_bytes());
+            break;
+        }
+        text.extend_from_slice(line.as_bytes());
         if i == 0 {
-            text.push('\n'); // a blank line is skipped but counted
+            text.push(b'\n'); // a blank line is skipped but counted
         }
     }
     let path = dir.path().join("b.jsonl");
@@ -311,7 +317,8 @@ fn corrupt_batch_entries_are_reported_and_not_stored() {
     let report = center
         .import_batch(&path, "factory", NOW, &mut |_| {})
         .unwrap();
-    assert_eq!(report.enrolled, 2);
+    assert_eq!(report.enrolled, 3);
+    assert_eq!(report.lines, 9);
     let lines: Vec<_> = report.rejected.iter().map(|r| (r.line, r.kind)).collect();
     assert_eq!(
         lines,
@@ -319,7 +326,8 @@ fn corrupt_batch_entries_are_reported_and_not_stored() {
             (3, "malformed"),
             (4, "verification-failed"),
             (5, "verification-failed"),
-            (6, "refused")
+            (6, "refused"),
+            (8, "malformed"),
         ]
     );
     for node in &fleet[1..5] {
@@ -329,6 +337,10 @@ fn corrupt_batch_entries_are_reported_and_not_stored() {
         );
     }
     assert!(center.device(fleet[5].id).unwrap().is_some());
+    assert!(
+        center.device(fleet[6].id).unwrap().is_some(),
+        "the last line without newline"
+    );
     assert!(center.integrity_scan().unwrap().is_clean());
 }
 
@@ -448,4 +460,38 @@ fn many_threads_one_acceptance() {
         auths.len(),
         "each AUTH accepted exactly once"
     );
+}
+
+#[test]
+fn revocation_is_seen_at_once_by_other_threads() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (_d, _card, center, mut fleet) = setup(1);
+    let node = &mut fleet[0];
+    let t = NOW + 10;
+    // Many fresh AUTHs of one device, made up front.
+    let auths: Vec<Vec<u8>> = (0..400).map(|_| node.auth(&C, t).0).collect();
+    let id = node.id;
+    let revoked = AtomicBool::new(false);
+    let late_accepts = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for part in auths.chunks(100) {
+            let (center, revoked, late) = (&center, &revoked, &late_accepts);
+            s.spawn(move || {
+                for a in part {
+                    let after = revoked.load(Ordering::SeqCst);
+                    let r = center.verify_auth(a, &C, t);
+                    if after && r.is_ok() {
+                        late.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if after {
+                        assert!(matches!(r, Err(Error::Revoked)), "{r:?}");
+                    }
+                }
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        center.revoke(id, "operator:ann", "stolen", t).unwrap();
+        revoked.store(true, Ordering::SeqCst);
+    });
+    assert_eq!(late_accepts.into_inner(), 0);
 }

@@ -20,7 +20,10 @@ mod card;
 mod cert;
 mod datadir;
 mod demo;
+mod factory;
 mod hexarg;
+mod ops;
+mod serve;
 
 /// microcert: symmetric micro-certificates and key management for IoT fleets.
 #[derive(Debug, Parser)]
@@ -35,6 +38,27 @@ enum Command {
     /// Offline tools: make, verify, open and inspect micro-certificates.
     #[command(subcommand)]
     Cert(cert::CertCommand),
+    /// Run the center: CoAP and HTTP for devices, HTTP for relying parties and operators.
+    Serve(serve::ServeArgs),
+    /// What a manufacturer gets: personalization files for new chips.
+    #[command(subcommand)]
+    Factory(FactoryCommand),
+    /// Devices over the operator API: list, show, life cycle, updates.
+    #[command(subcommand)]
+    Device(ops::DeviceCommand),
+    /// Import a factory batch (JSON Lines of ENROLLs) through the center.
+    Import {
+        #[command(flatten)]
+        server: ops::ServerArgs,
+        /// The batch file.
+        file: std::path::PathBuf,
+    },
+    /// The audit log: verify the hash chain, export, list.
+    #[command(subcommand)]
+    Audit(ops::AuditCommand),
+    /// Integrity of the key database.
+    #[command(subcommand)]
+    Integrity(IntegrityCommand),
     /// The encryption card: init, split into shares, recover.
     #[command(subcommand)]
     Card(card::CardCommand),
@@ -47,6 +71,22 @@ enum Command {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
         suite: u8,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum IntegrityCommand {
+    /// Recompute every record tag and the card digest; exit 1 if anything
+    /// does not match, naming the records.
+    Check {
+        #[command(flatten)]
+        server: ops::ServerArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum FactoryCommand {
+    /// Register N new device ids and write DIR/chips.jsonl (mode 0600).
+    Provision(factory::ProvisionArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +119,24 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Cert(cmd) => cert::run(cmd).map_err(|e| (e, ExitCode::from(2))),
+        Command::Serve(args) => serve::run(args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| (e, ExitCode::FAILURE)),
+        Command::Factory(FactoryCommand::Provision(args)) => factory::provision(args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| (e, ExitCode::FAILURE)),
+        Command::Device(cmd) => ops::device(cmd)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| (e, ExitCode::FAILURE)),
+        Command::Import { server, file } => ops::import(&server, &file)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| (e, ExitCode::FAILURE)),
+        Command::Audit(cmd) => ops::audit(cmd)
+            .map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            .map_err(|e| (e, ExitCode::from(2))),
+        Command::Integrity(IntegrityCommand::Check { server }) => ops::integrity(&server)
+            .map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            .map_err(|e| (e, ExitCode::from(2))),
         Command::Card(cmd) => card::run(cmd)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| (e, ExitCode::FAILURE)),

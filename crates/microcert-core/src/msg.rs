@@ -3,6 +3,16 @@
 //!
 //! Every decoder checks version, type and suite, then the exact length of
 //! the rest: short input and trailing bytes are both [`Error::Length`].
+//!
+//! | type | message | bytes after the 23-byte header | suite 0x01 | suite 0x02 |
+//! | --- | --- | --- | --- | --- |
+//! | 1 | [`Auth`] | tag | 31 | 39 |
+//! | 2 | [`AuthResponse`] | challenge(16), tag | 47 | 55 |
+//! | 3 | [`Signature`] | tag | 31 | 39 |
+//! | 4 | [`Sealed`] | ciphertext (0 to 65,535), CCM tag | 31 + n | 39 + n |
+//! | 5 | [`Enroll`] | ciphertext(978), CCM tag | 1,009 | 1,017 |
+//! | 6 | [`Command`] | counter(4), opcode(1), tag | 36 | 44 |
+//! | 7 | [`Receipt`] | ref(8), status(1), tag | 40 | 48 |
 
 use core::fmt;
 

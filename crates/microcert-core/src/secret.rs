@@ -72,8 +72,8 @@ const MONTH_ROWS: usize = 5;
 const DAY_ROWS: usize = 17;
 const FIXED_ROWS: usize = 48;
 
-/// A device's key seed: rows Y[0..5], M[0..12], D[0..31], R[0..13] and the
-/// calendar year served by Y[0].
+/// A device's key seed: rows `Y[0..5]`, `M[0..12]`, `D[0..31]`, `R[0..13]` and the
+/// calendar year served by `Y[0]`.
 ///
 /// It serves the years `base_year..=base_year + 4`.
 pub struct KeySeed {

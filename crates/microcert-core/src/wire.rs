@@ -173,6 +173,15 @@ impl fmt::Display for Suite {
 
 /// The fields of the common header other than version and type, which the
 /// message type itself fixes.
+///
+/// | offset | bytes | field |
+/// | --- | --- | --- |
+/// | 0 | 1 | version (high nibble, 1) and type (low nibble) |
+/// | 1 | 1 | suite |
+/// | 2 | 8 | device id |
+/// | 10 | 1 | generation |
+/// | 11 | 4 | t, Unix seconds |
+/// | 15 | 8 | r |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Header {
     /// The crypto suite.

@@ -28,8 +28,12 @@ mod support;
 use std::hint::black_box;
 use std::mem::MaybeUninit;
 use std::ptr;
+use std::sync::OnceLock;
 
-use microcert_core::{Audience, HEADER_LEN};
+use microcert_core::{
+    Audience, DeviceId, Enroll, EnrollKey, HEADER_LEN, Header, KeySeed, Opcode, Sender, Suite,
+    make_auth, make_command, make_receipt, open_enroll,
+};
 use microcert_node::{SecureChip, SoftChip};
 use support::{Xorshift, enrolled_chip};
 
@@ -60,6 +64,23 @@ fn known_512(_: &mut SoftChip<Xorshift>, _: &mut [u8; 1100]) -> usize {
     let mut a = [0u8; 512];
     black_box(&mut a);
     a.len()
+}
+
+static SEED: OnceLock<KeySeed> = OnceLock::new();
+
+/// The core's `make_auth` alone, with no chip around it: the difference to
+/// `issue_auth` is what the node adds.
+#[inline(never)]
+fn core_make_auth(_: &mut SoftChip<Xorshift>, buf: &mut [u8; 1100]) -> usize {
+    let seed = SEED.get_or_init(|| KeySeed::from_bytes(&[7; 976], 2026));
+    let header = Header {
+        suite: Suite::CMAC64,
+        device: DeviceId([1; 8]),
+        generation: 0,
+        t: support::ISSUED,
+        r: 0x0123_4567_89ab_cdef,
+    };
+    make_auth(seed, &header, &Audience::CENTER, buf).expect("make_auth")
 }
 
 #[inline(never)]
@@ -113,14 +134,112 @@ fn peak(
         .unwrap_or(0)
 }
 
+/// Paints, runs `op` from the same stack pointer, and copies the painted
+/// region into `snap` (no call happens between `op` and the copy).
+#[inline(never)]
+fn snapshot_after(op: &mut dyn FnMut(), snap: &mut [u8]) {
+    let mut bases = [0usize; LEVELS];
+    walk(0, &mut bases, PATTERNS[0]);
+    op();
+    for (level, &base) in bases.iter().enumerate() {
+        for i in 0..FRAME {
+            // SAFETY: as in `peak_with`.
+            snap[level * FRAME + i] = unsafe { ptr::read_volatile((base + i) as *const u8) };
+        }
+    }
+}
+
+/// How many of the seed's 61 rows appear anywhere in `snap`.
+fn rows_found(snap: &[u8], seed: &KeySeed) -> usize {
+    seed.expose()
+        .chunks(16)
+        .filter(|row| {
+            let pos = snap.windows(16).position(|w| w == *row);
+            if let (Some(p), Some(_)) = (pos, std::env::var_os("SHOW_DEPTH")) {
+                // snap[level * FRAME + i]: level 0 is the top.
+                let (level, i) = (p / FRAME, p % FRAME);
+                eprintln!(
+                    "  row at level {level}, {} bytes below the top",
+                    level * FRAME + (FRAME - i)
+                );
+            }
+            pos.is_some()
+        })
+        .count()
+}
+
+/// After the chip made an ENROLL, accepted its RECEIPT and answered an
+/// UPDATE_SEED, is any row of either seed left in the stack it used?
+fn residue_check() {
+    let mut snap = vec![0u8; LEVELS * FRAME];
+    let mut chip = support::personalized_chip();
+    let mut out = [0u8; 1100];
+    let mut n = 0;
+    snapshot_after(
+        &mut || n = chip.enroll(0, &mut out).expect("enroll"),
+        &mut snap,
+    );
+    let msg = Enroll::decode(&out[..n]).expect("decode");
+    let seed0 = open_enroll(EnrollKey::Transport(&support::ktr()), &msg).expect("open");
+    println!(
+        "seed rows left on the stack after enroll: {}",
+        rows_found(&snap, &seed0)
+    );
+
+    let header = |generation, r| Header {
+        suite: Suite::CMAC64,
+        device: support::DEVICE,
+        generation,
+        t: support::ISSUED + 10,
+        r,
+    };
+    let mut rc = [0u8; 64];
+    let m = make_receipt(
+        &seed0,
+        &header(0, 1),
+        Sender::Center,
+        msg.header.r,
+        0,
+        &mut rc,
+    )
+    .expect("receipt");
+    snapshot_after(
+        &mut || {
+            chip.accept_receipt(&rc[..m]).expect("accept");
+        },
+        &mut snap,
+    );
+    println!(
+        "seed rows left on the stack after its receipt: {}",
+        rows_found(&snap, &seed0)
+    );
+
+    let mut cmd = [0u8; 64];
+    let c = make_command(&seed0, &header(0, 2), 1, Opcode::UPDATE_SEED, &mut cmd).expect("cmd");
+    snapshot_after(
+        &mut || n = chip.handle_command(0, &cmd[..c], &mut out).expect("update"),
+        &mut snap,
+    );
+    let msg = Enroll::decode(&out[..n]).expect("decode");
+    let seed1 = open_enroll(EnrollKey::Update(&seed0), &msg).expect("open");
+    println!(
+        "seed rows left on the stack after UPDATE_SEED: old {}, new {}",
+        rows_found(&snap, &seed0),
+        rows_found(&snap, &seed1)
+    );
+}
+
 fn main() {
+    residue_check();
     let mut chip = enrolled_chip();
     let mut buf = [0x42u8; 1100];
     buf[..HEADER_LEN].fill(0);
     let known = peak(known_512, &mut chip, &mut buf);
+    let core_auth = peak(core_make_auth, &mut chip, &mut buf);
     let auth = peak(issue_auth, &mut chip, &mut buf);
     let sealed = peak(issue_sealed, &mut chip, &mut buf);
     println!("calibration, a 512-byte local: {known} bytes");
+    println!("peak stack, core make_auth alone: {core_auth} bytes");
     println!("peak stack, AUTH:   {auth} bytes");
     println!("peak stack, SEALED (64-byte plaintext): {sealed} bytes");
 }

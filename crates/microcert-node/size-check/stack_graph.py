@@ -115,7 +115,14 @@ def worst(f, stack=()):
     return memo[f]
 
 
-for root in roots:
+def resolve(root):
+    # An exact symbol, or every function whose (mangled) name contains it.
+    if root in calls:
+        return [root]
+    return sorted(f for f in calls if root in f)
+
+
+for root in [f for r in roots for f in resolve(r)]:
     total, path = worst(root)
     print(f"{root}: {total} bytes worst case")
     for f, n in path:

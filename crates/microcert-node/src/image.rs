@@ -39,6 +39,7 @@ use microcert_core::{Audience, DataDigest, DeviceId, Key128, KeySeed, SEED_LEN, 
 use subtle::ConstantTimeEq;
 
 use crate::chip::{Entropy, Life};
+use crate::scrub::scrub_stack;
 use crate::seedgen::{SEED_INPUT_LEN, SeedInput};
 use crate::soft::{AWAIT_MAX, Awaiting, MAX_AUDIENCES, Pending, SoftChip, State};
 use crate::{Error, Result};
@@ -281,6 +282,14 @@ impl<E: Entropy> SoftChip<E> {
     /// [`Error::ImageChecksum`] or [`Error::ImageInvalid`], in that order of
     /// checking.
     pub fn from_image(image: &[u8], entropy: E) -> Result<Self> {
+        let chip = Self::load(image, entropy);
+        // Parsing moved the seed through a few frames: wipe them.
+        scrub_stack();
+        chip
+    }
+
+    #[inline(never)]
+    fn load(image: &[u8], entropy: E) -> Result<Self> {
         match image.split_first_chunk::<5>() {
             Some((head, _)) if head[..4] != IMAGE_MAGIC => return Err(Error::ImageMagic),
             Some((head, _)) if head[4] != IMAGE_VERSION => {

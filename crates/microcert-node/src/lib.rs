@@ -14,7 +14,9 @@
 
 mod chip;
 mod error;
+mod exchanges;
 mod image;
+mod scrub;
 mod seedgen;
 mod soft;
 

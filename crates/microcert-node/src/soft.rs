@@ -4,15 +4,14 @@
 use core::fmt;
 
 use microcert_core::{
-    Audience, CHALLENGE_LEN, Command, DataDigest, DeviceId, ENROLL_PLAINTEXT_LEN, EnrollKey,
-    HEADER_LEN, Header, Key128, KeySeed, Opcode, Receipt, SEED_LEN, Sender, Suite, csk, make_auth,
-    make_auth_response, make_enroll, make_receipt, make_signature, seal_in_place, time,
-    verify_command, verify_receipt,
+    Audience, CHALLENGE_LEN, DataDigest, DeviceId, HEADER_LEN, Header, Key128, KeySeed, SEED_LEN,
+    Suite, csk, make_auth, make_auth_response, make_signature, seal_in_place, time,
 };
 
 use crate::chip::{Answered, Entropy, Life, Personalization, SecureChip, Status};
-use crate::error::{from_make, from_verify};
-use crate::seedgen::{self, SEED_INPUT_LEN, SeedInput};
+use crate::error::from_make;
+use crate::scrub::scrub_stack;
+use crate::seedgen::SeedInput;
 use crate::{Error, Result};
 
 /// How many relying parties a chip can be configured for.
@@ -48,7 +47,7 @@ impl Awaiting {
         self.bytes.get(..usize::from(self.len)).unwrap_or(&[])
     }
 
-    fn header(&self) -> Option<Header> {
+    pub(crate) fn header(&self) -> Option<Header> {
         Header::parse(self.message()).ok().map(|(_, h)| h)
     }
 }
@@ -103,7 +102,7 @@ impl State {
     }
 
     /// Drops every key; the old values zeroize as they are dropped.
-    fn wipe_keys(&mut self) {
+    pub(crate) fn wipe_keys(&mut self) {
         self.ktr = Key128::from_bytes([0; 16]);
         self.seed = KeySeed::from_bytes(&[0; SEED_LEN], 0);
         self.has_seed = false;
@@ -129,8 +128,8 @@ impl State {
 /// then holds.
 pub struct SoftChip<E> {
     pub(crate) state: State,
-    entropy: E,
-    dirty: bool,
+    pub(crate) entropy: E,
+    pub(crate) dirty: bool,
 }
 
 impl<E: Entropy> SoftChip<E> {
@@ -162,7 +161,7 @@ impl<E: Entropy> SoftChip<E> {
         self.dirty = false;
     }
 
-    fn ready(&self) -> Result<()> {
+    pub(crate) fn ready(&self) -> Result<()> {
         match self.state.life {
             Life::Personalized => Ok(()),
             Life::Blank => Err(Error::NotPersonalized),
@@ -172,7 +171,7 @@ impl<E: Entropy> SoftChip<E> {
     }
 
     /// The later of `now` and the node time, which becomes the node time.
-    fn advance(&mut self, now: u32) -> u32 {
+    pub(crate) fn advance(&mut self, now: u32) -> u32 {
         if now > self.state.node_time {
             self.state.node_time = now;
             self.dirty = true;
@@ -181,7 +180,7 @@ impl<E: Entropy> SoftChip<E> {
     }
 
     /// A fresh r: the persisted counter, bumped, || 32 random bits.
-    fn next_r(&mut self) -> Result<u64> {
+    pub(crate) fn next_r(&mut self) -> Result<u64> {
         let counter = self
             .state
             .r_counter
@@ -195,7 +194,7 @@ impl<E: Entropy> SoftChip<E> {
     }
 
     /// Checks that the seed in use serves time `t`.
-    fn seed_serves(&self, t: u32) -> Result<()> {
+    pub(crate) fn seed_serves(&self, t: u32) -> Result<()> {
         if !self.state.has_seed {
             return Err(Error::NotEnrolled);
         }
@@ -204,7 +203,7 @@ impl<E: Entropy> SoftChip<E> {
             .map_err(from_make)
     }
 
-    fn header(&self, generation: u8, t: u32, r: u64) -> Header {
+    pub(crate) fn header(&self, generation: u8, t: u32, r: u64) -> Header {
         Header {
             suite: self.state.suite,
             device: self.state.device,
@@ -215,7 +214,7 @@ impl<E: Entropy> SoftChip<E> {
     }
 
     /// Time and r for a message under the seed in use.
-    fn fresh_header(&mut self, now: u32) -> Result<Header> {
+    pub(crate) fn fresh_header(&mut self, now: u32) -> Result<Header> {
         self.ready()?;
         let t = self.advance(now);
         self.seed_serves(t)?;
@@ -223,7 +222,7 @@ impl<E: Entropy> SoftChip<E> {
         Ok(self.header(self.state.generation, t, r))
     }
 
-    fn check_audience(&self, aud: &Audience) -> Result<()> {
+    pub(crate) fn check_audience(&self, aud: &Audience) -> Result<()> {
         if aud.is_center() || self.state.configured().contains(aud) {
             Ok(())
         } else {
@@ -231,7 +230,7 @@ impl<E: Entropy> SoftChip<E> {
         }
     }
 
-    fn remember(&mut self, msg: &[u8]) {
+    pub(crate) fn remember(&mut self, msg: &[u8]) {
         let mut a = Awaiting {
             len: 0,
             bytes: [0; AWAIT_MAX],
@@ -244,123 +243,7 @@ impl<E: Entropy> SoftChip<E> {
         }
     }
 
-    fn enroll_len(&self) -> usize {
-        HEADER_LEN + ENROLL_PLAINTEXT_LEN + self.state.suite.tag_len()
-    }
-
-    /// Rebuilds the identical bytes of the pending ENROLL.
-    fn build_pending(&self, out: &mut [u8]) -> Result<usize> {
-        let p = self
-            .state
-            .pending
-            .as_ref()
-            .ok_or(Error::NothingToRetransmit)?;
-        let new_seed = seedgen::expand(&p.input, p.base_year)?;
-        let header = self.header(p.generation, p.t, p.r);
-        let key = if p.under_update {
-            if !self.state.has_seed {
-                return Err(Error::NotEnrolled);
-            }
-            EnrollKey::Update(&self.state.seed)
-        } else {
-            EnrollKey::Transport(&self.state.ktr)
-        };
-        make_enroll(key, &new_seed, &header, out).map_err(from_make)
-    }
-
-    /// Draws a fresh seed input and t, r for generation `generation`, keeps
-    /// them as the pending ENROLL and writes its bytes.
-    fn start_enrollment(
-        &mut self,
-        t: u32,
-        generation: u8,
-        under_update: bool,
-        out: &mut [u8],
-    ) -> Result<usize> {
-        if out.len() < self.enroll_len() {
-            return Err(Error::BufferTooSmall);
-        }
-        let base_year =
-            u16::try_from(time::date_of(i64::from(t)).year).map_err(|_| Error::SeedExpired)?;
-        let mut input = SeedInput([0; SEED_INPUT_LEN]);
-        self.entropy
-            .fill(&mut input.0)
-            .map_err(|_| Error::Entropy)?;
-        let r = self.next_r()?;
-        self.state.pending = Some(Pending {
-            generation,
-            t,
-            r,
-            base_year,
-            under_update,
-            input,
-        });
-        self.dirty = true;
-        self.build_pending(out)
-    }
-
-    /// Runs `check` with the pending ENROLL's seed. Kept out of line, like
-    /// [`SoftChip::commit_pending`], so the 976-byte seed it expands lives
-    /// in its own short-lived frame, not in every caller's.
-    #[inline(never)]
-    fn check_with_pending(
-        &self,
-        check: impl FnOnce(&KeySeed) -> microcert_core::Result<()>,
-    ) -> Result<()> {
-        let p = self.state.pending.as_ref().ok_or(Error::NotPending)?;
-        let new_seed = seedgen::expand(&p.input, p.base_year)?;
-        check(&new_seed).map_err(from_verify)
-    }
-
-    /// Makes the pending seed the one in use; the old one is wiped (it
-    /// zeroizes as it is dropped).
-    #[inline(never)]
-    fn commit_pending(&mut self) -> Result<()> {
-        let Some(p) = self.state.pending.as_ref() else {
-            return Ok(());
-        };
-        let generation = p.generation;
-        self.state.seed = seedgen::expand(&p.input, p.base_year)?;
-        self.state.pending = None;
-        self.state.has_seed = true;
-        self.state.generation = generation;
-        self.state.enrolled_before = true;
-        // An AUTH under the old generation can no longer be checked.
-        self.state.awaiting = None;
-        self.dirty = true;
-        Ok(())
-    }
-
-    fn update_seed(&mut self, out: &mut [u8]) -> Result<usize> {
-        if self.state.pending.is_some() {
-            // A repeated or newer UPDATE_SEED while the ENROLL waits for its
-            // RECEIPT: the same seed again, never a second one.
-            return self.build_pending(out);
-        }
-        let t = self.state.node_time;
-        self.seed_serves(t)?;
-        let generation = self
-            .state
-            .generation
-            .checked_add(1)
-            .ok_or(Error::GenerationsExhausted)?;
-        self.start_enrollment(t, generation, true, out)
-    }
-
-    /// Answers REVOKE with a RECEIPT, then wipes every key whatever happened.
-    fn revoke(&mut self, reference: u64, out: &mut [u8]) -> Result<usize> {
-        let reply = self.next_r().and_then(|r| {
-            let header = self.header(self.state.generation, self.state.node_time, r);
-            make_receipt(&self.state.seed, &header, Sender::Node, reference, 0, out)
-                .map_err(from_make)
-        });
-        self.state.wipe_keys();
-        self.state.life = Life::Revoked;
-        self.dirty = true;
-        reply
-    }
-
-    fn check_origin(&self, header: &Header) -> Result<()> {
+    pub(crate) fn check_origin(&self, header: &Header) -> Result<()> {
         if header.suite != self.state.suite {
             return Err(Error::WrongSuite);
         }
@@ -441,27 +324,13 @@ impl<E: Entropy> SecureChip for SoftChip<E> {
     }
 
     fn enroll(&mut self, now: u32, out: &mut [u8]) -> Result<usize> {
-        self.ready()?;
-        let t = self.advance(now);
-        if self.state.pending.is_some() {
-            return self.build_pending(out);
-        }
-        if self.seed_serves(t).is_ok() {
-            return Err(Error::AlreadyEnrolled);
-        }
-        // No seed, or one that no longer serves: a fresh seed under Ktr.
-        let generation = if self.state.enrolled_before {
-            self.state
-                .generation
-                .checked_add(1)
-                .ok_or(Error::GenerationsExhausted)?
-        } else {
-            0
-        };
-        self.start_enrollment(t, generation, false, out)
+        let result = self.enroll_inner(now, out);
+        scrub_stack();
+        result
     }
 
     fn auth(&mut self, now: u32, aud: &Audience, out: &mut [u8]) -> Result<usize> {
+        self.ready()?;
         self.check_audience(aud)?;
         let header = self.fresh_header(now)?;
         let n = make_auth(&self.state.seed, &header, aud, out).map_err(from_make)?;
@@ -496,6 +365,7 @@ impl<E: Entropy> SecureChip for SoftChip<E> {
         buf: &mut [u8],
         plaintext_len: usize,
     ) -> Result<usize> {
+        self.ready()?;
         if aud.is_center() {
             return Err(Error::CenterAudience);
         }
@@ -513,99 +383,21 @@ impl<E: Entropy> SecureChip for SoftChip<E> {
     }
 
     fn accept_receipt(&mut self, receipt: &[u8]) -> Result<Answered> {
-        self.ready()?;
-        let rc = Receipt::decode(receipt).map_err(Error::Malformed)?;
-        self.check_origin(&rc.header)?;
-        if let Some(p) = self.state.pending.as_ref().filter(|p| p.r == rc.reference) {
-            // The RECEIPT of an ENROLL is keyed by the seed it enrolled.
-            if rc.header.generation != p.generation {
-                return Err(Error::WrongGeneration);
-            }
-            let generation = p.generation;
-            self.check_with_pending(|seed| verify_receipt(seed, &rc, Sender::Center))?;
-            self.advance(rc.header.t);
-            if rc.status != 0 {
-                return Err(Error::CenterRefused(rc.status));
-            }
-            self.commit_pending()?;
-            return Ok(Answered::Enrollment { generation });
-        }
-        let awaited = self.state.awaiting.as_ref().and_then(Awaiting::header);
-        match awaited {
-            Some(h) if h.r == rc.reference => {
-                if !self.state.has_seed || rc.header.generation != h.generation {
-                    return Err(Error::WrongGeneration);
-                }
-                verify_receipt(&self.state.seed, &rc, Sender::Center).map_err(from_verify)?;
-                self.advance(rc.header.t);
-                self.state.awaiting = None;
-                self.dirty = true;
-                if rc.status != 0 {
-                    return Err(Error::CenterRefused(rc.status));
-                }
-                Ok(Answered::Authentication)
-            }
-            _ => Err(Error::NotPending),
-        }
+        let result = self.accept_receipt_inner(receipt);
+        scrub_stack();
+        result
     }
 
     fn handle_command(&mut self, now: u32, command: &[u8], out: &mut [u8]) -> Result<usize> {
-        self.ready()?;
-        let cmd = Command::decode(command).map_err(Error::Malformed)?;
-        self.check_origin(&cmd.header)?;
-        let gen_ = cmd.header.generation;
-        // A COMMAND is keyed by the seed in use, or by the pending one when
-        // the center accepted its ENROLL and the RECEIPT got lost.
-        let pending_gen = self.state.pending.as_ref().map(|p| p.generation);
-        let promote = if self.state.has_seed && gen_ == self.state.generation {
-            verify_command(&self.state.seed, &cmd).map_err(from_verify)?;
-            false
-        } else if pending_gen == Some(gen_) {
-            self.check_with_pending(|seed| verify_command(seed, &cmd))?;
-            true
-        } else {
-            return Err(Error::WrongGeneration);
-        };
-        if cmd.counter <= self.state.highest_counter {
-            return Err(Error::Replay);
-        }
-        let reply_len = if cmd.opcode == Opcode::UPDATE_SEED {
-            self.enroll_len()
-        } else {
-            HEADER_LEN + 9 + self.state.suite.tag_len()
-        };
-        // Refuse before accepting, so the center can resend the same command.
-        if out.len() < reply_len {
-            return Err(Error::BufferTooSmall);
-        }
-        self.state.highest_counter = cmd.counter;
-        self.advance(now.max(cmd.header.t));
-        self.dirty = true;
-        if promote {
-            // The center proved it holds the new seed: as good as its RECEIPT.
-            self.commit_pending()?;
-        }
-        if cmd.opcode == Opcode::UPDATE_SEED {
-            self.update_seed(out)
-        } else {
-            self.revoke(cmd.header.r, out)
-        }
+        let result = self.handle_command_inner(now, command, out);
+        scrub_stack();
+        result
     }
 
     fn retransmit(&self, out: &mut [u8]) -> Result<usize> {
-        self.ready()?;
-        if self.state.pending.is_some() {
-            return self.build_pending(out);
-        }
-        let a = self
-            .state
-            .awaiting
-            .as_ref()
-            .ok_or(Error::NothingToRetransmit)?;
-        let msg = a.message();
-        let dst = out.get_mut(..msg.len()).ok_or(Error::BufferTooSmall)?;
-        dst.copy_from_slice(msg);
-        Ok(msg.len())
+        let result = self.retransmit_inner(out);
+        scrub_stack();
+        result
     }
 
     fn days_left(&self, now: u32) -> Result<u32> {

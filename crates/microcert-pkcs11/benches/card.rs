@@ -46,7 +46,10 @@ fn bench_card(c: &mut Criterion, name: &str, card: &dyn EncryptionCard) {
     let first = enroll(EnrollKey::Transport(&ktr), &seed, dev, 0);
     let first = Enroll::decode(&first).expect("decode");
     c.bench_function(&format!("open_enroll_transport/{name}"), |b| {
-        b.iter(|| card.open_enroll(black_box(&first), None, Some(0)).expect("open"))
+        b.iter(|| {
+            card.open_enroll(black_box(&first), None, Some(0))
+                .expect("open")
+        })
     });
     let next_seed = KeySeed::generate(2026, |b| b.fill(0x18));
     let update = enroll(EnrollKey::Update(&seed), &next_seed, dev, 1);
@@ -61,7 +64,10 @@ fn bench_card(c: &mut Criterion, name: &str, card: &dyn EncryptionCard) {
     let now = 1_800_000_000;
     let ch = card.make_challenge(dev, now).expect("challenge");
     c.bench_function(&format!("check_challenge/{name}"), |b| {
-        b.iter(|| card.check_challenge(dev, black_box(&ch), now).expect("check"))
+        b.iter(|| {
+            card.check_challenge(dev, black_box(&ch), now)
+                .expect("check")
+        })
     });
     c.bench_function(&format!("record_tag/{name}"), |b| {
         b.iter(|| card.record_tag(black_box(&[7u8; 64])).expect("tag"))

@@ -125,7 +125,8 @@ impl Pkcs11Card {
             &session,
             &[KTRANS_LABEL, KINT_LABEL, KCHAL_LABEL, &kstore1],
             |label| {
-                let role = Role::of_label(label).ok_or_else(|| Pkcs11Error::Format(label.into()))?;
+                let role =
+                    Role::of_label(label).ok_or_else(|| Pkcs11Error::Format(label.into()))?;
                 keys::generate(&session, label, role, policy)
             },
         )?;
@@ -278,7 +279,11 @@ impl Pkcs11Card {
 
     /// A one-block CMAC inside the token; the result lands in a zeroizing
     /// buffer because for Ktrans it is a transport key.
-    fn cmac(&self, key: ObjectHandle, data: &[u8]) -> microcert_center::Result<Zeroizing<[u8; 16]>> {
+    fn cmac(
+        &self,
+        key: ObjectHandle,
+        data: &[u8],
+    ) -> microcert_center::Result<Zeroizing<[u8; 16]>> {
         let out = Zeroizing::new(
             self.pool
                 .with(|s| s.sign(&Mechanism::AesCMac, key, data))
@@ -304,7 +309,12 @@ impl Pkcs11Card {
         Ok(Key128::from_bytes(*mac))
     }
 
-    fn challenge_mac(&self, device: DeviceId, c: &[u8], w: u32) -> microcert_center::Result<[u8; 8]> {
+    fn challenge_mac(
+        &self,
+        device: DeviceId,
+        c: &[u8],
+        w: u32,
+    ) -> microcert_center::Result<[u8; 8]> {
         let mut input = [0u8; 20];
         input[..8].copy_from_slice(&device.0);
         input[8..16].copy_from_slice(c);

@@ -177,7 +177,10 @@ pub fn prepare_clone_target(config: &Pkcs11Config) -> Result<CloneRequest> {
         modulus: Vec::new(),
         public_exponent: Vec::new(),
     };
-    for a in session.get_attributes(pub_h, &[AttributeType::Modulus, AttributeType::PublicExponent])? {
+    for a in session.get_attributes(
+        pub_h,
+        &[AttributeType::Modulus, AttributeType::PublicExponent],
+    )? {
         match a {
             Attribute::Modulus(m) => req.modulus = m,
             Attribute::PublicExponent(e) => req.public_exponent = e,
@@ -186,7 +189,9 @@ pub fn prepare_clone_target(config: &Pkcs11Config) -> Result<CloneRequest> {
     }
     session.destroy_object(pub_h)?;
     if req.modulus.is_empty() || req.public_exponent.is_empty() {
-        return Err(Pkcs11Error::Token("the token did not return the public key".into()));
+        return Err(Pkcs11Error::Token(
+            "the token did not return the public key".into(),
+        ));
     }
     Ok(req)
 }
@@ -210,7 +215,11 @@ fn so_session(config: &Pkcs11Config, so_pin: &str) -> Result<Session> {
 /// Step 2, on the old token, by its security officer: stores the clone
 /// target's public key with CKA_TRUSTED, so that the card's keys may be
 /// wrapped under it.
-pub fn trust_clone_target(config: &Pkcs11Config, so_pin: &str, request: &CloneRequest) -> Result<()> {
+pub fn trust_clone_target(
+    config: &Pkcs11Config,
+    so_pin: &str,
+    request: &CloneRequest,
+) -> Result<()> {
     let session = so_session(config, so_pin)?;
     session.create_object(&[
         Attribute::Class(ObjectClass::PUBLIC_KEY),

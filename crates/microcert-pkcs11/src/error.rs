@@ -83,7 +83,9 @@ pub enum Pkcs11Error {
 impl From<CkError> for Pkcs11Error {
     fn from(e: CkError) -> Self {
         match e {
-            CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLenRange, _) => Pkcs11Error::WrongPin,
+            CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLenRange, _) => {
+                Pkcs11Error::WrongPin
+            }
             CkError::Pkcs11(RvError::PinLocked, _) => Pkcs11Error::PinLocked,
             other => Pkcs11Error::Token(other.to_string()),
         }

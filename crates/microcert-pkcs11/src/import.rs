@@ -115,7 +115,13 @@ mod tests {
         let labels: Vec<_> = keys.iter().map(|(l, _)| l.as_str()).collect();
         assert_eq!(
             labels,
-            [KTRANS_LABEL, KINT_LABEL, KCHAL_LABEL, "microcert-kstore-v1", "microcert-kstore-v2"]
+            [
+                KTRANS_LABEL,
+                KINT_LABEL,
+                KCHAL_LABEL,
+                "microcert-kstore-v1",
+                "microcert-kstore-v2"
+            ]
         );
         assert_eq!(keys[4].1.len(), 32);
     }

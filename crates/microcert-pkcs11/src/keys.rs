@@ -200,7 +200,12 @@ pub(crate) fn find(session: &Session, label: &str) -> Result<ObjectHandle> {
 
 /// Refuses a key that could be read out of the token, or that is not the
 /// type and size its role needs. Returns the key's policy.
-pub(crate) fn check(session: &Session, h: ObjectHandle, label: &str, role: Role) -> Result<KeyPolicy> {
+pub(crate) fn check(
+    session: &Session,
+    h: ObjectHandle,
+    label: &str,
+    role: Role,
+) -> Result<KeyPolicy> {
     let bad = |reason: &str| Pkcs11Error::KeyAttributes {
         label: label.to_owned(),
         reason: reason.to_owned(),

@@ -1,13 +1,13 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
-mod config;
-mod error;
-mod keys;
-mod pool;
 mod card;
 pub mod clone;
+mod config;
+mod error;
 mod import;
+mod keys;
+mod pool;
 
 pub use card::Pkcs11Card;
 pub use config::{PIN_ENV, Pkcs11Config, SOFTHSM2_MODULE};

@@ -44,7 +44,9 @@ fn a_clone_holds_the_same_keys() {
             )
             .unwrap();
         assert!(s.wrap_key(&Mechanism::AesKeyWrapPad, mine, ktrans).is_err());
-        let info = s.get_attribute_info(ktrans, &[AttributeType::Value]).unwrap();
+        let info = s
+            .get_attribute_info(ktrans, &[AttributeType::Value])
+            .unwrap();
         assert!(matches!(info[0], AttributeInfo::Sensitive));
     }
 

@@ -6,8 +6,8 @@ use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass};
 use microcert_center::Error;
 use microcert_center::card::{EncryptionCard, EnrollVia, SoftwareCard, split_secret};
 use microcert_core::{
-    DeviceId, EnrollKey, Header, KeySeed, Suite, check_challenge, make_challenge, make_enroll,
-    Enroll, Key128, transport_key,
+    DeviceId, Enroll, EnrollKey, Header, Key128, KeySeed, Suite, check_challenge, make_challenge,
+    make_enroll, transport_key,
 };
 use microcert_pkcs11::{
     KCHAL_LABEL, KINT_LABEL, KTRANS_LABEL, KeyPolicy, Pkcs11Card, Pkcs11Config, Pkcs11Error,
@@ -64,7 +64,10 @@ fn no_key_can_be_read_out_of_the_token() {
         let h = found[0];
         // C_GetAttributeValue(CKA_VALUE) answers CKR_ATTRIBUTE_SENSITIVE.
         let info = s.get_attribute_info(h, &[AttributeType::Value]).unwrap();
-        assert!(matches!(info[0], AttributeInfo::Sensitive), "{label}: {info:?}");
+        assert!(
+            matches!(info[0], AttributeInfo::Sensitive),
+            "{label}: {info:?}"
+        );
         let got = s.get_attributes(h, &[AttributeType::Value]).unwrap();
         assert!(
             !got.iter().any(|a| matches!(a, Attribute::Value(_))),
@@ -119,7 +122,10 @@ fn a_wrong_pin_is_a_clear_error() {
     assert!(matches!(err, Pkcs11Error::WrongPin), "{err:?}");
     assert!(!err.to_string().contains("not-the-pin"));
     let wrong_init = Pkcs11Card::init(&wrong).unwrap_err();
-    assert!(matches!(wrong_init, Pkcs11Error::WrongPin), "{wrong_init:?}");
+    assert!(
+        matches!(wrong_init, Pkcs11Error::WrongPin),
+        "{wrong_init:?}"
+    );
 }
 
 #[test]
@@ -254,7 +260,10 @@ fn seal_unseal_round_trip_and_a_moved_ciphertext_fails() {
         let mut flipped = sealed.ciphertext.clone();
         flipped[i] ^= 0x01;
         assert!(
-            matches!(card.unseal_seed(dev, 3, 1, &flipped), Err(Error::Verification)),
+            matches!(
+                card.unseal_seed(dev, 3, 1, &flipped),
+                Err(Error::Verification)
+            ),
             "flip at {i}"
         );
     }
@@ -281,7 +290,10 @@ fn challenges_made_by_the_token_check_and_expire() {
         card.check_challenge(dev, &ch, now + 120),
         Err(Error::Verification)
     ));
-    assert!(card.check_challenge(DeviceId::from_u64(43), &ch, now).is_err());
+    assert!(
+        card.check_challenge(DeviceId::from_u64(43), &ch, now)
+            .is_err()
+    );
     let mut bad = ch;
     bad[15] ^= 1;
     assert!(card.check_challenge(dev, &bad, now).is_err());
@@ -478,9 +490,12 @@ fn known_cards() -> Option<&'static (Pkcs11Card, SoftwareCard)> {
     CARDS
         .get_or_init(|| {
             let block = known_block();
-            let token =
-                Pkcs11Card::import_key_block(&config("mc-known"), &block, KeyPolicy::NonExtractable)
-                    .unwrap();
+            let token = Pkcs11Card::import_key_block(
+                &config("mc-known"),
+                &block,
+                KeyPolicy::NonExtractable,
+            )
+            .unwrap();
             let shares = split_secret(&block, 2, 2).unwrap();
             let soft = SoftwareCard::recover(&shares).unwrap();
             Some((token, soft))
@@ -490,7 +505,9 @@ fn known_cards() -> Option<&'static (Pkcs11Card, SoftwareCard)> {
 
 #[test]
 fn transport_key_matches_the_protocol_formula() {
-    let Some((token, soft)) = known_cards() else { return };
+    let Some((token, soft)) = known_cards() else {
+        return;
+    };
     let dev = DeviceId(*b"\x00\x01\x02\x03\x04\x05\x06\x07");
     let ktr = token.transport_key(dev, 0).unwrap();
     assert_eq!(hex::encode(ktr.expose()), KAT_KTR);
@@ -506,13 +523,18 @@ fn transport_key_matches_the_protocol_formula() {
 
 #[test]
 fn challenges_match_the_protocol_formula() {
-    let Some((token, soft)) = known_cards() else { return };
+    let Some((token, soft)) = known_cards() else {
+        return;
+    };
     let dev = DeviceId(*b"\x00\x01\x02\x03\x04\x05\x06\x07");
     let now = 1_800_000_000;
     let kat: [u8; 16] = hex::decode(KAT_CHALLENGE).unwrap().try_into().unwrap();
     token.check_challenge(dev, &kat, now).unwrap();
     let kchal = Key128::from_bytes(core::array::from_fn(|i| 0x20 + i as u8));
-    assert_eq!(make_challenge(&kchal, dev, kat[..8].try_into().unwrap(), now), kat);
+    assert_eq!(
+        make_challenge(&kchal, dev, kat[..8].try_into().unwrap(), now),
+        kat
+    );
     // The token's own challenges pass microcert-core's check and the
     // software card's, and the other way round.
     for _ in 0..8 {
@@ -526,19 +548,38 @@ fn challenges_match_the_protocol_formula() {
 
 #[test]
 fn integrity_tags_match_the_software_card() {
-    let Some((token, soft)) = known_cards() else { return };
-    assert_eq!(hex::encode(token.record_tag(b"record").unwrap()), KAT_RECORD_TAG);
-    assert_eq!(hex::encode(token.digest_tag(b"state").unwrap()), KAT_DIGEST_TAG);
+    let Some((token, soft)) = known_cards() else {
+        return;
+    };
+    assert_eq!(
+        hex::encode(token.record_tag(b"record").unwrap()),
+        KAT_RECORD_TAG
+    );
+    assert_eq!(
+        hex::encode(token.digest_tag(b"state").unwrap()),
+        KAT_DIGEST_TAG
+    );
     for data in [&b""[..], b"x", &[7u8; 1000][..]] {
-        assert_eq!(token.record_tag(data).unwrap(), soft.record_tag(data).unwrap());
-        assert_eq!(token.digest_tag(data).unwrap(), soft.digest_tag(data).unwrap());
-        assert_ne!(token.record_tag(data).unwrap(), token.digest_tag(data).unwrap());
+        assert_eq!(
+            token.record_tag(data).unwrap(),
+            soft.record_tag(data).unwrap()
+        );
+        assert_eq!(
+            token.digest_tag(data).unwrap(),
+            soft.digest_tag(data).unwrap()
+        );
+        assert_ne!(
+            token.record_tag(data).unwrap(),
+            token.digest_tag(data).unwrap()
+        );
     }
 }
 
 #[test]
 fn a_database_moves_between_cards_with_the_same_keys() {
-    let Some((token, soft)) = known_cards() else { return };
+    let Some((token, soft)) = known_cards() else {
+        return;
+    };
     let Some(other) = main_card() else { return };
     let dev = DeviceId::from_u64(77);
     let s = seed(0x33);
@@ -551,5 +592,8 @@ fn a_database_moves_between_cards_with_the_same_keys() {
         other.unseal_seed(dev, 1, 1, &by_token.ciphertext),
         Err(Error::Verification)
     ));
-    assert_ne!(other.record_tag(b"r").unwrap(), token.record_tag(b"r").unwrap());
+    assert_ne!(
+        other.record_tag(b"r").unwrap(),
+        token.record_tag(b"r").unwrap()
+    );
 }

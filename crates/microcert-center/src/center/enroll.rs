@@ -35,7 +35,8 @@ use sha2::{Digest, Sha256};
 use super::{CENTER_ACTOR, Center, covers, malformed, refusal_for};
 use crate::card::EnrollVia;
 use crate::db::{Blob, DeviceRow, SeedRow, Tx, with_tx};
-use crate::{Error, Result, integrity};
+use crate::integrity::{self, DigestDelta};
+use crate::{Error, Result};
 
 /// One rejected line of a batch file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,8 +165,15 @@ impl Center {
         let msg = Enroll::decode(bytes).map_err(malformed)?;
         let digest: [u8; 32] = Sha256::digest(bytes).into();
         let id = msg.header.device;
+        // Invalidated before and after: a verification that raced with
+        // this change re-reads the device after its own commit.
+        self.cache.invalidate(id);
         let out = with_tx(&*self.db, |tx| {
-            self.enroll_in_tx(tx, &msg, &digest, None, now, CENTER_ACTOR)
+            let mut delta = DigestDelta::default();
+            let out =
+                self.enroll_in_tx(tx, (&msg, &digest), None, &mut delta, now, CENTER_ACTOR)?;
+            delta.flush(tx, &*self.card)?;
+            Ok(out)
         });
         let out = match out {
             Ok(o) => o,
@@ -184,13 +192,14 @@ impl Center {
     /// The ENROLL rules. Every refusal is decided before the first write,
     /// so a refused entry of a batch leaves nothing behind in its chunk.
     /// `register` is the device row to create if the device is unknown
-    /// (batch import); None refuses an unknown device.
+    /// (batch import); None refuses an unknown device. `digest` is the
+    /// SHA-256 of the ENROLL's bytes.
     fn enroll_in_tx(
         &self,
         tx: &mut dyn Tx,
-        msg: &Enroll<'_>,
-        digest: &[u8; 32],
+        (msg, digest): (&Enroll<'_>, &[u8; 32]),
         register: Option<&DeviceRow>,
+        delta: &mut DigestDelta,
         now: u64,
         actor: &str,
     ) -> Result<Enrolled> {
@@ -308,28 +317,29 @@ impl Center {
                 }
             }
         }
-        if is_new {
+        // One audit entry per enrollment; a device registered by this
+        // batch entry says so in it.
+        let reason = if is_new {
             tx.insert_device(&dev)?;
-            self.audit(
-                tx,
-                now,
-                actor,
-                "register",
-                (Some(id), None),
-                &format!("class {}, epoch {} (batch)", dev.class, dev.epoch),
-            )?;
+            format!(
+                "via {}; registered class {} epoch {} by batch",
+                via.name(),
+                dev.class,
+                dev.epoch
+            )
         } else {
             tx.update_device(&dev)?;
-        }
+            format!("via {}", via.name())
+        };
         tx.insert_seed(&row)?;
-        integrity::apply_change(tx, &*self.card, id, None, &row.tag)?;
+        delta.add(id, None, &row.tag);
         self.audit(
             tx,
             now,
             actor,
             "enroll",
             (Some(id), Some(h.generation)),
-            &format!("via {}", via.name()),
+            &reason,
         )?;
         tracing::info!(device = %id, generation = h.generation, via = via.name(), "seed enrolled");
         Ok(Enrolled::New(receipt))
@@ -392,6 +402,7 @@ impl Center {
             line_no += 1;
         }
         let chunk = self.config.import_chunk.max(1);
+        self.cache.clear();
         loop {
             let mut batch = Vec::with_capacity(chunk);
             for _ in 0..chunk {
@@ -411,8 +422,9 @@ impl Center {
                 let mut enrolled = 0u64;
                 let mut already = 0u64;
                 let mut rejected = Vec::new();
+                let mut delta = DigestDelta::default();
                 for (n, text) in &batch {
-                    match self.import_line(tx, text, now, actor) {
+                    match self.import_line(tx, &mut delta, text, now, actor) {
                         Ok(None) => {}
                         Ok(Some(true)) => enrolled += 1,
                         Ok(Some(false)) => already += 1,
@@ -428,6 +440,7 @@ impl Center {
                         Err(e) => return Err(e),
                     }
                 }
+                delta.flush(tx, &*self.card)?;
                 tx.set_import_progress(&file_id, last, now)?;
                 Ok((enrolled, already, rejected))
             })?;
@@ -469,6 +482,7 @@ impl Center {
     fn import_line(
         &self,
         tx: &mut dyn Tx,
+        delta: &mut DigestDelta,
         text: &[u8],
         now: u64,
         actor: &str,
@@ -515,7 +529,7 @@ impl Center {
             command_counter: 0,
         };
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
-        match self.enroll_in_tx(tx, &msg, &digest, Some(&register), now, actor)? {
+        match self.enroll_in_tx(tx, (&msg, &digest), Some(&register), delta, now, actor)? {
             Enrolled::New(_) => Ok(Some(true)),
             Enrolled::Again(_) => Ok(Some(false)),
         }

@@ -40,6 +40,9 @@ impl Center {
             self.revoke(id, actor, reason, now)?;
             return Ok(KeyState::Compromised);
         }
+        // Invalidated before and after: a verification that raced with
+        // this change re-reads the device after its own commit.
+        self.cache.invalidate(id);
         let state = with_tx(&*self.db, |tx| {
             let dev = Self::device_in(tx, id)?;
             let mut seeds = self.seeds_checked(tx, id)?;
@@ -107,6 +110,9 @@ impl Center {
     /// becomes Compromised (refused at once), transport enrollment closes,
     /// and a REVOKE command replaces any pending command.
     pub fn revoke(&self, id: DeviceId, actor: &str, reason: &str, now: u64) -> Result<()> {
+        // Invalidated before and after: a verification that raced with
+        // this change re-reads the device after its own commit.
+        self.cache.invalidate(id);
         with_tx(&*self.db, |tx| {
             let mut dev = Self::device_in(tx, id)?;
             let mut seeds = self.seeds_checked(tx, id)?;
@@ -330,6 +336,9 @@ impl Center {
         reason: &str,
         now: u64,
     ) -> Result<u8> {
+        // Invalidated before and after: a verification that raced with
+        // this change re-reads the device after its own commit.
+        self.cache.invalidate(id);
         let epoch = with_tx(&*self.db, |tx| {
             let mut dev = Self::device_in(tx, id)?;
             let mut seeds = self.seeds_checked(tx, id)?;
@@ -408,6 +417,9 @@ impl Center {
             }
             let mut changed = 0;
             for id in ids {
+                // Invalidated before and after: a verification that raced with
+                // this change re-reads the device after its own commit.
+                self.cache.invalidate(id);
                 let n = with_tx(&*self.db, |tx| {
                     let mut seeds = self.seeds_checked(tx, id)?;
                     let mut n = 0u64;

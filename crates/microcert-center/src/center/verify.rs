@@ -184,6 +184,18 @@ impl Center {
         Ok(())
     }
 
+    /// After a commit: if this device's cache shard was invalidated since
+    /// `ticket` (a life-cycle change may have committed just before this
+    /// use did), read the device again and apply the state rules once more,
+    /// so a revocation is refused at once, not after the cache TTL.
+    fn recheck(&self, id: DeviceId, generation: u8, ticket: u64, now: u64) -> Result<()> {
+        if self.cache.ticket(id) == ticket {
+            return Ok(());
+        }
+        let dev = self.load(id)?;
+        self.usable(&dev, generation, now, true).map(|_| ())
+    }
+
     fn log_refusal<T>(r: Result<T>, what: &'static str, device: Option<DeviceId>) -> Result<T> {
         if let Err(e) = &r {
             match device {
@@ -205,6 +217,7 @@ impl Center {
 
     fn auth_inner(&self, msg: &Auth<'_>, aud: &Audience, now: u64) -> Result<AuthOutcome> {
         let h = msg.header;
+        let ticket = self.cache.ticket(h.device);
         let dev = self.load(h.device)?;
         Self::check_suite(&dev, &h)?;
         self.check_fresh(&dev, h.t, now)?;
@@ -218,6 +231,7 @@ impl Center {
             &mut |tx| tx.record_replay(h.device, h.generation, h.t, h.r, expires),
             now,
         )?;
+        self.recheck(h.device, h.generation, ticket, now)?;
         let receipt = self.receipt(seed, dev.device.suite, h.device, h.generation, h.r, now)?;
         Ok(AuthOutcome {
             device: h.device,
@@ -259,6 +273,7 @@ impl Center {
         let h = msg.header;
         self.card
             .check_challenge(h.device, msg.challenge, now32(now)?)?;
+        let ticket = self.cache.ticket(h.device);
         let dev = self.load(h.device)?;
         Self::check_suite(&dev, &h)?;
         let (_, seed, how) = self.usable(&dev, h.generation, now, true)?;
@@ -274,6 +289,7 @@ impl Center {
             &mut |tx| tx.spend_challenge(h.device, &c, expires),
             now,
         )?;
+        self.recheck(h.device, h.generation, ticket, now)?;
         let receipt = self.receipt(seed, dev.device.suite, h.device, h.generation, h.r, now)?;
         Ok(AuthOutcome {
             device: h.device,
@@ -403,6 +419,7 @@ impl Center {
             ));
         }
         let h = msg.header;
+        let ticket = self.cache.ticket(h.device);
         let dev = self.load(h.device)?;
         Self::check_suite(&dev, &h)?;
         if msg.ciphertext.len() > self.profile(dev.device.class)?.max_sealed {
@@ -425,6 +442,7 @@ impl Center {
             &mut |tx| tx.record_replay(h.device, h.generation, h.t, h.r, expires),
             now,
         )?;
+        self.recheck(h.device, h.generation, ticket, now)?;
         Ok(OpenedSealed {
             device: h.device,
             generation: h.generation,

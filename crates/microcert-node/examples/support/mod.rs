@@ -26,10 +26,17 @@ impl Entropy for Xorshift {
 /// 2026-09-21T14:13:20Z.
 pub const ISSUED: u32 = 1_790_000_000;
 
-/// A personalized chip whose generation-0 seed the center has answered.
-pub fn enrolled_chip() -> SoftChip<Xorshift> {
-    let device = DeviceId([0x02, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77]);
-    let ktr = transport_key(&Key128::from_bytes([0x4b; 16]), device, 0);
+pub const DEVICE: DeviceId = DeviceId([0x02, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77]);
+
+/// Ktr(DEVICE, 0) under a fixed test Ktrans.
+pub fn ktr() -> Key128 {
+    transport_key(&Key128::from_bytes([0x4b; 16]), DEVICE, 0)
+}
+
+/// A personalized chip, not enrolled yet.
+pub fn personalized_chip() -> SoftChip<Xorshift> {
+    let device = DEVICE;
+    let ktr = ktr();
     let mut chip = SoftChip::new(Xorshift(0x9e37_79b9_7f4a_7c15));
     chip.personalize(&Personalization {
         device,
@@ -40,6 +47,14 @@ pub fn enrolled_chip() -> SoftChip<Xorshift> {
         issued: ISSUED,
     })
     .expect("personalize");
+    chip
+}
+
+/// A personalized chip whose generation-0 seed the center has answered.
+pub fn enrolled_chip() -> SoftChip<Xorshift> {
+    let device = DEVICE;
+    let ktr = ktr();
+    let mut chip = personalized_chip();
     let mut buf = [0u8; 1100];
     let n = chip.enroll(0, &mut buf).expect("enroll");
     let msg = Enroll::decode(&buf[..n]).expect("decode");

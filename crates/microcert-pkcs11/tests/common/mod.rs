@@ -22,8 +22,18 @@ pub const SO_PIN: &str = "mc-so-pin-9046";
 
 /// Every token label a test of this crate uses; each test owns its own.
 pub const TOKENS: &[&str] = &[
-    "mc-main", "mc-init", "mc-pin", "mc-nokey", "mc-partial", "mc-known", "mc-rotate",
-    "mc-weak", "mc-clone-a", "mc-clone-b", "mc-closed", "mc-bench",
+    "mc-main",
+    "mc-init",
+    "mc-pin",
+    "mc-nokey",
+    "mc-partial",
+    "mc-known",
+    "mc-rotate",
+    "mc-weak",
+    "mc-clone-a",
+    "mc-clone-b",
+    "mc-closed",
+    "mc-bench",
 ];
 
 pub struct SoftHsm {

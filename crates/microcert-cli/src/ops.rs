@@ -1,0 +1,430 @@
+//! Operator commands over the center's HTTP API: they print tables, or the
+//! API's JSON with `--json`.
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use comfy_table::{ContentArrangement, Table, presets::UTF8_BORDERS_ONLY};
+use serde_json::{Value, json};
+
+/// Where the center is and who asks.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// The center's HTTP address.
+    #[arg(long, env = "MICROCERT_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// A bearer token (see `microcert token create`).
+    #[arg(long, env = "MICROCERT_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Device commands.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// List devices, filtered by state, class and seed expiry.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Current seed state: pre-activation, active, suspended, deactivated, compromised, destroyed.
+        #[arg(long)]
+        state: Option<String>,
+        /// Device class (1..=3).
+        #[arg(long)]
+        class: Option<u8>,
+        /// Only seeds whose last year is at most this year.
+        #[arg(long, value_name = "YEAR")]
+        expires_by: Option<u16>,
+        /// Page size.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Start after this device id (paging).
+        #[arg(long, value_name = "DEVICE_HEX")]
+        after: Option<String>,
+    },
+    /// Show one device and all its seeds.
+    Show {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The device id, 16 hex digits.
+        device: String,
+    },
+    /// Suspend a device's seed (refused until resumed).
+    Suspend(ActionArgs),
+    /// Resume a suspended device.
+    Resume(ActionArgs),
+    /// Revoke: refused at once, REVOKE command queued.
+    Revoke(ActionArgs),
+    /// Destroy a deactivated or revoked seed's ciphertext.
+    Destroy(ActionArgs),
+    /// Activate a pre-activation seed.
+    Activate(ActionArgs),
+    /// Queue UPDATE_SEED for one device, or with --due for every device in its seed's last year.
+    Update {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The device id (omit with --due).
+        device: Option<String>,
+        /// Every device whose seed is in its last year.
+        #[arg(long)]
+        due: bool,
+        /// Why (audited).
+        #[arg(long, default_value = "seed update")]
+        reason: String,
+    },
+    /// Reopen transport-key enrollment (after expiry; with --epoch after a revocation).
+    Reopen {
+        #[command(flatten)]
+        action: ActionArgs,
+        /// The chip's new epoch, after it was re-personalized.
+        #[arg(long)]
+        epoch: Option<u8>,
+    },
+}
+
+/// One device and why.
+#[derive(Debug, Args)]
+pub struct ActionArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// The device id, 16 hex digits.
+    device: String,
+    /// Why (written to the audit log with the token's name).
+    #[arg(long)]
+    reason: String,
+}
+
+/// Audit log commands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Walk the hash chain; exit 1 if it is broken.
+    Verify {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Write every entry as JSON Lines to standard output.
+    Export {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Show entries after a sequence number.
+    List {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Entries after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+}
+
+struct Api {
+    base: String,
+    token: String,
+    client: reqwest::Client,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Api {
+    fn new(s: &ServerArgs) -> anyhow::Result<Self> {
+        Ok(Api {
+            base: s.server.trim_end_matches('/').to_owned(),
+            token: s.token.clone(),
+            client: reqwest::Client::new(),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        })
+    }
+
+    fn call(&self, method: reqwest::Method, path: &str, body: Option<Body>) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        self.rt.block_on(async {
+            let mut req = self
+                .client
+                .request(method, &url)
+                .bearer_auth(&self.token);
+            match body {
+                Some(Body::Json(v)) => req = req.json(&v),
+                Some(Body::Raw(b)) => req = req.body(b),
+                None => {}
+            }
+            let resp = req
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the center at {}", self.base))?;
+            let status = resp.status();
+            let text = resp.text().await?;
+            let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            if !status.is_success() {
+                let msg = value
+                    .get("message")
+                    .or_else(|| value.get("error"))
+                    .and_then(Value::as_str)
+                    .map_or_else(|| value.to_string(), str::to_owned);
+                bail!("{status}: {msg}");
+            }
+            Ok(value)
+        })
+    }
+
+    fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::GET, path, None)
+    }
+
+    fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        self.call(reqwest::Method::POST, path, Some(Body::Json(body)))
+    }
+}
+
+enum Body {
+    Json(Value),
+    Raw(Vec<u8>),
+}
+
+fn print_json(v: &Value) {
+    say!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn table(headers: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_BORDERS_ONLY)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(headers.iter().copied());
+    t
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(x) => x.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_device(v: &Value) {
+    let mut t = table(&["device", "class", "suite", "epoch", "state", "transport open"]);
+    t.add_row(vec![
+        s(&v["device"]),
+        s(&v["class"]),
+        s(&v["suite"]),
+        s(&v["epoch"]),
+        s(&v["state"]),
+        s(&v["transport_open"]),
+    ]);
+    say!("{t}");
+    let mut seeds = table(&["generation", "state", "years", "kstore", "via", "activated", "grace until"]);
+    for seed in v["seeds"].as_array().into_iter().flatten() {
+        seeds.add_row(vec![
+            s(&seed["generation"]),
+            s(&seed["state"]),
+            format!("{}..={}", s(&seed["base_year"]), s(&seed["last_year"])),
+            s(&seed["kstore_version"]),
+            s(&seed["via"]),
+            s(&seed["activated_at"]),
+            s(&seed["grace_until"]),
+        ]);
+    }
+    say!("{seeds}");
+}
+
+fn action(a: &ActionArgs, name: &str, extra: Value) -> anyhow::Result<()> {
+    let api = Api::new(&a.server)?;
+    let mut body = json!({ "reason": a.reason });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let v = api.post(&format!("/v1/devices/{}/{name}", a.device), body)?;
+    if a.server.json {
+        print_json(&v);
+    } else {
+        say!("{}: {name} done; state {}", a.device, s(&v["state"]));
+    }
+    Ok(())
+}
+
+/// Runs a device command.
+pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
+    match cmd {
+        DeviceCommand::List {
+            server,
+            state,
+            class,
+            expires_by,
+            limit,
+            after,
+        } => {
+            let api = Api::new(&server)?;
+            let mut q = vec![format!("limit={limit}")];
+            if let Some(x) = state {
+                q.push(format!("state={x}"));
+            }
+            if let Some(x) = class {
+                q.push(format!("class={x}"));
+            }
+            if let Some(x) = expires_by {
+                q.push(format!("expires_by={x}"));
+            }
+            if let Some(x) = after {
+                q.push(format!("after={x}"));
+            }
+            let v = api.get(&format!("/v1/devices?{}", q.join("&")))?;
+            if server.json {
+                print_json(&v);
+                return Ok(());
+            }
+            let mut t = table(&["device", "class", "state", "generation", "seed years"]);
+            for d in v["devices"].as_array().into_iter().flatten() {
+                let cur = d["seeds"].as_array().and_then(|a| a.last()).cloned().unwrap_or(Value::Null);
+                t.add_row(vec![
+                    s(&d["device"]),
+                    s(&d["class"]),
+                    s(&d["state"]),
+                    s(&cur["generation"]),
+                    if cur.is_null() { "-".into() } else { format!("{}..={}", s(&cur["base_year"]), s(&cur["last_year"])) },
+                ]);
+            }
+            say!("{t}");
+            if let Some(next) = v["next"].as_str() {
+                say!("more: --after {next}");
+            }
+        }
+        DeviceCommand::Show { server, device } => {
+            let api = Api::new(&server)?;
+            let v = api.get(&format!("/v1/devices/{device}"))?;
+            if server.json {
+                print_json(&v);
+            } else {
+                print_device(&v);
+            }
+        }
+        DeviceCommand::Suspend(a) => action(&a, "suspend", json!({}))?,
+        DeviceCommand::Resume(a) => action(&a, "resume", json!({}))?,
+        DeviceCommand::Revoke(a) => action(&a, "revoke", json!({}))?,
+        DeviceCommand::Destroy(a) => action(&a, "destroy", json!({}))?,
+        DeviceCommand::Activate(a) => action(&a, "activate", json!({}))?,
+        DeviceCommand::Reopen { action: a, epoch } => action(&a, "reopen", json!({ "epoch": epoch }))?,
+        DeviceCommand::Update {
+            server,
+            device,
+            due,
+            reason,
+        } => {
+            let api = Api::new(&server)?;
+            let v = match (device, due) {
+                (Some(d), false) => api.post(&format!("/v1/devices/{d}/update"), json!({ "reason": reason }))?,
+                (None, true) => api.post("/v1/updates/due", json!({}))?,
+                _ => bail!("give either a device id or --due"),
+            };
+            if server.json {
+                print_json(&v);
+            } else if let Some(n) = v.get("queued") {
+                say!("UPDATE_SEED queued for {n} devices");
+            } else {
+                say!("UPDATE_SEED queued for {}", s(&v["device"]));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `microcert import FILE`: a factory batch, through the center.
+pub fn import(server: &ServerArgs, file: &std::path::Path) -> anyhow::Result<()> {
+    let api = Api::new(server)?;
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(format!("importing {}", file.display()));
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let v = api.call(reqwest::Method::POST, "/v1/import", Some(Body::Raw(bytes)));
+    bar.finish_and_clear();
+    let v = v?;
+    if server.json {
+        print_json(&v);
+        return Ok(());
+    }
+    say!(
+        "{} lines: {} enrolled, {} already enrolled, {} rejected",
+        s(&v["lines"]),
+        s(&v["enrolled"]),
+        s(&v["already"]),
+        v["rejected"].as_array().map_or(0, Vec::len)
+    );
+    for r in v["rejected"].as_array().into_iter().flatten() {
+        say!("  line {}: {} ({})", s(&r["line"]), s(&r["error"]), s(&r["message"]));
+    }
+    Ok(())
+}
+
+/// `microcert integrity check --server`: exit 1 when anything was found.
+pub fn integrity(server: &ServerArgs) -> anyhow::Result<bool> {
+    let v = Api::new(server)?.get("/v1/integrity")?;
+    if server.json {
+        print_json(&v);
+    } else if v["clean"].as_bool() == Some(true) {
+        say!("clean: {} records checked", s(&v["records"]));
+    } else {
+        say!("TAMPERED: {} records checked", s(&v["records"]));
+        for r in v["bad_records"].as_array().into_iter().flatten() {
+            say!("  record device {} generation {}", s(&r["device"]), s(&r["generation"]));
+        }
+        for sh in v["bad_shards"].as_array().into_iter().flatten() {
+            say!("  digest shard {sh}");
+        }
+    }
+    Ok(v["clean"].as_bool() == Some(true))
+}
+
+/// Runs an audit command; false when the chain is broken.
+pub fn audit(cmd: AuditCommand) -> anyhow::Result<bool> {
+    match cmd {
+        AuditCommand::Verify { server } => {
+            let v = Api::new(&server)?.get("/v1/audit/verify")?;
+            if server.json {
+                print_json(&v);
+            } else if v["intact"].as_bool() == Some(true) {
+                say!("audit chain intact");
+            } else {
+                say!("audit chain BROKEN at entry {}", s(&v["first_bad"]));
+            }
+            Ok(v["intact"].as_bool() == Some(true))
+        }
+        AuditCommand::Export { server } => {
+            let api = Api::new(&server)?;
+            let mut after = 0;
+            loop {
+                let v = api.get(&format!("/v1/audit?after={after}&limit=1000"))?;
+                let entries = v["entries"].as_array().cloned().unwrap_or_default();
+                let Some(last) = entries.last() else { break };
+                after = last["seq"].as_u64().unwrap_or(u64::MAX);
+                for e in &entries {
+                    say!("{e}");
+                }
+            }
+            Ok(true)
+        }
+        AuditCommand::List { server, after, limit } => {
+            let v = Api::new(&server)?.get(&format!("/v1/audit?after={after}&limit={limit}"))?;
+            if server.json {
+                print_json(&v);
+                return Ok(true);
+            }
+            let mut t = table(&["seq", "time", "actor", "action", "device", "gen", "reason"]);
+            for e in v["entries"].as_array().into_iter().flatten() {
+                t.add_row(vec![
+                    s(&e["seq"]),
+                    s(&e["time"]),
+                    s(&e["actor"]),
+                    s(&e["action"]),
+                    s(&e["device"]),
+                    s(&e["generation"]),
+                    s(&e["reason"]),
+                ]);
+            }
+            say!("{t}");
+            Ok(true)
+        }
+    }
+}

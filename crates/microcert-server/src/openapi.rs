@@ -1,0 +1,104 @@
+//! The OpenAPI 3.1 document served at `/v1/openapi.json`, built from one
+//! table of the routes so it cannot list a path the server does not serve
+//! (a test requests every path in the table).
+
+use serde_json::{Map, Value, json};
+
+/// One route of the API: method, path, roles allowed (empty = none needed
+/// or authenticated by the message itself), summary, request and reply
+/// content types.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteDoc {
+    /// HTTP method, lower case.
+    pub method: &'static str,
+    /// Path with `{param}` placeholders.
+    pub path: &'static str,
+    /// Roles whose bearer token is accepted.
+    pub roles: &'static [&'static str],
+    /// What it does.
+    pub summary: &'static str,
+    /// Request body content type, if any.
+    pub request: Option<&'static str>,
+    /// Success reply content type.
+    pub reply: &'static str,
+}
+
+const OCTETS: &str = "application/octet-stream";
+const JSON: &str = "application/json";
+const READ: &[&str] = &["admin", "operator", "auditor"];
+const WRITE: &[&str] = &["admin", "operator"];
+const AUDIT: &[&str] = &["admin", "auditor"];
+
+/// Every route the HTTP server serves.
+pub const ROUTES: &[RouteDoc] = &[
+    RouteDoc { method: "post", path: "/v1/device/enroll", roles: &[], summary: "An ENROLL; replies the RECEIPT keyed by the new seed", request: Some(OCTETS), reply: OCTETS },
+    RouteDoc { method: "post", path: "/v1/device/auth", roles: &[], summary: "An AUTH for the center; replies the center's RECEIPT (mutual authentication)", request: Some(OCTETS), reply: OCTETS },
+    RouteDoc { method: "post", path: "/v1/device/challenge", roles: &[], summary: "A device id (8 bytes); replies a stateless 16-byte challenge", request: Some(OCTETS), reply: OCTETS },
+    RouteDoc { method: "post", path: "/v1/device/auth-response", roles: &[], summary: "An AUTH_RESPONSE; replies the center's RECEIPT", request: Some(OCTETS), reply: OCTETS },
+    RouteDoc { method: "get", path: "/v1/device/{device}/command", roles: &[], summary: "The pending COMMAND, or 204", request: None, reply: OCTETS },
+    RouteDoc { method: "post", path: "/v1/device/receipt", roles: &[], summary: "A node's RECEIPT; 204", request: Some(OCTETS), reply: OCTETS },
+    RouteDoc { method: "post", path: "/v1/verify", roles: &["verifier"], summary: "An AUTH for this relying party, or a SIGNATURE followed by its data", request: Some(OCTETS), reply: JSON },
+    RouteDoc { method: "post", path: "/v1/open", roles: &["verifier"], summary: "A SEALED for this relying party; replies the plaintext", request: Some(OCTETS), reply: OCTETS },
+    RouteDoc { method: "get", path: "/v1/devices", roles: READ, summary: "Devices, filtered by state, class and seed expiry (expires_by = last year), paged by `after` and `limit`", request: None, reply: JSON },
+    RouteDoc { method: "get", path: "/v1/devices/{device}", roles: READ, summary: "One device with all its seeds (never a ciphertext)", request: None, reply: JSON },
+    RouteDoc { method: "post", path: "/v1/devices/{device}/{action}", roles: WRITE, summary: "activate, suspend, resume, deactivate, revoke, destroy, update or reopen; body {\"reason\": ..., \"epoch\": n}", request: Some(JSON), reply: JSON },
+    RouteDoc { method: "post", path: "/v1/devices/bulk", roles: WRITE, summary: "One action on every device matching a filter; body {\"action\", \"filter\", \"reason\"}", request: Some(JSON), reply: JSON },
+    RouteDoc { method: "post", path: "/v1/updates/due", roles: WRITE, summary: "Queue UPDATE_SEED for every device whose seed is in its last year", request: None, reply: JSON },
+    RouteDoc { method: "post", path: "/v1/import", roles: WRITE, summary: "Import a factory batch (JSON Lines of ENROLLs); resumable and idempotent", request: Some("application/jsonl"), reply: JSON },
+    RouteDoc { method: "get", path: "/v1/integrity", roles: READ, summary: "Recompute every record tag and the card digest; names what does not match", request: None, reply: JSON },
+    RouteDoc { method: "get", path: "/v1/audit", roles: AUDIT, summary: "Audit entries after `after`, at most `limit`", request: None, reply: JSON },
+    RouteDoc { method: "get", path: "/v1/audit/verify", roles: AUDIT, summary: "Walk the audit hash chain", request: None, reply: JSON },
+    RouteDoc { method: "get", path: "/v1/openapi.json", roles: &[], summary: "This document", request: None, reply: JSON },
+    RouteDoc { method: "get", path: "/metrics", roles: &[], summary: "Prometheus metrics", request: None, reply: "text/plain" },
+    RouteDoc { method: "get", path: "/healthz", roles: &[], summary: "Liveness", request: None, reply: "text/plain" },
+];
+
+/// The document.
+pub fn document() -> Value {
+    let mut paths = Map::new();
+    for r in ROUTES {
+        let mut op = json!({
+            "summary": r.summary,
+            "responses": {
+                "200": { "description": "success", "content": { r.reply: {} } },
+                "400": { "description": "malformed" },
+                "401": { "description": "does not verify, or no valid token" },
+                "403": { "description": "revoked, suspended, not active, or the token's role may not" },
+                "404": { "description": "unknown device" },
+                "409": { "description": "replay, or an illegal life-cycle transition" }
+            }
+        });
+        if !r.roles.is_empty() {
+            op["security"] = json!([{ "bearer": [] }]);
+            op["description"] = json!(format!("Roles: {}.", r.roles.join(", ")));
+        }
+        if let Some(ct) = r.request {
+            op["requestBody"] = json!({ "content": { ct: {} } });
+        }
+        let params: Vec<Value> = r
+            .path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }))
+            .collect();
+        if !params.is_empty() {
+            op["parameters"] = Value::Array(params);
+        }
+        let entry = paths
+            .entry(r.path.to_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
+        entry[r.method] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "microcert center",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Device, relying-party and operator resources of a microcert authentication center. Device bodies are raw protocol bytes (docs/protocol.md)."
+        },
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } }
+        },
+        "paths": paths
+    })
+}

@@ -1,0 +1,537 @@
+//! The operator API: HTTP/JSON under `/v1`, bearer tokens with roles, every
+//! action audited with the token's name (the center writes the audit entry
+//! with the actor it is given).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use microcert_center::db::SeedRow;
+use microcert_center::{Center, DeviceQuery, DeviceView, Error};
+use microcert_core::{DeviceId, Event, KeyState};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::http::authorize;
+use crate::service::{now, refusal};
+use crate::tokens::{Role, TokenStore};
+
+/// What the operator handlers share.
+#[derive(Clone)]
+#[allow(missing_debug_implementations)] // holds the metrics handle
+pub struct OperatorState {
+    /// The center.
+    pub center: Arc<Center>,
+    /// Bearer tokens.
+    pub tokens: Arc<TokenStore>,
+    /// Renders `/metrics`.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+const READ: &[Role] = &[Role::Admin, Role::Operator, Role::Auditor];
+const WRITE: &[Role] = &[Role::Admin, Role::Operator];
+const AUDIT: &[Role] = &[Role::Admin, Role::Auditor];
+
+/// The operator routes.
+pub fn routes(state: OperatorState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/devices", get(list_devices))
+        .route("/v1/devices/bulk", post(bulk))
+        .route("/v1/devices/{device}", get(show_device))
+        .route("/v1/devices/{device}/{action}", post(device_action))
+        .route("/v1/updates/due", post(update_due))
+        .route("/v1/import", post(import))
+        .route("/v1/integrity", get(integrity))
+        .route("/v1/audit", get(audit))
+        .route("/v1/audit/verify", get(audit_verify))
+        .with_state(state)
+}
+
+/// An error reply of the operator API.
+fn error(e: &Error) -> Response {
+    let status = match e {
+        Error::UnknownDevice => StatusCode::NOT_FOUND,
+        Error::IllegalTransition { .. } | Error::Refused(_) => StatusCode::CONFLICT,
+        Error::Malformed(_) => StatusCode::BAD_REQUEST,
+        other => refusal(other).http_status(),
+    };
+    if status.is_server_error() {
+        tracing::error!(error = %e, "operator request failed");
+    }
+    (
+        status,
+        axum::Json(json!({ "error": e.kind(), "message": e.to_string() })),
+    )
+        .into_response()
+}
+
+fn bad_request(message: impl Into<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({ "error": "bad-request", "message": message.into() })),
+    )
+        .into_response()
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> microcert_center::Result<T> + Send + 'static,
+) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(error(&e)),
+        Err(_) => Err(error(&Error::Database("worker thread failed".into()))),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(s): State<OperatorState>) -> Response {
+    match &s.metrics {
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn openapi() -> Response {
+    axum::Json(crate::openapi::document()).into_response()
+}
+
+/// A seed as operators see it: no ciphertext, no tag.
+#[derive(Debug, Serialize)]
+pub struct SeedJson {
+    generation: u8,
+    state: &'static str,
+    base_year: u16,
+    last_year: u16,
+    suite: u8,
+    kstore_version: u32,
+    via: &'static str,
+    created: u64,
+    activated_at: Option<u64>,
+    suspended_at: Option<u64>,
+    deactivated_at: Option<u64>,
+    compromised_at: Option<u64>,
+    destroyed_at: Option<u64>,
+    grace_until: Option<u64>,
+}
+
+impl From<&SeedRow> for SeedJson {
+    fn from(s: &SeedRow) -> Self {
+        SeedJson {
+            generation: s.generation,
+            state: s.state.name(),
+            base_year: s.base_year,
+            last_year: s.base_year.saturating_add(microcert_core::SEED_YEARS - 1),
+            suite: s.suite.id(),
+            kstore_version: s.kstore_version,
+            via: s.via.name(),
+            created: s.created,
+            activated_at: s.activated_at,
+            suspended_at: s.suspended_at,
+            deactivated_at: s.deactivated_at,
+            compromised_at: s.compromised_at,
+            destroyed_at: s.destroyed_at,
+            grace_until: s.grace_until,
+        }
+    }
+}
+
+/// A device as operators see it.
+#[derive(Debug, Serialize)]
+pub struct DeviceJson {
+    device: String,
+    class: u8,
+    suite: u8,
+    epoch: u8,
+    transport_open: bool,
+    created: u64,
+    command_counter: u32,
+    state: Option<&'static str>,
+    seeds: Vec<SeedJson>,
+}
+
+impl From<&DeviceView> for DeviceJson {
+    fn from(v: &DeviceView) -> Self {
+        DeviceJson {
+            device: v.device.id.to_string(),
+            class: v.device.class,
+            suite: v.device.suite.id(),
+            epoch: v.device.epoch,
+            transport_open: v.device.transport_open,
+            created: v.device.created,
+            command_counter: v.device.command_counter,
+            state: v.current().map(|s| s.state.name()),
+            seeds: v.seeds.iter().map(SeedJson::from).collect(),
+        }
+    }
+}
+
+/// Filters of the device list and of bulk actions.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct Filter {
+    /// Current seed state (e.g. "active").
+    pub state: Option<String>,
+    /// Device class, 1..=3.
+    pub class: Option<u8>,
+    /// Only seeds whose last year is at most this year.
+    pub expires_by: Option<u16>,
+}
+
+impl Filter {
+    fn query(&self) -> Result<DeviceQuery, Response> {
+        let state = match &self.state {
+            Some(s) => Some(
+                KeyState::from_name(s)
+                    .ok_or_else(|| bad_request(format!("unknown state {s:?}")))?,
+            ),
+            None => None,
+        };
+        Ok(DeviceQuery {
+            state,
+            class: self.class,
+            last_year_at_most: self.expires_by,
+            after: None,
+            limit: 0,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ListParams {
+    #[serde(flatten)]
+    filter: Filter,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+fn device_id(hex: &str) -> Result<DeviceId, Response> {
+    crate::api::parse_device(hex).map_err(|_| bad_request("a device id is 16 hex digits"))
+}
+
+async fn list_devices(
+    State(s): State<OperatorState>,
+    headers: HeaderMap,
+    Query(p): Query<ListParams>,
+) -> Response {
+    if let Err(d) = authorize(&s.tokens, &headers, READ) {
+        return d.into_response();
+    }
+    let mut q = match p.filter.query() {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    q.limit = p.limit.unwrap_or(100).clamp(1, 1000);
+    if let Some(after) = &p.after {
+        match device_id(after) {
+            Ok(id) => q.after = Some(id),
+            Err(r) => return r,
+        }
+    }
+    let limit = q.limit;
+    let center = s.center.clone();
+    match blocking(move || center.list_devices(&q)).await {
+        Ok(views) => {
+            let next = (views.len() == limit)
+                .then(|| views.last().map(|v| v.device.id.to_string()))
+                .flatten();
+            let devices: Vec<DeviceJson> = views.iter().map(DeviceJson::from).collect();
+            axum::Json(json!({ "devices": devices, "next": next })).into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn show_device(
+    State(s): State<OperatorState>,
+    headers: HeaderMap,
+    Path(hex): Path<String>,
+) -> Response {
+    if let Err(d) = authorize(&s.tokens, &headers, READ) {
+        return d.into_response();
+    }
+    let id = match device_id(&hex) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let center = s.center.clone();
+    match blocking(move || center.device(id)).await {
+        Ok(Some(v)) => axum::Json(DeviceJson::from(&v)).into_response(),
+        Ok(None) => error(&Error::UnknownDevice),
+        Err(r) => r,
+    }
+}
+
+/// The body of an action: why, and for `reopen`, the chip's new epoch.
+#[derive(Debug, Default, Deserialize)]
+struct ActionBody {
+    reason: Option<String>,
+    epoch: Option<u8>,
+}
+
+/// The life-cycle and update actions an operator can take on one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Activate a pre-activation seed.
+    Activate,
+    /// Suspend the current seed.
+    Suspend,
+    /// Resume a suspended seed.
+    Resume,
+    /// Deactivate the current seed.
+    Deactivate,
+    /// Revoke: Compromised at once, REVOKE queued.
+    Revoke,
+    /// Destroy a deactivated or compromised seed's ciphertext.
+    Destroy,
+    /// Queue an UPDATE_SEED.
+    Update,
+    /// Reopen transport-key enrollment (with `epoch` after a revocation).
+    Reopen,
+}
+
+impl Action {
+    fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+    }
+
+    fn apply(
+        self,
+        center: &Center,
+        id: DeviceId,
+        actor: &str,
+        reason: &str,
+        epoch: Option<u8>,
+    ) -> microcert_center::Result<()> {
+        let t = now();
+        let event = match self {
+            Action::Activate => Event::Activate,
+            Action::Suspend => Event::Suspend,
+            Action::Resume => Event::Resume,
+            Action::Deactivate => Event::Deactivate,
+            Action::Destroy => Event::Destroy,
+            Action::Revoke => return center.revoke(id, actor, reason, t),
+            Action::Update => return center.queue_update(id, actor, reason, t),
+            Action::Reopen => {
+                return center
+                    .reopen_transport(id, epoch, actor, reason, t)
+                    .map(|_| ());
+            }
+        };
+        center.lifecycle(id, None, event, actor, reason, t).map(|_| ())
+    }
+}
+
+fn parse_body(body: &Bytes) -> Result<ActionBody, Response> {
+    if body.is_empty() {
+        return Ok(ActionBody::default());
+    }
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
+}
+
+async fn device_action(
+    State(s): State<OperatorState>,
+    headers: HeaderMap,
+    Path((hex, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let who = match authorize(&s.tokens, &headers, WRITE) {
+        Ok(w) => w,
+        Err(d) => return d.into_response(),
+    };
+    let Some(action) = Action::parse(&action) else {
+        return (StatusCode::NOT_FOUND, axum::Json(json!({"error": "unknown-action"})))
+            .into_response();
+    };
+    let (id, body) = match (device_id(&hex), parse_body(&body)) {
+        (Ok(id), Ok(b)) => (id, b),
+        (Err(r), _) | (_, Err(r)) => return r,
+    };
+    let reason = body.reason.unwrap_or_else(|| "operator request".into());
+    let center = s.center.clone();
+    let result = blocking(move || {
+        action.apply(&center, id, &who.name, &reason, body.epoch)?;
+        center.device(id)
+    })
+    .await;
+    match result {
+        Ok(Some(v)) => axum::Json(DeviceJson::from(&v)).into_response(),
+        Ok(None) => error(&Error::UnknownDevice),
+        Err(r) => r,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct BulkBody {
+    action: Action,
+    #[serde(default)]
+    filter: Filter,
+    reason: Option<String>,
+}
+
+async fn bulk(State(s): State<OperatorState>, headers: HeaderMap, body: Bytes) -> Response {
+    let who = match authorize(&s.tokens, &headers, WRITE) {
+        Ok(w) => w,
+        Err(d) => return d.into_response(),
+    };
+    let body: BulkBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return bad_request(format!("invalid JSON body: {e}")),
+    };
+    let mut q = match body.filter.query() {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
+    let reason = body.reason.unwrap_or_else(|| "operator bulk request".into());
+    let center = s.center.clone();
+    let result = blocking(move || {
+        q.limit = 500;
+        let (mut applied, mut failed) = (0u64, Vec::new());
+        loop {
+            let page = center.list_devices(&q)?;
+            let Some(last) = page.last() else { break };
+            q.after = Some(last.device.id);
+            for v in &page {
+                match body.action.apply(&center, v.device.id, &who.name, &reason, None) {
+                    Ok(()) => applied += 1,
+                    Err(e) if e.is_refusal() => failed.push(json!({
+                        "device": v.device.id.to_string(), "error": e.kind()
+                    })),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(json!({ "applied": applied, "failed": failed }))
+    })
+    .await;
+    match result {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn update_due(State(s): State<OperatorState>, headers: HeaderMap) -> Response {
+    let who = match authorize(&s.tokens, &headers, WRITE) {
+        Ok(w) => w,
+        Err(d) => return d.into_response(),
+    };
+    let center = s.center.clone();
+    match blocking(move || center.update_due(&who.name, now())).await {
+        Ok(n) => axum::Json(json!({ "queued": n })).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn import(State(s): State<OperatorState>, headers: HeaderMap, body: Bytes) -> Response {
+    let who = match authorize(&s.tokens, &headers, WRITE) {
+        Ok(w) => w,
+        Err(d) => return d.into_response(),
+    };
+    let center = s.center.clone();
+    let result = blocking(move || {
+        // The center imports from a file (resumable by the file's digest):
+        // the body is written to a private temporary file first.
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("batch.jsonl");
+        std::fs::write(&path, &body)?;
+        center.import_batch(&path, &who.name, now(), &mut |_| {})
+    })
+    .await;
+    match result {
+        Ok(r) => axum::Json(json!({
+            "lines": r.lines,
+            "resumed_after": r.resumed_after,
+            "enrolled": r.enrolled,
+            "already": r.already,
+            "rejected": r.rejected.iter().map(|x| json!({
+                "line": x.line, "error": x.kind, "message": x.message
+            })).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn integrity(State(s): State<OperatorState>, headers: HeaderMap) -> Response {
+    if let Err(d) = authorize(&s.tokens, &headers, READ) {
+        return d.into_response();
+    }
+    let center = s.center.clone();
+    match blocking(move || center.integrity_scan()).await {
+        Ok(r) => axum::Json(json!({
+            "clean": r.is_clean(),
+            "records": r.records,
+            "bad_records": r.bad_records.iter().map(|(d, g)| json!({
+                "device": d.to_string(), "generation": g
+            })).collect::<Vec<_>>(),
+            "bad_shards": r.bad_shards,
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditParams {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn audit(
+    State(s): State<OperatorState>,
+    headers: HeaderMap,
+    Query(p): Query<AuditParams>,
+) -> Response {
+    if let Err(d) = authorize(&s.tokens, &headers, AUDIT) {
+        return d.into_response();
+    }
+    let center = s.center.clone();
+    let (after, limit) = (p.after.unwrap_or(0), p.limit.unwrap_or(100).clamp(1, 1000));
+    match blocking(move || center.audit_log(after, limit)).await {
+        Ok(entries) => axum::Json(json!({
+            "entries": entries.iter().map(audit_json).collect::<Vec<_>>()
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+/// An audit entry as JSON (also the line format of `audit export`).
+pub fn audit_json(a: &microcert_center::db::AuditRecord) -> serde_json::Value {
+    json!({
+        "seq": a.seq,
+        "time": a.entry.time,
+        "actor": a.entry.actor,
+        "action": a.entry.action,
+        "device": a.entry.device.map(|d| d.to_string()),
+        "generation": a.entry.generation,
+        "reason": a.entry.reason,
+        "prev_hash": hex::encode(a.prev_hash),
+        "hash": hex::encode(a.hash),
+    })
+}
+
+async fn audit_verify(State(s): State<OperatorState>, headers: HeaderMap) -> Response {
+    if let Err(d) = authorize(&s.tokens, &headers, AUDIT) {
+        return d.into_response();
+    }
+    let center = s.center.clone();
+    match blocking(move || center.verify_audit_chain()).await {
+        Ok(None) => axum::Json(json!({ "intact": true })).into_response(),
+        Ok(Some(seq)) => axum::Json(json!({ "intact": false, "first_bad": seq })).into_response(),
+        Err(r) => r,
+    }
+}
