@@ -495,3 +495,45 @@ fn revocation_is_seen_at_once_by_other_threads() {
     });
     assert_eq!(late_accepts.into_inner(), 0);
 }
+
+#[test]
+fn factory_provisioning_then_online_enrollment() {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let center = new_center(&dir.path().join("c.db"), card.clone());
+    let ids: Vec<DeviceId> = (0..3).map(|i| DeviceId::from_u64(0x0900 + i)).collect();
+    let keys = center.provision(&ids, 3, None, 0, "factory", NOW).unwrap();
+    assert_eq!(keys.len(), 3);
+    // Provisioning an id twice is refused, and nothing of that batch stays.
+    let more = [DeviceId::from_u64(0x0a00), ids[1]];
+    assert!(matches!(
+        center.provision(&more, 3, None, 0, "factory", NOW),
+        Err(Error::Refused(_))
+    ));
+    assert!(center.device(more[0]).unwrap().is_none());
+    // Class 1 does not allow suite 0x02.
+    assert!(matches!(
+        center.provision(
+            &[DeviceId::from_u64(0x0b00)],
+            1,
+            Some(Suite::CMAC128),
+            0,
+            "factory",
+            NOW
+        ),
+        Err(Error::WrongSuite)
+    ));
+    for (id, ktr) in ids.iter().zip(keys) {
+        let v = center.device(*id).unwrap().unwrap();
+        assert_eq!(
+            (v.device.class, v.device.suite, v.device.transport_open),
+            (3, Suite::CMAC128, true)
+        );
+        let mut node = TestNode::new(*id, 3, Suite::CMAC128, ktr);
+        let e = node.enroll_transport(NOW);
+        let r = center.enroll(&e, NOW).unwrap();
+        let enroll_r = microcert_core::Enroll::decode(&e).unwrap().header.r;
+        assert!(node.check_receipt(&r, enroll_r));
+        assert!(!center.device(*id).unwrap().unwrap().device.transport_open);
+    }
+}

@@ -24,6 +24,7 @@ mod factory;
 mod hexarg;
 mod ops;
 mod serve;
+mod simulate;
 
 /// microcert: symmetric micro-certificates and key management for IoT fleets.
 #[derive(Debug, Parser)]
@@ -59,6 +60,8 @@ enum Command {
     /// Integrity of the key database.
     #[command(subcommand)]
     Integrity(IntegrityCommand),
+    /// Software nodes from a factory file live against a running center.
+    Simulate(simulate::SimulateArgs),
     /// The encryption card: init, split into shares, recover.
     #[command(subcommand)]
     Card(card::CardCommand),
@@ -137,6 +140,9 @@ fn main() -> ExitCode {
         Command::Integrity(IntegrityCommand::Check { server }) => ops::integrity(&server)
             .map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
             .map_err(|e| (e, ExitCode::from(2))),
+        Command::Simulate(args) => simulate::run(args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| (e, ExitCode::FAILURE)),
         Command::Card(cmd) => card::run(cmd)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| (e, ExitCode::FAILURE)),

@@ -18,6 +18,11 @@
 //! inspected, so a figure may be low by that much. A calibration call that
 //! uses a known 512-byte buffer checks the method.
 //!
+//! The same painting then serves a residue check: after the chip made an
+//! ENROLL, accepted its RECEIPT, answered an UPDATE_SEED and issued an
+//! AUTH, it looks for the seeds' rows, K0 and Kauth in the stack the call
+//! used (`SHOW_DEPTH=1` prints where a find lies).
+//!
 //! Reading stack bytes that no live Rust value owns needs `unsafe`, which
 //! the crate forbids; that is why the measurement is this example, outside
 //! the library.
@@ -34,6 +39,7 @@ use microcert_core::{
     Audience, DeviceId, Enroll, EnrollKey, HEADER_LEN, Header, KeySeed, Opcode, Sender, Suite,
     make_auth, make_command, make_receipt, open_enroll,
 };
+use microcert_core::{Auth, Purpose, csk::combine, working_key};
 use microcert_node::{SecureChip, SoftChip};
 use support::{Xorshift, enrolled_chip};
 
@@ -229,8 +235,56 @@ fn residue_check() {
     );
 }
 
+/// After an AUTH: are K0, Kauth or the rows it combined left on the stack?
+fn auth_residue_check() {
+    let mut snap = vec![0u8; LEVELS * FRAME];
+    let mut chip = support::personalized_chip();
+    let mut out = [0u8; 1100];
+    let n = chip.enroll(0, &mut out).expect("enroll");
+    let msg = Enroll::decode(&out[..n]).expect("decode");
+    let seed = open_enroll(EnrollKey::Transport(&support::ktr()), &msg).expect("open");
+    let header = Header {
+        suite: Suite::CMAC64,
+        device: support::DEVICE,
+        generation: 0,
+        t: support::ISSUED + 10,
+        r: 1,
+    };
+    let mut rc = [0u8; 64];
+    let m =
+        make_receipt(&seed, &header, Sender::Center, msg.header.r, 0, &mut rc).expect("receipt");
+    chip.accept_receipt(&rc[..m]).expect("accept");
+    let mut a = 0;
+    snapshot_after(
+        &mut || a = chip.auth(0, &Audience::CENTER, &mut out).expect("auth"),
+        &mut snap,
+    );
+    let auth = Auth::decode(&out[..a]).expect("decode");
+    let k0 = combine(&seed, auth.header.t, auth.header.r).expect("k0");
+    let kauth = working_key(&seed, Purpose::Auth, &auth.header).expect("kauth");
+    let has = |k: &[u8]| {
+        let found: Vec<usize> = snap
+            .windows(16)
+            .enumerate()
+            .filter(|(_, w)| *w == k)
+            .map(|(p, _)| (p / FRAME) * FRAME + (FRAME - p % FRAME))
+            .collect();
+        if std::env::var_os("SHOW_DEPTH").is_some() && !found.is_empty() {
+            eprintln!("  found at depths {found:?}");
+        }
+        !found.is_empty()
+    };
+    println!(
+        "after AUTH: K0 on the stack: {}, Kauth on the stack: {}, seed rows on the stack: {}",
+        has(k0.expose()),
+        has(kauth.expose()),
+        rows_found(&snap, &seed)
+    );
+}
+
 fn main() {
     residue_check();
+    auth_residue_check();
     let mut chip = enrolled_chip();
     let mut buf = [0x42u8; 1100];
     buf[..HEADER_LEN].fill(0);

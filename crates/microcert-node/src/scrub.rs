@@ -24,7 +24,8 @@ pub(crate) const SCRUB_LEN: usize = 16 * 1024;
 /// Overwrites `SCRUB_LEN` bytes of stack below the caller's frame.
 #[inline(never)]
 pub(crate) fn scrub_stack() {
-    let mut area = [0u8; SCRUB_LEN];
+    // Words, not bytes: zeroize writes each element with a volatile store.
+    let mut area = [0u64; SCRUB_LEN / 8];
     area.zeroize();
     core::hint::black_box(&area);
 }

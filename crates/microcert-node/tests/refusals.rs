@@ -345,7 +345,7 @@ fn entropy_failure_is_an_error() {
 #[test]
 fn debug_prints_no_key_bytes() {
     let (chip, seed) = enrolled(Suite::CMAC64);
-    let text = format!("{chip:?} {:#?}", chip.status());
+    let text = format!("{chip:?} {:#?} {:?}", chip.status(), line(0, Suite::CMAC64));
     assert!(text.contains("<redacted>"));
     for key in [
         &ktr(0).expose()[..],

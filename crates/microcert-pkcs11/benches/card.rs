@@ -8,6 +8,7 @@
 mod common;
 
 use std::hint::black_box;
+use std::time::Instant;
 
 use criterion::Criterion;
 use microcert_center::card::{EncryptionCard, SoftwareCard};
@@ -28,7 +29,7 @@ fn enroll(key: EnrollKey<'_>, seed: &KeySeed, dev: DeviceId, generation: u8) -> 
     out
 }
 
-fn bench_card(c: &mut Criterion, name: &str, card: &dyn EncryptionCard) {
+fn bench_card(c: &mut Criterion, name: &str, card: &(dyn EncryptionCard + Sync)) {
     let dev = DeviceId::from_u64(0x0102_0304_0506_0708);
     let seed = KeySeed::generate(2026, |b| b.fill(0x17));
     let sealed = card.seal_seed(dev, 0, &seed).expect("seal");
@@ -36,6 +37,25 @@ fn bench_card(c: &mut Criterion, name: &str, card: &dyn EncryptionCard) {
         b.iter(|| {
             card.unseal_seed(dev, 0, sealed.kstore_version, black_box(&sealed.ciphertext))
                 .expect("unseal")
+        })
+    });
+    // Per-unseal time with 8 threads sharing the card: shows whether the
+    // session pool lets requests overlap (the machine's cores bound it).
+    c.bench_function(&format!("unseal_seed_8_threads/{name}"), |b| {
+        b.iter_custom(|iters| {
+            let per_thread = iters.div_ceil(8);
+            let start = Instant::now();
+            std::thread::scope(|scope| {
+                for _ in 0..8 {
+                    scope.spawn(|| {
+                        for _ in 0..per_thread {
+                            card.unseal_seed(dev, 0, sealed.kstore_version, &sealed.ciphertext)
+                                .expect("unseal");
+                        }
+                    });
+                }
+            });
+            start.elapsed() * iters as u32 / (per_thread * 8) as u32
         })
     });
     c.bench_function(&format!("seal_seed/{name}"), |b| {

@@ -27,6 +27,21 @@ pub struct Reply {
     pub payload: Vec<u8>,
 }
 
+impl Reply {
+    /// True for a 2.xx response.
+    pub fn is_success(&self) -> bool {
+        matches!(
+            self.code,
+            ResponseType::Created
+                | ResponseType::Deleted
+                | ResponseType::Valid
+                | ResponseType::Changed
+                | ResponseType::Content
+                | ResponseType::Continue
+        )
+    }
+}
+
 /// Why a request got no reply.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

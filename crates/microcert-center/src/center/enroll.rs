@@ -135,6 +135,57 @@ impl Center {
         Ok(row)
     }
 
+    /// Registers many devices of one class in one transaction and returns
+    /// their Ktr(device, epoch), in order: `microcert factory provision`.
+    /// Refused as a whole when any of them is already registered.
+    pub fn provision(
+        &self,
+        ids: &[DeviceId],
+        class: u8,
+        suite: Option<Suite>,
+        epoch: u8,
+        actor: &str,
+        now: u64,
+    ) -> Result<Vec<microcert_core::Key128>> {
+        let profile = self.profile(class)?;
+        let suite = suite.unwrap_or(profile.default_suite);
+        if !profile.suites.contains(&suite) {
+            return Err(Error::WrongSuite);
+        }
+        with_tx(&*self.db, |tx| {
+            for &id in ids {
+                if tx.device(id)?.is_some() {
+                    return Err(Error::Refused(format!("device {id} is already registered")));
+                }
+                tx.insert_device(&DeviceRow {
+                    id,
+                    class,
+                    suite,
+                    epoch,
+                    transport_open: true,
+                    created: now,
+                    highest_generation: None,
+                    command_counter: 0,
+                })?;
+                self.audit(
+                    tx,
+                    now,
+                    actor,
+                    "provision",
+                    (Some(id), None),
+                    &format!("class {class}, epoch {epoch}; transport key issued"),
+                )?;
+            }
+            Ok(())
+        })?;
+        for &id in ids {
+            self.cache.invalidate(id);
+        }
+        ids.iter()
+            .map(|&id| self.card.transport_key(id, epoch))
+            .collect()
+    }
+
     /// Ktr(device, epoch) for a registered device, for the factory to
     /// write into its chip. Audited: the key is as secret as a seed.
     pub fn factory_transport_key(

@@ -9,9 +9,7 @@
 use core::slice;
 
 use microcert_core::{Audience, CHALLENGE_LEN, DataDigest, DeviceId, Key128, Suite};
-use microcert_node::{
-    Entropy, EntropyFailure, IMAGE_LEN, Personalization, SecureChip, SoftChip,
-};
+use microcert_node::{Entropy, EntropyFailure, IMAGE_LEN, Personalization, SecureChip, SoftChip};
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo<'_>) -> ! {

@@ -1,0 +1,63 @@
+//! A center with a software card and a real SQLite file, served on
+//! ephemeral loopback ports inside the test process.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use microcert_center::{Center, CenterConfig, SoftwareCard};
+use microcert_server::api::DeviceService;
+use microcert_server::http::{HttpState, device_routes};
+use microcert_server::operator::{self, OperatorState};
+use microcert_server::run::{Listeners, serve};
+use microcert_server::service::CenterService;
+use microcert_server::tokens::TokenStore;
+use tokio::sync::watch;
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub center: Arc<Center>,
+    pub http: SocketAddr,
+    pub coap: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+        let center = Arc::new(
+            Center::open_sqlite(&dir.path().join("center.db"), card, CenterConfig::default())
+                .unwrap(),
+        );
+        let tokens = Arc::new(TokenStore::open(dir.path()).unwrap());
+        let svc: Arc<dyn DeviceService> = Arc::new(CenterService::new(center.clone()));
+        let router = device_routes(HttpState {
+            svc: svc.clone(),
+            tokens: tokens.clone(),
+        })
+        .merge(operator::routes(OperatorState {
+            center: center.clone(),
+            tokens,
+            metrics: None,
+        }));
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let listeners = Listeners::bind(any, any).await.unwrap();
+        let (http, coap) = listeners.addrs().unwrap();
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(serve(listeners, router, svc, 2, rx));
+        TestServer {
+            dir,
+            center,
+            http,
+            coap,
+            stop,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.stop.send(true).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
