@@ -399,3 +399,13 @@ pub fn write_secret_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     f.sync_all()?;
     Ok(())
 }
+
+/// Replaces `path` atomically with `bytes` (mode 0600): temporary file,
+/// fsync, rename.
+pub fn write_secret_file_replace(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    write_secret_file(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
+}

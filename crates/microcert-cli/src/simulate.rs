@@ -45,6 +45,10 @@ pub struct SimulateArgs {
     /// The relying party's name (the verifier token's name).
     #[arg(long, default_value = "simulator")]
     pub relying_party: String,
+    /// Keep each chip's image in this directory, so nodes survive between
+    /// runs (enrolled once, then authenticating, obeying commands).
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -75,7 +79,39 @@ fn os_entropy(buf: &mut [u8]) -> Result<(), EntropyFailure> {
 
 type Chip = SoftChip<fn(&mut [u8]) -> Result<(), EntropyFailure>>;
 
-fn load_chips(path: &std::path::Path) -> anyhow::Result<Vec<Chip>> {
+/// A simulated node: its chip, and where its image is kept between runs.
+struct Node {
+    chip: Chip,
+    image: Option<PathBuf>,
+}
+
+impl Node {
+    /// Honors the chip's persistence contract: the image is stored before
+    /// anything the chip made is transmitted.
+    fn persist(&mut self) {
+        if !self.chip.is_dirty() {
+            return;
+        }
+        if let Some(path) = &self.image {
+            let mut img = zeroize::Zeroizing::new([0u8; microcert_node::IMAGE_LEN]);
+            self.chip.to_image(&mut img);
+            if let Err(e) = crate::cert::write_secret_file_replace(path, &img[..]) {
+                eprintln!("cannot store the chip image {}: {e:#}", path.display());
+                return;
+            }
+        }
+        self.chip.mark_persisted();
+    }
+}
+
+fn entropy() -> fn(&mut [u8]) -> Result<(), EntropyFailure> {
+    os_entropy
+}
+
+fn load_chips(path: &std::path::Path, state: Option<&std::path::Path>) -> anyhow::Result<Vec<Node>> {
+    if let Some(dir) = state {
+        crate::datadir::create_private_dir(dir)?;
+    }
     let text = zeroize::Zeroizing::new(
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
     );
@@ -85,7 +121,15 @@ fn load_chips(path: &std::path::Path) -> anyhow::Result<Vec<Chip>> {
             .with_context(|| format!("{} line {}: not a chip line", path.display(), i + 1))?;
         let id = crate::hexarg::hex8(&l.device_id).map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
         let ktr = crate::hexarg::hex16(&l.transport_key).map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
-        let mut chip: Chip = SoftChip::new(os_entropy as fn(&mut [u8]) -> Result<(), EntropyFailure>);
+        let image = state.map(|d| d.join(format!("{}.img", l.device_id.to_lowercase())));
+        if let Some(img) = image.as_ref().filter(|p| p.exists()) {
+            let bytes = zeroize::Zeroizing::new(std::fs::read(img)?);
+            let chip = SoftChip::from_image(&bytes, entropy())
+                .map_err(|e| anyhow::anyhow!("chip image {}: {e}", img.display()))?;
+            chips.push(Node { chip, image });
+            continue;
+        }
+        let mut chip: Chip = SoftChip::new(entropy());
         chip.personalize(&Personalization {
             device: DeviceId(id),
             epoch: l.epoch,
@@ -95,8 +139,9 @@ fn load_chips(path: &std::path::Path) -> anyhow::Result<Vec<Chip>> {
             issued: l.issued,
         })
         .map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
-        chip.mark_persisted();
-        chips.push(chip);
+        let mut node = Node { chip, image };
+        node.persist();
+        chips.push(node);
     }
     if chips.is_empty() {
         bail!("{} holds no chips", path.display());
@@ -192,9 +237,9 @@ impl Ctx {
     }
 
     /// Sends a message that the center answers with a RECEIPT, and checks it.
-    async fn with_receipt(&mut self, chip: &mut Chip, op: &'static str, path: &str, msg: &[u8]) -> bool {
+    async fn with_receipt(&mut self, node: &mut Node, op: &'static str, path: &str, msg: &[u8]) -> bool {
         match self.timed(op, true, path, msg).await {
-            Ok(Some(receipt)) => match chip.accept_receipt(&receipt) {
+            Ok(Some(receipt)) => match node.chip.accept_receipt(&receipt) {
                 Ok(_) => true,
                 Err(e) => {
                     self.local_refusal("receipt-check", e.to_string());
@@ -206,65 +251,65 @@ impl Ctx {
         }
     }
 
-    async fn enroll(&mut self, chip: &mut Chip) -> bool {
+    async fn enroll(&mut self, node: &mut Node) -> bool {
         let mut buf = [0u8; 1100];
-        let n = match chip.enroll(now32(), &mut buf) {
+        let n = match node.chip.enroll(now32(), &mut buf) {
             Ok(n) => n,
             Err(e) => {
                 self.local_refusal("enroll", e.to_string());
                 return false;
             }
         };
-        chip.mark_persisted();
-        self.with_receipt(chip, "enroll", "/v1/device/enroll", &buf[..n]).await
+        node.persist();
+        self.with_receipt(node, "enroll", "/v1/device/enroll", &buf[..n]).await
     }
 
     /// One round of a node's life; false once the node is revoked.
-    async fn round(&mut self, chip: &mut Chip) -> bool {
+    async fn round(&mut self, node: &mut Node) -> bool {
         let mut buf = [0u8; 1100];
-        if let Ok(n) = chip.auth(now32(), &Audience::CENTER, &mut buf) {
-            chip.mark_persisted();
-            self.with_receipt(chip, "auth", "/v1/device/auth", &buf[..n]).await;
+        if let Ok(n) = node.chip.auth(now32(), &Audience::CENTER, &mut buf) {
+            node.persist();
+            self.with_receipt(node, "auth", "/v1/device/auth", &buf[..n]).await;
         }
-        let device = chip.status().device;
+        let device = node.chip.status().device;
         if let Ok(Some(ch)) = self.timed("challenge", true, "/v1/device/challenge", &device.0).await
             && let Ok(ch) = <[u8; 16]>::try_from(ch.as_slice())
-            && let Ok(n) = chip.auth_response(now32(), &ch, &mut buf)
+            && let Ok(n) = node.chip.auth_response(now32(), &ch, &mut buf)
         {
-            chip.mark_persisted();
-            self.with_receipt(chip, "auth-response", "/v1/device/auth-response", &buf[..n]).await;
+            node.persist();
+            self.with_receipt(node, "auth-response", "/v1/device/auth-response", &buf[..n]).await;
         }
         if let (Some((_, aud, token)), Some((client, base))) = (self.rp.clone(), self.http.clone()) {
             let data = format!("reading from {device} at {}", now32());
             let mut digest = DataDigest::new();
             digest.update(data.as_bytes());
-            if let Ok(n) = chip.sign(now32(), digest, &mut buf) {
+            if let Ok(n) = node.chip.sign(now32(), digest, &mut buf) {
                 let mut body = buf[..n].to_vec();
                 body.extend_from_slice(data.as_bytes());
                 self.relying_party(&client, &base, &token, "verify", &body).await;
             }
             let plain = b"21.5C";
             buf[HEADER_LEN..HEADER_LEN + plain.len()].copy_from_slice(plain);
-            if let Ok(n) = chip.seal(now32(), &aud, &mut buf, plain.len()) {
+            if let Ok(n) = node.chip.seal(now32(), &aud, &mut buf, plain.len()) {
                 self.relying_party(&client, &base, &token, "open", &buf[..n]).await;
             }
         }
         let path = format!("/v1/device/{device}/command");
         if let Ok(Some(cmd)) = self.timed("command", false, &path, &[]).await {
-            match chip.handle_command(now32(), &cmd, &mut buf) {
-                Ok(n) if chip.status().life == microcert_node::Life::Revoked => {
+            match node.chip.handle_command(now32(), &cmd, &mut buf) {
+                Ok(n) if node.chip.status().life == microcert_node::Life::Revoked => {
                     let _ = self.timed("revoke-receipt", true, "/v1/device/receipt", &buf[..n]).await;
                     return false;
                 }
                 Ok(n) => {
                     // UPDATE_SEED: the reply is the ENROLL of the next generation.
-                    chip.mark_persisted();
-                    self.with_receipt(chip, "update-enroll", "/v1/device/enroll", &buf[..n]).await;
+                    node.persist();
+                    self.with_receipt(node, "update-enroll", "/v1/device/enroll", &buf[..n]).await;
                 }
                 Err(e) => self.local_refusal("command-check", e.to_string()),
             }
         }
-        chip.status().life == microcert_node::Life::Personalized
+        node.chip.status().life == microcert_node::Life::Personalized
     }
 
     async fn relying_party(&mut self, client: &reqwest::Client, base: &str, token: &str, what: &'static str, body: &[u8]) {
@@ -301,7 +346,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Runs the simulation.
 pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
-    let chips = load_chips(&args.chips)?;
+    let chips = load_chips(&args.chips, args.state.as_deref())?;
     let total = chips.len();
     let stats = Arc::new(Mutex::new(Stats::default()));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -344,17 +389,20 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
                         break;
                     }
                 }
-                for chip in &mut mine {
+                for node in &mut mine {
                     if let Some((name, _, _)) = &ctx.rp {
-                        let _ = chip.add_audience(name);
+                        let _ = node.chip.add_audience(name);
                     }
-                    ctx.enroll(chip).await;
+                    // A node restored from its image may hold a seed already.
+                    if node.chip.status().generation.is_none() {
+                        ctx.enroll(node).await;
+                    }
                 }
                 let mut alive: Vec<bool> = vec![true; mine.len()];
                 while Instant::now() < deadline && alive.iter().any(|a| *a) {
-                    for (chip, live) in mine.iter_mut().zip(alive.iter_mut()) {
+                    for (node, live) in mine.iter_mut().zip(alive.iter_mut()) {
                         if *live && Instant::now() < deadline {
-                            *live = ctx.round(chip).await;
+                            *live = ctx.round(node).await;
                         }
                     }
                 }

@@ -396,9 +396,30 @@ impl Center {
         Ok(Enrolled::New(receipt))
     }
 
-    /// Imports a factory batch file (see the module docs for its format)
-    /// in chunked transactions; resumable and idempotent. `progress` is
-    /// called after each committed chunk.
+    /// Imports a factory batch file in chunked transactions; resumable
+    /// after a crash and idempotent. `progress` is called after each
+    /// committed chunk.
+    ///
+    /// The file is JSON Lines, one chip per line, as a manufacturer returns
+    /// them after personalization (each chip made its first seed and the
+    /// ENROLL under its Ktr(device, epoch)):
+    ///
+    /// ```text
+    /// {"device_id": "<16 hex>", "class": 1, "epoch": 0, "enroll": "<hex of the ENROLL bytes>"}
+    /// ```
+    ///
+    /// Blank lines are skipped; unknown fields are ignored; line numbers
+    /// count from 1. An unknown device is registered from its line (class,
+    /// epoch, and the ENROLL's suite, which the class profile must allow); a
+    /// registered one must match class and epoch. Each entry is then
+    /// accepted exactly as a single [`Center::enroll`] would accept it. A
+    /// rejected entry is reported in [`ImportReport::rejected`] with its line
+    /// and refusal kind, and nothing of it is stored; the rest of the file
+    /// goes on. Each chunk of `CenterConfig::import_chunk` lines is one
+    /// transaction that also records the chunk's last line under the file's
+    /// SHA-256, so a killed import resumes after the last committed chunk
+    /// ([`ImportReport::resumed_after`]). Entries already enrolled by the
+    /// same ENROLL bytes count as [`ImportReport::already`].
     pub fn import_batch(
         &self,
         path: &Path,
