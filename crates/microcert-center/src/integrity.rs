@@ -38,7 +38,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::card::EncryptionCard;
-use crate::db::{DigestShard, SeedRow, Tx};
+use crate::db::{DeviceRow, DigestShard, SeedRow, Tx};
 use crate::{Error, Result};
 
 /// Number of digest shards.
@@ -73,6 +73,42 @@ pub fn record_bytes(s: &SeedRow) -> Vec<u8> {
     b.extend_from_slice(&s.enroll_r.to_be_bytes());
     b.extend_from_slice(&s.compromised_at.unwrap_or(0).to_be_bytes());
     b
+}
+
+/// The canonical bytes of a device row that its tag covers: everything
+/// but the creation time. (A device row edited to reopen transport
+/// enrollment, change the epoch or lower the command counter is refused.)
+pub fn device_bytes(d: &DeviceRow) -> Vec<u8> {
+    let mut b = Vec::with_capacity(40);
+    b.extend_from_slice(b"MC-DEV-v1");
+    b.extend_from_slice(&d.id.0);
+    b.push(d.class);
+    b.push(d.suite.id());
+    b.push(d.epoch);
+    b.push(u8::from(d.transport_open));
+    match d.highest_generation {
+        Some(g) => b.extend_from_slice(&[1, g]),
+        None => b.extend_from_slice(&[0, 0]),
+    }
+    b.extend_from_slice(&d.command_counter.to_be_bytes());
+    b
+}
+
+/// Checks a stored device row's tag.
+pub fn check_device(card: &dyn EncryptionCard, d: &DeviceRow) -> Result<()> {
+    let tag = card.record_tag(&device_bytes(d))?;
+    if subtle::ConstantTimeEq::ct_eq(&tag[..], &d.tag[..]).into() {
+        Ok(())
+    } else {
+        tracing::error!(device = %d.id, "device record fails its integrity tag");
+        Err(Error::Integrity(format!("device {}", d.id)))
+    }
+}
+
+/// Recomputes a device row's tag after a change.
+pub fn retag_device(card: &dyn EncryptionCard, d: &mut DeviceRow) -> Result<()> {
+    d.tag = card.record_tag(&device_bytes(d))?;
+    Ok(())
 }
 
 /// The canonical bytes of a digest shard that its tag covers.
@@ -206,12 +242,14 @@ pub struct IntegrityReport {
     pub bad_records: Vec<(microcert_core::DeviceId, u8)>,
     /// Shards whose tag, record count or XOR does not match the records.
     pub bad_shards: Vec<u8>,
+    /// Device rows whose tag does not match.
+    pub bad_devices: Vec<microcert_core::DeviceId>,
 }
 
 impl IntegrityReport {
     /// True when nothing was found.
     pub fn is_clean(&self) -> bool {
-        self.bad_records.is_empty() && self.bad_shards.is_empty()
+        self.bad_records.is_empty() && self.bad_shards.is_empty() && self.bad_devices.is_empty()
     }
 }
 
@@ -233,6 +271,22 @@ pub fn scan(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Resul
             let a = &mut acc[usize::from(shard_of(s.device))];
             xor_into(&mut a.0, &s.tag);
             a.1 += 1;
+        }
+    }
+    let mut after_dev = None;
+    loop {
+        let q = crate::db::DeviceQuery {
+            after: after_dev,
+            limit: 10_000,
+            ..crate::db::DeviceQuery::default()
+        };
+        let page = db.list_devices(&q)?;
+        let Some(last) = page.last() else { break };
+        after_dev = Some(last.device.id);
+        for v in &page {
+            if check_device(card, &v.device).is_err() {
+                report.bad_devices.push(v.device.id);
+            }
         }
     }
     let stored = db.digest_shards()?;

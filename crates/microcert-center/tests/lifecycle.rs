@@ -35,7 +35,7 @@ fn state(center: &Center, id: DeviceId, g: usize) -> KeyState {
 
 #[test]
 fn update_due_in_the_last_year_only() {
-    let (_d, _card, center, _fleet) = setup(12);
+    let (_d, _card, center, fleet) = setup(12);
     // Seeds of base year 2026 serve 2026..=2030: due in 2030, not before.
     let y2029 = 1_861_920_000 + 86_400 * 100; // 2029-04-11
     assert_eq!(center.update_due("operator:ann", y2029).unwrap(), 0);
@@ -43,6 +43,11 @@ fn update_due_in_the_last_year_only() {
     assert_eq!(center.update_due("operator:ann", y2030).unwrap(), 12);
     // Pending commands are not queued twice.
     assert_eq!(center.update_due("operator:ann", y2030 + 60).unwrap(), 0);
+    // Never updated, the seeds expire with 2030.
+    let y2031 = 1_924_992_000 + 60;
+    assert_eq!(center.housekeeping(y2031).unwrap().deactivated, 12);
+    assert_eq!(state(&center, fleet[0].id, 0), KeyState::Deactivated);
+    assert_eq!(center.housekeeping(y2031 + 60).unwrap().deactivated, 0);
 }
 
 #[test]
@@ -405,6 +410,8 @@ fn enroll_reuse_of_t_and_r_with_other_bytes_is_a_replay() {
 fn tampered_record_is_refused_and_named() {
     let (dir, card, center, mut fleet) = setup(4);
     let victim = fleet[2].id;
+    let ktr3 = card.transport_key(fleet[3].id, 0).unwrap();
+    let card_ktr = move |_: &tempfile::TempDir, _: DeviceId| ktr3;
     drop(center);
     {
         // An edit from outside the center: a revoked-looking device made
@@ -431,6 +438,26 @@ fn tampered_record_is_refused_and_named() {
     // The rest of the fleet keeps working.
     let (a, _) = fleet[1].auth(&C, NOW + 1);
     center.verify_auth(&a, &C, NOW + 1).unwrap();
+
+    // A device row edited to reopen transport enrollment: someone holding
+    // the (factory-known) Ktr must not get a new seed in.
+    let other = fleet[3].id;
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("c.db")).unwrap();
+        conn.execute(
+            "UPDATE devices SET transport_open = 1 WHERE id = ?1",
+            [&other.0[..]],
+        )
+        .unwrap();
+    }
+    center.clear_cache();
+    let mut intruder = TestNode::new(other, 1, Suite::CMAC64, card_ktr(&dir, other));
+    intruder.generation = 1;
+    intruder.seed = Some(test_seed(other, 9, 2026));
+    let e = center
+        .enroll(&intruder.enroll_transport(NOW + 2), NOW + 2)
+        .unwrap_err();
+    assert!(matches!(e, Error::Integrity(_)), "{e:?}");
 }
 
 #[test]

@@ -298,6 +298,7 @@ impl Ctx {
         if let Ok(Some(cmd)) = self.timed("command", false, &path, &[]).await {
             match node.chip.handle_command(now32(), &cmd, &mut buf) {
                 Ok(n) if node.chip.status().life == microcert_node::Life::Revoked => {
+                    node.persist();
                     let _ = self.timed("revoke-receipt", true, "/v1/device/receipt", &buf[..n]).await;
                     return false;
                 }
@@ -398,7 +399,10 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
                         ctx.enroll(node).await;
                     }
                 }
-                let mut alive: Vec<bool> = vec![true; mine.len()];
+                let mut alive: Vec<bool> = mine
+                    .iter()
+                    .map(|n| n.chip.status().life == microcert_node::Life::Personalized)
+                    .collect();
                 while Instant::now() < deadline && alive.iter().any(|a| *a) {
                     for (node, live) in mine.iter_mut().zip(alive.iter_mut()) {
                         if *live && Instant::now() < deadline {

@@ -243,19 +243,9 @@ impl<E: Entropy> SoftChip<E> {
         }
     }
 
-    pub(crate) fn check_origin(&self, header: &Header) -> Result<()> {
-        if header.suite != self.state.suite {
-            return Err(Error::WrongSuite);
-        }
-        if header.device != self.state.device {
-            return Err(Error::WrongDevice);
-        }
-        Ok(())
-    }
-}
-
-impl<E: Entropy> SecureChip for SoftChip<E> {
-    fn personalize(&mut self, p: &Personalization) -> Result<()> {
+    /// Out of line so `scrub_stack` can wipe the copy of Ktr it makes.
+    #[inline(never)]
+    fn personalize_inner(&mut self, p: &Personalization) -> Result<()> {
         let st = &self.state;
         match st.life {
             Life::Tampered => return Err(Error::Tampered),
@@ -282,6 +272,24 @@ impl<E: Entropy> SecureChip for SoftChip<E> {
         self.advance(p.issued);
         self.dirty = true;
         Ok(())
+    }
+
+    pub(crate) fn check_origin(&self, header: &Header) -> Result<()> {
+        if header.suite != self.state.suite {
+            return Err(Error::WrongSuite);
+        }
+        if header.device != self.state.device {
+            return Err(Error::WrongDevice);
+        }
+        Ok(())
+    }
+}
+
+impl<E: Entropy> SecureChip for SoftChip<E> {
+    fn personalize(&mut self, p: &Personalization) -> Result<()> {
+        let result = self.personalize_inner(p);
+        scrub_stack();
+        result
     }
 
     fn status(&self) -> Status {

@@ -115,12 +115,14 @@ impl Center {
             created: now,
             highest_generation: None,
             command_counter: 0,
+            tag: [0; 32],
         };
-        with_tx(&*self.db, |tx| {
+        let row = with_tx(&*self.db, |tx| {
             if tx.device(id)?.is_some() {
                 return Err(Error::Refused(format!("device {id} is already registered")));
             }
-            tx.insert_device(&row)?;
+            let mut row = row.clone();
+            self.put_device(tx, &mut row, true)?;
             self.audit(
                 tx,
                 now,
@@ -129,7 +131,7 @@ impl Center {
                 (Some(id), None),
                 &format!("class {class}, epoch {epoch}"),
             )?;
-            Ok(())
+            Ok(row)
         })?;
         self.cache.invalidate(id);
         Ok(row)
@@ -157,16 +159,21 @@ impl Center {
                 if tx.device(id)?.is_some() {
                     return Err(Error::Refused(format!("device {id} is already registered")));
                 }
-                tx.insert_device(&DeviceRow {
-                    id,
-                    class,
-                    suite,
-                    epoch,
-                    transport_open: true,
-                    created: now,
-                    highest_generation: None,
-                    command_counter: 0,
-                })?;
+                self.put_device(
+                    tx,
+                    &mut DeviceRow {
+                        id,
+                        class,
+                        suite,
+                        epoch,
+                        transport_open: true,
+                        created: now,
+                        highest_generation: None,
+                        command_counter: 0,
+                        tag: [0; 32],
+                    },
+                    true,
+                )?;
                 self.audit(
                     tx,
                     now,
@@ -195,7 +202,7 @@ impl Center {
         now: u64,
     ) -> Result<microcert_core::Key128> {
         let epoch = with_tx(&*self.db, |tx| {
-            let d = Self::device_in(tx, id)?;
+            let d = self.device_in(tx, id)?;
             self.audit(
                 tx,
                 now,
@@ -256,7 +263,7 @@ impl Center {
     ) -> Result<Enrolled> {
         let h = msg.header;
         let id = h.device;
-        let (mut dev, is_new) = match (tx.device(id)?, register) {
+        let (mut dev, is_new) = match (self.device_opt(tx, id)?, register) {
             (Some(d), _) => (d, false),
             (None, Some(r)) => (r.clone(), true),
             (None, None) => return Err(Error::UnknownDevice),
@@ -371,7 +378,7 @@ impl Center {
         // One audit entry per enrollment; a device registered by this
         // batch entry says so in it.
         let reason = if is_new {
-            tx.insert_device(&dev)?;
+            self.put_device(tx, &mut dev, true)?;
             format!(
                 "via {}; registered class {} epoch {} by batch",
                 via.name(),
@@ -379,7 +386,7 @@ impl Center {
                 dev.epoch
             )
         } else {
-            tx.update_device(&dev)?;
+            self.put_device(tx, &mut dev, false)?;
             format!("via {}", via.name())
         };
         tx.insert_seed(&row)?;
@@ -582,7 +589,7 @@ impl Center {
         if !profile.suites.contains(&msg.header.suite) {
             return Err(Error::WrongSuite);
         }
-        if let Some(d) = tx.device(id)?
+        if let Some(d) = self.device_opt(tx, id)?
             && (d.class != line.class || d.epoch != line.epoch)
         {
             return Err(Error::Refused(format!(
@@ -599,6 +606,7 @@ impl Center {
             created: now,
             highest_generation: None,
             command_counter: 0,
+            tag: [0; 32],
         };
         let digest: [u8; 32] = Sha256::digest(&bytes).into();
         match self.enroll_in_tx(tx, (&msg, &digest), Some(&register), delta, now, actor)? {

@@ -44,7 +44,7 @@ impl Center {
         // this change re-reads the device after its own commit.
         self.cache.invalidate(id);
         let state = with_tx(&*self.db, |tx| {
-            let dev = Self::device_in(tx, id)?;
+            let dev = self.device_in(tx, id)?;
             let mut seeds = self.seeds_checked(tx, id)?;
             let g = generation
                 .or(dev.highest_generation)
@@ -114,7 +114,7 @@ impl Center {
         // this change re-reads the device after its own commit.
         self.cache.invalidate(id);
         with_tx(&*self.db, |tx| {
-            let mut dev = Self::device_in(tx, id)?;
+            let mut dev = self.device_in(tx, id)?;
             let mut seeds = self.seeds_checked(tx, id)?;
             let mut any = false;
             for s in seeds.iter_mut() {
@@ -145,7 +145,7 @@ impl Center {
             } else {
                 self.audit(tx, now, actor, "revoke", (Some(id), None), reason)?;
             }
-            tx.update_device(&dev)?;
+            self.put_device(tx, &mut dev, false)?;
             Ok(())
         })?;
         self.cache.invalidate(id);
@@ -207,7 +207,7 @@ impl Center {
         now: u64,
         only_if_due: bool,
     ) -> Result<bool> {
-        let mut dev = Self::device_in(tx, id)?;
+        let mut dev = self.device_in(tx, id)?;
         let seeds = self.seeds_checked(tx, id)?;
         let cur = seeds
             .last()
@@ -230,7 +230,7 @@ impl Center {
         }
         let cmd = self.build_command(&mut dev, cur, Opcode::UPDATE_SEED, now)?;
         tx.put_command(&cmd)?;
-        tx.update_device(&dev)?;
+        self.put_device(tx, &mut dev, false)?;
         self.audit(
             tx,
             now,
@@ -274,7 +274,7 @@ impl Center {
     /// until the node answers.
     pub fn command(&self, id: DeviceId) -> Result<Option<Vec<u8>>> {
         with_tx(&*self.db, |tx| {
-            Self::device_in(tx, id)?;
+            self.device_in(tx, id)?;
             Ok(tx
                 .command(id)?
                 .filter(|c| c.answered_at.is_none())
@@ -287,7 +287,7 @@ impl Center {
         let msg = Receipt::decode(bytes).map_err(malformed)?;
         let h = msg.header;
         let r = with_tx(&*self.db, |tx| {
-            let dev = Self::device_in(tx, h.device)?;
+            let dev = self.device_in(tx, h.device)?;
             if h.suite != dev.suite {
                 return Err(Error::WrongSuite);
             }
@@ -340,7 +340,7 @@ impl Center {
         // this change re-reads the device after its own commit.
         self.cache.invalidate(id);
         let epoch = with_tx(&*self.db, |tx| {
-            let mut dev = Self::device_in(tx, id)?;
+            let mut dev = self.device_in(tx, id)?;
             let mut seeds = self.seeds_checked(tx, id)?;
             let Some(cur) = seeds.last_mut() else {
                 return Err(Error::Refused(
@@ -387,7 +387,7 @@ impl Center {
                 }
             }
             dev.transport_open = true;
-            tx.update_device(&dev)?;
+            self.put_device(tx, &mut dev, false)?;
             self.audit(
                 tx,
                 now,

@@ -153,7 +153,7 @@ impl Center {
         }
         let ticket = self.cache.ticket(id);
         let (device, rows) = with_tx(&*self.db, |tx| {
-            let device = tx.device(id)?.ok_or(Error::UnknownDevice)?;
+            let device = self.device_in(tx, id)?;
             let rows = self.seeds_checked(tx, id)?;
             Ok((device, rows))
         })?;
@@ -317,8 +317,32 @@ impl Center {
         })
     }
 
-    /// The device row or UnknownDevice.
-    pub(crate) fn device_in(tx: &mut dyn Tx, id: DeviceId) -> Result<DeviceRow> {
-        tx.device(id)?.ok_or(Error::UnknownDevice)
+    /// The device row (tag checked) or UnknownDevice.
+    pub(crate) fn device_in(&self, tx: &mut dyn Tx, id: DeviceId) -> Result<DeviceRow> {
+        self.device_opt(tx, id)?.ok_or(Error::UnknownDevice)
+    }
+
+    /// The device row (tag checked), if registered.
+    pub(crate) fn device_opt(&self, tx: &mut dyn Tx, id: DeviceId) -> Result<Option<DeviceRow>> {
+        let d = tx.device(id)?;
+        if let Some(d) = &d {
+            integrity::check_device(&*self.card, d)?;
+        }
+        Ok(d)
+    }
+
+    /// Writes a device row with a fresh tag.
+    pub(crate) fn put_device(
+        &self,
+        tx: &mut dyn Tx,
+        d: &mut DeviceRow,
+        insert: bool,
+    ) -> Result<()> {
+        integrity::retag_device(&*self.card, d)?;
+        if insert {
+            tx.insert_device(d)
+        } else {
+            tx.update_device(d)
+        }
     }
 }

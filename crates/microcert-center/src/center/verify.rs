@@ -159,7 +159,7 @@ impl Center {
                 return Err(Error::Replay);
             }
             if matches!(how, Use::Activates) {
-                Self::device_in(tx, id)?;
+                self.device_in(tx, id)?;
                 let mut seeds = self.seeds_checked(tx, id)?;
                 let still_pending = seeds
                     .iter()

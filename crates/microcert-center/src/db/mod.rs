@@ -52,6 +52,9 @@ pub struct DeviceRow {
     pub highest_generation: Option<u8>,
     /// The last COMMAND counter used; never decreases.
     pub command_counter: u32,
+    /// Integrity tag by the card over [`crate::integrity::device_bytes`]
+    /// (the services set it on every write and check it on every read).
+    pub tag: [u8; 32],
 }
 
 /// Bytes stored as-is whose content does not belong in logs.

@@ -32,7 +32,7 @@ pub const TOKENS: &[&str] = &[
     "mc-weak",
     "mc-clone-a",
     "mc-clone-b",
-    "mc-closed",
+    "mc-center",
     "mc-bench",
 ];
 

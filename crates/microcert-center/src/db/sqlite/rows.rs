@@ -40,7 +40,7 @@ pub(super) fn opt_u64(v: Option<i64>) -> Option<u64> {
 }
 
 pub(super) const DEVICE_COLS: &str =
-    "id, class, suite, epoch, transport_open, created, highest_gen, command_counter";
+    "id, class, suite, epoch, transport_open, created, highest_gen, command_counter, tag";
 
 pub(super) fn device_row(r: &Row<'_>) -> rusqlite::Result<DeviceRow> {
     Ok(DeviceRow {
@@ -52,6 +52,7 @@ pub(super) fn device_row(r: &Row<'_>) -> rusqlite::Result<DeviceRow> {
         created: r.get::<_, i64>(5)? as u64,
         highest_generation: r.get(6)?,
         command_counter: r.get(7)?,
+        tag: arr32(r.get(8)?)?,
     })
 }
 

@@ -15,7 +15,8 @@ CREATE TABLE devices (
     transport_open INTEGER NOT NULL,
     created INTEGER NOT NULL,
     highest_gen INTEGER,
-    command_counter INTEGER NOT NULL DEFAULT 0
+    command_counter INTEGER NOT NULL DEFAULT 0,
+    tag BLOB NOT NULL
 ) WITHOUT ROWID;
 
 CREATE TABLE seeds (

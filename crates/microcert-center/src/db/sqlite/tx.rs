@@ -21,7 +21,7 @@ impl Tx for SqliteTx<'_> {
 
     fn insert_device(&mut self, d: &DeviceRow) -> Result<()> {
         let mut st = self.tx.prepare_cached(&format!(
-            "INSERT INTO devices ({DEVICE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+            "INSERT INTO devices ({DEVICE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
         ))?;
         st.execute(params![
             &d.id.0[..],
@@ -31,7 +31,8 @@ impl Tx for SqliteTx<'_> {
             d.transport_open,
             i(d.created),
             d.highest_generation,
-            d.command_counter
+            d.command_counter,
+            &d.tag[..]
         ])?;
         Ok(())
     }
@@ -39,7 +40,7 @@ impl Tx for SqliteTx<'_> {
     fn update_device(&mut self, d: &DeviceRow) -> Result<()> {
         let mut st = self.tx.prepare_cached(
             "UPDATE devices SET class = ?2, suite = ?3, epoch = ?4, transport_open = ?5, \
-             created = ?6, highest_gen = ?7, command_counter = ?8 WHERE id = ?1",
+             created = ?6, highest_gen = ?7, command_counter = ?8, tag = ?9 WHERE id = ?1",
         )?;
         let n = st.execute(params![
             &d.id.0[..],
@@ -49,7 +50,8 @@ impl Tx for SqliteTx<'_> {
             d.transport_open,
             i(d.created),
             d.highest_generation,
-            d.command_counter
+            d.command_counter,
+            &d.tag[..]
         ])?;
         if n != 1 {
             return Err(Error::Database(format!("device {} not found", d.id)));

@@ -1,0 +1,396 @@
+//! End to end: the real `microcert` binary on ephemeral loopback ports,
+//! driven over UDP (CoAP) and HTTP through a whole fleet's life.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const PASSPHRASE: &str = "e2e test passphrase";
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_microcert"));
+    c.env("MICROCERT_PASSPHRASE", PASSPHRASE)
+        .env_remove("MICROCERT_DATA")
+        .env_remove("MICROCERT_TOKEN")
+        .env_remove("MICROCERT_SERVER");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = bin().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "microcert {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+/// A `microcert serve` process; stopped with SIGTERM when dropped.
+struct Server {
+    child: Child,
+    http: String,
+    coap: SocketAddr,
+}
+
+impl Server {
+    fn start(data: &Path) -> Server {
+        let mut child = bin()
+            .args(["serve", "--data"])
+            .arg(data)
+            .args(["--http", "127.0.0.1:0", "--coap", "127.0.0.1:0"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "microcert serving http=127.0.0.1:P coap=127.0.0.1:Q"
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .to_owned()
+        };
+        Server {
+            http: format!("http://{}", field("http=")),
+            coap: field("coap=").parse().unwrap(),
+            child,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    server: Server,
+    operator: String,
+    verifier: String,
+}
+
+impl Fleet {
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn chips(&self) -> PathBuf {
+        self.dir.path().join("chips").join("chips.jsonl")
+    }
+
+    fn new(count: u32) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        run(&["card", "init", "--data", data.to_str().unwrap()]);
+        let server = Server::start(&data);
+        let token = |role: &str, name: &str| {
+            stdout(&run(&[
+                "token", "create", "--data", data.to_str().unwrap(), "--role", role, "--name", name,
+            ]))
+        };
+        let operator = token("operator", "alice");
+        let verifier = token("verifier", "billing.example");
+        let out = dir.path().join("chips");
+        run(&[
+            "factory", "provision", "--data", data.to_str().unwrap(), "--count",
+            &count.to_string(), "--class", "1", "--out", out.to_str().unwrap(),
+        ]);
+        Fleet {
+            dir,
+            server,
+            operator,
+            verifier,
+        }
+    }
+
+    fn simulate(&self, transport: &str, secs: u32) -> Value {
+        let out = run(&[
+            "simulate",
+            "--server", &self.server.http,
+            "--coap", &self.server.coap.to_string(),
+            "--transport", transport,
+            "--chips", self.chips().to_str().unwrap(),
+            "--state", self.dir.path().join("state").to_str().unwrap(),
+            "--duration", &secs.to_string(),
+            "--concurrency", "4",
+            "--verifier-token", &self.verifier,
+            "--relying-party", "billing.example",
+            "--json",
+        ]);
+        serde_json::from_str(&stdout(&out)).unwrap()
+    }
+
+    fn device(&self, args: &[&str]) -> Output {
+        let mut all = vec!["device"];
+        all.extend_from_slice(&args[..1]);
+        all.extend_from_slice(&["--server", &self.server.http, "--token", &self.operator]);
+        all.extend_from_slice(&args[1..]);
+        run(&all)
+    }
+
+    fn device_ids(&self) -> Vec<String> {
+        std::fs::read_to_string(self.chips())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["device_id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+fn op<'a>(summary: &'a Value, name: &str) -> Option<&'a Value> {
+    summary["operations"].as_array().unwrap().iter().find(|o| o["op"] == name)
+}
+
+fn count(summary: &Value, name: &str) -> u64 {
+    op(summary, name).map_or(0, |o| o["count"].as_u64().unwrap())
+}
+
+fn refused(summary: &Value, name: &str, kind: &str) -> u64 {
+    summary["refusals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["op"] == name && r["kind"] == kind)
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum()
+}
+
+fn total_refused(summary: &Value) -> u64 {
+    summary["refusals"].as_array().unwrap().iter().map(|r| r["count"].as_u64().unwrap()).sum()
+}
+
+#[test]
+fn a_fleet_lives_over_coap_and_http() {
+    let fleet = Fleet::new(12);
+    let ids = fleet.device_ids();
+    assert_eq!(ids.len(), 12);
+
+    // Enrollment over CoAP (Block1), then authentication, signatures and
+    // sealed data checked by the relying party.
+    let s = fleet.simulate("coap", 2);
+    assert_eq!(count(&s, "enroll"), 12, "{s}");
+    assert_eq!(total_refused(&s), 0, "{s}");
+    assert!(count(&s, "auth") >= 12, "{s}");
+    assert!(count(&s, "auth-response") >= 12, "{s}");
+    assert!(count(&s, "rp-verify-signature") >= 12, "{s}");
+    assert!(count(&s, "rp-open-sealed") >= 12, "{s}");
+
+    // The same nodes (restored from their images) over HTTP.
+    let s = fleet.simulate("http", 1);
+    assert_eq!(count(&s, "enroll"), 0, "{s}");
+    assert_eq!(total_refused(&s), 0, "{s}");
+    assert!(count(&s, "auth") >= 12, "{s}");
+
+    // Revoke one, suspend one, update one.
+    let (revoked, suspended, updated) = (&ids[0], &ids[1], &ids[2]);
+    fleet.device(&["revoke", revoked, "--reason", "stolen from site 4"]);
+    fleet.device(&["suspend", suspended, "--reason", "maintenance"]);
+    fleet.device(&["update", updated, "--reason", "test roll-out"]);
+
+    let s = fleet.simulate("coap", 2);
+    assert!(refused(&s, "auth", "revoked") >= 1, "{s}");
+    assert!(refused(&s, "auth", "suspended") >= 1, "{s}");
+    assert_eq!(count(&s, "revoke-receipt"), 1, "{s}");
+    assert_eq!(count(&s, "update-enroll"), 1, "{s}");
+    assert_eq!(refused(&s, "update-enroll", "not-active"), 0, "{s}");
+
+    let show = |id: &str| -> Value {
+        serde_json::from_str(&stdout(&fleet.device(&["show", id, "--json"]))).unwrap()
+    };
+    assert_eq!(show(revoked)["state"], "compromised");
+    assert_eq!(show(suspended)["state"], "suspended");
+    let up = show(updated);
+    assert_eq!(up["seeds"].as_array().unwrap().len(), 2, "{up}");
+    assert_eq!(up["seeds"][1]["generation"], 1);
+
+    // Resume: the suspended node authenticates again.
+    fleet.device(&["resume", suspended, "--reason", "back"]);
+    let s = fleet.simulate("http", 1);
+    assert_eq!(refused(&s, "auth", "suspended"), 0, "{s}");
+    assert!(refused(&s, "auth", "revoked") == 0, "a revoked node stops after its RECEIPT: {s}");
+
+    // The operator's view: audit chain intact, database clean.
+    let data_token = &fleet.operator;
+    let audit = bin()
+        .args(["integrity", "check", "--server", &fleet.server.http, "--token", data_token])
+        .output()
+        .unwrap();
+    assert!(audit.status.success(), "{}", stdout(&audit));
+    let list = stdout(&fleet.device(&["list", "--state", "compromised", "--json"]));
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["devices"].as_array().unwrap().len(), 1, "{list}");
+    let _ = fleet.data();
+}
+
+#[test]
+fn garbage_is_refused_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    // Random bytes, truncated headers, oversized datagrams: bounded.
+    for i in 0..300 {
+        let len = match i % 3 {
+            0 => (next() % 64) as usize,
+            1 => (next() % 4) as usize,
+            _ => 1400,
+        };
+        let junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        sock.send_to(&junk, server.coap).unwrap();
+    }
+    // A CoAP POST with a malformed AUTH gets 4.00, not silence.
+    let malformed = [
+        0x40, 0x02, 0x12, 0x34, // CON POST, message id 0x1234
+        0xb2, b'v', b'1', 0x06, b'd', b'e', b'v', b'i', b'c', b'e', 0x04, b'a', b'u', b't', b'h',
+        0xff, 0x11, 0x01, 0x02,
+    ];
+    // The flood may overflow the socket buffer, so retransmit as a CoAP
+    // client would (a bounded number of times).
+    let mut buf = [0u8; 1500];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut code = None;
+    while Instant::now() < deadline && code.is_none() {
+        sock.send_to(&malformed, server.coap).unwrap();
+        if let Ok((n, _)) = sock.recv_from(&mut buf)
+            && n >= 4
+            && buf[2..4] == [0x12, 0x34]
+        {
+            code = Some(buf[1]);
+        }
+    }
+    assert_eq!(code, Some(0x80), "4.00 Bad Request, got {code:x?}"); // class 4, detail 0
+
+    // HTTP: malformed, wrong method, oversized.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = reqwest::Client::new();
+        let r = c.post(format!("{}/v1/device/auth", server.http)).body(vec![1, 2, 3]).send().await.unwrap();
+        assert_eq!(r.status(), 400);
+        let r = c.get(format!("{}/v1/device/auth", server.http)).send().await.unwrap();
+        assert_eq!(r.status(), 405);
+        let r = c.post(format!("{}/v1/device/enroll", server.http)).body(vec![0u8; 200_000]).send().await.unwrap();
+        assert_eq!(r.status(), 413);
+        let r = c.post(format!("{}/v1/device/challenge", server.http)).body(vec![0u8; 8]).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap().len(), 16);
+    });
+    // Still serving CoAP after all that.
+    let ok = rt.block_on(async {
+        let mut c = microcert_server::coap_client::CoapClient::connect(server.coap).await.unwrap();
+        c.post("/v1/device/challenge", &[9; 8]).await.unwrap()
+    });
+    assert!(ok.is_success(), "{ok:?}");
+    assert_eq!(ok.payload.len(), 16);
+}
+
+#[test]
+fn tokens_and_roles_guard_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data);
+    let d = data.to_str().unwrap();
+    let token = |role: &str, name: &str| {
+        stdout(&run(&["token", "create", "--data", d, "--role", role, "--name", name]))
+    };
+    let auditor = token("auditor", "carol");
+    let verifier = token("verifier", "billing.example");
+    let operator = token("operator", "alice");
+    let tokens = std::fs::read_to_string(data.join("tokens.json")).unwrap();
+    assert!(!tokens.contains(&operator), "tokens are stored hashed");
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = reqwest::Client::new();
+        let url = |p: &str| format!("{}{p}", server.http);
+        let status = |r: reqwest::Response| r.status().as_u16();
+        // No token, a bad token: 401.
+        assert_eq!(status(c.get(url("/v1/devices")).send().await.unwrap()), 401);
+        assert_eq!(status(c.get(url("/v1/devices")).bearer_auth("mct_00").send().await.unwrap()), 401);
+        assert_eq!(status(c.post(url("/v1/verify")).body(vec![0u8; 31]).send().await.unwrap()), 401);
+        // The wrong role: 403.
+        assert_eq!(status(c.get(url("/v1/devices")).bearer_auth(&verifier).send().await.unwrap()), 403);
+        let revoke = url("/v1/devices/0102030405060708/revoke");
+        assert_eq!(status(c.post(&revoke).bearer_auth(&auditor).send().await.unwrap()), 403);
+        assert_eq!(status(c.post(url("/v1/verify")).bearer_auth(&operator).body(vec![0u8; 31]).send().await.unwrap()), 403);
+        // The right role gets through to the center.
+        assert_eq!(status(c.get(url("/v1/devices")).bearer_auth(&auditor).send().await.unwrap()), 200);
+        assert_eq!(status(c.post(&revoke).bearer_auth(&operator).send().await.unwrap()), 404);
+        assert_eq!(status(c.post(url("/v1/verify")).bearer_auth(&verifier).body(vec![0u8; 31]).send().await.unwrap()), 400);
+        // Unauthenticated resources.
+        assert_eq!(status(c.get(url("/healthz")).send().await.unwrap()), 200);
+        let doc: Value = c.get(url("/v1/openapi.json")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert!(doc["paths"]["/v1/device/auth"]["post"].is_object());
+        let metrics = c.get(url("/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("microcert_"), "{metrics}");
+    });
+}
+
+#[test]
+fn a_standard_coap_client_gets_a_challenge() {
+    let Ok(which) = Command::new("sh").args(["-c", "command -v coap-client-notls"]).output() else {
+        panic!("no shell");
+    };
+    if !which.status.success() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "coap-client-notls (Debian libcoap3-bin) is missing in CI"
+        );
+        eprintln!("SKIPPED: coap-client-notls not installed (apt-get install libcoap3-bin)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("data"));
+    let body = dir.path().join("id.bin");
+    std::fs::write(&body, [1u8, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+    let out = Command::new("timeout")
+        .args(["20", "coap-client-notls", "-m", "post", "-t", "42", "-f"])
+        .arg(&body)
+        .arg(format!("coap://{}/v1/device/challenge", server.coap))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // coap-client prints the payload, then a newline.
+    let payload = out.stdout.strip_suffix(b"\n").unwrap_or(&out.stdout);
+    assert_eq!(payload.len(), 16, "{:?}", out.stdout);
+    let out = Command::new("timeout")
+        .args(["20", "coap-client-notls", "-m", "get"])
+        .arg(format!("coap://{}/v1/device/0102030405060708/command", server.coap))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
