@@ -61,8 +61,8 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
             threshold,
         } => {
             let pass = data.passphrase()?;
-            let card = SoftwareCard::open(&data.card_file(), &pass)
-                .context("cannot open the card")?;
+            let card =
+                SoftwareCard::open(&data.card_file(), &pass).context("cannot open the card")?;
             let lines = card.split(shares, threshold)?;
             eprintln!(
                 "{shares} shares of card {}; any {threshold} recover it. Give each to one custodian.",

@@ -301,7 +301,7 @@ fn open(args: OpenArgs) -> anyhow::Result<ExitCode> {
     };
     Ok(match core::open_in_place(&seed, &mut bytes, &aud) {
         Ok((_, plaintext)) => {
-            say!("{}", hex::encode(&plaintext));
+            say!("{}", hex::encode(plaintext));
             ExitCode::SUCCESS
         }
         Err(e) => invalid(&e),

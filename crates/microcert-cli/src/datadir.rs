@@ -11,7 +11,11 @@ use zeroize::Zeroizing;
 #[derive(Debug, Clone, Args)]
 pub struct DataArgs {
     /// The data directory.
-    #[arg(long = "data", env = "MICROCERT_DATA", default_value = "./microcert-data")]
+    #[arg(
+        long = "data",
+        env = "MICROCERT_DATA",
+        default_value = "./microcert-data"
+    )]
     pub dir: PathBuf,
     /// A file whose first line is the card's passphrase (instead of the
     /// MICROCERT_PASSPHRASE environment variable).

@@ -135,10 +135,22 @@ fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| (e, ExitCode::FAILURE)),
         Command::Audit(cmd) => ops::audit(cmd)
-            .map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            .map(|ok| {
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            })
             .map_err(|e| (e, ExitCode::from(2))),
         Command::Integrity(IntegrityCommand::Check { server }) => ops::integrity(&server)
-            .map(|ok| if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            .map(|ok| {
+                if ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            })
             .map_err(|e| (e, ExitCode::from(2))),
         Command::Simulate(args) => simulate::run(args)
             .map(|()| ExitCode::SUCCESS)

@@ -10,7 +10,11 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
     /// The center's HTTP address.
-    #[arg(long, env = "MICROCERT_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "MICROCERT_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// A bearer token (see `microcert token create`).
     #[arg(long, env = "MICROCERT_TOKEN", hide_env_values = true)]
@@ -140,13 +144,15 @@ impl Api {
         })
     }
 
-    fn call(&self, method: reqwest::Method, path: &str, body: Option<Body>) -> anyhow::Result<Value> {
+    fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Body>,
+    ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
         self.rt.block_on(async {
-            let mut req = self
-                .client
-                .request(method, &url)
-                .bearer_auth(&self.token);
+            let mut req = self.client.request(method, &url).bearer_auth(&self.token);
             match body {
                 Some(Body::Json(v)) => req = req.json(&v),
                 Some(Body::Raw(b)) => req = req.body(b),
@@ -206,7 +212,14 @@ fn s(v: &Value) -> String {
 }
 
 fn print_device(v: &Value) {
-    let mut t = table(&["device", "class", "suite", "epoch", "state", "transport open"]);
+    let mut t = table(&[
+        "device",
+        "class",
+        "suite",
+        "epoch",
+        "state",
+        "transport open",
+    ]);
     t.add_row(vec![
         s(&v["device"]),
         s(&v["class"]),
@@ -216,7 +229,15 @@ fn print_device(v: &Value) {
         s(&v["transport_open"]),
     ]);
     say!("{t}");
-    let mut seeds = table(&["generation", "state", "years", "kstore", "via", "activated", "grace until"]);
+    let mut seeds = table(&[
+        "generation",
+        "state",
+        "years",
+        "kstore",
+        "via",
+        "activated",
+        "grace until",
+    ]);
     for seed in v["seeds"].as_array().into_iter().flatten() {
         seeds.add_row(vec![
             s(&seed["generation"]),
@@ -278,13 +299,21 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
             }
             let mut t = table(&["device", "class", "state", "generation", "seed years"]);
             for d in v["devices"].as_array().into_iter().flatten() {
-                let cur = d["seeds"].as_array().and_then(|a| a.last()).cloned().unwrap_or(Value::Null);
+                let cur = d["seeds"]
+                    .as_array()
+                    .and_then(|a| a.last())
+                    .cloned()
+                    .unwrap_or(Value::Null);
                 t.add_row(vec![
                     s(&d["device"]),
                     s(&d["class"]),
                     s(&d["state"]),
                     s(&cur["generation"]),
-                    if cur.is_null() { "-".into() } else { format!("{}..={}", s(&cur["base_year"]), s(&cur["last_year"])) },
+                    if cur.is_null() {
+                        "-".into()
+                    } else {
+                        format!("{}..={}", s(&cur["base_year"]), s(&cur["last_year"]))
+                    },
                 ]);
             }
             say!("{t}");
@@ -306,7 +335,9 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
         DeviceCommand::Revoke(a) => action(&a, "revoke", json!({}))?,
         DeviceCommand::Destroy(a) => action(&a, "destroy", json!({}))?,
         DeviceCommand::Activate(a) => action(&a, "activate", json!({}))?,
-        DeviceCommand::Reopen { action: a, epoch } => action(&a, "reopen", json!({ "epoch": epoch }))?,
+        DeviceCommand::Reopen { action: a, epoch } => {
+            action(&a, "reopen", json!({ "epoch": epoch }))?
+        }
         DeviceCommand::Update {
             server,
             device,
@@ -315,7 +346,10 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
         } => {
             let api = Api::new(&server)?;
             let v = match (device, due) {
-                (Some(d), false) => api.post(&format!("/v1/devices/{d}/update"), json!({ "reason": reason }))?,
+                (Some(d), false) => api.post(
+                    &format!("/v1/devices/{d}/update"),
+                    json!({ "reason": reason }),
+                )?,
                 (None, true) => api.post("/v1/updates/due", json!({}))?,
                 _ => bail!("give either a device id or --due"),
             };
@@ -353,7 +387,12 @@ pub fn import(server: &ServerArgs, file: &std::path::Path) -> anyhow::Result<()>
         v["rejected"].as_array().map_or(0, Vec::len)
     );
     for r in v["rejected"].as_array().into_iter().flatten() {
-        say!("  line {}: {} ({})", s(&r["line"]), s(&r["error"]), s(&r["message"]));
+        say!(
+            "  line {}: {} ({})",
+            s(&r["line"]),
+            s(&r["error"]),
+            s(&r["message"])
+        );
     }
     Ok(())
 }
@@ -368,7 +407,11 @@ pub fn integrity(server: &ServerArgs) -> anyhow::Result<bool> {
     } else {
         say!("TAMPERED: {} records checked", s(&v["records"]));
         for r in v["bad_records"].as_array().into_iter().flatten() {
-            say!("  record device {} generation {}", s(&r["device"]), s(&r["generation"]));
+            say!(
+                "  record device {} generation {}",
+                s(&r["device"]),
+                s(&r["generation"])
+            );
         }
         for sh in v["bad_shards"].as_array().into_iter().flatten() {
             say!("  digest shard {sh}");
@@ -405,7 +448,11 @@ pub fn audit(cmd: AuditCommand) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
-        AuditCommand::List { server, after, limit } => {
+        AuditCommand::List {
+            server,
+            after,
+            limit,
+        } => {
             let v = Api::new(&server)?.get(&format!("/v1/audit?after={after}&limit={limit}"))?;
             if server.json {
                 print_json(&v);

@@ -108,7 +108,10 @@ fn entropy() -> fn(&mut [u8]) -> Result<(), EntropyFailure> {
     os_entropy
 }
 
-fn load_chips(path: &std::path::Path, state: Option<&std::path::Path>) -> anyhow::Result<Vec<Node>> {
+fn load_chips(
+    path: &std::path::Path,
+    state: Option<&std::path::Path>,
+) -> anyhow::Result<Vec<Node>> {
     if let Some(dir) = state {
         crate::datadir::create_private_dir(dir)?;
     }
@@ -116,11 +119,17 @@ fn load_chips(path: &std::path::Path, state: Option<&std::path::Path>) -> anyhow
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
     );
     let mut chips = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let l: ChipLine = serde_json::from_str(line)
             .with_context(|| format!("{} line {}: not a chip line", path.display(), i + 1))?;
-        let id = crate::hexarg::hex8(&l.device_id).map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
-        let ktr = crate::hexarg::hex16(&l.transport_key).map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
+        let id = crate::hexarg::hex8(&l.device_id)
+            .map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
+        let ktr = crate::hexarg::hex16(&l.transport_key)
+            .map_err(|e| anyhow::anyhow!("line {}: {e}", i + 1))?;
         let image = state.map(|d| d.join(format!("{}.img", l.device_id.to_lowercase())));
         if let Some(img) = image.as_ref().filter(|p| p.exists()) {
             let bytes = zeroize::Zeroizing::new(std::fs::read(img)?);
@@ -163,7 +172,11 @@ impl Link {
         match self {
             Link::Http(client, base) => {
                 let url = format!("{base}{path}");
-                let mut req = if post { client.post(&url).body(body.to_vec()) } else { client.get(&url) };
+                let mut req = if post {
+                    client.post(&url).body(body.to_vec())
+                } else {
+                    client.get(&url)
+                };
                 if let Some(t) = bearer {
                     req = req.bearer_auth(t);
                 }
@@ -174,11 +187,17 @@ impl Link {
                     Ok((!bytes.is_empty()).then(|| bytes.to_vec()))
                 } else {
                     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                    Err(v["error"].as_str().map_or_else(|| status.to_string(), str::to_owned))
+                    Err(v["error"]
+                        .as_str()
+                        .map_or_else(|| status.to_string(), str::to_owned))
                 }
             }
             Link::Coap(client) => {
-                let r = if post { client.post(path, body).await } else { client.get(path).await };
+                let r = if post {
+                    client.post(path, body).await
+                } else {
+                    client.get(path).await
+                };
                 let r = r.map_err(|e| format!("transport: {e}"))?;
                 if r.is_success() {
                     Ok((!r.payload.is_empty()).then_some(r.payload))
@@ -225,7 +244,10 @@ impl Ctx {
         let start = Instant::now();
         let r = self.link.call(post, path, body, None).await;
         let status = r.as_ref().map(|_| ()).map_err(Clone::clone);
-        self.stats.lock().unwrap_or_else(PoisonError::into_inner).record(op, start.elapsed(), &status);
+        self.stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record(op, start.elapsed(), &status);
         r
     }
 
@@ -237,7 +259,13 @@ impl Ctx {
     }
 
     /// Sends a message that the center answers with a RECEIPT, and checks it.
-    async fn with_receipt(&mut self, node: &mut Node, op: &'static str, path: &str, msg: &[u8]) -> bool {
+    async fn with_receipt(
+        &mut self,
+        node: &mut Node,
+        op: &'static str,
+        path: &str,
+        msg: &[u8],
+    ) -> bool {
         match self.timed(op, true, path, msg).await {
             Ok(Some(receipt)) => match node.chip.accept_receipt(&receipt) {
                 Ok(_) => true,
@@ -261,7 +289,8 @@ impl Ctx {
             }
         };
         node.persist();
-        self.with_receipt(node, "enroll", "/v1/device/enroll", &buf[..n]).await
+        self.with_receipt(node, "enroll", "/v1/device/enroll", &buf[..n])
+            .await
     }
 
     /// One round of a node's life; false once the node is revoked.
@@ -269,29 +298,36 @@ impl Ctx {
         let mut buf = [0u8; 1100];
         if let Ok(n) = node.chip.auth(now32(), &Audience::CENTER, &mut buf) {
             node.persist();
-            self.with_receipt(node, "auth", "/v1/device/auth", &buf[..n]).await;
+            self.with_receipt(node, "auth", "/v1/device/auth", &buf[..n])
+                .await;
         }
         let device = node.chip.status().device;
-        if let Ok(Some(ch)) = self.timed("challenge", true, "/v1/device/challenge", &device.0).await
+        if let Ok(Some(ch)) = self
+            .timed("challenge", true, "/v1/device/challenge", &device.0)
+            .await
             && let Ok(ch) = <[u8; 16]>::try_from(ch.as_slice())
             && let Ok(n) = node.chip.auth_response(now32(), &ch, &mut buf)
         {
             node.persist();
-            self.with_receipt(node, "auth-response", "/v1/device/auth-response", &buf[..n]).await;
+            self.with_receipt(node, "auth-response", "/v1/device/auth-response", &buf[..n])
+                .await;
         }
-        if let (Some((_, aud, token)), Some((client, base))) = (self.rp.clone(), self.http.clone()) {
+        if let (Some((_, aud, token)), Some((client, base))) = (self.rp.clone(), self.http.clone())
+        {
             let data = format!("reading from {device} at {}", now32());
             let mut digest = DataDigest::new();
             digest.update(data.as_bytes());
             if let Ok(n) = node.chip.sign(now32(), digest, &mut buf) {
                 let mut body = buf[..n].to_vec();
                 body.extend_from_slice(data.as_bytes());
-                self.relying_party(&client, &base, &token, "verify", &body).await;
+                self.relying_party(&client, &base, &token, "verify", &body)
+                    .await;
             }
             let plain = b"21.5C";
             buf[HEADER_LEN..HEADER_LEN + plain.len()].copy_from_slice(plain);
             if let Ok(n) = node.chip.seal(now32(), &aud, &mut buf, plain.len()) {
-                self.relying_party(&client, &base, &token, "open", &buf[..n]).await;
+                self.relying_party(&client, &base, &token, "open", &buf[..n])
+                    .await;
             }
         }
         let path = format!("/v1/device/{device}/command");
@@ -299,13 +335,16 @@ impl Ctx {
             match node.chip.handle_command(now32(), &cmd, &mut buf) {
                 Ok(n) if node.chip.status().life == microcert_node::Life::Revoked => {
                     node.persist();
-                    let _ = self.timed("revoke-receipt", true, "/v1/device/receipt", &buf[..n]).await;
+                    let _ = self
+                        .timed("revoke-receipt", true, "/v1/device/receipt", &buf[..n])
+                        .await;
                     return false;
                 }
                 Ok(n) => {
                     // UPDATE_SEED: the reply is the ENROLL of the next generation.
                     node.persist();
-                    self.with_receipt(node, "update-enroll", "/v1/device/enroll", &buf[..n]).await;
+                    self.with_receipt(node, "update-enroll", "/v1/device/enroll", &buf[..n])
+                        .await;
                 }
                 Err(e) => self.local_refusal("command-check", e.to_string()),
             }
@@ -313,7 +352,14 @@ impl Ctx {
         node.chip.status().life == microcert_node::Life::Personalized
     }
 
-    async fn relying_party(&mut self, client: &reqwest::Client, base: &str, token: &str, what: &'static str, body: &[u8]) {
+    async fn relying_party(
+        &mut self,
+        client: &reqwest::Client,
+        base: &str,
+        token: &str,
+        what: &'static str,
+        body: &[u8],
+    ) {
         let start = Instant::now();
         let r = client
             .post(format!("{base}/v1/{what}"))
@@ -329,11 +375,18 @@ impl Ctx {
             }
             Err(_) => Err("transport".into()),
         };
-        self.stats.lock().unwrap_or_else(PoisonError::into_inner).record(
-            if what == "verify" { "rp-verify-signature" } else { "rp-open-sealed" },
-            start.elapsed(),
-            &status,
-        );
+        self.stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record(
+                if what == "verify" {
+                    "rp-verify-signature"
+                } else {
+                    "rp-open-sealed"
+                },
+                start.elapsed(),
+                &status,
+            );
     }
 }
 
@@ -350,7 +403,9 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let chips = load_chips(&args.chips, args.state.as_deref())?;
     let total = chips.len();
     let stats = Arc::new(Mutex::new(Stats::default()));
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let base = args.server.trim_end_matches('/').to_owned();
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let bar = indicatif::ProgressBar::new(args.duration);
@@ -367,7 +422,11 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             let stats = stats.clone();
             let base = base.clone();
             let rp = args.verifier_token.clone().map(|t| {
-                (args.relying_party.clone(), Audience::relying_party(&args.relying_party), t)
+                (
+                    args.relying_party.clone(),
+                    Audience::relying_party(&args.relying_party),
+                    t,
+                )
             });
             let transport = args.transport;
             let coap = args.coap;
@@ -377,7 +436,12 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
                     Transport::Http => Link::Http(client.clone(), base.clone()),
                     Transport::Coap => Link::Coap(Box::new(CoapClient::connect(coap).await?)),
                 };
-                let mut ctx = Ctx { link, rp, http: Some((client, base)), stats };
+                let mut ctx = Ctx {
+                    link,
+                    rp,
+                    http: Some((client, base)),
+                    stats,
+                };
                 // Each task takes its share of chips and keeps them.
                 let mut mine = Vec::new();
                 loop {
@@ -439,8 +503,19 @@ fn print_summary(stats: &Stats, nodes: usize, json: bool) {
     for (op, (count, lat)) in &stats.ops {
         let mut sorted = lat.clone();
         sorted.sort();
-        let refused: u64 = stats.refusals.iter().filter(|((o, _), _)| o == op).map(|(_, n)| n).sum();
-        rows.push((op, count, refused, percentile(&sorted, 0.5), percentile(&sorted, 0.99)));
+        let refused: u64 = stats
+            .refusals
+            .iter()
+            .filter(|((o, _), _)| o == op)
+            .map(|(_, n)| n)
+            .sum();
+        rows.push((
+            op,
+            count,
+            refused,
+            percentile(&sorted, 0.5),
+            percentile(&sorted, 0.99),
+        ));
     }
     if json {
         let v = serde_json::json!({
@@ -457,15 +532,27 @@ fn print_summary(stats: &Stats, nodes: usize, json: bool) {
         return;
     }
     let mut t = Table::new();
-    t.load_preset(UTF8_BORDERS_ONLY)
-        .set_header(vec!["operation", "count", "refused", "p50", "p99"]);
+    t.load_preset(UTF8_BORDERS_ONLY).set_header(vec![
+        "operation",
+        "count",
+        "refused",
+        "p50",
+        "p99",
+    ]);
     for (op, n, r, p50, p99) in &rows {
-        t.add_row(vec![op.to_string(), n.to_string(), r.to_string(), format!("{p50:.2?}"), format!("{p99:.2?}")]);
+        t.add_row(vec![
+            op.to_string(),
+            n.to_string(),
+            r.to_string(),
+            format!("{p50:.2?}"),
+            format!("{p99:.2?}"),
+        ]);
     }
     say!("{nodes} nodes\n{t}");
     if !stats.refusals.is_empty() {
         let mut r = Table::new();
-        r.load_preset(UTF8_BORDERS_ONLY).set_header(vec!["operation", "refusal", "count"]);
+        r.load_preset(UTF8_BORDERS_ONLY)
+            .set_header(vec!["operation", "refusal", "count"]);
         for ((op, kind), n) in &stats.refusals {
             r.add_row(vec![op.to_string(), kind.clone(), n.to_string()]);
         }

@@ -90,7 +90,14 @@ fn make_reproduces_every_known_answer_vector() {
         cmd.args(["cert", "make", &v["TYPE"]]);
         seed_args(&mut cmd, &f);
         cmd.args(["--device", &v["DEVICE"], "--generation", &v["GENERATION"]]);
-        cmd.args(["--time", &v["TIME"], "--nonce", &v["NONCE"], "--suite", &v["SUITE"]]);
+        cmd.args([
+            "--time",
+            &v["TIME"],
+            "--nonce",
+            &v["NONCE"],
+            "--suite",
+            &v["SUITE"],
+        ]);
         if let Some(a) = v.get("AUDIENCE") {
             cmd.args(["--audience", a]);
         }
@@ -102,7 +109,13 @@ fn make_reproduces_every_known_answer_vector() {
         }
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "COUNT {}: {out:?}", v["COUNT"]);
-        assert_eq!(stdout(&out), v["MESSAGE"], "COUNT {} ({})", v["COUNT"], v["TYPE"]);
+        assert_eq!(
+            stdout(&out),
+            v["MESSAGE"],
+            "COUNT {} ({})",
+            v["COUNT"],
+            v["TYPE"]
+        );
         checked += 1;
     }
     assert!(checked >= 8, "only {checked} makeable vectors in kat.txt");
@@ -128,7 +141,12 @@ fn verify_accepts_each_vector_and_refuses_a_flipped_bit() {
     let mut checked = 0;
     for v in vectors.iter().filter(|v| makeable(&v["TYPE"])) {
         let good = verify(&f, v, &v["MESSAGE"]);
-        assert_eq!(good.status.code(), Some(0), "COUNT {}: {good:?}", v["COUNT"]);
+        assert_eq!(
+            good.status.code(),
+            Some(0),
+            "COUNT {}: {good:?}",
+            v["COUNT"]
+        );
         assert_eq!(stdout(&good), "valid");
 
         let mut bytes = hex::decode(&v["MESSAGE"]).unwrap();

@@ -111,15 +111,30 @@ impl Fleet {
         let server = Server::start(&data);
         let token = |role: &str, name: &str| {
             stdout(&run(&[
-                "token", "create", "--data", data.to_str().unwrap(), "--role", role, "--name", name,
+                "token",
+                "create",
+                "--data",
+                data.to_str().unwrap(),
+                "--role",
+                role,
+                "--name",
+                name,
             ]))
         };
         let operator = token("operator", "alice");
         let verifier = token("verifier", "billing.example");
         let out = dir.path().join("chips");
         run(&[
-            "factory", "provision", "--data", data.to_str().unwrap(), "--count",
-            &count.to_string(), "--class", "1", "--out", out.to_str().unwrap(),
+            "factory",
+            "provision",
+            "--data",
+            data.to_str().unwrap(),
+            "--count",
+            &count.to_string(),
+            "--class",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
         ]);
         Fleet {
             dir,
@@ -132,15 +147,24 @@ impl Fleet {
     fn simulate(&self, transport: &str, secs: u32) -> Value {
         let out = run(&[
             "simulate",
-            "--server", &self.server.http,
-            "--coap", &self.server.coap.to_string(),
-            "--transport", transport,
-            "--chips", self.chips().to_str().unwrap(),
-            "--state", self.dir.path().join("state").to_str().unwrap(),
-            "--duration", &secs.to_string(),
-            "--concurrency", "4",
-            "--verifier-token", &self.verifier,
-            "--relying-party", "billing.example",
+            "--server",
+            &self.server.http,
+            "--coap",
+            &self.server.coap.to_string(),
+            "--transport",
+            transport,
+            "--chips",
+            self.chips().to_str().unwrap(),
+            "--state",
+            self.dir.path().join("state").to_str().unwrap(),
+            "--duration",
+            &secs.to_string(),
+            "--concurrency",
+            "4",
+            "--verifier-token",
+            &self.verifier,
+            "--relying-party",
+            "billing.example",
             "--json",
         ]);
         serde_json::from_str(&stdout(&out)).unwrap()
@@ -158,13 +182,22 @@ impl Fleet {
         std::fs::read_to_string(self.chips())
             .unwrap()
             .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap()["device_id"].as_str().unwrap().to_owned())
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["device_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
             .collect()
     }
 }
 
 fn op<'a>(summary: &'a Value, name: &str) -> Option<&'a Value> {
-    summary["operations"].as_array().unwrap().iter().find(|o| o["op"] == name)
+    summary["operations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["op"] == name)
 }
 
 fn count(summary: &Value, name: &str) -> u64 {
@@ -182,7 +215,12 @@ fn refused(summary: &Value, name: &str, kind: &str) -> u64 {
 }
 
 fn total_refused(summary: &Value) -> u64 {
-    summary["refusals"].as_array().unwrap().iter().map(|r| r["count"].as_u64().unwrap()).sum()
+    summary["refusals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["count"].as_u64().unwrap())
+        .sum()
 }
 
 #[test]
@@ -233,12 +271,22 @@ fn a_fleet_lives_over_coap_and_http() {
     fleet.device(&["resume", suspended, "--reason", "back"]);
     let s = fleet.simulate("http", 1);
     assert_eq!(refused(&s, "auth", "suspended"), 0, "{s}");
-    assert!(refused(&s, "auth", "revoked") == 0, "a revoked node stops after its RECEIPT: {s}");
+    assert!(
+        refused(&s, "auth", "revoked") == 0,
+        "a revoked node stops after its RECEIPT: {s}"
+    );
 
     // The operator's view: audit chain intact, database clean.
     let data_token = &fleet.operator;
     let audit = bin()
-        .args(["integrity", "check", "--server", &fleet.server.http, "--token", data_token])
+        .args([
+            "integrity",
+            "check",
+            "--server",
+            &fleet.server.http,
+            "--token",
+            data_token,
+        ])
         .output()
         .unwrap();
     assert!(audit.status.success(), "{}", stdout(&audit));
@@ -254,7 +302,8 @@ fn garbage_is_refused_and_the_server_keeps_serving() {
     let data = dir.path().join("data");
     let server = Server::start(&data);
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = || {
         x ^= x << 13;
@@ -298,19 +347,40 @@ fn garbage_is_refused_and_the_server_keeps_serving() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = reqwest::Client::new();
-        let r = c.post(format!("{}/v1/device/auth", server.http)).body(vec![1, 2, 3]).send().await.unwrap();
+        let r = c
+            .post(format!("{}/v1/device/auth", server.http))
+            .body(vec![1, 2, 3])
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 400);
-        let r = c.get(format!("{}/v1/device/auth", server.http)).send().await.unwrap();
+        let r = c
+            .get(format!("{}/v1/device/auth", server.http))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 405);
-        let r = c.post(format!("{}/v1/device/enroll", server.http)).body(vec![0u8; 200_000]).send().await.unwrap();
+        let r = c
+            .post(format!("{}/v1/device/enroll", server.http))
+            .body(vec![0u8; 200_000])
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 413);
-        let r = c.post(format!("{}/v1/device/challenge", server.http)).body(vec![0u8; 8]).send().await.unwrap();
+        let r = c
+            .post(format!("{}/v1/device/challenge", server.http))
+            .body(vec![0u8; 8])
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.bytes().await.unwrap().len(), 16);
     });
     // Still serving CoAP after all that.
     let ok = rt.block_on(async {
-        let mut c = microcert_server::coap_client::CoapClient::connect(server.coap).await.unwrap();
+        let mut c = microcert_server::coap_client::CoapClient::connect(server.coap)
+            .await
+            .unwrap();
         c.post("/v1/device/challenge", &[9; 8]).await.unwrap()
     });
     assert!(ok.is_success(), "{ok:?}");
@@ -324,7 +394,9 @@ fn tokens_and_roles_guard_the_api() {
     let server = Server::start(&data);
     let d = data.to_str().unwrap();
     let token = |role: &str, name: &str| {
-        stdout(&run(&["token", "create", "--data", d, "--role", role, "--name", name]))
+        stdout(&run(&[
+            "token", "create", "--data", d, "--role", role, "--name", name,
+        ]))
     };
     let auditor = token("auditor", "carol");
     let verifier = token("verifier", "billing.example");
@@ -339,30 +411,109 @@ fn tokens_and_roles_guard_the_api() {
         let status = |r: reqwest::Response| r.status().as_u16();
         // No token, a bad token: 401.
         assert_eq!(status(c.get(url("/v1/devices")).send().await.unwrap()), 401);
-        assert_eq!(status(c.get(url("/v1/devices")).bearer_auth("mct_00").send().await.unwrap()), 401);
-        assert_eq!(status(c.post(url("/v1/verify")).body(vec![0u8; 31]).send().await.unwrap()), 401);
+        assert_eq!(
+            status(
+                c.get(url("/v1/devices"))
+                    .bearer_auth("mct_00")
+                    .send()
+                    .await
+                    .unwrap()
+            ),
+            401
+        );
+        assert_eq!(
+            status(
+                c.post(url("/v1/verify"))
+                    .body(vec![0u8; 31])
+                    .send()
+                    .await
+                    .unwrap()
+            ),
+            401
+        );
         // The wrong role: 403.
-        assert_eq!(status(c.get(url("/v1/devices")).bearer_auth(&verifier).send().await.unwrap()), 403);
+        assert_eq!(
+            status(
+                c.get(url("/v1/devices"))
+                    .bearer_auth(&verifier)
+                    .send()
+                    .await
+                    .unwrap()
+            ),
+            403
+        );
         let revoke = url("/v1/devices/0102030405060708/revoke");
-        assert_eq!(status(c.post(&revoke).bearer_auth(&auditor).send().await.unwrap()), 403);
-        assert_eq!(status(c.post(url("/v1/verify")).bearer_auth(&operator).body(vec![0u8; 31]).send().await.unwrap()), 403);
+        assert_eq!(
+            status(c.post(&revoke).bearer_auth(&auditor).send().await.unwrap()),
+            403
+        );
+        assert_eq!(
+            status(
+                c.post(url("/v1/verify"))
+                    .bearer_auth(&operator)
+                    .body(vec![0u8; 31])
+                    .send()
+                    .await
+                    .unwrap()
+            ),
+            403
+        );
         // The right role gets through to the center.
-        assert_eq!(status(c.get(url("/v1/devices")).bearer_auth(&auditor).send().await.unwrap()), 200);
-        assert_eq!(status(c.post(&revoke).bearer_auth(&operator).send().await.unwrap()), 404);
-        assert_eq!(status(c.post(url("/v1/verify")).bearer_auth(&verifier).body(vec![0u8; 31]).send().await.unwrap()), 400);
+        assert_eq!(
+            status(
+                c.get(url("/v1/devices"))
+                    .bearer_auth(&auditor)
+                    .send()
+                    .await
+                    .unwrap()
+            ),
+            200
+        );
+        assert_eq!(
+            status(c.post(&revoke).bearer_auth(&operator).send().await.unwrap()),
+            404
+        );
+        assert_eq!(
+            status(
+                c.post(url("/v1/verify"))
+                    .bearer_auth(&verifier)
+                    .body(vec![0u8; 31])
+                    .send()
+                    .await
+                    .unwrap()
+            ),
+            400
+        );
         // Unauthenticated resources.
         assert_eq!(status(c.get(url("/healthz")).send().await.unwrap()), 200);
-        let doc: Value = c.get(url("/v1/openapi.json")).send().await.unwrap().json().await.unwrap();
+        let doc: Value = c
+            .get(url("/v1/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(doc["openapi"], "3.1.0");
         assert!(doc["paths"]["/v1/device/auth"]["post"].is_object());
-        let metrics = c.get(url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let metrics = c
+            .get(url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         assert!(metrics.contains("microcert_"), "{metrics}");
     });
 }
 
 #[test]
 fn a_standard_coap_client_gets_a_challenge() {
-    let Ok(which) = Command::new("sh").args(["-c", "command -v coap-client-notls"]).output() else {
+    let Ok(which) = Command::new("sh")
+        .args(["-c", "command -v coap-client-notls"])
+        .output()
+    else {
         panic!("no shell");
     };
     if !which.status.success() {
@@ -389,7 +540,10 @@ fn a_standard_coap_client_gets_a_challenge() {
     assert_eq!(payload.len(), 16, "{:?}", out.stdout);
     let out = Command::new("timeout")
         .args(["20", "coap-client-notls", "-m", "get"])
-        .arg(format!("coap://{}/v1/device/0102030405060708/command", server.coap))
+        .arg(format!(
+            "coap://{}/v1/device/0102030405060708/command",
+            server.coap
+        ))
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");

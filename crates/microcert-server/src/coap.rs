@@ -190,7 +190,8 @@ fn respond(shared: &Shared, req: &mut CoapRequest<SocketAddr>) {
                         ResponseType::Content
                     };
                     let body = body.unwrap_or_default();
-                    let format = (!body.is_empty()).then_some(ContentFormat::ApplicationOctetStream);
+                    let format =
+                        (!body.is_empty()).then_some(ContentFormat::ApplicationOctetStream);
                     (status, format, body)
                 }
                 Err(refusal) => (

@@ -7,9 +7,9 @@
 pub mod api;
 pub mod coap;
 pub mod coap_client;
+pub mod http;
 pub mod openapi;
 pub mod operator;
-pub mod http;
 pub mod run;
 pub mod service;
 pub mod tokens;

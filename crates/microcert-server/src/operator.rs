@@ -2,6 +2,10 @@
 //! action audited with the token's name (the center writes the audit entry
 //! with the actor it is given).
 
+// The helpers return an axum `Response` as their error so a handler can
+// return it as it is; it is large, but these are not hot paths.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 
 use axum::Router;
@@ -101,7 +105,11 @@ async fn metrics(State(s): State<OperatorState>) -> Response {
             h.render(),
         )
             .into_response(),
-        None => StatusCode::NOT_FOUND.into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no metrics recorder installed\n",
+        )
+            .into_response(),
     }
 }
 
@@ -331,7 +339,9 @@ impl Action {
                     .map(|_| ());
             }
         };
-        center.lifecycle(id, None, event, actor, reason, t).map(|_| ())
+        center
+            .lifecycle(id, None, event, actor, reason, t)
+            .map(|_| ())
     }
 }
 
@@ -353,7 +363,10 @@ async fn device_action(
         Err(d) => return d.into_response(),
     };
     let Some(action) = Action::parse(&action) else {
-        return (StatusCode::NOT_FOUND, axum::Json(json!({"error": "unknown-action"})))
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": "unknown-action"})),
+        )
             .into_response();
     };
     let (id, body) = match (device_id(&hex), parse_body(&body)) {
@@ -395,7 +408,9 @@ async fn bulk(State(s): State<OperatorState>, headers: HeaderMap, body: Bytes) -
         Ok(q) => q,
         Err(r) => return r,
     };
-    let reason = body.reason.unwrap_or_else(|| "operator bulk request".into());
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "operator bulk request".into());
     let center = s.center.clone();
     let result = blocking(move || {
         q.limit = 500;
@@ -405,7 +420,10 @@ async fn bulk(State(s): State<OperatorState>, headers: HeaderMap, body: Bytes) -
             let Some(last) = page.last() else { break };
             q.after = Some(last.device.id);
             for v in &page {
-                match body.action.apply(&center, v.device.id, &who.name, &reason, None) {
+                match body
+                    .action
+                    .apply(&center, v.device.id, &who.name, &reason, None)
+                {
                     Ok(()) => applied += 1,
                     Err(e) if e.is_refusal() => failed.push(json!({
                         "device": v.device.id.to_string(), "error": e.kind()

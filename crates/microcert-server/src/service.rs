@@ -98,7 +98,9 @@ impl DeviceService for CenterService {
     }
 
     fn auth_response(&self, msg: &[u8]) -> Result<Vec<u8>, Refusal> {
-        let r = self.center.verify_auth_response(msg, &Audience::CENTER, now());
+        let r = self
+            .center
+            .verify_auth_response(msg, &Audience::CENTER, now());
         self.run("auth-response", r.map(|o| o.receipt))
     }
 

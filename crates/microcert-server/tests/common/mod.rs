@@ -1,3 +1,6 @@
+// Shared by several test binaries; each uses a part of it.
+#![allow(dead_code)]
+
 //! A center with a software card and a real SQLite file, served on
 //! ephemeral loopback ports inside the test process.
 
@@ -13,6 +16,7 @@ use microcert_server::service::CenterService;
 use microcert_server::tokens::TokenStore;
 use tokio::sync::watch;
 
+#[derive(Debug)]
 pub struct TestServer {
     pub dir: tempfile::TempDir,
     pub center: Arc<Center>,
@@ -39,7 +43,13 @@ impl TestServer {
         .merge(operator::routes(OperatorState {
             center: center.clone(),
             tokens,
-            metrics: None,
+            // A recorder that is not installed globally: it renders
+            // nothing, but the route is served as in production.
+            metrics: Some(
+                metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .build_recorder()
+                    .handle(),
+            ),
         }));
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let listeners = Listeners::bind(any, any).await.unwrap();
