@@ -17,6 +17,11 @@ pub enum CardCommand {
     Init {
         #[command(flatten)]
         data: DataArgs,
+        /// Make the keys inside a PKCS#11 token instead: the `serve`
+        /// configuration file whose `[pkcs11]` section names the module,
+        /// token and PIN source. Keys are sensitive and not extractable.
+        #[arg(long, value_name = "CONFIG")]
+        pkcs11: Option<PathBuf>,
     },
     /// Print the card's keys as M-of-N Shamir shares, one per line, for
     /// N custodians; any M of them recover the card.
@@ -44,7 +49,20 @@ pub enum CardCommand {
 /// Runs a card command.
 pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
     match cmd {
-        CardCommand::Init { data } => {
+        CardCommand::Init {
+            data: _,
+            pkcs11: Some(config),
+        } => {
+            let file = crate::serve::load_config(Some(&config))?;
+            let Some(cfg) = file.pkcs11 else {
+                bail!("{} has no [pkcs11] section", config.display());
+            };
+            let card = microcert_pkcs11::Pkcs11Card::init(&cfg).with_context(|| {
+                format!("cannot make the card's keys in token {:?}", cfg.token_label)
+            })?;
+            say!("card keys made in PKCS#11 token {:?}", card.token_label());
+        }
+        CardCommand::Init { data, pkcs11: None } => {
             let pass = data.passphrase()?;
             data.create()?;
             let card = SoftwareCard::init(&data.card_file(), &pass, KdfParams::default())

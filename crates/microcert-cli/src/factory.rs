@@ -27,6 +27,9 @@ pub struct ProvisionArgs {
     /// Directory for chips.jsonl (created, mode 0700).
     #[arg(long)]
     pub out: PathBuf,
+    /// The configuration file of `serve` (for a `[pkcs11]` card).
+    #[arg(long, env = "MICROCERT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The operator name written to the audit log.
     #[arg(long, default_value = "factory")]
     pub actor: String,
@@ -37,7 +40,13 @@ pub fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
     if args.count == 0 {
         bail!("--count must be at least 1");
     }
-    let center = crate::serve::open_center(&args.data, false, CenterConfig::default())?;
+    let file = crate::serve::load_config(args.config.as_deref())?;
+    let center = crate::serve::open_center(
+        &args.data,
+        false,
+        file.pkcs11.as_ref(),
+        CenterConfig::default(),
+    )?;
     create_private_dir(&args.out)?;
     let path = args.out.join("chips.jsonl");
     let mut opts = std::fs::OpenOptions::new();

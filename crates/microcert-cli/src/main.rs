@@ -22,6 +22,7 @@ mod datadir;
 mod demo;
 mod factory;
 mod hexarg;
+mod nodecmd;
 mod ops;
 mod serve;
 mod simulate;
@@ -62,6 +63,9 @@ enum Command {
     Integrity(IntegrityCommand),
     /// Software nodes from a factory file live against a running center.
     Simulate(simulate::SimulateArgs),
+    /// Act as one simulated node from its chip image (e.g. sign data).
+    #[command(subcommand)]
+    Node(nodecmd::NodeCommand),
     /// The encryption card: init, split into shares, recover.
     #[command(subcommand)]
     Card(card::CardCommand),
@@ -153,6 +157,9 @@ fn main() -> ExitCode {
             })
             .map_err(|e| (e, ExitCode::from(2))),
         Command::Simulate(args) => simulate::run(args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| (e, ExitCode::FAILURE)),
+        Command::Node(cmd) => nodecmd::run(cmd)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| (e, ExitCode::FAILURE)),
         Command::Card(cmd) => card::run(cmd)

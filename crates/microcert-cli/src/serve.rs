@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use microcert_center::{Center, CenterConfig, KdfParams, SoftwareCard};
+use microcert_center::{Center, CenterConfig, EncryptionCard, KdfParams, SoftwareCard};
+use microcert_pkcs11::{Pkcs11Card, Pkcs11Config};
 use microcert_server::api::DeviceService;
 use microcert_server::http::{HttpState, device_routes};
 use microcert_server::operator::{self, OperatorState};
@@ -45,7 +46,9 @@ pub struct ServeArgs {
 /// The configuration file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileConfig {
+pub struct FileConfig {
+    /// A PKCS#11 token as the encryption card instead of the software card.
+    pub pkcs11: Option<Pkcs11Config>,
     http: Option<SocketAddr>,
     coap: Option<SocketAddr>,
     coap_workers: Option<usize>,
@@ -56,7 +59,8 @@ struct FileConfig {
     cache_ttl_secs: Option<u64>,
 }
 
-fn load_config(path: Option<&Path>) -> anyhow::Result<FileConfig> {
+/// Reads the configuration file, if one is given.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<FileConfig> {
     let Some(path) = path else {
         return Ok(FileConfig::default());
     };
@@ -93,22 +97,35 @@ fn passphrase(data: &DataArgs, dev: bool) -> anyhow::Result<Zeroizing<Vec<u8>>> 
     Ok(Zeroizing::new(text.trim_ascii().to_vec()))
 }
 
-/// Opens (or on first start creates) the card and the center.
+/// Opens (or on first start creates) the card and the center. With a
+/// PKCS#11 configuration the card is the token, whose keys `card init
+/// --pkcs11` made; otherwise the data directory's software card.
 pub fn open_center(
     data: &DataArgs,
     dev: bool,
+    pkcs11: Option<&Pkcs11Config>,
     config: CenterConfig,
 ) -> anyhow::Result<Arc<Center>> {
     data.create()?;
-    let pass = passphrase(data, dev)?;
-    let card = if data.card_file().exists() {
-        SoftwareCard::open(&data.card_file(), &pass).context("cannot open the card")?
-    } else {
-        tracing::info!(path = %data.card_file().display(), "first start: making the card");
-        SoftwareCard::init(&data.card_file(), &pass, KdfParams::default())
-            .context("cannot make the card")?
+    let card: Arc<dyn EncryptionCard> = match pkcs11 {
+        Some(cfg) => Arc::new(Pkcs11Card::open(cfg).with_context(|| {
+            format!(
+                "cannot open the PKCS#11 card on token {:?}",
+                cfg.token_label
+            )
+        })?),
+        None => {
+            let pass = passphrase(data, dev)?;
+            Arc::new(if data.card_file().exists() {
+                SoftwareCard::open(&data.card_file(), &pass).context("cannot open the card")?
+            } else {
+                tracing::info!(path = %data.card_file().display(), "first start: making the card");
+                SoftwareCard::init(&data.card_file(), &pass, KdfParams::default())
+                    .context("cannot make the card")?
+            })
+        }
     };
-    let center = Center::open_sqlite(&data.database(), Arc::new(card), config)
+    let center = Center::open_sqlite(&data.database(), card, config)
         .context("cannot open the key database")?;
     Ok(Arc::new(center))
 }
@@ -149,7 +166,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(t) = file.cache_ttl_secs {
         config.cache_ttl_secs = t;
     }
-    let center = open_center(&args.data, args.dev, config)?;
+    let center = open_center(&args.data, args.dev, file.pkcs11.as_ref(), config)?;
     let tokens = Arc::new(TokenStore::open(&args.data.dir)?);
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()

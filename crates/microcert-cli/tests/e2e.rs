@@ -21,7 +21,11 @@ fn bin() -> Command {
 }
 
 fn run(args: &[&str]) -> Output {
-    let out = bin().args(args).output().unwrap();
+    run_with(args, &[])
+}
+
+fn run_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let out = bin().args(args).envs(env.iter().copied()).output().unwrap();
     assert!(
         out.status.success(),
         "microcert {args:?} failed: {}",
@@ -43,10 +47,16 @@ struct Server {
 
 impl Server {
     fn start(data: &Path) -> Server {
+        Server::start_with(data, &[], &[])
+    }
+
+    fn start_with(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = bin()
             .args(["serve", "--data"])
             .arg(data)
             .args(["--http", "127.0.0.1:0", "--coap", "127.0.0.1:0"])
+            .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -547,4 +557,194 @@ fn a_standard_coap_client_gets_a_challenge() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+}
+
+/// A SoftHSM2 token of its own for this test: (config dir, SOFTHSM2_CONF).
+fn softhsm_token(dir: &Path, label: &str) -> Option<String> {
+    let module = Path::new("/usr/lib/softhsm/libsofthsm2.so");
+    if !module.exists() {
+        assert!(std::env::var("CI").is_err(), "softhsm2 is missing in CI");
+        eprintln!("SKIPPED: softhsm2 not installed (apt-get install softhsm2)");
+        return None;
+    }
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let conf = conf.to_str().unwrap().to_owned();
+    let out = Command::new("softhsm2-util")
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--so-pin",
+            "12345678",
+            "--pin",
+            "1234",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    Some(conf)
+}
+
+#[test]
+fn a_fleet_lives_on_a_pkcs11_token_from_configuration_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(conf) = softhsm_token(dir.path(), "microcert-e2e") else {
+        return;
+    };
+    let pin = dir.path().join("pin");
+    std::fs::write(&pin, "1234\n").unwrap();
+    let config = dir.path().join("center.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"microcert-e2e\"\npin_file = \"{}\"\n",
+            pin.display()
+        ),
+    )
+    .unwrap();
+    let env = [
+        ("SOFTHSM2_CONF", conf.as_str()),
+        ("MICROCERT_PASSPHRASE", ""),
+    ];
+    let data = dir.path().join("data");
+    let (d, c) = (data.to_str().unwrap(), config.to_str().unwrap());
+    run_with(&["card", "init", "--data", d, "--pkcs11", c], &env);
+    // No software card is made: the token holds the keys.
+    let server = Server::start_with(&data, &["--config", c], &env);
+    assert!(!data.join("card.mccard").exists());
+    let operator = stdout(&run(&[
+        "token", "create", "--data", d, "--role", "operator", "--name", "ops",
+    ]));
+    let chips = dir.path().join("chips");
+    run_with(
+        &[
+            "factory",
+            "provision",
+            "--data",
+            d,
+            "--config",
+            c,
+            "--count",
+            "6",
+            "--out",
+            chips.to_str().unwrap(),
+        ],
+        &env,
+    );
+    let chips_file = chips.join("chips.jsonl");
+    let state = dir.path().join("state");
+    let simulate = || -> Value {
+        let out = run(&[
+            "simulate",
+            "--server",
+            &server.http,
+            "--coap",
+            &server.coap.to_string(),
+            "--chips",
+            chips_file.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+            "--duration",
+            "1",
+            "--concurrency",
+            "2",
+            "--json",
+        ]);
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
+    let s = simulate();
+    assert_eq!(count(&s, "enroll"), 6, "{s}");
+    assert_eq!(total_refused(&s), 0, "{s}");
+    assert!(count(&s, "auth") >= 6, "{s}");
+
+    let ids: Vec<String> = std::fs::read_to_string(&chips_file)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["device_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let op = |args: &[&str]| {
+        let mut all = vec![
+            "device",
+            args[0],
+            "--server",
+            &server.http,
+            "--token",
+            &operator,
+        ];
+        all.extend_from_slice(&args[1..]);
+        run(&all)
+    };
+    op(&["update", &ids[0], "--reason", "roll-out"]);
+    op(&["revoke", &ids[1], "--reason", "lost"]);
+    let s = simulate();
+    assert_eq!(count(&s, "update-enroll"), 1, "{s}");
+    assert_eq!(count(&s, "revoke-receipt"), 1, "{s}");
+    let shown: Value = serde_json::from_str(&stdout(&op(&["show", &ids[0], "--json"]))).unwrap();
+    assert_eq!(shown["seeds"].as_array().unwrap().len(), 2, "{shown}");
+    let shown: Value = serde_json::from_str(&stdout(&op(&["show", &ids[1], "--json"]))).unwrap();
+    assert_eq!(shown["state"], "compromised");
+}
+
+#[test]
+fn a_wrong_pin_is_a_clear_error_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(conf) = softhsm_token(dir.path(), "microcert-pin") else {
+        return;
+    };
+    let config = dir.path().join("center.toml");
+    let write = |pin: &str| {
+        std::fs::write(dir.path().join("pin"), pin).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "[pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"microcert-pin\"\npin_file = \"{}\"\n",
+                dir.path().join("pin").display()
+            ),
+        )
+        .unwrap();
+    };
+    write("1234");
+    let data = dir.path().join("data");
+    let (d, c) = (data.to_str().unwrap(), config.to_str().unwrap());
+    run_with(
+        &["card", "init", "--data", d, "--pkcs11", c],
+        &[("SOFTHSM2_CONF", &conf)],
+    );
+    write("9999");
+    let out = bin()
+        .args([
+            "serve",
+            "--data",
+            d,
+            "--config",
+            c,
+            "--http",
+            "127.0.0.1:0",
+            "--coap",
+            "127.0.0.1:0",
+        ])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("pin"), "{err}");
+    assert!(!err.contains("9999"), "the PIN must not be printed: {err}");
 }

@@ -9,10 +9,12 @@
 //! housekeeping, operator queries).
 
 mod enroll;
+mod group;
+mod import;
 mod manage;
 mod verify;
 
-pub use enroll::{ImportProgress, ImportReject, ImportReport};
+pub use import::{ImportProgress, ImportReject, ImportReport};
 pub use manage::HousekeepingReport;
 pub use verify::{AuthOutcome, OpenedSealed, SignatureOutcome, VerifyOutcome};
 
@@ -38,6 +40,7 @@ pub struct Center {
     db: Arc<dyn KeyDatabase>,
     card: Arc<dyn EncryptionCard>,
     cache: SeedCache,
+    group: group::GroupCommit,
     config: CenterConfig,
 }
 
@@ -100,6 +103,7 @@ impl Center {
             db,
             card,
             cache,
+            group: group::GroupCommit::default(),
             config,
         }
     }

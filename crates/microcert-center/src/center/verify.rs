@@ -12,6 +12,7 @@ use microcert_core::{
 };
 use zeroize::Zeroizing;
 
+use super::group::Mark;
 use super::{CENTER_ACTOR, Center, malformed, now32, refusal_for};
 use crate::cache::{CachedDevice, CachedSeed};
 use crate::db::{NotaryRow, with_tx};
@@ -144,39 +145,44 @@ impl Center {
         }
     }
 
-    /// Records the use in one transaction: the replay record (or the spent
-    /// challenge) and, on first use, the activation.
+    /// Records the use: the replay record (or the spent challenge) through
+    /// the group commit, or, on first use, in one transaction with the
+    /// activation.
     fn commit_use(
         &self,
         id: DeviceId,
         generation: u8,
         how: &Use,
-        mark: &mut dyn FnMut(&mut dyn crate::db::Tx) -> Result<bool>,
+        mark: Mark,
         now: u64,
     ) -> Result<()> {
+        if !matches!(how, Use::Activates) {
+            return if self.group.mark(&*self.db, mark)? {
+                Ok(())
+            } else {
+                Err(Error::Replay)
+            };
+        }
         let activated = with_tx(&*self.db, |tx| {
-            if !mark(tx)? {
+            if !mark.apply(tx)? {
                 return Err(Error::Replay);
             }
-            if matches!(how, Use::Activates) {
-                self.device_in(tx, id)?;
-                let mut seeds = self.seeds_checked(tx, id)?;
-                let still_pending = seeds
-                    .iter()
-                    .any(|s| s.generation == generation && s.state == KeyState::PreActivation);
-                if still_pending {
-                    self.activate_in_tx(
-                        tx,
-                        &mut seeds,
-                        generation,
-                        now,
-                        CENTER_ACTOR,
-                        "first successful AUTH",
-                    )?;
-                    return Ok(true);
-                }
+            self.device_in(tx, id)?;
+            let mut seeds = self.seeds_checked(tx, id)?;
+            let still_pending = seeds
+                .iter()
+                .any(|s| s.generation == generation && s.state == KeyState::PreActivation);
+            if still_pending {
+                self.activate_in_tx(
+                    tx,
+                    &mut seeds,
+                    generation,
+                    now,
+                    CENTER_ACTOR,
+                    "first successful AUTH",
+                )?;
             }
-            Ok(false)
+            Ok(still_pending)
         })?;
         if activated {
             self.cache.invalidate(id);
@@ -228,7 +234,13 @@ impl Center {
             h.device,
             h.generation,
             &how,
-            &mut |tx| tx.record_replay(h.device, h.generation, h.t, h.r, expires),
+            Mark::Replay {
+                device: h.device,
+                generation: h.generation,
+                t: h.t,
+                r: h.r,
+                expires,
+            },
             now,
         )?;
         self.recheck(h.device, h.generation, ticket, now)?;
@@ -286,7 +298,11 @@ impl Center {
             h.device,
             h.generation,
             &how,
-            &mut |tx| tx.spend_challenge(h.device, &c, expires),
+            Mark::Challenge {
+                device: h.device,
+                c,
+                expires,
+            },
             now,
         )?;
         self.recheck(h.device, h.generation, ticket, now)?;
@@ -439,7 +455,13 @@ impl Center {
             h.device,
             h.generation,
             &how,
-            &mut |tx| tx.record_replay(h.device, h.generation, h.t, h.r, expires),
+            Mark::Replay {
+                device: h.device,
+                generation: h.generation,
+                t: h.t,
+                r: h.r,
+                expires,
+            },
             now,
         )?;
         self.recheck(h.device, h.generation, ticket, now)?;

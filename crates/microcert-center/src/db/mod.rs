@@ -2,7 +2,10 @@
 //! a trait, so a backend (SQLite here, PostgreSQL later) plugs in without
 //! the services knowing which.
 //!
-//! Every service call runs in one [`KeyDatabase::transaction`]: the service
+//! Every service call runs in one [`KeyDatabase::transaction`] (the one
+//! exception: the record that makes an accepted AUTH, SEALED or
+//! AUTH_RESPONSE count once is group-committed, several concurrent calls'
+//! independent insert-if-absent records sharing one transaction): the service
 //! passes a closure that reads and writes through [`Tx`], whose methods are
 //! at the level of records ("the device", "its seeds", "record this replay
 //! if absent"), never SQL. The closure may be run more than once (a
