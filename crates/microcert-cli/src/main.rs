@@ -22,6 +22,8 @@ mod datadir;
 mod demo;
 mod factory;
 mod hexarg;
+mod loadgen;
+mod maint;
 mod nodecmd;
 mod ops;
 mod serve;
@@ -63,9 +65,14 @@ enum Command {
     Integrity(IntegrityCommand),
     /// Software nodes from a factory file live against a running center.
     Simulate(simulate::SimulateArgs),
+    /// Load a running center with AUTHs from many nodes; print throughput and latency.
+    Bench(loadgen::BenchArgs),
     /// Act as one simulated node from its chip image (e.g. sign data).
     #[command(subcommand)]
     Node(nodecmd::NodeCommand),
+    /// Backups of the key database: create, verify, restore.
+    #[command(subcommand)]
+    Backup(maint::BackupCommand),
     /// The encryption card: init, split into shares, recover.
     #[command(subcommand)]
     Card(card::CardCommand),
@@ -159,7 +166,13 @@ fn main() -> ExitCode {
         Command::Simulate(args) => simulate::run(args)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| (e, ExitCode::FAILURE)),
+        Command::Bench(args) => loadgen::run(args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| (e, ExitCode::FAILURE)),
         Command::Node(cmd) => nodecmd::run(cmd)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| (e, ExitCode::FAILURE)),
+        Command::Backup(cmd) => maint::backup(cmd)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| (e, ExitCode::FAILURE)),
         Command::Card(cmd) => card::run(cmd)

@@ -77,21 +77,25 @@ fn os_entropy(buf: &mut [u8]) -> Result<(), EntropyFailure> {
     getrandom::fill(buf).map_err(|_| EntropyFailure)
 }
 
-type Chip = SoftChip<fn(&mut [u8]) -> Result<(), EntropyFailure>>;
+pub(crate) type Chip = SoftChip<fn(&mut [u8]) -> Result<(), EntropyFailure>>;
 
 /// A simulated node: its chip, and where its image is kept between runs.
-struct Node {
-    chip: Chip,
+pub(crate) struct Node {
+    pub(crate) chip: Chip,
     image: Option<PathBuf>,
 }
 
 impl Node {
     /// Honors the chip's persistence contract: the image is stored before
     /// anything the chip made is transmitted.
-    fn persist(&mut self) {
-        if !self.chip.is_dirty() {
-            return;
+    pub(crate) fn persist(&mut self) {
+        if self.chip.is_dirty() {
+            self.persist_always();
         }
+    }
+
+    /// Writes the image whether or not the chip says it changed.
+    pub(crate) fn persist_always(&mut self) {
         if let Some(path) = &self.image {
             let mut img = zeroize::Zeroizing::new([0u8; microcert_node::IMAGE_LEN]);
             self.chip.to_image(&mut img);
@@ -108,7 +112,7 @@ fn entropy() -> fn(&mut [u8]) -> Result<(), EntropyFailure> {
     os_entropy
 }
 
-fn load_chips(
+pub(crate) fn load_chips(
     path: &std::path::Path,
     state: Option<&std::path::Path>,
 ) -> anyhow::Result<Vec<Node>> {
@@ -159,16 +163,22 @@ fn load_chips(
 }
 
 /// A device-side connection to the center.
-enum Link {
+pub(crate) enum Link {
     Http(reqwest::Client, String),
     Coap(Box<CoapClient>),
 }
 
 /// A reply: the body, or the refusal kind.
-type Outcome = Result<Option<Vec<u8>>, String>;
+pub(crate) type Outcome = Result<Option<Vec<u8>>, String>;
 
 impl Link {
-    async fn call(&mut self, post: bool, path: &str, body: &[u8], bearer: Option<&str>) -> Outcome {
+    pub(crate) async fn call(
+        &mut self,
+        post: bool,
+        path: &str,
+        body: &[u8],
+        bearer: Option<&str>,
+    ) -> Outcome {
         match self {
             Link::Http(client, base) => {
                 let url = format!("{base}{path}");
@@ -226,13 +236,13 @@ impl Stats {
     }
 }
 
-fn now32() -> u32 {
+pub(crate) fn now32() -> u32 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
 }
 
-struct Ctx {
+pub(crate) struct Ctx {
     link: Link,
     rp: Option<(String, Audience, String)>,
     http: Option<(reqwest::Client, String)>,
@@ -279,7 +289,7 @@ impl Ctx {
         }
     }
 
-    async fn enroll(&mut self, node: &mut Node) -> bool {
+    pub(crate) async fn enroll(&mut self, node: &mut Node) -> bool {
         let mut buf = [0u8; 1100];
         let n = match node.chip.enroll(now32(), &mut buf) {
             Ok(n) => n,
@@ -390,7 +400,7 @@ impl Ctx {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }

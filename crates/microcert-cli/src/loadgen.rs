@@ -1,0 +1,203 @@
+//! `microcert bench`: a load generator. Software nodes (from a factory
+//! file, enrolled on first use) send AUTHs to a running center over CoAP or
+//! HTTP on loopback, each waiting for its RECEIPT and checking it, from M
+//! concurrent tasks for a bounded time; then throughput, latency
+//! percentiles and errors.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::Args;
+use microcert_core::Audience;
+use microcert_node::SecureChip;
+use microcert_server::coap_client::CoapClient;
+
+use crate::simulate::{Link, Node, Transport, load_chips, now32, percentile};
+
+/// Arguments of `bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The center's HTTP address.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// The center's CoAP address.
+    #[arg(long, default_value = "127.0.0.1:5683")]
+    pub coap: SocketAddr,
+    /// The transport to load.
+    #[arg(long, value_enum, default_value_t = Transport::Coap)]
+    pub transport: Transport,
+    /// The factory personalization file (chips.jsonl).
+    #[arg(long)]
+    pub chips: PathBuf,
+    /// Chip images kept between runs (`simulate --state`).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Concurrent clients (each with its own socket and its share of nodes).
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Seconds of load, after enrollment. At most 600.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    errors: BTreeMap<String, u64>,
+}
+
+async fn enroll(link: &mut Link, node: &mut Node) -> Result<(), String> {
+    let mut buf = [0u8; 1100];
+    let n = node
+        .chip
+        .enroll(now32(), &mut buf)
+        .map_err(|e| e.to_string())?;
+    node.persist();
+    let receipt = link
+        .call(true, "/v1/device/enroll", &buf[..n], None)
+        .await?;
+    let receipt = receipt.ok_or("no receipt")?;
+    node.chip
+        .accept_receipt(&receipt)
+        .map_err(|e| e.to_string())?;
+    node.persist();
+    Ok(())
+}
+
+/// Runs the load.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.duration == 0 || args.duration > 600 {
+        bail!("--duration is 1 to 600 seconds");
+    }
+    let nodes = load_chips(&args.chips, args.state.as_deref())?;
+    let total_nodes = nodes.len();
+    let tasks = args.concurrency.clamp(1, total_nodes);
+    let mut shares: Vec<Vec<Node>> = (0..tasks).map(|_| Vec::new()).collect();
+    for (i, n) in nodes.into_iter().enumerate() {
+        shares[i % tasks].push(n);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let base = args.server.trim_end_matches('/').to_owned();
+    let (transport, coap, duration) = (
+        args.transport,
+        args.coap,
+        Duration::from_secs(args.duration),
+    );
+    let (tallies, elapsed) = rt.block_on(async move {
+        // Enroll first (not measured), then start every client together.
+        let mut links = Vec::new();
+        for share in &mut shares {
+            let mut link = match transport {
+                Transport::Http => Link::Http(reqwest::Client::new(), base.clone()),
+                Transport::Coap => {
+                    let mut c = CoapClient::connect(coap).await?;
+                    c.set_ack_timeout(Duration::from_millis(500));
+                    Link::Coap(Box::new(c))
+                }
+            };
+            for node in share.iter_mut() {
+                if node.chip.status().generation.is_none() {
+                    enroll(&mut link, node)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("enrollment failed: {e}"))?;
+                }
+            }
+            links.push(link);
+        }
+        let start = Instant::now();
+        let deadline = start + duration;
+        let mut handles = Vec::new();
+        for (mut share, mut link) in shares.into_iter().zip(links) {
+            handles.push(tokio::spawn(async move {
+                let mut t = Tally::default();
+                let mut buf = [0u8; 64];
+                let mut i = 0;
+                while Instant::now() < deadline && !share.is_empty() {
+                    let len = share.len();
+                    let node = &mut share[i % len];
+                    i += 1;
+                    let n = match node.chip.auth(now32(), &Audience::CENTER, &mut buf) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            *t.errors.entry(format!("node: {e}")).or_default() += 1;
+                            continue;
+                        }
+                    };
+                    // The image is written once at the end: durability is
+                    // not what is measured here.
+                    node.chip.mark_persisted();
+                    let sent = Instant::now();
+                    match link.call(true, "/v1/device/auth", &buf[..n], None).await {
+                        Ok(Some(receipt)) => match node.chip.accept_receipt(&receipt) {
+                            Ok(_) => t.latencies.push(sent.elapsed()),
+                            Err(e) => *t.errors.entry(format!("receipt: {e}")).or_default() += 1,
+                        },
+                        Ok(None) => *t.errors.entry("no receipt".into()).or_default() += 1,
+                        Err(kind) => *t.errors.entry(kind).or_default() += 1,
+                    }
+                }
+                for node in &mut share {
+                    // Mark dirty state persisted by writing the image now.
+                    node.persist_always();
+                }
+                t
+            }));
+        }
+        let mut tallies = Vec::new();
+        for h in handles {
+            tallies.push(h.await?);
+        }
+        anyhow::Ok((tallies, start.elapsed()))
+    })?;
+    let mut lat: Vec<Duration> = tallies
+        .iter()
+        .flat_map(|t| t.latencies.iter().copied())
+        .collect();
+    lat.sort_unstable();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for t in &tallies {
+        for (k, v) in &t.errors {
+            *errors.entry(k.clone()).or_default() += v;
+        }
+    }
+    let ok = lat.len() as f64;
+    let rate = ok / elapsed.as_secs_f64();
+    let (p50, p99, p999) = (
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        percentile(&lat, 0.999),
+    );
+    if args.json {
+        say!(
+            "{}",
+            serde_json::json!({
+                "transport": format!("{:?}", args.transport).to_lowercase(),
+                "nodes": total_nodes, "concurrency": tasks, "seconds": elapsed.as_secs_f64(),
+                "accepted": lat.len(), "per_second": rate,
+                "p50_us": p50.as_micros() as u64, "p99_us": p99.as_micros() as u64, "p999_us": p999.as_micros() as u64,
+                "errors": errors,
+            })
+        );
+    } else {
+        say!(
+            "{:?} AUTH on {} nodes, {tasks} clients, {:.1} s: {} accepted, {rate:.0}/s, p50 {p50:.2?}, p99 {p99:.2?}, p99.9 {p999:.2?}, errors {}",
+            args.transport,
+            total_nodes,
+            elapsed.as_secs_f64(),
+            lat.len(),
+            errors.values().sum::<u64>()
+        );
+        for (k, v) in &errors {
+            say!("  {k}: {v}");
+        }
+    }
+    Ok(())
+}
