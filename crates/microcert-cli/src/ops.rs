@@ -22,6 +22,25 @@ pub struct ServerArgs {
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// A PEM certificate to trust for an `https://` server (e.g. the
+    /// center's own self-signed certificate), besides the system's roots.
+    #[arg(long, env = "MICROCERT_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
+}
+
+/// An HTTP client; TLS with rustls (ring) and the given extra root.
+pub fn http_client(ca_cert: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
+    // The process has one rustls provider; installing it twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut b = reqwest::Client::builder();
+    if let Some(path) = ca_cert {
+        let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        b = b.add_root_certificate(
+            reqwest::Certificate::from_pem(&pem)
+                .with_context(|| format!("{} is not a PEM certificate", path.display()))?,
+        );
+    }
+    b.build().context("cannot build the HTTP client")
 }
 
 /// Device commands.
@@ -137,7 +156,7 @@ impl Api {
         Ok(Api {
             base: s.server.trim_end_matches('/').to_owned(),
             token: s.token.clone(),
-            client: reqwest::Client::new(),
+            client: http_client(s.ca_cert.as_deref())?,
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?,

@@ -57,6 +57,10 @@ pub struct FileConfig {
     grace_period_secs: Option<u64>,
     cache_capacity: Option<usize>,
     cache_ttl_secs: Option<u64>,
+    /// PEM certificate chain: serve HTTP over TLS (with `tls_key`).
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    tls_key: Option<PathBuf>,
 }
 
 /// Reads the configuration file, if one is given.
@@ -177,6 +181,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let housekeeping = Duration::from_secs(file.housekeeping_secs.unwrap_or(60).max(1));
     let integrity = Duration::from_secs(file.integrity_secs.unwrap_or(600).max(1));
 
+    let tls = match (&file.tls_cert, &file.tls_key) {
+        (Some(cert), Some(key)) => Some(microcert_server::tls::acceptor(cert, key)?),
+        (None, None) => None,
+        _ => bail!("TLS needs both tls_cert and tls_key in the configuration"),
+    };
+    let tls_on = tls.is_some();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -196,8 +206,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let shutdown = shutdown_on_signals();
         spawn_periodic(center, housekeeping, integrity, shutdown.clone());
         tracing::info!(http = %h, coap = %c, data = %args.data.dir.display(), "microcert center serving");
-        say!("microcert serving http={h} coap={c}");
-        serve(listeners, router, svc, workers, shutdown).await?;
+        let scheme = if tls_on { "https" } else { "http" };
+        say!("microcert serving {scheme}={h} coap={c}");
+        serve(listeners, router, svc, workers, tls, shutdown).await?;
         tracing::info!("stopped");
         anyhow::Ok(())
     })

@@ -12,4 +12,5 @@ pub mod openapi;
 pub mod operator;
 pub mod run;
 pub mod service;
+pub mod tls;
 pub mod tokens;

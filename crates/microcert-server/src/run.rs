@@ -71,20 +71,33 @@ pub fn shutdown_on_signals() -> watch::Receiver<bool> {
     rx
 }
 
-/// Serves HTTP (`router`) and CoAP (`svc`) until `shutdown` turns true.
+/// Serves HTTP (`router`; over TLS when `tls` is given) and CoAP (`svc`)
+/// until `shutdown` turns true.
 pub async fn serve(
     listeners: Listeners,
     router: Router,
     svc: Arc<dyn DeviceService>,
     coap_workers: usize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let mut http_stop = shutdown.clone();
-    let http = axum::serve(listeners.http, router).with_graceful_shutdown(async move {
-        let _ = http_stop.wait_for(|s| *s).await;
-    });
+    let http = async move {
+        match tls {
+            Some(acceptor) => {
+                crate::tls::serve(listeners.http, acceptor, router, http_stop).await
+            }
+            None => {
+                axum::serve(listeners.http, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = http_stop.wait_for(|s| *s).await;
+                    })
+                    .await
+            }
+        }
+    };
     let coap = crate::coap::serve(listeners.coap, svc, coap_workers, shutdown);
-    let (h, c) = tokio::join!(http.into_future(), coap);
+    let (h, c) = tokio::join!(http, coap);
     h?;
     c
 }

@@ -55,7 +55,7 @@ impl TestServer {
         let listeners = Listeners::bind(any, any).await.unwrap();
         let (http, coap) = listeners.addrs().unwrap();
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(serve(listeners, router, svc, 2, rx));
+        let task = tokio::spawn(serve(listeners, router, svc, 2, None, rx));
         TestServer {
             dir,
             center,
