@@ -103,6 +103,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     Link::Coap(Box::new(c))
                 }
             };
+            // Revoked or tampered chips (e.g. left by `simulate`) sit out.
+            share.retain(|n| n.chip.status().life == microcert_node::Life::Personalized);
             for node in share.iter_mut() {
                 if node.chip.status().generation.is_none() {
                     enroll(&mut link, node)

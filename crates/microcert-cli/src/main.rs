@@ -130,6 +130,8 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // One TLS crypto provider for the process (HTTP clients and the server).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Cert(cmd) => cert::run(cmd).map_err(|e| (e, ExitCode::from(2))),

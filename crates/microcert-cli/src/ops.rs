@@ -30,8 +30,6 @@ pub struct ServerArgs {
 
 /// An HTTP client; TLS with rustls (ring) and the given extra root.
 pub fn http_client(ca_cert: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
-    // The process has one rustls provider; installing it twice is harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut b = reqwest::Client::builder();
     if let Some(path) = ca_cert {
         let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;

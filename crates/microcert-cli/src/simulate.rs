@@ -35,6 +35,11 @@ pub struct SimulateArgs {
     /// How long to run, in seconds, after enrollment.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
+    /// Stop after this many rounds per node (each round: AUTH, challenge
+    /// and AUTH_RESPONSE, sign and seal, command poll), or at --duration,
+    /// whichever comes first.
+    #[arg(long)]
+    pub rounds: Option<u32>,
     /// Concurrent node tasks.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
@@ -440,6 +445,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             });
             let transport = args.transport;
             let coap = args.coap;
+            let rounds = args.rounds;
             tasks.push(tokio::spawn(async move {
                 let client = reqwest::Client::new();
                 let link = match transport {
@@ -477,7 +483,12 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
                     .iter()
                     .map(|n| n.chip.status().life == microcert_node::Life::Personalized)
                     .collect();
-                while Instant::now() < deadline && alive.iter().any(|a| *a) {
+                let mut round = 0u32;
+                while Instant::now() < deadline
+                    && alive.iter().any(|a| *a)
+                    && rounds.is_none_or(|n| round < n)
+                {
+                    round += 1;
                     for (node, live) in mine.iter_mut().zip(alive.iter_mut()) {
                         if *live && Instant::now() < deadline {
                             *live = ctx.round(node).await;

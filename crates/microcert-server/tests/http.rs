@@ -9,7 +9,7 @@ use microcert_server::openapi::ROUTES;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_route_is_served() {
     let srv = common::TestServer::start().await;
-    let client = reqwest::Client::new();
+    let client = client();
     for r in ROUTES {
         let path = r
             .path
@@ -39,7 +39,7 @@ async fn every_documented_route_is_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_refusals_map_to_protocol_statuses() {
     let srv = common::TestServer::start().await;
-    let client = reqwest::Client::new();
+    let client = client();
     let url = |p: &str| format!("http://{}{p}", srv.http);
     // A well-formed AUTH from a device the center does not know: 404.
     let auth = hex::decode(
@@ -83,4 +83,10 @@ async fn device_refusals_map_to_protocol_statuses() {
         .unwrap();
     assert_eq!(r.status(), 400);
     srv.stop().await;
+}
+
+/// An HTTP client; reqwest's TLS needs the process's rustls provider set.
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }

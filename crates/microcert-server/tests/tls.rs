@@ -62,7 +62,11 @@ async fn operator_port_serves_tls_with_the_configured_certificate() {
         .await
         .unwrap();
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), plain.read_to_end(&mut buf)).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        plain.read_to_end(&mut buf),
+    )
+    .await;
     assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
 
     stop.send(true).unwrap();
