@@ -1,11 +1,226 @@
 //! The audit log's hash chain: every entry's hash covers the previous
 //! entry's hash, so an edited, deleted, inserted or reordered entry breaks
-//! the chain from that point on (the card's tag over the chain head, which
-//! makes truncation detectable too, is issue 5's).
+//! the chain from that point on.
+//!
+//! The chain alone cannot show a log cut short at its end (the remaining
+//! prefix is a valid chain). So the card tags the chain head on every
+//! append: the head (seq, hash) is kept as one extra row of the digest
+//! table ([`AUDIT_HEAD_SHARD`]: acc = the last hash, count = the last seq),
+//! with the card's tag (domain "MC-DIGEST", bytes "MC-AUDIT-HEAD-v1" ...)
+//! written in the same transaction as the entry. The head is checked before
+//! it is moved on, so a forged head cannot be laundered by the next append;
+//! a tampered head makes every audited change fail until it is repaired
+//! (no unaudited change). Keeping it in the digest table needs no new table
+//! or backend method: every backend already stores tagged digest rows.
+//! What the head alone cannot show, the whole database put back to an older
+//! copy, the card's anchor shows ([`crate::anchor`]).
+
+use std::io::Write;
 
 use sha2::{Digest, Sha256};
 
-use crate::db::{AuditRecord, NewAudit};
+use crate::card::EncryptionCard;
+use crate::db::{AuditRecord, DigestShard, KeyDatabase, NewAudit, Tx};
+use crate::{Error, Result};
+
+/// The digest-table row that holds the audit chain's head (record shards
+/// are 0..[`crate::integrity::SHARDS`]).
+pub const AUDIT_HEAD_SHARD: u8 = 255;
+
+/// The canonical bytes of a chain head that the card tags.
+pub fn head_bytes(seq: u64, hash: &[u8; 32]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(56);
+    b.extend_from_slice(b"MC-AUDIT-HEAD-v1");
+    b.extend_from_slice(&seq.to_be_bytes());
+    b.extend_from_slice(hash);
+    b
+}
+
+fn head_tag_ok(card: &dyn EncryptionCard, row: &DigestShard) -> Result<bool> {
+    let tag = card.digest_tag(&head_bytes(row.count, &row.acc))?;
+    Ok(subtle::ConstantTimeEq::ct_eq(&tag[..], &row.tag[..]).into())
+}
+
+/// Appends an entry and moves the card-tagged head on, in the caller's
+/// transaction. Every audit append of the center goes through here.
+pub fn append(tx: &mut dyn Tx, card: &dyn EncryptionCard, e: &NewAudit) -> Result<()> {
+    let (seq, prev) = match tx.digest_shard(AUDIT_HEAD_SHARD)? {
+        Some(row) => {
+            if !head_tag_ok(card, &row)? {
+                tracing::error!("audit chain head fails its card tag");
+                return Err(Error::Integrity("audit log head".into()));
+            }
+            (row.count, row.acc)
+        }
+        None => (0, [0u8; 32]),
+    };
+    tx.append_audit(e)?;
+    let hash = chain_hash(&prev, seq + 1, e);
+    let tag = card.digest_tag(&head_bytes(seq + 1, &hash))?;
+    tx.put_digest_shard(&DigestShard {
+        shard: AUDIT_HEAD_SHARD,
+        acc: hash,
+        count: seq + 1,
+        seq: seq + 1,
+        tag,
+    })
+}
+
+/// The head as the card last tagged it: (seq, hash), (0, 0^32) for an
+/// empty log. Err(Integrity) when the stored head's tag is wrong.
+pub fn tagged_head(db: &dyn KeyDatabase, card: &dyn EncryptionCard) -> Result<(u64, [u8; 32])> {
+    match db
+        .digest_shards()?
+        .into_iter()
+        .find(|s| s.shard == AUDIT_HEAD_SHARD)
+    {
+        Some(row) if head_tag_ok(card, &row)? => Ok((row.count, row.acc)),
+        Some(_) => Err(Error::Integrity("audit log head".into())),
+        None => Ok((0, [0u8; 32])),
+    }
+}
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditFinding {
+    /// The entry at this seq does not follow from the one before: edited,
+    /// inserted, deleted before it, or moved (the first bad entry is named).
+    Broken {
+        /// Sequence number of the first entry that breaks the chain.
+        seq: u64,
+    },
+    /// The log ends before the head the card tagged: entries were cut off
+    /// its end.
+    Truncated {
+        /// Last entry present.
+        last: u64,
+        /// Last entry the card tagged.
+        tagged: u64,
+    },
+    /// Entries after the card-tagged head: added outside the center.
+    Untagged {
+        /// First entry beyond the tagged head.
+        first: u64,
+    },
+    /// The last entry is not the one whose hash the card tagged (the end of
+    /// the log was replaced).
+    HeadMismatch {
+        /// The tagged head's seq.
+        seq: u64,
+    },
+    /// The stored head itself fails the card's tag.
+    HeadTag,
+}
+
+impl AuditFinding {
+    /// The first entry (seq) the finding is about: for a log cut short,
+    /// the first missing one; for a bad head tag, 0.
+    pub fn seq(&self) -> u64 {
+        match self {
+            AuditFinding::Broken { seq } | AuditFinding::HeadMismatch { seq } => *seq,
+            AuditFinding::Truncated { last, .. } => last + 1,
+            AuditFinding::Untagged { first } => *first,
+            AuditFinding::HeadTag => 0,
+        }
+    }
+}
+
+impl std::fmt::Display for AuditFinding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuditFinding::Broken { seq } => write!(
+                f,
+                "entry {seq} does not follow from the one before (edited, inserted, deleted or reordered)"
+            ),
+            AuditFinding::Truncated { last, tagged } => write!(
+                f,
+                "the log ends at entry {last} but the card tagged entry {tagged}: entries were removed from its end"
+            ),
+            AuditFinding::Untagged { first } => write!(
+                f,
+                "entries from {first} on were added outside the center (beyond the card-tagged head)"
+            ),
+            AuditFinding::HeadMismatch { seq } => {
+                write!(f, "entry {seq} is not the one the card tagged as the head")
+            }
+            AuditFinding::HeadTag => write!(f, "the stored chain head fails the card's tag"),
+        }
+    }
+}
+
+/// Walks the whole log, then compares its end with the card-tagged head.
+/// Returns (entries read, the first finding if any).
+pub fn verify(
+    db: &dyn KeyDatabase,
+    card: &dyn EncryptionCard,
+) -> Result<(u64, Option<AuditFinding>)> {
+    let mut prev = [0u8; 32];
+    let mut after = 0;
+    let mut n = 0;
+    loop {
+        let page = db.audit_log(after, 1000)?;
+        let Some(last) = page.last() else { break };
+        n += page.len() as u64;
+        if page[0].seq != after + 1 {
+            return Ok((n, Some(AuditFinding::Broken { seq: after + 1 })));
+        }
+        if let Some(bad) = verify_chain(prev, &page) {
+            return Ok((n, Some(AuditFinding::Broken { seq: bad })));
+        }
+        prev = last.hash;
+        after = last.seq;
+    }
+    let (seq, hash) = match tagged_head(db, card) {
+        Ok(h) => h,
+        Err(Error::Integrity(_)) => return Ok((n, Some(AuditFinding::HeadTag))),
+        Err(e) => return Err(e),
+    };
+    let finding = if after < seq {
+        Some(AuditFinding::Truncated {
+            last: after,
+            tagged: seq,
+        })
+    } else if after > seq {
+        Some(AuditFinding::Untagged { first: seq + 1 })
+    } else if prev != hash {
+        Some(AuditFinding::HeadMismatch { seq })
+    } else {
+        None
+    };
+    Ok((n, finding))
+}
+
+/// One entry as a JSON object (the export's line format).
+pub fn to_json(r: &AuditRecord) -> serde_json::Value {
+    serde_json::json!({
+        "seq": r.seq,
+        "time": r.entry.time,
+        "actor": r.entry.actor,
+        "action": r.entry.action,
+        "device": r.entry.device.map(|d| d.to_string()),
+        "generation": r.entry.generation,
+        "reason": r.entry.reason,
+        "prev_hash": hex::encode(r.prev_hash),
+        "hash": hex::encode(r.hash),
+    })
+}
+
+/// Writes every entry as JSON Lines, in order; returns how many.
+pub fn export_jsonl(db: &dyn KeyDatabase, out: &mut dyn Write) -> Result<u64> {
+    let mut after = 0;
+    let mut n = 0;
+    loop {
+        let page = db.audit_log(after, 1000)?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for r in &page {
+            writeln!(out, "{}", to_json(r))?;
+            n += 1;
+        }
+    }
+    out.flush()?;
+    Ok(n)
+}
 
 fn put_str(h: &mut Sha256, s: &str) {
     h.update((s.len() as u64).to_be_bytes());
@@ -45,10 +260,11 @@ pub fn verify_chain(prev: [u8; 32], entries: &[AuditRecord]) -> Option<u64> {
     let mut prev = prev;
     let first = entries.first().map(|e| e.seq)?;
     for (expect_seq, e) in (first..).zip(entries) {
-        if e.seq != expect_seq
-            || e.prev_hash != prev
-            || chain_hash(&prev, e.seq, &e.entry) != e.hash
-        {
+        if e.seq != expect_seq {
+            // A gap or a moved entry: name the first position that is wrong.
+            return Some(expect_seq);
+        }
+        if e.prev_hash != prev || chain_hash(&prev, e.seq, &e.entry) != e.hash {
             return Some(e.seq);
         }
         prev = e.hash;

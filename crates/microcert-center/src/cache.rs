@@ -12,6 +12,7 @@
 //! [`SeedCache::insert`] drops the entry if the shard was invalidated since.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,7 @@ use microcert_core::{DeviceId, KeySeed};
 
 use crate::db::{DeviceRow, SeedRow};
 
-const SHARDS: usize = 16;
+const SHARDS: usize = 64;
 
 /// A seed record (without ciphertext) and, for the seeds that may verify,
 /// the opened seed.
@@ -50,13 +51,16 @@ impl CachedDevice {
 }
 
 struct Shard {
-    map: HashMap<DeviceId, Arc<CachedDevice>>,
-    version: u64,
+    map: Mutex<HashMap<DeviceId, Arc<CachedDevice>>>,
+    /// Changed only with `map` locked; read without the lock by
+    /// [`SeedCache::ticket`], which the verification path calls twice per
+    /// message.
+    version: AtomicU64,
 }
 
 /// The cache.
 pub(crate) struct SeedCache {
-    shards: Vec<Mutex<Shard>>,
+    shards: Vec<Shard>,
     per_shard: usize,
     ttl: Duration,
 }
@@ -71,18 +75,16 @@ impl std::fmt::Debug for SeedCache {
 }
 
 fn shard_index(id: DeviceId) -> usize {
-    (id.0[7] as usize ^ id.0[6] as usize) % SHARDS
+    (id.0[7] as usize ^ ((id.0[6] as usize) << 8)) % SHARDS
 }
 
 impl SeedCache {
     pub(crate) fn new(capacity: usize, ttl: Duration) -> Self {
         SeedCache {
             shards: (0..SHARDS)
-                .map(|_| {
-                    Mutex::new(Shard {
-                        map: HashMap::new(),
-                        version: 0,
-                    })
+                .map(|_| Shard {
+                    map: Mutex::new(HashMap::new()),
+                    version: AtomicU64::new(0),
                 })
                 .collect(),
             per_shard: capacity.div_ceil(SHARDS),
@@ -90,71 +92,66 @@ impl SeedCache {
         }
     }
 
-    fn shard(&self, id: DeviceId) -> std::sync::MutexGuard<'_, Shard> {
+    fn map(shard: &Shard) -> std::sync::MutexGuard<'_, HashMap<DeviceId, Arc<CachedDevice>>> {
         // A poisoned shard only means a panic elsewhere while holding it;
         // its map is still consistent (each operation is one map call).
-        match self.shards[shard_index(id)].lock() {
+        match shard.map.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
     }
 
     pub(crate) fn get(&self, id: DeviceId) -> Option<Arc<CachedDevice>> {
-        let mut s = self.shard(id);
-        let hit = s.map.get(&id)?;
+        let shard = &self.shards[shard_index(id)];
+        let mut m = Self::map(shard);
+        let hit = m.get(&id)?;
         if hit.loaded.elapsed() <= self.ttl {
             return Some(Arc::clone(hit));
         }
-        s.map.remove(&id);
+        m.remove(&id);
         None
     }
 
     pub(crate) fn ticket(&self, id: DeviceId) -> u64 {
-        self.shard(id).version
+        self.shards[shard_index(id)].version.load(Ordering::Acquire)
     }
 
     pub(crate) fn insert(&self, id: DeviceId, dev: Arc<CachedDevice>, ticket: u64) {
         if self.per_shard == 0 {
             return;
         }
-        let mut s = self.shard(id);
-        if s.version != ticket {
+        let shard = &self.shards[shard_index(id)];
+        let mut m = Self::map(shard);
+        if shard.version.load(Ordering::Acquire) != ticket {
             return;
         }
-        if s.map.len() >= self.per_shard
-            && !s.map.contains_key(&id)
-            && let Some(victim) = s.map.keys().next().copied()
+        if m.len() >= self.per_shard
+            && !m.contains_key(&id)
+            && let Some(victim) = m.keys().next().copied()
         {
             // Full: drop an arbitrary entry (O(1); a scan for expired
             // entries on every insert would cost O(capacity)).
-            s.map.remove(&victim);
+            m.remove(&victim);
         }
-        s.map.insert(id, dev);
+        m.insert(id, dev);
     }
 
     pub(crate) fn invalidate(&self, id: DeviceId) {
-        let mut s = self.shard(id);
-        s.version += 1;
-        s.map.remove(&id);
+        let shard = &self.shards[shard_index(id)];
+        let mut m = Self::map(shard);
+        shard.version.fetch_add(1, Ordering::AcqRel);
+        m.remove(&id);
     }
 
     pub(crate) fn clear(&self) {
-        for i in 0..SHARDS {
-            let mut s = match self.shards[i].lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            s.version += 1;
-            s.map.clear();
+        for shard in &self.shards {
+            let mut m = Self::map(shard);
+            shard.version.fetch_add(1, Ordering::AcqRel);
+            m.clear();
         }
     }
 
     pub(crate) fn len(&self) -> usize {
-        (0..SHARDS)
-            .map(|i| match self.shards[i].lock() {
-                Ok(g) => g.map.len(),
-                Err(p) => p.into_inner().map.len(),
-            })
-            .sum()
+        self.shards.iter().map(|s| Self::map(s).len()).sum()
     }
 }

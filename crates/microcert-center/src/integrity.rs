@@ -32,8 +32,11 @@
 //! - What this alone does not catch: the whole database put back to an
 //!   older copy of itself (consistent with its own old digest). For that
 //!   the card keeps a high-water mark of the shards' seq outside the
-//!   database (issue 5: the card's anchor, refreshed at each backup and
-//!   periodically); an older copy has a lower seq sum.
+//!   database ([`crate::anchor`], refreshed at each clean check and each
+//!   backup); an older copy has a lower seq in the shards it changed.
+//! - A deleted record is named from the audit log: every enrollment has an
+//!   "enroll" entry naming (device, generation), and such a record that is
+//!   not in the database was deleted.
 
 use sha2::{Digest, Sha256};
 
@@ -244,19 +247,112 @@ pub struct IntegrityReport {
     pub bad_shards: Vec<u8>,
     /// Device rows whose tag does not match.
     pub bad_devices: Vec<microcert_core::DeviceId>,
+    /// Seeds the audit log says were enrolled that are not in the
+    /// database (deleted rows).
+    pub missing_records: Vec<(microcert_core::DeviceId, u8)>,
+    /// Shards whose change count is below the card's anchor: the database
+    /// (or these records) were put back to an older copy. Filled by
+    /// [`crate::Center::integrity_check`] only.
+    pub rolled_back_shards: Vec<u8>,
+    /// What is wrong with the audit log: its chain or card-tagged head
+    /// (see [`crate::audit::AuditFinding`]), or its head below the anchor.
+    /// Filled by [`crate::Center::integrity_check`] only.
+    pub audit: Option<String>,
+    /// The anchor file itself fails its card tag (or cannot be read).
+    pub anchor: Option<String>,
 }
 
 impl IntegrityReport {
     /// True when nothing was found.
     pub fn is_clean(&self) -> bool {
-        self.bad_records.is_empty() && self.bad_shards.is_empty() && self.bad_devices.is_empty()
+        self.bad_records.is_empty()
+            && self.bad_shards.is_empty()
+            && self.bad_devices.is_empty()
+            && self.missing_records.is_empty()
+            && self.rolled_back_shards.is_empty()
+            && self.audit.is_none()
+            && self.anchor.is_none()
     }
+
+    /// Devices to refuse until repaired (tampered or missing records).
+    pub fn tampered_devices(&self) -> Vec<microcert_core::DeviceId> {
+        let mut v: Vec<_> = self
+            .bad_records
+            .iter()
+            .chain(&self.missing_records)
+            .map(|(d, _)| *d)
+            .chain(self.bad_devices.iter().copied())
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// One line per finding, naming records, shards and the audit log.
+    pub fn findings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (d, g) in &self.bad_records {
+            out.push(format!("record {d} generation {g}: fails its integrity tag (changed, or moved from another record)"));
+        }
+        for (d, g) in &self.missing_records {
+            out.push(format!("record {d} generation {g}: enrolled (audit log) but missing from the database (deleted)"));
+        }
+        for d in &self.bad_devices {
+            out.push(format!("device {d}: device row fails its integrity tag"));
+        }
+        for s in &self.bad_shards {
+            out.push(format!("digest shard {s}: does not match its records (a record deleted, inserted or put back)"));
+        }
+        if !self.rolled_back_shards.is_empty() {
+            out.push(format!(
+                "database rolled back: shards {:?} are older than the card's anchor (an older copy was put back)",
+                self.rolled_back_shards
+            ));
+        }
+        if let Some(a) = &self.audit {
+            out.push(format!("audit log: {a}"));
+        }
+        if let Some(a) = &self.anchor {
+            out.push(format!("anchor: {a}"));
+        }
+        out
+    }
+}
+
+/// Every (device, generation) the audit log records an enrollment of, up
+/// to the log's end when called: read before the records, so a record
+/// enrolled while the scan runs is not counted missing.
+fn enrolled_per_audit(
+    db: &dyn crate::db::KeyDatabase,
+) -> Result<std::collections::HashSet<(microcert_core::DeviceId, u8)>> {
+    let mut out = std::collections::HashSet::new();
+    let mut after = 0;
+    loop {
+        let page = db.audit_log(after, 5000)?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for e in &page {
+            if e.entry.action == "enroll"
+                && let (Some(d), Some(g)) = (e.entry.device, e.entry.generation)
+            {
+                out.insert((d, g));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Recomputes every record's tag and every shard's aggregate and compares
 /// them with what is stored.
 pub fn scan(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result<IntegrityReport> {
+    // One consistent snapshot: with several centers writing (PostgreSQL),
+    // records and shards read at different moments would disagree.
+    crate::db::with_snapshot(db, |view| scan_in(view, card))
+}
+
+fn scan_in(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result<IntegrityReport> {
     let mut report = IntegrityReport::default();
+    let mut enrolled = enrolled_per_audit(db)?;
     let mut acc = vec![([0u8; 32], 0u64); usize::from(SHARDS)];
     let mut after = None;
     loop {
@@ -265,6 +361,7 @@ pub fn scan(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Resul
         after = Some((last.device, last.generation));
         for s in &page {
             report.records += 1;
+            enrolled.remove(&(s.device, s.generation));
             if check_record(card, s).is_err() {
                 report.bad_records.push((s.device, s.generation));
             }
@@ -289,6 +386,8 @@ pub fn scan(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Resul
             }
         }
     }
+    report.missing_records = enrolled.into_iter().collect();
+    report.missing_records.sort_unstable();
     let stored = db.digest_shards()?;
     for shard in 0..SHARDS {
         let (x, n) = acc[usize::from(shard)];

@@ -2,7 +2,9 @@
 #![warn(missing_docs)]
 #![doc = include_str!("../README.md")]
 
+pub mod anchor;
 pub mod audit;
+pub mod backup;
 mod cache;
 pub mod card;
 mod center;
@@ -10,16 +12,21 @@ pub mod db;
 mod error;
 pub mod integrity;
 pub mod profile;
+pub mod repair;
+mod replay;
 
 pub use card::{EncryptionCard, KdfParams, SoftwareCard};
 pub use center::{
-    AuthOutcome, CENTER_ACTOR, Center, HousekeepingReport, ImportProgress, ImportReject,
-    ImportReport, OpenedSealed, SignatureOutcome, VerifyOutcome,
+    AuthOutcome, AutoBackup, CENTER_ACTOR, Center, HousekeepingReport, ImportProgress,
+    ImportReject, ImportReport, OpenedSealed, RotationReport, SignatureOutcome, VerifyOutcome,
 };
-pub use db::{DeviceQuery, DeviceView, KeyDatabase, SqliteDatabase, SqliteOptions};
+pub use db::{
+    DeviceQuery, DeviceView, KeyDatabase, PostgresDatabase, PostgresOptions, SqliteDatabase,
+    SqliteOptions,
+};
 pub use error::{Error, Result};
 pub use integrity::IntegrityReport;
-pub use profile::{CenterConfig, ClassProfile};
+pub use profile::{CenterConfig, ClassProfile, ReplayMode};
 
 // The center is shared between threads (an async server calls it from
 // spawn_blocking): keep it Send + Sync.

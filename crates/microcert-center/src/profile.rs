@@ -3,6 +3,8 @@
 
 use microcert_core::{MAX_SEALED_PLAINTEXT, Suite};
 
+pub use crate::replay::ReplayMode;
+
 /// What a class of device is allowed and given.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClassProfile {
@@ -72,6 +74,10 @@ pub struct CenterConfig {
     pub instance_skew: u64,
     /// Batch import entries per transaction.
     pub import_chunk: usize,
+    /// How AUTH and SEALED are made to count once: in memory for a center
+    /// that alone uses its SQLite file, in the database when several
+    /// centers share it. The default picks by how the center is opened.
+    pub replay: ReplayMode,
 }
 
 impl Default for CenterConfig {
@@ -83,6 +89,7 @@ impl Default for CenterConfig {
             cache_ttl_secs: 5,
             instance_skew: 30,
             import_chunk: 1000,
+            replay: ReplayMode::Auto,
         }
     }
 }

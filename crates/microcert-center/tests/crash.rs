@@ -20,12 +20,12 @@ const N: u64 = 600;
 const CHUNK: usize = 50;
 const PASS: &[u8] = b"crash test";
 
-fn center(dir: &Path, db: &str, card: Arc<SoftwareCard>) -> Center {
+fn center(location: &str, card: Arc<SoftwareCard>) -> Center {
     let config = CenterConfig {
         import_chunk: CHUNK,
         ..CenterConfig::default()
     };
-    Center::open_sqlite(&dir.join(db), card, config).unwrap()
+    Center::open_url(location, card, config).unwrap()
 }
 
 /// The child: imports slowly, printing each committed chunk.
@@ -36,7 +36,8 @@ fn child_import() {
     };
     let dir = Path::new(&dir);
     let card = Arc::new(SoftwareCard::open(&dir.join("card"), PASS).unwrap());
-    let c = center(dir, "killed.db", card);
+    let location = std::env::var("MC_CRASH_DB").unwrap();
+    let c = center(&location, card);
     c.import_batch(&dir.join("batch.jsonl"), "factory", NOW, &mut |p| {
         println!("committed {}", p.lines_done);
         std::thread::sleep(std::time::Duration::from_millis(150));
@@ -80,8 +81,7 @@ fn snapshot(c: &Center) -> Vec<String> {
     out
 }
 
-#[test]
-fn killed_import_resumes() {
+fn killed_import_resumes(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let card = Arc::new(
         SoftwareCard::init(
@@ -95,9 +95,11 @@ fn killed_import_resumes() {
     let batch = dir.path().join("batch.jsonl");
     write_batch(&batch, &mut fleet, NOW);
 
+    let killed_db = backend.location(dir.path(), "killed.db");
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["child_import", "--exact", "--nocapture", "--test-threads=1"])
         .env("MC_CRASH_CHILD", dir.path())
+        .env("MC_CRASH_DB", &killed_db)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -116,7 +118,7 @@ fn killed_import_resumes() {
     assert!(!status.success());
 
     // No partial record: whole chunks only, every device with its seed.
-    let killed = center(dir.path(), "killed.db", card.clone());
+    let killed = center(&killed_db, card.clone());
     let devices = killed
         .list_devices(&microcert_center::DeviceQuery {
             limit: 10_000,
@@ -142,7 +144,7 @@ fn killed_import_resumes() {
     assert!(report.rejected.is_empty());
 
     // The same as an uninterrupted import.
-    let whole = center(dir.path(), "whole.db", card.clone());
+    let whole = center(&backend.location(dir.path(), "whole.db"), card.clone());
     assert_eq!(
         whole
             .import_batch(&batch, "factory", NOW, &mut |_| {})
@@ -155,3 +157,5 @@ fn killed_import_resumes() {
     assert_eq!(a, b);
     assert!(killed.integrity_scan().unwrap().is_clean());
 }
+
+both_backends!(killed_import_resumes);

@@ -21,12 +21,11 @@ fn state_of(center: &Center, id: DeviceId, generation: u8) -> KeyState {
         .state
 }
 
-#[test]
 #[allow(clippy::needless_range_loop)] // fleet[i] reads better beside the ranges
-fn fleet_of_1000() {
+fn fleet_of_1000(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let card = Arc::new(SoftwareCard::ephemeral().unwrap());
-    let center = new_center(&dir.path().join("center.db"), card.clone());
+    let center = open_center(&backend.location(dir.path(), "center.db"), card.clone());
     let mut fleet = make_fleet(&*card, FLEET);
     let batch = dir.path().join("batch.jsonl");
     write_batch(&batch, &mut fleet, NOW - 86_400);
@@ -384,3 +383,7 @@ impl TestNode {
         self.auth(aud, t)
     }
 }
+
+both_backends!();
+
+both_backends!(fleet_of_1000);

@@ -12,10 +12,11 @@ use microcert_core::{Audience, DeviceId, Event, KeyState, Suite};
 
 const C: Audience = Audience::CENTER;
 
-fn setup(n: u64) -> (tempfile::TempDir, Arc<SoftwareCard>, Center, Vec<TestNode>) {
+fn setup(backend: Backend, n: u64) -> (Fixture, Arc<SoftwareCard>, Center, Vec<TestNode>) {
     let dir = tempfile::tempdir().unwrap();
+    let loc = backend.location(dir.path(), "c.db");
     let card = Arc::new(SoftwareCard::ephemeral().unwrap());
-    let center = new_center(&dir.path().join("c.db"), card.clone());
+    let center = open_center(&loc, card.clone());
     let mut fleet = make_fleet(&*card, n);
     let batch = dir.path().join("b.jsonl");
     write_batch(&batch, &mut fleet, NOW);
@@ -26,16 +27,21 @@ fn setup(n: u64) -> (tempfile::TempDir, Arc<SoftwareCard>, Center, Vec<TestNode>
         let (a, _) = node.auth(&C, NOW);
         center.verify_auth(&a, &C, NOW).unwrap();
     }
-    (dir, card, center, fleet)
+    (Fixture { _dir: dir, loc }, card, center, fleet)
+}
+
+/// The test directory and the database location.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    loc: String,
 }
 
 fn state(center: &Center, id: DeviceId, g: usize) -> KeyState {
     center.device(id).unwrap().unwrap().seeds[g].state
 }
 
-#[test]
-fn update_due_in_the_last_year_only() {
-    let (_d, _card, center, fleet) = setup(12);
+fn update_due_in_the_last_year_only(backend: Backend) {
+    let (_d, _card, center, fleet) = setup(backend, 12);
     // Seeds of base year 2026 serve 2026..=2030: due in 2030, not before.
     let y2029 = 1_861_920_000 + 86_400 * 100; // 2029-04-11
     assert_eq!(center.update_due("operator:ann", y2029).unwrap(), 0);
@@ -50,9 +56,8 @@ fn update_due_in_the_last_year_only() {
     assert_eq!(center.housekeeping(y2031 + 60).unwrap().deactivated, 0);
 }
 
-#[test]
-fn grace_period_ends_in_deactivation() {
-    let (_d, _card, center, mut fleet) = setup(2);
+fn grace_period_ends_in_deactivation(backend: Backend) {
+    let (_d, _card, center, mut fleet) = setup(backend, 2);
     let node = &mut fleet[0];
     let t = NOW + 10;
     center
@@ -79,9 +84,8 @@ fn grace_period_ends_in_deactivation() {
     ));
 }
 
-#[test]
-fn revoke_supersedes_update_and_counters_rise() {
-    let (_d, _card, center, mut fleet) = setup(1);
+fn revoke_supersedes_update_and_counters_rise(backend: Backend) {
+    let (_d, _card, center, mut fleet) = setup(backend, 1);
     let node = &mut fleet[0];
     let t = NOW + 10;
     center
@@ -126,9 +130,8 @@ fn revoke_supersedes_update_and_counters_rise() {
     ));
 }
 
-#[test]
-fn re_enrollment_after_expiry_and_after_revocation() {
-    let (_d, card, center, fleet) = setup(2);
+fn re_enrollment_after_expiry_and_after_revocation(backend: Backend) {
+    let (_d, card, center, fleet) = setup(backend, 2);
     // Expired: base year 2026 ends with 2030; in 2031 the operator reopens
     // with the same epoch and the node enrolls generation 1 under Ktr.
     let id = fleet[0].id;
@@ -197,11 +200,10 @@ fn re_enrollment_after_expiry_and_after_revocation() {
     assert!(fresh.check_receipt(&center.verify_auth(&a, &C, NOW + 9).unwrap().receipt, r));
 }
 
-#[test]
-fn epoch_255_is_final() {
+fn epoch_255_is_final(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let card = Arc::new(SoftwareCard::ephemeral().unwrap());
-    let center = new_center(&dir.path().join("c.db"), card.clone());
+    let center = open_center(&backend.location(dir.path(), "c.db"), card.clone());
     let id = DeviceId::from_u64(0x7777);
     center
         .register_device(id, 1, None, 255, "factory", NOW)
@@ -217,9 +219,8 @@ fn epoch_255_is_final() {
     assert!(e.to_string().contains("255"), "{e}");
 }
 
-#[test]
-fn destroy_and_the_notary() {
-    let (_d, _card, center, mut fleet) = setup(3);
+fn destroy_and_the_notary(backend: Backend) {
+    let (_d, _card, center, mut fleet) = setup(backend, 3);
     let node = &mut fleet[0];
     let t = NOW + 100;
     let sig = node.sign(b"meter 1", t);
@@ -285,11 +286,10 @@ fn destroy_and_the_notary() {
     ));
 }
 
-#[test]
-fn corrupt_batch_entries_are_reported_and_not_stored() {
+fn corrupt_batch_entries_are_reported_and_not_stored(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let card = Arc::new(SoftwareCard::ephemeral().unwrap());
-    let center = new_center(&dir.path().join("c.db"), card.clone());
+    let center = open_center(&backend.location(dir.path(), "c.db"), card.clone());
     let mut fleet = make_fleet(&*card, 7);
     let mut text = Vec::new();
     for (i, node) in fleet.iter_mut().enumerate() {
@@ -349,11 +349,10 @@ fn corrupt_batch_entries_are_reported_and_not_stored() {
     assert!(center.integrity_scan().unwrap().is_clean());
 }
 
-#[test]
-fn enroll_reuse_of_t_and_r_with_other_bytes_is_a_replay() {
+fn enroll_reuse_of_t_and_r_with_other_bytes_is_a_replay(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let card = Arc::new(SoftwareCard::ephemeral().unwrap());
-    let center = new_center(&dir.path().join("c.db"), card.clone());
+    let center = open_center(&backend.location(dir.path(), "c.db"), card.clone());
     let id = DeviceId::from_u64(0x4242);
     center
         .register_device(id, 1, None, 0, "factory", NOW)
@@ -406,26 +405,20 @@ fn enroll_reuse_of_t_and_r_with_other_bytes_is_a_replay() {
     ));
 }
 
-#[test]
-fn tampered_record_is_refused_and_named() {
-    let (dir, card, center, mut fleet) = setup(4);
+fn tampered_record_is_refused_and_named(backend: Backend) {
+    let (dir, card, center, mut fleet) = setup(backend, 4);
     let victim = fleet[2].id;
     let ktr3 = card.transport_key(fleet[3].id, 0).unwrap();
-    let card_ktr = move |_: &tempfile::TempDir, _: DeviceId| ktr3;
     drop(center);
-    {
-        // An edit from outside the center: a revoked-looking device made
-        // suspended would be resumable; here any state edit must be seen.
-        let conn = rusqlite::Connection::open(dir.path().join("c.db")).unwrap();
-        let n = conn
-            .execute(
-                "UPDATE seeds SET state = 'suspended' WHERE device = ?1",
-                [&victim.0[..]],
-            )
-            .unwrap();
-        assert_eq!(n, 1);
-    }
-    let center = new_center(&dir.path().join("c.db"), card);
+    // An edit from outside the center: a revoked-looking device made
+    // suspended would be resumable; here any state edit must be seen.
+    let n = raw_update(
+        &dir.loc,
+        "UPDATE seeds SET state = 'suspended' WHERE device = {id}",
+        &victim.0,
+    );
+    assert_eq!(n, 1);
+    let center = open_center(&dir.loc, card);
     let (a, _) = fleet[2].auth(&C, NOW + 1);
     let e = center.verify_auth(&a, &C, NOW + 1).unwrap_err();
     assert!(matches!(e, Error::Integrity(_)), "{e:?}");
@@ -442,16 +435,14 @@ fn tampered_record_is_refused_and_named() {
     // A device row edited to reopen transport enrollment: someone holding
     // the (factory-known) Ktr must not get a new seed in.
     let other = fleet[3].id;
-    {
-        let conn = rusqlite::Connection::open(dir.path().join("c.db")).unwrap();
-        conn.execute(
-            "UPDATE devices SET transport_open = 1 WHERE id = ?1",
-            [&other.0[..]],
-        )
-        .unwrap();
-    }
+    let n = raw_update(
+        &dir.loc,
+        "UPDATE devices SET transport_open = TRUE WHERE id = {id}",
+        &other.0,
+    );
+    assert_eq!(n, 1);
     center.clear_cache();
-    let mut intruder = TestNode::new(other, 1, Suite::CMAC64, card_ktr(&dir, other));
+    let mut intruder = TestNode::new(other, 1, Suite::CMAC64, ktr3);
     intruder.generation = 1;
     intruder.seed = Some(test_seed(other, 9, 2026));
     let e = center
@@ -460,9 +451,8 @@ fn tampered_record_is_refused_and_named() {
     assert!(matches!(e, Error::Integrity(_)), "{e:?}");
 }
 
-#[test]
-fn many_threads_one_acceptance() {
-    let (_d, _card, center, mut fleet) = setup(8);
+fn many_threads_one_acceptance(backend: Backend) {
+    let (_d, _card, center, mut fleet) = setup(backend, 8);
     let center = Arc::new(center);
     let t = NOW + 50;
     let auths: Vec<Vec<u8>> = fleet.iter_mut().map(|n| n.auth(&C, t).0).collect();
@@ -489,10 +479,9 @@ fn many_threads_one_acceptance() {
     );
 }
 
-#[test]
-fn revocation_is_seen_at_once_by_other_threads() {
+fn revocation_is_seen_at_once_by_other_threads(backend: Backend) {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let (_d, _card, center, mut fleet) = setup(1);
+    let (_d, _card, center, mut fleet) = setup(backend, 1);
     let node = &mut fleet[0];
     let t = NOW + 10;
     // Many fresh AUTHs of one device, made up front.
@@ -523,11 +512,10 @@ fn revocation_is_seen_at_once_by_other_threads() {
     assert_eq!(late_accepts.into_inner(), 0);
 }
 
-#[test]
-fn factory_provisioning_then_online_enrollment() {
+fn factory_provisioning_then_online_enrollment(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let card = Arc::new(SoftwareCard::ephemeral().unwrap());
-    let center = new_center(&dir.path().join("c.db"), card.clone());
+    let center = open_center(&backend.location(dir.path(), "c.db"), card.clone());
     let ids: Vec<DeviceId> = (0..3).map(|i| DeviceId::from_u64(0x0900 + i)).collect();
     let keys = center.provision(&ids, 3, None, 0, "factory", NOW).unwrap();
     assert_eq!(keys.len(), 3);
@@ -564,3 +552,18 @@ fn factory_provisioning_then_online_enrollment() {
         assert!(!center.device(*id).unwrap().unwrap().device.transport_open);
     }
 }
+
+both_backends!(
+    update_due_in_the_last_year_only,
+    grace_period_ends_in_deactivation,
+    revoke_supersedes_update_and_counters_rise,
+    re_enrollment_after_expiry_and_after_revocation,
+    epoch_255_is_final,
+    destroy_and_the_notary,
+    corrupt_batch_entries_are_reported_and_not_stored,
+    enroll_reuse_of_t_and_r_with_other_bytes_is_a_replay,
+    tampered_record_is_refused_and_named,
+    many_threads_one_acceptance,
+    revocation_is_seen_at_once_by_other_threads,
+    factory_provisioning_then_online_enrollment,
+);

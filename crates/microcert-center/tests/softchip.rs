@@ -2,7 +2,11 @@
 //! real node sends, end to end (personalize, enroll online, mutual AUTH,
 //! seed update, revocation).
 
+mod common;
+
 use std::sync::Arc;
+
+use common::Backend;
 
 use microcert_center::{Center, CenterConfig, SoftwareCard};
 use microcert_core::{Audience, DataDigest, DeviceId, KeyState, Suite};
@@ -14,12 +18,15 @@ fn os_entropy(buf: &mut [u8]) -> Result<(), EntropyFailure> {
     getrandom::fill(buf).map_err(|_| EntropyFailure)
 }
 
-#[test]
-fn soft_chip_through_its_life() {
+fn soft_chip_through_its_life(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let card = Arc::new(SoftwareCard::ephemeral().unwrap());
-    let center =
-        Center::open_sqlite(&dir.path().join("c.db"), card, CenterConfig::default()).unwrap();
+    let center = Center::open_url(
+        &backend.location(dir.path(), "c.db"),
+        card,
+        CenterConfig::default(),
+    )
+    .unwrap();
     let id = DeviceId::from_u64(0x0011_2233_4455_6677);
 
     // Factory: register, hand Ktr to the chip.
@@ -121,3 +128,5 @@ fn soft_chip_through_its_life() {
         "the chip wiped its keys"
     );
 }
+
+both_backends!(soft_chip_through_its_life);

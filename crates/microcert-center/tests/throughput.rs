@@ -1,6 +1,7 @@
-//! Rough throughput figures for the report (not a benchmark suite; the
-//! criterion benchmarks are issue 7's). Ignored by default; run with
+//! Rough throughput figures for docs/benchmarks.md (the criterion
+//! benchmarks are in crates/microcert-bench). Ignored by default; run with
 //! `cargo test -p microcert-center --release --test throughput -- --ignored --nocapture`.
+//! `MC_TP_DEVICES` sets the fleet size (default 20,000).
 
 mod common;
 
@@ -8,19 +9,30 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::*;
-use microcert_center::{Center, CenterConfig, SoftwareCard, SqliteDatabase, SqliteOptions};
+use microcert_center::{Center, CenterConfig, ReplayMode, SoftwareCard, SqliteOptions};
 use microcert_core::Audience;
 
-fn run(sync_every_commit: bool) {
+fn rate(n: usize, start: Instant) -> f64 {
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn run(sync_every_commit: bool, replay: ReplayMode) {
     let dir = tempfile::tempdir().unwrap();
     let card = Arc::new(SoftwareCard::ephemeral().unwrap());
     let opts = SqliteOptions {
         sync_every_commit,
         ..SqliteOptions::default()
     };
-    let db = SqliteDatabase::open_with(&dir.path().join("c.db"), opts).unwrap();
-    let center = Center::new(Arc::new(db), card.clone(), CenterConfig::default());
-    let n = 20_000u64;
+    let path = dir.path().join("c.db");
+    let config = CenterConfig {
+        replay,
+        ..CenterConfig::default()
+    };
+    let center = Center::open_sqlite_with(&path, opts, card.clone(), config.clone()).unwrap();
+    let n: u64 = std::env::var("MC_TP_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     let mut fleet = make_fleet(&*card, n);
     let batch = dir.path().join("b.jsonl");
     write_batch(&batch, &mut fleet, NOW);
@@ -28,71 +40,184 @@ fn run(sync_every_commit: bool) {
     let r = center
         .import_batch(&batch, "factory", NOW, &mut |_| {})
         .unwrap();
-    let secs = start.elapsed().as_secs_f64();
     assert_eq!(r.enrolled, n);
     println!(
-        "sync_every_commit={sync_every_commit}: import {n} seeds in {secs:.2} s = {:.0} seeds/s",
-        n as f64 / secs
+        "sync_every_commit={sync_every_commit} replay={replay:?}: import {n} seeds: {:.0} seeds/s",
+        rate(n as usize, start)
     );
 
     let c = Audience::CENTER;
-    let m = 5_000usize;
-    let auths: Vec<Vec<u8>> = fleet
-        .iter_mut()
-        .take(m)
-        .map(|node| node.auth(&c, NOW).0)
-        .collect();
-    center.clear_cache();
+    let m = n as usize;
+    // First use of every seed: activation, one transaction each.
+    let auths: Vec<Vec<u8>> = fleet.iter_mut().map(|node| node.auth(&c, NOW).0).collect();
     let start = Instant::now();
     for a in &auths {
         center.verify_auth(a, &c, NOW).unwrap();
     }
-    let secs = start.elapsed().as_secs_f64();
     println!(
-        "  verify AUTH, cold cache (read + unseal + replay insert): {:.0}/s",
-        m as f64 / secs
+        "  first AUTH per device (activation write): {:.0}/s",
+        rate(m, start)
     );
+
+    // Cold: a second center on the file with the seed cache off, so every
+    // AUTH reads the device and its seeds, checks their tags and unseals.
+    let cold = Center::open_sqlite_with(
+        &path,
+        opts,
+        card.clone(),
+        CenterConfig {
+            cache_capacity: 0,
+            ..config.clone()
+        },
+    )
+    .unwrap();
     let auths: Vec<Vec<u8>> = fleet
         .iter_mut()
-        .take(m)
         .map(|node| node.auth(&c, NOW + 1).0)
         .collect();
     let start = Instant::now();
     for a in &auths {
-        center.verify_auth(a, &c, NOW + 1).unwrap();
+        cold.verify_auth(a, &c, NOW + 1).unwrap();
     }
-    let secs = start.elapsed().as_secs_f64();
     println!(
-        "  verify AUTH, warm cache (replay insert only): {:.0}/s",
-        m as f64 / secs
+        "  verify AUTH, cold (read + tag checks + unseal every time), 1 thread: {:.0}/s",
+        rate(m, start)
     );
-    // The same from 8 threads: the replay records share commits.
-    let auths: Vec<Vec<u8>> = fleet
-        .iter_mut()
-        .take(m)
-        .map(|node| node.auth(&c, NOW + 2).0)
-        .collect();
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for part in auths.chunks(m / 8) {
-            let center = &center;
-            s.spawn(move || {
-                for a in part {
-                    center.verify_auth(a, &c, NOW + 2).unwrap();
-                }
-            });
+
+    for round in 0..2u64 {
+        let t = NOW + 2 + round;
+        let auths: Vec<Vec<u8>> = fleet.iter_mut().map(|node| node.auth(&c, t).0).collect();
+        let start = Instant::now();
+        for a in &auths {
+            center.verify_auth(a, &c, t).unwrap();
         }
-    });
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "  verify AUTH, warm cache, 8 threads (group commit): {:.0}/s",
-        m as f64 / secs
-    );
+        println!(
+            "  verify AUTH, warm cache, 1 thread: {:.0}/s",
+            rate(m, start)
+        );
+    }
+    for threads in [2usize, 8] {
+        let t = NOW + 10 + threads as u64;
+        let auths: Vec<Vec<u8>> = fleet.iter_mut().map(|node| node.auth(&c, t).0).collect();
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for part in auths.chunks(m.div_ceil(threads)) {
+                let center = &center;
+                s.spawn(move || {
+                    for a in part {
+                        center.verify_auth(a, &c, t).unwrap();
+                    }
+                });
+            }
+        });
+        println!(
+            "  verify AUTH, warm cache, {threads} threads: {:.0}/s",
+            rate(m, start)
+        );
+    }
 }
 
 #[test]
 #[ignore = "measurement; run in release with --ignored --nocapture"]
 fn throughput() {
-    run(false);
-    run(true);
+    let which = std::env::var("MC_TP_MODES").unwrap_or_default();
+    if which.is_empty() || which.contains("memory") {
+        run(true, ReplayMode::Memory);
+    }
+    if which.is_empty() || which.contains("database") {
+        run(false, ReplayMode::Database);
+        run(true, ReplayMode::Database);
+    }
+}
+
+/// The warm path against its crypto floor: the core's verify_auth alone,
+/// with the RECEIPT, and the center's verify_auth (cache warm, memory
+/// replay guard), on one thread.
+#[test]
+#[ignore = "measurement; run in release with --ignored --nocapture"]
+fn warm_floor() {
+    use microcert_core::{Auth, Header, Sender, make_receipt, verify_auth};
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let center = Center::open_sqlite(
+        &dir.path().join("c.db"),
+        card.clone(),
+        CenterConfig::default(),
+    )
+    .unwrap();
+    let n = 1000u64;
+    let mut fleet = make_fleet(&*card, n);
+    let batch = dir.path().join("b.jsonl");
+    write_batch(&batch, &mut fleet, NOW);
+    center
+        .import_batch(&batch, "factory", NOW, &mut |_| {})
+        .unwrap();
+    let c = Audience::CENTER;
+    for node in fleet.iter_mut() {
+        center.verify_auth(&node.auth(&c, NOW).0, &c, NOW).unwrap();
+    }
+    let m: usize = std::env::var("MC_TP_AUTHS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
+    let t = NOW + 1;
+    let auths: Vec<Vec<u8>> = (0..m)
+        .map(|i| fleet[i % n as usize].auth(&c, t).0)
+        .collect();
+    let seeds: Vec<_> = fleet.iter().map(|f| f.seed.as_ref().unwrap()).collect();
+    let start = Instant::now();
+    for (i, a) in auths.iter().enumerate() {
+        let msg = Auth::decode(a).unwrap();
+        verify_auth(seeds[i % n as usize], &msg, &c).unwrap();
+    }
+    println!("core verify_auth only: {:.0}/s", rate(m, start));
+    let start = Instant::now();
+    let mut out = [0u8; 64];
+    for (i, a) in auths.iter().enumerate() {
+        let msg = Auth::decode(a).unwrap();
+        let seed = seeds[i % n as usize];
+        verify_auth(seed, &msg, &c).unwrap();
+        let h = Header {
+            t: t as u32,
+            r: i as u64,
+            ..msg.header
+        };
+        make_receipt(seed, &h, Sender::Center, msg.header.r, 0, &mut out).unwrap();
+    }
+    println!("core verify_auth + make_receipt: {:.0}/s", rate(m, start));
+    let start = Instant::now();
+    for a in &auths {
+        center.verify_auth(a, &c, t).unwrap();
+    }
+    println!(
+        "center verify_auth, warm, memory guard: {:.0}/s",
+        rate(m, start)
+    );
+}
+
+/// Batch import alone (for profiling): `MC_TP_DEVICES` seeds.
+#[test]
+#[ignore = "measurement; run in release with --ignored --nocapture"]
+fn import_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let center = Center::open_sqlite(
+        &dir.path().join("c.db"),
+        card.clone(),
+        CenterConfig::default(),
+    )
+    .unwrap();
+    let n: u64 = std::env::var("MC_TP_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let mut fleet = make_fleet(&*card, n);
+    let batch = dir.path().join("b.jsonl");
+    write_batch(&batch, &mut fleet, NOW);
+    let start = Instant::now();
+    let r = center
+        .import_batch(&batch, "factory", NOW, &mut |_| {})
+        .unwrap();
+    assert_eq!(r.enrolled, n);
+    println!("import {n} seeds: {:.0} seeds/s", rate(n as usize, start));
 }

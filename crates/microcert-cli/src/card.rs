@@ -13,15 +13,52 @@ use crate::datadir::DataArgs;
 #[derive(Debug, Subcommand)]
 pub enum CardCommand {
     /// Make the card's keys from the OS random generator and seal them in
-    /// the data directory under the passphrase (Argon2id).
+    /// the data directory under the passphrase (Argon2id); or, with
+    /// `--from` / `--from-shares`, import the keys another center's card
+    /// exported with `card clone`.
     Init {
         #[command(flatten)]
         data: DataArgs,
         /// Make the keys inside a PKCS#11 token instead: the `serve`
         /// configuration file whose `[pkcs11]` section names the module,
         /// token and PIN source. Keys are sensitive and not extractable.
-        #[arg(long, value_name = "CONFIG")]
+        #[arg(long, value_name = "CONFIG", conflicts_with_all = ["from", "from_shares"])]
         pkcs11: Option<PathBuf>,
+        /// Import a `card clone` export sealed under an export passphrase
+        /// (MICROCERT_EXPORT_PASSPHRASE or --export-passphrase-file).
+        #[arg(long, value_name = "FILE", conflicts_with = "from_shares")]
+        from: Option<PathBuf>,
+        /// Import from `card clone --shares` shares: a file with at least
+        /// the threshold of them, one per line.
+        #[arg(long, value_name = "FILE")]
+        from_shares: Option<PathBuf>,
+        /// A file whose first line is the export passphrase.
+        #[arg(long, value_name = "FILE")]
+        export_passphrase_file: Option<PathBuf>,
+    },
+    /// Export the card's keys for another center of the same deployment:
+    /// sealed under an export passphrase (Argon2id, AES-256-GCM) into
+    /// FILE, or as M-of-N Shamir shares, one file per custodian, in DIR.
+    /// The other center imports them with `card init --from` (or
+    /// `--from-shares`).
+    Clone {
+        #[command(flatten)]
+        data: DataArgs,
+        /// The export file (passphrase mode) or directory (share mode); it
+        /// must not exist.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+        /// Export as this many Shamir shares (N) instead of a passphrase-
+        /// sealed file.
+        #[arg(long, value_name = "N")]
+        shares: Option<u8>,
+        /// How many shares recover the keys (M).
+        #[arg(long, value_name = "M", default_value_t = 3)]
+        threshold: u8,
+        /// A file whose first line is the export passphrase (else
+        /// MICROCERT_EXPORT_PASSPHRASE).
+        #[arg(long, value_name = "FILE")]
+        export_passphrase_file: Option<PathBuf>,
     },
     /// Print the card's keys as M-of-N Shamir shares, one per line, for
     /// N custodians; any M of them recover the card.
@@ -50,8 +87,8 @@ pub enum CardCommand {
 pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
     match cmd {
         CardCommand::Init {
-            data: _,
             pkcs11: Some(config),
+            ..
         } => {
             let file = crate::serve::load_config(Some(&config))?;
             let Some(cfg) = file.pkcs11 else {
@@ -62,7 +99,95 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
             })?;
             say!("card keys made in PKCS#11 token {:?}", card.token_label());
         }
-        CardCommand::Init { data, pkcs11: None } => {
+        CardCommand::Init {
+            data,
+            pkcs11: None,
+            from: Some(export),
+            export_passphrase_file,
+            ..
+        } => {
+            let pass = data.passphrase()?;
+            refuse_existing_card(&data)?;
+            let export_pass = export_passphrase(export_passphrase_file.as_deref())?;
+            let card = SoftwareCard::open(&export, &export_pass)
+                .with_context(|| format!("cannot open the export {}", export.display()))?;
+            data.create()?;
+            card.save(&data.card_file(), &pass, KdfParams::default())?;
+            say!(
+                "card {} imported into {}",
+                card.card_id(),
+                data.card_file().display()
+            );
+        }
+        CardCommand::Init {
+            data,
+            pkcs11: None,
+            from_shares: Some(file),
+            ..
+        } => {
+            let pass = data.passphrase()?;
+            refuse_existing_card(&data)?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let text = zeroize::Zeroizing::new(text);
+            let shares: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let card = SoftwareCard::recover(&shares).context("cannot recover the card")?;
+            data.create()?;
+            card.save(&data.card_file(), &pass, KdfParams::default())?;
+            say!(
+                "card {} imported into {}",
+                card.card_id(),
+                data.card_file().display()
+            );
+        }
+        CardCommand::Clone {
+            data,
+            out,
+            shares,
+            threshold,
+            export_passphrase_file,
+        } => {
+            let pass = data.passphrase()?;
+            let card =
+                SoftwareCard::open(&data.card_file(), &pass).context("cannot open the card")?;
+            if out.exists() {
+                bail!("{} exists: the export goes to a new path", out.display());
+            }
+            match shares {
+                Some(n) => {
+                    let lines = card.split(n, threshold)?;
+                    crate::datadir::create_private_dir(&out)?;
+                    for (i, line) in lines.iter().enumerate() {
+                        let path = out.join(format!("share-{}-of-{n}.txt", i + 1));
+                        crate::cert::write_secret_file(&path, format!("{line}\n").as_bytes())?;
+                    }
+                    say!(
+                        "card {}: {n} shares in {}, any {threshold} import it; give each file to one custodian",
+                        card.card_id(),
+                        out.display()
+                    );
+                }
+                None => {
+                    let export_pass = export_passphrase(export_passphrase_file.as_deref())?;
+                    if export_pass[..] == pass[..] {
+                        bail!("the export passphrase must differ from the card's passphrase");
+                    }
+                    card.save(&out, &export_pass, KdfParams::default())?;
+                    say!(
+                        "card {} exported to {} under the export passphrase",
+                        card.card_id(),
+                        out.display()
+                    );
+                }
+            }
+        }
+        CardCommand::Init {
+            data, pkcs11: None, ..
+        } => {
             let pass = data.passphrase()?;
             data.create()?;
             let card = SoftwareCard::init(&data.card_file(), &pass, KdfParams::default())
@@ -126,4 +251,38 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn refuse_existing_card(data: &DataArgs) -> anyhow::Result<()> {
+    if data.card_file().exists() {
+        bail!(
+            "{} exists: import into a data directory without a card",
+            data.card_file().display()
+        );
+    }
+    Ok(())
+}
+
+/// The export passphrase of `card clone` / `card init --from`: from a
+/// file's first line or MICROCERT_EXPORT_PASSPHRASE.
+fn export_passphrase(
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
+    if let Some(path) = file {
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        );
+        let line = text.lines().next().unwrap_or("");
+        if line.is_empty() {
+            bail!("export passphrase file {} is empty", path.display());
+        }
+        return Ok(zeroize::Zeroizing::new(line.as_bytes().to_vec()));
+    }
+    match std::env::var("MICROCERT_EXPORT_PASSPHRASE") {
+        Ok(p) if !p.is_empty() => Ok(zeroize::Zeroizing::new(p.into_bytes())),
+        _ => bail!(
+            "the export passphrase is needed: set MICROCERT_EXPORT_PASSPHRASE or pass --export-passphrase-file FILE"
+        ),
+    }
 }

@@ -2,7 +2,10 @@
 //! file, enrolled on first use) send AUTHs to a running center over CoAP or
 //! HTTP on loopback, each waiting for its RECEIPT and checking it, from M
 //! concurrent tasks for a bounded time; then throughput, latency
-//! percentiles and errors.
+//! percentiles and errors. `bench scale` is the in-process scale run
+//! ([`scale`]).
+
+mod scale;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use clap::Args;
+use clap::{Args, Subcommand};
 use microcert_core::Audience;
 use microcert_node::SecureChip;
 use microcert_server::coap_client::CoapClient;
@@ -19,7 +22,11 @@ use crate::simulate::{Link, Node, Transport, load_chips, now32, percentile};
 
 /// Arguments of `bench`.
 #[derive(Debug, Args)]
+#[command(subcommand_negates_reqs = true, args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    /// Another benchmark instead of the network load.
+    #[command(subcommand)]
+    pub mode: Option<BenchMode>,
     /// The center's HTTP address.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub server: String,
@@ -30,8 +37,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = Transport::Coap)]
     pub transport: Transport,
     /// The factory personalization file (chips.jsonl).
-    #[arg(long)]
-    pub chips: PathBuf,
+    #[arg(long, required = true)]
+    pub chips: Option<PathBuf>,
     /// Chip images kept between runs (`simulate --state`).
     #[arg(long)]
     pub state: Option<PathBuf>,
@@ -44,6 +51,14 @@ pub struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// The benchmarks other than the network load.
+#[derive(Debug, Subcommand)]
+pub enum BenchMode {
+    /// In process, no server: import N devices into one new SQLite
+    /// database, then measure cold verification and an integrity check.
+    Scale(scale::ScaleArgs),
 }
 
 #[derive(Default)]
@@ -72,10 +87,16 @@ async fn enroll(link: &mut Link, node: &mut Node) -> Result<(), String> {
 
 /// Runs the load.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(BenchMode::Scale(s)) = &args.mode {
+        return scale::run(s);
+    }
+    let Some(chips) = args.chips.as_deref() else {
+        bail!("--chips is required");
+    };
     if args.duration == 0 || args.duration > 600 {
         bail!("--duration is 1 to 600 seconds");
     }
-    let nodes = load_chips(&args.chips, args.state.as_deref())?;
+    let nodes = load_chips(chips, args.state.as_deref())?;
     let total_nodes = nodes.len();
     let tasks = args.concurrency.clamp(1, total_nodes);
     let mut shares: Vec<Vec<Node>> = (0..tasks).map(|_| Vec::new()).collect();

@@ -59,7 +59,7 @@ enum Command {
     },
     /// The audit log: verify the hash chain, export, list.
     #[command(subcommand)]
-    Audit(ops::AuditCommand),
+    Audit(AuditTop),
     /// Integrity of the key database.
     #[command(subcommand)]
     Integrity(IntegrityCommand),
@@ -73,9 +73,9 @@ enum Command {
     /// Backups of the key database: create, verify, restore.
     #[command(subcommand)]
     Backup(maint::BackupCommand),
-    /// The encryption card: init, split into shares, recover.
+    /// The encryption card: init, split into shares, recover, rotate the storage key.
     #[command(subcommand)]
-    Card(card::CardCommand),
+    Card(CardTop),
     /// Bearer tokens for operators and relying parties.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -95,6 +95,47 @@ enum IntegrityCommand {
         #[command(flatten)]
         server: ops::ServerArgs,
     },
+    /// The same on a data directory, with the audit log's card-tagged head
+    /// and the card's anchor (an older copy of the whole database).
+    CheckLocal {
+        #[command(flatten)]
+        local: maint::LocalArgs,
+    },
+    /// Put tampered, deleted or forged records right from the backups,
+    /// only where the card's digest vouches for the result; exit 1 if
+    /// anything was refused (each refusal says why).
+    Repair {
+        #[command(flatten)]
+        local: maint::LocalArgs,
+        /// The backup directory (default DATA/backups).
+        #[arg(long, value_name = "DIR")]
+        backup_dir: Option<std::path::PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditTop {
+    #[command(flatten)]
+    Remote(ops::AuditCommand),
+    #[command(flatten)]
+    Local(maint::LocalAuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum CardTop {
+    #[command(flatten)]
+    Base(card::CardCommand),
+    /// Make a new storage-key version and re-seal every seed under it
+    /// (resumes an interrupted rotation); destroy old versions nothing uses.
+    RotateStorageKey(maint::RotateArgs),
+}
+
+fn exit_ok(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,7 +188,10 @@ fn main() -> ExitCode {
         Command::Import { server, file } => ops::import(&server, &file)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| (e, ExitCode::FAILURE)),
-        Command::Audit(cmd) => ops::audit(cmd)
+        Command::Audit(AuditTop::Local(cmd)) => maint::audit(cmd)
+            .map(exit_ok)
+            .map_err(|e| (e, ExitCode::from(2))),
+        Command::Audit(AuditTop::Remote(cmd)) => ops::audit(cmd)
             .map(|ok| {
                 if ok {
                     ExitCode::SUCCESS
@@ -156,6 +200,16 @@ fn main() -> ExitCode {
                 }
             })
             .map_err(|e| (e, ExitCode::from(2))),
+        Command::Integrity(IntegrityCommand::CheckLocal { local }) => {
+            maint::integrity_check(&local)
+                .map(exit_ok)
+                .map_err(|e| (e, ExitCode::from(2)))
+        }
+        Command::Integrity(IntegrityCommand::Repair { local, backup_dir }) => {
+            maint::integrity_repair(&local, backup_dir)
+                .map(exit_ok)
+                .map_err(|e| (e, ExitCode::from(2)))
+        }
         Command::Integrity(IntegrityCommand::Check { server }) => ops::integrity(&server)
             .map(|ok| {
                 if ok {
@@ -177,7 +231,10 @@ fn main() -> ExitCode {
         Command::Backup(cmd) => maint::backup(cmd)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| (e, ExitCode::FAILURE)),
-        Command::Card(cmd) => card::run(cmd)
+        Command::Card(CardTop::RotateStorageKey(args)) => maint::rotate_storage_key(args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| (e, ExitCode::FAILURE)),
+        Command::Card(CardTop::Base(cmd)) => card::run(cmd)
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| (e, ExitCode::FAILURE)),
         Command::Token(cmd) => token(cmd)

@@ -1,13 +1,371 @@
-//! Local maintenance commands on a data directory: backups, integrity
-//! repair, storage-key rotation, and the audit log checked locally.
+//! Local maintenance commands on a data directory: backups, the integrity
+//! check and repair, storage-key rotation, and the audit log checked
+//! locally (with the card, so a log cut short is found too). They open the
+//! card and the database themselves, so `backup restore` and the
+//! whole-database part of `integrity repair` need the center stopped; the
+//! others may run beside a serving center (SQLite allows it), but a
+//! storage-key rotation is best run while the center is stopped or through
+//! the serving process, whose card must learn the new version.
+//!
+//! Also [`serve_maintenance`]: what `serve` runs periodically.
 
-use clap::Subcommand;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-/// Maintenance commands (issue 5).
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use microcert_center::backup;
+use microcert_center::{AutoBackup, Center, CenterConfig, ReplayMode};
+use microcert_server::service::now;
+
+use crate::datadir::DataArgs;
+
+const ACTOR: &str = "operator:cli";
+
+/// A data directory and, for a PKCS#11 card, the `serve` configuration.
+#[derive(Debug, Clone, Args)]
+pub struct LocalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The `serve` configuration file, when its `[pkcs11]` section names
+    /// the card.
+    #[arg(long, env = "MICROCERT_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl LocalArgs {
+    fn open(&self) -> anyhow::Result<Arc<Center>> {
+        let file = crate::serve::load_config(self.config.as_deref())?;
+        // Maintenance verifies no messages: replay records stay in the
+        // database, so nothing here competes with a serving process.
+        let config = CenterConfig {
+            replay: ReplayMode::Database,
+            ..CenterConfig::default()
+        };
+        crate::serve::open_center(&self.data, false, file.pkcs11.as_ref(), config)
+    }
+}
+
+/// The card's anchor of a data directory (see `microcert_center::anchor`).
+pub fn anchor_file(dir: &Path) -> PathBuf {
+    dir.join("center.anchor")
+}
+
+/// The default backup directory of a data directory.
+pub fn backup_dir(dir: &Path) -> PathBuf {
+    dir.join("backups")
+}
+
+/// Backup commands.
 #[derive(Debug, Subcommand)]
-pub enum BackupCommand {}
+pub enum BackupCommand {
+    /// Write a backup of every record (ciphertexts stay under Kstore), the
+    /// card's digest and a MAC over the file; keep the newest --keep.
+    Create {
+        #[command(flatten)]
+        local: LocalArgs,
+        /// Where backups go (default DATA/backups).
+        #[arg(long, value_name = "DIR")]
+        backup_dir: Option<PathBuf>,
+        /// How many backups to keep (older ones are deleted).
+        #[arg(long, default_value_t = 10)]
+        keep: usize,
+    },
+    /// Check a backup's MAC and every record in it against the card.
+    Verify {
+        #[command(flatten)]
+        local: LocalArgs,
+        /// The backup file.
+        file: PathBuf,
+    },
+    /// Restore a backup into a data directory that has the card but no
+    /// key database yet (stop the center first).
+    Restore {
+        #[command(flatten)]
+        local: LocalArgs,
+        /// The backup file.
+        file: PathBuf,
+    },
+    /// List the backups, newest first.
+    List {
+        #[command(flatten)]
+        local: LocalArgs,
+        /// The backup directory (default DATA/backups).
+        #[arg(long, value_name = "DIR")]
+        backup_dir: Option<PathBuf>,
+    },
+}
 
 /// Runs a backup command.
 pub fn backup(cmd: BackupCommand) -> anyhow::Result<()> {
-    match cmd {}
+    match cmd {
+        BackupCommand::Create {
+            local,
+            backup_dir: dir,
+            keep,
+        } => {
+            let center = local.open()?;
+            let dir = dir.unwrap_or_else(|| backup_dir(&local.data.dir));
+            let s = center
+                .create_backup(
+                    &dir,
+                    keep,
+                    Some(&anchor_file(&local.data.dir)),
+                    ACTOR,
+                    now(),
+                )
+                .context("cannot make the backup")?;
+            say!(
+                "backup {}: {} devices, {} seeds, {} audit entries, storage key versions {:?}",
+                s.path.display(),
+                s.devices,
+                s.seeds,
+                s.audit,
+                s.kstore_versions
+            );
+        }
+        BackupCommand::Verify { local, file } => {
+            let center = local.open()?;
+            let b = backup::read(&file, center.card())
+                .with_context(|| format!("backup {} does not verify", file.display()))?;
+            say!(
+                "backup {} verifies: made {}, {} devices, {} seeds, {} audit entries, storage key versions {:?}",
+                file.display(),
+                b.created,
+                b.devices.len(),
+                b.seeds.len(),
+                b.audit.len(),
+                b.kstore_versions()
+            );
+        }
+        BackupCommand::Restore { local, file } => {
+            let db = local.data.database();
+            if db.exists() {
+                bail!(
+                    "{} exists: restore into a data directory without a key database (move it aside first)",
+                    db.display()
+                );
+            }
+            let center = local.open()?;
+            let b = backup::read(&file, center.card())
+                .with_context(|| format!("backup {} does not verify", file.display()))?;
+            backup::restore_into(center.database(), center.card(), &b, ACTOR, now())
+                .context("restore failed")?;
+            let mark =
+                microcert_center::anchor::Anchor::of(center.database(), center.card(), now())?;
+            microcert_center::anchor::reset(&anchor_file(&local.data.dir), center.card(), &mark)?;
+            say!(
+                "restored {} devices and {} seeds from {}",
+                b.devices.len(),
+                b.seeds.len(),
+                file.display()
+            );
+        }
+        BackupCommand::List {
+            local,
+            backup_dir: dir,
+        } => {
+            let dir = dir.unwrap_or_else(|| backup_dir(&local.data.dir));
+            for p in backup::list(&dir)? {
+                say!("{}", p.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the local integrity check; false when anything was found.
+pub fn integrity_check(local: &LocalArgs) -> anyhow::Result<bool> {
+    let center = local.open()?;
+    let r = center.integrity_check(Some(&anchor_file(&local.data.dir)), now())?;
+    if r.is_clean() {
+        say!("clean: {} records checked", r.records);
+        return Ok(true);
+    }
+    say!("TAMPERED: {} records checked", r.records);
+    for f in r.findings() {
+        say!("  {f}");
+    }
+    say!("repair from backups with `microcert integrity repair`");
+    Ok(false)
+}
+
+/// Repairs from the backups; false when something was refused.
+pub fn integrity_repair(local: &LocalArgs, dir: Option<PathBuf>) -> anyhow::Result<bool> {
+    let dir = dir.unwrap_or_else(|| backup_dir(&local.data.dir));
+    let anchor = anchor_file(&local.data.dir);
+    let center = local.open()?;
+    let r = center.repair(&dir, Some(&anchor), ACTOR, now())?;
+    for (d, g) in &r.restored {
+        say!("restored record {d} generation {g}");
+    }
+    for (d, g) in &r.removed {
+        say!("removed record {d} generation {g} (inserted outside the center)");
+    }
+    for d in &r.devices {
+        say!("restored device row {d}");
+    }
+    if let Some(whole) = &r.whole_restore {
+        let card = center.card_arc();
+        drop(center);
+        let aside = microcert_center::repair::restore_sqlite_file(
+            &local.data.database(),
+            whole,
+            &*card,
+            Some(&anchor),
+            ACTOR,
+            now(),
+        )?;
+        say!(
+            "the database was an older copy of itself: restored {} (the old file is kept as {})",
+            whole.display(),
+            aside.map(|p| p.display().to_string()).unwrap_or_default()
+        );
+    }
+    for why in &r.refused {
+        say!("REFUSED: {why}");
+    }
+    Ok(r.refused.is_empty())
+}
+
+/// `card rotate-storage-key`.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    pub local: LocalArgs,
+    /// Devices re-sealed per transaction.
+    #[arg(long, default_value_t = 500)]
+    pub batch: usize,
+}
+
+/// Makes a new Kstore version (or resumes an interrupted rotation) and
+/// re-seals every seed under it.
+pub fn rotate_storage_key(args: RotateArgs) -> anyhow::Result<()> {
+    let center = args.local.open()?;
+    let dir = backup_dir(&args.local.data.dir);
+    let r = center.rotate_storage_key(args.batch, Some(&dir), ACTOR, now(), &mut |n| {
+        eprintln!("  {n} seeds re-sealed");
+    })?;
+    say!(
+        "storage key version {}{}: {} seeds re-sealed",
+        r.version,
+        if r.resumed { " (resumed)" } else { "" },
+        r.resealed
+    );
+    for v in &r.destroyed {
+        say!("destroyed storage key version {v}");
+    }
+    for (v, why) in &r.kept {
+        say!("kept storage key version {v}: {why}");
+    }
+    for d in &r.skipped {
+        say!("SKIPPED device {d}: its records fail the integrity check (repair, then run again)");
+    }
+    Ok(())
+}
+
+/// Local audit commands (with the card: a log cut short is found too).
+#[derive(Debug, Subcommand)]
+pub enum LocalAuditCommand {
+    /// Walk the hash chain and check its card-tagged head, on the data
+    /// directory; exit 1 if anything is wrong.
+    VerifyLocal {
+        #[command(flatten)]
+        local: LocalArgs,
+    },
+    /// Write every entry as JSON Lines, from the data directory.
+    ExportLocal {
+        #[command(flatten)]
+        local: LocalArgs,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Runs a local audit command; false when the log is not intact.
+pub fn audit(cmd: LocalAuditCommand) -> anyhow::Result<bool> {
+    match cmd {
+        LocalAuditCommand::VerifyLocal { local } => {
+            let center = local.open()?;
+            match center.verify_audit()? {
+                (n, None) => {
+                    say!("audit log intact: {n} entries, head tagged by the card");
+                    Ok(true)
+                }
+                (_, Some(f)) => {
+                    say!("audit log BROKEN: {f}");
+                    Ok(false)
+                }
+            }
+        }
+        LocalAuditCommand::ExportLocal { local, out } => {
+            let center = local.open()?;
+            let n = match out {
+                Some(p) => {
+                    let mut f = std::io::BufWriter::new(
+                        std::fs::File::create(&p)
+                            .with_context(|| format!("cannot write {}", p.display()))?,
+                    );
+                    center.export_audit(&mut f)?
+                }
+                None => center.export_audit(&mut std::io::stdout().lock())?,
+            };
+            eprintln!("{n} entries exported");
+            Ok(true)
+        }
+    }
+}
+
+/// What `serve` runs beside housekeeping: call [`ServeMaintenance::integrity`]
+/// every `integrity_secs` (default 600) and [`ServeMaintenance::backup`]
+/// every minute, each from `spawn_blocking`.
+#[derive(Debug)]
+pub struct ServeMaintenance {
+    anchor: PathBuf,
+    auto: AutoBackup,
+}
+
+impl ServeMaintenance {
+    /// For a data directory: anchor DATA/center.anchor, backups into
+    /// DATA/backups at most every `backup_interval` seconds after a change,
+    /// the newest `keep` kept.
+    pub fn new(data_dir: &Path, backup_interval: u64, keep: usize) -> Self {
+        ServeMaintenance {
+            anchor: anchor_file(data_dir),
+            auto: AutoBackup::new(
+                backup_dir(data_dir),
+                backup_interval,
+                keep,
+                Some(anchor_file(data_dir)),
+            ),
+        }
+    }
+
+    /// The periodic integrity check (with the anchor); logs every finding.
+    pub fn integrity(&self, center: &Center) {
+        match center.integrity_check(Some(&self.anchor), now()) {
+            Ok(r) if r.is_clean() => {
+                tracing::info!(records = r.records, "integrity check clean")
+            }
+            Ok(r) => tracing::error!(
+                records = r.records,
+                quarantined = ?r.tampered_devices(),
+                findings = ?r.findings(),
+                "INTEGRITY CHECK FAILED: the key database was changed outside the center; run `microcert integrity repair`"
+            ),
+            Err(e) => tracing::error!(error = %e, "integrity check could not run"),
+        }
+    }
+
+    /// An automatic backup when one is due (debounced).
+    pub fn backup(&self, center: &Center) {
+        match self.auto.tick(center, now()) {
+            Ok(Some(s)) => {
+                tracing::info!(path = %s.path.display(), seeds = s.seeds, "automatic backup")
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "automatic backup failed"),
+        }
+    }
 }

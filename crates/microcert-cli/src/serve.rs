@@ -27,8 +27,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub data: DataArgs,
     /// A TOML configuration file (keys: http, coap, coap_workers,
-    /// housekeeping_secs, integrity_secs, grace_period_secs, cache_capacity,
-    /// cache_ttl_secs). Flags override it.
+    /// housekeeping_secs, integrity_secs, backup_interval_secs, backup_keep,
+    /// grace_period_secs, cache_capacity,
+    /// cache_ttl_secs, database). Flags override it.
     #[arg(long, env = "MICROCERT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// HTTP listen address (devices, relying parties, operators).
@@ -41,6 +42,11 @@ pub struct ServeArgs {
     /// data directory. Never for real keys.
     #[arg(long)]
     pub dev: bool,
+    /// The key database: `postgres://user@host:port/db` for PostgreSQL
+    /// (several centers may share it), or the path of an SQLite file.
+    /// Default: center.db in the data directory.
+    #[arg(long, env = "MICROCERT_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
 }
 
 /// The configuration file.
@@ -54,9 +60,15 @@ pub struct FileConfig {
     coap_workers: Option<usize>,
     housekeeping_secs: Option<u64>,
     integrity_secs: Option<u64>,
+    /// Seconds between automatic backups after a change (default 300).
+    backup_interval_secs: Option<u64>,
+    /// Backups kept in DATA/backups (default 10).
+    backup_keep: Option<usize>,
     grace_period_secs: Option<u64>,
     cache_capacity: Option<usize>,
     cache_ttl_secs: Option<u64>,
+    /// The key database (see `--database`).
+    database: Option<String>,
     /// PEM certificate chain: serve HTTP over TLS (with `tls_key`).
     tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
@@ -110,6 +122,21 @@ pub fn open_center(
     pkcs11: Option<&Pkcs11Config>,
     config: CenterConfig,
 ) -> anyhow::Result<Arc<Center>> {
+    let database = std::env::var("MICROCERT_DATABASE")
+        .ok()
+        .filter(|d| !d.is_empty());
+    open_center_at(data, dev, pkcs11, config, database.as_deref())
+}
+
+/// Like [`open_center`], over the key database `database` (a PostgreSQL
+/// URL or an SQLite path; None: the data directory's SQLite file).
+pub fn open_center_at(
+    data: &DataArgs,
+    dev: bool,
+    pkcs11: Option<&Pkcs11Config>,
+    config: CenterConfig,
+    database: Option<&str>,
+) -> anyhow::Result<Arc<Center>> {
     data.create()?;
     let card: Arc<dyn EncryptionCard> = match pkcs11 {
         Some(cfg) => Arc::new(Pkcs11Card::open(cfg).with_context(|| {
@@ -129,9 +156,39 @@ pub fn open_center(
             })
         }
     };
-    let center = Center::open_sqlite(&data.database(), card, config)
-        .context("cannot open the key database")?;
+    let center = match database {
+        Some(location) => Center::open_url(location, card, config),
+        None => Center::open_sqlite(&data.database(), card, config),
+    }
+    .context("cannot open the key database")?;
     Ok(Arc::new(center))
+}
+
+/// Holds the data directory's `serve.lock` for the life of the process,
+/// so a second `serve` cannot open the same SQLite database (its replay
+/// records and caches assume one process per file). Centers sharing a
+/// PostgreSQL database need no such lock.
+fn lock_data_dir(data: &DataArgs) -> anyhow::Result<std::fs::File> {
+    data.create()?;
+    let path = data.dir.join("serve.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another `microcert serve` is using {} (it holds {}); one process per SQLite \
+             database: for several centers use --database postgres://...",
+            data.dir.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
 }
 
 /// Sets up structured logs: `RUST_LOG` filters, `MICROCERT_LOG=json` for JSON.
@@ -170,7 +227,27 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(t) = file.cache_ttl_secs {
         config.cache_ttl_secs = t;
     }
-    let center = open_center(&args.data, args.dev, file.pkcs11.as_ref(), config)?;
+    let database = args
+        .database
+        .clone()
+        .filter(|d| !d.is_empty())
+        .or(file.database.clone());
+    let postgres = database
+        .as_deref()
+        .is_some_and(microcert_center::db::is_postgres_url);
+    // Kept until the process ends: the lock goes with the file handle.
+    let _lock = if postgres {
+        None
+    } else {
+        Some(lock_data_dir(&args.data)?)
+    };
+    let center = open_center_at(
+        &args.data,
+        args.dev,
+        file.pkcs11.as_ref(),
+        config,
+        database.as_deref(),
+    )?;
     let tokens = Arc::new(TokenStore::open(&args.data.dir)?);
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
@@ -180,6 +257,17 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() * 2));
     let housekeeping = Duration::from_secs(file.housekeeping_secs.unwrap_or(60).max(1));
     let integrity = Duration::from_secs(file.integrity_secs.unwrap_or(600).max(1));
+    let backup_keep = file.backup_keep.unwrap_or(10).max(1);
+    let maint = Arc::new(crate::maint::ServeMaintenance::new(
+        &args.data.dir,
+        file.backup_interval_secs.unwrap_or(300),
+        backup_keep,
+    ));
+    let maintenance = Some(operator::MaintenancePaths {
+        backups: crate::maint::backup_dir(&args.data.dir),
+        keep: backup_keep,
+        anchor: crate::maint::anchor_file(&args.data.dir),
+    });
 
     let tls = match (&file.tls_cert, &file.tls_key) {
         (Some(cert), Some(key)) => Some(microcert_server::tls::acceptor(cert, key)?),
@@ -202,9 +290,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             center: center.clone(),
             tokens,
             metrics,
+            maintenance,
         }));
         let shutdown = shutdown_on_signals();
-        spawn_periodic(center, housekeeping, integrity, shutdown.clone());
+        spawn_periodic(center, maint, housekeeping, integrity, shutdown.clone());
         tracing::info!(http = %h, coap = %c, data = %args.data.dir.display(), "microcert center serving");
         let scheme = if tls_on { "https" } else { "http" };
         say!("microcert serving {scheme}={h} coap={c}");
@@ -214,10 +303,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Housekeeping (prune replay records, deactivate expired seeds) and the
-/// periodic integrity check, until shutdown.
+/// Housekeeping (prune replay records, deactivate expired seeds), the
+/// automatic backup when one is due (checked every minute, debounced by the
+/// backup interval), and the periodic integrity check, until shutdown.
 fn spawn_periodic(
     center: Arc<Center>,
+    maint: Arc<crate::maint::ServeMaintenance>,
     housekeeping: Duration,
     integrity: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -225,6 +316,7 @@ fn spawn_periodic(
     tokio::spawn(async move {
         let mut hk = tokio::time::interval(housekeeping);
         let mut ic = tokio::time::interval(integrity);
+        let mut bk = tokio::time::interval(Duration::from_secs(60));
         loop {
             tokio::select! {
                 _ = hk.tick() => {
@@ -236,13 +328,16 @@ fn spawn_periodic(
                         Err(e) => tracing::error!(error = %e, "housekeeping task failed"),
                     }
                 }
+                _ = bk.tick() => {
+                    let (c, m) = (center.clone(), maint.clone());
+                    if let Err(e) = tokio::task::spawn_blocking(move || m.backup(&c)).await {
+                        tracing::error!(error = %e, "backup task failed");
+                    }
+                }
                 _ = ic.tick() => {
-                    let c = center.clone();
-                    match tokio::task::spawn_blocking(move || c.integrity_scan()).await {
-                        Ok(Ok(r)) if r.is_clean() => tracing::info!(records = r.records, "integrity check clean"),
-                        Ok(Ok(r)) => tracing::error!(records = r.records, bad_records = ?r.bad_records, bad_shards = ?r.bad_shards, "INTEGRITY CHECK FAILED: the key database was changed outside the center"),
-                        Ok(Err(e)) => tracing::error!(error = %e, "integrity check could not run"),
-                        Err(e) => tracing::error!(error = %e, "integrity task failed"),
+                    let (c, m) = (center.clone(), maint.clone());
+                    if let Err(e) = tokio::task::spawn_blocking(move || m.integrity(&c)).await {
+                        tracing::error!(error = %e, "integrity task failed");
                     }
                 }
                 _ = stop.changed() => break,

@@ -521,4 +521,18 @@ impl EncryptionCard for Pkcs11Card {
             .unwrap_or_else(PoisonError::into_inner)
             .current
     }
+
+    // The trait's rotation calls the token's own (the same behaviour as
+    // before, now reachable through `dyn EncryptionCard`).
+    fn storage_key_versions(&self) -> Vec<u32> {
+        Pkcs11Card::storage_key_versions(self)
+    }
+
+    fn rotate_storage_key(&self) -> microcert_center::Result<u32> {
+        Pkcs11Card::rotate_storage_key(self).map_err(Into::into)
+    }
+
+    fn destroy_storage_key(&self, version: u32) -> microcert_center::Result<()> {
+        Pkcs11Card::destroy_storage_key(self, version).map_err(Into::into)
+    }
 }

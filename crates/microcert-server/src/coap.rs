@@ -2,15 +2,26 @@
 //! with Block1 reassembly (RFC 7959) for ENROLL, which is over 1,000 bytes,
 //! and de-duplication of confirmable retransmissions: a retransmitted AUTH
 //! must get the same answer again, not a replay refusal.
+//!
+//! Performance shape: each worker is an OS thread blocked in `recv_from`
+//! on the shared socket, which handles the datagram inline (the center's
+//! calls are synchronous and short) and sends the answer: two system calls
+//! per request, no task hand-off. The de-duplication map is sharded by
+//! peer and message id, and the block-wise handler (one mutex, one state
+//! entry per peer and path) is used only by requests that carry a Block1
+//! or Block2 option or whose answer needs blocks.
 
 use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use coap_lite::{
-    BlockHandler, BlockHandlerConfig, CoapRequest, ContentFormat, MessageClass, MessageType,
-    Packet, RequestType, ResponseType,
+    BlockHandler, BlockHandlerConfig, CoapOption, CoapRequest, ContentFormat, MessageClass,
+    MessageType, Packet, RequestType, ResponseType,
 };
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -20,10 +31,17 @@ use crate::api::{self, DeviceService, Route};
 /// How long an answer is kept for a retransmitted confirmable request
 /// (RFC 7252 EXCHANGE_LIFETIME).
 const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
-/// Most answers kept for de-duplication; older ones are dropped first.
+/// Most answers kept for de-duplication, over all shards; older ones are
+/// dropped first.
 const DEDUP_CAPACITY: usize = 65_536;
+const DEDUP_SHARDS: usize = 16;
 /// Largest datagram read; larger ones are truncated and fail to parse.
 const MAX_DATAGRAM: usize = 1500;
+/// Answers up to this size are sent whole without the block handler
+/// (its own limit is 1,152 bytes for the whole message).
+const WHOLE_ANSWER: usize = 1024;
+/// How often an idle worker looks at the shutdown flag.
+const POLL: Duration = Duration::from_millis(100);
 
 type Key = (SocketAddr, u16);
 
@@ -41,11 +59,11 @@ impl Dedup {
             .map(|(_, bytes)| bytes.clone())
     }
 
-    fn put(&mut self, key: Key, bytes: Vec<u8>) {
-        if self.answers.len() >= DEDUP_CAPACITY {
+    fn put(&mut self, key: Key, bytes: Vec<u8>, capacity: usize) {
+        if self.answers.len() >= capacity {
             self.answers
                 .retain(|_, (at, _)| at.elapsed() < EXCHANGE_LIFETIME);
-            if self.answers.len() >= DEDUP_CAPACITY {
+            if self.answers.len() >= capacity {
                 self.answers.clear();
             }
         }
@@ -56,55 +74,85 @@ impl Dedup {
 struct Shared {
     svc: Arc<dyn DeviceService>,
     blocks: Mutex<BlockHandler<SocketAddr>>,
-    dedup: Mutex<Dedup>,
+    dedup: Vec<Mutex<Dedup>>,
+    hasher: RandomState,
 }
 
-/// Serves CoAP on `socket` with `workers` concurrent receive loops until
-/// `shutdown` turns true. Requests in flight are finished first.
+impl Shared {
+    fn dedup(&self, key: &Key) -> std::sync::MutexGuard<'_, Dedup> {
+        let i = (self.hasher.hash_one(key) as usize) % DEDUP_SHARDS;
+        self.dedup[i].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Serves CoAP on `socket` with `workers` receive threads until `shutdown`
+/// turns true. Requests in flight are finished first.
 pub async fn serve(
     socket: UdpSocket,
     svc: Arc<dyn DeviceService>,
     workers: usize,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let socket = socket.into_std()?;
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(POLL))?;
     let socket = Arc::new(socket);
     let shared = Arc::new(Shared {
         svc,
         blocks: Mutex::new(BlockHandler::new(BlockHandlerConfig::default())),
-        dedup: Mutex::new(Dedup::default()),
+        dedup: (0..DEDUP_SHARDS)
+            .map(|_| Mutex::new(Dedup::default()))
+            .collect(),
+        hasher: RandomState::new(),
     });
-    let mut tasks = Vec::new();
-    for _ in 0..workers.max(1) {
-        let socket = socket.clone();
-        let shared = shared.clone();
-        let mut stop = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut buf = vec![0u8; MAX_DATAGRAM];
-            loop {
-                let (n, peer) = tokio::select! {
-                    r = socket.recv_from(&mut buf) => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "coap receive failed");
-                            continue;
-                        }
-                    },
-                    _ = stop.changed() => break,
-                };
-                let reply = tokio::task::block_in_place(|| handle(&shared, &buf[..n], peer));
-                if let Some(bytes) = reply
-                    && let Err(e) = socket.send_to(&bytes, peer).await
-                {
-                    tracing::debug!(error = %e, %peer, "coap send failed");
-                }
-            }
-        }));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    for i in 0..workers.max(1) {
+        let (socket, shared, stop) = (socket.clone(), shared.clone(), stop.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("coap-{i}"))
+                .spawn(move || worker(&socket, &shared, &stop))?,
+        );
     }
     let _ = shutdown.wait_for(|stop| *stop).await;
-    for t in tasks {
-        let _ = t.await;
-    }
+    stop.store(true, Ordering::SeqCst);
+    // The threads notice within one poll interval; wait off the runtime.
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
     Ok(())
+}
+
+fn worker(socket: &std::net::UdpSocket, shared: &Shared, stop: &AtomicBool) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    while !stop.load(Ordering::Relaxed) {
+        let (n, peer) = match socket.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "coap receive failed");
+                continue;
+            }
+        };
+        if let Some(bytes) = handle(shared, &buf[..n], peer)
+            && let Err(e) = socket.send_to(&bytes, peer)
+        {
+            tracing::debug!(error = %e, %peer, "coap send failed");
+        }
+    }
 }
 
 /// Handles one datagram; returns the datagram to send back, if any.
@@ -123,47 +171,59 @@ fn handle(shared: &Shared, datagram: &[u8], peer: SocketAddr) -> Option<Vec<u8>>
         _ => return None,
     }
     let key = (peer, packet.header.message_id);
-    if packet.header.get_type() == MessageType::Confirmable {
-        let cached = shared
-            .dedup
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key);
+    let confirmable = packet.header.get_type() == MessageType::Confirmable;
+    if confirmable {
+        let cached = shared.dedup(&key).get(&key);
         if cached.is_some() {
             return cached;
         }
     }
-    let confirmable = packet.header.get_type() == MessageType::Confirmable;
+    let blockwise = packet.get_option(CoapOption::Block1).is_some()
+        || packet.get_option(CoapOption::Block2).is_some();
     let mut req = CoapRequest::from_packet(packet, peer);
     req.response.as_ref()?;
-    let intercepted = shared
-        .blocks
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .intercept_request(&mut req);
-    match intercepted {
-        Ok(true) => {}
-        Ok(false) => {
-            respond(shared, &mut req);
-            let _ = shared
-                .blocks
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .intercept_response(&mut req);
+    if blockwise {
+        let intercepted = shared
+            .blocks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .intercept_request(&mut req);
+        match intercepted {
+            Ok(true) => {}
+            Ok(false) => {
+                respond(shared, &mut req);
+                block_response(shared, &mut req);
+            }
+            Err(e) => {
+                req.apply_from_error(e);
+            }
         }
-        Err(e) => {
-            req.apply_from_error(e);
+    } else {
+        respond(shared, &mut req);
+        if req
+            .response
+            .as_ref()
+            .is_some_and(|r| r.message.payload.len() > WHOLE_ANSWER)
+        {
+            block_response(shared, &mut req);
         }
     }
     let bytes = req.response?.message.to_bytes().ok()?;
     if confirmable {
         shared
-            .dedup
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .put(key, bytes.clone());
+            .dedup(&key)
+            .put(key, bytes.clone(), DEDUP_CAPACITY / DEDUP_SHARDS);
     }
     Some(bytes)
+}
+
+/// Lets the block handler split an answer too large for one datagram.
+fn block_response(shared: &Shared, req: &mut CoapRequest<SocketAddr>) {
+    let _ = shared
+        .blocks
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .intercept_response(req);
 }
 
 fn respond(shared: &Shared, req: &mut CoapRequest<SocketAddr>) {

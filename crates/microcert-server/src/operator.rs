@@ -6,6 +6,7 @@
 // return it as it is; it is large, but these are not hot paths.
 #![allow(clippy::result_large_err)]
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
@@ -34,6 +35,8 @@ pub struct OperatorState {
     pub tokens: Arc<TokenStore>,
     /// Renders `/metrics`.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Where backups and the card's anchor are; None: backups not served.
+    pub maintenance: Option<MaintenancePaths>,
 }
 
 const READ: &[Role] = &[Role::Admin, Role::Operator, Role::Auditor];
@@ -53,6 +56,7 @@ pub fn routes(state: OperatorState) -> Router {
         .route("/v1/updates/due", post(update_due))
         .route("/v1/import", post(import))
         .route("/v1/integrity", get(integrity))
+        .route("/v1/backups", get(list_backups).post(create_backup))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .with_state(state)
@@ -483,19 +487,98 @@ async fn import(State(s): State<OperatorState>, headers: HeaderMap, body: Bytes)
     }
 }
 
+/// Where this process keeps backups and the card's anchor, for the
+/// backup and integrity routes (set once by `serve`; without it the
+/// integrity check runs without the anchor and backups are refused).
+#[derive(Debug, Clone)]
+pub struct MaintenancePaths {
+    /// The backup directory.
+    pub backups: PathBuf,
+    /// Backups kept (older ones are deleted).
+    pub keep: usize,
+    /// The card's anchor file.
+    pub anchor: PathBuf,
+}
+
+
 async fn integrity(State(s): State<OperatorState>, headers: HeaderMap) -> Response {
     if let Err(d) = authorize(&s.tokens, &headers, READ) {
         return d.into_response();
     }
     let center = s.center.clone();
-    match blocking(move || center.integrity_scan()).await {
+    let anchor = s.maintenance.as_ref().map(|m| m.anchor.clone());
+    match blocking(move || center.integrity_check(anchor.as_deref(), now())).await {
         Ok(r) => axum::Json(json!({
             "clean": r.is_clean(),
             "records": r.records,
             "bad_records": r.bad_records.iter().map(|(d, g)| json!({
                 "device": d.to_string(), "generation": g
             })).collect::<Vec<_>>(),
+            "missing_records": r.missing_records.iter().map(|(d, g)| json!({
+                "device": d.to_string(), "generation": g
+            })).collect::<Vec<_>>(),
+            "bad_devices": r.bad_devices.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
             "bad_shards": r.bad_shards,
+            "rolled_back_shards": r.rolled_back_shards,
+            "audit": r.audit,
+            "anchor": r.anchor,
+            "quarantined": r.tampered_devices().iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            "findings": r.findings(),
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+fn maintenance(s: &OperatorState) -> Result<MaintenancePaths, Response> {
+    s.maintenance.clone().ok_or_else(|| {
+        error(&Error::Refused(
+            "backups are not configured in this server".into(),
+        ))
+    })
+}
+
+async fn create_backup(State(s): State<OperatorState>, headers: HeaderMap) -> Response {
+    let who = match authorize(&s.tokens, &headers, WRITE) {
+        Ok(w) => w,
+        Err(d) => return d.into_response(),
+    };
+    let m = match maintenance(&s) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let center = s.center.clone();
+    match blocking(move || {
+        center.create_backup(&m.backups, m.keep, Some(&m.anchor), &who.name, now())
+    })
+    .await
+    {
+        Ok(b) => axum::Json(json!({
+            "file": b.path.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "created": b.created,
+            "devices": b.devices,
+            "seeds": b.seeds,
+            "audit": b.audit,
+            "kstore_versions": b.kstore_versions,
+        }))
+        .into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn list_backups(State(s): State<OperatorState>, headers: HeaderMap) -> Response {
+    if let Err(d) = authorize(&s.tokens, &headers, READ) {
+        return d.into_response();
+    }
+    let m = match maintenance(&s) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    match blocking(move || microcert_center::backup::list(&m.backups)).await {
+        Ok(v) => axum::Json(json!({
+            "backups": v.iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
         }))
         .into_response(),
         Err(r) => r,

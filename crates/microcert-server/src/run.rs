@@ -84,9 +84,7 @@ pub async fn serve(
     let mut http_stop = shutdown.clone();
     let http = async move {
         match tls {
-            Some(acceptor) => {
-                crate::tls::serve(listeners.http, acceptor, router, http_stop).await
-            }
+            Some(acceptor) => crate::tls::serve(listeners.http, acceptor, router, http_stop).await,
             None => {
                 axum::serve(listeners.http, router)
                     .with_graceful_shutdown(async move {

@@ -12,6 +12,7 @@ mod shares;
 mod software;
 
 pub use shares::{ShareError, recover_secret, split_secret};
+pub(crate) use software::write_atomically;
 pub use software::{KdfParams, SoftwareCard};
 
 use std::fmt;
@@ -130,6 +131,31 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
 
     /// The Kstore version new seeds are sealed under.
     fn storage_key_version(&self) -> u32;
+
+    /// Every Kstore version the card still holds, oldest first. The
+    /// default suits a card that cannot rotate: only the current one.
+    fn storage_key_versions(&self) -> Vec<u32> {
+        vec![self.storage_key_version()]
+    }
+
+    /// Makes the next Kstore version and seals new seeds under it from now
+    /// on; older versions stay for unsealing. Durable before it returns
+    /// (the software card rewrites its card file, a token keeps the key as
+    /// a token object). Returns the new version. The default refuses.
+    fn rotate_storage_key(&self) -> Result<u32> {
+        Err(crate::Error::Refused(
+            "this encryption card cannot rotate its storage key".into(),
+        ))
+    }
+
+    /// Destroys an old Kstore version (never the current one): the center
+    /// calls it once no record and no kept backup is sealed under it
+    /// ([`crate::Center::rotate_storage_key`]). The default refuses.
+    fn destroy_storage_key(&self, version: u32) -> Result<()> {
+        Err(crate::Error::Refused(format!(
+            "this encryption card cannot destroy storage key version {version}"
+        )))
+    }
 }
 
 /// A u64 from the card's random generator.

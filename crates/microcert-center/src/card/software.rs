@@ -20,6 +20,8 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::time::SystemTime;
 
 use aes_gcm::aead::array::Array;
 use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
@@ -174,15 +176,58 @@ impl CardKeys {
 }
 
 /// The software encryption card.
+///
+/// The keys sit behind a lock because storage-key rotation changes them
+/// while the center serves; every other operation takes the read side.
 pub struct SoftwareCard {
-    keys: CardKeys,
+    keys: RwLock<CardKeys>,
+    /// Where the keys are sealed at rest and under which file key, so a
+    /// rotation can re-seal them without asking for the passphrase again.
+    /// None for an ephemeral or recovered card.
+    file: Option<CardFile>,
+}
+
+/// A card file and the Argon2id-derived key that seals it (zeroized on drop).
+struct CardFile {
+    path: PathBuf,
+    params: KdfParams,
+    salt: [u8; 16],
+    key: Zeroizing<[u8; 32]>,
+    /// Modification time and length when this process last read or wrote
+    /// the file: another process (`card rotate-storage-key` beside a
+    /// serving center) may add or destroy a storage key in it.
+    stamp: Mutex<Option<(SystemTime, u64)>>,
+}
+
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Decrypts a card file's bytes under its file key.
+fn decrypt_file(bytes: &[u8], key: &[u8; 32]) -> Result<CardKeys> {
+    if bytes.len() < FILE_HEADER_LEN + GCM_TAG || &bytes[..8] != MAGIC {
+        return Err(Error::CardFormat("not a microcert card file".into()));
+    }
+    let nonce: [u8; GCM_NONCE] = bytes[36..48]
+        .try_into()
+        .map_err(|_| Error::WrongPassphrase)?;
+    let (header, body) = bytes.split_at(FILE_HEADER_LEN);
+    let (ct, tag) = body.split_at(body.len() - GCM_TAG);
+    let mut plain = Zeroizing::new(ct.to_vec());
+    let tag: &Array<u8, _> = tag.try_into().map_err(|_| Error::WrongPassphrase)?;
+    gcm(key)
+        .decrypt_inout_detached((&nonce).into(), header, plain[..].as_mut().into(), tag)
+        .map_err(|_| Error::WrongPassphrase)?;
+    CardKeys::from_bytes(&plain)
 }
 
 impl std::fmt::Debug for SoftwareCard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let k = self.read();
         f.debug_struct("SoftwareCard")
-            .field("card_id", &hex::encode(self.keys.card_id))
-            .field("kstore_version", &self.keys.kstore_current)
+            .field("card_id", &hex::encode(k.card_id))
+            .field("kstore_version", &k.kstore_current)
             .finish_non_exhaustive()
     }
 }
@@ -257,17 +302,22 @@ impl SoftwareCard {
             )));
         }
         let card = SoftwareCard {
-            keys: CardKeys::generate()?,
+            keys: RwLock::new(CardKeys::generate()?),
+            file: None,
         };
-        card.save(path, passphrase, params)?;
+        let file = card.save_new(path, passphrase, params)?;
         tracing::info!(card_id = %card.card_id(), "software card initialised");
-        Ok(card)
+        Ok(SoftwareCard {
+            file: Some(file),
+            ..card
+        })
     }
 
     /// Makes new keys in memory only (tests, throw-away `--dev` centers).
     pub fn ephemeral() -> Result<Self> {
         Ok(SoftwareCard {
-            keys: CardKeys::generate()?,
+            keys: RwLock::new(CardKeys::generate()?),
+            file: None,
         })
     }
 
@@ -288,54 +338,129 @@ impl SoftwareCard {
             p_cost: u32_at(16),
         };
         let key = file_key(passphrase, &bytes[20..36], params)?;
-        let nonce: [u8; GCM_NONCE] = bytes[36..48]
-            .try_into()
-            .map_err(|_| Error::WrongPassphrase)?;
-        let (header, body) = bytes.split_at(FILE_HEADER_LEN);
-        let (ct, tag) = body.split_at(body.len() - GCM_TAG);
-        let mut plain = Zeroizing::new(ct.to_vec());
-        let tag: &Array<u8, _> = tag.try_into().map_err(|_| Error::WrongPassphrase)?;
-        gcm(&key)
-            .decrypt_inout_detached((&nonce).into(), header, plain[..].as_mut().into(), tag)
-            .map_err(|_| Error::WrongPassphrase)?;
-        let keys = CardKeys::from_bytes(&plain)?;
-        Ok(SoftwareCard { keys })
+        let keys = decrypt_file(&bytes, &key)?;
+        let mut salt = [0u8; 16];
+        salt.copy_from_slice(&bytes[20..36]);
+        Ok(SoftwareCard {
+            keys: RwLock::new(keys),
+            file: Some(CardFile {
+                path: path.to_path_buf(),
+                params,
+                salt,
+                key,
+                stamp: Mutex::new(file_stamp(path)),
+            }),
+        })
     }
 
     /// Writes the card's keys to `path` under `passphrase` (atomically,
     /// replacing a file that is there): after [`SoftwareCard::recover`], or
     /// to change the passphrase.
     pub fn save(&self, path: &Path, passphrase: &[u8], params: KdfParams) -> Result<()> {
+        self.save_new(path, passphrase, params).map(|_| ())
+    }
+
+    /// [`SoftwareCard::save`] under a fresh salt; returns the file key.
+    fn save_new(&self, path: &Path, passphrase: &[u8], params: KdfParams) -> Result<CardFile> {
+        let mut salt = [0u8; 16];
+        os_random(&mut salt)?;
+        let key = file_key(passphrase, &salt, params)?;
+        let file = CardFile {
+            path: path.to_path_buf(),
+            params,
+            salt,
+            key,
+            stamp: Mutex::new(None),
+        };
+        self.write_file(&file, &self.read())?;
+        Ok(file)
+    }
+
+    /// Seals `keys` into the card file under its file key and a fresh nonce.
+    fn write_file(&self, card_file: &CardFile, keys: &CardKeys) -> Result<()> {
+        let file = card_file;
+        let params = file.params;
         let mut header = [0u8; FILE_HEADER_LEN];
         header[..8].copy_from_slice(MAGIC);
         header[8..12].copy_from_slice(&params.m_cost_kib.to_be_bytes());
         header[12..16].copy_from_slice(&params.t_cost.to_be_bytes());
         header[16..20].copy_from_slice(&params.p_cost.to_be_bytes());
-        os_random(&mut header[20..48])?;
-        let key = file_key(passphrase, &header[20..36], params)?;
+        header[20..36].copy_from_slice(&file.salt);
+        os_random(&mut header[36..48])?;
+        let key = &file.key;
+        let path = &file.path;
         let nonce: [u8; GCM_NONCE] = header[36..48]
             .try_into()
             .map_err(|_| Error::Card("nonce".into()))?;
-        let mut body = self.keys.to_bytes();
-        let tag = gcm(&key)
+        let mut body = keys.to_bytes();
+        let tag = gcm(key)
             .encrypt_inout_detached((&nonce).into(), &header, body[..].as_mut().into())
             .map_err(|_| Error::Card("AES-GCM encryption of the card file failed".into()))?;
         let mut file = Vec::with_capacity(FILE_HEADER_LEN + body.len() + GCM_TAG);
         file.extend_from_slice(&header);
         file.extend_from_slice(&body);
         file.extend_from_slice(&tag);
-        write_atomically(path, &file)
+        write_atomically(path, &file)?;
+        if let Ok(mut st) = card_file.stamp.lock() {
+            *st = file_stamp(path);
+        }
+        Ok(())
     }
 
     /// The card's public identifier (random, made at init), in hex.
     pub fn card_id(&self) -> String {
-        hex::encode(self.keys.card_id)
+        hex::encode(self.read().card_id)
+    }
+
+    /// Writes changed keys to the card file, when the card has one.
+    fn persist(&self, keys: &CardKeys) -> Result<()> {
+        match &self.file {
+            Some(f) => self.write_file(f, keys),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the card file again when another process changed it (a
+    /// storage key added or destroyed), so a serving center seals under
+    /// the new version and opens records re-sealed by the other process.
+    /// A file that no longer opens under this card's file key (a new
+    /// passphrase) or holds another card is ignored, with a warning.
+    fn reload_if_changed(&self) {
+        let Some(f) = &self.file else { return };
+        let now = file_stamp(&f.path);
+        {
+            let Ok(mut st) = f.stamp.lock() else { return };
+            if now.is_none() || *st == now {
+                return;
+            }
+            *st = now;
+        }
+        let loaded = fs::read(&f.path)
+            .map_err(Error::from)
+            .map(Zeroizing::new)
+            .and_then(|b| decrypt_file(&b, &f.key));
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        match loaded {
+            Ok(k) if k.card_id == keys.card_id => {
+                tracing::info!(
+                    kstore_version = k.kstore_current,
+                    "card file changed by another process: keys reloaded"
+                );
+                *keys = k;
+            }
+            Ok(_) => tracing::warn!("card file now holds another card: ignored"),
+            Err(e) => tracing::warn!(error = %e, "card file changed but does not open: ignored"),
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, CardKeys> {
+        self.keys.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Splits the card's keys into `shares` printable Shamir shares of
     /// which any `threshold` recover the card (see [`super::split_secret`]).
     pub fn split(&self, shares: u8, threshold: u8) -> Result<Vec<String>> {
-        let secret = self.keys.to_bytes();
+        let secret = self.read().to_bytes();
         super::split_secret(&secret, shares, threshold)
     }
 
@@ -344,25 +469,27 @@ impl SoftwareCard {
     pub fn recover<S: AsRef<str>>(shares: &[S]) -> Result<Self> {
         let secret = super::recover_secret(shares)?;
         Ok(SoftwareCard {
-            keys: CardKeys::from_bytes(&secret)?,
+            keys: RwLock::new(CardKeys::from_bytes(&secret)?),
+            file: None,
         })
     }
 
-    fn kstore(&self, version: u32) -> Result<&[u8; 32]> {
-        self.keys
-            .kstore
-            .iter()
-            .find(|(v, _)| *v == version)
-            .map(|(_, k)| &**k)
-            .ok_or_else(|| Error::Card(format!("no storage key of version {version}")))
-    }
-
     fn hmac(&self, domain: &[u8], data: &[u8]) -> Result<[u8; TAG_LEN]> {
-        let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.keys.kint[..])
+        let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.read().kint[..])
             .map_err(|_| Error::Card("integrity key".into()))?;
         m.update(domain);
         m.update(data);
         Ok(m.finalize().into_bytes().into())
+    }
+}
+
+impl CardKeys {
+    fn kstore(&self, version: u32) -> Result<&[u8; 32]> {
+        self.kstore
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, k)| &**k)
+            .ok_or_else(|| Error::Card(format!("no storage key of version {version}")))
     }
 }
 
@@ -375,13 +502,13 @@ fn seed_aad(device: DeviceId, generation: u8) -> [u8; 9] {
 
 impl EncryptionCard for SoftwareCard {
     fn transport_key(&self, device: DeviceId, epoch: u8) -> Result<Key128> {
-        Ok(transport_key(&self.keys.ktrans, device, epoch))
+        Ok(transport_key(&self.read().ktrans, device, epoch))
     }
 
     fn make_challenge(&self, device: DeviceId, now: u32) -> Result<[u8; CHALLENGE_LEN]> {
         let mut c = [0u8; 8];
         os_random(&mut c)?;
-        Ok(make_challenge(&self.keys.kchal, device, c, now))
+        Ok(make_challenge(&self.read().kchal, device, c, now))
     }
 
     fn check_challenge(
@@ -390,7 +517,7 @@ impl EncryptionCard for SoftwareCard {
         challenge: &[u8; CHALLENGE_LEN],
         now: u32,
     ) -> Result<()> {
-        check_challenge(&self.keys.kchal, device, challenge, now).map_err(|_| Error::Verification)
+        check_challenge(&self.read().kchal, device, challenge, now).map_err(|_| Error::Verification)
     }
 
     fn open_enroll(
@@ -405,7 +532,7 @@ impl EncryptionCard for SoftwareCard {
             return Ok((s, EnrollVia::Update));
         }
         if let Some(epoch) = transport_epoch {
-            let ktr = transport_key(&self.keys.ktrans, msg.header.device, epoch);
+            let ktr = transport_key(&self.read().ktrans, msg.header.device, epoch);
             if let Ok(s) = open_enroll(EnrollKey::Transport(&ktr), msg) {
                 return Ok((s, EnrollVia::Transport));
             }
@@ -414,8 +541,10 @@ impl EncryptionCard for SoftwareCard {
     }
 
     fn seal_seed(&self, device: DeviceId, generation: u8, seed: &KeySeed) -> Result<SealedSeed> {
-        let version = self.keys.kstore_current;
-        let key = self.kstore(version)?;
+        self.reload_if_changed();
+        let keys = self.read();
+        let version = keys.kstore_current;
+        let key = keys.kstore(version)?;
         let mut out = vec![0u8; GCM_NONCE + SEED_PLAIN + GCM_TAG];
         let mut nonce = [0u8; GCM_NONCE];
         os_random(&mut nonce)?;
@@ -453,7 +582,11 @@ impl EncryptionCard for SoftwareCard {
         if ciphertext.len() != GCM_NONCE + SEED_PLAIN + GCM_TAG {
             return Err(Error::Verification);
         }
-        let key = self.kstore(kstore_version)?;
+        if !self.read().kstore.iter().any(|(v, _)| *v == kstore_version) {
+            self.reload_if_changed();
+        }
+        let keys = self.read();
+        let key = keys.kstore(kstore_version)?;
         let nonce: [u8; GCM_NONCE] = ciphertext[..GCM_NONCE]
             .try_into()
             .map_err(|_| Error::Verification)?;
@@ -487,7 +620,64 @@ impl EncryptionCard for SoftwareCard {
     }
 
     fn storage_key_version(&self) -> u32 {
-        self.keys.kstore_current
+        self.read().kstore_current
+    }
+
+    fn storage_key_versions(&self) -> Vec<u32> {
+        self.reload_if_changed();
+        self.read().kstore.iter().map(|(v, _)| *v).collect()
+    }
+
+    fn rotate_storage_key(&self) -> Result<u32> {
+        self.reload_if_changed();
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        let prev = keys.kstore_current;
+        let next = keys
+            .kstore
+            .iter()
+            .map(|(v, _)| *v)
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .filter(|_| keys.kstore.len() < 255)
+            .ok_or_else(|| Error::Refused("no storage-key version left".into()))?;
+        let mut k = Zeroizing::new([0u8; 32]);
+        os_random(&mut k[..])?;
+        keys.kstore.push((next, k));
+        keys.kstore_current = next;
+        // Written before any record is sealed under it: a crash after this
+        // leaves a card that opens both versions, never a record whose key
+        // is lost.
+        if let Err(e) = self.persist(&keys) {
+            keys.kstore.pop();
+            keys.kstore_current = prev;
+            return Err(e);
+        }
+        tracing::info!(version = next, "new storage key");
+        Ok(next)
+    }
+
+    fn destroy_storage_key(&self, version: u32) -> Result<()> {
+        self.reload_if_changed();
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        if version == keys.kstore_current {
+            return Err(Error::Refused(
+                "the current storage key cannot be destroyed".into(),
+            ));
+        }
+        let pos = keys
+            .kstore
+            .iter()
+            .position(|(v, _)| *v == version)
+            .ok_or_else(|| Error::Refused(format!("no storage key of version {version}")))?;
+        let removed = keys.kstore.remove(pos);
+        if let Err(e) = self.persist(&keys) {
+            keys.kstore.insert(pos, removed);
+            return Err(e);
+        }
+        // `removed` zeroizes here.
+        tracing::info!(version, "storage key destroyed");
+        Ok(())
     }
 }
 
@@ -523,14 +713,35 @@ mod tests {
     fn debug_shows_no_key() {
         let card = SoftwareCard::ephemeral().unwrap();
         let dbg = format!("{card:?}");
-        assert!(!dbg.contains(&hex::encode(card.keys.ktrans.expose())));
-        assert!(!dbg.contains(&hex::encode(&card.keys.kint[..])));
+        assert!(!dbg.contains(&hex::encode(card.read().ktrans.expose())));
+        assert!(!dbg.contains(&hex::encode(&card.read().kint[..])));
+    }
+
+    #[test]
+    fn rotation_is_saved_and_seen_by_another_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("card");
+        let a = SoftwareCard::init(&path, b"pw", KdfParams::insecure_for_tests()).unwrap();
+        let b = SoftwareCard::open(&path, b"pw").unwrap();
+        let dev = DeviceId::from_u64(9);
+        let seed = KeySeed::generate(2026, |x| x.fill(3));
+        assert_eq!(a.rotate_storage_key().unwrap(), 2);
+        let sealed = a.seal_seed(dev, 0, &seed).unwrap();
+        assert_eq!(sealed.kstore_version, 2);
+        // The other instance (another process) opens it and seals under 2.
+        assert!(b.unseal_seed(dev, 0, 2, &sealed.ciphertext).unwrap() == seed);
+        assert_eq!(b.seal_seed(dev, 0, &seed).unwrap().kstore_version, 2);
+        a.destroy_storage_key(1).unwrap();
+        assert!(a.destroy_storage_key(2).is_err(), "the current one stays");
+        let c = SoftwareCard::open(&path, b"pw").unwrap();
+        assert_eq!(c.storage_key_versions(), vec![2]);
+        assert_eq!(b.storage_key_versions(), vec![2]);
     }
 
     #[test]
     fn key_block_round_trip() {
         let card = SoftwareCard::ephemeral().unwrap();
-        let b = card.keys.to_bytes();
+        let b = card.read().to_bytes();
         let again = CardKeys::from_bytes(&b).unwrap();
         assert_eq!(&again.to_bytes()[..], &b[..]);
         assert!(CardKeys::from_bytes(&b[..b.len() - 1]).is_err());

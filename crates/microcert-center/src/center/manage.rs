@@ -465,25 +465,12 @@ impl Center {
         self.db.audit_log(after, limit)
     }
 
-    /// Walks the whole audit chain; returns the seq of the first entry that
-    /// breaks it, or None when it is intact.
+    /// Walks the whole audit chain and compares its end with the
+    /// card-tagged head; returns the seq of the first entry that breaks it
+    /// (for a log cut short: the first missing one), or None when it is
+    /// intact. [`Center::verify_audit`] says what is wrong.
     pub fn verify_audit_chain(&self) -> Result<Option<u64>> {
-        let mut prev = [0u8; 32];
-        let mut after = 0;
-        loop {
-            let page = self.db.audit_log(after, 1000)?;
-            let Some(last) = page.last() else {
-                return Ok(None);
-            };
-            if page[0].seq != after + 1 {
-                return Ok(Some(after + 1));
-            }
-            if let Some(bad) = audit::verify_chain(prev, &page) {
-                return Ok(Some(bad));
-            }
-            prev = last.hash;
-            after = last.seq;
-        }
+        Ok(audit::verify(&*self.db, &*self.card)?.1.map(|f| f.seq()))
     }
 
     /// Recomputes every record tag and the digest and compares them with

@@ -11,11 +11,15 @@
 mod enroll;
 mod group;
 mod import;
+mod maint;
 mod manage;
+mod rotation;
 mod verify;
 
 pub use import::{ImportProgress, ImportReject, ImportReport};
+pub use maint::AutoBackup;
 pub use manage::HousekeepingReport;
+pub use rotation::RotationReport;
 pub use verify::{AuthOutcome, OpenedSealed, SignatureOutcome, VerifyOutcome};
 
 use std::path::Path;
@@ -27,10 +31,13 @@ use microcert_core::{
 };
 
 use crate::cache::{CachedDevice, CachedSeed, SeedCache};
-use crate::card::{EncryptionCard, random_u64};
-use crate::db::{DeviceRow, KeyDatabase, NewAudit, SeedRow, SqliteDatabase, Tx, with_tx};
+use crate::card::EncryptionCard;
+use crate::db::{
+    DeviceRow, KeyDatabase, NewAudit, SeedRow, SqliteDatabase, SqliteOptions, Tx, with_tx,
+};
 use crate::integrity;
 use crate::profile::{CenterConfig, ClassProfile};
+use crate::replay::{MemoryGuard, ReplayMode};
 use crate::{Error, Result};
 
 /// The authentication center: a key database, an encryption card, a cache
@@ -39,9 +46,53 @@ use crate::{Error, Result};
 pub struct Center {
     db: Arc<dyn KeyDatabase>,
     card: Arc<dyn EncryptionCard>,
-    cache: SeedCache,
+    cache: Arc<SeedCache>,
     group: group::GroupCommit,
+    replay: Replay,
+    /// The same database as `db` when it is SQLite: its read path for
+    /// cache misses.
+    sqlite: Option<Arc<SqliteDatabase>>,
+    /// Random bytes from the card, fetched 4 KiB at a time for the r of
+    /// the center's RECEIPTs: one card call (a system call for the
+    /// software card) per 512 receipts instead of one each.
+    receipt_r: std::sync::Mutex<RandomPool>,
     config: CenterConfig,
+}
+
+/// Bytes drawn from the card's random generator, used once each. They only
+/// become public header fields (r), so holding them in memory is harmless.
+struct RandomPool {
+    buf: Box<[u8; 4096]>,
+    used: usize,
+}
+
+impl RandomPool {
+    fn new() -> Self {
+        RandomPool {
+            buf: Box::new([0; 4096]),
+            used: 4096,
+        }
+    }
+
+    fn next_u64(&mut self, card: &dyn EncryptionCard) -> Result<u64> {
+        if self.used + 8 > self.buf.len() {
+            card.random(&mut self.buf[..])?;
+            self.used = 0;
+        }
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.buf[self.used..self.used + 8]);
+        self.used += 8;
+        Ok(u64::from_be_bytes(b))
+    }
+}
+
+/// Where AUTH and SEALED are recorded as accepted (resolved from
+/// [`ReplayMode`] when the center is made).
+enum Replay {
+    /// A record in the key database, group-committed.
+    Database,
+    /// The in-memory guard of this process's database file.
+    Memory(Arc<MemoryGuard>),
 }
 
 impl std::fmt::Debug for Center {
@@ -50,6 +101,13 @@ impl std::fmt::Debug for Center {
             .field("db", &self.db)
             .field("card", &self.card)
             .field("cache", &self.cache)
+            .field(
+                "replay",
+                &match &self.replay {
+                    Replay::Database => "database",
+                    Replay::Memory(_) => "memory",
+                },
+            )
             .finish_non_exhaustive()
     }
 }
@@ -89,33 +147,138 @@ pub(crate) fn refusal_for(state: KeyState) -> Error {
 }
 
 impl Center {
-    /// A center over any database and card.
+    /// A center over any database and card. Replay records go to the
+    /// database: a database given this way may be shared with other
+    /// centers ([`ReplayMode::Memory`] needs [`Center::open_sqlite`], and
+    /// falls back to the database here).
     pub fn new(
         db: Arc<dyn KeyDatabase>,
         card: Arc<dyn EncryptionCard>,
         config: CenterConfig,
     ) -> Self {
-        let cache = SeedCache::new(
+        if config.replay == ReplayMode::Memory {
+            tracing::warn!(
+                "replay mode \"memory\" needs a center opened on an SQLite file; using the database"
+            );
+        }
+        Self::with_replay(db, card, config, Replay::Database)
+    }
+
+    fn with_replay(
+        db: Arc<dyn KeyDatabase>,
+        card: Arc<dyn EncryptionCard>,
+        config: CenterConfig,
+        replay: Replay,
+    ) -> Self {
+        let cache = Arc::new(SeedCache::new(
             config.cache_capacity,
             Duration::from_secs(config.cache_ttl_secs),
-        );
+        ));
+        // Changes committed by other centers on a shared database drop the
+        // device from this cache at once where the backend can tell
+        // (PostgreSQL: LISTEN/NOTIFY); the TTL stays the bound otherwise.
+        let weak = Arc::downgrade(&cache);
+        let hook: crate::db::ChangeHook = Arc::new(move |id| {
+            if let Some(cache) = weak.upgrade() {
+                match id {
+                    Some(id) => cache.invalidate(id),
+                    None => cache.clear(),
+                }
+            }
+        });
+        if let Err(e) = db.watch_changes(hook) {
+            tracing::warn!(error = %e, "no change notifications: other centers' changes are seen after the cache TTL");
+        }
         Center {
             db,
             card,
             cache,
             group: group::GroupCommit::default(),
+            replay,
+            sqlite: None,
+            receipt_r: std::sync::Mutex::new(RandomPool::new()),
             config,
         }
     }
 
     /// A center over the SQLite database at `path` (created if missing).
+    /// With [`ReplayMode::Auto`] or [`ReplayMode::Memory`] it keeps replay
+    /// records in memory (see [`ReplayMode`]): only one process may then
+    /// verify messages on this file.
     pub fn open_sqlite(
         path: &Path,
         card: Arc<dyn EncryptionCard>,
         config: CenterConfig,
     ) -> Result<Self> {
-        let db = SqliteDatabase::open(path)?;
-        Ok(Center::new(Arc::new(db), card, config))
+        Self::open_sqlite_with(path, SqliteOptions::default(), card, config)
+    }
+
+    /// Like [`Center::open_sqlite`], with options for the SQLite backend.
+    pub fn open_sqlite_with(
+        path: &Path,
+        options: SqliteOptions,
+        card: Arc<dyn EncryptionCard>,
+        config: CenterConfig,
+    ) -> Result<Self> {
+        let db = Arc::new(SqliteDatabase::open_with(path, options)?);
+        let replay = match config.replay {
+            ReplayMode::Auto | ReplayMode::Memory => {
+                Replay::Memory(MemoryGuard::for_database(path))
+            }
+            ReplayMode::Database => Replay::Database,
+        };
+        let mut center = Self::with_replay(db.clone(), card, config, replay);
+        center.sqlite = Some(db);
+        Ok(center)
+    }
+
+    /// Drops this center as a crash would: the in-memory replay guard is
+    /// not saved, so the next start refuses t at or before its mark. For
+    /// tests of the restart rule.
+    #[doc(hidden)]
+    pub fn abandon(self) {
+        if let Replay::Memory(g) = &self.replay {
+            g.abandon();
+        }
+    }
+
+    /// Whether AUTH and SEALED are recorded in memory (true) or in the
+    /// database.
+    pub fn replay_in_memory(&self) -> bool {
+        matches!(self.replay, Replay::Memory(_))
+    }
+
+    /// Messages held by the in-memory replay guard (0 in database mode).
+    pub fn replay_entries(&self) -> usize {
+        match &self.replay {
+            Replay::Memory(g) => g.len(),
+            Replay::Database => 0,
+        }
+    }
+
+    /// Drops in-memory replay entries that expired before `now` (they are
+    /// also dropped as new messages arrive).
+    pub fn prune_replay(&self, now: u64) {
+        if let Replay::Memory(g) = &self.replay {
+            g.prune(now);
+        }
+    }
+
+    /// A center over the key database named by `location`: a
+    /// `postgres://` or `postgresql://` URL selects PostgreSQL (several
+    /// centers may share it), anything else is the path of an SQLite file
+    /// (created if missing; one center process per file).
+    pub fn open_url(
+        location: &str,
+        card: Arc<dyn EncryptionCard>,
+        config: CenterConfig,
+    ) -> Result<Self> {
+        if crate::db::is_postgres_url(location) {
+            let db = crate::db::PostgresDatabase::open(location)?;
+            Ok(Center::new(Arc::new(db), card, config))
+        } else {
+            Self::open_sqlite(Path::new(location), card, config)
+        }
     }
 
     /// The encryption card.
@@ -156,11 +319,21 @@ impl Center {
             return Ok(hit);
         }
         let ticket = self.cache.ticket(id);
-        let (device, rows) = with_tx(&*self.db, |tx| {
-            let device = self.device_in(tx, id)?;
-            let rows = self.seeds_checked(tx, id)?;
-            Ok((device, rows))
-        })?;
+        let (device, rows) = match &self.sqlite {
+            Some(db) => {
+                let (device, rows) = db.read_device(id)?.ok_or(Error::UnknownDevice)?;
+                integrity::check_device(&*self.card, &device)?;
+                for r in &rows {
+                    integrity::check_record(&*self.card, r)?;
+                }
+                (device, rows)
+            }
+            None => with_tx(&*self.db, |tx| {
+                let device = self.device_in(tx, id)?;
+                let rows = self.seeds_checked(tx, id)?;
+                Ok((device, rows))
+            })?,
+        };
         let mut seeds = Vec::with_capacity(rows.len());
         for mut row in rows {
             let seed = match row.state {
@@ -215,7 +388,11 @@ impl Center {
             device,
             generation,
             t: now32(now)?,
-            r: random_u64(&*self.card)?,
+            r: self
+                .receipt_r
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .next_u64(&*self.card)?,
         };
         let mut out = [0u8; microcert_core::HEADER_LEN + 9 + 16];
         let n = make_receipt(seed, &header, Sender::Center, reference, 0, &mut out)
@@ -262,14 +439,18 @@ impl Center {
         integrity::retag(&*self.card, row)?;
         tx.update_seed(row)?;
         integrity::apply_change(tx, &*self.card, row.device, Some(&old_tag), &row.tag)?;
-        tx.append_audit(&NewAudit {
-            time: now,
-            actor: actor.to_string(),
-            action: event.name().to_string(),
-            device: Some(row.device),
-            generation: Some(row.generation),
-            reason: reason.to_string(),
-        })?;
+        crate::audit::append(
+            tx,
+            &*self.card,
+            &NewAudit {
+                time: now,
+                actor: actor.to_string(),
+                action: event.name().to_string(),
+                device: Some(row.device),
+                generation: Some(row.generation),
+                reason: reason.to_string(),
+            },
+        )?;
         tracing::info!(device = %row.device, generation = row.generation, event = event.name(), state = to.name(), actor, "life-cycle transition");
         Ok(())
     }
@@ -311,14 +492,20 @@ impl Center {
         (device, generation): (Option<DeviceId>, Option<u8>),
         reason: &str,
     ) -> Result<()> {
-        tx.append_audit(&NewAudit {
-            time: now,
-            actor: actor.to_string(),
-            action: action.to_string(),
-            device,
-            generation,
-            reason: reason.to_string(),
-        })
+        // Through the card-tagged head: an append that fails (or a head
+        // that fails its tag) fails the whole operation.
+        crate::audit::append(
+            tx,
+            &*self.card,
+            &NewAudit {
+                time: now,
+                actor: actor.to_string(),
+                action: action.to_string(),
+                device,
+                generation,
+                reason: reason.to_string(),
+            },
+        )
     }
 
     /// The device row (tag checked) or UnknownDevice.

@@ -13,7 +13,7 @@ use microcert_core::{
 use zeroize::Zeroizing;
 
 use super::group::Mark;
-use super::{CENTER_ACTOR, Center, malformed, now32, refusal_for};
+use super::{CENTER_ACTOR, Center, Replay, malformed, now32, refusal_for};
 use crate::cache::{CachedDevice, CachedSeed};
 use crate::db::{NotaryRow, with_tx};
 use crate::{Error, Result};
@@ -28,7 +28,10 @@ pub struct AuthOutcome {
     /// The message's t.
     pub time: u32,
     /// The center's RECEIPT (ref = the message's r), keyed by that seed:
-    /// the node checks it, which makes the authentication mutual.
+    /// the node checks it, which makes the authentication mutual. Empty
+    /// when a relying party verified the AUTH ([`Center::verify`]): the
+    /// RECEIPT is for the device, and making it costs as much as the
+    /// verification itself.
     pub receipt: Vec<u8>,
 }
 
@@ -145,9 +148,9 @@ impl Center {
         }
     }
 
-    /// Records the use: the replay record (or the spent challenge) through
-    /// the group commit, or, on first use, in one transaction with the
-    /// activation.
+    /// Records the use: the replay record (in memory, or through the
+    /// group commit in the database) or the spent challenge (always in the
+    /// database); on first use, the activation in one transaction.
     fn commit_use(
         &self,
         id: DeviceId,
@@ -156,6 +159,34 @@ impl Center {
         mark: Mark,
         now: u64,
     ) -> Result<()> {
+        let guard = match (&self.replay, mark) {
+            (Replay::Memory(g), Mark::Replay { .. }) => Some(g),
+            _ => None,
+        };
+        if let (
+            Some(g),
+            Mark::Replay {
+                device,
+                generation,
+                t,
+                r,
+                expires,
+            },
+        ) = (guard, mark)
+        {
+            if !g.mark(device, generation, t, r, expires, now)? {
+                return Err(Error::Replay);
+            }
+            if !matches!(how, Use::Activates) {
+                return Ok(());
+            }
+            let activated = self.activate_first_use(id, generation, now, None);
+            if activated.is_err() {
+                // Not accepted after all: a retransmission may try again.
+                g.unmark(device, generation, t, r);
+            }
+            return activated;
+        }
         if !matches!(how, Use::Activates) {
             return if self.group.mark(&*self.db, mark)? {
                 Ok(())
@@ -163,8 +194,22 @@ impl Center {
                 Err(Error::Replay)
             };
         }
+        self.activate_first_use(id, generation, now, Some(mark))
+    }
+
+    /// The first successful use of a PreActivation seed activates it, in
+    /// one transaction with `mark` when the record is kept in the database.
+    fn activate_first_use(
+        &self,
+        id: DeviceId,
+        generation: u8,
+        now: u64,
+        mark: Option<Mark>,
+    ) -> Result<()> {
         let activated = with_tx(&*self.db, |tx| {
-            if !mark.apply(tx)? {
+            if let Some(m) = &mark
+                && !m.apply(tx)?
+            {
                 return Err(Error::Replay);
             }
             self.device_in(tx, id)?;
@@ -218,10 +263,20 @@ impl Center {
     pub fn verify_auth(&self, bytes: &[u8], aud: &Audience, now: u64) -> Result<AuthOutcome> {
         let msg = Auth::decode(bytes).map_err(malformed);
         let id = msg.as_ref().ok().map(|m| m.header.device);
-        Self::log_refusal(msg.and_then(|m| self.auth_inner(&m, aud, now)), "AUTH", id)
+        Self::log_refusal(
+            msg.and_then(|m| self.auth_inner(&m, aud, now, true)),
+            "AUTH",
+            id,
+        )
     }
 
-    fn auth_inner(&self, msg: &Auth<'_>, aud: &Audience, now: u64) -> Result<AuthOutcome> {
+    fn auth_inner(
+        &self,
+        msg: &Auth<'_>,
+        aud: &Audience,
+        now: u64,
+        with_receipt: bool,
+    ) -> Result<AuthOutcome> {
         let h = msg.header;
         let ticket = self.cache.ticket(h.device);
         let dev = self.load(h.device)?;
@@ -244,7 +299,11 @@ impl Center {
             now,
         )?;
         self.recheck(h.device, h.generation, ticket, now)?;
-        let receipt = self.receipt(seed, dev.device.suite, h.device, h.generation, h.r, now)?;
+        let receipt = if with_receipt {
+            self.receipt(seed, dev.device.suite, h.device, h.generation, h.r, now)?
+        } else {
+            Vec::new()
+        };
         Ok(AuthOutcome {
             device: h.device,
             generation: h.generation,
@@ -397,7 +456,14 @@ impl Center {
     pub fn verify(&self, body: &[u8], aud: &Audience, now: u64) -> Result<VerifyOutcome> {
         let (ty, _) = Header::parse(body).map_err(malformed)?;
         if ty == MsgType::AUTH {
-            self.verify_auth(body, aud, now).map(VerifyOutcome::Auth)
+            let msg = Auth::decode(body).map_err(malformed);
+            let id = msg.as_ref().ok().map(|m| m.header.device);
+            Self::log_refusal(
+                msg.and_then(|m| self.auth_inner(&m, aud, now, false)),
+                "AUTH",
+                id,
+            )
+            .map(VerifyOutcome::Auth)
         } else if ty == MsgType::SIGNATURE {
             let (sig, data) = Signature::decode_prefix(body).map_err(malformed)?;
             let sig_len = sig.len();

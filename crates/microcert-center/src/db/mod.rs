@@ -25,11 +25,14 @@
 //! - [`Tx::append_audit`] chains the entry to the one before it
 //!   ([`crate::audit::chain_hash`]), serialised across writers.
 
+mod postgres;
 mod sqlite;
 
+pub use postgres::{PostgresDatabase, PostgresOptions};
 pub use sqlite::{SqliteDatabase, SqliteOptions};
 
 use std::fmt;
+use std::sync::Arc;
 
 use microcert_core::{DeviceId, KeyState, Suite};
 
@@ -293,6 +296,19 @@ pub trait Tx {
     fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>>;
     /// Records how far a batch file was imported.
     fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()>;
+
+    /// Deletes a seed record: only `integrity repair` does, to remove a
+    /// row inserted outside the center or to put back a backup's copy
+    /// (delete, then [`Tx::insert_seed`]). Returns whether it existed.
+    ///
+    /// Added for repair (issue 5); the PostgreSQL backend must implement
+    /// it too (the default refuses, so repair fails clearly there).
+    fn delete_seed(&mut self, id: DeviceId, generation: u8) -> Result<bool> {
+        let _ = (id, generation);
+        Err(Error::Database(
+            "this key database cannot delete a seed record for repair".into(),
+        ))
+    }
 }
 
 /// A key database backend.
@@ -335,10 +351,73 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     /// `now`; returns how many.
     fn prune(&self, now: u64) -> Result<u64>;
 
+    /// Notary records in (device, generation, t, r, digest) order after
+    /// `after`, at most `limit`: for backups (issue 5).
+    ///
+    /// Added for backups; the PostgreSQL backend must implement it too
+    /// (the default refuses, so a backup on a backend without it fails
+    /// with a clear error instead of silently leaving the notary out).
+    fn scan_notary(&self, after: Option<&NotaryRow>, limit: usize) -> Result<Vec<NotaryRow>> {
+        let _ = (after, limit);
+        Err(Error::Database(
+            "this key database cannot list notary records for a backup".into(),
+        ))
+    }
+
     /// Makes erased data (a destroyed ciphertext) leave the storage files
     /// as far as the backend can (SQLite: a WAL checkpoint that truncates
     /// the log; with secure_delete on, freed pages are already zeroed).
     fn flush_erased(&self) -> Result<()>;
+
+    /// Asks the backend to call `on_change(Some(device))` whenever another
+    /// process (another center) commits a change to that device's records,
+    /// and `on_change(None)` when it may have missed changes (anything may
+    /// have changed): the center drops cached seeds on it, so a change made
+    /// by another center is seen at once instead of after the cache TTL.
+    /// PostgreSQL: LISTEN/NOTIFY. The default does nothing (the cache TTL
+    /// remains the bound).
+    fn watch_changes(&self, on_change: ChangeHook) -> Result<()> {
+        let _ = on_change;
+        Ok(())
+    }
+
+    /// Runs `f` over a read-only view of the database as of one moment
+    /// (`Some(view)`), so a scan made of many reads (the integrity scan:
+    /// every record page, then the digest shards) sees no commit of a
+    /// concurrent writer half way. PostgreSQL: one REPEATABLE READ READ
+    /// ONLY transaction on one connection. The default passes `None`: read
+    /// the database itself (right when nothing else writes meanwhile).
+    /// Call it through [`with_snapshot`].
+    fn read_snapshot(
+        &self,
+        f: &mut dyn FnMut(Option<&dyn KeyDatabase>) -> Result<()>,
+    ) -> Result<()> {
+        f(None)
+    }
+}
+
+/// What [`KeyDatabase::watch_changes`] calls: Some(device) for one
+/// device's change, None for "anything may have changed".
+pub type ChangeHook = Arc<dyn Fn(Option<DeviceId>) + Send + Sync>;
+
+/// Whether a database location names PostgreSQL rather than an SQLite
+/// file.
+pub fn is_postgres_url(location: &str) -> bool {
+    location.starts_with("postgres://") || location.starts_with("postgresql://")
+}
+
+/// Runs `f` over a consistent read-only view of `db`
+/// ([`KeyDatabase::read_snapshot`]) and returns its value.
+pub fn with_snapshot<T>(
+    db: &dyn KeyDatabase,
+    mut f: impl FnMut(&dyn KeyDatabase) -> Result<T>,
+) -> Result<T> {
+    let mut out = None;
+    db.read_snapshot(&mut |view| {
+        out = Some(f(view.unwrap_or(db))?);
+        Ok(())
+    })?;
+    out.ok_or_else(|| Error::Database("snapshot produced no value".into()))
 }
 
 /// Runs `f` in one transaction of `db` and returns its value.

@@ -2,6 +2,10 @@
 //! being written at the same time), a fleet builder and helpers.
 #![allow(dead_code)]
 
+mod backend;
+#[allow(unused_imports)] // not every test binary runs on both backends
+pub use backend::*;
+
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -237,6 +241,12 @@ pub fn write_batch(path: &Path, fleet: &mut [TestNode], t: u64) {
 
 pub fn new_center(path: &Path, card: Arc<SoftwareCard>) -> Center {
     Center::open_sqlite(path, card, CenterConfig::default()).unwrap()
+}
+
+/// A center over the database at `location` (an SQLite path or a
+/// PostgreSQL URL, see [`Backend::location`]).
+pub fn open_center(location: &str, card: Arc<SoftwareCard>) -> Center {
+    Center::open_url(location, card, CenterConfig::default()).unwrap()
 }
 
 /// Whether `needle` occurs in `hay`.

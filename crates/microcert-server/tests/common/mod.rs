@@ -50,6 +50,11 @@ impl TestServer {
                     .build_recorder()
                     .handle(),
             ),
+            maintenance: Some(microcert_server::operator::MaintenancePaths {
+                backups: dir.path().join("backups"),
+                keep: 3,
+                anchor: dir.path().join("center.anchor"),
+            }),
         }));
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let listeners = Listeners::bind(any, any).await.unwrap();

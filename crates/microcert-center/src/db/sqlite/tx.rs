@@ -319,6 +319,13 @@ impl Tx for SqliteTx<'_> {
             .map(|v| v as u64))
     }
 
+    fn delete_seed(&mut self, id: DeviceId, generation: u8) -> Result<bool> {
+        let mut st = self
+            .tx
+            .prepare_cached("DELETE FROM seeds WHERE device = ?1 AND generation = ?2")?;
+        Ok(st.execute(params![&id.0[..], generation])? == 1)
+    }
+
     fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()> {
         let mut st = self.tx.prepare_cached(
             "INSERT OR REPLACE INTO imports (file_digest, next_line, updated) VALUES (?1, ?2, ?3)",

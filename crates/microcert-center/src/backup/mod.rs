@@ -1,0 +1,528 @@
+//! Backups of the key database: one file with every record, the card's
+//! digest and a MAC by the card over the whole file.
+//!
+//! # File format (`*.mcbak`)
+//!
+//! JSON Lines, in this order:
+//!
+//! 1. header: `{"format": "microcert-backup", "version": 1, "created": t,
+//!    "card": "<8 bytes hex>"}`; `card` is the first 8 bytes of the card's
+//!    tag over "MC-BACKUP-CARD", so a backup of another center's card is
+//!    told apart from an altered one without revealing anything;
+//! 2. one line per row, `"t"` naming the kind: `device`, `seed` (the
+//!    ciphertext stays the Kstore AEAD ciphertext, in hex; a destroyed
+//!    seed has none), `shard` (the 16 digest shards and the audit head,
+//!    each with its card tag), `command`, `notary`, `audit` (every entry
+//!    with its chain hashes);
+//! 3. trailer: `{"t": "end", "devices": n, "seeds": n, ..., "kstore_versions":
+//!    [..], "mark": {..}}`: counts, the Kstore versions the ciphertexts are
+//!    under (a version is destroyed only when no kept backup names it), and
+//!    the database's high-water mark ([`crate::anchor::Anchor`]);
+//! 4. `{"mac": "<hex>"}`: the card's tag (domain "MC-DIGEST") over
+//!    "MC-BACKUP-v1" || SHA-256(every byte before this line).
+//!
+//! Replay records and used challenges are not kept: they expire within
+//! minutes, and a restored center refuses messages older than its skew.
+//!
+//! # Consistency
+//!
+//! Rows are read page by page while the center may keep serving. The
+//! digest table (16 shards and the audit head) is read before and after;
+//! every audited change moves the audit head, every record change a
+//! shard, so equal digests before and after mean no record, device or
+//! command changed in between (commands and device rows change only with
+//! an audit entry). Otherwise the backup is read again (up to 5 times).
+//! The records read must then match the card-tagged shards exactly, so a
+//! backup of a tampered database is refused rather than kept.
+
+use std::collections::HashMap;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use microcert_core::DeviceId;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::anchor::Anchor;
+use crate::audit::AUDIT_HEAD_SHARD;
+use crate::card::EncryptionCard;
+use crate::db::{
+    AuditRecord, CommandRow, DeviceQuery, DeviceRow, DigestShard, KeyDatabase, NewAudit, NotaryRow,
+    SeedRow, with_tx,
+};
+use crate::integrity::{self, SHARDS};
+use crate::{Error, Result};
+
+mod rows;
+
+use rows::*;
+
+const FORMAT: &str = "microcert-backup";
+const VERSION: u64 = 1;
+/// File name extension of backups.
+pub const EXTENSION: &str = "mcbak";
+
+/// Everything a backup holds.
+#[derive(Debug, Clone, Default)]
+pub struct Backup {
+    /// When it was made.
+    pub created: u64,
+    /// Device rows.
+    pub devices: Vec<DeviceRow>,
+    /// Seed records, (device, generation) order.
+    pub seeds: Vec<SeedRow>,
+    /// Digest shards and the audit head row.
+    pub shards: Vec<DigestShard>,
+    /// Each device's latest command.
+    pub commands: Vec<CommandRow>,
+    /// Notary records.
+    pub notary: Vec<NotaryRow>,
+    /// The audit log.
+    pub audit: Vec<AuditRecord>,
+}
+
+impl Backup {
+    /// Kstore versions the ciphertexts are under.
+    pub fn kstore_versions(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .seeds
+            .iter()
+            .filter(|s| s.ciphertext.is_some())
+            .map(|s| s.kstore_version)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// The high-water mark of the database this is a copy of.
+    pub fn mark(&self) -> Anchor {
+        let mut shard_seq = [0u64; SHARDS as usize];
+        let mut audit = (0, [0u8; 32]);
+        for s in &self.shards {
+            if s.shard < SHARDS {
+                shard_seq[usize::from(s.shard)] = s.seq;
+            } else if s.shard == AUDIT_HEAD_SHARD {
+                audit = (s.count, s.acc);
+            }
+        }
+        Anchor {
+            time: self.created,
+            shard_seq,
+            audit_seq: audit.0,
+            audit_hash: audit.1,
+        }
+    }
+
+    /// Seed records by (device, generation).
+    pub fn seed_map(&self) -> HashMap<(DeviceId, u8), &SeedRow> {
+        self.seeds
+            .iter()
+            .map(|s| ((s.device, s.generation), s))
+            .collect()
+    }
+
+    /// Checks the backup against the card: every record and device tag,
+    /// every shard tag, each shard's XOR and count against its records, and
+    /// the audit chain against its card-tagged head.
+    pub fn check(&self, card: &dyn EncryptionCard) -> Result<()> {
+        let mut acc = vec![([0u8; 32], 0u64); usize::from(SHARDS)];
+        for s in &self.seeds {
+            integrity::check_record(card, s)?;
+            let a = &mut acc[usize::from(integrity::shard_of(s.device))];
+            for (x, t) in a.0.iter_mut().zip(&s.tag) {
+                *x ^= t;
+            }
+            a.1 += 1;
+        }
+        for d in &self.devices {
+            integrity::check_device(card, d)?;
+        }
+        for shard in 0..SHARDS {
+            let (x, n) = acc[usize::from(shard)];
+            let ok = match self.shards.iter().find(|s| s.shard == shard) {
+                Some(s) => {
+                    card.digest_tag(&integrity::shard_bytes(s))? == s.tag
+                        && s.acc == x
+                        && s.count == n
+                }
+                None => n == 0,
+            };
+            if !ok {
+                return Err(Error::Integrity(format!(
+                    "backup: digest shard {shard} does not match its records"
+                )));
+            }
+        }
+        let mut prev = [0u8; 32];
+        if let Some(bad) = crate::audit::verify_chain(prev, &self.audit) {
+            return Err(Error::Integrity(format!("backup: audit entry {bad}")));
+        }
+        if let Some(last) = self.audit.last() {
+            prev = last.hash;
+        }
+        let mark = self.mark();
+        let head_ok = match self.shards.iter().find(|s| s.shard == AUDIT_HEAD_SHARD) {
+            Some(h) => {
+                card.digest_tag(&crate::audit::head_bytes(h.count, &h.acc))? == h.tag
+                    && h.count == self.audit.last().map_or(0, |a| a.seq)
+                    && h.acc == prev
+            }
+            None => self.audit.is_empty(),
+        };
+        if !head_ok || mark.audit_hash != prev {
+            return Err(Error::Integrity(
+                "backup: audit log does not end at its card-tagged head".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn card_id(card: &dyn EncryptionCard) -> Result<String> {
+    Ok(hex::encode(&card.digest_tag(b"MC-BACKUP-CARD")?[..8]))
+}
+
+fn mac(card: &dyn EncryptionCard, body: &[u8]) -> Result<[u8; 32]> {
+    let mut b = b"MC-BACKUP-v1".to_vec();
+    b.extend_from_slice(&Sha256::digest(body));
+    card.digest_tag(&b)
+}
+
+/// Reads the database into memory, consistently (see the module docs).
+pub fn snapshot(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64) -> Result<Backup> {
+    for _ in 0..5 {
+        let before = db.digest_shards()?;
+        let b = read_all(db, now, before.clone())?;
+        if db.digest_shards()? == before {
+            b.check(card)?;
+            return Ok(b);
+        }
+    }
+    Err(Error::Refused(
+        "the database kept changing while the backup read it; try again".into(),
+    ))
+}
+
+fn read_all(db: &dyn KeyDatabase, now: u64, shards: Vec<DigestShard>) -> Result<Backup> {
+    let mut b = Backup {
+        created: now,
+        shards,
+        ..Backup::default()
+    };
+    let mut after = None;
+    loop {
+        let page = db.list_devices(&DeviceQuery {
+            after,
+            limit: 1000,
+            ..DeviceQuery::default()
+        })?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.device.id);
+        let ids: Vec<DeviceId> = page.iter().map(|v| v.device.id).collect();
+        let cmds = with_tx(db, |tx| {
+            let mut out = Vec::new();
+            for &id in &ids {
+                if let Some(c) = tx.command(id)? {
+                    out.push(c);
+                }
+            }
+            Ok(out)
+        })?;
+        b.commands.extend(cmds);
+        b.devices.extend(page.into_iter().map(|v| v.device));
+    }
+    let mut after = None;
+    loop {
+        let page = db.scan_seeds(after, 1000)?;
+        let Some(last) = page.last() else { break };
+        after = Some((last.device, last.generation));
+        b.seeds.extend(page);
+    }
+    loop {
+        let page = db.scan_notary(b.notary.last(), 1000)?;
+        if page.is_empty() {
+            break;
+        }
+        b.notary.extend(page);
+    }
+    let mut after = 0;
+    loop {
+        let page = db.audit_log(after, 1000)?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        b.audit.extend(page);
+    }
+    Ok(b)
+}
+
+/// What [`create`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSummary {
+    /// The file.
+    pub path: PathBuf,
+    /// Seed records in it.
+    pub seeds: u64,
+    /// Devices in it.
+    pub devices: u64,
+    /// Audit entries in it.
+    pub audit: u64,
+    /// Kstore versions its ciphertexts are under.
+    pub kstore_versions: Vec<u32>,
+    /// When it was made.
+    pub created: u64,
+}
+
+/// Makes a backup in `dir` (created if missing, mode 0700), named
+/// `backup-<created>-<random>.mcbak`, written atomically (mode 0600).
+pub fn create(
+    db: &dyn KeyDatabase,
+    card: &dyn EncryptionCard,
+    dir: &Path,
+    now: u64,
+) -> Result<BackupSummary> {
+    let b = snapshot(db, card, now)?;
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)?;
+    let mut r = [0u8; 4];
+    card.random(&mut r)?;
+    let path = dir.join(format!("backup-{now:012}-{}.{EXTENSION}", hex::encode(r)));
+    let bytes = encode(&b, card)?;
+    crate::card::write_atomically(&path, &bytes)?;
+    tracing::info!(path = %path.display(), seeds = b.seeds.len(), "backup written");
+    Ok(BackupSummary {
+        path,
+        seeds: b.seeds.len() as u64,
+        devices: b.devices.len() as u64,
+        audit: b.audit.len() as u64,
+        kstore_versions: b.kstore_versions(),
+        created: now,
+    })
+}
+
+/// The file's bytes.
+pub fn encode(b: &Backup, card: &dyn EncryptionCard) -> Result<Vec<u8>> {
+    let mut out = BufWriter::new(Vec::new());
+    let mut line = |v: Value| writeln!(out, "{v}");
+    line(
+        json!({"format": FORMAT, "version": VERSION, "created": b.created, "card": card_id(card)?}),
+    )?;
+    for d in &b.devices {
+        line(device_json(d))?;
+    }
+    for s in &b.seeds {
+        line(seed_json(s))?;
+    }
+    for s in &b.shards {
+        line(
+            json!({"t": "shard", "shard": s.shard, "acc": hex::encode(s.acc),
+            "count": s.count, "seq": s.seq, "tag": hex::encode(s.tag)}),
+        )?;
+    }
+    for c in &b.commands {
+        line(
+            json!({"t": "command", "device": hex::encode(c.device.0), "counter": c.counter,
+            "opcode": c.opcode, "generation": c.generation, "r": c.r,
+            "bytes": hex::encode(&c.bytes.0), "created": c.created,
+            "answered_at": c.answered_at, "status": c.status}),
+        )?;
+    }
+    for n in &b.notary {
+        line(json!({"t": "notary", "device": hex::encode(n.device.0),
+            "generation": n.generation, "t_": n.t, "r": n.r, "digest": hex::encode(n.digest),
+            "tag": hex::encode(&n.tag), "first_seen": n.first_seen}))?;
+    }
+    for a in &b.audit {
+        let mut v = crate::audit::to_json(a);
+        v["t"] = json!("audit");
+        line(v)?;
+    }
+    let m = b.mark();
+    line(
+        json!({"t": "end", "devices": b.devices.len(), "seeds": b.seeds.len(),
+        "shards": b.shards.len(), "commands": b.commands.len(), "notary": b.notary.len(),
+        "audit": b.audit.len(), "kstore_versions": b.kstore_versions(),
+        "mark": {"shard_seq": m.shard_seq.to_vec(), "audit_seq": m.audit_seq,
+                 "audit_hash": hex::encode(m.audit_hash)}}),
+    )?;
+    let mut body = out
+        .into_inner()
+        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+    let tag = mac(card, &body)?;
+    writeln!(body, "{}", json!({"mac": hex::encode(tag)}))?;
+    Ok(body)
+}
+
+/// Reads a backup file: the MAC is checked before anything is parsed,
+/// then every record against the card ([`Backup::check`]).
+pub fn read(path: &Path, card: &dyn EncryptionCard) -> Result<Backup> {
+    let bytes = std::fs::read(path)?;
+    let bad = |why: &str| Error::Integrity(format!("backup {}: {why}", path.display()));
+    let text = std::str::from_utf8(&bytes).map_err(|_| bad("not a backup file"))?;
+    let body_end = text
+        .trim_end_matches('\n')
+        .rfind('\n')
+        .map(|i| i + 1)
+        .ok_or_else(|| bad("not a backup file"))?;
+    let (body, last) = text.split_at(body_end);
+    let first: Value = body
+        .lines()
+        .next()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .ok_or_else(|| bad("not a backup file"))?;
+    if first["format"] != FORMAT || first["version"] != VERSION {
+        return Err(bad("not a backup file of this version"));
+    }
+    if first["card"].as_str() != Some(card_id(card)?.as_str()) {
+        return Err(bad("made with another encryption card"));
+    }
+    let want: Value = serde_json::from_str(last.trim()).map_err(|_| bad("no MAC line"))?;
+    let got = mac(card, body.as_bytes())?;
+    let want = want["mac"]
+        .as_str()
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or_else(|| bad("no MAC line"))?;
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(&got[..], &want[..])) {
+        return Err(bad("MAC does not match: the file was altered or cut short"));
+    }
+    let mut b = Backup {
+        created: first["created"].as_u64().ok_or_else(|| bad("header"))?,
+        ..Backup::default()
+    };
+    let mut ended = false;
+    for (i, l) in body.lines().enumerate().skip(1) {
+        let v: Value = serde_json::from_str(l).map_err(|_| bad(&format!("line {}", i + 1)))?;
+        let e = || bad(&format!("line {}", i + 1));
+        match v["t"].as_str() {
+            Some("device") => b.devices.push(parse_device(&v).ok_or_else(e)?),
+            Some("seed") => b.seeds.push(parse_seed(&v).ok_or_else(e)?),
+            Some("shard") => b.shards.push(parse_shard(&v).ok_or_else(e)?),
+            Some("command") => b.commands.push(parse_command(&v).ok_or_else(e)?),
+            Some("notary") => b.notary.push(parse_notary(&v).ok_or_else(e)?),
+            Some("audit") => b.audit.push(parse_audit(&v).ok_or_else(e)?),
+            Some("end") => ended = true,
+            _ => return Err(e()),
+        }
+    }
+    if !ended {
+        return Err(bad("no end line"));
+    }
+    b.check(card)?;
+    Ok(b)
+}
+
+/// Writes a backup into an empty database: every row as it was, the
+/// audit log re-appended (the chain comes out identical, which is checked),
+/// then one audit entry "restore" by `actor`.
+pub fn restore_into(
+    db: &dyn KeyDatabase,
+    card: &dyn EncryptionCard,
+    b: &Backup,
+    actor: &str,
+    now: u64,
+) -> Result<()> {
+    let empty = db.digest_shards()?.is_empty()
+        && db.audit_log(0, 1)?.is_empty()
+        && db.list_devices(&DeviceQuery::default())?.is_empty();
+    if !empty {
+        return Err(Error::Refused(
+            "a backup is restored only into an empty key database".into(),
+        ));
+    }
+    b.check(card)?;
+    db.transaction(&mut |tx| {
+        for d in &b.devices {
+            tx.insert_device(d)?;
+        }
+        for s in &b.seeds {
+            tx.insert_seed(s)?;
+        }
+        for s in &b.shards {
+            tx.put_digest_shard(s)?;
+        }
+        for c in &b.commands {
+            tx.put_command(c)?;
+        }
+        for n in &b.notary {
+            tx.notarize(n)?;
+        }
+        for a in &b.audit {
+            tx.append_audit(&a.entry)?;
+        }
+        crate::audit::append(
+            tx,
+            card,
+            &NewAudit {
+                time: now,
+                actor: actor.to_string(),
+                action: "restore".into(),
+                device: None,
+                generation: None,
+                reason: format!(
+                    "backup of {} with {} seeds and {} audit entries",
+                    b.created,
+                    b.seeds.len(),
+                    b.audit.len()
+                ),
+            },
+        )
+    })?;
+    // The re-appended chain must be the backup's, entry for entry.
+    let (n, finding) = crate::audit::verify(db, card)?;
+    if let Some(f) = finding {
+        return Err(Error::Integrity(format!("restored audit log: {f}")));
+    }
+    debug_assert_eq!(n, b.audit.len() as u64 + 1);
+    Ok(())
+}
+
+/// Backups in `dir`, newest first (by the time in their name).
+pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v = Vec::new();
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(v),
+        Err(e) => return Err(e.into()),
+    };
+    for e in rd {
+        let p = e?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("backup-") && name.ends_with(&format!(".{EXTENSION}")) {
+            v.push(p);
+        }
+    }
+    v.sort();
+    v.reverse();
+    Ok(v)
+}
+
+/// Deletes all but the newest `keep` backups in `dir`; returns the deleted.
+/// (A deleted backup takes its copies of destroyed seeds' ciphertexts with
+/// it; SECURITY.md says what that means on disk.)
+pub fn rotate(dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    let all = list(dir)?;
+    let mut gone = Vec::new();
+    for p in all.into_iter().skip(keep.max(1)) {
+        std::fs::remove_file(&p)?;
+        gone.push(p);
+    }
+    Ok(gone)
+}
+
+/// Kstore versions named by any backup in `dir` that verifies (a backup
+/// that does not verify is useless for restore and does not keep a key).
+pub fn versions_in_use(dir: &Path, card: &dyn EncryptionCard) -> Result<Vec<u32>> {
+    let mut v = Vec::new();
+    for p in list(dir)? {
+        match read(&p, card) {
+            Ok(b) => v.extend(b.kstore_versions()),
+            Err(e) => tracing::warn!(path = %p.display(), error = %e, "backup does not verify"),
+        }
+    }
+    v.sort_unstable();
+    v.dedup();
+    Ok(v)
+}

@@ -1,0 +1,430 @@
+//! [`Tx`] over one PostgreSQL transaction.
+
+use microcert_core::DeviceId;
+
+use super::PgConn;
+use super::rows::*;
+use crate::db::{Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, SeedRow, Tx};
+use crate::{Error, Result, audit};
+
+/// Advisory lock keys (transaction-scoped): one per digest shard, one for
+/// the audit chain. The high bits spell "MCDG" / "MCAU" so they do not
+/// collide with another application's keys on a shared server.
+const DIGEST_LOCK: i64 = 0x4d43_4447_0000_0000;
+const AUDIT_LOCK: i64 = 0x4d43_4155_0000_0000;
+
+pub(super) struct PgTx<'c> {
+    pub(super) c: &'c mut PgConn,
+    /// Whether any statement wrote: a transaction that only read ends
+    /// with ROLLBACK, which unlike COMMIT waits for no WAL flush (its
+    /// `FOR UPDATE` row lock alone would otherwise cost a durable commit
+    /// on every cold-cache verification). Every method that writes sets
+    /// it first.
+    pub(super) wrote: bool,
+    /// Devices whose records this transaction changed: other centers are
+    /// told with NOTIFY, delivered when (and only if) it commits.
+    pub(super) changed: Vec<DeviceId>,
+}
+
+impl PgTx<'_> {
+    fn touch(&mut self, id: DeviceId) {
+        self.wrote = true;
+        if self.changed.last() != Some(&id) && !self.changed.contains(&id) {
+            self.changed.push(id);
+        }
+    }
+
+    /// Queues the NOTIFY of every changed device in this transaction.
+    pub(super) fn notify_changes(&mut self) -> Result<()> {
+        if self.changed.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = self.changed.iter().map(|d| hex::encode(d.0)).collect();
+        self.c.execute(
+            "SELECT pg_notify($1, x) FROM unnest($2::text[]) AS x",
+            &[&super::CHANGES_CHANNEL, &ids],
+        )?;
+        Ok(())
+    }
+}
+
+impl Tx for PgTx<'_> {
+    fn device(&mut self, id: DeviceId) -> Result<Option<DeviceRow>> {
+        self.c
+            .query_opt(
+                &format!("SELECT {DEVICE_COLS} FROM devices WHERE id = $1 FOR UPDATE"),
+                &[&&id.0[..]],
+            )?
+            .map(|r| device_row(&r))
+            .transpose()
+    }
+
+    fn insert_device(&mut self, d: &DeviceRow) -> Result<()> {
+        self.touch(d.id);
+        self.c.execute(
+            &format!(
+                "INSERT INTO devices ({DEVICE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ),
+            &[
+                &&d.id.0[..],
+                &small(d.class),
+                &small(d.suite.id()),
+                &small(d.epoch),
+                &d.transport_open,
+                &i(d.created),
+                &d.highest_generation.map(small),
+                &i64::from(d.command_counter),
+                &&d.tag[..],
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn update_device(&mut self, d: &DeviceRow) -> Result<()> {
+        self.touch(d.id);
+        let n = self.c.execute(
+            "UPDATE devices SET class = $2, suite = $3, epoch = $4, transport_open = $5, \
+             created = $6, highest_gen = $7, command_counter = $8, tag = $9 WHERE id = $1",
+            &[
+                &&d.id.0[..],
+                &small(d.class),
+                &small(d.suite.id()),
+                &small(d.epoch),
+                &d.transport_open,
+                &i(d.created),
+                &d.highest_generation.map(small),
+                &i64::from(d.command_counter),
+                &&d.tag[..],
+            ],
+        )?;
+        if n != 1 {
+            return Err(Error::Database(format!("device {} not found", d.id)));
+        }
+        Ok(())
+    }
+
+    fn seeds(&mut self, id: DeviceId) -> Result<Vec<SeedRow>> {
+        self.c
+            .query(
+                &format!("SELECT {SEED_COLS} FROM seeds WHERE device = $1 ORDER BY generation"),
+                &[&&id.0[..]],
+            )?
+            .iter()
+            .map(seed_row)
+            .collect()
+    }
+
+    fn seed_by_enroll_nonce(&mut self, id: DeviceId, t: u32, r: u64) -> Result<Option<SeedRow>> {
+        self.c
+            .query_opt(
+                &format!(
+                    "SELECT {SEED_COLS} FROM seeds WHERE device = $1 AND enroll_t = $2 AND enroll_r = $3"
+                ),
+                &[&&id.0[..], &i64::from(t), &i(r)],
+            )?
+            .map(|r| seed_row(&r))
+            .transpose()
+    }
+
+    fn insert_seed(&mut self, s: &SeedRow) -> Result<()> {
+        self.touch(s.device);
+        self.c.execute(
+            &format!(
+                "INSERT INTO seeds ({SEED_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
+                 $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"
+            ),
+            &[
+                &&s.device.0[..],
+                &small(s.generation),
+                &s.state.name(),
+                &i32::from(s.base_year),
+                &small(s.suite.id()),
+                &i64::from(s.kstore_version),
+                &s.ciphertext.as_ref().map(|c| &c.0[..]),
+                &&s.tag[..],
+                &s.via.name(),
+                &i64::from(s.enroll_t),
+                &i(s.enroll_r),
+                &&s.enroll_digest[..],
+                &&s.receipt.0[..],
+                &i(s.created),
+                &oi(s.activated_at),
+                &oi(s.suspended_at),
+                &oi(s.deactivated_at),
+                &oi(s.compromised_at),
+                &oi(s.destroyed_at),
+                &oi(s.grace_until),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn update_seed(&mut self, s: &SeedRow) -> Result<()> {
+        self.touch(s.device);
+        let n = self.c.execute(
+            "UPDATE seeds SET state = $3, base_year = $4, suite = $5, kstore_version = $6, \
+             ciphertext = $7, tag = $8, activated_at = $9, suspended_at = $10, \
+             deactivated_at = $11, compromised_at = $12, destroyed_at = $13, grace_until = $14 \
+             WHERE device = $1 AND generation = $2",
+            &[
+                &&s.device.0[..],
+                &small(s.generation),
+                &s.state.name(),
+                &i32::from(s.base_year),
+                &small(s.suite.id()),
+                &i64::from(s.kstore_version),
+                &s.ciphertext.as_ref().map(|c| &c.0[..]),
+                &&s.tag[..],
+                &oi(s.activated_at),
+                &oi(s.suspended_at),
+                &oi(s.deactivated_at),
+                &oi(s.compromised_at),
+                &oi(s.destroyed_at),
+                &oi(s.grace_until),
+            ],
+        )?;
+        if n != 1 {
+            return Err(Error::Database(format!(
+                "seed {} generation {} not found",
+                s.device, s.generation
+            )));
+        }
+        Ok(())
+    }
+
+    fn record_replay(
+        &mut self,
+        id: DeviceId,
+        generation: u8,
+        t: u32,
+        r: u64,
+        expires: u64,
+    ) -> Result<bool> {
+        self.wrote = true;
+        // Of two concurrent inserts of one key (two centers), the second
+        // waits for the first to commit and then inserts nothing.
+        let n = self.c.execute(
+            "INSERT INTO replay (device, generation, t, r, expires) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT DO NOTHING",
+            &[
+                &&id.0[..],
+                &small(generation),
+                &i64::from(t),
+                &i(r),
+                &i(expires),
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn spend_challenge(&mut self, id: DeviceId, c: &[u8; 8], expires: u64) -> Result<bool> {
+        self.wrote = true;
+        let n = self.c.execute(
+            "INSERT INTO challenges (device, c, expires) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[&&id.0[..], &&c[..], &i(expires)],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn notarize(&mut self, n: &NotaryRow) -> Result<NotaryRow> {
+        self.wrote = true;
+        self.c.execute(
+            "INSERT INTO notary (device, generation, t, r, digest, tag, first_seen) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+            &[
+                &&n.device.0[..],
+                &small(n.generation),
+                &i64::from(n.t),
+                &i(n.r),
+                &&n.digest[..],
+                &&n.tag[..],
+                &i(n.first_seen),
+            ],
+        )?;
+        self.notary(n.device, n.generation, n.t, n.r, &n.digest)?
+            .ok_or_else(|| Error::Database("notary record vanished".into()))
+    }
+
+    fn notary(
+        &mut self,
+        id: DeviceId,
+        generation: u8,
+        t: u32,
+        r: u64,
+        digest: &[u8; 32],
+    ) -> Result<Option<NotaryRow>> {
+        let row = self.c.query_opt(
+            "SELECT tag, first_seen FROM notary WHERE device = $1 AND generation = $2 \
+             AND t = $3 AND r = $4 AND digest = $5",
+            &[
+                &&id.0[..],
+                &small(generation),
+                &i64::from(t),
+                &i(r),
+                &&digest[..],
+            ],
+        )?;
+        row.map(|row| {
+            Ok(NotaryRow {
+                device: id,
+                generation,
+                t,
+                r,
+                digest: *digest,
+                tag: g(&row, 0)?,
+                first_seen: g::<i64>(&row, 1)? as u64,
+            })
+        })
+        .transpose()
+    }
+
+    fn command(&mut self, id: DeviceId) -> Result<Option<CommandRow>> {
+        let row = self.c.query_opt(
+            "SELECT counter, opcode, generation, r, bytes, created, answered_at, status \
+             FROM commands WHERE device = $1",
+            &[&&id.0[..]],
+        )?;
+        row.map(|row| {
+            Ok(CommandRow {
+                device: id,
+                counter: u32_of(g(&row, 0)?)?,
+                opcode: u8_of(g(&row, 1)?)?,
+                generation: u8_of(g(&row, 2)?)?,
+                r: g::<i64>(&row, 3)? as u64,
+                bytes: Blob(g(&row, 4)?),
+                created: g::<i64>(&row, 5)? as u64,
+                answered_at: ou(g(&row, 6)?),
+                status: g::<Option<i16>>(&row, 7)?.map(u8_of).transpose()?,
+            })
+        })
+        .transpose()
+    }
+
+    fn put_command(&mut self, c: &CommandRow) -> Result<()> {
+        self.wrote = true;
+        self.c.execute(
+            "INSERT INTO commands (device, counter, opcode, generation, r, bytes, created, \
+             answered_at, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (device) DO UPDATE SET counter = EXCLUDED.counter, \
+             opcode = EXCLUDED.opcode, generation = EXCLUDED.generation, r = EXCLUDED.r, \
+             bytes = EXCLUDED.bytes, created = EXCLUDED.created, \
+             answered_at = EXCLUDED.answered_at, status = EXCLUDED.status",
+            &[
+                &&c.device.0[..],
+                &i64::from(c.counter),
+                &small(c.opcode),
+                &small(c.generation),
+                &i(c.r),
+                &&c.bytes.0[..],
+                &i(c.created),
+                &oi(c.answered_at),
+                &c.status.map(small),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn digest_shard(&mut self, shard: u8) -> Result<Option<DigestShard>> {
+        // The lock is taken before the read and held to commit, so the
+        // read-modify-write of a shard is serialised across centers, also
+        // for its first write when there is no row to lock yet. Under READ
+        // COMMITTED the SELECT after it sees the previous holder's commit.
+        self.c.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&(DIGEST_LOCK | i64::from(shard))],
+        )?;
+        let row = self.c.query_opt(
+            "SELECT acc, count, seq, tag FROM digest WHERE shard = $1",
+            &[&small(shard)],
+        )?;
+        row.map(|row| {
+            Ok(DigestShard {
+                shard,
+                acc: arr32(g(&row, 0)?)?,
+                count: g::<i64>(&row, 1)? as u64,
+                seq: g::<i64>(&row, 2)? as u64,
+                tag: arr32(g(&row, 3)?)?,
+            })
+        })
+        .transpose()
+    }
+
+    fn put_digest_shard(&mut self, s: &DigestShard) -> Result<()> {
+        self.wrote = true;
+        self.c.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&(DIGEST_LOCK | i64::from(s.shard))],
+        )?;
+        self.c.execute(
+            "INSERT INTO digest (shard, acc, count, seq, tag) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (shard) DO UPDATE SET acc = EXCLUDED.acc, count = EXCLUDED.count, \
+             seq = EXCLUDED.seq, tag = EXCLUDED.tag",
+            &[
+                &small(s.shard),
+                &&s.acc[..],
+                &i(s.count),
+                &i(s.seq),
+                &&s.tag[..],
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn append_audit(&mut self, e: &NewAudit) -> Result<()> {
+        self.wrote = true;
+        self.c
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])?;
+        let last = self
+            .c
+            .query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])?;
+        let (seq, prev) = match last {
+            Some(r) => (g::<i64>(&r, 0)? as u64 + 1, arr32(g(&r, 1)?)?),
+            None => (1, [0u8; 32]),
+        };
+        let hash = audit::chain_hash(&prev, seq, e);
+        self.c.execute(
+            "INSERT INTO audit (seq, time, actor, action, device, generation, reason, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[
+                &i(seq),
+                &i(e.time),
+                &e.actor,
+                &e.action,
+                &e.device.map(|d| d.0.to_vec()),
+                &e.generation.map(small),
+                &e.reason,
+                &&prev[..],
+                &&hash[..],
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn delete_seed(&mut self, id: DeviceId, generation: u8) -> Result<bool> {
+        self.touch(id);
+        let n = self.c.execute(
+            "DELETE FROM seeds WHERE device = $1 AND generation = $2",
+            &[&&id.0[..], &small(generation)],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>> {
+        let row = self.c.query_opt(
+            "SELECT next_line FROM imports WHERE file_digest = $1",
+            &[&&file[..]],
+        )?;
+        row.map(|r| Ok(g::<i64>(&r, 0)? as u64)).transpose()
+    }
+
+    fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()> {
+        self.wrote = true;
+        self.c.execute(
+            "INSERT INTO imports (file_digest, next_line, updated) VALUES ($1, $2, $3) \
+             ON CONFLICT (file_digest) DO UPDATE SET next_line = EXCLUDED.next_line, \
+             updated = EXCLUDED.updated",
+            &[&&file[..], &i(next_line), &i(now)],
+        )?;
+        Ok(())
+    }
+}

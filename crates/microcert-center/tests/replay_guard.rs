@@ -1,0 +1,291 @@
+//! The in-memory replay guard (PROTOCOL.md section 6: an AUTH or SEALED
+//! is accepted only once): refusal in memory, clean and unclean restarts,
+//! pruning, one process per database, and the database mode.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use common::*;
+use microcert_center::{Center, CenterConfig, Error, KdfParams, ReplayMode, SoftwareCard};
+use microcert_core::{Audience, KeyState};
+
+const C: Audience = Audience::CENTER;
+
+/// The center over the SQLite file of `dir`, default configuration.
+fn open(dir: &Path, card: Arc<SoftwareCard>) -> Center {
+    Center::open_sqlite(&dir.join("c.db"), card, CenterConfig::default()).unwrap()
+}
+
+/// A center with `n` imported devices; the nodes.
+fn setup(dir: &Path, card: Arc<SoftwareCard>, n: u64) -> (Center, Vec<TestNode>) {
+    let center = open(dir, card.clone());
+    let mut fleet = make_fleet(&*card, n);
+    let batch = dir.join("b.jsonl");
+    write_batch(&batch, &mut fleet, NOW);
+    let r = center
+        .import_batch(&batch, "factory", NOW, &mut |_| {})
+        .unwrap();
+    assert_eq!(r.enrolled, n);
+    (center, fleet)
+}
+
+#[test]
+fn replay_is_refused_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let (center, mut fleet) = setup(dir.path(), card, 3);
+    assert!(
+        center.replay_in_memory(),
+        "SQLite opened alone: memory mode"
+    );
+    let t = NOW + 5;
+    let (a, _) = fleet[0].auth(&C, t);
+    center.verify_auth(&a, &C, t).unwrap();
+    assert!(matches!(center.verify_auth(&a, &C, t), Err(Error::Replay)));
+    assert!(matches!(
+        center.verify_auth(&a, &C, t + 100),
+        Err(Error::Replay)
+    ));
+    // The same t with another r is another message.
+    let (b, _) = fleet[0].auth(&C, t);
+    center.verify_auth(&b, &C, t).unwrap();
+
+    let rp = Audience::relying_party(RP);
+    let s = fleet[1].seal(&rp, b"reading", t);
+    // SEALED may not be the first use of a seed: activate by an AUTH.
+    center.verify_auth(&fleet[1].auth(&C, t).0, &C, t).unwrap();
+    center.open_sealed(&s, &rp, t).unwrap();
+    assert!(matches!(center.open_sealed(&s, &rp, t), Err(Error::Replay)));
+    assert_eq!(center.replay_entries(), 4);
+}
+
+#[test]
+fn first_use_activates_once_in_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let (center, mut fleet) = setup(dir.path(), card, 1);
+    let id = fleet[0].id;
+    let state = |c: &Center| c.device(id).unwrap().unwrap().seeds[0].state;
+    assert_eq!(state(&center), KeyState::PreActivation);
+    for i in 0..3 {
+        let (a, _) = fleet[0].auth(&C, NOW + i);
+        center.verify_auth(&a, &C, NOW + i).unwrap();
+    }
+    assert_eq!(state(&center), KeyState::Active);
+    let activations = center
+        .audit_log(0, 1000)
+        .unwrap()
+        .iter()
+        .filter(|e| e.entry.action == "activate" && e.entry.device == Some(id))
+        .count();
+    assert_eq!(activations, 1);
+}
+
+#[test]
+fn clean_restart_keeps_the_accepted_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let t = NOW + 10;
+    let (accepted, mut fleet) = {
+        let (center, mut fleet) = setup(dir.path(), card.clone(), 2);
+        let (a, _) = fleet[0].auth(&C, t);
+        center.verify_auth(&a, &C, t).unwrap();
+        (a, fleet)
+    };
+    let center = open(dir.path(), card);
+    assert!(matches!(
+        center.verify_auth(&accepted, &C, t + 1),
+        Err(Error::Replay)
+    ));
+    // No floor after a clean stop: the same t with a fresh r is accepted.
+    let (b, _) = fleet[0].auth(&C, t);
+    center.verify_auth(&b, &C, t + 1).unwrap();
+}
+
+#[test]
+fn unclean_restart_refuses_every_t_up_to_the_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let t = NOW + 10;
+    let (accepted, mut fleet) = {
+        let (center, mut fleet) = setup(dir.path(), card.clone(), 2);
+        let (a, _) = fleet[0].auth(&C, t);
+        center.verify_auth(&a, &C, t).unwrap();
+        // As if the process were killed: nothing is saved at the stop.
+        center.abandon();
+        (a, fleet)
+    };
+    let center = open(dir.path(), card.clone());
+    assert!(matches!(
+        center.verify_auth(&accepted, &C, t + 1),
+        Err(Error::Replay)
+    ));
+    // Fresh messages at or before the mark are refused too: the guard
+    // cannot know which were accepted before the crash.
+    let (b, _) = fleet[0].auth(&C, t);
+    assert!(matches!(
+        center.verify_auth(&b, &C, t + 1),
+        Err(Error::Replay)
+    ));
+    let (c, _) = fleet[1].auth(&C, t + 20);
+    assert!(matches!(
+        center.verify_auth(&c, &C, t + 20),
+        Err(Error::Replay)
+    ));
+    // Past the mark (t + 30 s lease): accepted again.
+    let later = t + 31;
+    let (d, _) = fleet[0].auth(&C, later);
+    center.verify_auth(&d, &C, later).unwrap();
+    // A second crash right after keeps the new mark.
+    center.abandon();
+    let center = open(dir.path(), card);
+    let (e, _) = fleet[1].auth(&C, later);
+    assert!(matches!(
+        center.verify_auth(&e, &C, later),
+        Err(Error::Replay)
+    ));
+}
+
+#[test]
+fn expired_entries_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let (center, mut fleet) = setup(dir.path(), card, 10);
+    let t = NOW + 10;
+    for node in fleet.iter_mut() {
+        let (a, _) = node.auth(&C, t);
+        center.verify_auth(&a, &C, t).unwrap();
+    }
+    assert_eq!(center.replay_entries(), 10);
+    // Kept while the message could still pass the freshness check
+    // (t + skew of 300 s)...
+    center.prune_replay(t + 300);
+    assert_eq!(center.replay_entries(), 10);
+    // ...and dropped after it.
+    center.prune_replay(t + 302);
+    assert_eq!(center.replay_entries(), 0);
+    // New messages prune their shard as they arrive.
+    let later = t + 400;
+    let (a, _) = fleet[0].auth(&C, later);
+    center.verify_auth(&a, &C, later).unwrap();
+    assert_eq!(center.replay_entries(), 1);
+}
+
+#[test]
+fn centers_of_one_process_share_the_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let (a_center, mut fleet) = setup(dir.path(), card.clone(), 1);
+    let b_center = open(dir.path(), card);
+    let (a, _) = fleet[0].auth(&C, NOW);
+    a_center.verify_auth(&a, &C, NOW).unwrap();
+    assert!(matches!(
+        b_center.verify_auth(&a, &C, NOW),
+        Err(Error::Replay)
+    ));
+}
+
+#[test]
+fn database_mode_records_in_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let path = dir.path().join("c.db");
+    let config = || CenterConfig {
+        replay: ReplayMode::Database,
+        ..CenterConfig::default()
+    };
+    let a_center = Center::open_sqlite(&path, card.clone(), config()).unwrap();
+    assert!(!a_center.replay_in_memory());
+    let mut fleet = make_fleet(&*card, 1);
+    let batch = dir.path().join("b.jsonl");
+    write_batch(&batch, &mut fleet, NOW);
+    a_center
+        .import_batch(&batch, "factory", NOW, &mut |_| {})
+        .unwrap();
+    let (a, _) = fleet[0].auth(&C, NOW);
+    a_center.verify_auth(&a, &C, NOW).unwrap();
+    let (b, _) = fleet[0].auth(&C, NOW);
+    a_center.verify_auth(&b, &C, NOW).unwrap();
+    // Another center on the database, as another process would be.
+    let b_center = Center::open_sqlite(&path, card, config()).unwrap();
+    for m in [&a, &b] {
+        assert!(matches!(
+            b_center.verify_auth(m, &C, NOW),
+            Err(Error::Replay)
+        ));
+    }
+    assert_eq!(a_center.replay_entries(), 0);
+}
+
+/// The child of `another_process_cannot_verify`: verifies once (which
+/// takes the guard's lock) and holds it until its stdin closes.
+#[test]
+fn child_holds_the_guard() {
+    let Ok(dir) = std::env::var("MC_REPLAY_CHILD") else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    let card = Arc::new(SoftwareCard::open(&dir.join("card"), b"pw").unwrap());
+    let center = open(dir, card.clone());
+    let mut node = make_fleet(&*card, 1).remove(0);
+    let (a, _) = node.auth(&C, NOW + 1);
+    center.verify_auth(&a, &C, NOW + 1).unwrap();
+    println!("holding");
+    std::io::stdout().flush().unwrap();
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
+#[test]
+fn another_process_cannot_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(
+        SoftwareCard::init(
+            &dir.path().join("card"),
+            b"pw",
+            KdfParams::insecure_for_tests(),
+        )
+        .unwrap(),
+    );
+    let mut fleet = {
+        let (_, fleet) = setup(dir.path(), card.clone(), 1);
+        fleet
+    };
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_holds_the_guard",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MC_REPLAY_CHILD", dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    assert!(
+        lines.any(|l| l.unwrap().contains("holding")),
+        "child did not take the guard"
+    );
+    let center = open(dir.path(), card.clone());
+    let (a, _) = fleet[0].auth(&C, NOW + 2);
+    let refused = center.verify_auth(&a, &C, NOW + 2);
+    // Operator reads still work beside the serving process.
+    assert!(center.device(fleet[0].id).unwrap().is_some());
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    match refused {
+        Err(Error::Refused(m)) => assert!(m.contains("replay"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Once the other process is gone, this one takes over.
+    drop(center);
+    let center = open(dir.path(), card);
+    center.verify_auth(&a, &C, NOW + 2).unwrap();
+}
