@@ -193,6 +193,20 @@ fn warm_floor() {
         "center verify_auth, warm, memory guard: {:.0}/s",
         rate(m, start)
     );
+    // A relying party's /v1/verify: the same checks, no RECEIPT to make.
+    let rp = Audience::relying_party(RP);
+    let t = NOW + 2;
+    let auths: Vec<Vec<u8>> = (0..m)
+        .map(|i| fleet[i % n as usize].auth(&rp, t).0)
+        .collect();
+    let start = Instant::now();
+    for a in &auths {
+        center.verify(a, &rp, t).unwrap();
+    }
+    println!(
+        "center verify (relying party, no RECEIPT), warm, memory guard: {:.0}/s",
+        rate(m, start)
+    );
 }
 
 /// Batch import alone (for profiling): `MC_TP_DEVICES` seeds.

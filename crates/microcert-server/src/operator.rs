@@ -500,7 +500,6 @@ pub struct MaintenancePaths {
     pub anchor: PathBuf,
 }
 
-
 async fn integrity(State(s): State<OperatorState>, headers: HeaderMap) -> Response {
     if let Err(d) = authorize(&s.tokens, &headers, READ) {
         return d.into_response();

@@ -278,7 +278,7 @@ impl Center {
         // decode_to_slice is a plain loop; hex::decode collects through an
         // iterator and was a tenth of the import's time.
         let hex_text = line.enroll.as_bytes();
-        if hex_text.len() % 2 != 0 {
+        if !hex_text.len().is_multiple_of(2) {
             return Err(Error::Malformed("enroll is not hex".into()));
         }
         let mut bytes = vec![0u8; hex_text.len() / 2];
