@@ -37,6 +37,8 @@ struct Postgres {
     port: u16,
 }
 
+/// A software chip drawing from the OS random generator.
+type Chip = SoftChip<fn(&mut [u8]) -> Result<(), EntropyFailure>>;
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
@@ -292,13 +294,11 @@ fn now32() -> u32 {
 }
 
 /// A fresh AUTH from a chip, for the center's audience.
-fn auth(chip: &mut SoftChip<fn(&mut [u8]) -> Result<(), EntropyFailure>>) -> Vec<u8> {
+fn auth(chip: &mut Chip) -> Vec<u8> {
     let mut out = [0u8; 64];
     let n = chip.auth(now32(), &Audience::CENTER, &mut out).unwrap();
     out[..n].to_vec()
 }
-
-type Chip = SoftChip<fn(&mut [u8]) -> Result<(), EntropyFailure>>;
 
 fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();

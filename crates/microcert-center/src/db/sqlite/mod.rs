@@ -113,47 +113,37 @@ impl SqliteDatabase {
         Ok(conn.pragma_query_value(None, "user_version", |r| r.get(0))?)
     }
 
-    /// A device and all its seeds (with ciphertexts): the verification
-    /// path's cache miss. One statement (a join), so it reads one snapshot
-    /// without an explicit transaction, takes no write lock and never
-    /// waits for another process's writer.
+    /// A device and all its seeds (with ciphertexts) in one read
+    /// transaction: the verification path's cache miss. A deferred
+    /// transaction takes no write lock, so it never waits for another
+    /// process's writer. (Measured against one LEFT JOIN statement without
+    /// an explicit transaction: no faster.)
     pub(crate) fn read_device(
         &self,
         id: DeviceId,
     ) -> Result<Option<(super::DeviceRow, Vec<SeedRow>)>> {
-        static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let sql = SQL.get_or_init(|| {
-            let scols = SEED_COLS
-                .split(", ")
-                .map(|c| format!("s.{}", c.trim()))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let dcols = DEVICE_COLS
-                .split(", ")
-                .map(|c| format!("d.{}", c.trim()))
-                .collect::<Vec<_>>()
-                .join(", ");
-            format!(
-                "SELECT {dcols}, {scols} FROM devices d \
-                 LEFT JOIN seeds s ON s.device = d.id \
-                 WHERE d.id = ?1 ORDER BY s.generation"
+        static SQL: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+        let (dev_sql, seeds_sql) = SQL.get_or_init(|| {
+            (
+                format!("SELECT {DEVICE_COLS} FROM devices WHERE id = ?1"),
+                format!("SELECT {SEED_COLS} FROM seeds WHERE device = ?1 ORDER BY generation"),
             )
         });
-        let conn = self.lock()?;
-        let mut st = conn.prepare_cached(sql)?;
-        let mut rows = st.query([&id.0[..]])?;
-        let mut device = None;
-        let mut seeds = Vec::with_capacity(2);
-        while let Some(r) = rows.next()? {
-            if device.is_none() {
-                device = Some(device_row(r)?);
-            }
-            let has_seed: Option<Vec<u8>> = r.get(9)?;
-            if has_seed.is_some() {
-                seeds.push(seed_row_at(r, 9)?);
-            }
-        }
-        Ok(device.map(|d| (d, seeds)))
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let device = tx
+            .prepare_cached(dev_sql)?
+            .query_row([&id.0[..]], device_row)
+            .optional()?;
+        let Some(device) = device else {
+            return Ok(None);
+        };
+        let seeds = tx
+            .prepare_cached(seeds_sql)?
+            .query_map([&id.0[..]], seed_row)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        tx.commit()?;
+        Ok(Some((device, seeds)))
     }
 
     /// Bulk loading (batch import) on or off: on, the write-ahead log is
