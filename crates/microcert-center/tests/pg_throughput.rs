@@ -1,5 +1,5 @@
 //! Import and cold-cache verification throughput of the key database
-//! backends side by side (docs/benchmarks-postgres.md). A measurement, not
+//! backends side by side (docs/benchmarks.md, "Key database backends side by side"). A measurement, not
 //! a test: ignored by default; run with
 //! `MC_PG_DURABLE=1 cargo test -p microcert-center --release --test pg_throughput -- --ignored --nocapture`.
 

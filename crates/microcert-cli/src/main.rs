@@ -170,79 +170,45 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An action's outcome: success, or its error with exit status 1.
+fn done(r: anyhow::Result<()>) -> Result<ExitCode, (anyhow::Error, ExitCode)> {
+    r.map(|()| ExitCode::SUCCESS)
+        .map_err(|e| (e, ExitCode::FAILURE))
+}
+
+/// A check's outcome: 0 when it passed, 1 when it found something, 2 when
+/// it could not run.
+fn checked(r: anyhow::Result<bool>) -> Result<ExitCode, (anyhow::Error, ExitCode)> {
+    r.map(exit_ok).map_err(|e| (e, ExitCode::from(2)))
+}
+
 fn main() -> ExitCode {
     // One TLS crypto provider for the process (HTTP clients and the server).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Cert(cmd) => cert::run(cmd).map_err(|e| (e, ExitCode::from(2))),
-        Command::Serve(args) => serve::run(args)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| (e, ExitCode::FAILURE)),
-        Command::Factory(FactoryCommand::Provision(args)) => factory::provision(args)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| (e, ExitCode::FAILURE)),
-        Command::Device(cmd) => ops::device(cmd)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| (e, ExitCode::FAILURE)),
-        Command::Import { server, file } => ops::import(&server, &file)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| (e, ExitCode::FAILURE)),
-        Command::Audit(AuditTop::Local(cmd)) => maint::audit(cmd)
-            .map(exit_ok)
-            .map_err(|e| (e, ExitCode::from(2))),
-        Command::Audit(AuditTop::Remote(cmd)) => ops::audit(cmd)
-            .map(|ok| {
-                if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            })
-            .map_err(|e| (e, ExitCode::from(2))),
+        Command::Serve(args) => done(serve::run(args)),
+        Command::Factory(FactoryCommand::Provision(args)) => done(factory::provision(args)),
+        Command::Device(cmd) => done(ops::device(cmd)),
+        Command::Import { server, file } => done(ops::import(&server, &file)),
+        Command::Audit(AuditTop::Local(cmd)) => checked(maint::audit(cmd)),
+        Command::Audit(AuditTop::Remote(cmd)) => checked(ops::audit(cmd)),
         Command::Integrity(IntegrityCommand::CheckLocal { local }) => {
-            maint::integrity_check(&local)
-                .map(exit_ok)
-                .map_err(|e| (e, ExitCode::from(2)))
+            checked(maint::integrity_check(&local))
         }
         Command::Integrity(IntegrityCommand::Repair { local, backup_dir }) => {
-            maint::integrity_repair(&local, backup_dir)
-                .map(exit_ok)
-                .map_err(|e| (e, ExitCode::from(2)))
+            checked(maint::integrity_repair(&local, backup_dir))
         }
-        Command::Integrity(IntegrityCommand::Check { server }) => ops::integrity(&server)
-            .map(|ok| {
-                if ok {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            })
-            .map_err(|e| (e, ExitCode::from(2))),
-        Command::Simulate(args) => simulate::run(args)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| (e, ExitCode::FAILURE)),
-        Command::Bench(args) => loadgen::run(args)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| (e, ExitCode::FAILURE)),
-        Command::Node(cmd) => nodecmd::run(cmd)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| (e, ExitCode::FAILURE)),
-        Command::Backup(cmd) => maint::backup(cmd)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| (e, ExitCode::FAILURE)),
-        Command::Card(CardTop::RotateStorageKey(args)) => maint::rotate_storage_key(args)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| (e, ExitCode::FAILURE)),
-        Command::Card(CardTop::Base(cmd)) => card::run(cmd)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| (e, ExitCode::FAILURE)),
-        Command::Token(cmd) => token(cmd)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| (e, ExitCode::FAILURE)),
-        Command::Demo { suite } => demo::run(suite)
-            .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| (e, ExitCode::FAILURE)),
+        Command::Integrity(IntegrityCommand::Check { server }) => checked(ops::integrity(&server)),
+        Command::Simulate(args) => done(simulate::run(args)),
+        Command::Bench(args) => done(loadgen::run(args)),
+        Command::Node(cmd) => done(nodecmd::run(cmd)),
+        Command::Backup(cmd) => done(maint::backup(cmd)),
+        Command::Card(CardTop::RotateStorageKey(args)) => done(maint::rotate_storage_key(args)),
+        Command::Card(CardTop::Base(cmd)) => done(card::run(cmd)),
+        Command::Token(cmd) => done(token(cmd)),
+        Command::Demo { suite } => done(demo::run(suite)),
     };
     match result {
         Ok(code) => code,

@@ -239,6 +239,29 @@ impl Center {
     /// `ticket` (a life-cycle change may have committed just before this
     /// use did), read the device again and apply the state rules once more,
     /// so a revocation is refused at once, not after the cache TTL.
+    /// Records an AUTH's or SEALED's (device, generation, t, r) as used
+    /// (refused as a replay if it already was), kept until its skew window
+    /// closes, then re-checks the device if its state changed meanwhile.
+    fn commit_fresh_use(
+        &self,
+        dev: &CachedDevice,
+        h: &Header,
+        how: &Use,
+        ticket: u64,
+        now: u64,
+    ) -> Result<()> {
+        let expires = u64::from(h.t) + u64::from(self.profile(dev.device.class)?.skew) + 1;
+        let mark = Mark::Replay {
+            device: h.device,
+            generation: h.generation,
+            t: h.t,
+            r: h.r,
+            expires,
+        };
+        self.commit_use(h.device, h.generation, how, mark, now)?;
+        self.recheck(h.device, h.generation, ticket, now)
+    }
+
     fn recheck(&self, id: DeviceId, generation: u8, ticket: u64, now: u64) -> Result<()> {
         if self.cache.ticket(id) == ticket {
             return Ok(());
@@ -284,21 +307,7 @@ impl Center {
         self.check_fresh(&dev, h.t, now)?;
         let (_, seed, how) = self.usable(&dev, h.generation, now, true)?;
         verify_auth(seed, msg, aud).map_err(Error::from_core)?;
-        let expires = u64::from(h.t) + u64::from(self.profile(dev.device.class)?.skew) + 1;
-        self.commit_use(
-            h.device,
-            h.generation,
-            &how,
-            Mark::Replay {
-                device: h.device,
-                generation: h.generation,
-                t: h.t,
-                r: h.r,
-                expires,
-            },
-            now,
-        )?;
-        self.recheck(h.device, h.generation, ticket, now)?;
+        self.commit_fresh_use(&dev, &h, &how, ticket, now)?;
         let receipt = if with_receipt {
             self.receipt(seed, dev.device.suite, h.device, h.generation, h.r, now)?
         } else {
@@ -516,21 +525,7 @@ impl Center {
             let (_, pt) = open_in_place(seed, &mut buf[..], aud).map_err(Error::from_core)?;
             Zeroizing::new(pt.to_vec())
         };
-        let expires = u64::from(h.t) + u64::from(self.profile(dev.device.class)?.skew) + 1;
-        self.commit_use(
-            h.device,
-            h.generation,
-            &how,
-            Mark::Replay {
-                device: h.device,
-                generation: h.generation,
-                t: h.t,
-                r: h.r,
-                expires,
-            },
-            now,
-        )?;
-        self.recheck(h.device, h.generation, ticket, now)?;
+        self.commit_fresh_use(&dev, &h, &how, ticket, now)?;
         Ok(OpenedSealed {
             device: h.device,
             generation: h.generation,
