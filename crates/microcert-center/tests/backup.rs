@@ -11,7 +11,7 @@ use std::sync::Arc;
 use common::*;
 use microcert_center::backup;
 use microcert_center::{AutoBackup, Center, CenterConfig, Error, ReplayMode, SoftwareCard};
-use microcert_core::{Audience, KeyState};
+use microcert_core::{Audience, Command, KeyState, Opcode};
 
 const C: Audience = Audience::CENTER;
 
@@ -98,6 +98,29 @@ fn backup_restores_into_an_empty_database() {
     let state = c2.device(fleet[4].id).unwrap().unwrap().seeds[0].state;
     assert_eq!(state, KeyState::Destroyed);
     assert_eq!(c2.command(fleet[5].id).unwrap().unwrap(), pending);
+    // PROTOCOL.md section 6: after a restore the pending commands (the
+    // REVOKE of fleet[3], the UPDATE_SEED of fleet[5]) are built again with
+    // a fresh counter, t and r.
+    assert_eq!(c2.rebuild_pending_commands("ops", NOW + 8).unwrap(), 2);
+    let rebuilt = c2.command(fleet[5].id).unwrap().unwrap();
+    let (old, new) = (
+        Command::decode(&pending).unwrap(),
+        Command::decode(&rebuilt).unwrap(),
+    );
+    assert!(
+        new.counter > old.counter,
+        "{} <= {}",
+        new.counter,
+        old.counter
+    );
+    assert_ne!(new.header.r, old.header.r);
+    assert_eq!(new.header.t, u32::try_from(NOW + 8).unwrap());
+    assert_eq!(new.opcode, Opcode::UPDATE_SEED);
+    assert!(matches!(
+        fleet[5].handle_command(&rebuilt, NOW + 8),
+        Reply::Enroll(_)
+    ));
+    assert_eq!(c2.verify_audit().unwrap().1, None);
     let v = c2
         .verify_signature(&sig, b"meter reading", NOW + 7)
         .unwrap();

@@ -151,11 +151,15 @@ pub fn backup(cmd: BackupCommand) -> anyhow::Result<()> {
                 .with_context(|| format!("backup {} does not verify", file.display()))?;
             backup::restore_into(center.database(), center.card(), &b, ACTOR, now())
                 .context("restore failed")?;
+            // Pending commands get a fresh counter, t and r (PROTOCOL.md 6).
+            let rebuilt = center
+                .rebuild_pending_commands(ACTOR, now())
+                .context("cannot rebuild the pending commands")?;
             let mark =
                 microcert_center::anchor::Anchor::of(center.database(), center.card(), now())?;
             microcert_center::anchor::reset(&anchor_file(&local.data.dir), center.card(), &mark)?;
             say!(
-                "restored {} devices and {} seeds from {}",
+                "restored {} devices and {} seeds from {}; {rebuilt} pending commands rebuilt",
                 b.devices.len(),
                 b.seeds.len(),
                 file.display()

@@ -187,6 +187,59 @@ impl Center {
         })
     }
 
+    /// After a backup is restored: every COMMAND still unanswered is built
+    /// again with a fresh counter (max(previous + 1, now)), t and r
+    /// (PROTOCOL.md section 6), so a node that accepted a later command
+    /// before the restore still accepts it. Returns how many were rebuilt.
+    pub fn rebuild_pending_commands(&self, actor: &str, now: u64) -> Result<u64> {
+        let mut q = crate::db::DeviceQuery {
+            limit: 500,
+            ..Default::default()
+        };
+        let mut rebuilt = 0;
+        loop {
+            let page = self.db.list_devices(&q)?;
+            let Some(last) = page.last() else { break };
+            q.after = Some(last.device.id);
+            for v in &page {
+                let id = v.device.id;
+                let done = with_tx(&*self.db, |tx| {
+                    let Some(old) = tx.command(id)?.filter(|c| c.answered_at.is_none()) else {
+                        return Ok(false);
+                    };
+                    let opcode = Opcode::new(old.opcode).map_err(Error::from_core)?;
+                    let mut dev = self.device_in(tx, id)?;
+                    let seeds = self.seeds_checked(tx, id)?;
+                    let seed_row = seeds
+                        .iter()
+                        .find(|s| s.generation == old.generation)
+                        .ok_or(Error::WrongGeneration)?;
+                    let cmd = self.build_command(&mut dev, seed_row, opcode, now)?;
+                    tx.put_command(&cmd)?;
+                    self.put_device(tx, &mut dev, false)?;
+                    self.audit(
+                        tx,
+                        now,
+                        actor,
+                        "rebuild-command",
+                        (Some(id), Some(old.generation)),
+                        &format!(
+                            "{} rebuilt after a restore, counter {}",
+                            opcode.name(),
+                            cmd.counter
+                        ),
+                    )?;
+                    Ok(true)
+                })?;
+                if done {
+                    self.cache.invalidate(id);
+                    rebuilt += 1;
+                }
+            }
+        }
+        Ok(rebuilt)
+    }
+
     /// Queues UPDATE_SEED for one device. Its current seed must be Active;
     /// a pending UPDATE_SEED is left as it is (served unchanged), a pending
     /// REVOKE is not replaced.
