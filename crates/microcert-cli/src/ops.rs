@@ -18,7 +18,7 @@ pub struct ServerArgs {
     pub server: String,
     /// A bearer token (see `microcert token create`).
     #[arg(long, env = "MICROCERT_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: BearerToken,
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -26,6 +26,32 @@ pub struct ServerArgs {
     /// center's own self-signed certificate), besides the system's roots.
     #[arg(long, env = "MICROCERT_CA_CERT", value_name = "FILE")]
     pub ca_cert: Option<std::path::PathBuf>,
+}
+
+/// A bearer token given on the command line: printed as redacted by
+/// `Debug`, zeroized when dropped.
+#[derive(Clone)]
+pub struct BearerToken(zeroize::Zeroizing<String>);
+
+impl BearerToken {
+    /// The token, for the Authorization header.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for BearerToken {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(BearerToken(zeroize::Zeroizing::new(s.to_owned())))
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
 }
 
 /// An HTTP client; TLS with rustls (ring) and the given extra root.
@@ -144,7 +170,7 @@ pub enum AuditCommand {
 
 struct Api {
     base: String,
-    token: String,
+    token: BearerToken,
     client: reqwest::Client,
     rt: tokio::runtime::Runtime,
 }
@@ -169,7 +195,10 @@ impl Api {
     ) -> anyhow::Result<Value> {
         let url = format!("{}{path}", self.base);
         self.rt.block_on(async {
-            let mut req = self.client.request(method, &url).bearer_auth(&self.token);
+            let mut req = self
+                .client
+                .request(method, &url)
+                .bearer_auth(self.token.expose());
             match body {
                 Some(Body::Json(v)) => req = req.json(&v),
                 Some(Body::Raw(b)) => req = req.body(b),
@@ -490,5 +519,18 @@ pub fn audit(cmd: AuditCommand) -> anyhow::Result<bool> {
             say!("{t}");
             Ok(true)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_never_shows_in_debug_output() {
+        let t: BearerToken = "mct_0123456789abcdef".parse().unwrap();
+        let args = format!("{t:?}");
+        assert!(!args.contains("0123456789abcdef"), "{args}");
+        assert_eq!(t.expose(), "mct_0123456789abcdef");
     }
 }

@@ -46,7 +46,7 @@ pub struct SimulateArgs {
     /// A verifier token: nodes also sign and seal for that relying party,
     /// which checks them through /v1/verify and /v1/open.
     #[arg(long, env = "MICROCERT_VERIFIER_TOKEN", hide_env_values = true)]
-    pub verifier_token: Option<String>,
+    pub verifier_token: Option<crate::ops::BearerToken>,
     /// The relying party's name (the verifier token's name).
     #[arg(long, default_value = "simulator")]
     pub relying_party: String,
@@ -437,6 +437,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
             let stats = stats.clone();
             let base = base.clone();
             let rp = args.verifier_token.clone().map(|t| {
+                let t = t.expose().to_owned();
                 (
                     args.relying_party.clone(),
                     Audience::relying_party(&args.relying_party),
