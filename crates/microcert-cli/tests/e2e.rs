@@ -445,84 +445,39 @@ fn tokens_and_roles_guard_the_api() {
     rt.block_on(async {
         let c = client();
         let url = |p: &str| format!("{}{p}", server.http);
-        let status = |r: reqwest::Response| r.status().as_u16();
-        // No token, a bad token: 401.
-        assert_eq!(status(c.get(url("/v1/devices")).send().await.unwrap()), 401);
-        assert_eq!(
-            status(
-                c.get(url("/v1/devices"))
-                    .bearer_auth("mct_00")
-                    .send()
-                    .await
-                    .unwrap()
-            ),
-            401
-        );
-        assert_eq!(
-            status(
-                c.post(url("/v1/verify"))
-                    .body(vec![0u8; 31])
-                    .send()
-                    .await
-                    .unwrap()
-            ),
-            401
-        );
-        // The wrong role: 403.
-        assert_eq!(
-            status(
-                c.get(url("/v1/devices"))
-                    .bearer_auth(&verifier)
-                    .send()
-                    .await
-                    .unwrap()
-            ),
-            403
-        );
         let revoke = url("/v1/devices/0102030405060708/revoke");
-        assert_eq!(
-            status(c.post(&revoke).bearer_auth(&auditor).send().await.unwrap()),
-            403
-        );
-        assert_eq!(
-            status(
+        let body = || vec![0u8; 31];
+        // (request, expected status)
+        let cases = [
+            // No token, a bad token: 401.
+            (c.get(url("/v1/devices")), 401),
+            (c.get(url("/v1/devices")).bearer_auth("mct_00"), 401),
+            (c.post(url("/v1/verify")).body(body()), 401),
+            // The wrong role: 403.
+            (c.get(url("/v1/devices")).bearer_auth(&verifier), 403),
+            (c.post(&revoke).bearer_auth(&auditor), 403),
+            (
                 c.post(url("/v1/verify"))
                     .bearer_auth(&operator)
-                    .body(vec![0u8; 31])
-                    .send()
-                    .await
-                    .unwrap()
+                    .body(body()),
+                403,
             ),
-            403
-        );
-        // The right role gets through to the center.
-        assert_eq!(
-            status(
-                c.get(url("/v1/devices"))
-                    .bearer_auth(&auditor)
-                    .send()
-                    .await
-                    .unwrap()
-            ),
-            200
-        );
-        assert_eq!(
-            status(c.post(&revoke).bearer_auth(&operator).send().await.unwrap()),
-            404
-        );
-        assert_eq!(
-            status(
+            // The right role gets through to the center.
+            (c.get(url("/v1/devices")).bearer_auth(&auditor), 200),
+            (c.post(&revoke).bearer_auth(&operator), 404),
+            (
                 c.post(url("/v1/verify"))
                     .bearer_auth(&verifier)
-                    .body(vec![0u8; 31])
-                    .send()
-                    .await
-                    .unwrap()
+                    .body(body()),
+                400,
             ),
-            400
-        );
-        // Unauthenticated resources.
-        assert_eq!(status(c.get(url("/healthz")).send().await.unwrap()), 200);
+            // Unauthenticated resources.
+            (c.get(url("/healthz")), 200),
+        ];
+        for (i, (req, want)) in cases.into_iter().enumerate() {
+            let got = req.send().await.unwrap().status().as_u16();
+            assert_eq!(got, want, "case {i}");
+        }
         let doc: Value = c
             .get(url("/v1/openapi.json"))
             .send()
@@ -586,6 +541,23 @@ fn a_standard_coap_client_gets_a_challenge() {
     assert!(out.status.success(), "{out:?}");
 }
 
+/// Writes DIR/pin and DIR/center.toml, a `serve` configuration whose card
+/// is the SoftHSM2 token `label`; returns the configuration's path.
+fn pkcs11_config(dir: &Path, label: &str, pin: &str) -> PathBuf {
+    let pin_file = dir.join("pin");
+    std::fs::write(&pin_file, format!("{pin}\n")).unwrap();
+    let config = dir.join("center.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"{label}\"\npin_file = \"{}\"\n",
+            pin_file.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// A SoftHSM2 token of its own for this test: (config dir, SOFTHSM2_CONF).
 fn softhsm_token(dir: &Path, label: &str) -> Option<String> {
     let module = Path::new("/usr/lib/softhsm/libsofthsm2.so");
@@ -630,17 +602,7 @@ fn a_fleet_lives_on_a_pkcs11_token_from_configuration_alone() {
     let Some(conf) = softhsm_token(dir.path(), "microcert-e2e") else {
         return;
     };
-    let pin = dir.path().join("pin");
-    std::fs::write(&pin, "1234\n").unwrap();
-    let config = dir.path().join("center.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"microcert-e2e\"\npin_file = \"{}\"\n",
-            pin.display()
-        ),
-    )
-    .unwrap();
+    let config = pkcs11_config(dir.path(), "microcert-e2e", "1234");
     let env = [
         ("SOFTHSM2_CONF", conf.as_str()),
         ("MICROCERT_PASSPHRASE", ""),
@@ -735,26 +697,14 @@ fn a_wrong_pin_is_a_clear_error_at_start_up() {
     let Some(conf) = softhsm_token(dir.path(), "microcert-pin") else {
         return;
     };
-    let config = dir.path().join("center.toml");
-    let write = |pin: &str| {
-        std::fs::write(dir.path().join("pin"), pin).unwrap();
-        std::fs::write(
-            &config,
-            format!(
-                "[pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"microcert-pin\"\npin_file = \"{}\"\n",
-                dir.path().join("pin").display()
-            ),
-        )
-        .unwrap();
-    };
-    write("1234");
+    let config = pkcs11_config(dir.path(), "microcert-pin", "1234");
     let data = dir.path().join("data");
     let (d, c) = (data.to_str().unwrap(), config.to_str().unwrap());
     run_with(
         &["card", "init", "--data", d, "--pkcs11", c],
         &[("SOFTHSM2_CONF", &conf)],
     );
-    write("9999");
+    pkcs11_config(dir.path(), "microcert-pin", "9999");
     let out = bin()
         .args([
             "serve",
