@@ -31,7 +31,12 @@ mod simulate;
 
 /// microcert: symmetric micro-certificates and key management for IoT fleets.
 #[derive(Debug, Parser)]
-#[command(name = "microcert", version, about, long_about = None)]
+#[command(
+    name = "microcert",
+    version,
+    about = "microcert: symmetric micro-certificates and key management for IoT fleets",
+    long_about = None
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
