@@ -1,13 +1,33 @@
 //! Registration and ENROLL (PROTOCOL.md section 6).
 
 use microcert_core::{DeviceId, Enroll, KeyState, Suite};
+use microcert_core::KeySeed;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use super::{CENTER_ACTOR, Center, covers, malformed, refusal_for};
 use crate::card::EnrollVia;
-use crate::db::{Blob, DeviceRow, SeedRow, Tx, with_tx};
+use crate::db::{Blob, DeviceRow, SeedRow, Tx, with_read_tx, with_tx};
 use crate::integrity::{self, DigestDelta};
 use crate::{Error, Result};
+
+/// What the ENROLL rules decided, before any write.
+enum Checked {
+    /// A byte-identical retransmission of an accepted ENROLL: its RECEIPT.
+    Again(Vec<u8>),
+    /// Accepted: to be written.
+    Accept(Accepted),
+}
+
+/// An ENROLL whose MAC verified and that the rules accept.
+struct Accepted {
+    dev: DeviceRow,
+    is_new: bool,
+    seeds: Vec<SeedRow>,
+    /// The new seed (zeroizes on drop).
+    seed: KeySeed,
+    via: EnrollVia,
+}
 
 /// What one ENROLL did.
 pub(super) enum Enrolled {
@@ -145,10 +165,31 @@ impl Center {
     /// Accepts one ENROLL and returns the RECEIPT (ref = the ENROLL's r,
     /// keyed by the new seed). A byte-identical retransmission of an
     /// accepted ENROLL gets the same RECEIPT again.
+    ///
+    /// Every refusal, the MAC included, is decided first in a read-only
+    /// transaction: an ENROLL that does not verify (garbage from anyone)
+    /// neither takes the database's write lock nor drops the device from
+    /// the seed cache. Only an ENROLL whose MAC verified is checked again,
+    /// and written, in a write transaction.
     pub fn enroll(&self, bytes: &[u8], now: u64) -> Result<Vec<u8>> {
         let msg = Enroll::decode(bytes).map_err(malformed)?;
         let digest: [u8; 32] = Sha256::digest(bytes).into();
         let id = msg.header.device;
+        let pre = with_read_tx(&*self.db, |tx| {
+            Ok(match self.enroll_check(tx, (&msg, &digest), None, now)? {
+                // The opened seed zeroizes as it is dropped here.
+                Checked::Again(r) => Some(r),
+                Checked::Accept(_) => None,
+            })
+        });
+        match pre {
+            Ok(Some(receipt)) => return Ok(receipt),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::info!(device = %id, kind = e.kind(), "ENROLL refused");
+                return Err(e);
+            }
+        }
         // Invalidated before and after: a verification that raced with
         // this change re-reads the device after its own commit.
         self.cache.invalidate(id);
@@ -159,25 +200,21 @@ impl Center {
             delta.flush(tx, &*self.card)?;
             Ok(out)
         });
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::info!(device = %id, kind = e.kind(), "ENROLL refused");
-                return Err(e);
-            }
-        };
         self.cache.invalidate(id);
         match out {
-            Enrolled::New(r) => Ok(r),
-            Enrolled::Again(r) => Ok(r),
+            Ok(Enrolled::New(r) | Enrolled::Again(r)) => Ok(r),
+            Err(e) => {
+                tracing::info!(device = %id, kind = e.kind(), "ENROLL refused");
+                Err(e)
+            }
         }
     }
 
-    /// The ENROLL rules. Every refusal is decided before the first write,
-    /// so a refused entry of a batch leaves nothing behind in its chunk.
-    /// `register` is the device row to create if the device is unknown
-    /// (batch import); None refuses an unknown device. `digest` is the
-    /// SHA-256 of the ENROLL's bytes.
+    /// The ENROLL rules, then its writes. Every refusal is decided before
+    /// the first write, so a refused entry of a batch leaves nothing
+    /// behind in its chunk. `register` is the device row to create if the
+    /// device is unknown (batch import); None refuses an unknown device.
+    /// `digest` is the SHA-256 of the ENROLL's bytes.
     pub(super) fn enroll_in_tx(
         &self,
         tx: &mut dyn Tx,
@@ -187,9 +224,27 @@ impl Center {
         now: u64,
         actor: &str,
     ) -> Result<Enrolled> {
+        match self.enroll_check(tx, (msg, digest), register, now)? {
+            Checked::Again(r) => Ok(Enrolled::Again(r)),
+            Checked::Accept(a) => self.enroll_write(tx, msg, digest, a, delta, now, actor),
+        }
+    }
+
+    /// The ENROLL rules (PROTOCOL.md section 6), reads only: the device,
+    /// a retransmission, the generation, which keys may open it (Kupd only
+    /// while the current seed is Active, covers today and the center has
+    /// an UPDATE_SEED pending for it; Ktr only while transport enrollment
+    /// is open), the MAC, the new seed's years.
+    fn enroll_check(
+        &self,
+        tx: &mut dyn Tx,
+        (msg, digest): (&Enroll<'_>, &[u8; 32]),
+        register: Option<&DeviceRow>,
+        now: u64,
+    ) -> Result<Checked> {
         let h = msg.header;
         let id = h.device;
-        let (mut dev, is_new) = match (self.device_opt(tx, id)?, register) {
+        let (dev, is_new) = match (self.device_opt(tx, id)?, register) {
             (Some(d), _) => (d, false),
             (None, Some(r)) => (r.clone(), true),
             (None, None) => return Err(Error::UnknownDevice),
@@ -199,13 +254,14 @@ impl Center {
         }
         if !is_new && let Some(prev) = tx.seed_by_enroll_nonce(id, h.t, h.r)? {
             integrity::check_record(&*self.card, &prev)?;
-            return if prev.enroll_digest == *digest && prev.generation == h.generation {
-                Ok(Enrolled::Again(prev.receipt.0))
+            let same: bool = prev.enroll_digest[..].ct_eq(&digest[..]).into();
+            return if same && prev.generation == h.generation {
+                Ok(Checked::Again(prev.receipt.0))
             } else {
                 Err(Error::Replay)
             };
         }
-        let mut seeds = if is_new {
+        let seeds = if is_new {
             Vec::new()
         } else {
             self.seeds_checked(tx, id)?
@@ -217,10 +273,21 @@ impl Center {
         if Some(h.generation) != expected {
             return Err(Error::WrongGeneration);
         }
-        // Kupd only while the current seed is Active and covers today.
+        // Kupd only while the current seed is Active, covers today, and an
+        // UPDATE_SEED under it is pending (v1.1: an update is always asked
+        // for by the center, so a stolen seed alone cannot move the device
+        // to a seed of the thief's).
         let current = seeds.last();
+        let asked = match current {
+            Some(c) if !is_new => tx.command(id)?.is_some_and(|cmd| {
+                cmd.answered_at.is_none()
+                    && cmd.opcode == microcert_core::Opcode::UPDATE_SEED.get()
+                    && cmd.generation == c.generation
+            }),
+            _ => false,
+        };
         let update_seed = match current {
-            Some(c) if c.state == KeyState::Active && covers(c.base_year, now) => {
+            Some(c) if c.state == KeyState::Active && covers(c.base_year, now) && asked => {
                 Some(self.unseal(c)?)
             }
             _ => None,
@@ -228,6 +295,10 @@ impl Center {
         let transport_epoch = dev.transport_open.then_some(dev.epoch);
         if update_seed.is_none() && transport_epoch.is_none() {
             return Err(match current {
+                // Not asked for: as opaque as a MAC that does not verify.
+                Some(c) if c.state == KeyState::Active && covers(c.base_year, now) => {
+                    Error::Verification
+                }
                 Some(c) if c.state == KeyState::Active => Error::Expired,
                 Some(c) => refusal_for(c.state),
                 None => Error::NotActive,
@@ -240,7 +311,36 @@ impl Center {
         if !covers(seed.base_year(), now) {
             return Err(Error::Expired);
         }
-        // Accepted: from here on, only writes.
+        Ok(Checked::Accept(Accepted {
+            dev,
+            is_new,
+            seeds,
+            seed,
+            via,
+        }))
+    }
+
+    /// The writes of an accepted ENROLL.
+    #[allow(clippy::too_many_arguments)]
+    fn enroll_write(
+        &self,
+        tx: &mut dyn Tx,
+        msg: &Enroll<'_>,
+        digest: &[u8; 32],
+        a: Accepted,
+        delta: &mut DigestDelta,
+        now: u64,
+        actor: &str,
+    ) -> Result<Enrolled> {
+        let h = msg.header;
+        let id = h.device;
+        let Accepted {
+            mut dev,
+            is_new,
+            mut seeds,
+            seed,
+            via,
+        } = a;
         let sealed = self.card.seal_seed(id, h.generation, &seed)?;
         let receipt = self.receipt(&seed, dev.suite, id, h.generation, h.r, now)?;
         let base_year = seed.base_year();

@@ -8,7 +8,8 @@ use microcert_core::{
 use super::{CENTER_ACTOR, Center, malformed, now32, refusal_for, year_of};
 use crate::card::random_u64;
 use crate::db::{
-    AuditRecord, Blob, CommandRow, DeviceQuery, DeviceRow, DeviceView, SeedRow, Tx, with_tx,
+    AuditRecord, Blob, CommandRow, DeviceQuery, DeviceRow, DeviceView, SeedRow, Tx, with_read_tx,
+    with_tx,
 };
 use crate::integrity::{self, IntegrityReport};
 use crate::{Error, Result, audit};
@@ -20,6 +21,27 @@ pub struct HousekeepingReport {
     pub pruned: u64,
     /// Seeds deactivated (grace period over, or expired).
     pub deactivated: u64,
+}
+
+/// Whether `seeds[pos]` (the current generation) and the one before it
+/// are in a seed update's grace period: the new one never used by the node
+/// (PreActivation, or Suspended with its predecessor by
+/// [`Center::suspend`]), the old one with a grace period and still Active
+/// or Suspended.
+fn in_grace(seeds: &[SeedRow], pos: usize) -> bool {
+    let Some(prev) = pos.checked_sub(1).and_then(|p| seeds.get(p)) else {
+        return false;
+    };
+    let Some(cur) = seeds.get(pos) else {
+        return false;
+    };
+    prev.generation.checked_add(1) == Some(cur.generation)
+        && prev.grace_until.is_some()
+        && matches!(
+            (prev.state, cur.state),
+            (KeyState::Active | KeyState::Suspended, KeyState::PreActivation)
+                | (KeyState::Suspended, KeyState::Suspended)
+        )
 }
 
 impl Center {
@@ -53,8 +75,13 @@ impl Center {
                 .iter()
                 .position(|s| s.generation == g)
                 .ok_or(Error::WrongGeneration)?;
+            let grace = generation.is_none()
+                && matches!(event, Event::Suspend | Event::Resume | Event::Deactivate)
+                && in_grace(&seeds, pos);
             if event == Event::Activate {
                 self.activate_in_tx(tx, &mut seeds, g, now, actor, reason)?;
+            } else if grace {
+                self.apply_in_grace(tx, &mut seeds, pos, event, now, (actor, reason))?;
             } else {
                 self.apply_event(tx, &mut seeds[pos], event, now, actor, reason)?;
             }
@@ -65,6 +92,65 @@ impl Center {
             self.db.flush_erased()?;
         }
         Ok(state)
+    }
+
+    /// An operator's suspend, resume or deactivate of a device during a
+    /// seed update's grace period: it applies to both generations (v1.1,
+    /// PROTOCOL.md section 6), each change through the core's transition
+    /// and audited. The new generation `seeds[pos]`, never used yet, has
+    /// no suspend or deactivate of its own (PreActivation allows neither):
+    /// it is activated in the same transaction, then given the event, and
+    /// the audit entry of that activation says why. After a resume the new
+    /// generation is the one in use and the old one is superseded; a node
+    /// that has not seen its RECEIPT yet resends its ENROLL and gets it.
+    fn apply_in_grace(
+        &self,
+        tx: &mut dyn Tx,
+        seeds: &mut [SeedRow],
+        pos: usize,
+        event: Event,
+        now: u64,
+        (actor, reason): (&str, &str),
+    ) -> Result<()> {
+        let (before, rest) = seeds.split_at_mut(pos);
+        let (prev, cur) = (&mut before[pos - 1], &mut rest[0]);
+        match event {
+            Event::Suspend | Event::Deactivate => {
+                if !(event == Event::Suspend && prev.state == KeyState::Suspended) {
+                    self.apply_event(tx, prev, event, now, actor, reason)?;
+                }
+                if cur.state == KeyState::PreActivation {
+                    let why = format!(
+                        "{} during the grace period of generation {}: {reason}",
+                        event.name(),
+                        prev.generation
+                    );
+                    self.apply_event(tx, cur, Event::Activate, now, actor, &why)?;
+                }
+                self.apply_event(tx, cur, event, now, actor, reason)
+            }
+            Event::Resume => {
+                if prev.state == KeyState::Suspended {
+                    self.apply_event(tx, prev, Event::Resume, now, actor, reason)?;
+                }
+                if cur.state == KeyState::Suspended {
+                    self.apply_event(tx, cur, Event::Resume, now, actor, reason)?;
+                    self.apply_event(
+                        tx,
+                        prev,
+                        Event::Deactivate,
+                        now,
+                        actor,
+                        "superseded: next generation in use",
+                    )?;
+                }
+                Ok(())
+            }
+            _ => Err(Error::IllegalTransition {
+                from: cur.state,
+                event,
+            }),
+        }
     }
 
     /// Operator activation of a PreActivation seed.
@@ -324,9 +410,11 @@ impl Center {
     }
 
     /// The pending COMMAND for a device, if any: the same bytes every time
-    /// until the node answers.
+    /// until the node answers. Anyone may ask (the bytes are authenticated
+    /// to the node, not the asker), so it only reads: no write lock, no
+    /// cache invalidation.
     pub fn command(&self, id: DeviceId) -> Result<Option<Vec<u8>>> {
-        with_tx(&*self.db, |tx| {
+        with_read_tx(&*self.db, |tx| {
             self.device_in(tx, id)?;
             Ok(tx
                 .command(id)?

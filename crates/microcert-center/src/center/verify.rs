@@ -13,7 +13,7 @@ use microcert_core::{
 use zeroize::Zeroizing;
 
 use super::group::Mark;
-use super::{CENTER_ACTOR, Center, Replay, malformed, now32, refusal_for};
+use super::{CENTER_ACTOR, Center, Replay, malformed, now32, refusal_for, year_of};
 use crate::cache::{CachedDevice, CachedSeed};
 use crate::db::{NotaryRow, with_tx};
 use crate::{Error, Result};
@@ -91,13 +91,25 @@ enum Use {
 }
 
 impl Center {
-    /// The seed a message under `generation` may be verified with, or the
-    /// refusal. `first_use_ok`: whether a PreActivation seed may be used
-    /// (AUTH and AUTH_RESPONSE activate it; other messages may not).
+    /// The seed a message under `generation` with time `t` may be
+    /// verified with at `now`, or the refusal: the one grace and expiry
+    /// rule of every message type (PROTOCOL.md v1.1 section 6).
+    /// `first_use_ok`: whether a PreActivation seed may be used (AUTH and
+    /// AUTH_RESPONSE activate it; other messages may not).
+    ///
+    /// - the current generation: Active (or PreActivation on first use);
+    /// - the previous generation: only during its grace period (Active,
+    ///   the current one not yet used, and `now` before `grace_until`),
+    ///   whether or not housekeeping has run;
+    /// - the seed's five years must cover both the center's date and the
+    ///   message's t (an expired seed is refused before housekeeping
+    ///   deactivates it; a seed whose base year is still ahead is not yet
+    ///   valid).
     fn usable<'d>(
         &self,
         dev: &'d CachedDevice,
         generation: u8,
+        t: u32,
         now: u64,
         first_use_ok: bool,
     ) -> Result<(&'d CachedSeed, &'d KeySeed, Use)> {
@@ -127,6 +139,16 @@ impl Center {
                 return Err(refusal_for(state));
             }
         };
+        let base = s.row.base_year;
+        let last = base.saturating_add(microcert_core::SEED_YEARS - 1);
+        for year in [year_of(now), year_of(u64::from(t))] {
+            if year > last {
+                return Err(Error::Expired);
+            }
+            if year < base {
+                return Err(Error::NotActive);
+            }
+        }
         let seed = s.seed.as_ref().ok_or(Error::NotActive)?;
         Ok((s, seed, how))
     }
@@ -259,15 +281,15 @@ impl Center {
             expires,
         };
         self.commit_use(h.device, h.generation, how, mark, now)?;
-        self.recheck(h.device, h.generation, ticket, now)
+        self.recheck(h, ticket, now)
     }
 
-    fn recheck(&self, id: DeviceId, generation: u8, ticket: u64, now: u64) -> Result<()> {
-        if self.cache.ticket(id) == ticket {
+    fn recheck(&self, h: &Header, ticket: u64, now: u64) -> Result<()> {
+        if self.cache.ticket(h.device) == ticket {
             return Ok(());
         }
-        let dev = self.load(id)?;
-        self.usable(&dev, generation, now, true).map(|_| ())
+        let dev = self.load(h.device)?;
+        self.usable(&dev, h.generation, h.t, now, true).map(|_| ())
     }
 
     fn log_refusal<T>(r: Result<T>, what: &'static str, device: Option<DeviceId>) -> Result<T> {
@@ -305,7 +327,7 @@ impl Center {
         let dev = self.load(h.device)?;
         Self::check_suite(&dev, &h)?;
         self.check_fresh(&dev, h.t, now)?;
-        let (_, seed, how) = self.usable(&dev, h.generation, now, true)?;
+        let (_, seed, how) = self.usable(&dev, h.generation, h.t, now, true)?;
         verify_auth(seed, msg, aud).map_err(Error::from_core)?;
         self.commit_fresh_use(&dev, &h, &how, ticket, now)?;
         let receipt = if with_receipt {
@@ -356,7 +378,7 @@ impl Center {
         let ticket = self.cache.ticket(h.device);
         let dev = self.load(h.device)?;
         Self::check_suite(&dev, &h)?;
-        let (_, seed, how) = self.usable(&dev, h.generation, now, true)?;
+        let (_, seed, how) = self.usable(&dev, h.generation, h.t, now, true)?;
         verify_auth_response(seed, msg, aud).map_err(Error::from_core)?;
         let mut c = [0u8; 8];
         c.copy_from_slice(&msg.challenge[..8]);
@@ -373,7 +395,7 @@ impl Center {
             },
             now,
         )?;
-        self.recheck(h.device, h.generation, ticket, now)?;
+        self.recheck(&h, ticket, now)?;
         let receipt = self.receipt(seed, dev.device.suite, h.device, h.generation, h.r, now)?;
         Ok(AuthOutcome {
             device: h.device,
@@ -429,8 +451,9 @@ impl Center {
             time: h.t,
             first_seen,
         };
-        if s.row.state == KeyState::Active {
-            let seed = s.seed.as_ref().ok_or(Error::NotActive)?;
+        // The same grace and expiry rule as every other message type.
+        let usable = self.usable(&dev, h.generation, h.t, now, false);
+        if let Ok((_, seed, _)) = usable {
             verify_signature(seed, msg, digest).map_err(Error::from_core)?;
             let record = NotaryRow {
                 device: h.device,
@@ -444,8 +467,9 @@ impl Center {
             let stored = with_tx(&*self.db, |tx| tx.notarize(&record))?;
             return Ok(outcome(stored.first_seen));
         }
-        // Not Active now: valid only as the notary recorded it while the
-        // seed was Active (for a Compromised seed, before the compromise).
+        // Not usable now: valid only as the notary recorded it while the
+        // seed was usable (for a Compromised seed, before the compromise).
+        let refused = usable.err().unwrap_or(Error::NotActive);
         let found = with_tx(&*self.db, |tx| {
             tx.notary(h.device, h.generation, h.t, h.r, digest)
         })?;
@@ -456,7 +480,7 @@ impl Center {
             {
                 Ok(outcome(n.first_seen))
             }
-            _ => Err(refusal_for(s.row.state)),
+            _ => Err(refused),
         }
     }
 
@@ -519,7 +543,7 @@ impl Center {
             ));
         }
         self.check_fresh(&dev, h.t, now)?;
-        let (_, seed, how) = self.usable(&dev, h.generation, now, false)?;
+        let (_, seed, how) = self.usable(&dev, h.generation, h.t, now, false)?;
         let mut buf = Zeroizing::new(bytes.to_vec());
         let plaintext = {
             let (_, pt) = open_in_place(seed, &mut buf[..], aud).map_err(Error::from_core)?;

@@ -369,6 +369,16 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     /// the log; with secure_delete on, freed pages are already zeroed).
     fn flush_erased(&self) -> Result<()>;
 
+    /// Runs `f` in a transaction that only reads, for requests that are
+    /// not yet authenticated (an ENROLL before its MAC verified, a read of
+    /// the command outbox): SQLite opens it deferred, so it takes no write
+    /// lock and never waits for another writer. The default is
+    /// [`KeyDatabase::transaction`] (PostgreSQL: a transaction that wrote
+    /// nothing ends with ROLLBACK). `f` must not write.
+    fn read_transaction(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
+        self.transaction(f)
+    }
+
     /// Asks the backend to call `on_change(Some(device))` whenever another
     /// process (another center) commits a change to that device's records,
     /// and `on_change(None)` when it may have missed changes (anything may
@@ -418,6 +428,20 @@ pub fn with_snapshot<T>(
         Ok(())
     })?;
     out.ok_or_else(|| Error::Database("snapshot produced no value".into()))
+}
+
+/// Runs `f` in one read-only transaction of `db`
+/// ([`KeyDatabase::read_transaction`]) and returns its value.
+pub fn with_read_tx<T>(
+    db: &dyn KeyDatabase,
+    mut f: impl FnMut(&mut dyn Tx) -> Result<T>,
+) -> Result<T> {
+    let mut out = None;
+    db.read_transaction(&mut |tx| {
+        out = Some(f(tx)?);
+        Ok(())
+    })?;
+    out.ok_or_else(|| Error::Database("transaction produced no value".into()))
 }
 
 /// Runs `f` in one transaction of `db` and returns its value.

@@ -181,6 +181,13 @@ impl KeyDatabase for SqliteDatabase {
         }
     }
 
+    fn read_transaction(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
+        let mut conn = self.lock()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        f(&mut SqliteTx { tx: &tx })?;
+        tx.commit().map_err(db_err)
+    }
+
     fn device_view(&self, id: DeviceId) -> Result<Option<DeviceView>> {
         let conn = self.lock()?;
         let device = conn
