@@ -180,7 +180,8 @@ impl Center {
                 ));
                 continue;
             };
-            if card.digest_tag(&integrity::shard_bytes(st))? != st.tag {
+            let tag = card.digest_tag(&integrity::shard_bytes(st))?;
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(&tag[..], &st.tag[..])) {
                 out.refused.push(format!(
                     "digest shard {shard} fails the card's tag: nothing to check a repair against; restore the whole database"
                 ));

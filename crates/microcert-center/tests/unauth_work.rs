@@ -121,3 +121,13 @@ fn garbage_enroll_and_command_read_take_no_write_lock() {
     let (a, _) = fleet[0].auth(&C, NOW + 20);
     center.verify_auth(&a, &C, NOW + 20).unwrap();
 }
+
+/// The card's HMAC (record and digest tags) runs on SHA-256 cores and
+/// block buffers that wipe themselves on drop (the `zeroize` features of
+/// `sha2` and `hmac`): this does not compile without them.
+#[test]
+fn hmac_state_zeroizes_on_drop() {
+    fn wipes_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+    wipes_on_drop::<sha2::block_api::Sha256VarCore>();
+    wipes_on_drop::<sha2::Sha256>();
+}

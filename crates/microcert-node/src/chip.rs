@@ -122,6 +122,11 @@ pub trait SecureChip {
     /// current year) under Ktr: generation 0 for the first seed, the last
     /// generation + 1 when the previous seed has expired. While an ENROLL
     /// waits for its RECEIPT, returns the identical bytes again.
+    ///
+    /// It never makes an ENROLL under Kupd: a seed update is only ever the
+    /// answer to the center's UPDATE_SEED ([`SecureChip::handle_command`]),
+    /// and the center refuses an update ENROLL it did not ask for
+    /// (PROTOCOL.md v1.1 section 6).
     fn enroll(&mut self, now: u32, out: &mut [u8]) -> Result<usize>;
 
     /// Makes an AUTH for the center ([`Audience::CENTER`]) or a configured

@@ -338,3 +338,26 @@ fn command_time_moves_node_time_forward_only() {
     chip.handle_command(0, &cmd, &mut out).unwrap();
     assert_eq!(chip.status().node_time, ISSUED + 5_000);
 }
+
+/// PROTOCOL.md v1.1: an update ENROLL under Kupd is only ever the answer to
+/// the center's UPDATE_SEED (the center refuses one it did not ask for).
+/// `enroll()` never makes one: with a usable seed it refuses, and once the
+/// seed no longer serves it enrolls under Ktr; only `handle_command` with
+/// an UPDATE_SEED yields an ENROLL under Kupd.
+#[test]
+fn kupd_enroll_only_in_answer_to_update_seed() {
+    let (mut chip, seed0) = enrolled(Suite::CMAC64);
+    let mut out = [0u8; 1100];
+    for now in [0, ISSUED + 60, YEAR_2031 - 86_400] {
+        assert_eq!(chip.enroll(now, &mut out), Err(Error::AlreadyEnrolled));
+    }
+    let cmd = command(&seed0, 0, ISSUED + 120, 1, Opcode::UPDATE_SEED);
+    let n = chip.handle_command(0, &cmd, &mut out).unwrap();
+    let msg = microcert_core::Enroll::decode(&out[..n]).unwrap();
+    assert!(microcert_core::open_enroll(EnrollKey::Update(&seed0), &msg).is_ok());
+    assert!(microcert_core::open_enroll(EnrollKey::Transport(&ktr(0)), &msg).is_err());
+    // enroll() now retransmits that same ENROLL, it never makes another.
+    let mut again = [0u8; 1100];
+    let m = chip.enroll(ISSUED + 180, &mut again).unwrap();
+    assert_eq!(&again[..m], &out[..n]);
+}

@@ -142,8 +142,8 @@ impl Backup {
             let (x, n) = acc[usize::from(shard)];
             let ok = match self.shards.iter().find(|s| s.shard == shard) {
                 Some(s) => {
-                    card.digest_tag(&integrity::shard_bytes(s))? == s.tag
-                        && s.acc == x
+                    let tag = card.digest_tag(&integrity::shard_bytes(s))?;
+                    bool::from(subtle::ConstantTimeEq::ct_eq(&tag[..], &s.tag[..]) & subtle::ConstantTimeEq::ct_eq(&s.acc[..], &x[..]))
                         && s.count == n
                 }
                 None => n == 0,
@@ -164,7 +164,8 @@ impl Backup {
         let mark = self.mark();
         let head_ok = match self.shards.iter().find(|s| s.shard == AUDIT_HEAD_SHARD) {
             Some(h) => {
-                card.digest_tag(&crate::audit::head_bytes(h.count, &h.acc))? == h.tag
+                let tag = card.digest_tag(&crate::audit::head_bytes(h.count, &h.acc))?;
+                bool::from(subtle::ConstantTimeEq::ct_eq(&tag[..], &h.tag[..]))
                     && h.count == self.audit.last().map_or(0, |a| a.seq)
                     && h.acc == prev
             }

@@ -544,11 +544,18 @@ impl Center {
         }
         self.check_fresh(&dev, h.t, now)?;
         let (_, seed, how) = self.usable(&dev, h.generation, h.t, now, false)?;
-        let mut buf = Zeroizing::new(bytes.to_vec());
-        let plaintext = {
-            let (_, pt) = open_in_place(seed, &mut buf[..], aud).map_err(Error::from_core)?;
-            Zeroizing::new(pt.to_vec())
-        };
+        // Opened in place in one zeroizing buffer, which becomes the
+        // plaintext: no other copy of it is made (a zeroizing Vec wipes its
+        // whole capacity, the truncated tail included).
+        let mut plaintext = Zeroizing::new(bytes.to_vec());
+        // open_in_place leaves the plaintext right after the header.
+        let len = open_in_place(seed, &mut plaintext[..], aud)
+            .map_err(Error::from_core)?
+            .1
+            .len();
+        let start = microcert_core::HEADER_LEN;
+        plaintext.copy_within(start..start + len, 0);
+        plaintext.truncate(len);
         self.commit_fresh_use(&dev, &h, &how, ticket, now)?;
         Ok(OpenedSealed {
             device: h.device,
