@@ -394,8 +394,10 @@ fn scan_in(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result
         let ok = match stored.iter().find(|s| s.shard == shard) {
             Some(s) => {
                 let tag = card.digest_tag(&shard_bytes(s))?;
-                bool::from(subtle::ConstantTimeEq::ct_eq(&tag[..], &s.tag[..]) & subtle::ConstantTimeEq::ct_eq(&s.acc[..], &x[..]))
-                    && s.count == n
+                bool::from(
+                    subtle::ConstantTimeEq::ct_eq(&tag[..], &s.tag[..])
+                        & subtle::ConstantTimeEq::ct_eq(&s.acc[..], &x[..]),
+                ) && s.count == n
             }
             None => n == 0,
         };

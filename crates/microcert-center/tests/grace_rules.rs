@@ -9,9 +9,7 @@ use std::sync::Arc;
 
 use common::*;
 use microcert_center::{Center, CenterConfig, EncryptionCard, Error, SoftwareCard};
-use microcert_core::{
-    Audience, DeviceId, EnrollKey, Header, KeyState, Suite, make_enroll,
-};
+use microcert_core::{Audience, DeviceId, EnrollKey, Header, KeyState, Suite, make_enroll};
 
 const C: Audience = Audience::CENTER;
 
@@ -73,7 +71,12 @@ fn start_update(center: &Center, node: &mut TestNode, t: u64) -> Vec<u8> {
 /// A node holding generation 0 of `node`'s device (the deterministic test
 /// seed), with r values far from the original's.
 fn old_node(card: &dyn EncryptionCard, node: &TestNode) -> TestNode {
-    let mut n = TestNode::new(node.id, node.class, node.suite, card.transport_key(node.id, 0).unwrap());
+    let mut n = TestNode::new(
+        node.id,
+        node.class,
+        node.suite,
+        card.transport_key(node.id, 0).unwrap(),
+    );
     for _ in 0..10_000 {
         n.fresh_r();
     }
@@ -101,52 +104,97 @@ fn suspend_resume_deactivate_during_grace(backend: Backend) {
     // Device 0: suspended and resumed during its grace period.
     let node = &mut fleet[0];
     let receipt = start_update(&center, node, t);
-    assert_eq!(states(&center, node.id), [KeyState::Active, KeyState::PreActivation]);
     assert_eq!(
-        center.suspend(node.id, "operator:ann", "lost", t + 1).unwrap(),
+        states(&center, node.id),
+        [KeyState::Active, KeyState::PreActivation]
+    );
+    assert_eq!(
+        center
+            .suspend(node.id, "operator:ann", "lost", t + 1)
+            .unwrap(),
         KeyState::Suspended
     );
-    assert_eq!(states(&center, node.id), [KeyState::Suspended, KeyState::Suspended]);
+    assert_eq!(
+        states(&center, node.id),
+        [KeyState::Suspended, KeyState::Suspended]
+    );
     let actions = audit_actions(&center, node.id);
-    assert!(actions.contains(&("suspend".into(), Some(0))), "{actions:?}");
-    assert!(actions.contains(&("suspend".into(), Some(1))), "{actions:?}");
+    assert!(
+        actions.contains(&("suspend".into(), Some(0))),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&("suspend".into(), Some(1))),
+        "{actions:?}"
+    );
     // Neither generation verifies while suspended.
     let (a, _) = node.auth(&C, t + 2);
-    assert!(matches!(center.verify_auth(&a, &C, t + 2), Err(Error::Suspended)));
+    assert!(matches!(
+        center.verify_auth(&a, &C, t + 2),
+        Err(Error::Suspended)
+    ));
     assert!(node.finish_update(&receipt));
     let (a, _) = node.auth(&C, t + 3);
-    assert!(matches!(center.verify_auth(&a, &C, t + 3), Err(Error::Suspended)));
+    assert!(matches!(
+        center.verify_auth(&a, &C, t + 3),
+        Err(Error::Suspended)
+    ));
     let sig = node.sign(b"data", t + 3);
     assert!(center.verify_signature(&sig, b"data", t + 3).is_err());
     // Resumed: the device works again under its new generation; the old
     // one is superseded.
     assert_eq!(
-        center.resume(node.id, "operator:ann", "found", t + 4).unwrap(),
+        center
+            .resume(node.id, "operator:ann", "found", t + 4)
+            .unwrap(),
         KeyState::Active
     );
-    assert_eq!(states(&center, node.id), [KeyState::Deactivated, KeyState::Active]);
+    assert_eq!(
+        states(&center, node.id),
+        [KeyState::Deactivated, KeyState::Active]
+    );
     let (a, _) = node.auth(&C, t + 5);
     center.verify_auth(&a, &C, t + 5).unwrap();
     let mut old = old_node(&*card, node);
     let (a, _) = old.auth(&C, t + 5);
-    assert!(matches!(center.verify_auth(&a, &C, t + 5), Err(Error::NotActive)));
+    assert!(matches!(
+        center.verify_auth(&a, &C, t + 5),
+        Err(Error::NotActive)
+    ));
 
     // Device 1: deactivated during its grace period.
     let node = &mut fleet[1];
     let receipt = start_update(&center, node, t);
     assert_eq!(
-        center.deactivate(node.id, "operator:ann", "retired", t + 1).unwrap(),
+        center
+            .deactivate(node.id, "operator:ann", "retired", t + 1)
+            .unwrap(),
         KeyState::Deactivated
     );
-    assert_eq!(states(&center, node.id), [KeyState::Deactivated, KeyState::Deactivated]);
+    assert_eq!(
+        states(&center, node.id),
+        [KeyState::Deactivated, KeyState::Deactivated]
+    );
     let actions = audit_actions(&center, node.id);
-    assert!(actions.contains(&("deactivate".into(), Some(0))), "{actions:?}");
-    assert!(actions.contains(&("deactivate".into(), Some(1))), "{actions:?}");
+    assert!(
+        actions.contains(&("deactivate".into(), Some(0))),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&("deactivate".into(), Some(1))),
+        "{actions:?}"
+    );
     let (a, _) = node.auth(&C, t + 2);
-    assert!(matches!(center.verify_auth(&a, &C, t + 2), Err(Error::NotActive)));
+    assert!(matches!(
+        center.verify_auth(&a, &C, t + 2),
+        Err(Error::NotActive)
+    ));
     assert!(node.finish_update(&receipt));
     let (a, _) = node.auth(&C, t + 3);
-    assert!(matches!(center.verify_auth(&a, &C, t + 3), Err(Error::NotActive)));
+    assert!(matches!(
+        center.verify_auth(&a, &C, t + 3),
+        Err(Error::NotActive)
+    ));
     // Nothing left to deactivate.
     assert!(matches!(
         center.deactivate(node.id, "operator:ann", "again", t + 4),
@@ -156,13 +204,24 @@ fn suspend_resume_deactivate_during_grace(backend: Backend) {
     // Device 2: revoked during its grace period.
     let node = &mut fleet[2];
     let receipt = start_update(&center, node, t);
-    center.revoke(node.id, "operator:ann", "stolen", t + 1).unwrap();
-    assert_eq!(states(&center, node.id), [KeyState::Compromised, KeyState::Compromised]);
+    center
+        .revoke(node.id, "operator:ann", "stolen", t + 1)
+        .unwrap();
+    assert_eq!(
+        states(&center, node.id),
+        [KeyState::Compromised, KeyState::Compromised]
+    );
     let (a, _) = node.auth(&C, t + 2);
-    assert!(matches!(center.verify_auth(&a, &C, t + 2), Err(Error::Revoked)));
+    assert!(matches!(
+        center.verify_auth(&a, &C, t + 2),
+        Err(Error::Revoked)
+    ));
     assert!(node.finish_update(&receipt));
     let (a, _) = node.auth(&C, t + 3);
-    assert!(matches!(center.verify_auth(&a, &C, t + 3), Err(Error::Revoked)));
+    assert!(matches!(
+        center.verify_auth(&a, &C, t + 3),
+        Err(Error::Revoked)
+    ));
 }
 
 /// 2027-01-01T00:00:00Z and 2031-01-01T00:00:00Z.
@@ -247,7 +306,11 @@ fn one_grace_and_expiry_rule_for_every_message_type() {
     // 3. The same, after the grace period ended (housekeeping not run yet).
     let after = t + grace + 60;
     let got = try_all(&center, &mut fleet[1], after);
-    assert_all("previous generation after grace end", &got, Err("not-active"));
+    assert_all(
+        "previous generation after grace end",
+        &got,
+        Err("not-active"),
+    );
 
     // 4. Grace ended early by the first use of the new generation.
     let receipt = start_update(&center, &mut fleet[2], t);
@@ -339,7 +402,10 @@ fn update_enroll_without_pending_update_seed_is_refused(backend: Backend) {
     )
     .unwrap();
     e.truncate(n);
-    assert!(center.enroll(&e, t).is_err(), "an unrequested update ENROLL");
+    assert!(
+        center.enroll(&e, t).is_err(),
+        "an unrequested update ENROLL"
+    );
     let after = center.device(id).unwrap().unwrap();
     assert_eq!(after.device, before.device, "device row unchanged");
     assert_eq!(after.seeds.len(), 1, "no new generation");

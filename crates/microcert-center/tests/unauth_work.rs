@@ -32,8 +32,8 @@ fn setup(n: u64) -> Fx {
         busy_timeout: BUSY,
         ..SqliteOptions::default()
     };
-    let center = Center::open_sqlite_with(&path, options, card.clone(), CenterConfig::default())
-        .unwrap();
+    let center =
+        Center::open_sqlite_with(&path, options, card.clone(), CenterConfig::default()).unwrap();
     let mut fleet = make_fleet(&*card, n);
     let batch = dir.path().join("b.jsonl");
     write_batch(&batch, &mut fleet, NOW);
@@ -101,21 +101,59 @@ fn garbage_enroll_and_command_read_take_no_write_lock() {
         center,
         mut fleet,
     } = setup(2);
+    // A pending command, so a forged RECEIPT gets as far as its MAC.
+    center
+        .queue_update(fleet[0].id, "operator:ann", "roll-out", NOW + 5)
+        .unwrap();
+    let cmd = center.command(fleet[0].id).unwrap().unwrap();
+    let cmd = microcert_core::Command::decode(&cmd).unwrap();
+    let forged = {
+        let h = microcert_core::Header {
+            suite: fleet[0].suite,
+            device: fleet[0].id,
+            generation: cmd.header.generation,
+            t: (NOW + 10) as u32,
+            r: 7,
+        };
+        let wrong = test_seed(fleet[0].id, 9, 2026);
+        let mut out = vec![0u8; 64];
+        let n = microcert_core::make_receipt(
+            &wrong,
+            &h,
+            microcert_core::Sender::Node,
+            cmd.header.r,
+            0,
+            &mut out,
+        )
+        .unwrap();
+        out.truncate(n);
+        out
+    };
     let other = rusqlite::Connection::open(dir.path().join("c.db")).unwrap();
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
     for e in garbage_enrolls(&mut fleet[0], NOW + 10) {
         let start = Instant::now();
         let r = center.enroll(&e, NOW + 10);
         let took = start.elapsed();
-        assert!(
-            matches!(r, Err(Error::Verification)),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(Error::Verification)), "{r:?}");
         assert!(took < BUSY / 3, "waited {took:?} for the write lock");
     }
     let start = Instant::now();
-    assert_eq!(center.command(fleet[0].id).unwrap(), None);
-    assert!(start.elapsed() < BUSY / 3, "GET /command waited for the write lock");
+    assert!(matches!(
+        center.accept_receipt(&forged, NOW + 10),
+        Err(Error::Verification)
+    ));
+    assert!(
+        start.elapsed() < BUSY / 3,
+        "a forged RECEIPT waited for the write lock"
+    );
+    let start = Instant::now();
+    assert_eq!(center.command(fleet[1].id).unwrap(), None);
+    assert!(center.command(fleet[0].id).unwrap().is_some());
+    assert!(
+        start.elapsed() < BUSY / 3,
+        "GET /command waited for the write lock"
+    );
     other.execute_batch("ROLLBACK").unwrap();
     // Honest traffic still works after the lock is released.
     let (a, _) = fleet[0].auth(&C, NOW + 20);

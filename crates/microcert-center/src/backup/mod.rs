@@ -143,8 +143,10 @@ impl Backup {
             let ok = match self.shards.iter().find(|s| s.shard == shard) {
                 Some(s) => {
                     let tag = card.digest_tag(&integrity::shard_bytes(s))?;
-                    bool::from(subtle::ConstantTimeEq::ct_eq(&tag[..], &s.tag[..]) & subtle::ConstantTimeEq::ct_eq(&s.acc[..], &x[..]))
-                        && s.count == n
+                    bool::from(
+                        subtle::ConstantTimeEq::ct_eq(&tag[..], &s.tag[..])
+                            & subtle::ConstantTimeEq::ct_eq(&s.acc[..], &x[..]),
+                    ) && s.count == n
                 }
                 None => n == 0,
             };

@@ -1,7 +1,7 @@
 //! Registration and ENROLL (PROTOCOL.md section 6).
 
-use microcert_core::{DeviceId, Enroll, KeyState, Suite};
 use microcert_core::KeySeed;
+use microcert_core::{DeviceId, Enroll, KeyState, Suite};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 

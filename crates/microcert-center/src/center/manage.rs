@@ -39,8 +39,10 @@ fn in_grace(seeds: &[SeedRow], pos: usize) -> bool {
         && prev.grace_until.is_some()
         && matches!(
             (prev.state, cur.state),
-            (KeyState::Active | KeyState::Suspended, KeyState::PreActivation)
-                | (KeyState::Suspended, KeyState::Suspended)
+            (
+                KeyState::Active | KeyState::Suspended,
+                KeyState::PreActivation
+            ) | (KeyState::Suspended, KeyState::Suspended)
         )
 }
 
@@ -424,15 +426,17 @@ impl Center {
     }
 
     /// Accepts a node's RECEIPT answering its pending COMMAND (once).
+    /// Checked first in a read-only transaction, so a RECEIPT that does not
+    /// verify takes no write lock.
     pub fn accept_receipt(&self, bytes: &[u8], now: u64) -> Result<()> {
         let msg = Receipt::decode(bytes).map_err(malformed)?;
         let h = msg.header;
-        let r = with_tx(&*self.db, |tx| {
+        let check = |tx: &mut dyn Tx| -> Result<CommandRow> {
             let dev = self.device_in(tx, h.device)?;
             if h.suite != dev.suite {
                 return Err(Error::WrongSuite);
             }
-            let mut cmd = tx.command(h.device)?.ok_or(Error::Verification)?;
+            let cmd = tx.command(h.device)?.ok_or(Error::Verification)?;
             if cmd.r != msg.reference || cmd.generation != h.generation {
                 return Err(Error::Verification);
             }
@@ -446,19 +450,25 @@ impl Center {
             if cmd.answered_at.is_some() {
                 return Err(Error::Replay);
             }
-            cmd.answered_at = Some(now);
-            cmd.status = Some(msg.status);
-            tx.put_command(&cmd)?;
-            let name = Opcode::new(cmd.opcode).map(|o| o.name()).unwrap_or("?");
-            self.audit(
-                tx,
-                now,
-                CENTER_ACTOR,
-                "command-answered",
-                (Some(h.device), Some(h.generation)),
-                &format!("{name} counter {} status {}", cmd.counter, msg.status),
-            )?;
-            Ok(())
+            Ok(cmd)
+        };
+        let r = with_read_tx(&*self.db, |tx| check(tx).map(drop)).and_then(|()| {
+            with_tx(&*self.db, |tx| {
+                let mut cmd = check(tx)?;
+                cmd.answered_at = Some(now);
+                cmd.status = Some(msg.status);
+                tx.put_command(&cmd)?;
+                let name = Opcode::new(cmd.opcode).map(|o| o.name()).unwrap_or("?");
+                self.audit(
+                    tx,
+                    now,
+                    CENTER_ACTOR,
+                    "command-answered",
+                    (Some(h.device), Some(h.generation)),
+                    &format!("{name} counter {} status {}", cmd.counter, msg.status),
+                )?;
+                Ok(())
+            })
         });
         if let Err(e) = &r {
             tracing::debug!(device = %h.device, kind = e.kind(), "RECEIPT refused");
