@@ -11,7 +11,9 @@ use crate::db::{Blob, DeviceRow, SeedRow, Tx, with_read_tx, with_tx};
 use crate::integrity::{self, DigestDelta};
 use crate::{Error, Result};
 
-/// What the ENROLL rules decided, before any write.
+/// What the ENROLL rules decided, before any write. Not boxed: boxing
+/// would only add another copy of the seed's bytes to wipe.
+#[allow(clippy::large_enum_variant)]
 enum Checked {
     /// A byte-identical retransmission of an accepted ENROLL: its RECEIPT.
     Again(Vec<u8>),
