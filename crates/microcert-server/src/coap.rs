@@ -16,9 +16,11 @@
 //! server at most `block1_total` (4.13 beyond), each for at most
 //! `block1_lifetime_secs`; transfers exist only for the device resources.
 //! De-duplication keeps at most `dedup_capacity` answers, evicting the
-//! oldest first, and an answer to a request that proved nothing is kept
-//! only if it is at most [`ANSWER_FACTOR`] times its request. Answers
-//! always fit one datagram, so Block2 is never used.
+//! oldest first, and only answers to requests that proved a device key:
+//! an unauthenticated peer's answers are never kept (0 bytes, whatever
+//! their size), and are computed again for a retransmission, which is
+//! safe because they changed nothing. Answers always fit one datagram, so
+//! Block2 is never used.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
@@ -46,10 +48,6 @@ const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
 const DEDUP_SHARDS: usize = 16;
 /// Largest datagram read; larger ones are truncated and fail to parse.
 const MAX_DATAGRAM: usize = 1500;
-/// An answer to a request that proved nothing (a refusal, a challenge, a
-/// command poll) is kept for de-duplication only if it is at most this
-/// many times the size of its request.
-pub const ANSWER_FACTOR: usize = 4;
 /// How often an idle worker looks at the shutdown flag.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -373,7 +371,11 @@ fn handle(shared: &Shared, datagram: &[u8], peer: SocketAddr) -> Option<Vec<u8>>
     let mut resp = CoapResponse::new(&packet)?;
     let proven = respond(shared, packet, peer, &mut resp);
     let bytes = resp.message.to_bytes().ok()?;
-    if confirmable && (proven || bytes.len() <= ANSWER_FACTOR * datagram.len()) {
+    // Only an answer to a request that proved a device key is kept: the
+    // others (refusals, challenges, command polls, Block1 steps) changed
+    // nothing and are computed again for a retransmission, so an
+    // unauthenticated peer can make the server keep no answer at all.
+    if confirmable && proven {
         let cap = shared.limits.config().dedup_capacity.div_ceil(DEDUP_SHARDS);
         shared.dedup(&key).put(key, bytes.clone(), cap.max(1));
     }
@@ -573,17 +575,22 @@ mod tests {
     }
 
     #[test]
-    fn an_unproven_answer_larger_than_its_request_times_the_factor_is_not_kept() {
+    fn only_answers_to_proven_requests_are_kept() {
         let s = shared(LimitsConfig::default());
         let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        // A command poll answered with 400 bytes, ten times its request,
+        // a challenge and a refusal: none is kept.
         let req = request(1, true, "v1/device/0102030405060708/command", &[]);
         let answer = handle(&s, &req, peer).unwrap();
-        assert!(answer.len() > ANSWER_FACTOR * req.len());
+        assert!(answer.len() > 4 * req.len());
+        handle(&s, &request(2, false, "v1/device/challenge", &[1; 8]), peer).unwrap();
+        handle(&s, &request(3, false, "v1/device/auth", &[1; 39]), peer).unwrap();
         assert_eq!(cached(&s), 0);
-        // A small unproven answer is kept.
-        let req = request(2, false, "v1/device/challenge", &[1; 8]);
-        handle(&s, &req, peer).unwrap();
+        // An accepted ENROLL is kept, and a retransmission gets it again.
+        let req = request(4, false, "v1/device/enroll", &[5; 60]);
+        let first = handle(&s, &req, peer).unwrap();
         assert_eq!(cached(&s), 1);
+        assert_eq!(handle(&s, &req, peer).unwrap(), first);
     }
 
     #[test]
@@ -629,7 +636,7 @@ mod tests {
     fn the_token_is_part_of_the_dedup_key() {
         let s = shared(LimitsConfig::default());
         let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let a = request(5, false, "v1/device/challenge", &[1; 8]);
+        let a = request(5, false, "v1/device/receipt", &[1; 48]);
         let mut p = Packet::from_bytes(&a).unwrap();
         p.set_token(vec![9, 9]);
         let b = p.to_bytes().unwrap();
