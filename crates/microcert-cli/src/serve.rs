@@ -13,7 +13,7 @@ use microcert_pkcs11::{Pkcs11Card, Pkcs11Config};
 use microcert_server::api::DeviceService;
 use microcert_server::http::{HttpState, device_routes};
 use microcert_server::operator::{self, OperatorState};
-use microcert_server::run::{Listeners, serve, shutdown_on_signals};
+use microcert_server::run::{Listeners, serve_limited, shutdown_on_signals};
 use microcert_server::service::{CenterService, now};
 use microcert_server::tokens::TokenStore;
 use serde::Deserialize;
@@ -29,7 +29,7 @@ pub struct ServeArgs {
     /// A TOML configuration file (keys: http, coap, coap_workers,
     /// housekeeping_secs, integrity_secs, backup_interval_secs, backup_keep,
     /// grace_period_secs, cache_capacity,
-    /// cache_ttl_secs, database). Flags override it.
+    /// cache_ttl_secs, database, and a [limits] table). Flags override it.
     #[arg(long, env = "MICROCERT_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// HTTP listen address (devices, relying parties, operators).
@@ -73,6 +73,9 @@ pub struct FileConfig {
     tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     tls_key: Option<PathBuf>,
+    /// `[limits]`: rate limits and CoAP bounds (microcert_server::limits).
+    #[serde(default)]
+    limits: microcert_server::limits::LimitsConfig,
 }
 
 /// Reads the configuration file, if one is given.
@@ -282,9 +285,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let listeners = Listeners::bind(http, coap).await?;
         let (h, c) = listeners.addrs()?;
         let svc: Arc<dyn DeviceService> = Arc::new(CenterService::new(center.clone()));
+        let limits = Arc::new(microcert_server::limits::Limits::new(file.limits));
         let router = device_routes(HttpState {
             svc: svc.clone(),
             tokens: tokens.clone(),
+            limits: limits.clone(),
         })
         .merge(operator::routes(OperatorState {
             center: center.clone(),
@@ -297,7 +302,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(http = %h, coap = %c, data = %args.data.dir.display(), "microcert center serving");
         let scheme = if tls_on { "https" } else { "http" };
         say!("microcert serving {scheme}={h} coap={c}");
-        serve(listeners, router, svc, workers, tls, shutdown).await?;
+        serve_limited(listeners, router, svc, limits, workers, tls, shutdown).await?;
         tracing::info!("stopped");
         anyhow::Ok(())
     })

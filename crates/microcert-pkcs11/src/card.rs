@@ -10,12 +10,13 @@ use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
-use microcert_center::card::{EncryptionCard, EnrollVia, SealedSeed, TAG_LEN};
+use microcert_center::card::{
+    ChallengeKeys, EncryptionCard, EnrollVia, SealedSeed, TAG_LEN, challenge_key_input,
+};
 use microcert_core::{
     CHALLENGE_LEN, DeviceId, Enroll, EnrollKey, Key128, KeySeed, SEED_LEN, challenge_window,
     open_enroll,
 };
-use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::config::Pkcs11Config;
@@ -54,6 +55,10 @@ pub struct Pkcs11Card {
     kint: ObjectHandle,
     kchal: ObjectHandle,
     kstore: RwLock<Kstores>,
+    /// Kw of the current and the previous challenge window, each derived
+    /// once in the token (docs/hsm.md: the one value of Kchal's that
+    /// leaves the token).
+    chal_keys: ChallengeKeys,
 }
 
 impl fmt::Debug for Pkcs11Card {
@@ -189,6 +194,7 @@ impl Pkcs11Card {
             kint,
             kchal,
             kstore: RwLock::new(kstore),
+            chal_keys: ChallengeKeys::default(),
         })
     }
 
@@ -309,20 +315,11 @@ impl Pkcs11Card {
         Ok(Key128::from_bytes(*mac))
     }
 
-    fn challenge_mac(
-        &self,
-        device: DeviceId,
-        c: &[u8],
-        w: u32,
-    ) -> microcert_center::Result<[u8; 8]> {
-        let mut input = [0u8; 20];
-        input[..8].copy_from_slice(&device.0);
-        input[8..16].copy_from_slice(c);
-        input[16..].copy_from_slice(&w.to_be_bytes());
-        let mac = self.cmac(self.kchal, &input)?;
-        let mut out = [0u8; 8];
-        out.copy_from_slice(&mac[..8]);
-        Ok(out)
+    /// Kw = KDF(Kchal, "MC-CHAL", u32(w)): one CKM_AES_CMAC signature in
+    /// the token over the fixed input, once per challenge window.
+    fn challenge_key(&self, w: u32) -> microcert_center::Result<Key128> {
+        let mac = self.cmac(self.kchal, &challenge_key_input(w))?;
+        Ok(Key128::from_bytes(*mac))
     }
 
     fn hmac(&self, domain: &[u8], data: &[u8]) -> microcert_center::Result<[u8; TAG_LEN]> {
@@ -364,13 +361,11 @@ impl EncryptionCard for Pkcs11Card {
         device: DeviceId,
         now: u32,
     ) -> microcert_center::Result<[u8; CHALLENGE_LEN]> {
+        // c from the OS: a challenge costs no token operation at all.
         let mut c = [0u8; 8];
-        self.random(&mut c)?;
-        let mac = self.challenge_mac(device, &c, challenge_window(now))?;
-        let mut out = [0u8; CHALLENGE_LEN];
-        out[..8].copy_from_slice(&c);
-        out[8..].copy_from_slice(&mac);
-        Ok(out)
+        getrandom::fill(&mut c).map_err(|e| card_err(format!("OS random generator: {e}")))?;
+        self.chal_keys
+            .make(challenge_window(now), device, &c, |w| self.challenge_key(w))
     }
 
     fn check_challenge(
@@ -379,16 +374,10 @@ impl EncryptionCard for Pkcs11Card {
         challenge: &[u8; CHALLENGE_LEN],
         now: u32,
     ) -> microcert_center::Result<()> {
-        let (c, tag) = challenge.split_at(8);
-        let w = challenge_window(now);
-        let cur = self.challenge_mac(device, c, w)?;
-        // As in microcert-core: window 0 has no previous window.
-        let prev = self.challenge_mac(device, c, w.saturating_sub(1))?;
-        if bool::from(cur.ct_eq(tag) | prev.ct_eq(tag)) {
-            Ok(())
-        } else {
-            Err(microcert_center::Error::Verification)
-        }
+        self.chal_keys
+            .check(challenge_window(now), device, challenge, |w| {
+                self.challenge_key(w)
+            })
     }
 
     fn open_enroll(

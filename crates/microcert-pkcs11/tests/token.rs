@@ -4,9 +4,11 @@ mod common;
 
 use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass};
 use microcert_center::Error;
-use microcert_center::card::{EncryptionCard, EnrollVia, SoftwareCard, split_secret};
+use microcert_center::card::{
+    EncryptionCard, EnrollVia, SoftwareCard, challenge_matches, challenge_with, split_secret,
+};
 use microcert_core::{
-    DeviceId, Enroll, EnrollKey, Header, Key128, KeySeed, Suite, check_challenge, make_challenge,
+    DeviceId, Enroll, EnrollKey, Header, Key128, KeySeed, Suite, challenge_window, derive_key,
     make_enroll, transport_key,
 };
 use microcert_pkcs11::{
@@ -477,7 +479,11 @@ fn known_block() -> Vec<u8> {
 const KAT_KTR: &str = "a6498125b3e3d4728ec60a1182bc761d";
 //   device 0001020304050607 || c a0a1a2a3a4a5a6a7 || w = 1800000000/60 = 0x01c9c380, under
 //   Kchal 20..2f: openssl mac -cipher AES-128-CBC ... CMAC, first 8 bytes after c.
-const KAT_CHALLENGE: &str = "a0a1a2a3a4a5a6a70b898a0ac551011e";
+/// docs/protocol.md section 6: Kchal = 20..2f, device 0001020304050607,
+/// now = 1,800,000,000 (w = 30,000,000), c = a0..a7; Kw =
+/// 5e1d0a228dd766fc2b83de4ceb011d67.
+const KAT_CHALLENGE: &str = "a0a1a2a3a4a5a6a70b3fe563a6210cca";
+const KAT_CHALLENGE_KEY: &str = "5e1d0a228dd766fc2b83de4ceb011d67";
 //   printf 'MC-REC\0record' | openssl mac -digest SHA256 -macopt hexkey:404142...5f HMAC
 const KAT_RECORD_TAG: &str = "d0c4f3140dd61437b948936749af6ae0aaf11cba3db01c5df6c90ce6a10c7783";
 //   printf 'MC-DIGEST\0state' | openssl mac -digest SHA256 -macopt hexkey:404142...5f HMAC
@@ -531,15 +537,18 @@ fn challenges_match_the_protocol_formula() {
     let kat: [u8; 16] = hex::decode(KAT_CHALLENGE).unwrap().try_into().unwrap();
     token.check_challenge(dev, &kat, now).unwrap();
     let kchal = Key128::from_bytes(core::array::from_fn(|i| 0x20 + i as u8));
+    let w = challenge_window(now);
+    let kw = derive_key(&kchal, b"MC-CHAL", &w.to_be_bytes());
+    assert_eq!(hex::encode(kw.expose()), KAT_CHALLENGE_KEY);
     assert_eq!(
-        make_challenge(&kchal, dev, kat[..8].try_into().unwrap(), now),
+        challenge_with(&kw, dev, kat[..8].try_into().unwrap()),
         kat
     );
-    // The token's own challenges pass microcert-core's check and the
+    // The token's own challenges pass the formula's check and the
     // software card's, and the other way round.
     for _ in 0..8 {
         let ch = token.make_challenge(dev, now).unwrap();
-        check_challenge(&kchal, dev, &ch, now).unwrap();
+        assert!(challenge_matches(&kw, dev, &ch));
         soft.check_challenge(dev, &ch, now).unwrap();
         let ch = soft.make_challenge(dev, now).unwrap();
         token.check_challenge(dev, &ch, now).unwrap();

@@ -143,7 +143,7 @@ pub trait DeviceService: Send + Sync + 'static {
 
 /// A device resource, parsed from a method and a path, shared by the HTTP
 /// and CoAP bindings so both serve exactly the same paths.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeviceResource {
     /// POST /v1/device/enroll
     Enroll,

@@ -1,17 +1,20 @@
 //! The device and relying-party resources over HTTP (PROTOCOL.md section 8),
 //! beside the operator API of `operator.rs`.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
 use crate::api::{self, DeviceResource, DeviceService, MAX_BODY, Refusal};
+use crate::limits::{Limits, proven, retry_secs};
 use crate::tokens::{Role, TokenRecord, TokenStore};
 
 /// What the HTTP handlers share.
@@ -22,6 +25,27 @@ pub struct HttpState {
     pub svc: Arc<dyn DeviceService>,
     /// Bearer tokens.
     pub tokens: Arc<TokenStore>,
+    /// Rate limits of the device resources (shared with CoAP).
+    pub limits: Arc<Limits>,
+}
+
+/// The client's address, from the connection (`ConnectInfo`, which the
+/// plain and the TLS listeners both provide); `None` if the server was
+/// built without it, and then only the per-device limits apply.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip()),
+        ))
+    }
 }
 
 /// The device and relying-party routes.
@@ -53,10 +77,28 @@ pub fn refusal(r: Refusal) -> Response {
     (r.http_status(), axum::Json(json!({ "error": r.kind() }))).into_response()
 }
 
-async fn device(state: HttpState, res: DeviceResource, body: Bytes) -> Response {
+/// 429 Too Many Requests with Retry-After in whole seconds.
+pub fn too_many(wait: std::time::Duration) -> Response {
+    let mut r = (
+        StatusCode::TOO_MANY_REQUESTS,
+        axum::Json(json!({ "error": "too-many-requests" })),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_secs(wait)));
+    r
+}
+
+async fn device(state: HttpState, peer: Peer, res: DeviceResource, body: Bytes) -> Response {
+    let admitted = match state.limits.admit(peer.0, res, &body) {
+        Ok(a) => a,
+        Err(wait) => return too_many(wait),
+    };
     let svc = state.svc.clone();
     let outcome =
         tokio::task::spawn_blocking(move || api::serve_device(svc.as_ref(), res, &body)).await;
+    let accepted = matches!(outcome, Ok(Ok(_)));
+    state.limits.settle(admitted, proven(res, accepted));
     match outcome {
         Ok(Ok(Some(bytes))) => octets(StatusCode::OK, bytes),
         Ok(Ok(None)) => StatusCode::NO_CONTENT.into_response(),
@@ -65,29 +107,29 @@ async fn device(state: HttpState, res: DeviceResource, body: Bytes) -> Response 
     }
 }
 
-async fn enroll(State(s): State<HttpState>, body: Bytes) -> Response {
-    device(s, DeviceResource::Enroll, body).await
+async fn enroll(State(s): State<HttpState>, peer: Peer, body: Bytes) -> Response {
+    device(s, peer, DeviceResource::Enroll, body).await
 }
 
-async fn auth(State(s): State<HttpState>, body: Bytes) -> Response {
-    device(s, DeviceResource::Auth, body).await
+async fn auth(State(s): State<HttpState>, peer: Peer, body: Bytes) -> Response {
+    device(s, peer, DeviceResource::Auth, body).await
 }
 
-async fn challenge(State(s): State<HttpState>, body: Bytes) -> Response {
-    device(s, DeviceResource::Challenge, body).await
+async fn challenge(State(s): State<HttpState>, peer: Peer, body: Bytes) -> Response {
+    device(s, peer, DeviceResource::Challenge, body).await
 }
 
-async fn auth_response(State(s): State<HttpState>, body: Bytes) -> Response {
-    device(s, DeviceResource::AuthResponse, body).await
+async fn auth_response(State(s): State<HttpState>, peer: Peer, body: Bytes) -> Response {
+    device(s, peer, DeviceResource::AuthResponse, body).await
 }
 
-async fn receipt(State(s): State<HttpState>, body: Bytes) -> Response {
-    device(s, DeviceResource::Receipt, body).await
+async fn receipt(State(s): State<HttpState>, peer: Peer, body: Bytes) -> Response {
+    device(s, peer, DeviceResource::Receipt, body).await
 }
 
-async fn command(State(s): State<HttpState>, Path(hex): Path<String>) -> Response {
+async fn command(State(s): State<HttpState>, peer: Peer, Path(hex): Path<String>) -> Response {
     match api::parse_device(&hex) {
-        Ok(id) => device(s, DeviceResource::Command(id), Bytes::new()).await,
+        Ok(id) => device(s, peer, DeviceResource::Command(id), Bytes::new()).await,
         Err(r) => refusal(r),
     }
 }

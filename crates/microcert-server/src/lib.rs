@@ -8,6 +8,7 @@ pub mod api;
 pub mod coap;
 pub mod coap_client;
 pub mod http;
+pub mod limits;
 pub mod openapi;
 pub mod operator;
 pub mod run;

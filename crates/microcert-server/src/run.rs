@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 
 use crate::api::DeviceService;
+use crate::limits::Limits;
 
 /// The bound listeners, so a caller (or a test with port 0) learns the
 /// addresses before serving starts.
@@ -72,11 +73,27 @@ pub fn shutdown_on_signals() -> watch::Receiver<bool> {
 }
 
 /// Serves HTTP (`router`; over TLS when `tls` is given) and CoAP (`svc`)
-/// until `shutdown` turns true.
+/// until `shutdown` turns true, with the default CoAP [`Limits`] (the HTTP
+/// ones are the router's).
 pub async fn serve(
     listeners: Listeners,
     router: Router,
     svc: Arc<dyn DeviceService>,
+    coap_workers: usize,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let limits = Arc::new(Limits::default());
+    serve_limited(listeners, router, svc, limits, coap_workers, tls, shutdown).await
+}
+
+/// Like [`serve`], with `limits` for CoAP (give the router's
+/// [`crate::http::HttpState`] the same, so both bindings share one budget).
+pub async fn serve_limited(
+    listeners: Listeners,
+    router: Router,
+    svc: Arc<dyn DeviceService>,
+    limits: Arc<Limits>,
     coap_workers: usize,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
@@ -86,15 +103,18 @@ pub async fn serve(
         match tls {
             Some(acceptor) => crate::tls::serve(listeners.http, acceptor, router, http_stop).await,
             None => {
-                axum::serve(listeners.http, router)
-                    .with_graceful_shutdown(async move {
+                axum::serve(
+                    listeners.http,
+                    router.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move {
                         let _ = http_stop.wait_for(|s| *s).await;
                     })
                     .await
             }
         }
     };
-    let coap = crate::coap::serve(listeners.coap, svc, coap_workers, shutdown);
+    let coap = crate::coap::serve_limited(listeners.coap, svc, limits, coap_workers, shutdown);
     let (h, c) = tokio::join!(http, coap);
     h?;
     c

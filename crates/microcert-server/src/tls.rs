@@ -71,7 +71,13 @@ pub async fn serve(
             _ = stop.wait_for(|s| *s) => break,
         };
         let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(router.clone());
+        // The client's address for the rate limits, as the plain listener's
+        // `into_make_service_with_connect_info` provides it.
+        let service = TowerToHyperService::new(
+            router
+                .clone()
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+        );
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {

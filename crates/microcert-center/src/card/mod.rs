@@ -16,10 +16,136 @@ pub(crate) use software::write_atomically;
 pub use software::{KdfParams, SoftwareCard};
 
 use std::fmt;
+use std::sync::{Mutex, PoisonError};
 
-use microcert_core::{CHALLENGE_LEN, DeviceId, Enroll, Key128, KeySeed};
+use microcert_core::{CHALLENGE_LEN, DeviceId, Enroll, Key128, KeySeed, aes_cmac};
+use subtle::ConstantTimeEq;
 
-use crate::Result;
+use crate::{Error, Result};
+
+/// KDF Label of the per-window challenge key (docs/protocol.md section 6).
+pub const CHALLENGE_LABEL: &[u8] = b"MC-CHAL";
+
+/// The KDF fixed input of the challenge key of window `w`, with the
+/// counter: `0x00000001 || "MC-CHAL" || 0x00 || u32(w) || 0x00000080`, so
+/// `Kw = AES-CMAC(Kchal, challenge_key_input(w))` = KDF(Kchal, "MC-CHAL",
+/// u32(w)). A PKCS#11 card computes it as one CKM_AES_CMAC signature.
+pub fn challenge_key_input(w: u32) -> [u8; 20] {
+    let mut input = [0u8; 20];
+    input[..4].copy_from_slice(&1u32.to_be_bytes());
+    input[4..11].copy_from_slice(CHALLENGE_LABEL);
+    input[12..16].copy_from_slice(&w.to_be_bytes());
+    input[16..].copy_from_slice(&128u32.to_be_bytes());
+    input
+}
+
+/// The challenge of `device` with random part `c` under the window key
+/// `kw`: `c || AES-CMAC(Kw, device_id || c)[0..8]`.
+pub fn challenge_with(kw: &Key128, device: DeviceId, c: &[u8; 8]) -> [u8; CHALLENGE_LEN] {
+    let mut input = [0u8; 16];
+    input[..8].copy_from_slice(&device.0);
+    input[8..].copy_from_slice(c);
+    let mut mac = zeroize::Zeroizing::new(aes_cmac(kw.expose(), &input));
+    let mut out = [0u8; CHALLENGE_LEN];
+    out[..8].copy_from_slice(c);
+    out[8..].copy_from_slice(&mac[..8]);
+    zeroize::Zeroize::zeroize(&mut *mac);
+    out
+}
+
+/// Whether `challenge` is the challenge of `device` under `kw` (constant
+/// time in the tag).
+pub fn challenge_matches(kw: &Key128, device: DeviceId, challenge: &[u8; CHALLENGE_LEN]) -> bool {
+    let mut c = [0u8; 8];
+    c.copy_from_slice(&challenge[..8]);
+    let expect = challenge_with(kw, device, &c);
+    bool::from(expect[8..].ct_eq(&challenge[8..]))
+}
+
+/// The challenge windows a challenge checked at `w` may come from: `w`
+/// and `w - 1` (window 0 has no previous window).
+pub const fn challenge_windows(w: u32) -> [u32; 2] {
+    [w, w.saturating_sub(1)]
+}
+
+/// The per-window challenge keys a card derived, for the current and the
+/// previous window only (zeroized when replaced or dropped), so that a
+/// token derives Kw once per window instead of MACing every challenge.
+#[derive(Default)]
+pub struct ChallengeKeys {
+    slots: Mutex<Vec<(u32, Key128)>>,
+}
+
+impl fmt::Debug for ChallengeKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let windows: Vec<u32> = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(w, _)| *w)
+            .collect();
+        f.debug_struct("ChallengeKeys")
+            .field("windows", &windows)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChallengeKeys {
+    /// Runs `f` with the key of window `w`, derived by `derive` if it is
+    /// not held; at most two keys are held (the two newest windows).
+    pub fn with<T>(
+        &self,
+        w: u32,
+        derive: impl FnOnce(u32) -> Result<Key128>,
+        f: impl FnOnce(&Key128) -> T,
+    ) -> Result<T> {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, k)) = slots.iter().find(|(sw, _)| *sw == w) {
+            return Ok(f(k));
+        }
+        let k = derive(w)?;
+        let out = f(&k);
+        // Keep the two newest windows; an older window's key is derived
+        // on demand and not kept (a challenge from before w - 1 fails
+        // anyway).
+        if slots.len() < 2 || slots.iter().any(|(sw, _)| *sw < w) {
+            slots.push((w, k));
+            slots.sort_by_key(|(sw, _)| std::cmp::Reverse(*sw));
+            slots.truncate(2);
+        }
+        Ok(out)
+    }
+
+    /// A challenge for `device` at window `w` with random part `c`.
+    pub fn make(
+        &self,
+        w: u32,
+        device: DeviceId,
+        c: &[u8; 8],
+        derive: impl FnOnce(u32) -> Result<Key128>,
+    ) -> Result<[u8; CHALLENGE_LEN]> {
+        self.with(w, derive, |k| challenge_with(k, device, c))
+    }
+
+    /// Checks a challenge for window `w` or `w - 1`.
+    pub fn check(
+        &self,
+        w: u32,
+        device: DeviceId,
+        challenge: &[u8; CHALLENGE_LEN],
+        derive: impl Fn(u32) -> Result<Key128>,
+    ) -> Result<()> {
+        let [cur, prev] = challenge_windows(w);
+        let a = self.with(cur, &derive, |k| challenge_matches(k, device, challenge))?;
+        let b = self.with(prev, &derive, |k| challenge_matches(k, device, challenge))?;
+        if a | b {
+            Ok(())
+        } else {
+            Err(Error::Verification)
+        }
+    }
+}
 
 /// Length of a record integrity tag and of a digest tag (HMAC-SHA256).
 pub const TAG_LEN: usize = 32;
@@ -84,7 +210,8 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
     fn transport_key(&self, device: DeviceId, epoch: u8) -> Result<Key128>;
 
     /// A fresh stateless challenge for `device` at time `now`
-    /// (PROTOCOL.md section 6): c from the card's RNG, MAC under Kchal.
+    /// (docs/protocol.md section 6): c random, the tag under the window key
+    /// Kw = KDF(Kchal, "MC-CHAL", u32(w)), derived once per window.
     fn make_challenge(&self, device: DeviceId, now: u32) -> Result<[u8; CHALLENGE_LEN]>;
 
     /// Checks a challenge's MAC for the current or the previous window.
@@ -163,4 +290,76 @@ pub(crate) fn random_u64(card: &dyn EncryptionCard) -> Result<u64> {
     let mut b = [0u8; 8];
     card.random(&mut b)?;
     Ok(u64::from_be_bytes(b))
+}
+
+#[cfg(test)]
+mod challenge_tests {
+    use std::cell::Cell;
+
+    use microcert_core::derive_key;
+
+    use super::*;
+
+    fn kchal() -> Key128 {
+        Key128::from_bytes(core::array::from_fn(|i| 0x20 + i as u8))
+    }
+
+    const DEV: DeviceId = DeviceId([0, 1, 2, 3, 4, 5, 6, 7]);
+
+    #[test]
+    fn the_vector_of_docs_protocol_section_6() {
+        let w = 1_800_000_000 / 60;
+        assert_eq!(
+            hex::encode(challenge_key_input(w)),
+            "000000014d432d4348414c0001c9c38000000080"
+        );
+        let kw = derive_key(&kchal(), CHALLENGE_LABEL, &w.to_be_bytes());
+        assert_eq!(
+            kw.expose(),
+            &aes_cmac(kchal().expose(), &challenge_key_input(w))
+        );
+        assert_eq!(hex::encode(kw.expose()), "5e1d0a228dd766fc2b83de4ceb011d67");
+        let c = [0xa0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7];
+        assert_eq!(
+            hex::encode(challenge_with(&kw, DEV, &c)),
+            "a0a1a2a3a4a5a6a70b3fe563a6210cca"
+        );
+    }
+
+    #[test]
+    fn a_window_key_is_derived_once_and_two_are_kept() {
+        let keys = ChallengeKeys::default();
+        let derived = Cell::new(0);
+        let derive = |w: u32| {
+            derived.set(derived.get() + 1);
+            Ok(derive_key(&kchal(), CHALLENGE_LABEL, &w.to_be_bytes()))
+        };
+        let mut issued = Vec::new();
+        for i in 0..1_000u32 {
+            let c = i.to_be_bytes();
+            let c = [c[0], c[1], c[2], c[3], 0, 0, 0, 0];
+            issued.push(keys.make(100, DEV, &c, derive).unwrap());
+        }
+        assert_eq!(derived.get(), 1);
+        // As the clock moves on: checked at window 100, 101, then 102.
+        for ch in &issued {
+            keys.check(100, DEV, ch, derive).unwrap();
+        }
+        for ch in &issued {
+            keys.check(101, DEV, ch, derive).unwrap();
+            assert!(keys.check(101, DeviceId([9; 8]), ch, derive).is_err());
+        }
+        for ch in &issued {
+            assert!(matches!(
+                keys.check(102, DEV, ch, derive),
+                Err(Error::Verification)
+            ));
+        }
+        // Windows 100, then 99 (checking at 100), 101 and 102: four in all.
+        assert_eq!(derived.get(), 4);
+        assert_eq!(keys.slots.lock().unwrap().len(), 2);
+        let mut bad = issued[0];
+        bad[15] ^= 1;
+        assert!(keys.check(100, DEV, &bad, derive).is_err());
+    }
 }

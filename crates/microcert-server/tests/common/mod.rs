@@ -11,7 +11,8 @@ use microcert_center::{Center, CenterConfig, SoftwareCard};
 use microcert_server::api::DeviceService;
 use microcert_server::http::{HttpState, device_routes};
 use microcert_server::operator::{self, OperatorState};
-use microcert_server::run::{Listeners, serve};
+use microcert_server::limits::Limits;
+use microcert_server::run::{Listeners, serve_limited};
 use microcert_server::service::CenterService;
 use microcert_server::tokens::TokenStore;
 use tokio::sync::watch;
@@ -22,12 +23,17 @@ pub struct TestServer {
     pub center: Arc<Center>,
     pub http: SocketAddr,
     pub coap: SocketAddr,
+    pub limits: Arc<Limits>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl TestServer {
     pub async fn start() -> TestServer {
+        TestServer::start_with(Limits::default()).await
+    }
+
+    pub async fn start_with(limits: Limits) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let card = Arc::new(SoftwareCard::ephemeral().unwrap());
         let center = Arc::new(
@@ -36,9 +42,11 @@ impl TestServer {
         );
         let tokens = Arc::new(TokenStore::open(dir.path()).unwrap());
         let svc: Arc<dyn DeviceService> = Arc::new(CenterService::new(center.clone()));
+        let limits = Arc::new(limits);
         let router = device_routes(HttpState {
             svc: svc.clone(),
             tokens: tokens.clone(),
+            limits: limits.clone(),
         })
         .merge(operator::routes(OperatorState {
             center: center.clone(),
@@ -60,12 +68,21 @@ impl TestServer {
         let listeners = Listeners::bind(any, any).await.unwrap();
         let (http, coap) = listeners.addrs().unwrap();
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(serve(listeners, router, svc, 2, None, rx));
+        let task = tokio::spawn(serve_limited(
+            listeners,
+            router,
+            svc,
+            limits.clone(),
+            2,
+            None,
+            rx,
+        ));
         TestServer {
             dir,
             center,
             http,
             coap,
+            limits,
             stop,
             task,
         }
