@@ -178,6 +178,11 @@ pub struct NotaryRow {
     pub tag: Vec<u8>,
     /// When the center first verified it.
     pub first_seen: u64,
+    /// The card's tag over [`crate::integrity::notary_bytes`] (domain
+    /// "MC-REC", bytes "MC-NOT-v1" ...): None for a row written before the
+    /// tag existed (refused until the upgrade tags it). Set by the center's
+    /// sealing layer ([`crate::integrity::Sealed`]), not by callers.
+    pub seal: Option<[u8; 32]>,
 }
 
 /// One shard of the database digest (see [`crate::integrity`]).
@@ -271,8 +276,9 @@ pub trait Tx {
     /// Records challenge c of a device as used; false when it already was.
     fn spend_challenge(&mut self, id: DeviceId, c: &[u8; 8], expires: u64) -> Result<bool>;
     /// Records a verified signature unless already recorded; returns the
-    /// stored record (with the first first_seen).
-    fn notarize(&mut self, n: &NotaryRow) -> Result<NotaryRow>;
+    /// stored record (with the first first_seen) and whether this call
+    /// inserted it.
+    fn notarize(&mut self, n: &NotaryRow) -> Result<(NotaryRow, bool)>;
     /// A notary record of exactly this signature.
     fn notary(
         &mut self,
@@ -282,10 +288,29 @@ pub trait Tx {
         r: u64,
         digest: &[u8; 32],
     ) -> Result<Option<NotaryRow>>;
+    /// Sets the seal of an existing notary record (the one-time upgrade of
+    /// rows written before seals existed, [`crate::integrity::upgrade_legacy`]).
+    fn set_notary_seal(&mut self, n: &NotaryRow) -> Result<()> {
+        let _ = n;
+        Err(Error::Database(
+            "this key database cannot seal notary records".into(),
+        ))
+    }
     /// The device's latest command, pending or answered.
-    fn command(&mut self, id: DeviceId) -> Result<Option<CommandRow>>;
+    fn command(&mut self, id: DeviceId) -> Result<Option<CommandRow>> {
+        Ok(self.command_sealed(id)?.map(|(c, _)| c))
+    }
     /// Stores the device's latest command (replacing the previous one).
-    fn put_command(&mut self, c: &CommandRow) -> Result<()>;
+    /// The center's sealing layer ([`crate::integrity::Sealed`]) replaces
+    /// this with [`Tx::put_command_sealed`] and the card's tag.
+    fn put_command(&mut self, c: &CommandRow) -> Result<()> {
+        self.put_command_sealed(c, None)
+    }
+    /// The device's latest command with its card tag over
+    /// [`crate::integrity::command_bytes`] (None: written without one).
+    fn command_sealed(&mut self, id: DeviceId) -> Result<Option<(CommandRow, Option<[u8; 32]>)>>;
+    /// Stores the device's latest command with its card tag.
+    fn put_command_sealed(&mut self, c: &CommandRow, seal: Option<&[u8; 32]>) -> Result<()>;
     /// A digest shard, None if never written.
     fn digest_shard(&mut self, shard: u8) -> Result<Option<DigestShard>>;
     /// Writes a digest shard.
@@ -362,6 +387,34 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
         Err(Error::Database(
             "this key database cannot list notary records for a backup".into(),
         ))
+    }
+
+    /// Every device's latest command with its card tag, in device order
+    /// after `after`, at most `limit`: the integrity scan.
+    fn scan_commands(
+        &self,
+        after: Option<DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<(CommandRow, Option<[u8; 32]>)>> {
+        let _ = (after, limit);
+        Err(Error::Database(
+            "this key database cannot list commands for the integrity scan".into(),
+        ))
+    }
+
+    /// The database under the center's sealing layer
+    /// ([`crate::integrity::Sealed`]); None when this is not one.
+    fn unsealed(&self) -> Option<&dyn KeyDatabase> {
+        None
+    }
+
+    /// The schema version this process found before it migrated the
+    /// database in this open (None when it migrated nothing): the center
+    /// tags rows written before the card covered them only right after
+    /// the migration that added their tag columns (see
+    /// [`crate::integrity::upgrade_legacy`]).
+    fn migrated_from(&self) -> Option<u32> {
+        None
     }
 
     /// Makes erased data (a destroyed ciphertext) leave the storage files
