@@ -141,6 +141,35 @@ pub fn command_bytes(c: &CommandRow) -> Vec<u8> {
     b
 }
 
+/// The canonical bytes of a batch import's progress that its seal covers:
+/// the file's SHA-256 and the next line to import (which decides which
+/// lines a resumed import skips).
+pub fn import_bytes(file: &[u8; 32], next_line: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(50);
+    b.extend_from_slice(b"MC-IMP-v1");
+    b.extend_from_slice(file);
+    b.extend_from_slice(&next_line.to_be_bytes());
+    b
+}
+
+/// Checks an import progress row's seal.
+pub fn check_import(
+    card: &dyn EncryptionCard,
+    file: &[u8; 32],
+    next_line: u64,
+    seal: &[u8; 32],
+) -> Result<()> {
+    if tag_matches(card, &import_bytes(file, next_line), Some(seal))? {
+        Ok(())
+    } else {
+        tracing::error!("batch import progress fails its integrity tag");
+        Err(Error::Integrity(format!(
+            "import progress of batch file {}",
+            hex::encode(&file[..8])
+        )))
+    }
+}
+
 fn tag_matches(card: &dyn EncryptionCard, bytes: &[u8], tag: Option<&[u8; 32]>) -> Result<bool> {
     let Some(tag) = tag else { return Ok(false) };
     let want = card.record_tag(bytes)?;
@@ -174,21 +203,44 @@ pub fn check_command(
     }
 }
 
-/// The canonical bytes of a seed record that its integrity tag covers.
-/// `grace_until` is appended when set (so a record without one keeps the
-/// tag it had before it was covered, and one edited to have one fails).
+/// The canonical bytes of a seed record that its integrity tag covers:
+/// every column (the ciphertext and the stored RECEIPT by their SHA-256).
+/// Besides what decides what the record may do (device, generation,
+/// state, base year, suite, Kstore version, ciphertext, the key the ENROLL
+/// came under, its t and r, the compromise time, the grace period's end),
+/// it covers what answers a retransmitted ENROLL (its digest and the
+/// RECEIPT) and the life-cycle times.
 pub fn record_bytes(s: &SeedRow) -> Vec<u8> {
     let mut b = record_bytes_v1(s);
-    if let Some(g) = s.grace_until {
-        b.push(b'G');
-        b.extend_from_slice(&g.to_be_bytes());
-    }
+    b[..9].copy_from_slice(b"MC-REC-v2");
+    let opt = |b: &mut Vec<u8>, v: Option<u64>| match v {
+        Some(v) => {
+            b.push(1);
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        None => b.extend_from_slice(&[0; 9]),
+    };
+    opt(&mut b, s.grace_until);
+    b.extend_from_slice(&s.enroll_digest);
+    b.extend_from_slice(&Sha256::digest(&s.receipt.0));
+    b.extend_from_slice(&s.created.to_be_bytes());
+    opt(&mut b, s.activated_at);
+    opt(&mut b, s.suspended_at);
+    opt(&mut b, s.deactivated_at);
+    opt(&mut b, s.destroyed_at);
     b
 }
 
-/// The bytes before `grace_until` was covered (only the upgrade of a
-/// database written by an older version reads them).
-pub(crate) fn record_bytes_v1(s: &SeedRow) -> Vec<u8> {
+/// Whether a record's tag is of the form before every column was covered
+/// ("MC-REC-v1", [`record_bytes_v1`]) and valid as such: a database or a
+/// backup written by an older version (the upgrade re-tags them).
+pub fn is_v1_record(card: &dyn EncryptionCard, s: &SeedRow) -> Result<bool> {
+    tag_matches(card, &record_bytes_v1(s), Some(&s.tag))
+}
+
+/// The bytes before every column was covered (only the upgrade of a
+/// database or a backup written by an older version reads them).
+pub fn record_bytes_v1(s: &SeedRow) -> Vec<u8> {
     let mut b = Vec::with_capacity(96);
     b.extend_from_slice(b"MC-REC-v1");
     b.extend_from_slice(&s.device.0);

@@ -288,6 +288,14 @@ pub trait Tx {
         r: u64,
         digest: &[u8; 32],
     ) -> Result<Option<NotaryRow>>;
+    /// Replaces a seed record's tag (the one-time upgrade of records tagged
+    /// over fewer columns, [`crate::integrity::upgrade_legacy`]).
+    fn set_seed_tag(&mut self, id: DeviceId, generation: u8, tag: &[u8; 32]) -> Result<()> {
+        let _ = (id, generation, tag);
+        Err(Error::Database(
+            "this key database cannot re-tag seed records".into(),
+        ))
+    }
     /// Sets the seal of an existing notary record (the one-time upgrade of
     /// rows written before seals existed, [`crate::integrity::upgrade_legacy`]).
     fn set_notary_seal(&mut self, n: &NotaryRow) -> Result<()> {
@@ -318,9 +326,24 @@ pub trait Tx {
     /// Appends an audit entry to the hash chain.
     fn append_audit(&mut self, e: &NewAudit) -> Result<()>;
     /// The next line to import of the batch file with this SHA-256.
-    fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>>;
+    fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>> {
+        Ok(self.import_progress_sealed(file)?.map(|(n, _)| n))
+    }
     /// Records how far a batch file was imported.
-    fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()>;
+    fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()> {
+        self.set_import_progress_sealed(file, next_line, now, None)
+    }
+    /// The next line to import with its card tag over
+    /// [`crate::integrity::import_bytes`].
+    fn import_progress_sealed(&mut self, file: &[u8; 32]) -> Result<Option<(u64, Option<[u8; 32]>)>>;
+    /// Records how far a batch file was imported, with its card tag.
+    fn set_import_progress_sealed(
+        &mut self,
+        file: &[u8; 32],
+        next_line: u64,
+        now: u64,
+        seal: Option<&[u8; 32]>,
+    ) -> Result<()>;
 
     /// Deletes a seed record: only `integrity repair` does, to remove a
     /// row inserted outside the center or to put back a backup's copy

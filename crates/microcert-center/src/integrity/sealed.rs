@@ -127,6 +127,9 @@ impl Tx for SealedTx<'_> {
         }
         Ok(found)
     }
+    fn set_seed_tag(&mut self, id: DeviceId, generation: u8, tag: &[u8; 32]) -> Result<()> {
+        self.inner.set_seed_tag(id, generation, tag)
+    }
     fn set_notary_seal(&mut self, n: &NotaryRow) -> Result<()> {
         self.inner.set_notary_seal(n)
     }
@@ -160,10 +163,34 @@ impl Tx for SealedTx<'_> {
         self.inner.append_audit(e)
     }
     fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>> {
-        self.inner.import_progress(file)
+        Ok(self.import_progress_sealed(file)?.map(|(n, _)| n))
     }
     fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()> {
-        self.inner.set_import_progress(file, next_line, now)
+        self.set_import_progress_sealed(file, next_line, now, None)
+    }
+    /// A row without a seal (written before seals existed) counts as
+    /// absent: the import starts again from the first line, which is
+    /// idempotent. A row whose seal fails is refused.
+    fn import_progress_sealed(&mut self, file: &[u8; 32]) -> Result<Option<(u64, Option<[u8; 32]>)>> {
+        match self.inner.import_progress_sealed(file)? {
+            Some((_, None)) => Ok(None),
+            Some((n, Some(seal))) => {
+                super::check_import(self.card, file, n, &seal)?;
+                Ok(Some((n, Some(seal))))
+            }
+            None => Ok(None),
+        }
+    }
+    fn set_import_progress_sealed(
+        &mut self,
+        file: &[u8; 32],
+        next_line: u64,
+        now: u64,
+        _seal: Option<&[u8; 32]>,
+    ) -> Result<()> {
+        let seal = self.card.record_tag(&super::import_bytes(file, next_line))?;
+        self.inner
+            .set_import_progress_sealed(file, next_line, now, Some(&seal))
     }
     fn delete_seed(&mut self, id: DeviceId, generation: u8) -> Result<bool> {
         self.inner.delete_seed(id, generation)

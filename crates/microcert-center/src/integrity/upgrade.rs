@@ -15,12 +15,13 @@
 //! only when none of them exists yet: run again over a database that has
 //! them (someone undid the migration to have edited rows blessed), it
 //! changes nothing and says so loudly, and the integrity check names the
-//! edited rows. A seed record with `grace_until` is re-tagged only if its
-//! old tag (without `grace_until`) is valid.
+//! edited rows. A seed record is re-tagged over every column
+//! ([`super::record_bytes`]) only if its old tag ([`super::record_bytes_v1`],
+//! which left `grace_until`, the stored RECEIPT and the times out) is valid.
 
 use super::{
-    ALL_SHARDS, DigestDelta, NOTARY_BASE, check_device, command_bytes, notary_bytes,
-    record_bytes_v1, retag, shard_of,
+    ALL_SHARDS, DigestDelta, NOTARY_BASE, check_device, check_record, command_bytes,
+    is_v1_record, notary_bytes, record_bytes, shard_of,
 };
 use super::{COMMAND_BASE, DEVICE_BASE};
 use crate::card::EncryptionCard;
@@ -78,13 +79,21 @@ pub fn upgrade_legacy(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64)
         after_c = Some(last.0.device);
         commands.extend(page.into_iter().filter(|(_, s)| s.is_none()).map(|(c, _)| c));
     }
-    let mut grace = Vec::new();
+    // Seed records tagged over the old bytes: (device, generation, old
+    // tag, new tag), computed while scanning (not the rows: a million
+    // ciphertexts do not fit in memory, a million tags do).
+    let mut seeds = Vec::new();
     let mut after_s = None;
     loop {
         let page = db.scan_seeds(after_s, 1000)?;
         let Some(last) = page.last() else { break };
         after_s = Some((last.device, last.generation));
-        grace.extend(page.into_iter().filter(|s| s.grace_until.is_some()));
+        for s in page {
+            if check_record(card, &s).is_err() && is_v1_record(card, &s)? {
+                let new = card.record_tag(&record_bytes(&s))?;
+                seeds.push((s.device, s.generation, s.tag, new));
+            }
+        }
     }
     let mut tagged = 0u64;
     with_tx(db, |tx| {
@@ -104,15 +113,10 @@ pub fn upgrade_legacy(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64)
             delta.add_at(COMMAND_BASE + shard_of(c.device), None, Some(&seal));
             tagged += 1;
         }
-        for s in &grace {
-            let old = card.record_tag(&record_bytes_v1(s))?;
-            if subtle::ConstantTimeEq::ct_eq(&old[..], &s.tag[..]).into() {
-                let mut s = s.clone();
-                retag(card, &mut s)?;
-                tx.update_seed(&s)?;
-                delta.add(s.device, Some(&old), &s.tag);
-                tagged += 1;
-            }
+        for (d, g, old, new) in &seeds {
+            tx.set_seed_tag(*d, *g, new)?;
+            delta.add(*d, Some(old), new);
+            tagged += 1;
         }
         delta.flush(tx, card)?;
         crate::audit::append(
@@ -125,11 +129,11 @@ pub fn upgrade_legacy(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64)
                 device: None,
                 generation: None,
                 reason: format!(
-                    "card tags added: {} notary records, {} commands, {} devices in the digest, {} grace periods",
+                    "card tags added: {} notary records, {} commands, {} devices in the digest, {} seed records re-tagged over every column",
                     notary.len(),
                     commands.len(),
                     devices.len(),
-                    grace.len()
+                    seeds.len()
                 ),
             },
         )

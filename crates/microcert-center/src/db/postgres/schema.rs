@@ -128,6 +128,7 @@ CREATE TABLE imports (
 r#"
 ALTER TABLE notary ADD COLUMN seal BYTEA;
 ALTER TABLE commands ADD COLUMN seal BYTEA;
+ALTER TABLE imports ADD COLUMN seal BYTEA;
 "#];
 
 /// Advisory lock key that serialises migrations of several centers

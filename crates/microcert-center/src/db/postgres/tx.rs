@@ -282,6 +282,15 @@ impl Tx for PgTx<'_> {
         .transpose()
     }
 
+    fn set_seed_tag(&mut self, id: DeviceId, generation: u8, tag: &[u8; 32]) -> Result<()> {
+        self.wrote = true;
+        self.c.execute(
+            "UPDATE seeds SET tag = $3 WHERE device = $1 AND generation = $2",
+            &[&&id.0[..], &small(generation), &&tag[..]],
+        )?;
+        Ok(())
+    }
+
     fn set_notary_seal(&mut self, n: &NotaryRow) -> Result<()> {
         self.wrote = true;
         self.c.execute(
@@ -434,21 +443,33 @@ impl Tx for PgTx<'_> {
         Ok(n == 1)
     }
 
-    fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>> {
+    fn import_progress_sealed(&mut self, file: &[u8; 32]) -> Result<Option<(u64, Option<[u8; 32]>)>> {
         let row = self.c.query_opt(
-            "SELECT next_line FROM imports WHERE file_digest = $1",
+            "SELECT next_line, seal FROM imports WHERE file_digest = $1",
             &[&&file[..]],
         )?;
-        row.map(|r| Ok(g::<i64>(&r, 0)? as u64)).transpose()
+        row.map(|r| {
+            Ok((
+                g::<i64>(&r, 0)? as u64,
+                g::<Option<&[u8]>>(&r, 1)?.map(arr32).transpose()?,
+            ))
+        })
+        .transpose()
     }
 
-    fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()> {
+    fn set_import_progress_sealed(
+        &mut self,
+        file: &[u8; 32],
+        next_line: u64,
+        now: u64,
+        seal: Option<&[u8; 32]>,
+    ) -> Result<()> {
         self.wrote = true;
         self.c.execute(
-            "INSERT INTO imports (file_digest, next_line, updated) VALUES ($1, $2, $3) \
+            "INSERT INTO imports (file_digest, next_line, updated, seal) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (file_digest) DO UPDATE SET next_line = EXCLUDED.next_line, \
-             updated = EXCLUDED.updated",
-            &[&&file[..], &i(next_line), &i(now)],
+             updated = EXCLUDED.updated, seal = EXCLUDED.seal",
+            &[&&file[..], &i(next_line), &i(now), &seal.map(|s| &s[..])],
         )?;
         Ok(())
     }

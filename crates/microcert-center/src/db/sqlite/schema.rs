@@ -123,6 +123,7 @@ CREATE TABLE imports (
 r#"
 ALTER TABLE notary ADD COLUMN seal BLOB;
 ALTER TABLE commands ADD COLUMN seal BLOB;
+ALTER TABLE imports ADD COLUMN seal BLOB;
 "#];
 
 /// Brings the schema up to date; returns the version found when anything

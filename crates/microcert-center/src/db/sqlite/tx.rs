@@ -212,6 +212,14 @@ impl Tx for SqliteTx<'_> {
             .optional()?)
     }
 
+    fn set_seed_tag(&mut self, id: DeviceId, generation: u8, tag: &[u8; 32]) -> Result<()> {
+        self.tx.execute(
+            "UPDATE seeds SET tag = ?3 WHERE device = ?1 AND generation = ?2",
+            params![&id.0[..], generation, &tag[..]],
+        )?;
+        Ok(())
+    }
+
     fn set_notary_seal(&mut self, n: &NotaryRow) -> Result<()> {
         self.tx.execute(
             "UPDATE notary SET seal = ?6 WHERE device = ?1 AND generation = ?2 AND t = ?3 \
@@ -333,14 +341,18 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>> {
+    fn import_progress_sealed(&mut self, file: &[u8; 32]) -> Result<Option<(u64, Option<[u8; 32]>)>> {
         let mut st = self
             .tx
-            .prepare_cached("SELECT next_line FROM imports WHERE file_digest = ?1")?;
+            .prepare_cached("SELECT next_line, seal FROM imports WHERE file_digest = ?1")?;
         Ok(st
-            .query_row([&file[..]], |r| r.get::<_, i64>(0))
-            .optional()?
-            .map(|v| v as u64))
+            .query_row([&file[..]], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, Option<Vec<u8>>>(1)?.map(arr32).transpose()?,
+                ))
+            })
+            .optional()?)
     }
 
     fn delete_seed(&mut self, id: DeviceId, generation: u8) -> Result<bool> {
@@ -350,11 +362,18 @@ impl Tx for SqliteTx<'_> {
         Ok(st.execute(params![&id.0[..], generation])? == 1)
     }
 
-    fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()> {
+    fn set_import_progress_sealed(
+        &mut self,
+        file: &[u8; 32],
+        next_line: u64,
+        now: u64,
+        seal: Option<&[u8; 32]>,
+    ) -> Result<()> {
         let mut st = self.tx.prepare_cached(
-            "INSERT OR REPLACE INTO imports (file_digest, next_line, updated) VALUES (?1, ?2, ?3)",
+            "INSERT OR REPLACE INTO imports (file_digest, next_line, updated, seal) \
+             VALUES (?1, ?2, ?3, ?4)",
         )?;
-        st.execute(params![&file[..], i(next_line), i(now)])?;
+        st.execute(params![&file[..], i(next_line), i(now), seal.map(|s| &s[..])])?;
         Ok(())
     }
 }
