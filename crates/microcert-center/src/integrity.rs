@@ -41,19 +41,206 @@
 use sha2::{Digest, Sha256};
 
 use crate::card::EncryptionCard;
-use crate::db::{DeviceRow, DigestShard, SeedRow, Tx};
+use crate::db::{CommandRow, DeviceRow, DigestShard, NotaryRow, SeedRow, Tx};
 use crate::{Error, Result};
 
-/// Number of digest shards.
+mod sealed;
+mod upgrade;
+
+pub use sealed::Sealed;
+pub use upgrade::upgrade_legacy;
+
+/// Number of digest shards of each kind of row.
 pub const SHARDS: u8 = 16;
+
+/// Digest rows NOTARY_BASE.. hold the notary records' shards, by device
+/// like the seed records' (shards 0..[`SHARDS`]).
+pub const NOTARY_BASE: u8 = SHARDS;
+/// Digest rows COMMAND_BASE.. hold the commands' shards.
+pub const COMMAND_BASE: u8 = 2 * SHARDS;
+/// Digest rows DEVICE_BASE.. hold the device rows' shards.
+pub const DEVICE_BASE: u8 = 3 * SHARDS;
+/// Every digest row of records (the audit head is row 255).
+pub const ALL_SHARDS: u8 = 4 * SHARDS;
 
 /// The shard of a device.
 pub fn shard_of(device: microcert_core::DeviceId) -> u8 {
     device.0[7] % SHARDS
 }
 
-/// The canonical bytes of a seed record that its integrity tag covers.
+/// The center's database: `db` behind the sealing layer ([`Sealed`]),
+/// after the one-time upgrade of a database this process just migrated
+/// from schema version 1 ([`upgrade_legacy`]).
+pub fn seal_database(
+    db: std::sync::Arc<dyn crate::db::KeyDatabase>,
+    card: &std::sync::Arc<dyn EncryptionCard>,
+) -> std::sync::Arc<dyn crate::db::KeyDatabase> {
+    if db.migrated_from() == Some(1) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Err(e) = upgrade_legacy(&*db, &**card, now) {
+            tracing::error!(error = %e, "the upgrade of rows written before card tags failed: they are refused and named by the integrity check");
+        }
+    }
+    Sealed::wrap(db, card.clone())
+}
+
+/// What kind of rows a digest shard covers, for findings.
+pub fn shard_kind(shard: u8) -> &'static str {
+    match shard {
+        s if s < NOTARY_BASE => "seed records",
+        s if s < COMMAND_BASE => "notary records",
+        s if s < DEVICE_BASE => "commands",
+        s if s < ALL_SHARDS => "device rows",
+        _ => "audit head",
+    }
+}
+
+/// The canonical bytes of a notary record that its seal covers: which
+/// signature (device, generation, t, r, the signature's tag), over which
+/// data (its SHA-256) and since when (first_seen, which decides validity
+/// after a revocation).
+pub fn notary_bytes(n: &NotaryRow) -> Vec<u8> {
+    let mut b = Vec::with_capacity(80 + n.tag.len());
+    b.extend_from_slice(b"MC-NOT-v1");
+    b.extend_from_slice(&n.device.0);
+    b.push(n.generation);
+    b.extend_from_slice(&n.t.to_be_bytes());
+    b.extend_from_slice(&n.r.to_be_bytes());
+    b.extend_from_slice(&n.digest);
+    b.extend_from_slice(&(n.tag.len() as u32).to_be_bytes());
+    b.extend_from_slice(&n.tag);
+    b.extend_from_slice(&n.first_seen.to_be_bytes());
+    b
+}
+
+/// The canonical bytes of a command row that its seal covers: every
+/// column (the bytes by their SHA-256).
+pub fn command_bytes(c: &CommandRow) -> Vec<u8> {
+    let mut b = Vec::with_capacity(96);
+    b.extend_from_slice(b"MC-CMD-v1");
+    b.extend_from_slice(&c.device.0);
+    b.extend_from_slice(&c.counter.to_be_bytes());
+    b.push(c.opcode);
+    b.push(c.generation);
+    b.extend_from_slice(&c.r.to_be_bytes());
+    b.extend_from_slice(&Sha256::digest(&c.bytes.0));
+    b.extend_from_slice(&c.created.to_be_bytes());
+    match c.answered_at {
+        Some(a) => {
+            b.push(1);
+            b.extend_from_slice(&a.to_be_bytes());
+        }
+        None => b.extend_from_slice(&[0; 9]),
+    }
+    match c.status {
+        Some(st) => b.extend_from_slice(&[1, st]),
+        None => b.extend_from_slice(&[0, 0]),
+    }
+    b
+}
+
+/// The canonical bytes of a batch import's progress that its seal covers:
+/// the file's SHA-256 and the next line to import (which decides which
+/// lines a resumed import skips).
+pub fn import_bytes(file: &[u8; 32], next_line: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(50);
+    b.extend_from_slice(b"MC-IMP-v1");
+    b.extend_from_slice(file);
+    b.extend_from_slice(&next_line.to_be_bytes());
+    b
+}
+
+/// Checks an import progress row's seal.
+pub fn check_import(
+    card: &dyn EncryptionCard,
+    file: &[u8; 32],
+    next_line: u64,
+    seal: &[u8; 32],
+) -> Result<()> {
+    if tag_matches(card, &import_bytes(file, next_line), Some(seal))? {
+        Ok(())
+    } else {
+        tracing::error!("batch import progress fails its integrity tag");
+        Err(Error::Integrity(format!(
+            "import progress of batch file {}",
+            hex::encode(&file[..8])
+        )))
+    }
+}
+
+fn tag_matches(card: &dyn EncryptionCard, bytes: &[u8], tag: Option<&[u8; 32]>) -> Result<bool> {
+    let Some(tag) = tag else { return Ok(false) };
+    let want = card.record_tag(bytes)?;
+    Ok(subtle::ConstantTimeEq::ct_eq(&want[..], &tag[..]).into())
+}
+
+/// Checks a notary record's seal; Err(Integrity) names it.
+pub fn check_notary(card: &dyn EncryptionCard, n: &NotaryRow) -> Result<()> {
+    if tag_matches(card, &notary_bytes(n), n.seal.as_ref())? {
+        Ok(())
+    } else {
+        tracing::error!(device = %n.device, generation = n.generation, t = n.t, "notary record fails its integrity tag");
+        Err(Error::Integrity(format!(
+            "notary record {} generation {} t {} r {}",
+            n.device, n.generation, n.t, n.r
+        )))
+    }
+}
+
+/// Checks a command's seal; Err(Integrity) names the device.
+pub fn check_command(
+    card: &dyn EncryptionCard,
+    c: &CommandRow,
+    seal: Option<&[u8; 32]>,
+) -> Result<()> {
+    if tag_matches(card, &command_bytes(c), seal)? {
+        Ok(())
+    } else {
+        tracing::error!(device = %c.device, "command fails its integrity tag");
+        Err(Error::Integrity(format!("command of {}", c.device)))
+    }
+}
+
+/// The canonical bytes of a seed record that its integrity tag covers:
+/// every column (the ciphertext and the stored RECEIPT by their SHA-256).
+/// Besides what decides what the record may do (device, generation,
+/// state, base year, suite, Kstore version, ciphertext, the key the ENROLL
+/// came under, its t and r, the compromise time, the grace period's end),
+/// it covers what answers a retransmitted ENROLL (its digest and the
+/// RECEIPT) and the life-cycle times.
 pub fn record_bytes(s: &SeedRow) -> Vec<u8> {
+    let mut b = record_bytes_v1(s);
+    b[..9].copy_from_slice(b"MC-REC-v2");
+    let opt = |b: &mut Vec<u8>, v: Option<u64>| match v {
+        Some(v) => {
+            b.push(1);
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        None => b.extend_from_slice(&[0; 9]),
+    };
+    opt(&mut b, s.grace_until);
+    b.extend_from_slice(&s.enroll_digest);
+    b.extend_from_slice(&Sha256::digest(&s.receipt.0));
+    b.extend_from_slice(&s.created.to_be_bytes());
+    opt(&mut b, s.activated_at);
+    opt(&mut b, s.suspended_at);
+    opt(&mut b, s.deactivated_at);
+    opt(&mut b, s.destroyed_at);
+    b
+}
+
+/// Whether a record's tag is of the form before every column was covered
+/// ("MC-REC-v1", [`record_bytes_v1`]) and valid as such: a database or a
+/// backup written by an older version (the upgrade re-tags them).
+pub fn is_v1_record(card: &dyn EncryptionCard, s: &SeedRow) -> Result<bool> {
+    tag_matches(card, &record_bytes_v1(s), Some(&s.tag))
+}
+
+/// The bytes before every column was covered (only the upgrade of a
+/// database or a backup written by an older version reads them).
+pub fn record_bytes_v1(s: &SeedRow) -> Vec<u8> {
     let mut b = Vec::with_capacity(96);
     b.extend_from_slice(b"MC-REC-v1");
     b.extend_from_slice(&s.device.0);
@@ -181,12 +368,26 @@ pub fn apply_change(
     d.flush(tx, card)
 }
 
+/// Like [`apply_change`], on digest row `shard` (notary, command and
+/// device shards: [`NOTARY_BASE`], [`COMMAND_BASE`], [`DEVICE_BASE`]).
+pub fn apply_change_at(
+    tx: &mut dyn Tx,
+    card: &dyn EncryptionCard,
+    shard: u8,
+    old: Option<&[u8; 32]>,
+    new: Option<&[u8; 32]>,
+) -> Result<()> {
+    let mut d = DigestDelta::default();
+    d.add_at(shard, old, new);
+    d.flush(tx, card)
+}
+
 /// Record changes collected over many records of one transaction and
 /// applied to each touched shard once (a batch import touches every shard
 /// once per chunk instead of once per record).
 #[derive(Debug, Default)]
 pub struct DigestDelta {
-    shards: Vec<(u8, [u8; 32], u64, u64)>,
+    shards: Vec<(u8, [u8; 32], i64, u64)>,
 }
 
 impl DigestDelta {
@@ -197,7 +398,12 @@ impl DigestDelta {
         old: Option<&[u8; 32]>,
         new: &[u8; 32],
     ) {
-        let shard = shard_of(device);
+        self.add_at(shard_of(device), old, Some(new));
+    }
+
+    /// Adds one change to digest row `shard`: `old` None for an insert,
+    /// `new` None for a delete.
+    pub fn add_at(&mut self, shard: u8, old: Option<&[u8; 32]>, new: Option<&[u8; 32]>) {
         let pos = match self.shards.iter().position(|s| s.0 == shard) {
             Some(p) => p,
             None => {
@@ -206,12 +412,14 @@ impl DigestDelta {
             }
         };
         let e = &mut self.shards[pos];
-        if let Some(o) = old {
-            xor_into(&mut e.1, o);
-        } else {
-            e.2 += 1;
+        match old {
+            Some(o) => xor_into(&mut e.1, o),
+            None => e.2 += 1,
         }
-        xor_into(&mut e.1, new);
+        match new {
+            Some(n) => xor_into(&mut e.1, n),
+            None => e.2 -= 1,
+        }
         e.3 += 1;
     }
 
@@ -221,7 +429,7 @@ impl DigestDelta {
         for (shard, x, added, changes) in self.shards.drain(..) {
             let mut s = load_shard(tx, card, shard)?;
             xor_into(&mut s.acc, &x);
-            s.count += added;
+            s.count = s.count.saturating_add_signed(added);
             s.seq += changes;
             s.tag = card.digest_tag(&shard_bytes(&s))?;
             tx.put_digest_shard(&s)?;
@@ -247,6 +455,11 @@ pub struct IntegrityReport {
     pub bad_shards: Vec<u8>,
     /// Device rows whose tag does not match.
     pub bad_devices: Vec<microcert_core::DeviceId>,
+    /// Notary records whose seal does not match (or that have none):
+    /// (device, generation, t, r).
+    pub bad_notary: Vec<(microcert_core::DeviceId, u8, u32, u64)>,
+    /// Devices whose command row fails its seal.
+    pub bad_commands: Vec<microcert_core::DeviceId>,
     /// Seeds the audit log says were enrolled that are not in the
     /// database (deleted rows).
     pub missing_records: Vec<(microcert_core::DeviceId, u8)>,
@@ -268,6 +481,8 @@ impl IntegrityReport {
         self.bad_records.is_empty()
             && self.bad_shards.is_empty()
             && self.bad_devices.is_empty()
+            && self.bad_notary.is_empty()
+            && self.bad_commands.is_empty()
             && self.missing_records.is_empty()
             && self.rolled_back_shards.is_empty()
             && self.audit.is_none()
@@ -282,6 +497,8 @@ impl IntegrityReport {
             .chain(&self.missing_records)
             .map(|(d, _)| *d)
             .chain(self.bad_devices.iter().copied())
+            .chain(self.bad_commands.iter().copied())
+            .chain(self.bad_notary.iter().map(|n| n.0))
             .collect();
         v.sort_unstable();
         v.dedup();
@@ -300,8 +517,14 @@ impl IntegrityReport {
         for d in &self.bad_devices {
             out.push(format!("device {d}: device row fails its integrity tag"));
         }
+        for (d, g, t, r) in &self.bad_notary {
+            out.push(format!("notary record {d} generation {g} t {t} r {r}: fails its integrity tag (changed, moved, or inserted outside the center)"));
+        }
+        for d in &self.bad_commands {
+            out.push(format!("command of {d}: fails its integrity tag (changed, moved, or inserted outside the center)"));
+        }
         for s in &self.bad_shards {
-            out.push(format!("digest shard {s}: does not match its records (a record deleted, inserted or put back)"));
+            out.push(format!("digest shard {s} ({}): does not match its rows (a row deleted, inserted or put back)", shard_kind(*s)));
         }
         if !self.rolled_back_shards.is_empty() {
             out.push(format!(
@@ -353,7 +576,12 @@ pub fn scan(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Resul
 fn scan_in(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result<IntegrityReport> {
     let mut report = IntegrityReport::default();
     let mut enrolled = enrolled_per_audit(db)?;
-    let mut acc = vec![([0u8; 32], 0u64); usize::from(SHARDS)];
+    let mut acc = vec![([0u8; 32], 0u64); usize::from(ALL_SHARDS)];
+    let mut add = |shard: u8, tag: &[u8; 32]| {
+        let a = &mut acc[usize::from(shard)];
+        xor_into(&mut a.0, tag);
+        a.1 += 1;
+    };
     let mut after = None;
     loop {
         let page = db.scan_seeds(after, 1000)?;
@@ -365,9 +593,7 @@ fn scan_in(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result
             if check_record(card, s).is_err() {
                 report.bad_records.push((s.device, s.generation));
             }
-            let a = &mut acc[usize::from(shard_of(s.device))];
-            xor_into(&mut a.0, &s.tag);
-            a.1 += 1;
+            add(shard_of(s.device), &s.tag);
         }
     }
     let mut after_dev = None;
@@ -384,12 +610,41 @@ fn scan_in(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result
             if check_device(card, &v.device).is_err() {
                 report.bad_devices.push(v.device.id);
             }
+            add(DEVICE_BASE + shard_of(v.device.id), &v.device.tag);
+        }
+    }
+    let mut after_cmd = None;
+    loop {
+        let page = db.scan_commands(after_cmd, 1000)?;
+        let Some(last) = page.last() else { break };
+        after_cmd = Some(last.0.device);
+        for (c, seal) in &page {
+            if check_command(card, c, seal.as_ref()).is_err() {
+                report.bad_commands.push(c.device);
+            }
+            if let Some(t) = seal {
+                add(COMMAND_BASE + shard_of(c.device), t);
+            }
+        }
+    }
+    let mut after_not: Option<crate::db::NotaryRow> = None;
+    loop {
+        let page = db.scan_notary(after_not.as_ref(), 1000)?;
+        let Some(last) = page.last() else { break };
+        after_not = Some(last.clone());
+        for n in &page {
+            if check_notary(card, n).is_err() {
+                report.bad_notary.push((n.device, n.generation, n.t, n.r));
+            }
+            if let Some(t) = &n.seal {
+                add(NOTARY_BASE + shard_of(n.device), t);
+            }
         }
     }
     report.missing_records = enrolled.into_iter().collect();
     report.missing_records.sort_unstable();
     let stored = db.digest_shards()?;
-    for shard in 0..SHARDS {
+    for shard in 0..ALL_SHARDS {
         let (x, n) = acc[usize::from(shard)];
         let ok = match stored.iter().find(|s| s.shard == shard) {
             Some(s) => {

@@ -171,6 +171,25 @@ impl Center {
                 .chain(&found.missing_records)
                 .map(|(d, _)| integrity::shard_of(*d)),
         );
+        // Notary records, commands and device-row shards are not repaired
+        // row by row (a device row is, below, from its backup copy).
+        for (d, g, t, r) in &found.bad_notary {
+            out.refused.push(format!(
+                "notary record {d} generation {g} t {t} r {r} fails its tag: it is refused by verification; restore the whole database from a backup to get it back"
+            ));
+        }
+        for d in &found.bad_commands {
+            out.refused.push(format!(
+                "command of {d} fails its tag: restore the whole database from a backup (its pending commands are rebuilt)"
+            ));
+        }
+        for s in shards.iter().filter(|&&s| s >= SHARDS && s < integrity::DEVICE_BASE) {
+            out.refused.push(format!(
+                "digest shard {s} ({}) does not match its rows: restore the whole database from a backup",
+                integrity::shard_kind(*s)
+            ));
+        }
+        shards.retain(|&s| s < SHARDS);
         let stored = db.digest_shards()?;
         let mut used = BTreeSet::new();
         for shard in shards {
@@ -342,12 +361,12 @@ fn audit_repair(
 pub fn restore_sqlite_file(
     db_path: &Path,
     backup_file: &Path,
-    card: &dyn crate::EncryptionCard,
+    card: &std::sync::Arc<dyn crate::EncryptionCard>,
     anchor: Option<&Path>,
     actor: &str,
     now: u64,
 ) -> Result<Option<PathBuf>> {
-    let b = backup::read(backup_file, card)?;
+    let b = backup::read(backup_file, &**card)?;
     let aside = if db_path.exists() {
         let aside = PathBuf::from(format!("{}.replaced-{now}", db_path.display()));
         std::fs::rename(db_path, &aside)?;
@@ -362,10 +381,21 @@ pub fn restore_sqlite_file(
         None
     };
     let db = crate::SqliteDatabase::open(db_path)?;
-    backup::restore_into(&db, card, &b, actor, now)?;
+    backup::restore_into(&db, &**card, &b, actor, now)?;
+    // As `backup restore` does: pending commands get a fresh counter, t
+    // and r (PROTOCOL.md 6); restore_into raised every counter to `now`.
+    let center = Center::new(
+        std::sync::Arc::new(db),
+        card.clone(),
+        crate::CenterConfig::default(),
+    );
+    let rebuilt = center.rebuild_pending_commands(actor, now)?;
+    if rebuilt > 0 {
+        tracing::info!(rebuilt, "pending commands rebuilt after the restore");
+    }
     if let Some(a) = anchor {
-        let mark = crate::anchor::Anchor::of(&db, card, now)?;
-        crate::anchor::reset(a, card, &mark)?;
+        let mark = crate::anchor::Anchor::of(center.database(), &**card, now)?;
+        crate::anchor::reset(a, &**card, &mark)?;
     }
     Ok(aside)
 }

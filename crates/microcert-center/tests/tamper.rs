@@ -322,7 +322,9 @@ fn an_older_copy_of_the_whole_file_is_detected_and_restored() {
     assert!(!r.is_clean());
     let mut rolled = r.rolled_back_shards.clone();
     rolled.sort();
-    assert_eq!(rolled, vec![9, 10], "{r:?}");
+    // Seed shards 9 and 10, and device 9's REVOKE command and its device
+    // row (counter) in the command and device-row shards.
+    assert_eq!(rolled, vec![9, 10, 32 + 9, 48 + 9], "{r:?}");
     assert!(r.audit.as_deref().unwrap().contains("older copy"));
     assert!(r.findings().join("\n").contains("database rolled back"));
     // The revoked device would verify on the old copy: the operator sees
@@ -338,7 +340,7 @@ fn an_older_copy_of_the_whole_file_is_detected_and_restored() {
     let aside = microcert_center::repair::restore_sqlite_file(
         &db,
         &whole,
-        &*card,
+        &(card.clone() as Arc<dyn microcert_center::EncryptionCard>),
         Some(&anchor),
         "ops",
         NOW + 10,

@@ -215,7 +215,7 @@ pub fn integrity_repair(local: &LocalArgs, dir: Option<PathBuf>) -> anyhow::Resu
         let aside = microcert_center::repair::restore_sqlite_file(
             &local.data.database(),
             whole,
-            &*card,
+            &card,
             Some(&anchor),
             ACTOR,
             now(),

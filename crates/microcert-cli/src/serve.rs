@@ -164,6 +164,8 @@ pub fn open_center_at(
         None => Center::open_sqlite(&data.database(), card, config),
     }
     .context("cannot open the key database")?;
+    // The card's anchor follows every committed change (issue 12).
+    center.keep_anchor(&crate::maint::anchor_file(&data.dir))?;
     Ok(Arc::new(center))
 }
 
@@ -251,6 +253,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         config,
         database.as_deref(),
     )?;
+    if let Some(f) = center.rolled_back() {
+        bail!("refusing to serve: {f}");
+    }
     let tokens = Arc::new(TokenStore::open(&args.data.dir)?);
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()

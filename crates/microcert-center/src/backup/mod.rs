@@ -97,10 +97,10 @@ impl Backup {
 
     /// The high-water mark of the database this is a copy of.
     pub fn mark(&self) -> Anchor {
-        let mut shard_seq = [0u64; SHARDS as usize];
+        let mut shard_seq = [0u64; integrity::ALL_SHARDS as usize];
         let mut audit = (0, [0u8; 32]);
         for s in &self.shards {
-            if s.shard < SHARDS {
+            if s.shard < integrity::ALL_SHARDS {
                 shard_seq[usize::from(s.shard)] = s.seq;
             } else if s.shard == AUDIT_HEAD_SHARD {
                 audit = (s.count, s.acc);
@@ -128,7 +128,12 @@ impl Backup {
     pub fn check(&self, card: &dyn EncryptionCard) -> Result<()> {
         let mut acc = vec![([0u8; 32], 0u64); usize::from(SHARDS)];
         for s in &self.seeds {
-            integrity::check_record(card, s)?;
+            // A backup made before every column was covered holds records
+            // tagged the old way; its MAC vouches for them, and a restore
+            // re-tags them.
+            if integrity::check_record(card, s).is_err() && !integrity::is_v1_record(card, s)? {
+                integrity::check_record(card, s)?;
+            }
             let a = &mut acc[usize::from(integrity::shard_of(s.device))];
             for (x, t) in a.0.iter_mut().zip(&s.tag) {
                 *x ^= t;
@@ -137,6 +142,12 @@ impl Backup {
         }
         for d in &self.devices {
             integrity::check_device(card, d)?;
+        }
+        // Notary records of a backup made since they carry a seal must
+        // have a good one (a tampered record is not carried into a
+        // restore); older backups have none and their MAC vouches.
+        for n in self.notary.iter().filter(|n| n.seal.is_some()) {
+            integrity::check_notary(card, n)?;
         }
         for shard in 0..SHARDS {
             let (x, n) = acc[usize::from(shard)];
@@ -336,7 +347,8 @@ pub fn encode(b: &Backup, card: &dyn EncryptionCard) -> Result<Vec<u8>> {
     for n in &b.notary {
         line(json!({"t": "notary", "device": hex::encode(n.device.0),
             "generation": n.generation, "t_": n.t, "r": n.r, "digest": hex::encode(n.digest),
-            "tag": hex::encode(&n.tag), "first_seen": n.first_seen}))?;
+            "tag": hex::encode(&n.tag), "first_seen": n.first_seen,
+            "seal": n.seal.map(hex::encode)}))?;
     }
     for a in &b.audit {
         let mut v = crate::audit::to_json(a);
@@ -436,22 +448,92 @@ pub fn restore_into(
         ));
     }
     b.check(card)?;
-    db.transaction(&mut |tx| {
-        for d in &b.devices {
-            tx.insert_device(d)?;
+    // Written without the sealing layer: this writes the seals and the
+    // notary, command and device shards itself (rebuilt from the rows).
+    let db = db.unsealed().unwrap_or(db);
+    // Counters never go back: every device's is raised to at least the
+    // restore time, so a command built after the restore (counter =
+    // max(previous + 1, now)) is above any the node accepted from the
+    // database as it was after this backup (PROTOCOL.md 6).
+    let floor = u32::try_from(now).unwrap_or(u32::MAX);
+    let mut devices = Vec::with_capacity(b.devices.len());
+    for d in &b.devices {
+        let mut d = d.clone();
+        if d.command_counter < floor {
+            d.command_counter = floor;
+            integrity::retag_device(card, &mut d)?;
         }
-        for s in &b.seeds {
+        devices.push(d);
+    }
+    // Records of a backup made before every column was covered get their
+    // tag over every column, and their shards follow.
+    let mut seeds = b.seeds.clone();
+    let mut shards: Vec<DigestShard> = b
+        .shards
+        .iter()
+        .filter(|s| s.shard < SHARDS || s.shard == AUDIT_HEAD_SHARD)
+        .cloned()
+        .collect();
+    for s in seeds.iter_mut() {
+        if integrity::check_record(card, s).is_err() {
+            let old = s.tag;
+            integrity::retag(card, s)?;
+            let shard = integrity::shard_of(s.device);
+            let row = shards.iter_mut().find(|x| x.shard == shard).ok_or_else(|| {
+                Error::Integrity(format!("backup: digest shard {shard} is missing"))
+            })?;
+            for ((a, o), n) in row.acc.iter_mut().zip(&old).zip(&s.tag) {
+                *a ^= o ^ n;
+            }
+        }
+    }
+    for row in shards.iter_mut().filter(|s| s.shard < SHARDS) {
+        row.tag = card.digest_tag(&integrity::shard_bytes(row))?;
+    }
+    let mut sealed_commands = Vec::with_capacity(b.commands.len());
+    for c in &b.commands {
+        sealed_commands.push((c, card.record_tag(&integrity::command_bytes(c))?));
+    }
+    let mut sealed_notary = Vec::with_capacity(b.notary.len());
+    for n in &b.notary {
+        let mut n = n.clone();
+        n.seal = Some(card.record_tag(&integrity::notary_bytes(&n))?);
+        sealed_notary.push(n);
+    }
+    db.transaction(&mut |tx| {
+        let mut delta = integrity::DigestDelta::default();
+        for d in &devices {
+            tx.insert_device(d)?;
+            delta.add_at(
+                integrity::DEVICE_BASE + integrity::shard_of(d.id),
+                None,
+                Some(&d.tag),
+            );
+        }
+        for s in &seeds {
             tx.insert_seed(s)?;
         }
-        for s in &b.shards {
+        for s in &shards {
             tx.put_digest_shard(s)?;
         }
-        for c in &b.commands {
-            tx.put_command(c)?;
+        for (c, seal) in &sealed_commands {
+            tx.put_command_sealed(c, Some(seal))?;
+            delta.add_at(
+                integrity::COMMAND_BASE + integrity::shard_of(c.device),
+                None,
+                Some(seal),
+            );
         }
-        for n in &b.notary {
-            tx.notarize(n)?;
+        for n in &sealed_notary {
+            if tx.notarize(n)?.1 {
+                delta.add_at(
+                    integrity::NOTARY_BASE + integrity::shard_of(n.device),
+                    None,
+                    n.seal.as_ref(),
+                );
+            }
         }
+        delta.flush(tx, card)?;
         for a in &b.audit {
             tx.append_audit(&a.entry)?;
         }

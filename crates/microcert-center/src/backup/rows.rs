@@ -134,6 +134,12 @@ pub(super) fn parse_notary(v: &Value) -> Option<NotaryRow> {
         digest: h32(&v["digest"])?,
         tag: hex::decode(v["tag"].as_str()?).ok()?,
         first_seen: u(&v["first_seen"])?,
+        // Backups of version 1 have none: the restore seals every record
+        // again (the backup's MAC vouches for it).
+        seal: match &v["seal"] {
+            Value::Null => None,
+            x => Some(h32(x)?),
+        },
     })
 }
 

@@ -275,6 +275,22 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
         ))
     }
 
+    /// The card's copy of the anchor named `name` ([`crate::anchor`]), if
+    /// the card keeps one. The default keeps none (the anchor is then only
+    /// the file beside the database: the software card).
+    fn load_anchor(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let _ = name;
+        Ok(None)
+    }
+
+    /// Keeps `bytes` (an anchor with its tag) as the card's copy named
+    /// `name`, replacing the previous one; false when the card keeps none
+    /// (the default). A PKCS#11 token keeps it as a private token object.
+    fn store_anchor(&self, name: &str, bytes: &[u8]) -> Result<bool> {
+        let _ = (name, bytes);
+        Ok(false)
+    }
+
     /// Destroys an old Kstore version (never the current one): the center
     /// calls it once no record and no kept backup is sealed under it
     /// ([`crate::Center::rotate_storage_key`]). The default refuses.

@@ -377,7 +377,11 @@ impl Center {
                 // until the new one is first used.
                 if let Some(prev) = seeds.last_mut() {
                     prev.grace_until = Some(now.saturating_add(self.config.grace_period));
+                    // grace_until is covered by the record's tag.
+                    let old_tag = prev.tag;
+                    integrity::retag(&*self.card, prev)?;
                     tx.update_seed(prev)?;
+                    integrity::apply_change(tx, &*self.card, id, Some(&old_tag), &prev.tag)?;
                 }
                 if let Some(mut cmd) = tx.command(id)?
                     && cmd.answered_at.is_none()

@@ -83,6 +83,45 @@ impl Center {
         Ok(r)
     }
 
+    /// Keeps the card's anchor at `path` following this center's database
+    /// from now on ([`crate::anchor::Keeper`]: at most a second behind each
+    /// committed change, written again when the center is dropped). First
+    /// compares the database with it: the finding, when the database is
+    /// older (put back to an older copy), is logged as an error, returned
+    /// and kept ([`Center::rolled_back`]). Once per center; later calls
+    /// return the first one's finding.
+    pub fn keep_anchor(&self, path: &Path) -> Result<Option<String>> {
+        if let Some(k) = self.anchor.get() {
+            return Ok(k.rolled_back().map(str::to_string));
+        }
+        let k = anchor::Keeper::start(
+            self.db.clone(),
+            self.card.clone(),
+            path.to_path_buf(),
+            std::time::Duration::from_secs(1),
+        )?;
+        let found = k.rolled_back().map(str::to_string);
+        let _ = self.anchor.set(k);
+        Ok(found)
+    }
+
+    /// The database was older than the card's anchor when
+    /// [`Center::keep_anchor`] started: the finding.
+    pub fn rolled_back(&self) -> Option<String> {
+        self.anchor
+            .get()
+            .and_then(|k| k.rolled_back().map(str::to_string))
+    }
+
+    /// Writes the kept anchor now if the database moved (tests; `serve`
+    /// relies on the keeper's thread and its last write at drop).
+    pub fn flush_anchor(&self) -> Result<()> {
+        match self.anchor.get() {
+            Some(k) => k.flush(),
+            None => Ok(()),
+        }
+    }
+
     /// Moves the card's anchor forward to the database's current mark
     /// (never back). Call it only when the database is known good.
     pub fn refresh_anchor(&self, path: &Path, now: u64) -> Result<Anchor> {

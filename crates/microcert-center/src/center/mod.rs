@@ -57,6 +57,9 @@ pub struct Center {
     /// software card) per 512 receipts instead of one each.
     receipt_r: std::sync::Mutex<RandomPool>,
     config: CenterConfig,
+    /// Keeps the card's anchor following the database once told where it
+    /// is ([`Center::keep_anchor`]); writes it a last time when dropped.
+    anchor: std::sync::OnceLock<crate::anchor::Keeper>,
 }
 
 /// Bytes drawn from the card's random generator, used once each. They only
@@ -170,6 +173,7 @@ impl Center {
         config: CenterConfig,
         replay: Replay,
     ) -> Self {
+        let db = integrity::seal_database(db, &card);
         let cache = Arc::new(SeedCache::new(
             config.cache_capacity,
             Duration::from_secs(config.cache_ttl_secs),
@@ -198,6 +202,7 @@ impl Center {
             sqlite: None,
             receipt_r: std::sync::Mutex::new(RandomPool::new()),
             config,
+            anchor: std::sync::OnceLock::new(),
         }
     }
 

@@ -463,12 +463,16 @@ impl Center {
                 digest: *digest,
                 tag: msg.tag.to_vec(),
                 first_seen: now,
+                seal: None,
             };
-            let stored = with_tx(&*self.db, |tx| tx.notarize(&record))?;
+            // The sealing layer tags the record and refuses a stored one
+            // whose tag fails.
+            let (stored, _) = with_tx(&*self.db, |tx| tx.notarize(&record))?;
             return Ok(outcome(stored.first_seen));
         }
         // Not usable now: valid only as the notary recorded it while the
         // seed was usable (for a Compromised seed, before the compromise).
+        // A record failing its card tag is refused (Error::Integrity).
         let refused = usable.err().unwrap_or(Error::NotActive);
         let found = with_tx(&*self.db, |tx| {
             tx.notary(h.device, h.generation, h.t, h.r, digest)

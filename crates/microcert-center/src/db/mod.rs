@@ -178,6 +178,11 @@ pub struct NotaryRow {
     pub tag: Vec<u8>,
     /// When the center first verified it.
     pub first_seen: u64,
+    /// The card's tag over [`crate::integrity::notary_bytes`] (domain
+    /// "MC-REC", bytes "MC-NOT-v1" ...): None for a row written before the
+    /// tag existed (refused until the upgrade tags it). Set by the center's
+    /// sealing layer ([`crate::integrity::Sealed`]), not by callers.
+    pub seal: Option<[u8; 32]>,
 }
 
 /// One shard of the database digest (see [`crate::integrity`]).
@@ -271,8 +276,9 @@ pub trait Tx {
     /// Records challenge c of a device as used; false when it already was.
     fn spend_challenge(&mut self, id: DeviceId, c: &[u8; 8], expires: u64) -> Result<bool>;
     /// Records a verified signature unless already recorded; returns the
-    /// stored record (with the first first_seen).
-    fn notarize(&mut self, n: &NotaryRow) -> Result<NotaryRow>;
+    /// stored record (with the first first_seen) and whether this call
+    /// inserted it.
+    fn notarize(&mut self, n: &NotaryRow) -> Result<(NotaryRow, bool)>;
     /// A notary record of exactly this signature.
     fn notary(
         &mut self,
@@ -282,10 +288,37 @@ pub trait Tx {
         r: u64,
         digest: &[u8; 32],
     ) -> Result<Option<NotaryRow>>;
+    /// Replaces a seed record's tag (the one-time upgrade of records tagged
+    /// over fewer columns, [`crate::integrity::upgrade_legacy`]).
+    fn set_seed_tag(&mut self, id: DeviceId, generation: u8, tag: &[u8; 32]) -> Result<()> {
+        let _ = (id, generation, tag);
+        Err(Error::Database(
+            "this key database cannot re-tag seed records".into(),
+        ))
+    }
+    /// Sets the seal of an existing notary record (the one-time upgrade of
+    /// rows written before seals existed, [`crate::integrity::upgrade_legacy`]).
+    fn set_notary_seal(&mut self, n: &NotaryRow) -> Result<()> {
+        let _ = n;
+        Err(Error::Database(
+            "this key database cannot seal notary records".into(),
+        ))
+    }
     /// The device's latest command, pending or answered.
-    fn command(&mut self, id: DeviceId) -> Result<Option<CommandRow>>;
+    fn command(&mut self, id: DeviceId) -> Result<Option<CommandRow>> {
+        Ok(self.command_sealed(id)?.map(|(c, _)| c))
+    }
     /// Stores the device's latest command (replacing the previous one).
-    fn put_command(&mut self, c: &CommandRow) -> Result<()>;
+    /// The center's sealing layer ([`crate::integrity::Sealed`]) replaces
+    /// this with [`Tx::put_command_sealed`] and the card's tag.
+    fn put_command(&mut self, c: &CommandRow) -> Result<()> {
+        self.put_command_sealed(c, None)
+    }
+    /// The device's latest command with its card tag over
+    /// [`crate::integrity::command_bytes`] (None: written without one).
+    fn command_sealed(&mut self, id: DeviceId) -> Result<Option<(CommandRow, Option<[u8; 32]>)>>;
+    /// Stores the device's latest command with its card tag.
+    fn put_command_sealed(&mut self, c: &CommandRow, seal: Option<&[u8; 32]>) -> Result<()>;
     /// A digest shard, None if never written.
     fn digest_shard(&mut self, shard: u8) -> Result<Option<DigestShard>>;
     /// Writes a digest shard.
@@ -293,9 +326,24 @@ pub trait Tx {
     /// Appends an audit entry to the hash chain.
     fn append_audit(&mut self, e: &NewAudit) -> Result<()>;
     /// The next line to import of the batch file with this SHA-256.
-    fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>>;
+    fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>> {
+        Ok(self.import_progress_sealed(file)?.map(|(n, _)| n))
+    }
     /// Records how far a batch file was imported.
-    fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()>;
+    fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()> {
+        self.set_import_progress_sealed(file, next_line, now, None)
+    }
+    /// The next line to import with its card tag over
+    /// [`crate::integrity::import_bytes`].
+    fn import_progress_sealed(&mut self, file: &[u8; 32]) -> Result<Option<(u64, Option<[u8; 32]>)>>;
+    /// Records how far a batch file was imported, with its card tag.
+    fn set_import_progress_sealed(
+        &mut self,
+        file: &[u8; 32],
+        next_line: u64,
+        now: u64,
+        seal: Option<&[u8; 32]>,
+    ) -> Result<()>;
 
     /// Deletes a seed record: only `integrity repair` does, to remove a
     /// row inserted outside the center or to put back a backup's copy
@@ -362,6 +410,34 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
         Err(Error::Database(
             "this key database cannot list notary records for a backup".into(),
         ))
+    }
+
+    /// Every device's latest command with its card tag, in device order
+    /// after `after`, at most `limit`: the integrity scan.
+    fn scan_commands(
+        &self,
+        after: Option<DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<(CommandRow, Option<[u8; 32]>)>> {
+        let _ = (after, limit);
+        Err(Error::Database(
+            "this key database cannot list commands for the integrity scan".into(),
+        ))
+    }
+
+    /// The database under the center's sealing layer
+    /// ([`crate::integrity::Sealed`]); None when this is not one.
+    fn unsealed(&self) -> Option<&dyn KeyDatabase> {
+        None
+    }
+
+    /// The schema version this process found before it migrated the
+    /// database in this open (None when it migrated nothing): the center
+    /// tags rows written before the card covered them only right after
+    /// the migration that added their tag columns (see
+    /// [`crate::integrity::upgrade_legacy`]).
+    fn migrated_from(&self) -> Option<u32> {
+        None
     }
 
     /// Makes erased data (a destroyed ciphertext) leave the storage files

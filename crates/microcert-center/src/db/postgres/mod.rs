@@ -49,7 +49,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use super::{
-    AuditRecord, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit, NotaryRow, SeedRow,
+    AuditRecord, CommandRow, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit, NotaryRow, SeedRow,
     Tx,
 };
 use crate::{Error, Result};
@@ -340,6 +340,9 @@ pub struct PostgresDatabase {
     pool: Pool,
     /// The URL without its password, for logs and Debug.
     shown: String,
+    /// The schema version found when this open migrated (see
+    /// [`KeyDatabase::migrated_from`]).
+    migrated_from: Option<u32>,
 }
 
 impl std::fmt::Debug for PostgresDatabase {
@@ -391,10 +394,14 @@ impl PostgresDatabase {
                 freed: Condvar::new(),
             },
             shown: redact(url),
+            migrated_from: None,
         };
+        let mut db = db;
         {
             let conn = db.pool.get()?;
-            schema::migrate(&conn.client)?;
+            let from = schema::migrate(&conn.client)?;
+            drop(conn);
+            db.migrated_from = from;
         }
         tracing::info!(url = %db.shown, "PostgreSQL key database open");
         Ok(db)
@@ -501,6 +508,18 @@ impl KeyDatabase for PostgresDatabase {
         read::scan_notary(&mut *self.pool.get()?, after, limit)
     }
 
+    fn scan_commands(
+        &self,
+        after: Option<DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<(CommandRow, Option<[u8; 32]>)>> {
+        read::scan_commands(&mut *self.pool.get()?, after, limit)
+    }
+
+    fn migrated_from(&self) -> Option<u32> {
+        self.migrated_from
+    }
+
     fn prune(&self, now: u64) -> Result<u64> {
         let mut c = self.pool.get()?;
         c.batch("BEGIN")?;
@@ -603,6 +622,13 @@ impl KeyDatabase for Snapshot<'_> {
     }
     fn scan_notary(&self, after: Option<&NotaryRow>, limit: usize) -> Result<Vec<NotaryRow>> {
         self.with(|c| read::scan_notary(c, after, limit))
+    }
+    fn scan_commands(
+        &self,
+        after: Option<DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<(CommandRow, Option<[u8; 32]>)>> {
+        self.with(|c| read::scan_commands(c, after, limit))
     }
     fn prune(&self, _now: u64) -> Result<u64> {
         Err(Error::Database("a read snapshot cannot write".into()))

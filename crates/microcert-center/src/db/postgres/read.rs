@@ -1,6 +1,7 @@
 //! The read-only queries, over one connection.
 
 use super::*;
+use crate::db::{Blob, CommandRow};
 
 fn limit_of(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
@@ -132,7 +133,7 @@ pub(super) fn scan_notary(
         None => (None, 0, 0, 0, Vec::new()),
     };
     let rows = c.query(
-        "SELECT device, generation, t, r, digest, tag, first_seen FROM notary \
+        "SELECT device, generation, t, r, digest, tag, first_seen, seal FROM notary \
          WHERE $1::bytea IS NULL \
          OR (device, generation, t, r, digest) > ($1, $2::smallint, $3::bigint, $4::bigint, $5::bytea) \
          ORDER BY device, generation, t, r, digest LIMIT $6",
@@ -148,7 +149,39 @@ pub(super) fn scan_notary(
                 digest: arr32(g(row, 4)?)?,
                 tag: g(row, 5)?,
                 first_seen: g::<i64>(row, 6)? as u64,
+                seal: g::<Option<&[u8]>>(row, 7)?.map(arr32).transpose()?,
             })
+        })
+        .collect()
+}
+
+pub(super) fn scan_commands(
+    c: &mut PgConn,
+    after: Option<DeviceId>,
+    limit: usize,
+) -> Result<Vec<(CommandRow, Option<[u8; 32]>)>> {
+    let after = after.map(|d| d.0.to_vec()).unwrap_or_default();
+    let rows = c.query(
+        "SELECT device, counter, opcode, generation, r, bytes, created, answered_at, status, \
+         seal FROM commands WHERE device > $1 ORDER BY device LIMIT $2",
+        &[&after, &limit_of(limit)],
+    )?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                CommandRow {
+                    device: dev(g(row, 0)?)?,
+                    counter: u32_of(g(row, 1)?)?,
+                    opcode: u8_of(g(row, 2)?)?,
+                    generation: u8_of(g(row, 3)?)?,
+                    r: g::<i64>(row, 4)? as u64,
+                    bytes: Blob(g(row, 5)?),
+                    created: g::<i64>(row, 6)? as u64,
+                    answered_at: ou(g(row, 7)?),
+                    status: g::<Option<i16>>(row, 8)?.map(u8_of).transpose()?,
+                },
+                g::<Option<&[u8]>>(row, 9)?.map(arr32).transpose()?,
+            ))
         })
         .collect()
 }

@@ -123,13 +123,21 @@ CREATE TABLE imports (
     next_line BIGINT NOT NULL,
     updated BIGINT NOT NULL
 );
+"#,
+// 2: card tags on notary records and commands (issue 12), as SQLite's 2.
+r#"
+ALTER TABLE notary ADD COLUMN seal BYTEA;
+ALTER TABLE commands ADD COLUMN seal BYTEA;
+ALTER TABLE imports ADD COLUMN seal BYTEA;
 "#];
 
 /// Advisory lock key that serialises migrations of several centers
 /// starting at once against one database ("MCSCHEMA").
 const MIGRATION_LOCK: i64 = 0x4d43_5343_4845_4d41;
 
-pub(super) fn migrate(client: &Client) -> Result<()> {
+/// Brings the schema up to date; returns the version found when anything
+/// was migrated.
+pub(super) fn migrate(client: &Client) -> Result<Option<u32>> {
     block_on(client.batch_execute(
         "BEGIN; CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL); COMMIT;",
     ))
@@ -157,7 +165,7 @@ pub(super) fn migrate(client: &Client) -> Result<()> {
     result
 }
 
-fn apply(client: &Client) -> Result<()> {
+fn apply(client: &Client) -> Result<Option<u32>> {
     let rows = block_on(client.query("SELECT version FROM schema_version", &[])).map_err(pg_err)?;
     let version: i32 = match rows.first() {
         Some(r) => r.get(0),
@@ -180,5 +188,5 @@ fn apply(client: &Client) -> Result<()> {
             .map_err(pg_err)?;
         tracing::info!(version = v, "PostgreSQL schema migrated");
     }
-    Ok(())
+    Ok((version < known).then_some(version as u32))
 }

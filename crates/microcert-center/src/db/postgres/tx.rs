@@ -226,11 +226,11 @@ impl Tx for PgTx<'_> {
         Ok(n == 1)
     }
 
-    fn notarize(&mut self, n: &NotaryRow) -> Result<NotaryRow> {
+    fn notarize(&mut self, n: &NotaryRow) -> Result<(NotaryRow, bool)> {
         self.wrote = true;
-        self.c.execute(
-            "INSERT INTO notary (device, generation, t, r, digest, tag, first_seen) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        let inserted = self.c.execute(
+            "INSERT INTO notary (device, generation, t, r, digest, tag, first_seen, seal) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
             &[
                 &&n.device.0[..],
                 &small(n.generation),
@@ -239,10 +239,13 @@ impl Tx for PgTx<'_> {
                 &&n.digest[..],
                 &&n.tag[..],
                 &i(n.first_seen),
+                &n.seal.as_ref().map(|s| &s[..]),
             ],
-        )?;
-        self.notary(n.device, n.generation, n.t, n.r, &n.digest)?
-            .ok_or_else(|| Error::Database("notary record vanished".into()))
+        )? == 1;
+        let stored = self
+            .notary(n.device, n.generation, n.t, n.r, &n.digest)?
+            .ok_or_else(|| Error::Database("notary record vanished".into()))?;
+        Ok((stored, inserted))
     }
 
     fn notary(
@@ -254,7 +257,7 @@ impl Tx for PgTx<'_> {
         digest: &[u8; 32],
     ) -> Result<Option<NotaryRow>> {
         let row = self.c.query_opt(
-            "SELECT tag, first_seen FROM notary WHERE device = $1 AND generation = $2 \
+            "SELECT tag, first_seen, seal FROM notary WHERE device = $1 AND generation = $2 \
              AND t = $3 AND r = $4 AND digest = $5",
             &[
                 &&id.0[..],
@@ -273,42 +276,72 @@ impl Tx for PgTx<'_> {
                 digest: *digest,
                 tag: g(&row, 0)?,
                 first_seen: g::<i64>(&row, 1)? as u64,
+                seal: g::<Option<&[u8]>>(&row, 2)?.map(arr32).transpose()?,
             })
         })
         .transpose()
     }
 
-    fn command(&mut self, id: DeviceId) -> Result<Option<CommandRow>> {
+    fn set_seed_tag(&mut self, id: DeviceId, generation: u8, tag: &[u8; 32]) -> Result<()> {
+        self.wrote = true;
+        self.c.execute(
+            "UPDATE seeds SET tag = $3 WHERE device = $1 AND generation = $2",
+            &[&&id.0[..], &small(generation), &&tag[..]],
+        )?;
+        Ok(())
+    }
+
+    fn set_notary_seal(&mut self, n: &NotaryRow) -> Result<()> {
+        self.wrote = true;
+        self.c.execute(
+            "UPDATE notary SET seal = $6 WHERE device = $1 AND generation = $2 AND t = $3 \
+             AND r = $4 AND digest = $5",
+            &[
+                &&n.device.0[..],
+                &small(n.generation),
+                &i64::from(n.t),
+                &i(n.r),
+                &&n.digest[..],
+                &n.seal.as_ref().map(|s| &s[..]),
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn command_sealed(&mut self, id: DeviceId) -> Result<Option<(CommandRow, Option<[u8; 32]>)>> {
         let row = self.c.query_opt(
-            "SELECT counter, opcode, generation, r, bytes, created, answered_at, status \
+            "SELECT counter, opcode, generation, r, bytes, created, answered_at, status, seal \
              FROM commands WHERE device = $1",
             &[&&id.0[..]],
         )?;
         row.map(|row| {
-            Ok(CommandRow {
-                device: id,
-                counter: u32_of(g(&row, 0)?)?,
-                opcode: u8_of(g(&row, 1)?)?,
-                generation: u8_of(g(&row, 2)?)?,
-                r: g::<i64>(&row, 3)? as u64,
-                bytes: Blob(g(&row, 4)?),
-                created: g::<i64>(&row, 5)? as u64,
-                answered_at: ou(g(&row, 6)?),
-                status: g::<Option<i16>>(&row, 7)?.map(u8_of).transpose()?,
-            })
+            Ok((
+                CommandRow {
+                    device: id,
+                    counter: u32_of(g(&row, 0)?)?,
+                    opcode: u8_of(g(&row, 1)?)?,
+                    generation: u8_of(g(&row, 2)?)?,
+                    r: g::<i64>(&row, 3)? as u64,
+                    bytes: Blob(g(&row, 4)?),
+                    created: g::<i64>(&row, 5)? as u64,
+                    answered_at: ou(g(&row, 6)?),
+                    status: g::<Option<i16>>(&row, 7)?.map(u8_of).transpose()?,
+                },
+                g::<Option<&[u8]>>(&row, 8)?.map(arr32).transpose()?,
+            ))
         })
         .transpose()
     }
 
-    fn put_command(&mut self, c: &CommandRow) -> Result<()> {
+    fn put_command_sealed(&mut self, c: &CommandRow, seal: Option<&[u8; 32]>) -> Result<()> {
         self.wrote = true;
         self.c.execute(
             "INSERT INTO commands (device, counter, opcode, generation, r, bytes, created, \
-             answered_at, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             answered_at, status, seal) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (device) DO UPDATE SET counter = EXCLUDED.counter, \
              opcode = EXCLUDED.opcode, generation = EXCLUDED.generation, r = EXCLUDED.r, \
              bytes = EXCLUDED.bytes, created = EXCLUDED.created, \
-             answered_at = EXCLUDED.answered_at, status = EXCLUDED.status",
+             answered_at = EXCLUDED.answered_at, status = EXCLUDED.status, seal = EXCLUDED.seal",
             &[
                 &&c.device.0[..],
                 &i64::from(c.counter),
@@ -319,6 +352,7 @@ impl Tx for PgTx<'_> {
                 &i(c.created),
                 &oi(c.answered_at),
                 &c.status.map(small),
+                &seal.map(|s| &s[..]),
             ],
         )?;
         Ok(())
@@ -409,21 +443,33 @@ impl Tx for PgTx<'_> {
         Ok(n == 1)
     }
 
-    fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>> {
+    fn import_progress_sealed(&mut self, file: &[u8; 32]) -> Result<Option<(u64, Option<[u8; 32]>)>> {
         let row = self.c.query_opt(
-            "SELECT next_line FROM imports WHERE file_digest = $1",
+            "SELECT next_line, seal FROM imports WHERE file_digest = $1",
             &[&&file[..]],
         )?;
-        row.map(|r| Ok(g::<i64>(&r, 0)? as u64)).transpose()
+        row.map(|r| {
+            Ok((
+                g::<i64>(&r, 0)? as u64,
+                g::<Option<&[u8]>>(&r, 1)?.map(arr32).transpose()?,
+            ))
+        })
+        .transpose()
     }
 
-    fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()> {
+    fn set_import_progress_sealed(
+        &mut self,
+        file: &[u8; 32],
+        next_line: u64,
+        now: u64,
+        seal: Option<&[u8; 32]>,
+    ) -> Result<()> {
         self.wrote = true;
         self.c.execute(
-            "INSERT INTO imports (file_digest, next_line, updated) VALUES ($1, $2, $3) \
+            "INSERT INTO imports (file_digest, next_line, updated, seal) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (file_digest) DO UPDATE SET next_line = EXCLUDED.next_line, \
-             updated = EXCLUDED.updated",
-            &[&&file[..], &i(next_line), &i(now)],
+             updated = EXCLUDED.updated, seal = EXCLUDED.seal",
+            &[&&file[..], &i(next_line), &i(now), &seal.map(|s| &s[..])],
         )?;
         Ok(())
     }

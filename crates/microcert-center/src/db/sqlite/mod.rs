@@ -19,7 +19,7 @@ use microcert_core::DeviceId;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AuditRecord, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit, NotaryRow, SeedRow,
+    AuditRecord, Blob, CommandRow, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit, NotaryRow, SeedRow,
     Tx,
 };
 use crate::{Error, Result};
@@ -63,6 +63,7 @@ impl Default for SqliteOptions {
 pub struct SqliteDatabase {
     conn: Mutex<Connection>,
     path: PathBuf,
+    migrated_from: Option<u32>,
 }
 
 fn db_err(e: impl std::fmt::Display) -> Error {
@@ -95,10 +96,11 @@ impl SqliteDatabase {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.pragma_update(None, "secure_delete", "ON")?;
         conn.pragma_update(None, "cache_size", -i64::from(opts.cache_kib))?;
-        migrate(&mut conn)?;
+        let migrated_from = migrate(&mut conn)?;
         Ok(SqliteDatabase {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
+            migrated_from,
         })
     }
 
@@ -372,7 +374,7 @@ impl KeyDatabase for SqliteDatabase {
             )
         });
         let mut st = conn.prepare_cached(
-            "SELECT device, generation, t, r, digest, tag, first_seen FROM notary \
+            "SELECT device, generation, t, r, digest, tag, first_seen, seal FROM notary \
              WHERE ?1 IS NULL OR (device, generation, t, r, digest) > (?1, ?2, ?3, ?4, ?5) \
              ORDER BY device, generation, t, r, digest LIMIT ?6",
         )?;
@@ -389,9 +391,44 @@ impl KeyDatabase for SqliteDatabase {
                 digest: arr32(row.get(4)?)?,
                 tag: row.get(5)?,
                 first_seen: row.get::<_, i64>(6)? as u64,
+                seal: row.get::<_, Option<Vec<u8>>>(7)?.map(arr32).transpose()?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn scan_commands(
+        &self,
+        after: Option<DeviceId>,
+        limit: usize,
+    ) -> Result<Vec<(CommandRow, Option<[u8; 32]>)>> {
+        let conn = self.lock()?;
+        let mut st = conn.prepare_cached(
+            "SELECT device, counter, opcode, generation, r, bytes, created, answered_at, status, \
+             seal FROM commands WHERE device > ?1 ORDER BY device LIMIT ?2",
+        )?;
+        let after = after.map(|d| d.0.to_vec()).unwrap_or_default();
+        let rows = st.query_map(params![after, limit as i64], |row| {
+            Ok((
+                CommandRow {
+                    device: dev(row.get(0)?)?,
+                    counter: row.get(1)?,
+                    opcode: row.get(2)?,
+                    generation: row.get(3)?,
+                    r: row.get::<_, i64>(4)? as u64,
+                    bytes: Blob(row.get(5)?),
+                    created: row.get::<_, i64>(6)? as u64,
+                    answered_at: opt_u64(row.get(7)?),
+                    status: row.get(8)?,
+                },
+                row.get::<_, Option<Vec<u8>>>(9)?.map(arr32).transpose()?,
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn migrated_from(&self) -> Option<u32> {
+        self.migrated_from
     }
 
     fn flush_erased(&self) -> Result<()> {

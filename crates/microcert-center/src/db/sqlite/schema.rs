@@ -116,9 +116,19 @@ CREATE TABLE imports (
     next_line INTEGER NOT NULL,
     updated INTEGER NOT NULL
 ) WITHOUT ROWID;
+"#,
+// 2: card tags on notary records and commands (issue 12). Rows written
+// before carry NULL until the center tags them right after this migration
+// (crate::integrity::upgrade_legacy).
+r#"
+ALTER TABLE notary ADD COLUMN seal BLOB;
+ALTER TABLE commands ADD COLUMN seal BLOB;
+ALTER TABLE imports ADD COLUMN seal BLOB;
 "#];
 
-pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
+/// Brings the schema up to date; returns the version found when anything
+/// was migrated.
+pub(super) fn migrate(conn: &mut Connection) -> Result<Option<u32>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
     let version: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = MIGRATIONS.len() as u32;
@@ -133,5 +143,5 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
         tracing::info!(version = i + 1, "database schema migrated");
     }
     tx.commit()?;
-    Ok(())
+    Ok((version < known).then_some(version))
 }

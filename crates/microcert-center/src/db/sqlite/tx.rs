@@ -160,22 +160,25 @@ impl Tx for SqliteTx<'_> {
         Ok(st.execute(params![&id.0[..], &c[..], i(expires)])? == 1)
     }
 
-    fn notarize(&mut self, n: &NotaryRow) -> Result<NotaryRow> {
+    fn notarize(&mut self, n: &NotaryRow) -> Result<(NotaryRow, bool)> {
         let mut st = self.tx.prepare_cached(
-            "INSERT OR IGNORE INTO notary (device, generation, t, r, digest, tag, first_seen) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT OR IGNORE INTO notary (device, generation, t, r, digest, tag, first_seen, \
+             seal) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
-        st.execute(params![
+        let inserted = st.execute(params![
             &n.device.0[..],
             n.generation,
             n.t,
             i(n.r),
             &n.digest[..],
             &n.tag[..],
-            i(n.first_seen)
-        ])?;
-        self.notary(n.device, n.generation, n.t, n.r, &n.digest)?
-            .ok_or_else(|| Error::Database("notary record vanished".into()))
+            i(n.first_seen),
+            n.seal.as_ref().map(|s| &s[..])
+        ])? == 1;
+        let stored = self
+            .notary(n.device, n.generation, n.t, n.r, &n.digest)?
+            .ok_or_else(|| Error::Database("notary record vanished".into()))?;
+        Ok((stored, inserted))
     }
 
     fn notary(
@@ -187,7 +190,7 @@ impl Tx for SqliteTx<'_> {
         digest: &[u8; 32],
     ) -> Result<Option<NotaryRow>> {
         let mut st = self.tx.prepare_cached(
-            "SELECT tag, first_seen FROM notary WHERE device = ?1 AND generation = ?2 \
+            "SELECT tag, first_seen, seal FROM notary WHERE device = ?1 AND generation = ?2 \
              AND t = ?3 AND r = ?4 AND digest = ?5",
         )?;
         Ok(st
@@ -202,38 +205,66 @@ impl Tx for SqliteTx<'_> {
                         digest: *digest,
                         tag: row.get(0)?,
                         first_seen: row.get::<_, i64>(1)? as u64,
+                        seal: row.get::<_, Option<Vec<u8>>>(2)?.map(arr32).transpose()?,
                     })
                 },
             )
             .optional()?)
     }
 
-    fn command(&mut self, id: DeviceId) -> Result<Option<CommandRow>> {
+    fn set_seed_tag(&mut self, id: DeviceId, generation: u8, tag: &[u8; 32]) -> Result<()> {
+        self.tx.execute(
+            "UPDATE seeds SET tag = ?3 WHERE device = ?1 AND generation = ?2",
+            params![&id.0[..], generation, &tag[..]],
+        )?;
+        Ok(())
+    }
+
+    fn set_notary_seal(&mut self, n: &NotaryRow) -> Result<()> {
+        self.tx.execute(
+            "UPDATE notary SET seal = ?6 WHERE device = ?1 AND generation = ?2 AND t = ?3 \
+             AND r = ?4 AND digest = ?5",
+            params![
+                &n.device.0[..],
+                n.generation,
+                n.t,
+                i(n.r),
+                &n.digest[..],
+                n.seal.as_ref().map(|s| &s[..])
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn command_sealed(&mut self, id: DeviceId) -> Result<Option<(CommandRow, Option<[u8; 32]>)>> {
         let mut st = self.tx.prepare_cached(
-            "SELECT counter, opcode, generation, r, bytes, created, answered_at, status \
+            "SELECT counter, opcode, generation, r, bytes, created, answered_at, status, seal \
              FROM commands WHERE device = ?1",
         )?;
         Ok(st
             .query_row([&id.0[..]], |row| {
-                Ok(CommandRow {
-                    device: id,
-                    counter: row.get(0)?,
-                    opcode: row.get(1)?,
-                    generation: row.get(2)?,
-                    r: row.get::<_, i64>(3)? as u64,
-                    bytes: Blob(row.get(4)?),
-                    created: row.get::<_, i64>(5)? as u64,
-                    answered_at: opt_u64(row.get(6)?),
-                    status: row.get(7)?,
-                })
+                Ok((
+                    CommandRow {
+                        device: id,
+                        counter: row.get(0)?,
+                        opcode: row.get(1)?,
+                        generation: row.get(2)?,
+                        r: row.get::<_, i64>(3)? as u64,
+                        bytes: Blob(row.get(4)?),
+                        created: row.get::<_, i64>(5)? as u64,
+                        answered_at: opt_u64(row.get(6)?),
+                        status: row.get(7)?,
+                    },
+                    row.get::<_, Option<Vec<u8>>>(8)?.map(arr32).transpose()?,
+                ))
             })
             .optional()?)
     }
 
-    fn put_command(&mut self, c: &CommandRow) -> Result<()> {
+    fn put_command_sealed(&mut self, c: &CommandRow, seal: Option<&[u8; 32]>) -> Result<()> {
         let mut st = self.tx.prepare_cached(
             "INSERT OR REPLACE INTO commands (device, counter, opcode, generation, r, bytes, \
-             created, answered_at, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             created, answered_at, status, seal) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
         st.execute(params![
             &c.device.0[..],
@@ -244,7 +275,8 @@ impl Tx for SqliteTx<'_> {
             &c.bytes.0[..],
             i(c.created),
             oi(c.answered_at),
-            c.status
+            c.status,
+            seal.map(|s| &s[..])
         ])?;
         Ok(())
     }
@@ -309,14 +341,18 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>> {
+    fn import_progress_sealed(&mut self, file: &[u8; 32]) -> Result<Option<(u64, Option<[u8; 32]>)>> {
         let mut st = self
             .tx
-            .prepare_cached("SELECT next_line FROM imports WHERE file_digest = ?1")?;
+            .prepare_cached("SELECT next_line, seal FROM imports WHERE file_digest = ?1")?;
         Ok(st
-            .query_row([&file[..]], |r| r.get::<_, i64>(0))
-            .optional()?
-            .map(|v| v as u64))
+            .query_row([&file[..]], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, Option<Vec<u8>>>(1)?.map(arr32).transpose()?,
+                ))
+            })
+            .optional()?)
     }
 
     fn delete_seed(&mut self, id: DeviceId, generation: u8) -> Result<bool> {
@@ -326,11 +362,18 @@ impl Tx for SqliteTx<'_> {
         Ok(st.execute(params![&id.0[..], generation])? == 1)
     }
 
-    fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()> {
+    fn set_import_progress_sealed(
+        &mut self,
+        file: &[u8; 32],
+        next_line: u64,
+        now: u64,
+        seal: Option<&[u8; 32]>,
+    ) -> Result<()> {
         let mut st = self.tx.prepare_cached(
-            "INSERT OR REPLACE INTO imports (file_digest, next_line, updated) VALUES (?1, ?2, ?3)",
+            "INSERT OR REPLACE INTO imports (file_digest, next_line, updated, seal) \
+             VALUES (?1, ?2, ?3, ?4)",
         )?;
-        st.execute(params![&file[..], i(next_line), i(now)])?;
+        st.execute(params![&file[..], i(next_line), i(now), seal.map(|s| &s[..])])?;
         Ok(())
     }
 }

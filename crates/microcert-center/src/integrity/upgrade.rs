@@ -1,0 +1,143 @@
+//! The one-time upgrade of a database written before notary records,
+//! commands, device rows and `grace_until` were covered by the card
+//! (schema version 1).
+//!
+//! Decision: rows written before are tagged by the card once, right after
+//! the schema migration that added their tag columns, in the same process
+//! (the trigger is [`KeyDatabase::migrated_from`] = 1, which nobody can
+//! set from outside without undoing that migration). Refusing them instead
+//! would turn every notarised signature of a since-revoked device invalid,
+//! breaking the notary's promise for data signed before the upgrade. What
+//! this trusts is the database as it stands at the upgrade, as the first
+//! device and seed tags trusted it; the upgrade is audited with its counts.
+//!
+//! The new digest shards (notary, commands, device rows) are built here
+//! only when none of them exists yet: run again over a database that has
+//! them (someone undid the migration to have edited rows blessed), it
+//! changes nothing and says so loudly, and the integrity check names the
+//! edited rows. A seed record is re-tagged over every column
+//! ([`super::record_bytes`]) only if its old tag ([`super::record_bytes_v1`],
+//! which left `grace_until`, the stored RECEIPT and the times out) is valid.
+
+use super::{
+    ALL_SHARDS, DigestDelta, NOTARY_BASE, check_device, check_record, command_bytes,
+    is_v1_record, notary_bytes, record_bytes, shard_of,
+};
+use super::{COMMAND_BASE, DEVICE_BASE};
+use crate::card::EncryptionCard;
+use crate::db::{DeviceQuery, KeyDatabase, NewAudit, NotaryRow, with_tx};
+use crate::Result;
+
+/// Tags the rows of a version-1 database (see the module docs); returns
+/// how many rows it tagged. `db` is the database without the sealing
+/// layer.
+pub fn upgrade_legacy(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64) -> Result<u64> {
+    let existing = db
+        .digest_shards()?
+        .iter()
+        .any(|s| (NOTARY_BASE..ALL_SHARDS).contains(&s.shard));
+    if existing {
+        tracing::error!(
+            "schema upgrade found notary/command/device digest shards already written: refusing to tag rows again (run `integrity check-local`)"
+        );
+        return Ok(0);
+    }
+    let mut delta = DigestDelta::default();
+    let mut devices = Vec::new();
+    let mut after = None;
+    loop {
+        let page = db.list_devices(&DeviceQuery {
+            after,
+            limit: 1000,
+            ..DeviceQuery::default()
+        })?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.device.id);
+        for v in page {
+            if check_device(card, &v.device).is_ok() {
+                delta.add_at(DEVICE_BASE + shard_of(v.device.id), None, Some(&v.device.tag));
+            } else {
+                // Left out: the scan names it (row and shard).
+                tracing::error!(device = %v.device.id, "upgrade: device row fails its tag");
+            }
+            devices.push(v.device.id);
+        }
+    }
+    let mut notary: Vec<NotaryRow> = Vec::new();
+    let mut after_n: Option<NotaryRow> = None;
+    loop {
+        let page = db.scan_notary(after_n.as_ref(), 1000)?;
+        let Some(last) = page.last() else { break };
+        after_n = Some(last.clone());
+        notary.extend(page.into_iter().filter(|n| n.seal.is_none()));
+    }
+    let mut commands = Vec::new();
+    let mut after_c = None;
+    loop {
+        let page = db.scan_commands(after_c, 1000)?;
+        let Some(last) = page.last() else { break };
+        after_c = Some(last.0.device);
+        commands.extend(page.into_iter().filter(|(_, s)| s.is_none()).map(|(c, _)| c));
+    }
+    // Seed records tagged over the old bytes: (device, generation, old
+    // tag, new tag), computed while scanning (not the rows: a million
+    // ciphertexts do not fit in memory, a million tags do).
+    let mut seeds = Vec::new();
+    let mut after_s = None;
+    loop {
+        let page = db.scan_seeds(after_s, 1000)?;
+        let Some(last) = page.last() else { break };
+        after_s = Some((last.device, last.generation));
+        for s in page {
+            if check_record(card, &s).is_err() && is_v1_record(card, &s)? {
+                let new = card.record_tag(&record_bytes(&s))?;
+                seeds.push((s.device, s.generation, s.tag, new));
+            }
+        }
+    }
+    let mut tagged = 0u64;
+    with_tx(db, |tx| {
+        let mut delta = std::mem::take(&mut delta);
+        tagged = 0;
+        for n in &notary {
+            let mut n = n.clone();
+            let seal = card.record_tag(&notary_bytes(&n))?;
+            n.seal = Some(seal);
+            tx.set_notary_seal(&n)?;
+            delta.add_at(NOTARY_BASE + shard_of(n.device), None, Some(&seal));
+            tagged += 1;
+        }
+        for c in &commands {
+            let seal = card.record_tag(&command_bytes(c))?;
+            tx.put_command_sealed(c, Some(&seal))?;
+            delta.add_at(COMMAND_BASE + shard_of(c.device), None, Some(&seal));
+            tagged += 1;
+        }
+        for (d, g, old, new) in &seeds {
+            tx.set_seed_tag(*d, *g, new)?;
+            delta.add(*d, Some(old), new);
+            tagged += 1;
+        }
+        delta.flush(tx, card)?;
+        crate::audit::append(
+            tx,
+            card,
+            &NewAudit {
+                time: now,
+                actor: "center".into(),
+                action: "upgrade".into(),
+                device: None,
+                generation: None,
+                reason: format!(
+                    "card tags added: {} notary records, {} commands, {} devices in the digest, {} seed records re-tagged over every column",
+                    notary.len(),
+                    commands.len(),
+                    devices.len(),
+                    seeds.len()
+                ),
+            },
+        )
+    })?;
+    tracing::warn!(tagged, "database upgraded: rows written before the card covered them are now tagged");
+    Ok(tagged)
+}
