@@ -7,6 +7,7 @@ pub mod audit;
 pub mod backup;
 mod cache;
 pub mod card;
+pub mod clock;
 mod center;
 pub mod db;
 mod error;
@@ -14,6 +15,8 @@ pub mod integrity;
 pub mod profile;
 pub mod repair;
 mod replay;
+#[doc(hidden)]
+pub use replay::FaultPoint;
 
 pub use card::{EncryptionCard, KdfParams, SoftwareCard};
 pub use center::{

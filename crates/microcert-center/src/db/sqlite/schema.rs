@@ -118,6 +118,17 @@ CREATE TABLE imports (
 ) WITHOUT ROWID;
 "#];
 
+/// Named high-water marks shared by every center (issue 12: the pruning
+/// high-water, the highest clock time seen), each with a card tag. Created
+/// if missing outside the numbered migrations, so that it composes with
+/// any of them.
+const MARKS: &str = "
+CREATE TABLE IF NOT EXISTS marks (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL,
+    tag BLOB NOT NULL
+) WITHOUT ROWID;";
+
 pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
     let version: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -132,6 +143,7 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
         tx.pragma_update(None, "user_version", i as u32 + 1)?;
         tracing::info!(version = i + 1, "database schema migrated");
     }
+    tx.execute_batch(MARKS)?;
     tx.commit()?;
     Ok(())
 }
