@@ -108,6 +108,10 @@ impl FaultPoint {
     pub const STEPS: u32 = 5;
 }
 
+/// Called once the guard's state file is written at start-up (records in
+/// the key database that a state file now exists).
+pub(crate) type StartedHook = Box<dyn Fn() -> Result<()> + Send + Sync>;
+
 type Key = (DeviceId, u8, u64);
 type LiveRow = (Key, u32, u64);
 
@@ -428,6 +432,9 @@ pub(crate) struct MemoryGuard {
     abandoned: AtomicBool,
     /// A test's injected crash.
     fault: Mutex<Option<FaultPoint>>,
+    /// Whether the key database says the state file must exist.
+    expected: AtomicBool,
+    started_hook: StartedHook,
 }
 
 impl std::fmt::Debug for MemoryGuard {
@@ -468,6 +475,8 @@ impl MemoryGuard {
         db: &Path,
         card: Arc<dyn EncryptionCard>,
         window: u64,
+        expected: bool,
+        started_hook: StartedHook,
     ) -> Arc<MemoryGuard> {
         let db = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_path_buf());
         let path = state_path(&db);
@@ -479,6 +488,7 @@ impl MemoryGuard {
             .and_then(|(_, w)| w.upgrade())
         {
             g.window.fetch_max(window, Ordering::SeqCst);
+            g.expected.fetch_or(expected, Ordering::SeqCst);
             return g;
         }
         let g = Arc::new(MemoryGuard {
@@ -493,6 +503,8 @@ impl MemoryGuard {
             started: OnceLock::new(),
             abandoned: AtomicBool::new(false),
             fault: Mutex::new(None),
+            expected: AtomicBool::new(expected),
+            started_hook,
         });
         all.push((path, Arc::downgrade(&g)));
         g
@@ -536,6 +548,16 @@ impl MemoryGuard {
         if self.crash_at(FaultPoint::Start(2)) {
             return Err(crashed());
         }
+        let found = match found {
+            Found::Nothing if self.expected.load(Ordering::SeqCst) => {
+                tracing::error!(
+                    path = %self.path.display(),
+                    "the replay guard's state file is missing or empty, but the key database says it was written"
+                );
+                Found::Bad(State::default())
+            }
+            other => other,
+        };
         let (state, live) = match found {
             Found::Nothing => (State::default(), Vec::new()),
             Found::Good(s, live) if s.clean => (s, live),
@@ -599,6 +621,7 @@ impl MemoryGuard {
             |n| self.crash_at(FaultPoint::Start(n)),
             3,
         )?;
+        (self.started_hook)()?;
         self.mark.store(running.mark, Ordering::SeqCst);
         self.floor.store(running.floor, Ordering::SeqCst);
         self.latest_now.fetch_max(running.pruned, Ordering::SeqCst);

@@ -229,7 +229,15 @@ impl Center {
             ReplayMode::Auto | ReplayMode::Memory => {
                 let skew = config.profiles.iter().map(|p| u64::from(p.skew)).max();
                 let window = skew.unwrap_or(0) + config.instance_skew + 1;
-                Replay::Memory(MemoryGuard::for_database(path, card.clone(), window))
+                let expected = watch::guard_state_expected(&*db, &*card)?;
+                let hook = watch::guard_started_hook(db.clone(), card.clone());
+                Replay::Memory(MemoryGuard::for_database(
+                    path,
+                    card.clone(),
+                    window,
+                    expected,
+                    hook,
+                ))
             }
             ReplayMode::Database => Replay::Database,
         };

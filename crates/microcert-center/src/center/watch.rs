@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use super::Center;
 use crate::clock::{Clock, ClockWatch, alarm_metric};
-use crate::db::{MARK_CLOCK, MARK_PRUNED, Tx, with_tx};
+use crate::card::EncryptionCard;
+use crate::db::{KeyDatabase, MARK_CLOCK, MARK_PRUNED, Tx, with_tx};
 use crate::{Error, Result};
 
 /// The durable flag of an unconfirmed clock step (its value: the time
@@ -31,6 +32,53 @@ enum Read {
     Bad(u64),
 }
 
+fn read_mark(card: &dyn EncryptionCard, tx: &mut dyn Tx, name: &str) -> Result<Read> {
+    let Some((value, tag)) = tx.high_water(name)? else {
+        return Ok(Read::Missing);
+    };
+    let want = card.record_tag(&mark_bytes(name, value))?;
+    if subtle::ConstantTimeEq::ct_eq(&want[..], &tag[..]).into() {
+        Ok(Read::Good(value))
+    } else {
+        tracing::error!(
+            mark = name,
+            value,
+            "a high-water mark in the key database fails its card tag (edited from outside)"
+        );
+        metrics::counter!("microcert_mark_tamper_total", "mark" => name.to_string()).increment(1);
+        Ok(Read::Bad(value))
+    }
+}
+
+fn write_mark(card: &dyn EncryptionCard, tx: &mut dyn Tx, name: &str, value: u64) -> Result<()> {
+    let tag = card.record_tag(&mark_bytes(name, value))?;
+    tx.set_high_water(name, value, &tag)
+}
+
+/// The marker in the key database that says the in-memory replay guard
+/// has started on it: a state file missing after that was removed.
+const MARK_GUARD: &str = "memory_guard";
+
+/// Whether the in-memory guard's state file must exist (the guard started
+/// on this database before). A marker failing its tag counts as present.
+pub(crate) fn guard_state_expected(db: &dyn KeyDatabase, card: &dyn EncryptionCard) -> Result<bool> {
+    with_tx(db, |tx| Ok(!matches!(read_mark(card, tx, MARK_GUARD)?, Read::Missing)))
+}
+
+/// What the guard calls once its state file is written at start-up:
+/// records in the key database that the state file exists.
+pub(crate) fn guard_started_hook(
+    db: Arc<dyn KeyDatabase>,
+    card: Arc<dyn EncryptionCard>,
+) -> crate::replay::StartedHook {
+    Box::new(move || {
+        with_tx(&*db, |tx| match read_mark(&*card, tx, MARK_GUARD)? {
+            Read::Good(1) => Ok(()),
+            _ => write_mark(&*card, tx, MARK_GUARD, 1),
+        })
+    })
+}
+
 impl Center {
     /// Uses `clock` for the monotonic side of clock-step detection (tests
     /// use a [`crate::clock::ManualClock`]).
@@ -40,27 +88,11 @@ impl Center {
     }
 
     fn read_mark(&self, tx: &mut dyn Tx, name: &str) -> Result<Read> {
-        let Some((value, tag)) = tx.high_water(name)? else {
-            return Ok(Read::Missing);
-        };
-        let want = self.card.record_tag(&mark_bytes(name, value))?;
-        if subtle::ConstantTimeEq::ct_eq(&want[..], &tag[..]).into() {
-            Ok(Read::Good(value))
-        } else {
-            tracing::error!(
-                mark = name,
-                value,
-                "a high-water mark in the key database fails its card tag (edited from outside)"
-            );
-            metrics::counter!("microcert_mark_tamper_total", "mark" => name.to_string())
-                .increment(1);
-            Ok(Read::Bad(value))
-        }
+        read_mark(&*self.card, tx, name)
     }
 
     fn write_mark(&self, tx: &mut dyn Tx, name: &str, value: u64) -> Result<()> {
-        let tag = self.card.record_tag(&mark_bytes(name, value))?;
-        tx.set_high_water(name, value, &tag)
+        write_mark(&*self.card, tx, name, value)
     }
 
     /// Raises the shared pruning high-water to at least `now` (before any
