@@ -75,7 +75,11 @@ fn forward_jump_deactivates_nothing_until_confirmed(backend: Backend) {
     clock.step(Y2031);
     let r = center.housekeeping(clock.wall());
     assert!(matches!(r, Err(Error::Refused(_))), "{r:?}");
-    assert!(fleet.iter().all(|n| state(&center, n, 0) == KeyState::Active));
+    assert!(
+        fleet
+            .iter()
+            .all(|n| state(&center, n, 0) == KeyState::Active)
+    );
     assert!(center.clock_alarm().unwrap().is_some());
     // Still refused later, and by another center (the alarm is durable
     // and shared; the other center has no monotonic reference yet).
@@ -83,7 +87,11 @@ fn forward_jump_deactivates_nothing_until_confirmed(backend: Backend) {
     assert!(center.housekeeping(clock.wall()).is_err());
     let other = f.center(&ManualClock::new(clock.wall()));
     assert!(other.housekeeping(clock.wall()).is_err());
-    assert!(fleet.iter().all(|n| state(&center, n, 0) == KeyState::Active));
+    assert!(
+        fleet
+            .iter()
+            .all(|n| state(&center, n, 0) == KeyState::Active)
+    );
     // The operator confirms: the jump was real.
     center
         .confirm_clock_step("operator:ann", clock.wall())
@@ -153,7 +161,11 @@ fn edited_marks_are_detected(backend: Backend) {
     // The pruning high-water lowered from outside: the next housekeeping
     // finds the bad tag and puts back a safe value (now + instance skew).
     assert_eq!(
-        raw_update(&f.loc, "UPDATE marks SET value = 0 WHERE name = 'pruned'", b""),
+        raw_update(
+            &f.loc,
+            "UPDATE marks SET value = 0 WHERE name = 'pruned'",
+            b""
+        ),
         1
     );
     clock.advance(60);
@@ -166,7 +178,11 @@ fn edited_marks_are_detected(backend: Backend) {
     ));
     // The clock high-water lowered: an alarm, not a silent pass.
     assert_eq!(
-        raw_update(&f.loc, "UPDATE marks SET value = 1 WHERE name = 'clock'", b""),
+        raw_update(
+            &f.loc,
+            "UPDATE marks SET value = 1 WHERE name = 'clock'",
+            b""
+        ),
         1
     );
     clock.advance(60);
@@ -187,7 +203,11 @@ fn edited_marks_are_detected(backend: Backend) {
         1
     );
     assert!(center.housekeeping(clock.wall()).is_err());
-    assert!(fleet.iter().all(|n| state(&center, n, 0) == KeyState::Active));
+    assert!(
+        fleet
+            .iter()
+            .all(|n| state(&center, n, 0) == KeyState::Active)
+    );
 }
 
 both_backends!(

@@ -380,12 +380,28 @@ fn every_step_of_start_and_shutdown_is_safe_to_interrupt() {
 #[test]
 fn an_edited_state_file_is_detected() {
     let edits: &[(&str, &str, bool)] = &[
-        ("lowered mark and floor", "UPDATE guard SET mark = 0, floor = 0", true),
+        (
+            "lowered mark and floor",
+            "UPDATE guard SET mark = 0, floor = 0",
+            true,
+        ),
         ("live keys deleted", "DELETE FROM live", true),
-        ("clean set after a crash", "UPDATE guard SET clean = 1", false),
-        ("pruned high-water lowered", "UPDATE guard SET pruned = 0", true),
+        (
+            "clean set after a crash",
+            "UPDATE guard SET clean = 1",
+            false,
+        ),
+        (
+            "pruned high-water lowered",
+            "UPDATE guard SET pruned = 0",
+            true,
+        ),
         ("state row deleted", "DELETE FROM guard", true),
-        ("whole state deleted", "DELETE FROM guard; DELETE FROM live", false),
+        (
+            "whole state deleted",
+            "DELETE FROM guard; DELETE FROM live",
+            false,
+        ),
     ];
     let t = NOW + 10;
     for &(what, sql, clean) in edits {

@@ -85,7 +85,11 @@ fn replay_after_kill_restart_and_clean_stop_is_refused() {
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     assert_eq!(post_auth(&rt, &server, &auth), 200, "the first AUTH");
-    assert_eq!(post_auth(&rt, &server, &auth), 409, "replay in the same run");
+    assert_eq!(
+        post_auth(&rt, &server, &auth),
+        409,
+        "replay in the same run"
+    );
     server.kill();
 
     // Restarted after the crash: the floor refuses it.

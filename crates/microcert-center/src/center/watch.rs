@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use super::Center;
-use crate::clock::{Clock, ClockWatch, alarm_metric};
 use crate::card::EncryptionCard;
+use crate::clock::{Clock, ClockWatch, alarm_metric};
 use crate::db::{KeyDatabase, MARK_CLOCK, MARK_PRUNED, Tx, with_tx};
 use crate::{Error, Result};
 
@@ -61,8 +61,13 @@ const MARK_GUARD: &str = "memory_guard";
 
 /// Whether the in-memory guard's state file must exist (the guard started
 /// on this database before). A marker failing its tag counts as present.
-pub(crate) fn guard_state_expected(db: &dyn KeyDatabase, card: &dyn EncryptionCard) -> Result<bool> {
-    with_tx(db, |tx| Ok(!matches!(read_mark(card, tx, MARK_GUARD)?, Read::Missing)))
+pub(crate) fn guard_state_expected(
+    db: &dyn KeyDatabase,
+    card: &dyn EncryptionCard,
+) -> Result<bool> {
+    with_tx(db, |tx| {
+        Ok(!matches!(read_mark(card, tx, MARK_GUARD)?, Read::Missing))
+    })
 }
 
 /// What the guard calls once its state file is written at start-up:
@@ -129,9 +134,7 @@ impl Center {
                 Read::Good(0) | Read::Missing => {}
                 Read::Good(at) => return Ok(Some(format!("a clock step found at {at}"))),
                 Read::Bad(_) => {
-                    return Ok(Some(
-                        "the clock-step flag fails its card tag".to_string(),
-                    ));
+                    return Ok(Some("the clock-step flag fails its card tag".to_string()));
                 }
             }
             let high = match self.read_mark(tx, MARK_CLOCK)? {
@@ -139,9 +142,7 @@ impl Center {
                 Read::Good(v) => Some(v),
                 Read::Bad(_) => {
                     self.write_mark(tx, MARK_ALARM, now.max(1))?;
-                    return Ok(Some(
-                        "the clock high-water fails its card tag".to_string(),
-                    ));
+                    return Ok(Some("the clock high-water fails its card tag".to_string()));
                 }
             };
             if let Some(step) = self.watch.observe(now, high, self.config.instance_skew) {
