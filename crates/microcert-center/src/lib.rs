@@ -8,12 +8,15 @@ pub mod backup;
 mod cache;
 pub mod card;
 mod center;
+pub mod clock;
 pub mod db;
 mod error;
 pub mod integrity;
 pub mod profile;
 pub mod repair;
 mod replay;
+#[doc(hidden)]
+pub use replay::FaultPoint;
 
 pub use card::{EncryptionCard, KdfParams, SoftwareCard};
 pub use center::{

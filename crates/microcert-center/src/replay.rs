@@ -4,10 +4,10 @@
 //! SQLite database.
 //!
 //! Accepted keys live in sharded hash sets, bucketed by t and dropped
-//! bucket by bucket once every key in the bucket is past t + skew (after
-//! which the freshness check refuses the message anyway). Memory is what a
-//! database replay table would hold: one entry per accepted message within
-//! the skew window.
+//! bucket by bucket once every key in the bucket is past its expiry (t +
+//! skew + instance skew + 1, after which the freshness check refuses the
+//! message anyway). Memory is what a database replay table would hold: one
+//! entry per accepted message within the skew window.
 //!
 //! What makes this as strong as the database's unique constraint:
 //!
@@ -16,16 +16,31 @@
 //!   guard; a second process that tries to verify on the same database is
 //!   refused (it can still run operator commands, which never verify).
 //!   Centers in one process on the same file share one guard.
-//! - A restart cannot reopen the window. Before the guard accepts a t above
-//!   its persisted high-water mark it durably raises the mark to t +
-//!   [`MARK_LEASE`]. A clean shutdown writes every live key to the state
-//!   file and marks it clean; the next start loads them and carries on
-//!   exactly. After anything else (a crash, a kill, a power loss) the next
-//!   start refuses every AUTH and SEALED whose t is at or before the mark:
-//!   every message accepted before the crash had a t at or below it.
-//!   Devices whose clocks are right are refused for at most
-//!   [`MARK_LEASE`] seconds (plus the skew of a node whose clock runs ahead)
-//!   after an unclean restart.
+//! - A restart cannot reopen the window, whatever the sequence of crashes,
+//!   clean stops and restarts (issue 12). The state file holds one row:
+//!   the *mark* (before the guard accepts a t above it, it durably raises
+//!   it to t + [`MARK_LEASE`]), the *floor* (AUTH and SEALED with t at or
+//!   below it are refused), the *pruned* high-water (the highest `now` the
+//!   guard has pruned by: a message whose record would have expired before
+//!   it is refused, so a clock stepped backwards cannot bring a forgotten
+//!   message back), the *clean* flag, and a card tag over all of them and
+//!   the live keys. A clean stop writes every live key and the row with
+//!   clean = 1 in one transaction; the next start loads them and carries
+//!   on exactly, with the floor it had. Any other stop leaves clean = 0,
+//!   and the next start raises the floor to the mark: every message
+//!   accepted before the crash had a t at or below it. Start-up changes
+//!   the file in one transaction (live keys out, clean = 0, floor kept),
+//!   so an interruption at any step leaves either the old state or the new
+//!   one, and both are safe ([`FaultPoint`] lets tests stop at each step).
+//! - An edit of the state file from outside (a lowered mark, floor or
+//!   high-water, clean set, live keys deleted) fails the tag: the guard
+//!   then logs an error, counts `microcert_replay_state_tamper_total` and
+//!   starts as after the worst crash, with a floor of the first `now` it
+//!   sees plus the longest skew window: nothing accepted before can pass.
+//!
+//! Devices whose clocks are right are refused for at most [`MARK_LEASE`]
+//! seconds (plus the skew of a node whose clock runs ahead) after an
+//! unclean restart.
 //!
 //! Challenges (AUTH_RESPONSE) are always spent in the database: a
 //! challenge's validity is not tied to the message's t, so the mark would
@@ -39,7 +54,9 @@ use std::time::Duration;
 
 use microcert_core::DeviceId;
 use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
 
+use crate::card::{EncryptionCard, TAG_LEN};
 use crate::{Error, Result};
 
 /// How far ahead of the highest accepted t the persisted mark is set: one
@@ -47,6 +64,10 @@ use crate::{Error, Result};
 pub const MARK_LEASE: u64 = 30;
 
 const SHARDS: usize = 64;
+
+/// Domain bytes of the state file's card tag (in a record tag's input, so
+/// no other record's tag can stand for it).
+const STATE_DOMAIN: &[u8] = b"MC-REPLAY-STATE\x01";
 
 /// Which replay protection a center uses for AUTH and SEALED.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -66,7 +87,33 @@ pub enum ReplayMode {
     Database,
 }
 
+/// Where a test makes the guard stop as a crash would: after step `step`
+/// (from 1) of its start-up or of its clean shutdown. The state file is
+/// left as a killed process would leave it (an open transaction rolls
+/// back). Start-up: 1 file opened and locked, 2 state read and its tag
+/// checked, 3 live keys deleted, 4 state row written, 5 committed.
+/// Shutdown: 1 live keys collected, 2 old live rows deleted, 3 live keys
+/// written, 4 state row written (clean), 5 committed.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// During start-up (the first verification after the center opens).
+    Start(u32),
+    /// During the clean shutdown (the last center of the file dropped).
+    Stop(u32),
+}
+
+impl FaultPoint {
+    /// Steps of start-up and of shutdown.
+    pub const STEPS: u32 = 5;
+}
+
+/// Called once the guard's state file is written at start-up (records in
+/// the key database that a state file now exists).
+pub(crate) type StartedHook = Box<dyn Fn() -> Result<()> + Send + Sync>;
+
 type Key = (DeviceId, u8, u64);
+type LiveRow = (Key, u32, u64);
 
 struct Bucket {
     expires: u64,
@@ -88,6 +135,15 @@ impl Shard {
     }
 }
 
+/// The persisted state of the guard (one row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct State {
+    mark: u64,
+    floor: u64,
+    pruned: u64,
+    clean: bool,
+}
+
 /// The guard's persistent side: the lock and the state file.
 struct StateFile {
     conn: Connection,
@@ -99,6 +155,14 @@ CREATE TABLE IF NOT EXISTS state (
     mark INTEGER NOT NULL,
     clean INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS guard (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    mark INTEGER NOT NULL,
+    floor INTEGER NOT NULL,
+    pruned INTEGER NOT NULL,
+    clean INTEGER NOT NULL,
+    tag BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS live (
     device BLOB NOT NULL,
     generation INTEGER NOT NULL,
@@ -109,6 +173,56 @@ CREATE TABLE IF NOT EXISTS live (
 
 fn db_err(e: impl std::fmt::Display) -> Error {
     Error::Database(format!("replay state: {e}"))
+}
+
+fn crashed() -> Error {
+    Error::Database("replay guard stopped (injected crash)".into())
+}
+
+/// What the start-up found in the state file.
+enum Found {
+    /// No state yet: a new database.
+    Nothing,
+    /// A state whose tag verifies, with the live keys of a clean stop.
+    Good(State, Vec<LiveRow>),
+    /// A state that fails its tag (or an old file without one): its
+    /// values cannot be trusted.
+    Bad(State),
+}
+
+/// The card tag over the state and the live keys (sorted, so the order of
+/// rows in the file does not matter).
+fn state_tag(card: &dyn EncryptionCard, s: &State, live: &[LiveRow]) -> Result<[u8; TAG_LEN]> {
+    let mut rows: Vec<[u8; 29]> = live
+        .iter()
+        .map(|((d, g, r), t, e)| {
+            let mut b = [0u8; 29];
+            b[..8].copy_from_slice(&d.0);
+            b[8] = *g;
+            b[9..13].copy_from_slice(&t.to_be_bytes());
+            b[13..21].copy_from_slice(&r.to_be_bytes());
+            b[21..29].copy_from_slice(&e.to_be_bytes());
+            b
+        })
+        .collect();
+    rows.sort_unstable();
+    let mut h = Sha256::new();
+    h.update((rows.len() as u64).to_be_bytes());
+    for r in &rows {
+        h.update(r);
+    }
+    let mut msg = Vec::with_capacity(STATE_DOMAIN.len() + 25 + 32);
+    msg.extend_from_slice(STATE_DOMAIN);
+    msg.extend_from_slice(&s.mark.to_be_bytes());
+    msg.extend_from_slice(&s.floor.to_be_bytes());
+    msg.extend_from_slice(&s.pruned.to_be_bytes());
+    msg.push(u8::from(s.clean));
+    msg.extend_from_slice(&h.finalize());
+    card.record_tag(&msg)
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 impl StateFile {
@@ -144,103 +258,183 @@ impl StateFile {
         Ok(StateFile { conn })
     }
 
-    fn state(&self) -> Result<Option<(u64, bool)>> {
-        self.conn
-            .query_row("SELECT mark, clean FROM state WHERE id = 1", [], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, bool>(1)?))
-            })
-            .optional()
-            .map_err(db_err)
-    }
-
-    fn set_state(&self, mark: u64, clean: bool) -> Result<()> {
-        self.conn
-            .execute(
-                "INSERT OR REPLACE INTO state (id, mark, clean) VALUES (1, ?1, ?2)",
-                params![mark as i64, clean],
-            )
-            .map_err(db_err)?;
-        Ok(())
-    }
-
-    /// Takes the keys a clean shutdown left and empties the table.
-    fn take_live(&mut self) -> Result<Vec<(Key, u32, u64)>> {
-        let tx = self.conn.transaction().map_err(db_err)?;
-        let rows = {
-            let mut st = tx
-                .prepare("SELECT device, generation, t, r, expires FROM live")
-                .map_err(db_err)?;
-            let rows = st
-                .query_map([], |r| {
-                    let d: Vec<u8> = r.get(0)?;
+    /// Reads the state and checks its tag (the live keys only count after
+    /// a clean stop).
+    fn read(&self, card: &dyn EncryptionCard) -> Result<Found> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT mark, floor, pruned, clean, tag FROM guard WHERE id = 1",
+                [],
+                |r| {
                     Ok((
-                        d,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, i64>(4)?,
+                        State {
+                            mark: r.get::<_, i64>(0)?.max(0) as u64,
+                            floor: r.get::<_, i64>(1)?.max(0) as u64,
+                            pruned: r.get::<_, i64>(2)?.max(0) as u64,
+                            clean: r.get::<_, i64>(3)? == 1,
+                        },
+                        r.get::<_, Vec<u8>>(4)?,
                     ))
+                },
+            )
+            .optional()
+            .map_err(db_err)?;
+        let Some((state, tag)) = row else {
+            // A file of a version without the tagged row: its mark is
+            // all there is, and it is not covered by the card.
+            let legacy = self
+                .conn
+                .query_row("SELECT mark FROM state WHERE id = 1", [], |r| {
+                    r.get::<_, i64>(0)
                 })
-                .map_err(db_err)?
-                .collect::<rusqlite::Result<Vec<(Vec<u8>, u8, u32, i64, i64)>>>()
+                .optional()
                 .map_err(db_err)?;
-            rows.into_iter()
-                .filter_map(|(d, g, t, r, e)| {
-                    let id: [u8; 8] = d.try_into().ok()?;
-                    Some(((DeviceId(id), g, r as u64), t, e as u64))
-                })
-                .collect()
+            return Ok(match legacy {
+                None => Found::Nothing,
+                Some(mark) => Found::Bad(State {
+                    mark: mark.max(0) as u64,
+                    ..State::default()
+                }),
+            });
         };
-        tx.execute("DELETE FROM live", []).map_err(db_err)?;
-        tx.commit().map_err(db_err)?;
-        Ok(rows)
+        let live = if state.clean {
+            self.live()?
+        } else {
+            Vec::new()
+        };
+        let want = state_tag(card, &state, &live)?;
+        let ok: bool = subtle::ConstantTimeEq::ct_eq(&want[..], &tag[..]).into();
+        // A state that is not clean must have no live rows either: rows
+        // added from outside are harmless, but say so.
+        Ok(if ok {
+            Found::Good(state, live)
+        } else {
+            Found::Bad(state)
+        })
     }
 
-    fn save_clean(&mut self, live: &[(Key, u32, u64)], mark: u64) -> Result<()> {
+    fn live(&self) -> Result<Vec<LiveRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT device, generation, t, r, expires FROM live")
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([], |r| {
+                let d: Vec<u8> = r.get(0)?;
+                Ok((
+                    d,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })
+            .map_err(db_err)?
+            .collect::<rusqlite::Result<Vec<(Vec<u8>, u8, u32, i64, i64)>>>()
+            .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(d, g, t, r, e)| {
+                let id: [u8; 8] = d.try_into().ok()?;
+                Some(((DeviceId(id), g, r as u64), t, e.max(0) as u64))
+            })
+            .collect())
+    }
+
+    /// Replaces the state and the live keys in one transaction, checking
+    /// `fault` after each step (`first` is the number of the first step).
+    fn write(
+        &mut self,
+        card: &dyn EncryptionCard,
+        state: &State,
+        live: &[LiveRow],
+        mut step: impl FnMut(u32) -> bool,
+        first: u32,
+    ) -> Result<()> {
+        let tag = state_tag(card, state, live)?;
         let tx = self.conn.transaction().map_err(db_err)?;
-        {
+        tx.execute("DELETE FROM live", []).map_err(db_err)?;
+        if step(first) {
+            return Err(crashed());
+        }
+        let mut n = first + 1;
+        if !live.is_empty() {
             let mut st = tx
                 .prepare(
                     "INSERT INTO live (device, generation, t, r, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
                 .map_err(db_err)?;
             for ((d, g, r), t, e) in live {
-                st.execute(params![&d.0[..], g, t, *r as i64, *e as i64])
+                st.execute(params![&d.0[..], g, t, *r as i64, i(*e)])
                     .map_err(db_err)?;
             }
         }
+        if state.clean {
+            if step(n) {
+                return Err(crashed());
+            }
+            n += 1;
+        }
         tx.execute(
-            "INSERT OR REPLACE INTO state (id, mark, clean) VALUES (1, ?1, 1)",
-            [mark as i64],
+            "INSERT OR REPLACE INTO guard (id, mark, floor, pruned, clean, tag) \
+             VALUES (1, ?1, ?2, ?3, ?4, ?5)",
+            params![
+                i(state.mark),
+                i(state.floor),
+                i(state.pruned),
+                i64::from(state.clean),
+                &tag[..]
+            ],
         )
         .map_err(db_err)?;
-        tx.commit().map_err(db_err)
+        // The old untagged row, if any, is no longer read.
+        tx.execute("DELETE FROM state", []).map_err(db_err)?;
+        if step(n) {
+            return Err(crashed());
+        }
+        tx.commit().map_err(db_err)?;
+        if step(n + 1) {
+            return Err(crashed());
+        }
+        Ok(())
     }
 }
 
 /// The guard's state once it has taken the lock.
 struct Active {
     file: StateFile,
-    /// The mark as persisted (kept under the same mutex as the file).
-    mark: u64,
+    /// The state as persisted (kept under the same mutex as the file).
+    state: State,
 }
 
 /// The in-memory replay guard of one database file in this process.
 pub(crate) struct MemoryGuard {
     path: PathBuf,
+    card: Arc<dyn EncryptionCard>,
+    /// The longest time a message stays fresh after its t plus one
+    /// (largest class skew + instance skew + 1): the floor after a bad tag
+    /// is the first `now` plus this.
+    window: AtomicU64,
     shards: Vec<Mutex<Shard>>,
     /// The persisted mark, readable without the lock: a t at or below it
     /// needs no write.
     mark: AtomicU64,
-    /// Messages with t at or below this are refused (set after an unclean
-    /// stop; 0 otherwise).
+    /// Messages with t at or below this are refused (raised by an unclean
+    /// stop or a bad tag, persisted, never lowered).
     floor: AtomicU64,
-    /// Highest `now` seen, for pruning at shutdown.
+    /// Highest `now` seen (and pruned by): a message whose record would
+    /// have expired before it is refused.
     latest_now: AtomicU64,
     active: Mutex<Option<Active>>,
     started: OnceLock<()>,
     /// Set by a test that simulates a crash: no clean shutdown is written.
     abandoned: AtomicBool,
+    /// A test's injected crash.
+    fault: Mutex<Option<FaultPoint>>,
+    /// Whether the key database says the state file must exist.
+    expected: AtomicBool,
+    started_hook: StartedHook,
 }
 
 impl std::fmt::Debug for MemoryGuard {
@@ -274,8 +468,16 @@ pub(crate) fn state_path(db: &Path) -> PathBuf {
 
 impl MemoryGuard {
     /// The guard of the database at `db` in this process (made if none is
-    /// alive). Nothing is read or locked until the first verification.
-    pub(crate) fn for_database(db: &Path) -> Arc<MemoryGuard> {
+    /// alive), its state tagged by `card`; `window` is the center's
+    /// longest freshness window (largest skew + instance skew + 1).
+    /// Nothing is read or locked until the first verification.
+    pub(crate) fn for_database(
+        db: &Path,
+        card: Arc<dyn EncryptionCard>,
+        window: u64,
+        expected: bool,
+        started_hook: StartedHook,
+    ) -> Arc<MemoryGuard> {
         let db = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_path_buf());
         let path = state_path(&db);
         let mut all = lock(&GUARDS);
@@ -285,10 +487,14 @@ impl MemoryGuard {
             .find(|(p, _)| *p == path)
             .and_then(|(_, w)| w.upgrade())
         {
+            g.window.fetch_max(window, Ordering::SeqCst);
+            g.expected.fetch_or(expected, Ordering::SeqCst);
             return g;
         }
         let g = Arc::new(MemoryGuard {
             path: path.clone(),
+            card,
+            window: AtomicU64::new(window),
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             mark: AtomicU64::new(0),
             floor: AtomicU64::new(0),
@@ -296,56 +502,142 @@ impl MemoryGuard {
             active: Mutex::new(None),
             started: OnceLock::new(),
             abandoned: AtomicBool::new(false),
+            fault: Mutex::new(None),
+            expected: AtomicBool::new(expected),
+            started_hook,
         });
         all.push((path, Arc::downgrade(&g)));
         g
     }
 
-    /// Takes the lock and loads the state on first use.
-    fn start(&self) -> Result<()> {
+    /// Makes the guard stop as a crash would at `at` (tests).
+    pub(crate) fn inject_fault(&self, at: FaultPoint) {
+        *lock(&self.fault) = Some(at);
+    }
+
+    /// Whether the injected fault is at this step; if so the guard is
+    /// abandoned (the caller returns at once, dropping any transaction).
+    fn crash_at(&self, at: FaultPoint) -> bool {
+        if *lock(&self.fault) == Some(at) {
+            self.abandoned.store(true, Ordering::SeqCst);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Takes the lock and loads the state on first use (`now`: the time
+    /// of the message that starts it).
+    fn start(&self, now: u64) -> Result<()> {
         if self.started.get().is_some() {
             return Ok(());
+        }
+        if self.abandoned.load(Ordering::SeqCst) {
+            return Err(crashed());
         }
         let mut active = lock(&self.active);
         if self.started.get().is_some() {
             return Ok(());
         }
-        let mut file = StateFile::open(&self.path)?;
-        let (mark, floor) = match file.state()? {
-            None => (0, 0),
-            Some((mark, true)) => {
-                for ((d, g, r), t, expires) in file.take_live()? {
-                    let mut s = lock(&self.shards[shard_of(d, r)]);
-                    let b = s.by_t.entry(t).or_insert_with(|| Bucket {
-                        expires,
-                        keys: HashSet::new(),
-                    });
-                    b.expires = b.expires.max(expires);
-                    b.keys.insert((d, g, r));
-                }
-                (mark, 0)
+        let card = &*self.card;
+        let file = StateFile::open(&self.path)?;
+        if self.crash_at(FaultPoint::Start(1)) {
+            return Err(crashed());
+        }
+        let found = file.read(card)?;
+        if self.crash_at(FaultPoint::Start(2)) {
+            return Err(crashed());
+        }
+        let found = match found {
+            Found::Nothing if self.expected.load(Ordering::SeqCst) => {
+                tracing::error!(
+                    path = %self.path.display(),
+                    "the replay guard's state file is missing or empty, but the key database says it was written"
+                );
+                Found::Bad(State::default())
             }
-            Some((mark, false)) => {
+            other => other,
+        };
+        let (state, live) = match found {
+            Found::Nothing => (State::default(), Vec::new()),
+            Found::Good(s, live) if s.clean => (s, live),
+            Found::Good(s, _) => {
                 tracing::warn!(
-                    mark,
+                    mark = s.mark,
                     "the last run did not stop cleanly: AUTH and SEALED with t at or before the replay mark are refused"
                 );
-                (mark, mark)
+                (
+                    State {
+                        floor: s.floor.max(s.mark),
+                        ..s
+                    },
+                    Vec::new(),
+                )
+            }
+            Found::Bad(s) => {
+                let floor = s
+                    .mark
+                    .max(s.floor)
+                    .max(now.saturating_add(self.window.load(Ordering::SeqCst)));
+                tracing::error!(
+                    path = %self.path.display(),
+                    floor,
+                    "the replay guard's state fails its card tag (edited from outside, or written by an older version): \
+                     every AUTH and SEALED with t at or before the floor is refused"
+                );
+                metrics::counter!("microcert_replay_state_tamper_total").increment(1);
+                (
+                    State {
+                        mark: floor,
+                        floor,
+                        pruned: s.pruned.max(now),
+                        clean: false,
+                    },
+                    Vec::new(),
+                )
             }
         };
+        for ((d, g, r), t, expires) in live {
+            let mut s = lock(&self.shards[shard_of(d, r)]);
+            let b = s.by_t.entry(t).or_insert_with(|| Bucket {
+                expires,
+                keys: HashSet::new(),
+            });
+            b.expires = b.expires.max(expires);
+            b.keys.insert((d, g, r));
+        }
         // From here on a stop that does not write a clean shutdown leaves
-        // the floor for the next start.
-        file.set_state(mark, false)?;
-        self.mark.store(mark, Ordering::SeqCst);
-        self.floor.store(floor, Ordering::SeqCst);
-        *active = Some(Active { file, mark });
+        // the floor for the next start: one transaction (live keys out,
+        // clean = 0, floor kept).
+        let running = State {
+            clean: false,
+            ..state
+        };
+        let mut file = file;
+        file.write(
+            card,
+            &running,
+            &[],
+            |n| self.crash_at(FaultPoint::Start(n)),
+            3,
+        )?;
+        (self.started_hook)()?;
+        self.mark.store(running.mark, Ordering::SeqCst);
+        self.floor.store(running.floor, Ordering::SeqCst);
+        self.latest_now.fetch_max(running.pruned, Ordering::SeqCst);
+        *active = Some(Active {
+            file,
+            state: running,
+        });
         let _ = self.started.set(());
         Ok(())
     }
 
     /// Records (device, generation, t, r) as accepted: Ok(false) when it
-    /// already was, or when t is at or below the floor of an unclean
-    /// restart (it may have been accepted before).
+    /// already was, when t is at or below the floor of an unclean restart
+    /// (it may have been accepted before), or when its record would have
+    /// expired before a time the guard has already pruned by (a clock
+    /// stepped backwards: it may have been accepted and forgotten).
     pub(crate) fn mark(
         &self,
         device: DeviceId,
@@ -355,16 +647,19 @@ impl MemoryGuard {
         expires: u64,
         now: u64,
     ) -> Result<bool> {
-        self.start()?;
-        if u64::from(t) <= self.floor.load(Ordering::Relaxed) {
+        self.start(now)?;
+        if u64::from(t) <= self.floor.load(Ordering::Acquire) {
             return Ok(false);
         }
-        self.latest_now.fetch_max(now, Ordering::Relaxed);
+        let latest = self.latest_now.fetch_max(now, Ordering::AcqRel).max(now);
+        if expires < latest {
+            return Ok(false);
+        }
         if u64::from(t) > self.mark.load(Ordering::Acquire) {
             self.raise_mark(u64::from(t))?;
         }
         let mut s = lock(&self.shards[shard_of(device, r)]);
-        s.prune(now);
+        s.prune(latest);
         let b = s.by_t.entry(t).or_insert_with(|| Bucket {
             expires,
             keys: HashSet::new(),
@@ -387,11 +682,15 @@ impl MemoryGuard {
         let a = active
             .as_mut()
             .ok_or_else(|| Error::Database("replay guard not started".into()))?;
-        if t > a.mark {
-            let mark = t.saturating_add(MARK_LEASE);
-            a.file.set_state(mark, false)?;
-            a.mark = mark;
-            self.mark.store(mark, Ordering::Release);
+        if t > a.state.mark {
+            let next = State {
+                mark: t.saturating_add(MARK_LEASE),
+                pruned: a.state.pruned.max(self.latest_now.load(Ordering::Acquire)),
+                ..a.state
+            };
+            a.file.write(&*self.card, &next, &[], |_| false, 1)?;
+            a.state = next;
+            self.mark.store(next.mark, Ordering::Release);
         }
         Ok(())
     }
@@ -406,6 +705,7 @@ impl MemoryGuard {
 
     /// Drops keys that expired before `now`.
     pub(crate) fn prune(&self, now: u64) {
+        self.latest_now.fetch_max(now, Ordering::AcqRel);
         for s in &self.shards {
             let mut s = lock(s);
             s.pruned_at = 0;
@@ -417,17 +717,17 @@ impl MemoryGuard {
     pub(crate) fn abandon(&self) {
         self.abandoned.store(true, Ordering::SeqCst);
     }
-}
 
-impl Drop for MemoryGuard {
-    fn drop(&mut self) {
+    /// The clean shutdown: every live key and the state, clean, in one
+    /// transaction.
+    fn stop(&self) {
         let Some(mut a) = lock(&self.active).take() else {
             return;
         };
         if self.abandoned.load(Ordering::SeqCst) {
             return;
         }
-        let now = self.latest_now.load(Ordering::Relaxed);
+        let now = self.latest_now.load(Ordering::Acquire);
         let mut live = Vec::new();
         for s in &self.shards {
             let s = lock(s);
@@ -435,13 +735,34 @@ impl Drop for MemoryGuard {
                 live.extend(b.keys.iter().map(|k| (*k, *t, b.expires)));
             }
         }
+        if self.crash_at(FaultPoint::Stop(1)) {
+            return;
+        }
         let n = live.len();
-        match a.file.save_clean(&live, a.mark) {
+        let state = State {
+            pruned: a.state.pruned.max(now),
+            clean: true,
+            ..a.state
+        };
+        match a.file.write(
+            &*self.card,
+            &state,
+            &live,
+            |n| self.crash_at(FaultPoint::Stop(n)),
+            2,
+        ) {
             Ok(()) => tracing::info!(keys = n, "replay guard saved for a clean restart"),
+            Err(_) if self.abandoned.load(Ordering::SeqCst) => {}
             Err(e) => {
                 tracing::error!(error = %e, "replay guard could not be saved; the next start refuses t at or before the mark")
             }
         }
+    }
+}
+
+impl Drop for MemoryGuard {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 

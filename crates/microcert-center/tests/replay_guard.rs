@@ -161,12 +161,12 @@ fn expired_entries_are_pruned() {
         center.verify_auth(&a, &C, t).unwrap();
     }
     assert_eq!(center.replay_entries(), 10);
-    // Kept while the message could still pass the freshness check
-    // (t + skew of 300 s)...
-    center.prune_replay(t + 300);
+    // Kept while the message could still pass the freshness check at any
+    // center (t + skew of 300 s + instance skew of 30 s)...
+    center.prune_replay(t + 331);
     assert_eq!(center.replay_entries(), 10);
     // ...and dropped after it.
-    center.prune_replay(t + 302);
+    center.prune_replay(t + 332);
     assert_eq!(center.replay_entries(), 0);
     // New messages prune their shard as they arrive.
     let later = t + 400;
@@ -288,4 +288,171 @@ fn another_process_cannot_verify() {
     drop(center);
     let center = open(dir.path(), card);
     center.verify_auth(&a, &C, NOW + 2).unwrap();
+}
+
+/// How a run of the center ends.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// Killed: nothing saved at the stop.
+    Crash,
+    /// Stopped cleanly.
+    Clean,
+}
+
+fn end(center: Center, how: End) {
+    match how {
+        End::Crash => center.abandon(),
+        End::Clean => drop(center),
+    }
+}
+
+fn refused(center: &Center, m: &[u8], now: u64) -> bool {
+    matches!(center.verify_auth(m, &C, now), Err(Error::Replay))
+}
+
+/// Issue 12: killed at each step of start-up and of shutdown, after a
+/// crash or a clean stop or neither, then restarted in every way: the
+/// accepted messages stay refused while fresh, and a later message still
+/// passes.
+#[test]
+fn every_step_of_start_and_shutdown_is_safe_to_interrupt() {
+    use microcert_center::FaultPoint;
+    let mut faults = Vec::new();
+    for n in 1..=FaultPoint::STEPS {
+        faults.push(FaultPoint::Start(n));
+        faults.push(FaultPoint::Stop(n));
+    }
+    let t = NOW + 10;
+    let mut cases = 0;
+    for before in [None, Some(End::Crash), Some(End::Clean)] {
+        for &fault in &faults {
+            if before.is_none() && matches!(fault, FaultPoint::Start(_)) {
+                continue;
+            }
+            let what = format!("{before:?} then a crash at {fault:?}");
+            let dir = tempfile::tempdir().unwrap();
+            let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+            let (center, mut fleet) = setup(dir.path(), card.clone(), 2);
+            let (a, _) = fleet[0].auth(&C, t);
+            let (b, _) = fleet[1].auth(&C, t + 1);
+            center.verify_auth(&a, &C, t).unwrap();
+            center.verify_auth(&b, &C, t + 1).unwrap();
+            let mut run = center;
+            if let Some(how) = before {
+                end(run, how);
+                run = open(dir.path(), card.clone());
+                if matches!(fault, FaultPoint::Stop(_)) {
+                    assert!(refused(&run, &a, t + 2), "{what}: before the fault");
+                }
+            }
+            run.inject_replay_fault(fault);
+            if matches!(fault, FaultPoint::Start(_)) {
+                // The start-up stops part-way: nothing is accepted.
+                assert!(run.verify_auth(&b, &C, t + 2).is_err(), "{what}");
+            }
+            // The process dies (the guard saves nothing more).
+            run.abandon();
+            for (i, how) in [End::Clean, End::Crash, End::Clean, End::Clean]
+                .into_iter()
+                .enumerate()
+            {
+                let c = open(dir.path(), card.clone());
+                let now = t + 3 + i as u64;
+                assert!(refused(&c, &a, now), "{what}, restart {i}: a replayed");
+                assert!(refused(&c, &b, now), "{what}, restart {i}: b replayed");
+                end(c, how);
+            }
+            // Past the floor a new message passes.
+            let c = open(dir.path(), card.clone());
+            let later = t + 200;
+            let (d, _) = fleet[0].auth(&C, later);
+            c.verify_auth(&d, &C, later)
+                .unwrap_or_else(|e| panic!("{what}: a new message refused: {e}"));
+            assert!(refused(&c, &d, later + 1), "{what}: d replayed");
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 25);
+}
+
+/// The state file's tag (issue 12): an edit from outside is detected and
+/// the guard starts as after the worst crash.
+#[test]
+fn an_edited_state_file_is_detected() {
+    let edits: &[(&str, &str, bool)] = &[
+        (
+            "lowered mark and floor",
+            "UPDATE guard SET mark = 0, floor = 0",
+            true,
+        ),
+        ("live keys deleted", "DELETE FROM live", true),
+        (
+            "clean set after a crash",
+            "UPDATE guard SET clean = 1",
+            false,
+        ),
+        (
+            "pruned high-water lowered",
+            "UPDATE guard SET pruned = 0",
+            true,
+        ),
+        ("state row deleted", "DELETE FROM guard", true),
+        (
+            "whole state deleted",
+            "DELETE FROM guard; DELETE FROM live",
+            false,
+        ),
+    ];
+    let t = NOW + 10;
+    for &(what, sql, clean) in edits {
+        let dir = tempfile::tempdir().unwrap();
+        let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+        let (center, mut fleet) = setup(dir.path(), card.clone(), 2);
+        let (a, _) = fleet[0].auth(&C, t);
+        center.verify_auth(&a, &C, t).unwrap();
+        end(center, if clean { End::Clean } else { End::Crash });
+        let state = dir.path().join("c.db-replay");
+        let conn = rusqlite::Connection::open(&state).unwrap();
+        conn.execute_batch(sql).unwrap();
+        drop(conn);
+        let now = t + 60;
+        let center = open(dir.path(), card.clone());
+        assert!(refused(&center, &a, now), "{what}: replay accepted");
+        // Worst case assumed: nothing with t up to the first now plus the
+        // longest window (300 s skew + 30 s instance skew) passes...
+        let (b, _) = fleet[1].auth(&C, now);
+        assert!(refused(&center, &b, now), "{what}: floor not raised");
+        // ...and the floor is durable: a clean restart keeps it.
+        drop(center);
+        let center = open(dir.path(), card.clone());
+        assert!(refused(&center, &a, now + 1), "{what}: after a restart");
+        let later = now + 332;
+        let (c, _) = fleet[1].auth(&C, later);
+        center
+            .verify_auth(&c, &C, later)
+            .unwrap_or_else(|e| panic!("{what}: refused past the floor: {e}"));
+    }
+}
+
+/// A clock stepped backwards in memory mode, without a restart and across
+/// a clean one: a message whose entry was pruned stays refused.
+#[test]
+fn a_clock_stepped_back_reopens_no_replay_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let (center, mut fleet) = setup(dir.path(), card.clone(), 2);
+    let t = NOW + 10;
+    let (a, _) = fleet[0].auth(&C, t);
+    center.verify_auth(&a, &C, t).unwrap();
+    // Twenty minutes on, a message prunes the shard of a.
+    let later = t + 1200;
+    let (b, _) = fleet[1].auth(&C, later);
+    center.verify_auth(&b, &C, later).unwrap();
+    center.prune_replay(later);
+    assert_eq!(center.replay_entries(), 1);
+    // The clock steps back to t + 5.
+    assert!(refused(&center, &a, t + 5));
+    drop(center);
+    let center = open(dir.path(), card);
+    assert!(refused(&center, &a, t + 6));
 }

@@ -555,7 +555,17 @@ impl Center {
 
     /// Periodic work: prune expired replay records and challenges;
     /// deactivate seeds whose grace period ended or whose last year is over.
+    ///
+    /// Refused, changing nothing, while a step of the clock is unconfirmed
+    /// (see [`crate::clock`]): a clock that jumped forward must not
+    /// deactivate seeds or end grace periods early, nor prune records other
+    /// centers still find fresh.
     pub fn housekeeping(&self, now: u64) -> Result<HousekeepingReport> {
+        self.clock_gate(now)?;
+        // The shared pruning high-water first: once it is durable no center
+        // inserts a record that expires before `now` again, so deleting
+        // them cannot reopen the window (interrupted here, nothing is lost).
+        self.raise_pruned(now)?;
         let mut report = HousekeepingReport {
             pruned: self.db.prune(now)?,
             ..HousekeepingReport::default()

@@ -15,6 +15,7 @@ mod maint;
 mod manage;
 mod rotation;
 mod verify;
+mod watch;
 
 pub use import::{ImportProgress, ImportReject, ImportReport};
 pub use maint::AutoBackup;
@@ -56,6 +57,8 @@ pub struct Center {
     /// the center's RECEIPTs: one card call (a system call for the
     /// software card) per 512 receipts instead of one each.
     receipt_r: std::sync::Mutex<RandomPool>,
+    /// Detects steps of the wall clock (issue 12).
+    watch: crate::clock::ClockWatch,
     config: CenterConfig,
     /// Keeps the card's anchor following the database once told where it
     /// is ([`Center::keep_anchor`]); writes it a last time when dropped.
@@ -201,6 +204,7 @@ impl Center {
             replay,
             sqlite: None,
             receipt_r: std::sync::Mutex::new(RandomPool::new()),
+            watch: crate::clock::ClockWatch::new(Arc::new(crate::clock::SystemClock::new())),
             config,
             anchor: std::sync::OnceLock::new(),
         }
@@ -228,7 +232,17 @@ impl Center {
         let db = Arc::new(SqliteDatabase::open_with(path, options)?);
         let replay = match config.replay {
             ReplayMode::Auto | ReplayMode::Memory => {
-                Replay::Memory(MemoryGuard::for_database(path))
+                let skew = config.profiles.iter().map(|p| u64::from(p.skew)).max();
+                let window = skew.unwrap_or(0) + config.instance_skew + 1;
+                let expected = watch::guard_state_expected(&*db, &*card)?;
+                let hook = watch::guard_started_hook(db.clone(), card.clone());
+                Replay::Memory(MemoryGuard::for_database(
+                    path,
+                    card.clone(),
+                    window,
+                    expected,
+                    hook,
+                ))
             }
             ReplayMode::Database => Replay::Database,
         };
@@ -244,6 +258,16 @@ impl Center {
     pub fn abandon(self) {
         if let Replay::Memory(g) = &self.replay {
             g.abandon();
+        }
+    }
+
+    /// Makes the in-memory replay guard stop as a crash would at `at` (its
+    /// state file left as a killed process leaves it). For tests of the
+    /// restart rule; no effect in database mode.
+    #[doc(hidden)]
+    pub fn inject_replay_fault(&self, at: crate::replay::FaultPoint) {
+        if let Replay::Memory(g) = &self.replay {
+            g.inject_fault(at);
         }
     }
 

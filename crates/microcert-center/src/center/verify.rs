@@ -272,7 +272,12 @@ impl Center {
         ticket: u64,
         now: u64,
     ) -> Result<()> {
-        let expires = u64::from(h.t) + u64::from(self.profile(dev.device.class)?.skew) + 1;
+        // Kept until t + skew + instance_skew (PROTOCOL.md section 6, v1.1):
+        // no center can prune a record another still finds fresh.
+        let expires = u64::from(h.t)
+            + u64::from(self.profile(dev.device.class)?.skew)
+            + self.config.instance_skew
+            + 1;
         let mark = Mark::Replay {
             device: h.device,
             generation: h.generation,

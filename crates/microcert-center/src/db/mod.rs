@@ -247,6 +247,19 @@ pub struct DeviceQuery {
     pub limit: usize,
 }
 
+/// The high-water of pruning: the highest `now` any center has pruned
+/// replay records and spent challenges by. A replay record or challenge
+/// expiring before it is refused at insertion ([`Tx::record_replay`],
+/// [`Tx::spend_challenge`] answer false): its earlier copy may have been
+/// pruned, so a center whose clock stepped backwards cannot accept it
+/// again (PROTOCOL.md section 6, v1.1).
+pub const MARK_PRUNED: &str = "pruned";
+
+/// The highest wall-clock time any center has seen (its housekeeping):
+/// a time well below it is a clock stepped backwards
+/// ([`crate::clock::ClockWatch`]).
+pub const MARK_CLOCK: &str = "clock";
+
 /// Reads and writes inside one transaction.
 pub trait Tx {
     /// The device row, locked for the rest of the transaction.
@@ -275,6 +288,11 @@ pub trait Tx {
     ) -> Result<bool>;
     /// Records challenge c of a device as used; false when it already was.
     fn spend_challenge(&mut self, id: DeviceId, c: &[u8; 8], expires: u64) -> Result<bool>;
+    /// A named high-water mark shared by every center on the database
+    /// (see [`MARK_PRUNED`]): its value and card tag, None if never set.
+    fn high_water(&mut self, name: &str) -> Result<Option<(u64, Vec<u8>)>>;
+    /// Writes a named high-water mark with its card tag.
+    fn set_high_water(&mut self, name: &str, value: u64, tag: &[u8]) -> Result<()>;
     /// Records a verified signature unless already recorded; returns the
     /// stored record (with the first first_seen) and whether this call
     /// inserted it.
@@ -396,7 +414,9 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     fn audit_log(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>>;
 
     /// Deletes replay records and used challenges that expired before
-    /// `now`; returns how many.
+    /// `now`; returns how many. The caller first raises the
+    /// [`MARK_PRUNED`] high-water to at least `now`, so that no record
+    /// expiring before it is ever inserted again.
     fn prune(&self, now: u64) -> Result<u64>;
 
     /// Notary records in (device, generation, t, r, digest) order after

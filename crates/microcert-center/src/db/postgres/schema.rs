@@ -188,5 +188,11 @@ fn apply(client: &Client) -> Result<Option<u32>> {
             .map_err(pg_err)?;
         tracing::info!(version = v, "PostgreSQL schema migrated");
     }
+    // Outside the numbered migrations, so that it composes with any of
+    // them (issue 12): named high-water marks with their card tags.
+    block_on(client.batch_execute(
+        "CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value BIGINT NOT NULL, tag BYTEA NOT NULL)",
+    ))
+    .map_err(pg_err)?;
     Ok((version < known).then_some(version as u32))
 }

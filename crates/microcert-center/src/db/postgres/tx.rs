@@ -203,8 +203,13 @@ impl Tx for PgTx<'_> {
         self.wrote = true;
         // Of two concurrent inserts of one key (two centers), the second
         // waits for the first to commit and then inserts nothing.
+        // Nothing is inserted for a record that would have expired before
+        // the pruning high-water (shared by every center): its earlier
+        // copy may have been pruned.
         let n = self.c.execute(
-            "INSERT INTO replay (device, generation, t, r, expires) VALUES ($1, $2, $3, $4, $5) \
+            "INSERT INTO replay (device, generation, t, r, expires) \
+             SELECT $1::bytea, $2::smallint, $3::bigint, $4::bigint, $5::bigint WHERE $5::bigint >= \
+             COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0) \
              ON CONFLICT DO NOTHING",
             &[
                 &&id.0[..],
@@ -220,10 +225,32 @@ impl Tx for PgTx<'_> {
     fn spend_challenge(&mut self, id: DeviceId, c: &[u8; 8], expires: u64) -> Result<bool> {
         self.wrote = true;
         let n = self.c.execute(
-            "INSERT INTO challenges (device, c, expires) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            "INSERT INTO challenges (device, c, expires) SELECT $1::bytea, $2::bytea, $3::bigint WHERE $3::bigint >= \
+             COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0) ON CONFLICT DO NOTHING",
             &[&&id.0[..], &&c[..], &i(expires)],
         )?;
         Ok(n == 1)
+    }
+
+    fn high_water(&mut self, name: &str) -> Result<Option<(u64, Vec<u8>)>> {
+        // FOR UPDATE: two centers raising the same mark take turns.
+        Ok(self
+            .c
+            .query_opt(
+                "SELECT value, tag FROM marks WHERE name = $1 FOR UPDATE",
+                &[&name],
+            )?
+            .map(|r| (r.get::<_, i64>(0).max(0) as u64, r.get::<_, Vec<u8>>(1))))
+    }
+
+    fn set_high_water(&mut self, name: &str, value: u64, tag: &[u8]) -> Result<()> {
+        self.wrote = true;
+        self.c.execute(
+            "INSERT INTO marks (name, value, tag) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value, tag = excluded.tag",
+            &[&name, &i(value), &tag],
+        )?;
+        Ok(())
     }
 
     fn notarize(&mut self, n: &NotaryRow) -> Result<(NotaryRow, bool)> {

@@ -126,6 +126,17 @@ ALTER TABLE commands ADD COLUMN seal BLOB;
 ALTER TABLE imports ADD COLUMN seal BLOB;
 "#];
 
+/// Named high-water marks shared by every center (issue 12: the pruning
+/// high-water, the highest clock time seen), each with a card tag. Created
+/// if missing outside the numbered migrations, so that it composes with
+/// any of them.
+const MARKS: &str = "
+CREATE TABLE IF NOT EXISTS marks (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL,
+    tag BLOB NOT NULL
+) WITHOUT ROWID;";
+
 /// Brings the schema up to date; returns the version found when anything
 /// was migrated.
 pub(super) fn migrate(conn: &mut Connection) -> Result<Option<u32>> {
@@ -142,6 +153,7 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<Option<u32>> {
         tx.pragma_update(None, "user_version", i as u32 + 1)?;
         tracing::info!(version = i + 1, "database schema migrated");
     }
+    tx.execute_batch(MARKS)?;
     tx.commit()?;
     Ok((version < known).then_some(version))
 }

@@ -146,18 +146,43 @@ impl Tx for SqliteTx<'_> {
         r: u64,
         expires: u64,
     ) -> Result<bool> {
+        // Nothing is inserted for a record that would have expired before
+        // the pruning high-water: its earlier copy may have been pruned.
         let mut st = self.tx.prepare_cached(
             "INSERT OR IGNORE INTO replay (device, generation, t, r, expires) \
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+             SELECT ?1, ?2, ?3, ?4, ?5 WHERE ?5 >= \
+             COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0)",
         )?;
         Ok(st.execute(params![&id.0[..], generation, t, i(r), i(expires)])? == 1)
     }
 
     fn spend_challenge(&mut self, id: DeviceId, c: &[u8; 8], expires: u64) -> Result<bool> {
         let mut st = self.tx.prepare_cached(
-            "INSERT OR IGNORE INTO challenges (device, c, expires) VALUES (?1, ?2, ?3)",
+            "INSERT OR IGNORE INTO challenges (device, c, expires) \
+             SELECT ?1, ?2, ?3 WHERE ?3 >= \
+             COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0)",
         )?;
         Ok(st.execute(params![&id.0[..], &c[..], i(expires)])? == 1)
+    }
+
+    fn high_water(&mut self, name: &str) -> Result<Option<(u64, Vec<u8>)>> {
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT value, tag FROM marks WHERE name = ?1")?;
+        Ok(st
+            .query_row([name], |r| {
+                Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, Vec<u8>>(1)?))
+            })
+            .optional()?)
+    }
+
+    fn set_high_water(&mut self, name: &str, value: u64, tag: &[u8]) -> Result<()> {
+        let mut st = self.tx.prepare_cached(
+            "INSERT INTO marks (name, value, tag) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value, tag = excluded.tag",
+        )?;
+        st.execute(params![name, i(value), tag])?;
+        Ok(())
     }
 
     fn notarize(&mut self, n: &NotaryRow) -> Result<(NotaryRow, bool)> {

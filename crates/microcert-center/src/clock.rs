@@ -1,0 +1,230 @@
+//! Clock steps (issue 12): a center's wall clock that jumps forward (a bad
+//! NTP answer, an operator's typo, a year rolled too early) must not
+//! deactivate seeds en masse or end grace periods early, and one that jumps
+//! backwards must not reopen the replay window.
+//!
+//! The center's services take `now` from their caller. [`ClockWatch`]
+//! compares the `now` of each housekeeping run with a monotonic clock (the
+//! wall time that has passed since the previous run must match the
+//! monotonic time within [`STEP_TOLERANCE`]) and with the highest wall time
+//! any center on the database has seen (a durable, card-tagged high-water,
+//! `MARK_CLOCK`). A step raises an alarm: an error in the log, the gauge
+//! `microcert_clock_step_alarm` at 1, the counter
+//! `microcert_clock_steps_total`, and a durable flag in the database that
+//! stops the irreversible housekeeping (pruning, deactivation of expired
+//! seeds, end of grace periods) on every center of the database until an
+//! operator confirms the time with [`crate::Center::confirm_clock_step`]
+//! (audited).
+//!
+//! The replay window does not depend on this alarm: replay records are
+//! refused at insertion when they would have expired before the highest
+//! time any center pruned by (see [`crate::db::MARK_PRUNED`]), and the
+//! in-memory guard refuses the same way.
+//!
+//! What it cannot see: a step while no center runs (the wall time that
+//! passed while the center was stopped is unknown); only a backward step
+//! below the durable high-water is detected then. A suspended virtual
+//! machine's monotonic clock may stop while its wall clock runs: that
+//! looks like a forward step, and an operator confirms it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The largest difference between the wall time and the monotonic time
+/// that passed between two housekeeping runs that is not a step, in
+/// seconds (NTP slews at most 500 ppm: 0.03 s a minute).
+pub const STEP_TOLERANCE: u64 = 120;
+
+/// A time source: the wall clock and a monotonic clock.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Wall-clock time, Unix seconds.
+    fn wall(&self) -> u64;
+    /// Time since an arbitrary fixed origin; never goes backwards.
+    fn monotonic(&self) -> Duration;
+}
+
+/// The system's clocks.
+#[derive(Debug)]
+pub struct SystemClock {
+    origin: Instant,
+}
+
+impl SystemClock {
+    /// The system's clocks, monotonic from now.
+    pub fn new() -> Self {
+        SystemClock {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for SystemClock {
+    fn wall(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+    fn monotonic(&self) -> Duration {
+        self.origin.elapsed()
+    }
+}
+
+/// A clock moved by hand (tests): [`ManualClock::advance`] moves both
+/// clocks, [`ManualClock::step`] only the wall clock.
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    wall: AtomicU64,
+    mono: AtomicU64,
+}
+
+impl ManualClock {
+    /// A clock at wall time `wall`.
+    pub fn new(wall: u64) -> Arc<Self> {
+        Arc::new(ManualClock {
+            wall: AtomicU64::new(wall),
+            mono: AtomicU64::new(0),
+        })
+    }
+    /// Time passes: both clocks move by `secs`.
+    pub fn advance(&self, secs: u64) {
+        self.wall.fetch_add(secs, Ordering::SeqCst);
+        self.mono.fetch_add(secs, Ordering::SeqCst);
+    }
+    /// The wall clock is set to `wall`; the monotonic clock does not move.
+    pub fn step(&self, wall: u64) {
+        self.wall.store(wall, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn wall(&self) -> u64 {
+        self.wall.load(Ordering::SeqCst)
+    }
+    fn monotonic(&self) -> Duration {
+        Duration::from_secs(self.mono.load(Ordering::SeqCst))
+    }
+}
+
+/// A detected step of the wall clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockStep {
+    /// The time the center expected (from the monotonic clock, or the
+    /// high-water for a step found against it).
+    pub expected: u64,
+    /// The time the wall clock gave.
+    pub seen: u64,
+}
+
+impl ClockStep {
+    /// Seconds forward (positive) or backward (negative).
+    pub fn seconds(&self) -> i64 {
+        self.seen as i64 - self.expected as i64
+    }
+}
+
+impl std::fmt::Display for ClockStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.seconds();
+        let dir = if s >= 0 { "forward" } else { "backward" };
+        write!(
+            f,
+            "the clock stepped {dir} by {} s (expected about {}, saw {})",
+            s.unsigned_abs(),
+            self.expected,
+            self.seen
+        )
+    }
+}
+
+/// Compares the `now` of successive housekeeping runs with a monotonic
+/// clock and a high-water.
+#[derive(Debug)]
+pub struct ClockWatch {
+    clock: Arc<dyn Clock>,
+    /// The wall and monotonic times of the last run that was not a step.
+    last: Mutex<Option<(u64, Duration)>>,
+}
+
+impl ClockWatch {
+    /// A watch over `clock`'s monotonic time.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        ClockWatch {
+            clock,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// The clock's wall time.
+    pub fn wall(&self) -> u64 {
+        self.clock.wall()
+    }
+
+    /// Checks `now` against the monotonic time since the last run and
+    /// against `high_water` (the highest time seen, `slack` seconds of
+    /// allowed difference between centers): the step, or None (and `now`
+    /// becomes the new reference).
+    pub fn observe(&self, now: u64, high_water: Option<u64>, slack: u64) -> Option<ClockStep> {
+        let mono = self.clock.monotonic();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((w, m)) = *last {
+            let expected = w.saturating_add(mono.saturating_sub(m).as_secs());
+            if now.abs_diff(expected) > STEP_TOLERANCE {
+                return Some(ClockStep {
+                    expected,
+                    seen: now,
+                });
+            }
+        }
+        if let Some(high) = high_water
+            && now.saturating_add(STEP_TOLERANCE + slack) < high
+        {
+            return Some(ClockStep {
+                expected: high,
+                seen: now,
+            });
+        }
+        *last = Some((now, mono));
+        None
+    }
+
+    /// Takes `now` as the new reference (an operator confirmed it).
+    pub fn rebase(&self, now: u64) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, self.clock.monotonic()));
+    }
+}
+
+/// Sets the alarm gauge (1 while a step is unconfirmed).
+pub(crate) fn alarm_metric(on: bool) {
+    metrics::gauge!("microcert_clock_step_alarm").set(if on { 1.0 } else { 0.0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_found_against_the_monotonic_clock_and_the_high_water() {
+        let clock = ManualClock::new(1_000_000);
+        let w = ClockWatch::new(clock.clone());
+        assert_eq!(w.observe(clock.wall(), None, 30), None);
+        clock.advance(600);
+        assert_eq!(w.observe(clock.wall(), None, 30), None);
+        // A year forward in one step.
+        clock.step(clock.wall() + 365 * 86_400);
+        let s = w.observe(clock.wall(), None, 30).unwrap();
+        assert!(s.seconds() > 0 && s.to_string().contains("forward"));
+        // Backwards below another center's high-water.
+        let w2 = ClockWatch::new(clock.clone());
+        assert_eq!(w2.observe(1_000_000, Some(1_000_100), 30), None);
+        let s = w2.observe(1_000_000, Some(1_000_000 + 151), 30).unwrap();
+        assert!(s.seconds() < 0 && s.to_string().contains("backward"));
+    }
+}

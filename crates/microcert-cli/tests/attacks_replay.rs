@@ -1,0 +1,110 @@
+//! Issue 12, attack 1 against the real binary: an AUTH accepted, the
+//! center killed (SIGKILL), restarted, stopped cleanly (SIGTERM), started
+//! again, and the same AUTH bytes sent once more over HTTP. Before the fix
+//! the last start had forgotten the floor of the unclean restart and
+//! accepted it a second time (200); now it is refused as a replay (409) on
+//! every start.
+
+mod harness;
+
+use harness::*;
+use microcert_core::Audience;
+use microcert_node::{EntropyFailure, SecureChip, SoftChip};
+
+type Chip = SoftChip<fn(&mut [u8]) -> Result<(), EntropyFailure>>;
+
+fn os_entropy(buf: &mut [u8]) -> Result<(), EntropyFailure> {
+    getrandom::fill(buf).map_err(|_| EntropyFailure)
+}
+
+fn now32() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as u32
+}
+
+/// The one chip the simulator enrolled and kept in `state`.
+fn enrolled_chip(state: &std::path::Path) -> Chip {
+    let mut images: Vec<_> = std::fs::read_dir(state)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "img"))
+        .collect();
+    assert_eq!(images.len(), 1, "one chip image in {}", state.display());
+    let image = std::fs::read(images.remove(0).path()).unwrap();
+    let f: fn(&mut [u8]) -> Result<(), EntropyFailure> = os_entropy;
+    SoftChip::from_image(&image, f).unwrap()
+}
+
+/// POSTs an AUTH to /v1/device/auth; the HTTP status (0 if no answer).
+fn post_auth(rt: &tokio::runtime::Runtime, server: &Server, body: &[u8]) -> u16 {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let c = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        c.post(format!("{}/v1/device/auth", server.http))
+            .body(body.to_vec())
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    })
+}
+
+#[test]
+fn replay_after_kill_restart_and_clean_stop_is_refused() {
+    let setup = Setup::new(1);
+    let server = Server::start(&setup.data());
+    // Enroll the chip (the simulator keeps its image).
+    run(&[
+        "simulate",
+        "--server",
+        &server.http,
+        "--coap",
+        &server.coap.to_string(),
+        "--transport",
+        "http",
+        "--chips",
+        setup.chips().to_str().unwrap(),
+        "--state",
+        setup.state().to_str().unwrap(),
+        "--rounds",
+        "1",
+        "--duration",
+        "30",
+        "--concurrency",
+        "1",
+    ]);
+    let mut chip = enrolled_chip(&setup.state());
+    let mut buf = [0u8; 64];
+    let n = chip.auth(now32(), &Audience::CENTER, &mut buf).unwrap();
+    let auth = buf[..n].to_vec();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    assert_eq!(post_auth(&rt, &server, &auth), 200, "the first AUTH");
+    assert_eq!(
+        post_auth(&rt, &server, &auth),
+        409,
+        "replay in the same run"
+    );
+    server.kill();
+
+    // Restarted after the crash: the floor refuses it.
+    let server = Server::start(&setup.data());
+    assert_eq!(post_auth(&rt, &server, &auth), 409, "after SIGKILL");
+    server.stop();
+
+    // Started again after a clean stop: still refused (the attack).
+    for round in 0..2 {
+        let server = Server::start(&setup.data());
+        assert_eq!(
+            post_auth(&rt, &server, &auth),
+            409,
+            "the same AUTH after a crash, a restart and clean stop ({round})"
+        );
+        server.stop();
+    }
+}
