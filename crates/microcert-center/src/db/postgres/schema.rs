@@ -11,7 +11,8 @@ use crate::{Error, Result};
 /// Schema versions, applied in order; `schema_version` counts those
 /// applied. Never edit an applied one: add the next (and the SQLite one of
 /// the same number).
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE devices (
     id BYTEA PRIMARY KEY CHECK (length(id) = 8),
     class SMALLINT NOT NULL,
@@ -123,7 +124,20 @@ CREATE TABLE imports (
     next_line BIGINT NOT NULL,
     updated BIGINT NOT NULL
 );
-"#];
+"#,
+    MIGRATION_META,
+];
+
+/// Migration "meta" (issue 14): the same as SQLite's of that name: the
+/// database's identity (a random id drawn when the table is made) and the
+/// id of the card last used with it.
+const MIGRATION_META: &str = r#"
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('database_id', replace(gen_random_uuid()::text, '-', ''));
+"#;
 
 /// Advisory lock key that serialises migrations of several centers
 /// starting at once against one database ("MCSCHEMA").

@@ -387,6 +387,24 @@ impl KeyDatabase for SqliteDatabase {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
+    fn meta(&self, key: &str) -> Result<Option<String>> {
+        let conn = self.lock()?;
+        Ok(conn
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        let conn = self.lock()?;
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )?;
+        Ok(())
+    }
+
     fn flush_erased(&self) -> Result<()> {
         // Moves everything from the write-ahead log into the main file and
         // truncates the log, so erased bytes do not linger in old frames.

@@ -6,7 +6,8 @@ use crate::{Error, Result};
 
 /// Schema versions, applied in order; `user_version` counts those applied.
 /// Never edit an applied one: add the next.
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE devices (
     id BLOB PRIMARY KEY CHECK (length(id) = 8),
     class INTEGER NOT NULL,
@@ -116,7 +117,22 @@ CREATE TABLE imports (
     next_line INTEGER NOT NULL,
     updated INTEGER NOT NULL
 ) WITHOUT ROWID;
-"#];
+"#,
+    MIGRATION_META,
+];
+
+/// Migration "meta" (issue 14, one configuration for every command): a
+/// key/value table with the database's identity, a random id drawn when
+/// the table is made (at creation for a new database, at the upgrade for
+/// an old one), and the id of the card last used with it (written by the
+/// CLI). Kept as its own step so other migrations can be appended beside.
+const MIGRATION_META: &str = r#"
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+INSERT INTO meta (key, value) VALUES ('database_id', lower(hex(randomblob(16))));
+"#;
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
