@@ -7,7 +7,8 @@ use anyhow::{Context, bail};
 use clap::Subcommand;
 use microcert_center::card::{KdfParams, SoftwareCard};
 
-use crate::datadir::DataArgs;
+use crate::binding::Access;
+use crate::config::{ConfigArgs, Open, Resolved};
 
 /// Card commands (local: they work on the data directory, not over HTTP).
 #[derive(Debug, Subcommand)]
@@ -18,10 +19,11 @@ pub enum CardCommand {
     /// exported with `card clone`.
     Init {
         #[command(flatten)]
-        data: DataArgs,
+        cfg: ConfigArgs,
         /// Make the keys inside a PKCS#11 token instead: the `serve`
         /// configuration file whose `[pkcs11]` section names the module,
-        /// token and PIN source. Keys are sensitive and not extractable.
+        /// token and PIN source (the same as --config with such a file).
+        /// Keys are sensitive and not extractable.
         #[arg(long, value_name = "CONFIG", conflicts_with_all = ["from", "from_shares"])]
         pkcs11: Option<PathBuf>,
         /// Import a `card clone` export sealed under an export passphrase
@@ -43,7 +45,7 @@ pub enum CardCommand {
     /// `--from-shares`).
     Clone {
         #[command(flatten)]
-        data: DataArgs,
+        cfg: ConfigArgs,
         /// The export file (passphrase mode) or directory (share mode); it
         /// must not exist.
         #[arg(long, value_name = "PATH")]
@@ -64,7 +66,7 @@ pub enum CardCommand {
     /// N custodians; any M of them recover the card.
     Split {
         #[command(flatten)]
-        data: DataArgs,
+        cfg: ConfigArgs,
         /// How many shares to make (N).
         #[arg(long, default_value_t = 5)]
         shares: u8,
@@ -72,11 +74,19 @@ pub enum CardCommand {
         #[arg(long, default_value_t = 3)]
         threshold: u8,
     },
+    /// Record that the configured key database is this card's database
+    /// (both in the database and in the data directory): after moving the
+    /// card to another database on purpose. Commands that change or
+    /// destroy records refuse a database the card was not last used with.
+    Bind {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
     /// Rebuild the card file from shares (one per line, from FILE or
     /// standard input), sealed under the passphrase.
     Recover {
         #[command(flatten)]
-        data: DataArgs,
+        cfg: ConfigArgs,
         /// A file with the shares, one per line; standard input if absent.
         #[arg(long, value_name = "FILE")]
         shares_file: Option<PathBuf>,
@@ -87,31 +97,36 @@ pub enum CardCommand {
 pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
     match cmd {
         CardCommand::Init {
+            mut cfg,
             pkcs11: Some(config),
             ..
         } => {
-            let file = crate::serve::load_config(Some(&config))?;
-            let Some(cfg) = file.pkcs11 else {
-                bail!("{} has no [pkcs11] section", config.display());
-            };
-            let card = microcert_pkcs11::Pkcs11Card::init(&cfg).with_context(|| {
-                format!("cannot make the card's keys in token {:?}", cfg.token_label)
-            })?;
-            say!("card keys made in PKCS#11 token {:?}", card.token_label());
+            cfg.config = Some(config);
+            init_pkcs11(&cfg.resolve()?)?;
         }
         CardCommand::Init {
-            data,
+            cfg,
+            from: None,
+            from_shares: None,
+            ..
+        } if cfg.resolve().is_ok_and(|r| r.pkcs11().is_some()) => {
+            init_pkcs11(&cfg.resolve()?)?;
+        }
+        CardCommand::Bind { cfg } => bind(&cfg)?,
+        CardCommand::Init {
+            cfg,
             pkcs11: None,
             from: Some(export),
             export_passphrase_file,
             ..
         } => {
+            let data = cfg.resolve()?;
             let pass = data.passphrase()?;
             refuse_existing_card(&data)?;
             let export_pass = export_passphrase(export_passphrase_file.as_deref())?;
             let card = SoftwareCard::open(&export, &export_pass)
                 .with_context(|| format!("cannot open the export {}", export.display()))?;
-            data.create()?;
+            data.create_data_dir()?;
             card.save(&data.card_file(), &pass, KdfParams::default())?;
             say!(
                 "card {} imported into {}",
@@ -120,11 +135,12 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
             );
         }
         CardCommand::Init {
-            data,
+            cfg,
             pkcs11: None,
             from_shares: Some(file),
             ..
         } => {
+            let data = cfg.resolve()?;
             let pass = data.passphrase()?;
             refuse_existing_card(&data)?;
             let text = std::fs::read_to_string(&file)
@@ -136,7 +152,7 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
                 .filter(|l| !l.is_empty())
                 .collect();
             let card = SoftwareCard::recover(&shares).context("cannot recover the card")?;
-            data.create()?;
+            data.create_data_dir()?;
             card.save(&data.card_file(), &pass, KdfParams::default())?;
             say!(
                 "card {} imported into {}",
@@ -145,12 +161,14 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
             );
         }
         CardCommand::Clone {
-            data,
+            cfg,
             out,
             shares,
             threshold,
             export_passphrase_file,
         } => {
+            let data = cfg.resolve()?;
+            data.require_software_card("card clone")?;
             let pass = data.passphrase()?;
             let card =
                 SoftwareCard::open(&data.card_file(), &pass).context("cannot open the card")?;
@@ -186,10 +204,11 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
             }
         }
         CardCommand::Init {
-            data, pkcs11: None, ..
+            cfg, pkcs11: None, ..
         } => {
+            let data = cfg.resolve()?;
             let pass = data.passphrase()?;
-            data.create()?;
+            data.create_data_dir()?;
             let card = SoftwareCard::init(&data.card_file(), &pass, KdfParams::default())
                 .context("cannot initialise the card")?;
             say!(
@@ -199,10 +218,12 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
             );
         }
         CardCommand::Split {
-            data,
+            cfg,
             shares,
             threshold,
         } => {
+            let data = cfg.resolve()?;
+            data.require_software_card("card split")?;
             let pass = data.passphrase()?;
             let card =
                 SoftwareCard::open(&data.card_file(), &pass).context("cannot open the card")?;
@@ -215,7 +236,9 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
                 say!("{line}");
             }
         }
-        CardCommand::Recover { data, shares_file } => {
+        CardCommand::Recover { cfg, shares_file } => {
+            let data = cfg.resolve()?;
+            data.require_software_card("card recover")?;
             let pass = data.passphrase()?;
             if data.card_file().exists() {
                 bail!(
@@ -241,7 +264,7 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
                 .filter(|l| !l.is_empty())
                 .collect();
             let card = SoftwareCard::recover(&shares).context("cannot recover the card")?;
-            data.create()?;
+            data.create_data_dir()?;
             card.save(&data.card_file(), &pass, KdfParams::default())?;
             say!(
                 "card {} recovered into {}",
@@ -253,7 +276,41 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn refuse_existing_card(data: &DataArgs) -> anyhow::Result<()> {
+/// `card init` on the PKCS#11 token the configuration names.
+fn init_pkcs11(r: &Resolved) -> anyhow::Result<()> {
+    let Some(cfg) = r.pkcs11() else {
+        bail!(
+            "{} has no [pkcs11] section",
+            r.config_file
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        );
+    };
+    let card = microcert_pkcs11::Pkcs11Card::init(cfg)
+        .with_context(|| format!("cannot make the card's keys in token {:?}", cfg.token_label))?;
+    say!("card keys made in PKCS#11 token {:?}", card.token_label());
+    Ok(())
+}
+
+/// `card bind`.
+fn bind(cfg: &ConfigArgs) -> anyhow::Result<()> {
+    let r = cfg.resolve()?;
+    let center = r.open_center(Open::maintenance(Access::Bind))?;
+    let before = crate::binding::record(&center, &r)?;
+    let id = crate::binding::database_id_of(&center)?.unwrap_or_default();
+    match before {
+        Some(b) => say!(
+            "the card's database is now {} (id {id}); it was {b}",
+            r.database_shown()
+        ),
+        None => say!("the card's database is {} (id {id})", r.database_shown()),
+    }
+    Ok(())
+}
+
+fn refuse_existing_card(data: &Resolved) -> anyhow::Result<()> {
+    data.require_software_card("card init --from/--from-shares")?;
     if data.card_file().exists() {
         bail!(
             "{} exists: import into a data directory without a card",

@@ -108,10 +108,16 @@ pub struct VerifyArgs {
     /// The signed data, for a SIGNATURE.
     #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
-    /// For an ENROLL under a transport key: Ktr(device, epoch), 32 hex
-    /// digits. Without it an ENROLL is checked as a seed update (Kupd).
-    #[arg(long, value_name = "HEX32", value_parser = hexarg::hex16)]
-    transport_key: Option<[u8; 16]>,
+    /// For an ENROLL under a transport key: a file holding Ktr(device,
+    /// epoch) as 32 hex digits (`-`: standard input). Without it an ENROLL
+    /// is checked as a seed update (Kupd). Keys are never taken on the
+    /// command line, where `ps` and the shell history show them.
+    #[arg(long, value_name = "FILE")]
+    transport_key_file: Option<PathBuf>,
+    /// No longer accepted (a key on the command line is visible to every
+    /// user through `ps`): use --transport-key-file.
+    #[arg(long = "transport-key", hide = true, value_name = "HEX32")]
+    transport_key_on_argv: Option<Zeroizing<String>>,
     /// The message as hex.
     hex: String,
 }
@@ -232,10 +238,46 @@ fn invalid(e: &core::Error) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// Reads a 128-bit key written as 32 hex digits from a file (`-`:
+/// standard input); every copy is zeroized.
+pub fn read_key_file(path: &Path) -> anyhow::Result<Key128> {
+    let text = Zeroizing::new(if path == Path::new("-") {
+        let mut s = String::new();
+        io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read the key from standard input")?;
+        s
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the key file {}", path.display()))?
+    });
+    let digits = text.trim();
+    let mut key = Zeroizing::new([0u8; 16]);
+    if digits.len() != 32 || hex::decode_to_slice(digits, &mut key[..]).is_err() {
+        bail!(
+            "the key file {} must hold exactly 32 hex digits",
+            path.display()
+        );
+    }
+    Ok(Key128::from_bytes(*key))
+}
+
 fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if args.transport_key_on_argv.is_some() {
+        bail!(
+            "--transport-key no longer takes the key on the command line (every user sees it in `ps` and it stays in shell history): \
+             write the 32 hex digits to a file readable only by you and pass --transport-key-file FILE, or --transport-key-file - to read standard input"
+        );
+    }
+    let ktr = args
+        .transport_key_file
+        .as_deref()
+        .map(read_key_file)
+        .transpose()?;
     let seed = load_seed(&args.seed)?;
     let aud = Audience(args.audience);
-    let Ok(mut bytes) = hexarg::hex_any(&args.hex) else {
+    // Zeroized: a SEALED message is opened in place in it.
+    let Ok(mut bytes) = hexarg::hex_any(&args.hex).map(Zeroizing::new) else {
         say!("invalid: malformed");
         return Ok(ExitCode::from(1));
     };
@@ -255,7 +297,6 @@ fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         }
         Message::Sealed(_) => core::open_in_place(&seed, &mut bytes, &aud).map(|_| None),
         Message::Enroll(m) => {
-            let ktr = args.transport_key.map(Key128::from_bytes);
             let key = match &ktr {
                 Some(k) => EnrollKey::Transport(k),
                 None => EnrollKey::Update(&seed),
@@ -295,13 +336,23 @@ fn open(args: OpenArgs) -> anyhow::Result<ExitCode> {
     if aud.is_center() {
         bail!("open needs --audience of the relying party the message was sealed for");
     }
-    let Ok(mut bytes) = hexarg::hex_any(&args.hex) else {
+    // The plaintext is opened in place in `bytes`, and printed from a
+    // hex buffer: both zeroized, and written to standard output in one
+    // call with its newline, which a line-buffered stdout passes straight
+    // to the file descriptor without keeping a copy.
+    let Ok(mut bytes) = hexarg::hex_any(&args.hex).map(Zeroizing::new) else {
         say!("invalid: malformed");
         return Ok(ExitCode::from(1));
     };
     Ok(match core::open_in_place(&seed, &mut bytes, &aud) {
         Ok((_, plaintext)) => {
-            say!("{}", hex::encode(plaintext));
+            let mut line = Zeroizing::new(vec![0u8; plaintext.len() * 2 + 1]);
+            let n = plaintext.len() * 2;
+            hex::encode_to_slice(plaintext, &mut line[..n])?;
+            line[n] = b'\n';
+            if io::stdout().lock().write_all(&line).is_err() {
+                std::process::exit(141);
+            }
             ExitCode::SUCCESS
         }
         Err(e) => invalid(&e),

@@ -10,14 +10,17 @@ use clap::Args;
 use microcert_center::{CenterConfig, Error};
 use microcert_core::DeviceId;
 use microcert_server::service::now;
+use zeroize::{Zeroize, Zeroizing};
 
-use crate::datadir::{DataArgs, create_private_dir};
+use crate::binding::Access;
+use crate::config::{ConfigArgs, Open};
+use crate::datadir::create_private_dir;
 
 /// Arguments of `factory provision`.
 #[derive(Debug, Args)]
 pub struct ProvisionArgs {
     #[command(flatten)]
-    pub data: DataArgs,
+    pub cfg: ConfigArgs,
     /// How many chips.
     #[arg(long)]
     pub count: u32,
@@ -27,12 +30,61 @@ pub struct ProvisionArgs {
     /// Directory for chips.jsonl (created, mode 0700).
     #[arg(long)]
     pub out: PathBuf,
-    /// The configuration file of `serve` (for a `[pkcs11]` card).
-    #[arg(long, env = "MICROCERT_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
     /// The operator name written to the audit log.
     #[arg(long, default_value = "factory")]
     pub actor: String,
+}
+
+/// Bytes of chips.jsonl held before they are written to the file.
+const BUFFER: usize = 64 * 1024;
+/// Room for one line (about 150 bytes; the actor is not in it).
+const LINE_MAX: usize = 512;
+
+/// chips.jsonl's writer: lines with transport keys go through one buffer
+/// allocated once (never grown, so never copied by a reallocation) and
+/// zeroized after every write to the file and when dropped. (A BufWriter
+/// would leave them in its buffer.)
+struct SecretLines {
+    file: std::fs::File,
+    buf: Zeroizing<Vec<u8>>,
+}
+
+impl SecretLines {
+    fn new(file: std::fs::File) -> Self {
+        SecretLines {
+            file,
+            buf: Zeroizing::new(Vec::with_capacity(BUFFER + LINE_MAX)),
+        }
+    }
+
+    /// Appends one line made by `line` (which must not exceed LINE_MAX).
+    fn line(
+        &mut self,
+        line: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>,
+    ) -> anyhow::Result<()> {
+        let before = self.buf.len();
+        line(&mut *self.buf)?;
+        anyhow::ensure!(
+            self.buf.len() - before <= LINE_MAX,
+            "internal: a chip line is longer than {LINE_MAX} bytes"
+        );
+        if self.buf.len() >= BUFFER {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        let r = self.file.write_all(&self.buf);
+        self.buf.zeroize();
+        Ok(r?)
+    }
+
+    fn finish(mut self) -> anyhow::Result<()> {
+        self.flush()?;
+        self.file.sync_all()?;
+        Ok(())
+    }
 }
 
 /// Runs `factory provision`.
@@ -40,13 +92,14 @@ pub fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
     if args.count == 0 {
         bail!("--count must be at least 1");
     }
-    let file = crate::serve::load_config(args.config.as_deref())?;
-    let center = crate::serve::open_center(
-        &args.data,
-        false,
-        file.pkcs11.as_ref(),
-        CenterConfig::default(),
-    )?;
+    let r = args.cfg.resolve()?;
+    let center = r.open_center(Open {
+        access: Access::Write,
+        create_db: true,
+        create_card: true,
+        dev: false,
+        center: CenterConfig::default(),
+    })?;
     create_private_dir(&args.out)?;
     let path = args.out.join("chips.jsonl");
     let mut opts = std::fs::OpenOptions::new();
@@ -56,7 +109,7 @@ pub fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
     let file = opts
         .open(&path)
         .with_context(|| format!("cannot create {} (it must not exist)", path.display()))?;
-    let mut out = std::io::BufWriter::new(file);
+    let mut out = SecretLines::new(file);
     let bar = indicatif::ProgressBar::new(u64::from(args.count));
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} chips {eta}")
@@ -74,19 +127,22 @@ pub fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
             Err(e) => return Err(e).context("cannot register the device"),
         };
         let ktr = center.factory_transport_key(id, &args.actor, t)?;
-        let line = zeroize::Zeroizing::new(format!(
-            "{{\"device_id\": \"{id}\", \"epoch\": {}, \"transport_key\": \"{}\", \"class\": {}, \"suite\": {}, \"issued\": {t}}}\n",
-            row.epoch,
-            hex::encode(ktr.expose()),
-            row.class,
-            row.suite.id(),
-        ));
-        out.write_all(line.as_bytes())?;
+        let mut ktr_hex = Zeroizing::new([0u8; 32]);
+        hex::encode_to_slice(ktr.expose(), &mut ktr_hex[..])?;
+        let ktr_hex = std::str::from_utf8(&ktr_hex[..])?;
+        out.line(|b| {
+            writeln!(
+                b,
+                "{{\"device_id\": \"{id}\", \"epoch\": {}, \"transport_key\": \"{ktr_hex}\", \"class\": {}, \"suite\": {}, \"issued\": {t}}}",
+                row.epoch,
+                row.class,
+                row.suite.id(),
+            )
+        })?;
         made += 1;
         bar.inc(1);
     }
-    out.flush()?;
-    out.get_ref().sync_all()?;
+    out.finish()?;
     bar.finish_and_clear();
     say!("{} chips written to {}", args.count, path.display());
     Ok(())

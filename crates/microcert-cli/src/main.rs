@@ -16,8 +16,10 @@ macro_rules! say {
     }};
 }
 
+mod binding;
 mod card;
 mod cert;
+mod config;
 mod datadir;
 mod demo;
 mod factory;
@@ -104,14 +106,14 @@ enum IntegrityCommand {
     /// and the card's anchor (an older copy of the whole database).
     CheckLocal {
         #[command(flatten)]
-        local: maint::LocalArgs,
+        local: config::ConfigArgs,
     },
     /// Put tampered, deleted or forged records right from the backups,
     /// only where the card's digest vouches for the result; exit 1 if
     /// anything was refused (each refusal says why).
     Repair {
         #[command(flatten)]
-        local: maint::LocalArgs,
+        local: config::ConfigArgs,
         /// The backup directory (default DATA/backups).
         #[arg(long, value_name = "DIR")]
         backup_dir: Option<std::path::PathBuf>,
@@ -154,7 +156,7 @@ enum TokenCommand {
     /// Make a token and print it (only the token, once; it is stored hashed).
     Create {
         #[command(flatten)]
-        data: datadir::DataArgs,
+        cfg: config::ConfigArgs,
         /// What the token may do.
         #[arg(long, value_enum)]
         role: microcert_server::tokens::Role,
@@ -166,9 +168,10 @@ enum TokenCommand {
 
 fn token(cmd: TokenCommand) -> anyhow::Result<()> {
     match cmd {
-        TokenCommand::Create { data, role, name } => {
-            data.create()?;
-            let token = microcert_server::tokens::create(&data.dir, role, &name)?;
+        TokenCommand::Create { cfg, role, name } => {
+            let r = cfg.resolve()?;
+            r.create_data_dir()?;
+            let token = microcert_server::tokens::create(&r.data_dir, role, &name)?;
             say!("{}", token.as_str());
         }
     }

@@ -10,49 +10,26 @@
 //! Also [`serve_maintenance`]: what `serve` runs periodically.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use microcert_center::backup;
-use microcert_center::{AutoBackup, Center, CenterConfig, ReplayMode};
+use microcert_center::{AutoBackup, Center};
 use microcert_server::service::now;
 
-use crate::datadir::DataArgs;
+use crate::binding::{self, Access};
+use crate::config::{ConfigArgs, Location, Open};
 
 const ACTOR: &str = "operator:cli";
 
-/// A data directory and, for a PKCS#11 card, the `serve` configuration.
-#[derive(Debug, Clone, Args)]
-pub struct LocalArgs {
-    #[command(flatten)]
-    pub data: DataArgs,
-    /// The `serve` configuration file, when its `[pkcs11]` section names
-    /// the card.
-    #[arg(long, env = "MICROCERT_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-}
-
-impl LocalArgs {
-    fn open(&self) -> anyhow::Result<Arc<Center>> {
-        let file = crate::serve::load_config(self.config.as_deref())?;
-        // Maintenance verifies no messages: replay records stay in the
-        // database, so nothing here competes with a serving process.
-        let config = CenterConfig {
-            replay: ReplayMode::Database,
-            ..CenterConfig::default()
-        };
-        crate::serve::open_center(&self.data, false, file.pkcs11.as_ref(), config)
-    }
-}
-
-/// The card's anchor of a data directory (see `microcert_center::anchor`).
-pub fn anchor_file(dir: &Path) -> PathBuf {
+/// The card's anchor of a data directory (see `microcert_center::anchor`);
+/// the same as [`crate::config::Resolved::anchor_file`].
+fn anchor_file(dir: &Path) -> PathBuf {
     dir.join("center.anchor")
 }
 
 /// The default backup directory of a data directory.
-pub fn backup_dir(dir: &Path) -> PathBuf {
+fn backup_dir(dir: &Path) -> PathBuf {
     dir.join("backups")
 }
 
@@ -63,7 +40,7 @@ pub enum BackupCommand {
     /// card's digest and a MAC over the file; keep the newest --keep.
     Create {
         #[command(flatten)]
-        local: LocalArgs,
+        local: ConfigArgs,
         /// Where backups go (default DATA/backups).
         #[arg(long, value_name = "DIR")]
         backup_dir: Option<PathBuf>,
@@ -74,22 +51,26 @@ pub enum BackupCommand {
     /// Check a backup's MAC and every record in it against the card.
     Verify {
         #[command(flatten)]
-        local: LocalArgs,
+        local: ConfigArgs,
         /// The backup file.
         file: PathBuf,
     },
-    /// Restore a backup into a data directory that has the card but no
-    /// key database yet (stop the center first).
+    /// Restore a backup into an empty key database (the configured one;
+    /// an SQLite file must not exist yet); stop the center first.
     Restore {
         #[command(flatten)]
-        local: LocalArgs,
+        local: ConfigArgs,
         /// The backup file.
         file: PathBuf,
+        /// Restore into a database at another location than the one the
+        /// card was last used with (the card's database moves there).
+        #[arg(long)]
+        rebind: bool,
     },
     /// List the backups, newest first.
     List {
         #[command(flatten)]
-        local: LocalArgs,
+        local: ConfigArgs,
         /// The backup directory (default DATA/backups).
         #[arg(long, value_name = "DIR")]
         backup_dir: Option<PathBuf>,
@@ -104,16 +85,11 @@ pub fn backup(cmd: BackupCommand) -> anyhow::Result<()> {
             backup_dir: dir,
             keep,
         } => {
-            let center = local.open()?;
-            let dir = dir.unwrap_or_else(|| backup_dir(&local.data.dir));
+            let r = local.resolve()?;
+            let center = r.open_center(Open::maintenance(Access::Write))?;
+            let dir = dir.unwrap_or_else(|| r.backup_dir());
             let s = center
-                .create_backup(
-                    &dir,
-                    keep,
-                    Some(&anchor_file(&local.data.dir)),
-                    ACTOR,
-                    now(),
-                )
+                .create_backup(&dir, keep, Some(&r.anchor_file()), ACTOR, now())
                 .context("cannot make the backup")?;
             say!(
                 "backup {}: {} devices, {} seeds, {} audit entries, storage key versions {:?}",
@@ -125,7 +101,9 @@ pub fn backup(cmd: BackupCommand) -> anyhow::Result<()> {
             );
         }
         BackupCommand::Verify { local, file } => {
-            let center = local.open()?;
+            let center = local
+                .resolve()?
+                .open_center(Open::maintenance(Access::ReadOnly))?;
             let b = backup::read(&file, center.card())
                 .with_context(|| format!("backup {} does not verify", file.display()))?;
             say!(
@@ -138,38 +116,65 @@ pub fn backup(cmd: BackupCommand) -> anyhow::Result<()> {
                 b.kstore_versions()
             );
         }
-        BackupCommand::Restore { local, file } => {
-            let db = local.data.database();
-            if db.exists() {
+        BackupCommand::Restore {
+            local,
+            file,
+            rebind,
+        } => {
+            let r = local.resolve()?;
+            if !rebind {
+                binding::refuse_other_location(&r)?;
+            }
+            if let Location::Sqlite(db) = &r.database
+                && db.exists()
+            {
                 bail!(
-                    "{} exists: restore into a data directory without a key database (move it aside first)",
-                    db.display()
+                    "{} exists: restore into a key database that does not exist yet (move it aside first)",
+                    r.database_shown()
                 );
             }
-            let center = local.open()?;
+            let center = r.open_center(Open {
+                create_db: true,
+                ..Open::maintenance(if rebind {
+                    Access::Bind
+                } else {
+                    Access::Restore
+                })
+            })?;
             let b = backup::read(&file, center.card())
                 .with_context(|| format!("backup {} does not verify", file.display()))?;
             backup::restore_into(center.database(), center.card(), &b, ACTOR, now())
                 .context("restore failed")?;
+            // The card's database is now this one (both sides record it).
+            if let Some(before) = binding::record(&center, &r)? {
+                eprintln!(
+                    "the card's database was {before}; it is now {}",
+                    r.database_shown()
+                );
+            }
             // Pending commands get a fresh counter, t and r (PROTOCOL.md 6).
             let rebuilt = center
                 .rebuild_pending_commands(ACTOR, now())
                 .context("cannot rebuild the pending commands")?;
             let mark =
                 microcert_center::anchor::Anchor::of(center.database(), center.card(), now())?;
-            microcert_center::anchor::reset(&anchor_file(&local.data.dir), center.card(), &mark)?;
+            microcert_center::anchor::reset(&r.anchor_file(), center.card(), &mark)?;
             say!(
-                "restored {} devices and {} seeds from {}; {rebuilt} pending commands rebuilt",
+                "restored {} devices and {} seeds from {} into {}; {rebuilt} pending commands rebuilt",
                 b.devices.len(),
                 b.seeds.len(),
-                file.display()
+                file.display(),
+                r.database.shown()
             );
         }
         BackupCommand::List {
             local,
             backup_dir: dir,
         } => {
-            let dir = dir.unwrap_or_else(|| backup_dir(&local.data.dir));
+            let dir = match dir {
+                Some(d) => d,
+                None => local.resolve()?.backup_dir(),
+            };
             for p in backup::list(&dir)? {
                 say!("{}", p.display());
             }
@@ -179,9 +184,11 @@ pub fn backup(cmd: BackupCommand) -> anyhow::Result<()> {
 }
 
 /// Runs the local integrity check; false when anything was found.
-pub fn integrity_check(local: &LocalArgs) -> anyhow::Result<bool> {
-    let center = local.open()?;
-    let r = center.integrity_check(Some(&anchor_file(&local.data.dir)), now())?;
+pub fn integrity_check(local: &ConfigArgs) -> anyhow::Result<bool> {
+    let cfg = local.resolve()?;
+    // Write: a clean check refreshes the card's anchor.
+    let center = cfg.open_center(Open::maintenance(Access::Write))?;
+    let r = center.integrity_check(Some(&cfg.anchor_file()), now())?;
     if r.is_clean() {
         say!("clean: {} records checked", r.records);
         return Ok(true);
@@ -195,10 +202,12 @@ pub fn integrity_check(local: &LocalArgs) -> anyhow::Result<bool> {
 }
 
 /// Repairs from the backups; false when something was refused.
-pub fn integrity_repair(local: &LocalArgs, dir: Option<PathBuf>) -> anyhow::Result<bool> {
-    let dir = dir.unwrap_or_else(|| backup_dir(&local.data.dir));
-    let anchor = anchor_file(&local.data.dir);
-    let center = local.open()?;
+pub fn integrity_repair(local: &ConfigArgs, dir: Option<PathBuf>) -> anyhow::Result<bool> {
+    let cfg = local.resolve()?;
+    let dir = dir.unwrap_or_else(|| cfg.backup_dir());
+    let anchor = cfg.anchor_file();
+    let center = cfg.open_center(Open::maintenance(Access::Destructive))?;
+    let database_id = binding::database_id_of(&center)?;
     let r = center.repair(&dir, Some(&anchor), ACTOR, now())?;
     for (d, g) in &r.restored {
         say!("restored record {d} generation {g}");
@@ -210,16 +219,32 @@ pub fn integrity_repair(local: &LocalArgs, dir: Option<PathBuf>) -> anyhow::Resu
         say!("restored device row {d}");
     }
     if let Some(whole) = &r.whole_restore {
+        let Location::Sqlite(db_path) = &cfg.database else {
+            bail!(
+                "the database {} is an older copy of itself; put back {} with `microcert backup restore` into an empty database (this is not done in place on PostgreSQL)",
+                cfg.database_shown(),
+                whole.display()
+            );
+        };
         let card = center.card_arc();
         drop(center);
         let aside = microcert_center::repair::restore_sqlite_file(
-            &local.data.database(),
+            db_path,
             whole,
             &card,
             Some(&anchor),
             ACTOR,
             now(),
         )?;
+        // The same database, put back: it keeps its identity, so the
+        // card's record of it stays true.
+        let db = microcert_center::SqliteDatabase::open(db_path)?;
+        if let Some(id) = &database_id {
+            microcert_center::KeyDatabase::set_meta(&db, "database_id", id)?;
+        }
+        drop(db);
+        let center = cfg.open_center(Open::maintenance(Access::Write))?;
+        drop(center);
         say!(
             "the database was an older copy of itself: restored {} (the old file is kept as {})",
             whole.display(),
@@ -236,7 +261,7 @@ pub fn integrity_repair(local: &LocalArgs, dir: Option<PathBuf>) -> anyhow::Resu
 #[derive(Debug, Args)]
 pub struct RotateArgs {
     #[command(flatten)]
-    pub local: LocalArgs,
+    pub local: ConfigArgs,
     /// Devices re-sealed per transaction.
     #[arg(long, default_value_t = 500)]
     pub batch: usize,
@@ -245,8 +270,9 @@ pub struct RotateArgs {
 /// Makes a new Kstore version (or resumes an interrupted rotation) and
 /// re-seals every seed under it.
 pub fn rotate_storage_key(args: RotateArgs) -> anyhow::Result<()> {
-    let center = args.local.open()?;
-    let dir = backup_dir(&args.local.data.dir);
+    let cfg = args.local.resolve()?;
+    let center = cfg.open_center(Open::maintenance(Access::Destructive))?;
+    let dir = cfg.backup_dir();
     let r = center.rotate_storage_key(args.batch, Some(&dir), ACTOR, now(), &mut |n| {
         eprintln!("  {n} seeds re-sealed");
     })?;
@@ -275,12 +301,12 @@ pub enum LocalAuditCommand {
     /// directory; exit 1 if anything is wrong.
     VerifyLocal {
         #[command(flatten)]
-        local: LocalArgs,
+        local: ConfigArgs,
     },
     /// Write every entry as JSON Lines, from the data directory.
     ExportLocal {
         #[command(flatten)]
-        local: LocalArgs,
+        local: ConfigArgs,
         /// Write here instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -291,7 +317,9 @@ pub enum LocalAuditCommand {
 pub fn audit(cmd: LocalAuditCommand) -> anyhow::Result<bool> {
     match cmd {
         LocalAuditCommand::VerifyLocal { local } => {
-            let center = local.open()?;
+            let center = local
+                .resolve()?
+                .open_center(Open::maintenance(Access::ReadOnly))?;
             match center.verify_audit()? {
                 (n, None) => {
                     say!("audit log intact: {n} entries, head tagged by the card");
@@ -304,7 +332,9 @@ pub fn audit(cmd: LocalAuditCommand) -> anyhow::Result<bool> {
             }
         }
         LocalAuditCommand::ExportLocal { local, out } => {
-            let center = local.open()?;
+            let center = local
+                .resolve()?
+                .open_center(Open::maintenance(Access::ReadOnly))?;
             let n = match out {
                 Some(p) => {
                     let mut f = std::io::BufWriter::new(

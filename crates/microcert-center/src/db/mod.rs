@@ -500,6 +500,29 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     ) -> Result<()> {
         f(None)
     }
+
+    /// A value of the database's key/value metadata (migration "meta"):
+    /// `database_id` (the database's identity, a random id drawn at its
+    /// creation) and what the CLI records there (the id of the card last
+    /// used with it). None when the key was never written.
+    ///
+    /// Added for issue 14 (one configuration for every command); the
+    /// default refuses, so a backend without it fails clearly instead of
+    /// passing for a database without an identity.
+    fn meta(&self, key: &str) -> Result<Option<String>> {
+        let _ = key;
+        Err(Error::Database(
+            "this key database keeps no metadata (database identity)".into(),
+        ))
+    }
+
+    /// Writes (inserts or replaces) a metadata value (see [`KeyDatabase::meta`]).
+    fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        let _ = (key, value);
+        Err(Error::Database(
+            "this key database keeps no metadata (database identity)".into(),
+        ))
+    }
 }
 
 /// What [`KeyDatabase::watch_changes`] calls: Some(device) for one

@@ -549,6 +549,22 @@ impl KeyDatabase for PostgresDatabase {
         c.batch("VACUUM seeds")
     }
 
+    fn meta(&self, key: &str) -> Result<Option<String>> {
+        let mut c = self.pool.get()?;
+        let row = c.query_opt("SELECT value FROM meta WHERE key = $1", &[&key])?;
+        row.map(|r| g::<String>(&r, 0)).transpose()
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        let mut c = self.pool.get()?;
+        c.execute(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&key, &value],
+        )?;
+        Ok(())
+    }
+
     fn watch_changes(&self, on_change: super::ChangeHook) -> Result<()> {
         let config = self.pool.config.clone();
         self.pool

@@ -397,6 +397,7 @@ impl KeyDatabase for SqliteDatabase {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
+<<<<<<< HEAD
     fn scan_commands(
         &self,
         after: Option<DeviceId>,
@@ -429,6 +430,24 @@ impl KeyDatabase for SqliteDatabase {
 
     fn migrated_from(&self) -> Option<u32> {
         self.migrated_from
+=======
+    fn meta(&self, key: &str) -> Result<Option<String>> {
+        let conn = self.lock()?;
+        Ok(conn
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()?)
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        let conn = self.lock()?;
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [key, value],
+        )?;
+        Ok(())
+>>>>>>> config
     }
 
     fn flush_erased(&self) -> Result<()> {

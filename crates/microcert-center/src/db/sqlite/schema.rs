@@ -6,7 +6,8 @@ use crate::{Error, Result};
 
 /// Schema versions, applied in order; `user_version` counts those applied.
 /// Never edit an applied one: add the next.
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE devices (
     id BLOB PRIMARY KEY CHECK (length(id) = 8),
     class INTEGER NOT NULL,
@@ -117,6 +118,7 @@ CREATE TABLE imports (
     updated INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
+<<<<<<< HEAD
 // 2: card tags on notary records and commands (issue 12). Rows written
 // before carry NULL until the center tags them right after this migration
 // (crate::integrity::upgrade_legacy).
@@ -125,6 +127,23 @@ ALTER TABLE notary ADD COLUMN seal BLOB;
 ALTER TABLE commands ADD COLUMN seal BLOB;
 ALTER TABLE imports ADD COLUMN seal BLOB;
 "#];
+=======
+    MIGRATION_META,
+];
+
+/// Migration "meta" (issue 14, one configuration for every command): a
+/// key/value table with the database's identity, a random id drawn when
+/// the table is made (at creation for a new database, at the upgrade for
+/// an old one), and the id of the card last used with it (written by the
+/// CLI). Kept as its own step so other migrations can be appended beside.
+const MIGRATION_META: &str = r#"
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+INSERT INTO meta (key, value) VALUES ('database_id', lower(hex(randomblob(16))));
+"#;
+>>>>>>> config
 
 /// Named high-water marks shared by every center (issue 12: the pruning
 /// high-water, the highest clock time seen), each with a card tag. Created
