@@ -150,7 +150,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let listeners = Listeners::bind(http, coap).await?;
         let (h, c) = listeners.addrs()?;
         let svc: Arc<dyn DeviceService> = Arc::new(CenterService::new(center.clone()));
-        let limits = Arc::new(microcert_server::limits::Limits::new(file.limits));
+        let limits = Arc::new(microcert_server::limits::Limits::new(file.limits.clone()));
         let router = device_routes(HttpState {
             svc: svc.clone(),
             tokens: tokens.clone(),

@@ -102,6 +102,14 @@ impl Tx for SealedTx<'_> {
     fn spend_challenge(&mut self, id: DeviceId, c: &[u8; 8], expires: u64) -> Result<bool> {
         self.inner.spend_challenge(id, c, expires)
     }
+    // High-water marks carry their own card tags (crate::clock, the replay
+    // pruning mark): passed through.
+    fn high_water(&mut self, name: &str) -> Result<Option<(u64, Vec<u8>)>> {
+        self.inner.high_water(name)
+    }
+    fn set_high_water(&mut self, name: &str, value: u64, tag: &[u8]) -> Result<()> {
+        self.inner.set_high_water(name, value, tag)
+    }
     fn notarize(&mut self, n: &NotaryRow) -> Result<(NotaryRow, bool)> {
         let mut row = n.clone();
         row.seal = Some(self.card.record_tag(&super::notary_bytes(&row))?);

@@ -125,14 +125,12 @@ CREATE TABLE imports (
     updated BIGINT NOT NULL
 );
 "#,
-<<<<<<< HEAD
 // 2: card tags on notary records and commands (issue 12), as SQLite's 2.
 r#"
 ALTER TABLE notary ADD COLUMN seal BYTEA;
 ALTER TABLE commands ADD COLUMN seal BYTEA;
 ALTER TABLE imports ADD COLUMN seal BYTEA;
-"#];
-=======
+"#,
     MIGRATION_META,
 ];
 
@@ -146,7 +144,6 @@ CREATE TABLE meta (
 );
 INSERT INTO meta (key, value) VALUES ('database_id', replace(gen_random_uuid()::text, '-', ''));
 "#;
->>>>>>> config
 
 /// Advisory lock key that serialises migrations of several centers
 /// starting at once against one database ("MCSCHEMA").

@@ -397,7 +397,6 @@ impl KeyDatabase for SqliteDatabase {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-<<<<<<< HEAD
     fn scan_commands(
         &self,
         after: Option<DeviceId>,
@@ -430,7 +429,8 @@ impl KeyDatabase for SqliteDatabase {
 
     fn migrated_from(&self) -> Option<u32> {
         self.migrated_from
-=======
+    }
+
     fn meta(&self, key: &str) -> Result<Option<String>> {
         let conn = self.lock()?;
         Ok(conn
@@ -447,7 +447,6 @@ impl KeyDatabase for SqliteDatabase {
             [key, value],
         )?;
         Ok(())
->>>>>>> config
     }
 
     fn flush_erased(&self) -> Result<()> {

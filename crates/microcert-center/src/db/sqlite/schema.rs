@@ -118,7 +118,6 @@ CREATE TABLE imports (
     updated INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
-<<<<<<< HEAD
 // 2: card tags on notary records and commands (issue 12). Rows written
 // before carry NULL until the center tags them right after this migration
 // (crate::integrity::upgrade_legacy).
@@ -126,8 +125,7 @@ r#"
 ALTER TABLE notary ADD COLUMN seal BLOB;
 ALTER TABLE commands ADD COLUMN seal BLOB;
 ALTER TABLE imports ADD COLUMN seal BLOB;
-"#];
-=======
+"#,
     MIGRATION_META,
 ];
 
@@ -143,7 +141,6 @@ CREATE TABLE meta (
 ) WITHOUT ROWID;
 INSERT INTO meta (key, value) VALUES ('database_id', lower(hex(randomblob(16))));
 "#;
->>>>>>> config
 
 /// Named high-water marks shared by every center (issue 12: the pruning
 /// high-water, the highest clock time seen), each with a card tag. Created
