@@ -213,6 +213,19 @@ impl KeyDatabase for Sealed {
             f(&mut s)
         })
     }
+    fn read_transaction(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
+        let card = &*self.card;
+        self.inner.read_transaction(&mut |tx| {
+            let mut s = SealedTx { inner: tx, card };
+            f(&mut s)
+        })
+    }
+    fn meta(&self, key: &str) -> Result<Option<String>> {
+        self.inner.meta(key)
+    }
+    fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.inner.set_meta(key, value)
+    }
     fn device_view(&self, id: DeviceId) -> Result<Option<DeviceView>> {
         self.inner.device_view(id)
     }
