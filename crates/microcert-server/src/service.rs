@@ -89,9 +89,7 @@ impl DeviceService for CenterService {
         // and only when no key could open it (docs/protocol.md, "What a
         // refusal reveals"): to the network it is a failed verification.
         let r = self.center.enroll(msg, now()).map_err(|e| match e {
-            Error::Revoked | Error::Suspended | Error::NotActive | Error::WrongGeneration => {
-                Error::Verification
-            }
+            Error::Revoked | Error::Suspended | Error::NotActive => Error::Verification,
             other => other,
         });
         self.run("enroll", r)

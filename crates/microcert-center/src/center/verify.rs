@@ -329,7 +329,10 @@ impl Center {
     /// to a message whose MAC verifies under that generation's seed, read
     /// and unsealed for this (the cache holds usable seeds only); any
     /// other message gets `Verification`, as a bad MAC on a good device
-    /// does. Other errors pass unchanged.
+    /// does. A destroyed seed (its ciphertext gone) verifies nothing, so
+    /// its refusal is given as it is (destroyed is final), and so is the
+    /// refusal of a generation the device does not have (generations are
+    /// not secret). Other errors pass unchanged.
     fn hide_state(&self, e: Error, h: &Header, mac_ok: impl FnOnce(&KeySeed) -> bool) -> Error {
         if !matches!(
             e,
@@ -338,16 +341,18 @@ impl Center {
             return e;
         }
         match self.seed_of(h.device, h.generation) {
-            Ok(Some(seed)) if mac_ok(&seed) => e,
-            Ok(_) => Error::Verification,
+            Ok(Some(Some(seed))) if mac_ok(&seed) => e,
+            // No such generation (or none yet): generations are not secret.
+            Ok(Some(None) | None) => e,
+            Ok(Some(Some(_))) => Error::Verification,
             // The center's own failure (database, card) is reported as such.
             Err(other) => other,
         }
     }
 
-    /// A seed of any state, read (tag checked) and unsealed; None if the
-    /// generation does not exist or its ciphertext is destroyed.
-    fn seed_of(&self, id: DeviceId, generation: u8) -> Result<Option<KeySeed>> {
+    /// A seed of any state, read (tag checked) and unsealed: None if the
+    /// generation does not exist, Some(None) if its ciphertext is destroyed.
+    fn seed_of(&self, id: DeviceId, generation: u8) -> Result<Option<Option<KeySeed>>> {
         let rows = match &self.sqlite {
             Some(db) => match db.read_device(id)? {
                 Some((_, rows)) => rows,
@@ -360,9 +365,9 @@ impl Center {
         };
         crate::integrity::check_record(&*self.card, &row)?;
         if row.ciphertext.is_none() {
-            return Ok(None);
+            return Ok(Some(None));
         }
-        self.unseal(&row).map(Some)
+        self.unseal(&row).map(|s| Some(Some(s)))
     }
 
     /// A stateless challenge for any device id, known or not.
