@@ -19,9 +19,11 @@ fn os_entropy(buf: &mut [u8]) -> Result<(), EntropyFailure> {
     getrandom::fill(buf).map_err(|_| EntropyFailure)
 }
 
+type Entropy = fn(&mut [u8]) -> Result<(), EntropyFailure>;
+
 struct Dev {
     id: DeviceId,
-    chip: SoftChip<fn(&mut [u8]) -> Result<(), EntropyFailure>>,
+    chip: SoftChip<Entropy>,
 }
 
 fn enrolled(center: &Center, n: u64) -> Dev {
@@ -29,7 +31,7 @@ fn enrolled(center: &Center, n: u64) -> Dev {
     let t = now();
     center.register_device(id, 1, None, 0, "test", t).unwrap();
     let ktr = center.factory_transport_key(id, "test", t).unwrap();
-    let mut chip = SoftChip::new(os_entropy as fn(&mut [u8]) -> Result<(), EntropyFailure>);
+    let mut chip = SoftChip::new(os_entropy as Entropy);
     chip.personalize(&Personalization {
         device: id,
         epoch: 0,

@@ -405,9 +405,9 @@ impl Center {
         let ticket = self.cache.ticket(h.device);
         let dev = self.load(h.device)?;
         Self::check_suite(&dev, &h)?;
-        let (_, seed, how) = self.usable(&dev, h.generation, now, true).map_err(|e| {
-            self.hide_state(e, &h, |k| verify_auth_response(k, msg, aud).is_ok())
-        })?;
+        let (_, seed, how) = self
+            .usable(&dev, h.generation, now, true)
+            .map_err(|e| self.hide_state(e, &h, |k| verify_auth_response(k, msg, aud).is_ok()))?;
         verify_auth_response(seed, msg, aud).map_err(Error::from_core)?;
         let mut c = [0u8; 8];
         c.copy_from_slice(&msg.challenge[..8]);
