@@ -39,7 +39,13 @@ fn put_option(out: &mut Vec<u8>, last: &mut u16, number: u16, value: &[u8]) {
 }
 
 /// A confirmable POST to `path` with an optional Block1 (num, more, szx).
-fn post(mid: u16, token: &[u8], path: &str, block1: Option<(u32, bool, u8)>, body: &[u8]) -> Vec<u8> {
+fn post(
+    mid: u16,
+    token: &[u8],
+    path: &str,
+    block1: Option<(u32, bool, u8)>,
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = vec![0x40 | token.len() as u8, 0x02];
     out.extend_from_slice(&mid.to_be_bytes());
     out.extend_from_slice(token);
@@ -257,7 +263,13 @@ fn challenges_for_one_device_are_rate_limited() {
     let (mut served, mut limited, mut max_age) = (0u32, 0u32, None);
     let start = Instant::now();
     for i in 0..5_000u32 {
-        let d = post(i as u16, &i.to_be_bytes(), "/v1/device/challenge", None, &device);
+        let d = post(
+            i as u16,
+            &i.to_be_bytes(),
+            "/v1/device/challenge",
+            None,
+            &device,
+        );
         let Some(a) = exchange(&s, server.coap, &d) else {
             continue;
         };
@@ -282,7 +294,13 @@ fn challenges_for_one_device_are_rate_limited() {
     );
     assert!(limited >= 5_000 - served - 10, "{limited} limited");
     assert!(matches!(max_age, Some(1..=2)), "Max-Age {max_age:?}");
-    let other = post(9, &[9], "/v1/device/challenge", None, &[1, 2, 3, 4, 5, 6, 7, 8]);
+    let other = post(
+        9,
+        &[9],
+        "/v1/device/challenge",
+        None,
+        &[1, 2, 3, 4, 5, 6, 7, 8],
+    );
     assert_eq!(exchange(&s, server.coap, &other).unwrap()[1], CHANGED);
     server.stop();
 }

@@ -540,10 +540,7 @@ fn challenges_match_the_protocol_formula() {
     let w = challenge_window(now);
     let kw = derive_key(&kchal, b"MC-CHAL", &w.to_be_bytes());
     assert_eq!(hex::encode(kw.expose()), KAT_CHALLENGE_KEY);
-    assert_eq!(
-        challenge_with(&kw, dev, kat[..8].try_into().unwrap()),
-        kat
-    );
+    assert_eq!(challenge_with(&kw, dev, kat[..8].try_into().unwrap()), kat);
     // The token's own challenges pass the formula's check and the
     // software card's, and the other way round.
     for _ in 0..8 {

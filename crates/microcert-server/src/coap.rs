@@ -571,7 +571,10 @@ mod tests {
     }
 
     fn cached(s: &Shared) -> usize {
-        s.dedup.iter().map(|d| d.lock().unwrap().answers.len()).sum()
+        s.dedup
+            .iter()
+            .map(|d| d.lock().unwrap().answers.len())
+            .sum()
     }
 
     #[test]

@@ -156,7 +156,9 @@ impl<K: Hash + Eq + Copy> Limiter<K> {
 
     fn shard(&self, key: &K) -> std::sync::MutexGuard<'_, Shard<K>> {
         let i = (self.hasher.hash_one(key) as usize) % SHARDS;
-        self.shards[i].lock().unwrap_or_else(PoisonError::into_inner)
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// How long `key` must wait before its next request, if its budget is

@@ -108,9 +108,9 @@ pub async fn serve_limited(
                     router.into_make_service_with_connect_info::<SocketAddr>(),
                 )
                 .with_graceful_shutdown(async move {
-                        let _ = http_stop.wait_for(|s| *s).await;
-                    })
-                    .await
+                    let _ = http_stop.wait_for(|s| *s).await;
+                })
+                .await
             }
         }
     };

@@ -85,7 +85,14 @@ impl CenterService {
 
 impl DeviceService for CenterService {
     fn enroll(&self, msg: &[u8]) -> Result<Vec<u8>, Refusal> {
-        self.run("enroll", self.center.enroll(msg, now()))
+        // A seed-state refusal of an ENROLL is decided before the AEAD
+        // and only when no key could open it (docs/protocol.md, "What a
+        // refusal reveals"): to the network it is a failed verification.
+        let r = self.center.enroll(msg, now()).map_err(|e| match e {
+            Error::Revoked | Error::Suspended | Error::NotActive => Error::Verification,
+            other => other,
+        });
+        self.run("enroll", r)
     }
 
     fn auth(&self, msg: &[u8]) -> Result<Vec<u8>, Refusal> {

@@ -108,13 +108,11 @@ const RESOURCES: [&str; 4] = ["enroll", "auth", "auth-response", "receipt"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block1_transfers_are_bounded_per_peer_address_and_by_age() {
-    let srv = common::TestServer::start_with(microcert_server::limits::Limits::new(
-        LimitsConfig {
-            block1_per_peer: 3,
-            block1_lifetime_secs: 1,
-            ..LimitsConfig::default()
-        },
-    ))
+    let srv = common::TestServer::start_with(microcert_server::limits::Limits::new(LimitsConfig {
+        block1_per_peer: 3,
+        block1_lifetime_secs: 1,
+        ..LimitsConfig::default()
+    }))
     .await;
     let coap = srv.coap;
     tokio::task::spawn_blocking(move || {
@@ -126,7 +124,12 @@ async fn block1_transfers_are_bounded_per_peer_address_and_by_age() {
             let r = exchange(
                 &s,
                 coap,
-                &post(mid, &format!("/v1/device/{path}"), &[0; 64], block(0, true, 64)),
+                &post(
+                    mid,
+                    &format!("/v1/device/{path}"),
+                    &[0; 64],
+                    block(0, true, 64),
+                ),
             );
             mid += 1;
             assert_eq!(code(&r), ResponseType::Continue, "{path}");
@@ -170,12 +173,10 @@ async fn block1_transfers_are_bounded_per_peer_address_and_by_age() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn block1_transfers_are_bounded_overall() {
-    let srv = common::TestServer::start_with(microcert_server::limits::Limits::new(
-        LimitsConfig {
-            block1_total: 5,
-            ..LimitsConfig::default()
-        },
-    ))
+    let srv = common::TestServer::start_with(microcert_server::limits::Limits::new(LimitsConfig {
+        block1_total: 5,
+        ..LimitsConfig::default()
+    }))
     .await;
     let coap = srv.coap;
     tokio::task::spawn_blocking(move || {
@@ -254,9 +255,16 @@ async fn challenges_beyond_the_device_budget_are_4_29_with_max_age() {
                 max_age = u32_option(&r, CoapOption::MaxAge);
             }
         }
-        let served = codes.iter().filter(|c| **c == ResponseType::Changed).count();
+        let served = codes
+            .iter()
+            .filter(|c| **c == ResponseType::Changed)
+            .count();
         assert_eq!(served, 5, "{codes:?}");
-        assert!(codes[5..].iter().all(|c| *c == ResponseType::TooManyRequests));
+        assert!(
+            codes[5..]
+                .iter()
+                .all(|c| *c == ResponseType::TooManyRequests)
+        );
         assert!(matches!(max_age, Some(1..=2)), "{max_age:?}");
         // Another device is served.
         let r = exchange(&s, coap, &post(50, "/v1/device/challenge", &[4; 8], None));
@@ -298,7 +306,10 @@ async fn garbage_beyond_the_source_budget_is_4_29_and_key_state_stays_bounded() 
         }
         std::thread::sleep(Duration::from_millis(500));
         let (src, dev, chal) = limits.keys();
-        assert!(src <= 256 && dev <= 256 && chal <= 256, "{src} {dev} {chal}");
+        assert!(
+            src <= 256 && dev <= 256 && chal <= 256,
+            "{src} {dev} {chal}"
+        );
     })
     .await
     .unwrap();

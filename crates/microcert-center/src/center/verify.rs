@@ -332,7 +332,9 @@ impl Center {
         let dev = self.load(h.device)?;
         Self::check_suite(&dev, &h)?;
         self.check_fresh(&dev, h.t, now)?;
-        let (_, seed, how) = self.usable(&dev, h.generation, h.t, now, true)?;
+        let (_, seed, how) = self
+            .usable(&dev, h.generation, h.t, now, true)
+            .map_err(|e| self.hide_state(e, &h, |k| verify_auth(k, msg, aud).is_ok()))?;
         verify_auth(seed, msg, aud).map_err(Error::from_core)?;
         self.commit_fresh_use(&dev, &h, &how, ticket, now)?;
         let receipt = if with_receipt {
@@ -346,6 +348,53 @@ impl Center {
             time: h.t,
             receipt,
         })
+    }
+
+    /// What a device resource may reveal before a MAC verifies
+    /// (docs/protocol.md, "What a refusal reveals"): a seed-state refusal
+    /// (revoked, suspended, not active, another generation) is given only
+    /// to a message whose MAC verifies under that generation's seed, read
+    /// and unsealed for this (the cache holds usable seeds only); any
+    /// other message gets `Verification`, as a bad MAC on a good device
+    /// does. A destroyed seed (its ciphertext gone) verifies nothing, so
+    /// its refusal is given as it is (destroyed is final), and so is the
+    /// refusal of a generation the device does not have (generations are
+    /// not secret). Other errors pass unchanged.
+    fn hide_state(&self, e: Error, h: &Header, mac_ok: impl FnOnce(&KeySeed) -> bool) -> Error {
+        if !matches!(
+            e,
+            Error::Revoked | Error::Suspended | Error::NotActive | Error::WrongGeneration
+        ) {
+            return e;
+        }
+        match self.seed_of(h.device, h.generation) {
+            Ok(Some(Some(seed))) if mac_ok(&seed) => e,
+            // No such generation (or none yet): generations are not secret.
+            Ok(Some(None) | None) => e,
+            Ok(Some(Some(_))) => Error::Verification,
+            // The center's own failure (database, card) is reported as such.
+            Err(other) => other,
+        }
+    }
+
+    /// A seed of any state, read (tag checked) and unsealed: None if the
+    /// generation does not exist, Some(None) if its ciphertext is destroyed.
+    fn seed_of(&self, id: DeviceId, generation: u8) -> Result<Option<Option<KeySeed>>> {
+        let rows = match &self.sqlite {
+            Some(db) => match db.read_device(id)? {
+                Some((_, rows)) => rows,
+                None => return Ok(None),
+            },
+            None => crate::db::with_read_tx(&*self.db, |tx| tx.seeds(id))?,
+        };
+        let Some(row) = rows.into_iter().find(|r| r.generation == generation) else {
+            return Ok(None);
+        };
+        crate::integrity::check_record(&*self.card, &row)?;
+        if row.ciphertext.is_none() {
+            return Ok(Some(None));
+        }
+        self.unseal(&row).map(|s| Some(Some(s)))
     }
 
     /// A stateless challenge for any device id, known or not.
@@ -383,7 +432,9 @@ impl Center {
         let ticket = self.cache.ticket(h.device);
         let dev = self.load(h.device)?;
         Self::check_suite(&dev, &h)?;
-        let (_, seed, how) = self.usable(&dev, h.generation, h.t, now, true)?;
+        let (_, seed, how) = self
+            .usable(&dev, h.generation, h.t, now, true)
+            .map_err(|e| self.hide_state(e, &h, |k| verify_auth_response(k, msg, aud).is_ok()))?;
         verify_auth_response(seed, msg, aud).map_err(Error::from_core)?;
         let mut c = [0u8; 8];
         c.copy_from_slice(&msg.challenge[..8]);
