@@ -82,7 +82,9 @@ fn a_copy_older_than_an_acknowledged_change_is_found() {
     assert_eq!(center.keep_anchor(&path).unwrap(), None);
     // Acknowledged, and the center stopped cleanly at once (no check, no
     // backup, no time for the keeper's tick): the drop writes the anchor.
-    center.revoke(fleet[2].id, "ops", "stolen", NOW + 3).unwrap();
+    center
+        .revoke(fleet[2].id, "ops", "stolen", NOW + 3)
+        .unwrap();
     drop(center);
 
     std::fs::copy(&old, &db).unwrap();
@@ -120,16 +122,16 @@ fn a_whole_restore_rebuilds_pending_commands_above_accepted_counters() {
     let card = Arc::new(SoftwareCard::ephemeral().unwrap());
     let (center, mut fleet) = enrolled_center(&db, &card, 2);
     let t = NOW + 10;
-    center.queue_update(fleet[0].id, "ops", "roll-out", t).unwrap();
+    center
+        .queue_update(fleet[0].id, "ops", "roll-out", t)
+        .unwrap();
     let pending = center.command(fleet[0].id).unwrap().unwrap();
     center
         .create_backup(&backups, 3, Some(&path), "ops", t + 1)
         .unwrap();
     // After the backup: several commands in one second run the counter
     // ahead of the clock; the node accepts the last.
-    center
-        .revoke(fleet[1].id, "ops", "x", t + 2)
-        .unwrap();
+    center.revoke(fleet[1].id, "ops", "x", t + 2).unwrap();
     center
         .queue_update(fleet[0].id, "ops", "again", t + 2)
         .unwrap();
@@ -183,7 +185,9 @@ fn a_version_1_database_is_upgraded_once() {
     let sig = fleet[0].sign(b"meter", NOW + 2);
     center.verify_signature(&sig, b"meter", NOW + 2).unwrap();
     center.revoke(fleet[0].id, "ops", "x", NOW + 3).unwrap();
-    center.queue_update(fleet[1].id, "ops", "x", NOW + 3).unwrap();
+    center
+        .queue_update(fleet[1].id, "ops", "x", NOW + 3)
+        .unwrap();
     let seeds: Vec<_> = {
         let mut v = Vec::new();
         let mut after = None;

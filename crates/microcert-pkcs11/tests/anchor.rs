@@ -58,9 +58,7 @@ fn the_token_keeps_the_anchor_when_database_and_file_are_put_back() {
         ])
         .unwrap();
     assert_eq!(found.len(), 1);
-    let label = s
-        .get_attributes(found[0], &[AttributeType::Label])
-        .unwrap();
+    let label = s.get_attributes(found[0], &[AttributeType::Label]).unwrap();
     assert!(matches!(&label[0], Attribute::Label(l) if l.starts_with(b"microcert-anchor-")));
 
     // Both put back: the file is consistent with the old database, the

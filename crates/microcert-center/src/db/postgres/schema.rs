@@ -11,7 +11,8 @@ use crate::{Error, Result};
 /// Schema versions, applied in order; `schema_version` counts those
 /// applied. Never edit an applied one: add the next (and the SQLite one of
 /// the same number).
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE devices (
     id BYTEA PRIMARY KEY CHECK (length(id) = 8),
     class SMALLINT NOT NULL,
@@ -124,12 +125,13 @@ CREATE TABLE imports (
     updated BIGINT NOT NULL
 );
 "#,
-// 2: card tags on notary records and commands (issue 12), as SQLite's 2.
-r#"
+    // 2: card tags on notary records and commands (issue 12), as SQLite's 2.
+    r#"
 ALTER TABLE notary ADD COLUMN seal BYTEA;
 ALTER TABLE commands ADD COLUMN seal BYTEA;
 ALTER TABLE imports ADD COLUMN seal BYTEA;
-"#];
+"#,
+];
 
 /// Advisory lock key that serialises migrations of several centers
 /// starting at once against one database ("MCSCHEMA").

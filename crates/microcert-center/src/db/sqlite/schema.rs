@@ -6,7 +6,8 @@ use crate::{Error, Result};
 
 /// Schema versions, applied in order; `user_version` counts those applied.
 /// Never edit an applied one: add the next.
-pub(super) const MIGRATIONS: &[&str] = &[r#"
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE devices (
     id BLOB PRIMARY KEY CHECK (length(id) = 8),
     class INTEGER NOT NULL,
@@ -117,14 +118,15 @@ CREATE TABLE imports (
     updated INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
-// 2: card tags on notary records and commands (issue 12). Rows written
-// before carry NULL until the center tags them right after this migration
-// (crate::integrity::upgrade_legacy).
-r#"
+    // 2: card tags on notary records and commands (issue 12). Rows written
+    // before carry NULL until the center tags them right after this migration
+    // (crate::integrity::upgrade_legacy).
+    r#"
 ALTER TABLE notary ADD COLUMN seal BLOB;
 ALTER TABLE commands ADD COLUMN seal BLOB;
 ALTER TABLE imports ADD COLUMN seal BLOB;
-"#];
+"#,
+];
 
 /// Brings the schema up to date; returns the version found when anything
 /// was migrated.
