@@ -268,7 +268,11 @@ fn unix_now() -> u64 {
 
 /// How a database compares with its anchor: None when it is at or beyond
 /// it (or there is none), the finding otherwise.
-pub fn compare(path: &Path, db: &dyn KeyDatabase, card: &dyn EncryptionCard) -> Result<Option<String>> {
+pub fn compare(
+    path: &Path,
+    db: &dyn KeyDatabase,
+    card: &dyn EncryptionCard,
+) -> Result<Option<String>> {
     let Some(a) = load(path, card)? else {
         return Ok(None);
     };

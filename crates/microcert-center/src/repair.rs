@@ -183,7 +183,10 @@ impl Center {
                 "command of {d} fails its tag: restore the whole database from a backup (its pending commands are rebuilt)"
             ));
         }
-        for s in shards.iter().filter(|&&s| s >= SHARDS && s < integrity::DEVICE_BASE) {
+        for s in shards
+            .iter()
+            .filter(|&&s| (SHARDS..integrity::DEVICE_BASE).contains(&s))
+        {
             out.refused.push(format!(
                 "digest shard {s} ({}) does not match its rows: restore the whole database from a backup",
                 integrity::shard_kind(*s)

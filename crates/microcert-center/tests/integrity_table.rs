@@ -171,9 +171,15 @@ fn cases(t: &Template) -> Vec<Case> {
         ("class", "class = class % 3 + 1".into()),
         ("suite", "suite = 3 - suite".into()),
         ("epoch", "epoch = epoch + 1".into()),
-        ("transport_open", "transport_open = 1 - transport_open".into()),
+        (
+            "transport_open",
+            "transport_open = 1 - transport_open".into(),
+        ),
         ("highest_gen", "highest_gen = highest_gen + 1".into()),
-        ("command_counter", "command_counter = command_counter + 1".into()),
+        (
+            "command_counter",
+            "command_counter = command_counter + 1".into(),
+        ),
         ("tag", "tag = randomblob(32)".into()),
     ] {
         add(
@@ -222,21 +228,53 @@ fn cases(t: &Template) -> Vec<Case> {
         ("state", "state = 'suspended'".into(), &d3),
         ("base_year", "base_year = base_year + 1".into(), &d3),
         ("suite", "suite = 3 - suite".into(), &d3),
-        ("kstore_version", "kstore_version = kstore_version + 1".into(), &d3),
-        ("ciphertext", "ciphertext = randomblob(length(ciphertext))".into(), &d3),
+        (
+            "kstore_version",
+            "kstore_version = kstore_version + 1".into(),
+            &d3,
+        ),
+        (
+            "ciphertext",
+            "ciphertext = randomblob(length(ciphertext))".into(),
+            &d3,
+        ),
         ("tag", "tag = randomblob(32)".into(), &d3),
         ("via", "via = 'update'".into(), &d3),
         ("enroll_t", "enroll_t = enroll_t + 1".into(), &d3),
         ("enroll_r", "enroll_r = enroll_r + 1".into(), &d3),
-        ("enroll_digest", "enroll_digest = randomblob(32)".into(), &d3),
-        ("receipt", "receipt = randomblob(length(receipt))".into(), &d3),
+        (
+            "enroll_digest",
+            "enroll_digest = randomblob(32)".into(),
+            &d3,
+        ),
+        (
+            "receipt",
+            "receipt = randomblob(length(receipt))".into(),
+            &d3,
+        ),
         ("created", "created = created + 1".into(), &d3),
-        ("activated_at", "activated_at = activated_at + 1".into(), &d3),
+        (
+            "activated_at",
+            "activated_at = activated_at + 1".into(),
+            &d3,
+        ),
         ("suspended_at", format!("suspended_at = {}", NOW + 1), &d3),
-        ("deactivated_at", format!("deactivated_at = {}", NOW + 1), &d3),
-        ("compromised_at", "compromised_at = compromised_at + 999".into(), &d0),
+        (
+            "deactivated_at",
+            format!("deactivated_at = {}", NOW + 1),
+            &d3,
+        ),
+        (
+            "compromised_at",
+            "compromised_at = compromised_at + 999".into(),
+            &d0,
+        ),
         ("destroyed_at", format!("destroyed_at = {}", NOW + 1), &d3),
-        ("grace_until", "grace_until = grace_until + 99999999".into(), &d1),
+        (
+            "grace_until",
+            "grace_until = grace_until + 99999999".into(),
+            &d1,
+        ),
     ] {
         add(
             "seeds",
@@ -304,7 +342,9 @@ fn cases(t: &Template) -> Vec<Case> {
     add(
         "notary",
         "delete",
-        format!("DELETE FROM notary WHERE device = {d3} AND digest = (SELECT min(digest) FROM notary WHERE device = {d3})"),
+        format!(
+            "DELETE FROM notary WHERE device = {d3} AND digest = (SELECT min(digest) FROM notary WHERE device = {d3})"
+        ),
         Named("(notary records)"),
     );
     add(
@@ -400,14 +440,23 @@ fn cases(t: &Template) -> Vec<Case> {
     // audit (its triggers dropped first, as an attacker would)
     let drop_triggers = "DROP TRIGGER audit_no_update; DROP TRIGGER audit_no_delete;";
     for (what, sql) in [
-        ("edit reason", "UPDATE audit SET reason = 'nothing' WHERE seq = 3"),
-        ("edit action", "UPDATE audit SET action = 'suspend' WHERE seq = 3"),
+        (
+            "edit reason",
+            "UPDATE audit SET reason = 'nothing' WHERE seq = 3",
+        ),
+        (
+            "edit action",
+            "UPDATE audit SET action = 'suspend' WHERE seq = 3",
+        ),
         (
             "swap reasons",
             "UPDATE audit SET reason = CASE seq WHEN 2 THEN (SELECT reason FROM audit WHERE seq = 12) \
              ELSE (SELECT reason FROM audit WHERE seq = 2) END WHERE seq IN (2, 12)",
         ),
-        ("delete the last entry", "DELETE FROM audit WHERE seq = (SELECT max(seq) FROM audit)"),
+        (
+            "delete the last entry",
+            "DELETE FROM audit WHERE seq = (SELECT max(seq) FROM audit)",
+        ),
         (
             "insert",
             "INSERT INTO audit SELECT seq + 1000, time, actor, action, device, generation, reason, \
@@ -456,7 +505,8 @@ fn cases(t: &Template) -> Vec<Case> {
     add(
         "imports",
         "insert (another file's row, or this file's with another seal)",
-        "INSERT INTO imports SELECT randomblob(32), next_line + 3, updated, seal FROM imports".into(),
+        "INSERT INTO imports SELECT randomblob(32), next_line + 3, updated, seal FROM imports"
+            .into(),
         Harmless(import_idempotent),
     );
     v
@@ -496,7 +546,9 @@ fn every_column_of_every_table_is_covered_or_harmless() {
                 }
             }
             Expect::Harmless(check) => {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&center, &mut t)));
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    check(&center, &mut t)
+                }));
                 if r.is_err() {
                     failures.push(format!("{} / {}: not harmless", case.table, case.what));
                 }
@@ -512,7 +564,9 @@ fn every_column_of_every_table_is_covered_or_harmless() {
     );
     // Every table of the schema has its rows in the table (replay records
     // and used challenges: the replay engineer's).
-    for table in ["devices", "seeds", "notary", "commands", "digest", "audit", "imports"] {
+    for table in [
+        "devices", "seeds", "notary", "commands", "digest", "audit", "imports",
+    ] {
         for kind in ["edit", "swap", "delete", "insert"] {
             assert!(
                 cases

@@ -7,7 +7,7 @@ use cryptoki::context::{Function, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::object::ObjectHandle;
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use microcert_center::card::{
@@ -336,6 +336,15 @@ impl Pkcs11Card {
     }
 }
 
+/// The attributes that find the anchor object named `name`.
+fn anchor_template(name: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Label(name.as_bytes().to_vec()),
+    ]
+}
+
 fn card_err(msg: String) -> microcert_center::Error {
     microcert_center::Error::Card(msg)
 }
@@ -519,6 +528,50 @@ impl EncryptionCard for Pkcs11Card {
 
     fn rotate_storage_key(&self) -> microcert_center::Result<u32> {
         Pkcs11Card::rotate_storage_key(self).map_err(Into::into)
+    }
+
+    /// The anchor is a private token object (CKO_DATA, CKA_TOKEN true,
+    /// labelled `name`): it cannot be read, written or put back without
+    /// the token's PIN (issue 12).
+    fn load_anchor(&self, name: &str) -> microcert_center::Result<Option<Vec<u8>>> {
+        self.pool
+            .with(|s| {
+                let Some(h) = s.find_objects(&anchor_template(name))?.into_iter().next() else {
+                    return Ok(None);
+                };
+                let value = s
+                    .get_attributes(h, &[AttributeType::Value])?
+                    .into_iter()
+                    .find_map(|a| match a {
+                        Attribute::Value(v) => Some(v),
+                        _ => None,
+                    });
+                Ok(value)
+            })
+            .map_err(ck_err)
+    }
+
+    fn store_anchor(&self, name: &str, bytes: &[u8]) -> microcert_center::Result<bool> {
+        self.pool
+            .with(|s| {
+                // A new object first, then the old ones destroyed (SoftHSM2
+                // does not let CKA_VALUE of a data object change): a crash
+                // in between leaves two, and either is at or behind the
+                // database, never ahead.
+                let old = s.find_objects(&anchor_template(name))?;
+                let mut t = anchor_template(name);
+                t.extend([
+                    Attribute::Private(true),
+                    Attribute::Application(b"microcert".to_vec()),
+                    Attribute::Value(bytes.to_vec()),
+                ]);
+                s.create_object(&t)?;
+                for x in old {
+                    s.destroy_object(x)?;
+                }
+                Ok(true)
+            })
+            .map_err(ck_err)
     }
 
     fn destroy_storage_key(&self, version: u32) -> microcert_center::Result<()> {

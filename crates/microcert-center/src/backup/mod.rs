@@ -479,9 +479,12 @@ pub fn restore_into(
             let old = s.tag;
             integrity::retag(card, s)?;
             let shard = integrity::shard_of(s.device);
-            let row = shards.iter_mut().find(|x| x.shard == shard).ok_or_else(|| {
-                Error::Integrity(format!("backup: digest shard {shard} is missing"))
-            })?;
+            let row = shards
+                .iter_mut()
+                .find(|x| x.shard == shard)
+                .ok_or_else(|| {
+                    Error::Integrity(format!("backup: digest shard {shard} is missing"))
+                })?;
             for ((a, o), n) in row.acc.iter_mut().zip(&old).zip(&s.tag) {
                 *a ^= o ^ n;
             }

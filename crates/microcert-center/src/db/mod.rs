@@ -353,7 +353,10 @@ pub trait Tx {
     }
     /// The next line to import with its card tag over
     /// [`crate::integrity::import_bytes`].
-    fn import_progress_sealed(&mut self, file: &[u8; 32]) -> Result<Option<(u64, Option<[u8; 32]>)>>;
+    fn import_progress_sealed(
+        &mut self,
+        file: &[u8; 32],
+    ) -> Result<Option<(u64, Option<[u8; 32]>)>>;
     /// Records how far a batch file was imported, with its card tag.
     fn set_import_progress_sealed(
         &mut self,

@@ -18,12 +18,12 @@ use std::sync::Arc;
 use microcert_core::DeviceId;
 
 use super::{COMMAND_BASE, DEVICE_BASE, NOTARY_BASE, shard_of};
+use crate::Result;
 use crate::card::EncryptionCard;
 use crate::db::{
     AuditRecord, ChangeHook, CommandRow, DeviceQuery, DeviceRow, DeviceView, DigestShard,
     KeyDatabase, NewAudit, NotaryRow, SeedRow, Tx,
 };
-use crate::Result;
 
 /// A key database whose notary records, commands and device rows carry
 /// the card's tag and a place in the digest.
@@ -179,7 +179,10 @@ impl Tx for SealedTx<'_> {
     /// A row without a seal (written before seals existed) counts as
     /// absent: the import starts again from the first line, which is
     /// idempotent. A row whose seal fails is refused.
-    fn import_progress_sealed(&mut self, file: &[u8; 32]) -> Result<Option<(u64, Option<[u8; 32]>)>> {
+    fn import_progress_sealed(
+        &mut self,
+        file: &[u8; 32],
+    ) -> Result<Option<(u64, Option<[u8; 32]>)>> {
         match self.inner.import_progress_sealed(file)? {
             Some((_, None)) => Ok(None),
             Some((n, Some(seal))) => {
@@ -196,7 +199,9 @@ impl Tx for SealedTx<'_> {
         now: u64,
         _seal: Option<&[u8; 32]>,
     ) -> Result<()> {
-        let seal = self.card.record_tag(&super::import_bytes(file, next_line))?;
+        let seal = self
+            .card
+            .record_tag(&super::import_bytes(file, next_line))?;
         self.inner
             .set_import_progress_sealed(file, next_line, now, Some(&seal))
     }
@@ -284,4 +289,3 @@ impl KeyDatabase for Sealed {
         self.inner.read_snapshot(f)
     }
 }
-

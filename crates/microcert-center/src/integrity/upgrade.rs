@@ -20,13 +20,13 @@
 //! which left `grace_until`, the stored RECEIPT and the times out) is valid.
 
 use super::{
-    ALL_SHARDS, DigestDelta, NOTARY_BASE, check_device, check_record, command_bytes,
-    is_v1_record, notary_bytes, record_bytes, shard_of,
+    ALL_SHARDS, DigestDelta, NOTARY_BASE, check_device, check_record, command_bytes, is_v1_record,
+    notary_bytes, record_bytes, shard_of,
 };
 use super::{COMMAND_BASE, DEVICE_BASE};
+use crate::Result;
 use crate::card::EncryptionCard;
 use crate::db::{DeviceQuery, KeyDatabase, NewAudit, NotaryRow, with_tx};
-use crate::Result;
 
 /// Tags the rows of a version-1 database (see the module docs); returns
 /// how many rows it tagged. `db` is the database without the sealing
@@ -55,7 +55,11 @@ pub fn upgrade_legacy(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64)
         after = Some(last.device.id);
         for v in page {
             if check_device(card, &v.device).is_ok() {
-                delta.add_at(DEVICE_BASE + shard_of(v.device.id), None, Some(&v.device.tag));
+                delta.add_at(
+                    DEVICE_BASE + shard_of(v.device.id),
+                    None,
+                    Some(&v.device.tag),
+                );
             } else {
                 // Left out: the scan names it (row and shard).
                 tracing::error!(device = %v.device.id, "upgrade: device row fails its tag");
@@ -77,7 +81,11 @@ pub fn upgrade_legacy(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64)
         let page = db.scan_commands(after_c, 1000)?;
         let Some(last) = page.last() else { break };
         after_c = Some(last.0.device);
-        commands.extend(page.into_iter().filter(|(_, s)| s.is_none()).map(|(c, _)| c));
+        commands.extend(
+            page.into_iter()
+                .filter(|(_, s)| s.is_none())
+                .map(|(c, _)| c),
+        );
     }
     // Seed records tagged over the old bytes: (device, generation, old
     // tag, new tag), computed while scanning (not the rows: a million
@@ -138,6 +146,9 @@ pub fn upgrade_legacy(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64)
             },
         )
     })?;
-    tracing::warn!(tagged, "database upgraded: rows written before the card covered them are now tagged");
+    tracing::warn!(
+        tagged,
+        "database upgraded: rows written before the card covered them are now tagged"
+    );
     Ok(tagged)
 }

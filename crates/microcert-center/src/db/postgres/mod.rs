@@ -49,8 +49,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use super::{
-    AuditRecord, CommandRow, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit, NotaryRow, SeedRow,
-    Tx,
+    AuditRecord, CommandRow, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit,
+    NotaryRow, SeedRow, Tx,
 };
 use crate::{Error, Result};
 

@@ -125,8 +125,8 @@ CREATE TABLE imports (
     updated BIGINT NOT NULL
 );
 "#,
-// 2: card tags on notary records and commands (issue 12), as SQLite's 2.
-r#"
+    // 2: card tags on notary records and commands (issue 12), as SQLite's 2.
+    r#"
 ALTER TABLE notary ADD COLUMN seal BYTEA;
 ALTER TABLE commands ADD COLUMN seal BYTEA;
 ALTER TABLE imports ADD COLUMN seal BYTEA;

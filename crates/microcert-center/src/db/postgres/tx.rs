@@ -470,7 +470,10 @@ impl Tx for PgTx<'_> {
         Ok(n == 1)
     }
 
-    fn import_progress_sealed(&mut self, file: &[u8; 32]) -> Result<Option<(u64, Option<[u8; 32]>)>> {
+    fn import_progress_sealed(
+        &mut self,
+        file: &[u8; 32],
+    ) -> Result<Option<(u64, Option<[u8; 32]>)>> {
         let row = self.c.query_opt(
             "SELECT next_line, seal FROM imports WHERE file_digest = $1",
             &[&&file[..]],

@@ -19,8 +19,8 @@ use microcert_core::DeviceId;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AuditRecord, Blob, CommandRow, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit, NotaryRow, SeedRow,
-    Tx,
+    AuditRecord, Blob, CommandRow, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit,
+    NotaryRow, SeedRow, Tx,
 };
 use crate::{Error, Result};
 

@@ -118,10 +118,10 @@ CREATE TABLE imports (
     updated INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
-// 2: card tags on notary records and commands (issue 12). Rows written
-// before carry NULL until the center tags them right after this migration
-// (crate::integrity::upgrade_legacy).
-r#"
+    // 2: card tags on notary records and commands (issue 12). Rows written
+    // before carry NULL until the center tags them right after this migration
+    // (crate::integrity::upgrade_legacy).
+    r#"
 ALTER TABLE notary ADD COLUMN seal BLOB;
 ALTER TABLE commands ADD COLUMN seal BLOB;
 ALTER TABLE imports ADD COLUMN seal BLOB;

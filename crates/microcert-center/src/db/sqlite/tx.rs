@@ -366,7 +366,10 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn import_progress_sealed(&mut self, file: &[u8; 32]) -> Result<Option<(u64, Option<[u8; 32]>)>> {
+    fn import_progress_sealed(
+        &mut self,
+        file: &[u8; 32],
+    ) -> Result<Option<(u64, Option<[u8; 32]>)>> {
         let mut st = self
             .tx
             .prepare_cached("SELECT next_line, seal FROM imports WHERE file_digest = ?1")?;
@@ -398,7 +401,12 @@ impl Tx for SqliteTx<'_> {
             "INSERT OR REPLACE INTO imports (file_digest, next_line, updated, seal) \
              VALUES (?1, ?2, ?3, ?4)",
         )?;
-        st.execute(params![&file[..], i(next_line), i(now), seal.map(|s| &s[..])])?;
+        st.execute(params![
+            &file[..],
+            i(next_line),
+            i(now),
+            seal.map(|s| &s[..])
+        ])?;
         Ok(())
     }
 }
