@@ -185,9 +185,11 @@ enum Found {
     Nothing,
     /// A state whose tag verifies, with the live keys of a clean stop.
     Good(State, Vec<LiveRow>),
-    /// A state that fails its tag (or an old file without one): its
-    /// values cannot be trusted.
+    /// A state that fails its tag: its values cannot be trusted.
     Bad(State),
+    /// A file of a version before the tag (only its mark): trusted as an
+    /// unclean stop on the first start of this version on the database.
+    Legacy(u64),
 }
 
 /// The card tag over the state and the live keys (sorted, so the order of
@@ -292,10 +294,7 @@ impl StateFile {
                 .map_err(db_err)?;
             return Ok(match legacy {
                 None => Found::Nothing,
-                Some(mark) => Found::Bad(State {
-                    mark: mark.max(0) as u64,
-                    ..State::default()
-                }),
+                Some(mark) => Found::Legacy(mark.max(0) as u64),
             });
         };
         let live = if state.clean {
@@ -548,18 +547,37 @@ impl MemoryGuard {
         if self.crash_at(FaultPoint::Start(2)) {
             return Err(crashed());
         }
+        let expected = self.expected.load(Ordering::SeqCst);
         let found = match found {
-            Found::Nothing if self.expected.load(Ordering::SeqCst) => {
+            Found::Nothing if expected => {
                 tracing::error!(
                     path = %self.path.display(),
                     "the replay guard's state file is missing or empty, but the key database says it was written"
                 );
                 Found::Bad(State::default())
             }
+            // This version wrote the state before: an old-format file now
+            // is a forgery.
+            Found::Legacy(mark) if expected => Found::Bad(State {
+                mark,
+                ..State::default()
+            }),
+            // The first start after an upgrade: the old file's mark, as
+            // after an unclean stop (the old format could lose a floor,
+            // never above its mark).
+            Found::Legacy(mark) => Found::Good(
+                State {
+                    mark,
+                    floor: mark,
+                    pruned: 0,
+                    clean: false,
+                },
+                Vec::new(),
+            ),
             other => other,
         };
         let (state, live) = match found {
-            Found::Nothing => (State::default(), Vec::new()),
+            Found::Nothing | Found::Legacy(_) => (State::default(), Vec::new()),
             Found::Good(s, live) if s.clean => (s, live),
             Found::Good(s, _) => {
                 tracing::warn!(

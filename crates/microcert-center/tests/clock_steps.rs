@@ -158,6 +158,7 @@ fn edited_marks_are_detected(backend: Backend) {
     center.verify_auth(&a, &C, t).unwrap();
     clock.advance(1200);
     center.housekeeping(clock.wall()).unwrap();
+    assert!(center.check_marks().unwrap().is_empty());
     // The pruning high-water lowered from outside: the next housekeeping
     // finds the bad tag and puts back a safe value (now + instance skew).
     assert_eq!(
@@ -168,9 +169,11 @@ fn edited_marks_are_detected(backend: Backend) {
         ),
         1
     );
+    assert_eq!(center.check_marks().unwrap(), vec!["pruned".to_string()]);
     clock.advance(60);
     center.housekeeping(clock.wall()).unwrap();
     assert_eq!(center.pruned_high_water().unwrap(), clock.wall() + 30);
+    assert!(center.check_marks().unwrap().is_empty());
     let stepped_back = f.center(&ManualClock::new(t + 1));
     assert!(matches!(
         stepped_back.verify_auth(&a, &C, t + 1),

@@ -140,7 +140,28 @@ fn clock_stepped_back_reopens_no_replay(backend: Backend) {
     b_center.verify_auth(&b, &C, later).unwrap();
 }
 
+/// A spent challenge outlives its validity at every center: the fast
+/// center prunes by its clock, the slow one still refuses the same
+/// AUTH_RESPONSE while the challenge's MAC is valid by its own clock.
+fn fast_center_pruning_respends_no_challenge(backend: Backend) {
+    let (_dir, fast, slow, mut fleet) = two_centers(backend);
+    let ahead = 20;
+    // At the start of a minute: the challenge is valid for 119 s more.
+    let issued = (NOW + 600) / 60 * 60;
+    let ch = slow.issue_challenge(fleet[0].id, issued).unwrap();
+    let (m, _) = fleet[0].auth_response(&ch, issued);
+    slow.verify_auth_response(&m, &C, issued).unwrap();
+    let slow_now = issued + 119;
+    fast.housekeeping(slow_now + ahead).unwrap();
+    let r = slow.verify_auth_response(&m, &C, slow_now);
+    assert!(
+        matches!(r, Err(Error::Replay)),
+        "challenge spent twice: {r:?}"
+    );
+}
+
 both_backends!(
     fast_center_pruning_reopens_no_replay,
     clock_stepped_back_reopens_no_replay,
+    fast_center_pruning_respends_no_challenge,
 );

@@ -402,6 +402,11 @@ fn an_edited_state_file_is_detected() {
             "DELETE FROM guard; DELETE FROM live",
             false,
         ),
+        (
+            "made to look like an old-format file",
+            "DELETE FROM guard; INSERT INTO state (id, mark, clean) VALUES (1, 0, 1)",
+            true,
+        ),
     ];
     let t = NOW + 10;
     for &(what, sql, clean) in edits {
@@ -455,4 +460,33 @@ fn a_clock_stepped_back_reopens_no_replay_in_memory() {
     drop(center);
     let center = open(dir.path(), card);
     assert!(refused(&center, &a, t + 6));
+}
+
+/// The first start after an upgrade finds a state file of the old format
+/// (no tag, no floor): its mark is trusted as after an unclean stop.
+#[test]
+fn an_old_format_state_file_is_read_as_an_unclean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let mut fleet = {
+        let (_, fleet) = setup(dir.path(), card.clone(), 1);
+        fleet
+    };
+    let t = NOW + 10;
+    let conn = rusqlite::Connection::open(dir.path().join("c.db-replay")).unwrap();
+    conn.execute_batch(&format!(
+        "CREATE TABLE state (id INTEGER PRIMARY KEY CHECK (id = 1), mark INTEGER NOT NULL, \
+         clean INTEGER NOT NULL);
+         CREATE TABLE live (device BLOB NOT NULL, generation INTEGER NOT NULL, \
+         t INTEGER NOT NULL, r INTEGER NOT NULL, expires INTEGER NOT NULL);
+         INSERT INTO state VALUES (1, {}, 1);",
+        t + 30
+    ))
+    .unwrap();
+    drop(conn);
+    let center = open(dir.path(), card);
+    let (a, _) = fleet[0].auth(&C, t);
+    assert!(refused(&center, &a, t));
+    let (b, _) = fleet[0].auth(&C, t + 31);
+    center.verify_auth(&b, &C, t + 31).unwrap();
 }

@@ -70,6 +70,9 @@ enum Command {
     /// Integrity of the key database.
     #[command(subcommand)]
     Integrity(IntegrityCommand),
+    /// The center's clock: status, confirm a step.
+    #[command(subcommand)]
+    Clock(ops::ClockCommand),
     /// Software nodes from a factory file live against a running center.
     Simulate(simulate::SimulateArgs),
     /// Load a running center with AUTHs from many nodes; print throughput and latency.
@@ -209,6 +212,7 @@ fn main() -> ExitCode {
             checked(maint::integrity_repair(&local, backup_dir))
         }
         Command::Integrity(IntegrityCommand::Check { server }) => checked(ops::integrity(&server)),
+        Command::Clock(cmd) => checked(ops::clock(cmd)),
         Command::Simulate(args) => done(simulate::run(args)),
         Command::Bench(args) => done(loadgen::run(args)),
         Command::Node(cmd) => done(nodecmd::run(cmd)),

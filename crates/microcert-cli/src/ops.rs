@@ -534,3 +534,52 @@ mod tests {
         assert_eq!(t.expose(), "mct_0123456789abcdef");
     }
 }
+
+/// The center's clock (issue 12: a step of the clock stops housekeeping
+/// until an operator confirms the time).
+#[derive(Debug, Subcommand)]
+pub enum ClockCommand {
+    /// Show the server's time and the unconfirmed clock step, if any;
+    /// exit 1 while there is one.
+    Status {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Confirm that the server's clock is right now: the alarm ends and
+    /// housekeeping resumes (audited with the token's name).
+    Confirm {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+/// Runs a clock command; false while a step is unconfirmed (status).
+pub fn clock(cmd: ClockCommand) -> anyhow::Result<bool> {
+    match cmd {
+        ClockCommand::Status { server } => {
+            let v = Api::new(&server)?.get("/v1/clock")?;
+            let alarm = !v["alarm"].is_null();
+            if server.json {
+                print_json(&v);
+            } else if alarm {
+                say!(
+                    "CLOCK STEP unconfirmed (found at {}); server time {}: housekeeping waits for `microcert clock confirm`",
+                    s(&v["alarm"]),
+                    s(&v["now"])
+                );
+            } else {
+                say!("clock ok; server time {}", s(&v["now"]));
+            }
+            Ok(!alarm)
+        }
+        ClockCommand::Confirm { server } => {
+            let v = Api::new(&server)?.post("/v1/clock/confirm", json!({}))?;
+            if server.json {
+                print_json(&v);
+            } else {
+                say!("clock confirmed at {}", s(&v["confirmed"]));
+            }
+            Ok(true)
+        }
+    }
+}

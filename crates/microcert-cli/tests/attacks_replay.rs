@@ -108,3 +108,43 @@ fn replay_after_kill_restart_and_clean_stop_is_refused() {
         server.stop();
     }
 }
+
+/// `microcert clock status` and `clock confirm` over the operator API: a
+/// clock-step alarm (here a flag forged in the database from outside,
+/// which fails its card tag and so counts as an alarm) is shown until an
+/// operator confirms the time.
+#[test]
+fn clock_status_and_confirm() {
+    let setup = Setup::new(1);
+    let server = Server::start(&setup.data());
+    let clock = |cmd: &str| {
+        try_run(&[
+            "clock",
+            cmd,
+            "--server",
+            &server.http,
+            "--token",
+            &setup.operator,
+        ])
+    };
+    let ok = clock("status");
+    assert_eq!(ok.status.code(), Some(0), "{}", stderr(&ok));
+    assert!(stdout(&ok).contains("clock ok"), "{}", stdout(&ok));
+    let db = setup.data().join("center.db");
+    let edit = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg(
+            "INSERT OR REPLACE INTO marks (name, value, tag) VALUES ('clock_alarm', 12345, x'00');",
+        )
+        .status()
+        .unwrap();
+    assert!(edit.success());
+    let alarm = clock("status");
+    assert_eq!(alarm.status.code(), Some(1), "{}", stdout(&alarm));
+    assert!(stdout(&alarm).contains("CLOCK STEP"), "{}", stdout(&alarm));
+    let confirm = clock("confirm");
+    assert_eq!(confirm.status.code(), Some(0), "{}", stderr(&confirm));
+    let ok = clock("status");
+    assert_eq!(ok.status.code(), Some(0), "{}", stdout(&ok));
+    server.stop();
+}

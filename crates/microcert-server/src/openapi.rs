@@ -185,6 +185,22 @@ pub const ROUTES: &[RouteDoc] = &[
     },
     RouteDoc {
         method: "get",
+        path: "/v1/clock",
+        roles: READ,
+        summary: "The server's time and the unconfirmed clock step, if any (housekeeping waits while one is)",
+        request: None,
+        reply: JSON,
+    },
+    RouteDoc {
+        method: "post",
+        path: "/v1/clock/confirm",
+        roles: WRITE,
+        summary: "Confirm that the server's clock is right now: the clock-step alarm ends, housekeeping resumes (audited)",
+        request: None,
+        reply: JSON,
+    },
+    RouteDoc {
+        method: "get",
         path: "/v1/openapi.json",
         roles: &[],
         summary: "This document",

@@ -59,6 +59,8 @@ pub fn routes(state: OperatorState) -> Router {
         .route("/v1/backups", get(list_backups).post(create_backup))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
+        .route("/v1/clock", get(clock_status))
+        .route("/v1/clock/confirm", post(clock_confirm))
         .with_state(state)
 }
 
@@ -632,6 +634,34 @@ async fn audit_verify(State(s): State<OperatorState>, headers: HeaderMap) -> Res
     match blocking(move || center.verify_audit_chain()).await {
         Ok(None) => axum::Json(json!({ "intact": true })).into_response(),
         Ok(Some(seq)) => axum::Json(json!({ "intact": false, "first_bad": seq })).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `GET /v1/clock`: the server's time and the unconfirmed clock step, if
+/// any (issue 12: housekeeping waits while one is).
+async fn clock_status(State(s): State<OperatorState>, headers: HeaderMap) -> Response {
+    if let Err(d) = authorize(&s.tokens, &headers, READ) {
+        return d.into_response();
+    }
+    let center = s.center.clone();
+    match blocking(move || center.clock_alarm()).await {
+        Ok(alarm) => axum::Json(json!({ "now": now(), "alarm": alarm })).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `POST /v1/clock/confirm`: an operator confirms that the server's clock
+/// is right now; the alarm ends and housekeeping resumes (audited).
+async fn clock_confirm(State(s): State<OperatorState>, headers: HeaderMap) -> Response {
+    let who = match authorize(&s.tokens, &headers, WRITE) {
+        Ok(w) => w,
+        Err(d) => return d.into_response(),
+    };
+    let center = s.center.clone();
+    let at = now();
+    match blocking(move || center.confirm_clock_step(&who.name, at)).await {
+        Ok(()) => axum::Json(json!({ "confirmed": at })).into_response(),
         Err(r) => r,
     }
 }

@@ -174,6 +174,20 @@ impl Center {
         }
     }
 
+    /// The shared high-water marks whose card tag fails (their names), for
+    /// the integrity check: an edit of them from outside.
+    pub fn check_marks(&self) -> Result<Vec<String>> {
+        with_tx(&*self.db, |tx| {
+            let mut bad = Vec::new();
+            for name in [MARK_PRUNED, MARK_CLOCK, MARK_ALARM, MARK_GUARD] {
+                if let Read::Bad(_) = self.read_mark(tx, name)? {
+                    bad.push(name.to_string());
+                }
+            }
+            Ok(bad)
+        })
+    }
+
     /// The time at which an unconfirmed clock step was found, if any.
     pub fn clock_alarm(&self) -> Result<Option<u64>> {
         with_tx(&*self.db, |tx| {
