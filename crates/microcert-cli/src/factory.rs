@@ -63,7 +63,7 @@ impl SecretLines {
         line: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>,
     ) -> anyhow::Result<()> {
         let before = self.buf.len();
-        line(&mut *self.buf)?;
+        line(&mut self.buf)?;
         anyhow::ensure!(
             self.buf.len() - before <= LINE_MAX,
             "internal: a chip line is longer than {LINE_MAX} bytes"
@@ -172,7 +172,10 @@ mod tests {
         // SAFETY: the whole capacity was written (lines, then zeros by
         // zeroize), so every byte is initialised.
         let all = unsafe { std::slice::from_raw_parts(w.buf.as_ptr(), cap) };
-        assert!(all.iter().all(|&b| b == 0), "secret bytes left in the buffer");
+        assert!(
+            all.iter().all(|&b| b == 0),
+            "secret bytes left in the buffer"
+        );
         w.finish().unwrap();
         let text = std::fs::read_to_string(dir.path().join("chips.jsonl")).unwrap();
         assert_eq!(text.lines().count(), 1000);
