@@ -162,12 +162,22 @@ impl Location {
     /// the URL without its password.
     pub fn shown(&self) -> String {
         match self {
-            Location::Sqlite(p) => std::path::absolute(p)
-                .unwrap_or_else(|_| p.clone())
-                .display()
-                .to_string(),
+            Location::Sqlite(p) => normalize(p).display().to_string(),
             Location::Postgres(u) => redact_url(u),
         }
+    }
+}
+
+/// An absolute path, its directory's symbolic links and `..` resolved
+/// when it exists, so two spellings of one file compare equal.
+fn normalize(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => dir
+            .canonicalize()
+            .map(|d| d.join(name))
+            .unwrap_or(abs.clone()),
+        _ => abs,
     }
 }
 
@@ -382,10 +392,10 @@ impl Resolved {
         if let Some(path) = &self.passphrase_file {
             return crate::datadir::first_line_secret(path, "passphrase file");
         }
-        if self.passphrase_env {
-            if let Ok(p) = std::env::var("MICROCERT_PASSPHRASE") {
-                return Ok(Zeroizing::new(p.into_bytes()));
-            }
+        if self.passphrase_env
+            && let Ok(p) = std::env::var("MICROCERT_PASSPHRASE")
+        {
+            return Ok(Zeroizing::new(p.into_bytes()));
         }
         bail!(
             "the card's passphrase is needed: set MICROCERT_PASSPHRASE, pass --passphrase-file FILE, or set passphrase_file in the configuration"

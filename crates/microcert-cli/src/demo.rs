@@ -96,7 +96,7 @@ pub fn run(suite: u8) -> anyhow::Result<()> {
 
     let aud = Audience::relying_party("billing.example");
     let n = core::seal(&seed, &header(), &aud, data, &mut buf)?;
-    let mut sealed = buf[..n].to_vec();
+    let mut sealed = zeroize::Zeroizing::new(buf[..n].to_vec());
     let (_, plaintext) = core::open_in_place(&opened, &mut sealed, &aud)?;
     anyhow::ensure!(plaintext == data, "SEALED did not round-trip");
     show("SEALED", &buf[..n], "opened by billing.example");

@@ -63,7 +63,7 @@ impl SecretLines {
         line: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>,
     ) -> anyhow::Result<()> {
         let before = self.buf.len();
-        line(&mut *self.buf)?;
+        line(&mut self.buf)?;
         anyhow::ensure!(
             self.buf.len() - before <= LINE_MAX,
             "internal: a chip line is longer than {LINE_MAX} bytes"
@@ -146,4 +146,38 @@ pub fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     say!("{} chips written to {}", args.count, path.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The buffer never grows (no copy left behind by a reallocation) and
+    /// is all zeros, over its whole capacity, after each write to the file.
+    #[test]
+    #[allow(unsafe_code)] // reads the spare capacity: the only way to see it
+    fn the_line_buffer_is_zeroized_after_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("chips.jsonl")).unwrap();
+        let mut w = SecretLines::new(file);
+        let cap = w.buf.capacity();
+        let secret = "ab".repeat(16);
+        for _ in 0..1000 {
+            w.line(|b| writeln!(b, "{{\"transport_key\": \"{secret}\"}}"))
+                .unwrap();
+            assert_eq!(w.buf.capacity(), cap, "the buffer grew");
+        }
+        w.flush().unwrap();
+        assert!(w.buf.is_empty());
+        // SAFETY: the whole capacity was written (lines, then zeros by
+        // zeroize), so every byte is initialised.
+        let all = unsafe { std::slice::from_raw_parts(w.buf.as_ptr(), cap) };
+        assert!(
+            all.iter().all(|&b| b == 0),
+            "secret bytes left in the buffer"
+        );
+        w.finish().unwrap();
+        let text = std::fs::read_to_string(dir.path().join("chips.jsonl")).unwrap();
+        assert_eq!(text.lines().count(), 1000);
+    }
 }

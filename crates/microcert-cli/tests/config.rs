@@ -548,3 +548,284 @@ fn transport_keys_come_from_a_file_not_argv() {
     let o = child.wait_with_output().unwrap();
     assert_eq!(stdout(&o), "valid");
 }
+
+// ---- the reported case on PostgreSQL ----------------------------------------
+
+/// A throw-away PostgreSQL server (as multi_center.rs starts one).
+struct Postgres {
+    root: PathBuf,
+    bin: PathBuf,
+    runas: Option<&'static str>,
+    port: u16,
+}
+
+fn run_as(runas: Option<&str>, program: &Path, args: &[&str]) -> Output {
+    let mut c = match runas {
+        Some(u) => {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", u, "--"]).arg(program);
+            c
+        }
+        None => std::process::Command::new(program),
+    };
+    c.args(args)
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+impl Postgres {
+    fn start() -> Option<Postgres> {
+        let mut bins: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("initdb").exists())
+            .collect();
+        bins.sort();
+        let Some(bin) = bins.pop() else {
+            let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+            assert!(!ci, "CI is set but PostgreSQL is not installed");
+            eprintln!("SKIPPED: PostgreSQL is not installed");
+            return None;
+        };
+        let root = std::env::temp_dir().join(format!("microcert-cfg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let is_root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let runas = is_root.then_some("postgres");
+        if let Some(u) = runas {
+            assert!(
+                std::process::Command::new("chown")
+                    .arg(format!("{u}:"))
+                    .arg(&root)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        let data = root.join("data");
+        let out = run_as(
+            runas,
+            &bin.join("initdb"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-N",
+            ],
+        );
+        assert!(out.status.success(), "initdb: {}", stderr(&out));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1",
+            root.display()
+        );
+        let log = root.join("log");
+        let out = run_as(
+            runas,
+            &bin.join("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        assert!(out.status.success(), "pg_ctl start: {}", stderr(&out));
+        let pg = Postgres {
+            root,
+            bin,
+            runas,
+            port,
+        };
+        for db in ["microcert", "other"] {
+            let out = run_as(
+                None,
+                &pg.bin.join("psql"),
+                &[
+                    "-X",
+                    "-q",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                    "-c",
+                    &format!("CREATE DATABASE {db}"),
+                ],
+            );
+            assert!(out.status.success(), "createdb: {}", stderr(&out));
+        }
+        Some(pg)
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    fn query(&self, db: &str, sql: &str) -> String {
+        let out = run_as(
+            None,
+            &self.bin.join("psql"),
+            &[
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ],
+        );
+        assert!(out.status.success(), "psql: {}", stderr(&out));
+        stdout(&out)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.root.join("data");
+        run_as(
+            self.runas,
+            &self.bin.join("pg_ctl"),
+            &["-D", data.to_str().unwrap(), "-m", "immediate", "stop"],
+        );
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// The case as reported: `database = "postgres://..."` in the file given
+/// with --config, MICROCERT_DATABASE unset, three devices enrolled through
+/// `serve --config`; `card rotate-storage-key --config FILE` re-seals the
+/// three seeds in PostgreSQL (it used to re-seal 0 in DATA/center.db and
+/// destroy version 1), the devices still authenticate, and the rotation
+/// pointed at another PostgreSQL database is refused with nothing changed.
+#[test]
+fn rotation_honours_a_postgres_database_in_the_configuration() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = data.to_str().unwrap();
+    let config = dir.path().join("center.toml");
+    std::fs::write(&config, format!("database = \"{}\"\n", pg.url("microcert"))).unwrap();
+    let c = config.to_str().unwrap();
+    run(&["card", "init", "--data", d]);
+    let chips = dir.path().join("chips");
+    run(&[
+        "factory",
+        "provision",
+        "--data",
+        d,
+        "--config",
+        c,
+        "--count",
+        "3",
+        "--out",
+        chips.to_str().unwrap(),
+    ]);
+    assert_eq!(pg.query("microcert", "SELECT count(*) FROM devices"), "3");
+    let simulate = || -> Value {
+        let server = Server::start_with(&data, &["--config", c], &[]);
+        let out = run(&[
+            "simulate",
+            "--server",
+            &server.http,
+            "--transport",
+            "http",
+            "--chips",
+            chips.join("chips.jsonl").to_str().unwrap(),
+            "--state",
+            dir.path().join("state").to_str().unwrap(),
+            "--rounds",
+            "1",
+            "--duration",
+            "60",
+            "--concurrency",
+            "2",
+            "--json",
+        ]);
+        server.stop();
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
+    let s = simulate();
+    assert_eq!(count_of(&s, "enroll"), 3, "{s}");
+
+    // Another PostgreSQL database, made by another card: refused.
+    let data2 = dir.path().join("data2");
+    run(&["card", "init", "--data", data2.to_str().unwrap()]);
+    run(&[
+        "factory",
+        "provision",
+        "--data",
+        data2.to_str().unwrap(),
+        "--database",
+        &pg.url("other"),
+        "--count",
+        "1",
+        "--out",
+        dir.path().join("chips2").to_str().unwrap(),
+    ]);
+    let card_before = std::fs::read(data.join("card.mccard")).unwrap();
+    let o = bin()
+        .args(["card", "rotate-storage-key", "--data", d, "--config", c])
+        .args(["--database", &pg.url("other")])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("refused"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("/other"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(data.join("card.mccard")).unwrap(),
+        card_before
+    );
+
+    let out = stdout(&run(&[
+        "card",
+        "rotate-storage-key",
+        "--data",
+        d,
+        "--config",
+        c,
+    ]));
+    assert!(out.contains(": 3 seeds re-sealed"), "{out}");
+    assert!(out.contains("destroyed storage key version 1"), "{out}");
+    assert!(
+        !data.join("center.db").exists(),
+        "DATA/center.db was opened"
+    );
+    assert_eq!(
+        pg.query("microcert", "SELECT DISTINCT kstore_version FROM seeds"),
+        "2"
+    );
+    let s = simulate();
+    assert!(count_of(&s, "auth") >= 3, "{s}");
+    assert_eq!(refusals(&s), 0, "{s}");
+}
