@@ -304,3 +304,25 @@ fn challenges_for_one_device_are_rate_limited() {
     assert_eq!(exchange(&s, server.coap, &other).unwrap()[1], CHANGED);
     server.stop();
 }
+
+/// The limits come from the `[limits]` table of the configuration file.
+#[test]
+fn limits_come_from_the_configuration_file() {
+    let setup = Setup::new(1);
+    let config = setup.dir.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nchallenges_per_device = { per_second = 1, burst = 3 }\n",
+    )
+    .unwrap();
+    let server = Server::start_with(&setup.data(), &["--config", config.to_str().unwrap()], &[]);
+    let s = socket("127.0.0.1");
+    let codes: Vec<u8> = (0..5u16)
+        .map(|i| {
+            let d = post(i, &[1], "/v1/device/challenge", None, &[5; 8]);
+            exchange(&s, server.coap, &d).expect("an answer")[1]
+        })
+        .collect();
+    assert_eq!(codes, [CHANGED, CHANGED, CHANGED, TOO_MANY, TOO_MANY]);
+    server.stop();
+}

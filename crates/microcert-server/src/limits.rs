@@ -305,16 +305,22 @@ impl Limits {
         }
         let source = peer.map(source_key);
         let device = device_of(res, body);
+        let limited = |which: &'static str| {
+            move |wait| {
+                metrics::counter!("microcert_rate_limited_total", "limit" => which).increment(1);
+                wait
+            }
+        };
         if let Some(s) = &source {
-            self.source.check(s)?;
+            self.source.check(s).map_err(limited("source"))?;
         }
         if let Some(d) = &device {
-            self.device.check(d)?;
+            self.device.check(d).map_err(limited("device"))?;
         }
         if res == DeviceResource::Challenge
             && let Some(d) = device
         {
-            self.challenge.take(d)?;
+            self.challenge.take(d).map_err(limited("challenge"))?;
         }
         Ok(Admitted { source, device })
     }

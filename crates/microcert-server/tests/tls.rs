@@ -91,3 +91,50 @@ fn a_missing_or_mismatched_key_is_a_clear_error() {
     };
     assert!(err.to_string().contains("empty.pem"), "{err}");
 }
+
+/// The rate limits key on the client's address: over TLS too, the device
+/// handlers see it (`Peer`), as they do on the plain listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_address_reaches_the_handlers_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert_pem, key_pem) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, &cert_pem).unwrap();
+    std::fs::write(&key_path, &key_pem).unwrap();
+    let acceptor = microcert_server::tls::acceptor(&cert_path, &key_path).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = Router::new().route(
+        "/peer",
+        get(|peer: microcert_server::http::Peer| async move { format!("{:?}\n", peer.0) }),
+    );
+    let (stop, rx) = watch::channel(false);
+    let server = tokio::spawn(microcert_server::tls::serve(listener, acceptor, router, rx));
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /peer HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    tls.read_to_end(&mut reply).await.unwrap();
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.ends_with("Some(127.0.0.1)\n"), "{reply}");
+    stop.send(true).unwrap();
+    server.await.unwrap().unwrap();
+}
