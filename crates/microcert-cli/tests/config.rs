@@ -829,3 +829,27 @@ fn rotation_honours_a_postgres_database_in_the_configuration() {
     assert!(count_of(&s, "auth") >= 3, "{s}");
     assert_eq!(refusals(&s), 0, "{s}");
 }
+
+/// The rotation's guard works on the configured database: a seed there
+/// that cannot be re-sealed (its record tampered with) keeps version 1.
+#[test]
+fn rotation_keeps_a_version_a_configured_record_still_uses() {
+    let f = Configured::new(2);
+    sql(
+        &f.database(),
+        "UPDATE seeds SET tag = randomblob(length(tag)) \
+         WHERE device = (SELECT min(device) FROM seeds)",
+    );
+    let out = ok(&f.local(&["card", "rotate-storage-key"]));
+    assert!(out.contains(": 1 seeds re-sealed"), "{out}");
+    assert!(out.contains("SKIPPED device"), "{out}");
+    assert!(out.contains("kept storage key version 1"), "{out}");
+    assert!(!out.contains("destroyed"), "{out}");
+    assert_eq!(
+        sql(
+            &f.database(),
+            "SELECT group_concat(v) FROM (SELECT DISTINCT kstore_version AS v FROM seeds ORDER BY v)"
+        ),
+        "1,2"
+    );
+}
