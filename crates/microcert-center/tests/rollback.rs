@@ -252,6 +252,7 @@ fn a_version_1_database_is_upgraded_once() {
              ALTER TABLE notary DROP COLUMN seal;
              ALTER TABLE commands DROP COLUMN seal;
              ALTER TABLE imports DROP COLUMN seal;
+             DROP TABLE IF EXISTS meta;
              PRAGMA user_version = 1;",
         )
         .unwrap();
