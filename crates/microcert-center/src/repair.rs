@@ -183,10 +183,11 @@ impl Center {
                 "command of {d} fails its tag: restore the whole database from a backup (its pending commands are rebuilt)"
             ));
         }
-        for s in shards
-            .iter()
-            .filter(|&&s| (SHARDS..integrity::DEVICE_BASE).contains(&s))
-        {
+        let not_seed = |s: u8| {
+            (SHARDS..integrity::DEVICE_BASE).contains(&s)
+                || (s >= integrity::DEVICE_BASE && found.bad_devices.is_empty())
+        };
+        for s in shards.iter().filter(|&&s| not_seed(s)) {
             out.refused.push(format!(
                 "digest shard {s} ({}) does not match its rows: restore the whole database from a backup",
                 integrity::shard_kind(*s)
