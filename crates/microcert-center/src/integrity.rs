@@ -94,7 +94,7 @@ pub fn seal_database(
     db: std::sync::Arc<dyn crate::db::KeyDatabase>,
     card: &std::sync::Arc<dyn EncryptionCard>,
 ) -> std::sync::Arc<dyn crate::db::KeyDatabase> {
-    if db.migrated_from() == Some(1) {
+    if upgrade::needed(&*db).unwrap_or(false) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -404,7 +404,7 @@ pub fn apply_change_at(
 /// Record changes collected over many records of one transaction and
 /// applied to each touched shard once (a batch import touches every shard
 /// once per chunk instead of once per record).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct DigestDelta {
     shards: Vec<(u8, [u8; 32], i64, u64)>,
 }
@@ -566,6 +566,7 @@ impl IntegrityReport {
 /// enrolled while the scan runs is not counted missing.
 fn enrolled_per_audit(
     db: &dyn crate::db::KeyDatabase,
+    upgrades: &mut u64,
 ) -> Result<std::collections::HashSet<(microcert_core::DeviceId, u8)>> {
     let mut out = std::collections::HashSet::new();
     let mut after = 0;
@@ -574,6 +575,9 @@ fn enrolled_per_audit(
         let Some(last) = page.last() else { break };
         after = last.seq;
         for e in &page {
+            if e.entry.action == "upgrade" {
+                *upgrades += 1;
+            }
             if e.entry.action == "enroll"
                 && let (Some(d), Some(g)) = (e.entry.device, e.entry.generation)
             {
@@ -594,7 +598,15 @@ pub fn scan(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Resul
 
 fn scan_in(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result<IntegrityReport> {
     let mut report = IntegrityReport::default();
-    let mut enrolled = enrolled_per_audit(db)?;
+    let mut upgrades = 0;
+    let mut enrolled = enrolled_per_audit(db, &mut upgrades)?;
+    if upgrades > 1 {
+        // The one-time upgrade tags rows it cannot check: run again, it
+        // was forced (its schema migration undone, or its shards deleted).
+        report.audit = Some(format!(
+            "the one-time tag upgrade ran {upgrades} times: rows were re-tagged after someone undid it; restore the whole database from a backup"
+        ));
+    }
     let mut acc = vec![([0u8; 32], 0u64); usize::from(ALL_SHARDS)];
     let mut add = |shard: u8, tag: &[u8; 32]| {
         let a = &mut acc[usize::from(shard)];
