@@ -4,16 +4,34 @@
 //! PostgreSQL) keep it consistent:
 //!
 //! - Every seed record carries a tag: the card's HMAC-SHA256 (integrity
-//!   key, domain "MC-REC") over [`record_bytes`], which covers everything
-//!   that decides what the record may do: device, generation, state, base
-//!   year, suite, Kstore version, the ciphertext's SHA-256, the key the
-//!   ENROLL came under, the ENROLL's t and r and the compromise time. An
-//!   edited or swapped record fails its tag; the services check the tag
-//!   every time they load a record and refuse the device otherwise
+//!   key, domain "MC-REC") over [`record_bytes`], which covers every
+//!   column: what decides what the record may do (device, generation,
+//!   state, base year, suite, Kstore version, the ciphertext's SHA-256, the
+//!   key the ENROLL came under, the ENROLL's t and r, the compromise time,
+//!   the grace period's end), what answers a retransmitted ENROLL (its
+//!   digest, the stored RECEIPT) and the life-cycle times. An edited or
+//!   swapped record fails its tag; the services check the tag every time
+//!   they load a record and refuse the device otherwise
 //!   ([`crate::Error::Integrity`]).
+//! - So does every other stored value that decides an outcome (issue 12):
+//!   device rows ([`device_bytes`]: class, suite, epoch, transport, highest
+//!   generation, command counter), notary records ([`notary_bytes`], domain
+//!   bytes "MC-NOT-v1": which signature over which data, first seen when),
+//!   commands ([`command_bytes`]: counter, opcode, generation, r, bytes,
+//!   answered, status) and batch-import progress ([`import_bytes`]). The
+//!   center's sealing layer ([`Sealed`]) tags notary records, commands,
+//!   import progress and device rows where they are written and checks
+//!   notary records, commands and import progress where they are read: a
+//!   forged notary record makes no signature valid, a forged command is
+//!   not served, a forged import position is refused.
 //! - The digest is an aggregate over all records that the card can check:
 //!   the XOR of the records' tags, split into [`SHARDS`] shards by device
-//!   id, each shard stored as a row (acc, count, seq) with the card's tag
+//!   id, for each kind of row (seed records 0.., notary records
+//!   [`NOTARY_BASE`].., commands [`COMMAND_BASE`].., device rows
+//!   [`DEVICE_BASE`]..: separate shards because notary records are written
+//!   on the hot signature path, which then takes no seed shard's row lock,
+//!   and because a finding can say which kind of row was deleted, inserted
+//!   or put back), each shard stored as a row (acc, count, seq) with the card's tag
 //!   (domain "MC-DIGEST") over it. Each committed change applies
 //!   `acc ^= old_tag ^ new_tag` (and count, seq) to its shard in the same
 //!   database transaction as the record, so record and digest can never be
@@ -32,8 +50,9 @@
 //! - What this alone does not catch: the whole database put back to an
 //!   older copy of itself (consistent with its own old digest). For that
 //!   the card keeps a high-water mark of the shards' seq outside the
-//!   database ([`crate::anchor`], refreshed at each clean check and each
-//!   backup); an older copy has a lower seq in the shards it changed.
+//!   database ([`crate::anchor`], following every committed change within
+//!   a second and at every clean shutdown); an older copy has a lower seq
+//!   in the shards it changed.
 //! - A deleted record is named from the audit log: every enrollment has an
 //!   "enroll" entry naming (device, generation), and such a record that is
 //!   not in the database was deleted.
@@ -75,7 +94,7 @@ pub fn seal_database(
     db: std::sync::Arc<dyn crate::db::KeyDatabase>,
     card: &std::sync::Arc<dyn EncryptionCard>,
 ) -> std::sync::Arc<dyn crate::db::KeyDatabase> {
-    if db.migrated_from() == Some(1) {
+    if upgrade::needed(&*db).unwrap_or(false) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -385,7 +404,7 @@ pub fn apply_change_at(
 /// Record changes collected over many records of one transaction and
 /// applied to each touched shard once (a batch import touches every shard
 /// once per chunk instead of once per record).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct DigestDelta {
     shards: Vec<(u8, [u8; 32], i64, u64)>,
 }
@@ -547,6 +566,7 @@ impl IntegrityReport {
 /// enrolled while the scan runs is not counted missing.
 fn enrolled_per_audit(
     db: &dyn crate::db::KeyDatabase,
+    upgrades: &mut u64,
 ) -> Result<std::collections::HashSet<(microcert_core::DeviceId, u8)>> {
     let mut out = std::collections::HashSet::new();
     let mut after = 0;
@@ -555,6 +575,9 @@ fn enrolled_per_audit(
         let Some(last) = page.last() else { break };
         after = last.seq;
         for e in &page {
+            if e.entry.action == "upgrade" {
+                *upgrades += 1;
+            }
             if e.entry.action == "enroll"
                 && let (Some(d), Some(g)) = (e.entry.device, e.entry.generation)
             {
@@ -575,7 +598,15 @@ pub fn scan(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Resul
 
 fn scan_in(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result<IntegrityReport> {
     let mut report = IntegrityReport::default();
-    let mut enrolled = enrolled_per_audit(db)?;
+    let mut upgrades = 0;
+    let mut enrolled = enrolled_per_audit(db, &mut upgrades)?;
+    if upgrades > 1 {
+        // The one-time upgrade tags rows it cannot check: run again, it
+        // was forced (its schema migration undone, or its shards deleted).
+        report.audit = Some(format!(
+            "the one-time tag upgrade ran {upgrades} times: rows were re-tagged after someone undid it; restore the whole database from a backup"
+        ));
+    }
     let mut acc = vec![([0u8; 32], 0u64); usize::from(ALL_SHARDS)];
     let mut add = |shard: u8, tag: &[u8; 32]| {
         let a = &mut acc[usize::from(shard)];

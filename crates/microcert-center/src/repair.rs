@@ -183,10 +183,11 @@ impl Center {
                 "command of {d} fails its tag: restore the whole database from a backup (its pending commands are rebuilt)"
             ));
         }
-        for s in shards
-            .iter()
-            .filter(|&&s| (SHARDS..integrity::DEVICE_BASE).contains(&s))
-        {
+        let not_seed = |s: u8| {
+            (SHARDS..integrity::DEVICE_BASE).contains(&s)
+                || (s >= integrity::DEVICE_BASE && found.bad_devices.is_empty())
+        };
+        for s in shards.iter().filter(|&&s| not_seed(s)) {
             out.refused.push(format!(
                 "digest shard {s} ({}) does not match its rows: restore the whole database from a backup",
                 integrity::shard_kind(*s)
@@ -233,6 +234,7 @@ impl Center {
                 .find_map(|(p, b)| b.devices.iter().find(|x| x.id == d).map(|x| (p, x)));
             match copy {
                 Some((p, row)) => {
+                    let row = &counter_floor(card, row, now)?;
                     with_tx(db, |tx| {
                         tx.update_device(row)?;
                         audit_repair(tx, card, actor, now, Some(d), None, p)
@@ -298,7 +300,7 @@ impl Center {
                     let d = from.devices.iter().find(|d| d.id == k.0).ok_or_else(|| {
                         Error::Refused(format!("device {} is missing and not in the backup", k.0))
                     })?;
-                    tx.insert_device(d)?;
+                    tx.insert_device(&counter_floor(card, d, now)?)?;
                 }
                 tx.delete_seed(k.0, k.1)?;
                 tx.insert_seed(want)?;
@@ -327,6 +329,23 @@ impl Center {
         out.removed.extend(removed);
         Ok(())
     }
+}
+
+/// A device row put back from a backup, its command counter raised to at
+/// least `now` (counters never go back: the node may have accepted higher
+/// ones since the backup).
+fn counter_floor(
+    card: &dyn crate::EncryptionCard,
+    row: &crate::db::DeviceRow,
+    now: u64,
+) -> Result<crate::db::DeviceRow> {
+    let mut d = row.clone();
+    let floor = u32::try_from(now).unwrap_or(u32::MAX);
+    if d.command_counter < floor {
+        d.command_counter = floor;
+        integrity::retag_device(card, &mut d)?;
+    }
+    Ok(d)
 }
 
 fn audit_repair(

@@ -178,6 +178,17 @@ fn a_whole_restore_rebuilds_pending_commands_above_accepted_counters() {
 /// signature of a revoked device stays valid.
 #[test]
 fn a_version_1_database_is_upgraded_once() {
+    version_1_upgrade(false);
+}
+
+/// The schema migration committed, the process stopped before the card
+/// tagged the rows: the next start does it.
+#[test]
+fn an_upgrade_cut_short_after_the_migration_is_finished_at_the_next_start() {
+    version_1_upgrade(true);
+}
+
+fn version_1_upgrade(migrated_but_not_tagged: bool) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("center.db");
     let card = Arc::new(SoftwareCard::ephemeral().unwrap());
@@ -247,15 +258,24 @@ fn a_version_1_database_is_upgraded_once() {
             )
             .unwrap();
         }
-        conn.execute_batch(
-            "DELETE FROM digest WHERE shard >= 16 AND shard < 255;
-             ALTER TABLE notary DROP COLUMN seal;
-             ALTER TABLE commands DROP COLUMN seal;
-             ALTER TABLE imports DROP COLUMN seal;
-             DROP TABLE IF EXISTS meta;
-             PRAGMA user_version = 1;",
-        )
-        .unwrap();
+        if migrated_but_not_tagged {
+            conn.execute_batch(
+                "DELETE FROM digest WHERE shard >= 16 AND shard < 255;
+                 UPDATE notary SET seal = NULL; UPDATE commands SET seal = NULL;
+                 UPDATE imports SET seal = NULL;",
+            )
+            .unwrap();
+        } else {
+            conn.execute_batch(
+                "DELETE FROM digest WHERE shard >= 16 AND shard < 255;
+                 ALTER TABLE notary DROP COLUMN seal;
+                 ALTER TABLE commands DROP COLUMN seal;
+                 ALTER TABLE imports DROP COLUMN seal;
+                 DROP TABLE IF EXISTS meta;
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
     }
     let center = Center::open_sqlite(&db, card.clone(), config()).unwrap();
     let r = center.integrity_scan().unwrap();
@@ -275,5 +295,66 @@ fn a_version_1_database_is_upgraded_once() {
     assert_eq!(
         log.iter().filter(|e| e.entry.action == "upgrade").count(),
         1
+    );
+}
+
+/// Someone forces the one-time upgrade to run on a database made by this
+/// version, to have edited rows tagged (the shards it makes deleted, the
+/// notary's seals cleared, a record edited): nothing is tagged, the record
+/// is named and refused.
+#[test]
+fn a_forced_upgrade_tags_nothing_on_a_new_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("center.db");
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let (center, mut fleet) = enrolled_center(&db, &card, 2);
+    let sig = fleet[0].sign(b"meter", NOW + 2);
+    center.verify_signature(&sig, b"meter", NOW + 2).unwrap();
+    center.revoke(fleet[0].id, "ops", "x", NOW + 3).unwrap();
+    drop(center);
+    {
+        let conn = Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "DELETE FROM digest WHERE shard >= 16 AND shard < 255;
+             UPDATE notary SET seal = NULL, digest = randomblob(32);",
+        )
+        .unwrap();
+    }
+    let center = Center::open_sqlite(&db, card.clone(), config()).unwrap();
+    let r = center.integrity_scan().unwrap();
+    assert_eq!(r.bad_notary.len(), 1, "{r:?}");
+    // The data never signed is not valid through the edited record.
+    let r = center.verify_signature(&sig, b"meter", NOW + 5);
+    assert!(r.is_err(), "{r:?}");
+}
+
+/// The same on a database that was upgraded once: the second run is
+/// named from the audit log.
+#[test]
+fn a_second_upgrade_is_named_from_the_audit_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("center.db");
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let (center, _) = enrolled_center(&db, &card, 2);
+    drop(center);
+    // Made to look like version 1 and upgraded: one "upgrade" entry.
+    let undo = "DELETE FROM digest WHERE shard >= 16 AND shard < 255;
+         ALTER TABLE notary DROP COLUMN seal;
+         ALTER TABLE commands DROP COLUMN seal;
+         ALTER TABLE imports DROP COLUMN seal;
+         PRAGMA user_version = 1;";
+    Connection::open(&db).unwrap().execute_batch(undo).unwrap();
+    let center = Center::open_sqlite(&db, card.clone(), config()).unwrap();
+    assert!(center.integrity_scan().unwrap().is_clean());
+    drop(center);
+    // Forced again.
+    Connection::open(&db).unwrap().execute_batch(undo).unwrap();
+    let center = Center::open_sqlite(&db, card.clone(), config()).unwrap();
+    let r = center.integrity_scan().unwrap();
+    assert!(
+        r.audit
+            .as_deref()
+            .is_some_and(|a| a.contains("ran 2 times")),
+        "{r:?}"
     );
 }

@@ -203,13 +203,14 @@ impl AutoBackup {
             .last
             .lock()
             .map_err(|_| Error::Database("auto-backup state poisoned".into()))?;
-        // Only the record shards: the audit head moves with every backup
-        // (its own audit entry), which must not count as a change.
+        // Only the record shards (seeds, notary records, commands, device
+        // rows): the audit head moves with every backup (its own audit
+        // entry), which must not count as a change.
         let digest: Vec<_> = center
             .database()
             .digest_shards()?
             .into_iter()
-            .filter(|s| s.shard < integrity::SHARDS)
+            .filter(|s| s.shard < integrity::ALL_SHARDS)
             .collect();
         let newest = backup::list(&self.dir)?;
         let due = match &*last {

@@ -28,6 +28,30 @@ use crate::Result;
 use crate::card::EncryptionCard;
 use crate::db::{DeviceQuery, KeyDatabase, NewAudit, NotaryRow, with_tx};
 
+/// Whether `db` (without the sealing layer) needs the upgrade: this
+/// process just migrated it from schema version 1, or it holds devices but
+/// none of the shards the upgrade makes (the migration committed, then the
+/// process stopped before the upgrade did). A second run is named by the
+/// integrity scan (two "upgrade" entries in the audit log).
+pub(crate) fn needed(db: &dyn KeyDatabase) -> Result<bool> {
+    if db.migrated_from() == Some(1) {
+        return Ok(true);
+    }
+    if db
+        .digest_shards()?
+        .iter()
+        .any(|s| (NOTARY_BASE..ALL_SHARDS).contains(&s.shard))
+    {
+        return Ok(false);
+    }
+    Ok(!db
+        .list_devices(&DeviceQuery {
+            limit: 1,
+            ..DeviceQuery::default()
+        })?
+        .is_empty())
+}
+
 /// Tags the rows of a version-1 database (see the module docs); returns
 /// how many rows it tagged. `db` is the database without the sealing
 /// layer.
@@ -103,9 +127,33 @@ pub fn upgrade_legacy(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64)
             }
         }
     }
+    // Started by the state of the database rather than by this process's
+    // migration (an upgrade cut short): a genuine version-1 database has
+    // seed records tagged the old way. Without any, untagged notary
+    // records and commands are not someone's old rows but an attempt to
+    // have edited ones tagged: they are left for the scan to name.
+    if db.migrated_from() != Some(1)
+        && seeds.is_empty()
+        && !(notary.is_empty() && commands.is_empty())
+    {
+        tracing::error!(
+            notary = notary.len(),
+            commands = commands.len(),
+            "untagged notary records or commands in a database with no record of the old format: not tagged (run `integrity check-local`)"
+        );
+        notary.clear();
+        commands.clear();
+    }
     let mut tagged = 0u64;
-    with_tx(db, |tx| {
-        let mut delta = std::mem::take(&mut delta);
+    let done = with_tx(db, |tx| {
+        // Another center on the same database may have upgraded it
+        // meanwhile (its shards are locked and read here).
+        for shard in NOTARY_BASE..ALL_SHARDS {
+            if tx.digest_shard(shard)?.is_some() {
+                return Ok(false);
+            }
+        }
+        let mut delta = delta.clone();
         tagged = 0;
         for n in &notary {
             let mut n = n.clone();
@@ -144,8 +192,12 @@ pub fn upgrade_legacy(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64)
                     seeds.len()
                 ),
             },
-        )
+        )?;
+        Ok(true)
     })?;
+    if !done {
+        return Ok(0);
+    }
     tracing::warn!(
         tagged,
         "database upgraded: rows written before the card covered them are now tagged"
