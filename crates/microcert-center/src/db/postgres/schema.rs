@@ -138,11 +138,11 @@ ALTER TABLE imports ADD COLUMN seal BYTEA;
 /// database's identity (a random id drawn when the table is made) and the
 /// id of the card last used with it.
 const MIGRATION_META: &str = r#"
-CREATE TABLE meta (
+CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-INSERT INTO meta (key, value) VALUES ('database_id', replace(gen_random_uuid()::text, '-', ''));
+INSERT INTO meta (key, value) VALUES ('database_id', replace(gen_random_uuid()::text, '-', '')) ON CONFLICT (key) DO NOTHING;
 "#;
 
 /// Advisory lock key that serialises migrations of several centers

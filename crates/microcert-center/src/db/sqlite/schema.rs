@@ -135,11 +135,11 @@ ALTER TABLE imports ADD COLUMN seal BLOB;
 /// an old one), and the id of the card last used with it (written by the
 /// CLI). Kept as its own step so other migrations can be appended beside.
 const MIGRATION_META: &str = r#"
-CREATE TABLE meta (
+CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 ) WITHOUT ROWID;
-INSERT INTO meta (key, value) VALUES ('database_id', lower(hex(randomblob(16))));
+INSERT OR IGNORE INTO meta (key, value) VALUES ('database_id', lower(hex(randomblob(16))));
 "#;
 
 /// Named high-water marks shared by every center (issue 12: the pruning
