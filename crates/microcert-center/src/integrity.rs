@@ -492,6 +492,10 @@ pub struct IntegrityReport {
     pub audit: Option<String>,
     /// The anchor file itself fails its card tag (or cannot be read).
     pub anchor: Option<String>,
+    /// Shared high-water marks (pruning, clock, clock alarm, replay-guard
+    /// marker) whose card tag fails. Filled by
+    /// [`crate::Center::integrity_check`] only.
+    pub bad_marks: Vec<String>,
 }
 
 impl IntegrityReport {
@@ -506,6 +510,7 @@ impl IntegrityReport {
             && self.rolled_back_shards.is_empty()
             && self.audit.is_none()
             && self.anchor.is_none()
+            && self.bad_marks.is_empty()
     }
 
     /// Devices to refuse until repaired (tampered or missing records).
@@ -544,6 +549,11 @@ impl IntegrityReport {
         }
         for s in &self.bad_shards {
             out.push(format!("digest shard {s} ({}): does not match its rows (a row deleted, inserted or put back)", shard_kind(*s)));
+        }
+        for m in &self.bad_marks {
+            out.push(format!(
+                "high-water mark {m:?}: fails its integrity tag (changed outside the center)"
+            ));
         }
         if !self.rolled_back_shards.is_empty() {
             out.push(format!(

@@ -170,6 +170,11 @@ fn edited_marks_are_detected(backend: Backend) {
         1
     );
     assert_eq!(center.check_marks().unwrap(), vec!["pruned".to_string()]);
+    // ... and the integrity check names it.
+    let report = center.integrity_check(None, clock.wall()).unwrap();
+    assert!(!report.is_clean());
+    assert_eq!(report.bad_marks, vec!["pruned".to_string()]);
+    assert!(report.findings().iter().any(|f| f.contains("pruned")));
     clock.advance(60);
     center.housekeeping(clock.wall()).unwrap();
     assert_eq!(center.pruned_high_water().unwrap(), clock.wall() + 30);

@@ -56,6 +56,7 @@ impl Center {
 
     fn check_once(&self, anchor_path: Option<&Path>) -> Result<IntegrityReport> {
         let mut r = integrity::scan(&*self.db, &*self.card)?;
+        r.bad_marks = self.check_marks()?;
         if let (_, Some(f)) = audit::verify(&*self.db, &*self.card)? {
             r.audit = Some(f.to_string());
         }
