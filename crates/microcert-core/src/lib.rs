@@ -17,7 +17,7 @@ pub use error::{Error, Result};
 pub use kdf::{Purpose, aes_cmac, derive_key, kdf_ctr_cmac, transport_key};
 pub use lifecycle::{Event, KeyState, transition};
 pub use msg::{
-    Auth, AuthResponse, CHALLENGE_LEN, Command, ENROLL_PLAINTEXT_LEN, Enroll, MAX_SEALED_PLAINTEXT,
+    Auth, AuthResponse, CHALLENGE_LEN, Codec, Command, ENROLL_PLAINTEXT_LEN, Enroll, MAX_SEALED_PLAINTEXT,
     Message, Opcode, Receipt, Sealed, Sender, Signature,
 };
 pub use ops::{
