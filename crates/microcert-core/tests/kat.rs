@@ -257,14 +257,64 @@ fn check_record(rec: &Record, seed: &KeySeed) {
     }
 }
 
+/// The random bytes the vectors were made from, drawn once from the OS.
+const RANDOM: &str = include_str!("../testdata/kat_random.txt");
+
+fn random(name: &str) -> String {
+    RANDOM
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(" = "))
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .to_owned()
+}
+
+fn distinct_rows(seed: &[u8]) -> usize {
+    assert_eq!(seed.len(), SEED_LEN);
+    seed.chunks(16)
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
 #[test]
-fn seed_is_the_documented_pattern() {
+fn seed_is_the_committed_random_bytes() {
     let kat = Kat::load();
     let seed = kat.seed();
     assert_eq!(seed.base_year(), 2026);
-    for (i, b) in seed.expose().iter().enumerate() {
-        assert_eq!(usize::from(*b), (i * 37 + 11) % 256);
+    assert_eq!(hex::encode(seed.expose()), random("SEED"));
+    for rec in kat.of_type("enroll-update") {
+        assert_eq!(rec.str("NEW_SEED"), random("NEW_SEED"));
     }
+}
+
+/// A periodic seed (the first vectors' had 16 distinct rows of 61) lets an
+/// implementation that reads rows at a wrong offset pass every vector.
+#[test]
+fn every_seed_of_the_vectors_has_61_distinct_rows() {
+    let kat = Kat::load();
+    assert_eq!(distinct_rows(kat.seed().expose()), 61, "SEED");
+    let mut seen = 0;
+    for rec in kat
+        .records
+        .iter()
+        .filter(|r| r.get("NEW_SEED").is_some())
+    {
+        assert_eq!(distinct_rows(&rec.hex("NEW_SEED")), 61, "COUNT {}", rec.count());
+        seen += 1;
+    }
+    assert!(seen >= 2);
+}
+
+/// Vectors in two years of the seed, so a wrong year row is caught too.
+#[test]
+fn vectors_use_more_than_one_year_row() {
+    let kat = Kat::load();
+    let years: std::collections::BTreeSet<i64> = kat
+        .records
+        .iter()
+        .filter_map(|r| r.get("TIME"))
+        .map(|t| microcert_core::time::date_of(t.parse().unwrap()).year)
+        .collect();
+    assert!(years.contains(&2026) && years.contains(&2029), "{years:?}");
 }
 
 #[test]
@@ -274,7 +324,7 @@ fn every_known_answer_vector_passes() {
     for rec in &kat.records {
         check_record(rec, &seed);
     }
-    assert_eq!(kat.records.len(), 27);
+    assert_eq!(kat.records.len(), 29);
 }
 
 #[test]
