@@ -399,3 +399,39 @@ fn enroll_under_the_wrong_epoch_or_seed_is_rejected() {
         Err(Error::Verification)
     ));
 }
+
+/// docs/protocol.md section 11 prints the committed vectors: every seed
+/// row, and the MESSAGE (or KTR) of the challenge, the transport keys,
+/// every suite 0x01 record and the first suite 0x02 AUTH.
+#[test]
+fn the_protocol_document_prints_the_committed_vectors() {
+    let doc: String = include_str!("../../../docs/protocol.md")
+        .split_whitespace()
+        .collect();
+    let kat = Kat::load();
+    for row in kat.seed().expose().chunks(16) {
+        assert!(doc.contains(&hex::encode(row)), "seed row {}", hex::encode(row));
+    }
+    let first_suite_2_auth = kat
+        .of_type("auth")
+        .find(|r| r.get("SUITE") == Some("2"))
+        .unwrap()
+        .count()
+        .to_owned();
+    let mut shown = 0;
+    for rec in &kat.records {
+        let value = match rec.ty() {
+            "transport-key" => rec.str("KTR"),
+            _ if rec.get("SUITE").is_none_or(|s| s == "1") => rec.str("MESSAGE"),
+            _ if rec.count() == first_suite_2_auth => rec.str("MESSAGE"),
+            _ => continue,
+        };
+        assert!(
+            doc.contains(&format!("COUNT{}:", rec.count())) && doc.contains(value),
+            "COUNT {} is not in docs/protocol.md as committed",
+            rec.count()
+        );
+        shown += 1;
+    }
+    assert_eq!(shown, 3 + 13 + 1);
+}
