@@ -17,8 +17,8 @@ use zeroize::Zeroizing;
 use crate::csk;
 use crate::kdf::{Purpose, cmac_parts, derive_key};
 use crate::msg::{
-    Auth, AuthResponse, CHALLENGE_LEN, Codec, Command, ENROLL_PLAINTEXT_LEN, Enroll, MAX_SEALED_PLAINTEXT,
-    Opcode, Receipt, Sealed, Sender, Signature,
+    Auth, AuthResponse, CHALLENGE_LEN, Codec, Command, ENROLL_PLAINTEXT_LEN, Enroll,
+    MAX_SEALED_PLAINTEXT, Opcode, Receipt, Sealed, Sender, Signature,
 };
 use crate::secret::{Key128, KeySeed, SEED_LEN};
 use crate::wire::{Audience, DeviceId, HEADER_LEN, Header, MsgType, Suite};

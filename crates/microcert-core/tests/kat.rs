@@ -293,12 +293,13 @@ fn every_seed_of_the_vectors_has_61_distinct_rows() {
     let kat = Kat::load();
     assert_eq!(distinct_rows(kat.seed().expose()), 61, "SEED");
     let mut seen = 0;
-    for rec in kat
-        .records
-        .iter()
-        .filter(|r| r.get("NEW_SEED").is_some())
-    {
-        assert_eq!(distinct_rows(&rec.hex("NEW_SEED")), 61, "COUNT {}", rec.count());
+    for rec in kat.records.iter().filter(|r| r.get("NEW_SEED").is_some()) {
+        assert_eq!(
+            distinct_rows(&rec.hex("NEW_SEED")),
+            61,
+            "COUNT {}",
+            rec.count()
+        );
         seen += 1;
     }
     assert!(seen >= 2);
@@ -410,7 +411,11 @@ fn the_protocol_document_prints_the_committed_vectors() {
         .collect();
     let kat = Kat::load();
     for row in kat.seed().expose().chunks(16) {
-        assert!(doc.contains(&hex::encode(row)), "seed row {}", hex::encode(row));
+        assert!(
+            doc.contains(&hex::encode(row)),
+            "seed row {}",
+            hex::encode(row)
+        );
     }
     let first_suite_2_auth = kat
         .of_type("auth")
