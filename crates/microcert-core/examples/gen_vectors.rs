@@ -5,7 +5,7 @@
 //! failing test instead of silently changing the vectors:
 //!
 //! ```text
-//! cargo run -q -p microcert-core --example gen_vectors -- --date 2026-11-26 \
+//! cargo run -q -p microcert-core --example gen_vectors -- --date 2026-12-02 \
 //!     > crates/microcert-core/testdata/kat.txt
 //! cargo run -q -p microcert-core --example gen_vectors -- --corpus fuzz/corpus > /dev/null
 //! ```
@@ -13,10 +13,15 @@
 //! `--corpus DIR` also writes every message as a binary seed file into
 //! `DIR/<fuzz target>/`, the committed seed corpus of the fuzz targets.
 //!
-//! Every input is fixed: the seed byte i is (37 i + 11) mod 256, base year
-//! 2026, device 0102030405060708, times in 2026. The inputs were chosen to
-//! use distinct month, day and fixed rows, so that a wrong row selection
-//! changes the vectors.
+//! Every input is fixed. The two seeds are random bytes drawn once from
+//! the operating system and committed in `testdata/kat_random.txt`, so
+//! that their 61 rows are all different: with a periodic seed (the first
+//! vectors used byte i = (37 i + 11) mod 256, only 16 distinct rows) an
+//! implementation that reads the month, day or fixed rows at a wrong offset
+//! passed every vector. Base year 2026, device 0102030405060708, times in
+//! 2026 and one AUTH per suite in 2029 (year row 3); the inputs use
+//! distinct month, day and fixed rows, so that a wrong row selection
+//! changes the vectors. The generator refuses a seed with a repeated row.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -34,16 +39,34 @@ const RELYING_PARTY: &str = "billing.example";
 const SIGNED_DATA: &[u8] = b"temperature=21.5C;humidity=40%";
 const SEALED_DATA: &[u8] = b"meter 4711: 1234.5 kWh";
 
+/// The committed random bytes (`NAME = hex` lines).
+const RANDOM: &str = include_str!("../testdata/kat_random.txt");
+
 fn pattern<const N: usize>(mul: usize, add: usize) -> [u8; N] {
     core::array::from_fn(|i| ((i * mul + add) % 256) as u8)
 }
 
+/// A seed of the committed random bytes named `name`; all 61 rows differ.
+fn random_seed(name: &str) -> KeySeed {
+    let hex = RANDOM
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(" = "))
+        .unwrap_or_else(|| panic!("{name} missing from kat_random.txt"));
+    let bytes: [u8; SEED_LEN] = hex::decode(hex.trim())
+        .expect("hex")
+        .try_into()
+        .expect("976 bytes");
+    let rows: std::collections::HashSet<&[u8]> = bytes.chunks(16).collect();
+    assert_eq!(rows.len(), SEED_LEN / 16, "{name} repeats a row");
+    KeySeed::from_bytes(&bytes, BASE_YEAR)
+}
+
 fn seed() -> KeySeed {
-    KeySeed::from_bytes(&pattern::<SEED_LEN>(37, 11), BASE_YEAR)
+    random_seed("SEED")
 }
 
 fn new_seed() -> KeySeed {
-    KeySeed::from_bytes(&pattern::<SEED_LEN>(59, 3), BASE_YEAR)
+    random_seed("NEW_SEED")
 }
 
 fn ktrans() -> Key128 {
@@ -275,6 +298,15 @@ fn main() {
             out.push("command", rec, &buf[..n]);
         }
 
+        // AUTH for the center on 2029-04-04 (year row 3, month 4, day 4).
+        let h = header(suite, 0, 1_870_000_000, r_for(suite, 0x6a09_e667_f3bc_c908));
+        let n = make_auth(&seed, &h, &Audience::CENTER, &mut buf).unwrap();
+        let mut rec = Record::new(&mut count, "auth");
+        rec.header(&h);
+        rec.hex("AUDIENCE", &Audience::CENTER.0);
+        rec.keys(&seed, Purpose::Auth, &h);
+        out.push("auth", rec, &buf[..n]);
+
         // RECEIPT by the center answering the first AUTH.
         let h = header(suite, 0, 1_790_000_001, r_for(suite, 0x5555_aaaa_0f0f_f0f0));
         let n = make_receipt(&seed, &h, Sender::Center, auth_r, 0, &mut buf).unwrap();
@@ -313,6 +345,8 @@ fn main() {
          # K0 the CSK combination, KEY the working key (Ktr for enroll-transport).\n\
          # An ENROLL's plaintext is NEW_SEED || NEW_SEED_BASE_YEAR (u16).\n\
          # Checked independently by testdata/kat_crosscheck.py (pyca/cryptography).\n\
+         # SEED and NEW_SEED are random bytes committed in testdata/kat_random.txt\n\
+         # (61 distinct rows each).\n\
          SEED = {}\n\
          BASE_YEAR = {BASE_YEAR}\n",
         hex::encode(seed.expose())

@@ -17,8 +17,8 @@ pub use error::{Error, Result};
 pub use kdf::{Purpose, aes_cmac, derive_key, kdf_ctr_cmac, transport_key};
 pub use lifecycle::{Event, KeyState, transition};
 pub use msg::{
-    Auth, AuthResponse, CHALLENGE_LEN, Command, ENROLL_PLAINTEXT_LEN, Enroll, MAX_SEALED_PLAINTEXT,
-    Message, Opcode, Receipt, Sealed, Sender, Signature,
+    Auth, AuthResponse, CHALLENGE_LEN, Codec, Command, ENROLL_PLAINTEXT_LEN, Enroll,
+    MAX_SEALED_PLAINTEXT, Message, Opcode, Receipt, Sealed, Sender, Signature,
 };
 pub use ops::{
     DataDigest, EnrollKey, challenge_window, check_challenge, make_auth, make_auth_response,

@@ -1,6 +1,9 @@
 //! The seven message types (PROTOCOL.md section 5): decoders that borrow
 //! from the input and encoders that write into a caller's buffer.
 //!
+//! Every message is `H || body || tag`. The [`Codec`] trait holds what all
+//! seven share (header, type, suite and exact-length checks, length,
+//! encoding); each type only says how its body is read and written.
 //! Every decoder checks version, type and suite, then the exact length of
 //! the rest: short input and trailing bytes are both [`Error::Length`].
 //!
@@ -16,7 +19,8 @@
 
 use core::fmt;
 
-use crate::wire::{HEADER_LEN, Header, MsgType, Reader, Writer};
+use crate::wire::{HEADER_LEN, Header, MsgType};
+pub use crate::wire::{Reader, Writer};
 use crate::{Error, Result};
 
 /// Length of a challenge: 8 random bytes and an 8-byte MAC.
@@ -73,9 +77,148 @@ pub enum Sender {
     Node,
 }
 
+/// The encoding shared by the seven message types, after rustls'
+/// `codec::Codec`: `H || body || tag`, where the body is the type's own
+/// fields and the tag is the suite's MAC or CCM tag.
+///
+/// An implementation says only how its body is read and written; decoding
+/// (header, type, suite, exact length), the length and the encoding are
+/// the provided methods, the same for every type. The trait is sealed:
+/// the seven types of this module are its only implementations. Each type
+/// also has inherent `decode`, `len` and `encode` that forward here, so a
+/// caller need not import the trait.
+pub trait Codec<'a>: Sized + private::Sealed {
+    /// The message type written into, and expected in, the header.
+    const TYPE: MsgType;
+    /// Length of the body of a fixed-length type; `None` for SEALED, whose
+    /// body is everything between the header and the tag.
+    const BODY_LEN: Option<usize>;
+
+    /// The header.
+    fn header(&self) -> &Header;
+    /// The MAC or CCM tag.
+    fn tag(&self) -> &'a [u8];
+    /// Length of the body (the bytes between the header and the tag).
+    fn body_len(&self) -> usize;
+    /// Builds the message from its header, its body and its tag. The body
+    /// has the length [`Codec::BODY_LEN`]; [`Codec::decode`] checks that
+    /// the reader is used up.
+    fn read_body(header: Header, body: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self>;
+    /// Writes the body; [`Codec::encode`] checked the room.
+    fn write_body(&self, w: &mut Writer<'_>);
+
+    /// Decodes a message of this type, of exactly the right length: short
+    /// input and trailing bytes are both [`Error::Length`], checked before
+    /// any field of the body.
+    fn decode(bytes: &'a [u8]) -> Result<Self> {
+        let (header, mut rd) = after_header(bytes, Self::TYPE)?;
+        let rest = rd.rest();
+        let tag_len = header.suite.tag_len();
+        if rest.len() < tag_len || Self::BODY_LEN.is_some_and(|n| rest.len() != n + tag_len) {
+            return Err(Error::Length);
+        }
+        let (body, tag) = rest.split_at(rest.len() - tag_len);
+        let mut body = Reader::new(body);
+        let msg = Self::read_body(header, &mut body, tag)?;
+        body.finish()?;
+        Ok(msg)
+    }
+
+    /// Encoded length.
+    fn len(&self) -> usize {
+        HEADER_LEN + self.body_len() + self.header().suite.tag_len()
+    }
+
+    /// Never empty; present for clippy's sake.
+    fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Writes the message into `out`, returning its length. A tag of the
+    /// wrong length for the suite is [`Error::Length`], a SEALED body over
+    /// 65,535 bytes [`Error::PlaintextTooLong`], a short `out`
+    /// [`Error::BufferTooSmall`]; on error nothing is written.
+    fn encode(&self, out: &mut [u8]) -> Result<usize> {
+        if self.tag().len() != self.header().suite.tag_len() {
+            return Err(Error::Length);
+        }
+        if self.body_len() > MAX_SEALED_PLAINTEXT {
+            return Err(Error::PlaintextTooLong);
+        }
+        let mut w = Writer::new(out, self.len())?;
+        w.put(&self.header().to_bytes(Self::TYPE));
+        self.write_body(&mut w);
+        w.put(self.tag());
+        Ok(w.done())
+    }
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for super::Auth<'_> {}
+    impl Sealed for super::AuthResponse<'_> {}
+    impl Sealed for super::Signature<'_> {}
+    impl Sealed for super::Sealed<'_> {}
+    impl Sealed for super::Enroll<'_> {}
+    impl Sealed for super::Command<'_> {}
+    impl Sealed for super::Receipt<'_> {}
+}
+
+/// Inherent `decode`, `len`, `is_empty` and `encode` forwarding to
+/// [`Codec`], so that callers need not import the trait.
+macro_rules! inherent_codec {
+    ($($ty:ident),*) => {$(
+        impl<'a> $ty<'a> {
+            /// Decodes a message of this type ([`Codec::decode`]).
+            pub fn decode(bytes: &'a [u8]) -> Result<Self> {
+                <Self as Codec<'a>>::decode(bytes)
+            }
+
+            /// Encoded length ([`Codec::len`]).
+            pub fn len(&self) -> usize {
+                <Self as Codec<'a>>::len(self)
+            }
+
+            /// Never empty; present for clippy's sake.
+            pub fn is_empty(&self) -> bool {
+                false
+            }
+
+            /// Writes the message into `out`, returning its length
+            /// ([`Codec::encode`]).
+            pub fn encode(&self, out: &mut [u8]) -> Result<usize> {
+                <Self as Codec<'a>>::encode(self, out)
+            }
+        }
+    )*};
+}
+
+inherent_codec!(
+    Auth,
+    AuthResponse,
+    Signature,
+    Sealed,
+    Enroll,
+    Command,
+    Receipt
+);
+
+/// The `header` and `tag` accessors of a type whose fields have those names.
+macro_rules! header_and_tag {
+    () => {
+        fn header(&self) -> &Header {
+            &self.header
+        }
+
+        fn tag(&self) -> &'a [u8] {
+            self.tag
+        }
+    };
+}
+
 /// Parses the header of `bytes`, checks it is of type `ty`, and returns a
 /// reader positioned after it.
-fn body(bytes: &[u8], ty: MsgType) -> Result<(Header, Reader<'_>)> {
+fn after_header(bytes: &[u8], ty: MsgType) -> Result<(Header, Reader<'_>)> {
     let (found, header) = Header::parse(bytes)?;
     if found != ty {
         return Err(Error::WrongType {
@@ -88,14 +231,6 @@ fn body(bytes: &[u8], ty: MsgType) -> Result<(Header, Reader<'_>)> {
     Ok((header, rd))
 }
 
-fn check_tag_len(header: &Header, tag: &[u8]) -> Result<()> {
-    if tag.len() == header.suite.tag_len() {
-        Ok(())
-    } else {
-        Err(Error::Length)
-    }
-}
-
 /// AUTH: `H || tag`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Auth<'a> {
@@ -105,33 +240,20 @@ pub struct Auth<'a> {
     pub tag: &'a [u8],
 }
 
-impl<'a> Auth<'a> {
-    /// Decodes an AUTH of exactly the right length.
-    pub fn decode(bytes: &'a [u8]) -> Result<Self> {
-        let (header, mut rd) = body(bytes, MsgType::AUTH)?;
-        let tag = rd.take(header.suite.tag_len())?;
-        rd.finish()?;
+impl<'a> Codec<'a> for Auth<'a> {
+    const TYPE: MsgType = MsgType::AUTH;
+    const BODY_LEN: Option<usize> = Some(0);
+    header_and_tag!();
+
+    fn body_len(&self) -> usize {
+        0
+    }
+
+    fn read_body(header: Header, _: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
         Ok(Auth { header, tag })
     }
 
-    /// Encoded length.
-    pub fn len(&self) -> usize {
-        HEADER_LEN + self.header.suite.tag_len()
-    }
-
-    /// Never empty; present for clippy's sake.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// Writes the message into `out`, returning its length.
-    pub fn encode(&self, out: &mut [u8]) -> Result<usize> {
-        check_tag_len(&self.header, self.tag)?;
-        let mut w = Writer::new(out, self.len())?;
-        w.put(&self.header.to_bytes(MsgType::AUTH));
-        w.put(self.tag);
-        Ok(w.done())
-    }
+    fn write_body(&self, _: &mut Writer<'_>) {}
 }
 
 /// AUTH_RESPONSE: `H || challenge(16) || tag`.
@@ -145,13 +267,17 @@ pub struct AuthResponse<'a> {
     pub tag: &'a [u8],
 }
 
-impl<'a> AuthResponse<'a> {
-    /// Decodes an AUTH_RESPONSE of exactly the right length.
-    pub fn decode(bytes: &'a [u8]) -> Result<Self> {
-        let (header, mut rd) = body(bytes, MsgType::AUTH_RESPONSE)?;
-        let challenge = rd.take_array::<CHALLENGE_LEN>()?;
-        let tag = rd.take(header.suite.tag_len())?;
-        rd.finish()?;
+impl<'a> Codec<'a> for AuthResponse<'a> {
+    const TYPE: MsgType = MsgType::AUTH_RESPONSE;
+    const BODY_LEN: Option<usize> = Some(CHALLENGE_LEN);
+    header_and_tag!();
+
+    fn body_len(&self) -> usize {
+        CHALLENGE_LEN
+    }
+
+    fn read_body(header: Header, body: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
+        let challenge = body.take_array::<CHALLENGE_LEN>()?;
         Ok(AuthResponse {
             header,
             challenge,
@@ -159,24 +285,8 @@ impl<'a> AuthResponse<'a> {
         })
     }
 
-    /// Encoded length.
-    pub fn len(&self) -> usize {
-        HEADER_LEN + CHALLENGE_LEN + self.header.suite.tag_len()
-    }
-
-    /// Never empty; present for clippy's sake.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// Writes the message into `out`, returning its length.
-    pub fn encode(&self, out: &mut [u8]) -> Result<usize> {
-        check_tag_len(&self.header, self.tag)?;
-        let mut w = Writer::new(out, self.len())?;
-        w.put(&self.header.to_bytes(MsgType::AUTH_RESPONSE));
+    fn write_body(&self, w: &mut Writer<'_>) {
         w.put(self.challenge);
-        w.put(self.tag);
-        Ok(w.done())
     }
 }
 
@@ -190,40 +300,29 @@ pub struct Signature<'a> {
 }
 
 impl<'a> Signature<'a> {
-    /// Decodes a SIGNATURE of exactly the right length.
-    pub fn decode(bytes: &'a [u8]) -> Result<Self> {
-        let (header, mut rd) = body(bytes, MsgType::SIGNATURE)?;
-        let tag = rd.take(header.suite.tag_len())?;
-        rd.finish()?;
-        Ok(Signature { header, tag })
-    }
-
     /// Decodes a SIGNATURE at the start of `bytes` and returns the bytes
     /// after it (the signed data, in the `/v1/verify` binding).
     pub fn decode_prefix(bytes: &'a [u8]) -> Result<(Self, &'a [u8])> {
-        let (header, mut rd) = body(bytes, MsgType::SIGNATURE)?;
+        let (header, mut rd) = after_header(bytes, MsgType::SIGNATURE)?;
         let tag = rd.take(header.suite.tag_len())?;
         Ok((Signature { header, tag }, rd.rest()))
     }
+}
 
-    /// Encoded length.
-    pub fn len(&self) -> usize {
-        HEADER_LEN + self.header.suite.tag_len()
+impl<'a> Codec<'a> for Signature<'a> {
+    const TYPE: MsgType = MsgType::SIGNATURE;
+    const BODY_LEN: Option<usize> = Some(0);
+    header_and_tag!();
+
+    fn body_len(&self) -> usize {
+        0
     }
 
-    /// Never empty; present for clippy's sake.
-    pub fn is_empty(&self) -> bool {
-        false
+    fn read_body(header: Header, _: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
+        Ok(Signature { header, tag })
     }
 
-    /// Writes the message into `out`, returning its length.
-    pub fn encode(&self, out: &mut [u8]) -> Result<usize> {
-        check_tag_len(&self.header, self.tag)?;
-        let mut w = Writer::new(out, self.len())?;
-        w.put(&self.header.to_bytes(MsgType::SIGNATURE));
-        w.put(self.tag);
-        Ok(w.done())
-    }
+    fn write_body(&self, _: &mut Writer<'_>) {}
 }
 
 /// SEALED: `H || ciphertext || tag` (AES-128-CCM).
@@ -237,16 +336,20 @@ pub struct Sealed<'a> {
     pub tag: &'a [u8],
 }
 
-impl<'a> Sealed<'a> {
-    /// Decodes a SEALED message.
-    pub fn decode(bytes: &'a [u8]) -> Result<Self> {
-        let (header, mut rd) = body(bytes, MsgType::SEALED)?;
-        let rest = rd.rest();
-        let tag_len = header.suite.tag_len();
-        if rest.len() < tag_len || rest.len() - tag_len > MAX_SEALED_PLAINTEXT {
+impl<'a> Codec<'a> for Sealed<'a> {
+    const TYPE: MsgType = MsgType::SEALED;
+    const BODY_LEN: Option<usize> = None;
+    header_and_tag!();
+
+    fn body_len(&self) -> usize {
+        self.ciphertext.len()
+    }
+
+    fn read_body(header: Header, body: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
+        let ciphertext = body.rest();
+        if ciphertext.len() > MAX_SEALED_PLAINTEXT {
             return Err(Error::Length);
         }
-        let (ciphertext, tag) = rest.split_at(rest.len() - tag_len);
         Ok(Sealed {
             header,
             ciphertext,
@@ -254,27 +357,8 @@ impl<'a> Sealed<'a> {
         })
     }
 
-    /// Encoded length.
-    pub fn len(&self) -> usize {
-        HEADER_LEN + self.ciphertext.len() + self.header.suite.tag_len()
-    }
-
-    /// Never empty; present for clippy's sake.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// Writes the message into `out`, returning its length.
-    pub fn encode(&self, out: &mut [u8]) -> Result<usize> {
-        check_tag_len(&self.header, self.tag)?;
-        if self.ciphertext.len() > MAX_SEALED_PLAINTEXT {
-            return Err(Error::PlaintextTooLong);
-        }
-        let mut w = Writer::new(out, self.len())?;
-        w.put(&self.header.to_bytes(MsgType::SEALED));
+    fn write_body(&self, w: &mut Writer<'_>) {
         w.put(self.ciphertext);
-        w.put(self.tag);
-        Ok(w.done())
     }
 }
 
@@ -289,13 +373,17 @@ pub struct Enroll<'a> {
     pub tag: &'a [u8],
 }
 
-impl<'a> Enroll<'a> {
-    /// Decodes an ENROLL of exactly the right length.
-    pub fn decode(bytes: &'a [u8]) -> Result<Self> {
-        let (header, mut rd) = body(bytes, MsgType::ENROLL)?;
-        let ciphertext = rd.take_array::<ENROLL_PLAINTEXT_LEN>()?;
-        let tag = rd.take(header.suite.tag_len())?;
-        rd.finish()?;
+impl<'a> Codec<'a> for Enroll<'a> {
+    const TYPE: MsgType = MsgType::ENROLL;
+    const BODY_LEN: Option<usize> = Some(ENROLL_PLAINTEXT_LEN);
+    header_and_tag!();
+
+    fn body_len(&self) -> usize {
+        ENROLL_PLAINTEXT_LEN
+    }
+
+    fn read_body(header: Header, body: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
+        let ciphertext = body.take_array::<ENROLL_PLAINTEXT_LEN>()?;
         Ok(Enroll {
             header,
             ciphertext,
@@ -303,24 +391,8 @@ impl<'a> Enroll<'a> {
         })
     }
 
-    /// Encoded length.
-    pub fn len(&self) -> usize {
-        HEADER_LEN + ENROLL_PLAINTEXT_LEN + self.header.suite.tag_len()
-    }
-
-    /// Never empty; present for clippy's sake.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// Writes the message into `out`, returning its length.
-    pub fn encode(&self, out: &mut [u8]) -> Result<usize> {
-        check_tag_len(&self.header, self.tag)?;
-        let mut w = Writer::new(out, self.len())?;
-        w.put(&self.header.to_bytes(MsgType::ENROLL));
+    fn write_body(&self, w: &mut Writer<'_>) {
         w.put(self.ciphertext);
-        w.put(self.tag);
-        Ok(w.done())
     }
 }
 
@@ -337,15 +409,20 @@ pub struct Command<'a> {
     pub tag: &'a [u8],
 }
 
-impl<'a> Command<'a> {
-    /// Decodes a COMMAND of exactly the right length with a known opcode.
-    pub fn decode(bytes: &'a [u8]) -> Result<Self> {
-        let (header, mut rd) = body(bytes, MsgType::COMMAND)?;
-        let counter = u32::from_be_bytes(*rd.take_array::<4>()?);
-        let opcode = rd.take_array::<1>()?[0];
-        let tag = rd.take(header.suite.tag_len())?;
-        rd.finish()?;
-        let opcode = Opcode::new(opcode)?;
+impl<'a> Codec<'a> for Command<'a> {
+    const TYPE: MsgType = MsgType::COMMAND;
+    const BODY_LEN: Option<usize> = Some(5);
+    header_and_tag!();
+
+    fn body_len(&self) -> usize {
+        5
+    }
+
+    /// The length was checked first: a COMMAND of the wrong length is
+    /// [`Error::Length`] whatever its opcode byte.
+    fn read_body(header: Header, body: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
+        let counter = u32::from_be_bytes(*body.take_array::<4>()?);
+        let opcode = Opcode::new(body.take_array::<1>()?[0])?;
         Ok(Command {
             header,
             counter,
@@ -354,25 +431,9 @@ impl<'a> Command<'a> {
         })
     }
 
-    /// Encoded length.
-    pub fn len(&self) -> usize {
-        HEADER_LEN + 5 + self.header.suite.tag_len()
-    }
-
-    /// Never empty; present for clippy's sake.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// Writes the message into `out`, returning its length.
-    pub fn encode(&self, out: &mut [u8]) -> Result<usize> {
-        check_tag_len(&self.header, self.tag)?;
-        let mut w = Writer::new(out, self.len())?;
-        w.put(&self.header.to_bytes(MsgType::COMMAND));
+    fn write_body(&self, w: &mut Writer<'_>) {
         w.put(&self.counter.to_be_bytes());
         w.put(&[self.opcode.get()]);
-        w.put(self.tag);
-        Ok(w.done())
     }
 }
 
@@ -383,20 +444,25 @@ pub struct Receipt<'a> {
     pub header: Header,
     /// The r of the message this receipt answers.
     pub reference: u64,
-    /// 0 = ok, anything else an error code.
+    /// 0 = ok, anything else an error code (docs/protocol.md, "RECEIPT
+    /// status codes").
     pub status: u8,
     /// tag(Krcpt-c or Krcpt-n, H || ref || status).
     pub tag: &'a [u8],
 }
 
-impl<'a> Receipt<'a> {
-    /// Decodes a RECEIPT of exactly the right length.
-    pub fn decode(bytes: &'a [u8]) -> Result<Self> {
-        let (header, mut rd) = body(bytes, MsgType::RECEIPT)?;
-        let reference = u64::from_be_bytes(*rd.take_array::<8>()?);
-        let status = rd.take_array::<1>()?[0];
-        let tag = rd.take(header.suite.tag_len())?;
-        rd.finish()?;
+impl<'a> Codec<'a> for Receipt<'a> {
+    const TYPE: MsgType = MsgType::RECEIPT;
+    const BODY_LEN: Option<usize> = Some(9);
+    header_and_tag!();
+
+    fn body_len(&self) -> usize {
+        9
+    }
+
+    fn read_body(header: Header, body: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
+        let reference = u64::from_be_bytes(*body.take_array::<8>()?);
+        let status = body.take_array::<1>()?[0];
         Ok(Receipt {
             header,
             reference,
@@ -405,25 +471,9 @@ impl<'a> Receipt<'a> {
         })
     }
 
-    /// Encoded length.
-    pub fn len(&self) -> usize {
-        HEADER_LEN + 9 + self.header.suite.tag_len()
-    }
-
-    /// Never empty; present for clippy's sake.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    /// Writes the message into `out`, returning its length.
-    pub fn encode(&self, out: &mut [u8]) -> Result<usize> {
-        check_tag_len(&self.header, self.tag)?;
-        let mut w = Writer::new(out, self.len())?;
-        w.put(&self.header.to_bytes(MsgType::RECEIPT));
+    fn write_body(&self, w: &mut Writer<'_>) {
         w.put(&self.reference.to_be_bytes());
         w.put(&[self.status]);
-        w.put(self.tag);
-        Ok(w.done())
     }
 }
 

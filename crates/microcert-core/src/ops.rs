@@ -17,8 +17,8 @@ use zeroize::Zeroizing;
 use crate::csk;
 use crate::kdf::{Purpose, cmac_parts, derive_key};
 use crate::msg::{
-    Auth, AuthResponse, CHALLENGE_LEN, Command, ENROLL_PLAINTEXT_LEN, Enroll, MAX_SEALED_PLAINTEXT,
-    Opcode, Receipt, Sealed, Sender, Signature,
+    Auth, AuthResponse, CHALLENGE_LEN, Codec, Command, ENROLL_PLAINTEXT_LEN, Enroll,
+    MAX_SEALED_PLAINTEXT, Opcode, Receipt, Sealed, Sender, Signature,
 };
 use crate::secret::{Key128, KeySeed, SEED_LEN};
 use crate::wire::{Audience, DeviceId, HEADER_LEN, Header, MsgType, Suite};
@@ -47,39 +47,57 @@ fn check_mac(key: &Key128, suite: Suite, parts: &[&[u8]], tag: &[u8]) -> Result<
     }
 }
 
-/// Writes `header(ty) || body || tag(key, header || mac_extra...)`.
-fn write_tagged(
-    ty: MsgType,
-    header: &Header,
+/// The tag field of a message being made, before its MAC is known.
+const NO_TAG: [u8; 16] = [0; 16];
+
+/// The longest MAC-tagged message: an AUTH_RESPONSE in suite 0x02.
+const MAX_TAGGED_LEN: usize = HEADER_LEN + CHALLENGE_LEN + 16;
+
+/// A placeholder tag of the suite's length.
+fn no_tag(header: &Header) -> &'static [u8] {
+    &NO_TAG[..header.suite.tag_len()]
+}
+
+/// Encodes `msg` (whose tag is a placeholder) into `out`, then writes its
+/// tag over the placeholder: tag(key, H || body || mac_tail), where
+/// `H || body` are the bytes just encoded. Returns the message length.
+fn write_tagged<'a, M: Codec<'a>>(
+    msg: &M,
     key: &Key128,
-    body: &[u8],
     mac_tail: &[u8],
     out: &mut [u8],
 ) -> Result<usize> {
-    let tag_len = header.suite.tag_len();
-    let len = HEADER_LEN + body.len() + tag_len;
-    if out.len() < len {
-        return Err(Error::BufferTooSmall);
-    }
-    let hb = header.to_bytes(ty);
-    let tag = mac(key, &[&hb, body, mac_tail]);
-    out[..HEADER_LEN].copy_from_slice(&hb);
-    out[HEADER_LEN..HEADER_LEN + body.len()].copy_from_slice(body);
-    out[HEADER_LEN + body.len()..len].copy_from_slice(&tag[..tag_len]);
+    let len = msg.encode(out)?;
+    let tag_len = msg.header().suite.tag_len();
+    let (signed, tag) = out[..len].split_at_mut(len - tag_len);
+    let full = mac(key, &[signed, mac_tail]);
+    tag.copy_from_slice(&full[..tag_len]);
     Ok(len)
+}
+
+/// Checks the tag of a decoded MAC-tagged message against tag(key, H ||
+/// body || mac_tail), re-encoding `H || body` from its fields.
+fn check_tagged<'a, M: Codec<'a>>(msg: &M, key: &Key128, mac_tail: &[u8]) -> Result<()> {
+    let mut buf = [0u8; MAX_TAGGED_LEN];
+    let len = msg.encode(&mut buf).map_err(|_| Error::Verification)?;
+    let signed = &buf[..len - msg.tag().len()];
+    check_mac(key, msg.header().suite, &[signed, mac_tail], msg.tag())
 }
 
 /// Makes an AUTH for audience `aud` into `out`; returns its length.
 pub fn make_auth(seed: &KeySeed, header: &Header, aud: &Audience, out: &mut [u8]) -> Result<usize> {
     let key = working_key(seed, Purpose::Auth, header)?;
-    write_tagged(MsgType::AUTH, header, &key, &[], &aud.0, out)
+    let msg = Auth {
+        header: *header,
+        tag: no_tag(header),
+    };
+    write_tagged(&msg, &key, &aud.0, out)
 }
 
 /// Checks an AUTH's tag for audience `aud` (not its freshness).
 pub fn verify_auth(seed: &KeySeed, msg: &Auth<'_>, aud: &Audience) -> Result<()> {
     let key = working_key(seed, Purpose::Auth, &msg.header)?;
-    let hb = msg.header.to_bytes(MsgType::AUTH);
-    check_mac(&key, msg.header.suite, &[&hb, &aud.0], msg.tag)
+    check_tagged(msg, &key, &aud.0)
 }
 
 /// Makes an AUTH_RESPONSE to `challenge` into `out`; returns its length.
@@ -91,19 +109,18 @@ pub fn make_auth_response(
     out: &mut [u8],
 ) -> Result<usize> {
     let key = working_key(seed, Purpose::Auth, header)?;
-    write_tagged(MsgType::AUTH_RESPONSE, header, &key, challenge, &aud.0, out)
+    let msg = AuthResponse {
+        header: *header,
+        challenge,
+        tag: no_tag(header),
+    };
+    write_tagged(&msg, &key, &aud.0, out)
 }
 
 /// Checks an AUTH_RESPONSE's tag (the challenge itself is the center's to check).
 pub fn verify_auth_response(seed: &KeySeed, msg: &AuthResponse<'_>, aud: &Audience) -> Result<()> {
     let key = working_key(seed, Purpose::Auth, &msg.header)?;
-    let hb = msg.header.to_bytes(MsgType::AUTH_RESPONSE);
-    check_mac(
-        &key,
-        msg.header.suite,
-        &[&hb, msg.challenge, &aud.0],
-        msg.tag,
-    )
+    check_tagged(msg, &key, &aud.0)
 }
 
 /// SHA-256 of signed data, fed in pieces so data of any size needs no buffer.
@@ -148,14 +165,17 @@ pub fn make_signature(
     out: &mut [u8],
 ) -> Result<usize> {
     let key = working_key(seed, Purpose::Sign, header)?;
-    write_tagged(MsgType::SIGNATURE, header, &key, &[], digest, out)
+    let msg = Signature {
+        header: *header,
+        tag: no_tag(header),
+    };
+    write_tagged(&msg, &key, digest, out)
 }
 
 /// Checks a SIGNATURE over data whose SHA-256 is `digest`.
 pub fn verify_signature(seed: &KeySeed, msg: &Signature<'_>, digest: &[u8; 32]) -> Result<()> {
     let key = working_key(seed, Purpose::Sign, &msg.header)?;
-    let hb = msg.header.to_bytes(MsgType::SIGNATURE);
-    check_mac(&key, msg.header.suite, &[&hb, digest], msg.tag)
+    check_tagged(msg, &key, digest)
 }
 
 fn ccm_encrypt(
@@ -383,22 +403,19 @@ pub fn make_command(
     out: &mut [u8],
 ) -> Result<usize> {
     let key = working_key(seed, Purpose::Cmd, header)?;
-    let mut body = [0u8; 5];
-    body[..4].copy_from_slice(&counter.to_be_bytes());
-    body[4] = opcode.get();
-    write_tagged(MsgType::COMMAND, header, &key, &body, &[], out)
+    let msg = Command {
+        header: *header,
+        counter,
+        opcode,
+        tag: no_tag(header),
+    };
+    write_tagged(&msg, &key, &[], out)
 }
 
 /// Checks a COMMAND's tag (the counter's freshness is the node's to check).
 pub fn verify_command(seed: &KeySeed, msg: &Command<'_>) -> Result<()> {
     let key = working_key(seed, Purpose::Cmd, &msg.header)?;
-    let hb = msg.header.to_bytes(MsgType::COMMAND);
-    check_mac(
-        &key,
-        msg.header.suite,
-        &[&hb, &msg.counter.to_be_bytes(), &[msg.opcode.get()]],
-        msg.tag,
-    )
+    check_tagged(msg, &key, &[])
 }
 
 fn receipt_purpose(sender: Sender) -> Purpose {
@@ -418,22 +435,19 @@ pub fn make_receipt(
     out: &mut [u8],
 ) -> Result<usize> {
     let key = working_key(seed, receipt_purpose(sender), header)?;
-    let mut body = [0u8; 9];
-    body[..8].copy_from_slice(&reference.to_be_bytes());
-    body[8] = status;
-    write_tagged(MsgType::RECEIPT, header, &key, &body, &[], out)
+    let msg = Receipt {
+        header: *header,
+        reference,
+        status,
+        tag: no_tag(header),
+    };
+    write_tagged(&msg, &key, &[], out)
 }
 
 /// Checks a RECEIPT's tag as sent by `sender`.
 pub fn verify_receipt(seed: &KeySeed, msg: &Receipt<'_>, sender: Sender) -> Result<()> {
     let key = working_key(seed, receipt_purpose(sender), &msg.header)?;
-    let hb = msg.header.to_bytes(MsgType::RECEIPT);
-    check_mac(
-        &key,
-        msg.header.suite,
-        &[&hb, &msg.reference.to_be_bytes(), &[msg.status]],
-        msg.tag,
-    )
+    check_tagged(msg, &key, &[])
 }
 
 /// The challenge window of `now`: w = floor(now / 60).

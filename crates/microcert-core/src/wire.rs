@@ -255,16 +255,20 @@ impl Header {
 }
 
 /// A cursor over a borrowed byte slice, after rustls' `codec::Reader`.
-pub(crate) struct Reader<'a> {
+/// Reading never panics: asking for more than is left is [`Error::Length`].
+#[derive(Debug)]
+pub struct Reader<'a> {
     buf: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
+    /// A reader over `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
         Reader { buf }
     }
 
-    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+    /// The next `n` bytes.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         if self.buf.len() < n {
             return Err(Error::Length);
         }
@@ -273,19 +277,20 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
-    pub(crate) fn take_array<const N: usize>(&mut self) -> Result<&'a [u8; N]> {
+    /// The next `N` bytes as an array.
+    pub fn take_array<const N: usize>(&mut self) -> Result<&'a [u8; N]> {
         let (head, rest) = self.buf.split_first_chunk::<N>().ok_or(Error::Length)?;
         self.buf = rest;
         Ok(head)
     }
 
     /// Everything left.
-    pub(crate) fn rest(&mut self) -> &'a [u8] {
+    pub fn rest(&mut self) -> &'a [u8] {
         core::mem::take(&mut self.buf)
     }
 
     /// Fails when bytes are left over.
-    pub(crate) fn finish(self) -> Result<()> {
+    pub fn finish(self) -> Result<()> {
         if self.buf.is_empty() {
             Ok(())
         } else {
@@ -294,8 +299,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// A cursor writing into a caller's buffer.
-pub(crate) struct Writer<'a> {
+/// A cursor writing into a caller's buffer whose room was checked once,
+/// for the whole message, when it was made (only this crate makes one).
+#[derive(Debug)]
+pub struct Writer<'a> {
     buf: &'a mut [u8],
     pos: usize,
 }
@@ -308,7 +315,7 @@ impl<'a> Writer<'a> {
         Ok(Writer { buf, pos: 0 })
     }
 
-    /// Writes `bytes`; the length was checked by [`Writer::new`].
+    /// Writes `bytes`; the length was checked by the constructor.
     pub(crate) fn put(&mut self, bytes: &[u8]) {
         self.buf[self.pos..self.pos + bytes.len()].copy_from_slice(bytes);
         self.pos += bytes.len();

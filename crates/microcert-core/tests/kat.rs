@@ -257,14 +257,65 @@ fn check_record(rec: &Record, seed: &KeySeed) {
     }
 }
 
+/// The random bytes the vectors were made from, drawn once from the OS.
+const RANDOM: &str = include_str!("../testdata/kat_random.txt");
+
+fn random(name: &str) -> String {
+    RANDOM
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(" = "))
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .to_owned()
+}
+
+fn distinct_rows(seed: &[u8]) -> usize {
+    assert_eq!(seed.len(), SEED_LEN);
+    seed.chunks(16)
+        .collect::<std::collections::HashSet<_>>()
+        .len()
+}
+
 #[test]
-fn seed_is_the_documented_pattern() {
+fn seed_is_the_committed_random_bytes() {
     let kat = Kat::load();
     let seed = kat.seed();
     assert_eq!(seed.base_year(), 2026);
-    for (i, b) in seed.expose().iter().enumerate() {
-        assert_eq!(usize::from(*b), (i * 37 + 11) % 256);
+    assert_eq!(hex::encode(seed.expose()), random("SEED"));
+    for rec in kat.of_type("enroll-update") {
+        assert_eq!(rec.str("NEW_SEED"), random("NEW_SEED"));
     }
+}
+
+/// A periodic seed (the first vectors' had 16 distinct rows of 61) lets an
+/// implementation that reads rows at a wrong offset pass every vector.
+#[test]
+fn every_seed_of_the_vectors_has_61_distinct_rows() {
+    let kat = Kat::load();
+    assert_eq!(distinct_rows(kat.seed().expose()), 61, "SEED");
+    let mut seen = 0;
+    for rec in kat.records.iter().filter(|r| r.get("NEW_SEED").is_some()) {
+        assert_eq!(
+            distinct_rows(&rec.hex("NEW_SEED")),
+            61,
+            "COUNT {}",
+            rec.count()
+        );
+        seen += 1;
+    }
+    assert!(seen >= 2);
+}
+
+/// Vectors in two years of the seed, so a wrong year row is caught too.
+#[test]
+fn vectors_use_more_than_one_year_row() {
+    let kat = Kat::load();
+    let years: std::collections::BTreeSet<i64> = kat
+        .records
+        .iter()
+        .filter_map(|r| r.get("TIME"))
+        .map(|t| microcert_core::time::date_of(t.parse().unwrap()).year)
+        .collect();
+    assert!(years.contains(&2026) && years.contains(&2029), "{years:?}");
 }
 
 #[test]
@@ -274,7 +325,7 @@ fn every_known_answer_vector_passes() {
     for rec in &kat.records {
         check_record(rec, &seed);
     }
-    assert_eq!(kat.records.len(), 27);
+    assert_eq!(kat.records.len(), 29);
 }
 
 #[test]
@@ -348,4 +399,44 @@ fn enroll_under_the_wrong_epoch_or_seed_is_rejected() {
         open_enroll(EnrollKey::Update(&seed), &e),
         Err(Error::Verification)
     ));
+}
+
+/// docs/protocol.md section 11 prints the committed vectors: every seed
+/// row, and the MESSAGE (or KTR) of the challenge, the transport keys,
+/// every suite 0x01 record and the first suite 0x02 AUTH.
+#[test]
+fn the_protocol_document_prints_the_committed_vectors() {
+    let doc: String = include_str!("../../../docs/protocol.md")
+        .split_whitespace()
+        .collect();
+    let kat = Kat::load();
+    for row in kat.seed().expose().chunks(16) {
+        assert!(
+            doc.contains(&hex::encode(row)),
+            "seed row {}",
+            hex::encode(row)
+        );
+    }
+    let first_suite_2_auth = kat
+        .of_type("auth")
+        .find(|r| r.get("SUITE") == Some("2"))
+        .unwrap()
+        .count()
+        .to_owned();
+    let mut shown = 0;
+    for rec in &kat.records {
+        let value = match rec.ty() {
+            "transport-key" => rec.str("KTR"),
+            _ if rec.get("SUITE").is_none_or(|s| s == "1") => rec.str("MESSAGE"),
+            _ if rec.count() == first_suite_2_auth => rec.str("MESSAGE"),
+            _ => continue,
+        };
+        assert!(
+            doc.contains(&format!("COUNT{}:", rec.count())) && doc.contains(value),
+            "COUNT {} is not in docs/protocol.md as committed",
+            rec.count()
+        );
+        shown += 1;
+    }
+    assert_eq!(shown, 3 + 13 + 1);
 }
