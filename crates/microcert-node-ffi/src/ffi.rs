@@ -28,8 +28,7 @@ pub const MC_AUTH_CMAC64_LEN: usize = 31;
 
 const _: () = assert!(MC_NODE_IMAGE_LEN == IMAGE_LEN);
 const _: () = assert!(
-    MC_ENROLL_MAX_LEN
-        == microcert_core::HEADER_LEN + microcert_core::ENROLL_PLAINTEXT_LEN + 16
+    MC_ENROLL_MAX_LEN == microcert_core::HEADER_LEN + microcert_core::ENROLL_PLAINTEXT_LEN + 16
 );
 
 /// Result codes: `MC_ERROR_OK` or a reason for refusing. A refusal changes
@@ -317,8 +316,9 @@ pub unsafe extern "C" fn mc_node_add_audience(
     audience_out: *mut u8,
 ) -> i32 {
     // SAFETY: forwarded contract.
-    let (Some(image), Some(name)) = (unsafe { image_mut(image) }, unsafe { input(name, name_len) })
-    else {
+    let (Some(image), Some(name)) = (unsafe { image_mut(image) }, unsafe {
+        input(name, name_len)
+    }) else {
         return McError::Null as i32;
     };
     match ops::add_audience(image, CRng(None), name) {
@@ -463,9 +463,9 @@ pub unsafe extern "C" fn mc_node_accept_receipt(
     generation: *mut i32,
 ) -> i32 {
     // SAFETY: forwarded contract.
-    let (Some(image), Some(receipt)) =
-        (unsafe { image_mut(image) }, unsafe { input(receipt, receipt_len) })
-    else {
+    let (Some(image), Some(receipt)) = (unsafe { image_mut(image) }, unsafe {
+        input(receipt, receipt_len)
+    }) else {
         return McError::Null as i32;
     };
     match ops::accept_receipt(image, CRng(None), receipt) {

@@ -38,7 +38,11 @@ impl Entropy for &mut Lcg {
 }
 
 fn ktr() -> Key128 {
-    transport_key(&Key128::from_bytes([0x4b; 16]), microcert_core::DeviceId(DEVICE), 0)
+    transport_key(
+        &Key128::from_bytes([0x4b; 16]),
+        microcert_core::DeviceId(DEVICE),
+        0,
+    )
 }
 
 fn array(out: &mut String, name: &str, bytes: &[u8]) {

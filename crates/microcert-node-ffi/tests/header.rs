@@ -17,11 +17,7 @@ fn committed_header_matches_cbindgen() {
              Regenerate: MC_UPDATE_HEADER=1 cargo test -p microcert-node-ffi --test header */"
                 .into(),
         ),
-        sys_includes: vec![
-            "stdbool.h".into(),
-            "stddef.h".into(),
-            "stdint.h".into(),
-        ],
+        sys_includes: vec!["stdbool.h".into(), "stddef.h".into(), "stdint.h".into()],
         no_includes: true,
         usize_is_size_t: true,
         ..Default::default()
