@@ -17,6 +17,11 @@ crate=crates/microcert-node-ffi
 # The header and the vectors the C program includes are what the library
 # makes (both tests fail when the committed files are stale).
 cargo test -q -p microcert-node-ffi --test header --test c_vectors
+# The firmware build: no std, no alloc, the crate's own panic handler
+# (std anywhere in the tree would fail it with a duplicate `panic_impl`).
+cargo rustc -q -p microcert-node-ffi --profile "$profile" --no-default-features \
+    --lib --crate-type staticlib -- -C panic=abort
+# The host build the C program links (std's panic handler).
 cargo build -q -p microcert-node-ffi --profile "$profile"
 
 target_dir=$(cargo metadata --format-version 1 --no-deps \
