@@ -147,6 +147,14 @@ int main(void) {
           MC_ERROR_IMAGE);
     CHECK(mc_node_status(saved, &st) == MC_ERROR_IMAGE);
 
+    /* overlapping buffers are refused, the image untouched */
+    memcpy(saved, image, sizeof image);
+    CHECK(mc_node_auth(image, &rng, V_T_COMMAND + 4, NULL, image + 100, 64, &out_len) ==
+          MC_ERROR_OVERLAP);
+    CHECK(mc_node_handle_command(image, &rng, V_T_COMMAND + 4, V_COMMAND, sizeof V_COMMAND,
+                                 image, sizeof image, &out_len) == MC_ERROR_OVERLAP);
+    CHECK(memcmp(saved, image, sizeof image) == 0);
+
     /* NULL pointers */
     CHECK(mc_node_blank(NULL) == MC_ERROR_NULL);
     CHECK(mc_node_personalize(image, NULL) == MC_ERROR_NULL);

@@ -123,6 +123,10 @@ enum McError
    */
   MC_ERROR_NOTHING_TO_RETRANSMIT = -20,
   /**
+   * Two buffers of one call overlap (the image and `out`, say).
+   */
+  MC_ERROR_OVERLAP = -21,
+  /**
    * Any other failure.
    */
   MC_ERROR_OTHER = -99,

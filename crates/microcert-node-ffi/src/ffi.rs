@@ -78,6 +78,8 @@ pub enum McError {
     Exhausted = -19,
     /// Nothing waits for a RECEIPT.
     NothingToRetransmit = -20,
+    /// Two buffers of one call overlap (the image and `out`, say).
+    Overlap = -21,
     /// Any other failure.
     Other = -99,
 }
@@ -203,6 +205,18 @@ impl Entropy for CRng {
     }
 }
 
+/// True when no two of the byte ranges `(start, len)` overlap. Rust may not
+/// hold a `&mut` slice that overlaps another slice, so a call whose
+/// buffers overlap is refused before any slice is made.
+fn disjoint(ranges: &[(*const u8, usize)]) -> bool {
+    ranges.iter().enumerate().all(|(i, &(a, alen))| {
+        ranges.iter().skip(i + 1).all(|&(b, blen)| {
+            let (a, b) = (a as usize, b as usize);
+            alen == 0 || blen == 0 || a.saturating_add(alen) <= b || b.saturating_add(blen) <= a
+        })
+    })
+}
+
 /// Reads the optional random source.
 ///
 /// # Safety
@@ -315,6 +329,16 @@ pub unsafe extern "C" fn mc_node_add_audience(
     name_len: usize,
     audience_out: *mut u8,
 ) -> i32 {
+    if !disjoint(&[
+        (image, MC_NODE_IMAGE_LEN),
+        (name, name_len),
+        (
+            audience_out,
+            MC_AUDIENCE_LEN * usize::from(!audience_out.is_null()),
+        ),
+    ]) {
+        return McError::Overlap as i32;
+    }
     // SAFETY: forwarded contract.
     let (Some(image), Some(name)) = (unsafe { image_mut(image) }, unsafe {
         input(name, name_len)
@@ -351,6 +375,9 @@ pub unsafe extern "C" fn mc_node_enroll(
     out_cap: usize,
     out_len: *mut usize,
 ) -> i32 {
+    if !disjoint(&[(image, MC_NODE_IMAGE_LEN), (out, out_cap)]) {
+        return McError::Overlap as i32;
+    }
     // SAFETY: forwarded contract.
     let (Some(image), Some(out)) = (unsafe { image_mut(image) }, unsafe { output(out, out_cap) })
     else {
@@ -384,6 +411,9 @@ pub unsafe extern "C" fn mc_node_auth(
     out_cap: usize,
     out_len: *mut usize,
 ) -> i32 {
+    if !disjoint(&[(image, MC_NODE_IMAGE_LEN), (out, out_cap)]) {
+        return McError::Overlap as i32;
+    }
     // SAFETY: forwarded contract.
     let (Some(image), Some(out)) = (unsafe { image_mut(image) }, unsafe { output(out, out_cap) })
     else {
@@ -428,6 +458,13 @@ pub unsafe extern "C" fn mc_node_handle_command(
     out_cap: usize,
     out_len: *mut usize,
 ) -> i32 {
+    if !disjoint(&[
+        (image, MC_NODE_IMAGE_LEN),
+        (command, command_len),
+        (out, out_cap),
+    ]) {
+        return McError::Overlap as i32;
+    }
     // SAFETY: forwarded contract.
     let (Some(image), Some(command), Some(out)) = (
         unsafe { image_mut(image) },
@@ -462,6 +499,9 @@ pub unsafe extern "C" fn mc_node_accept_receipt(
     receipt_len: usize,
     generation: *mut i32,
 ) -> i32 {
+    if !disjoint(&[(image, MC_NODE_IMAGE_LEN), (receipt, receipt_len)]) {
+        return McError::Overlap as i32;
+    }
     // SAFETY: forwarded contract.
     let (Some(image), Some(receipt)) = (unsafe { image_mut(image) }, unsafe {
         input(receipt, receipt_len)
@@ -491,6 +531,9 @@ pub unsafe extern "C" fn mc_node_retransmit(
     out_cap: usize,
     out_len: *mut usize,
 ) -> i32 {
+    if !disjoint(&[(image, MC_NODE_IMAGE_LEN), (out, out_cap)]) {
+        return McError::Overlap as i32;
+    }
     // SAFETY: forwarded contract.
     let (Some(image), Some(out)) = (unsafe { image_mut(image) }, unsafe { output(out, out_cap) })
     else {
