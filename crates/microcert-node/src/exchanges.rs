@@ -1,6 +1,6 @@
 //! The exchanges with the center that move seeds: ENROLL (first seed,
 //! re-enrollment, update), the center's RECEIPTs, its COMMANDs, and
-//! retransmission. The public entry points in `soft.rs` run these out of
+//! retransmission. The public entry points in `node.rs` run these out of
 //! line and then wipe the stack they used (see `crate::scrub`), because
 //! they expand whole seeds.
 
@@ -11,31 +11,32 @@ use microcert_core::{
 
 use crate::chip::{Answered, Entropy, Life};
 use crate::error::{from_make, from_verify};
+use crate::node::Node;
 use crate::seedgen::{self, SEED_INPUT_LEN, SeedInput};
-use crate::soft::{Awaiting, Pending, SoftChip};
+use crate::storage::{Awaiting, ChipStorage, Pending};
 use crate::{Error, Result};
 
-impl<E: Entropy> SoftChip<E> {
+impl<S: ChipStorage> Node<S> {
     pub(crate) fn enroll_len(&self) -> usize {
-        HEADER_LEN + ENROLL_PLAINTEXT_LEN + self.state.suite.tag_len()
+        HEADER_LEN + ENROLL_PLAINTEXT_LEN + self.st().suite.tag_len()
     }
 
     /// Rebuilds the identical bytes of the pending ENROLL.
     pub(crate) fn build_pending(&self, out: &mut [u8]) -> Result<usize> {
         let p = self
-            .state
+            .st()
             .pending
             .as_ref()
             .ok_or(Error::NothingToRetransmit)?;
         let new_seed = seedgen::expand(&p.input, p.base_year)?;
         let header = self.header(p.generation, p.t, p.r);
         let key = if p.under_update {
-            if !self.state.has_seed {
+            if !self.st().has_seed {
                 return Err(Error::NotEnrolled);
             }
-            EnrollKey::Update(&self.state.seed)
+            EnrollKey::Update(&self.st().seed)
         } else {
-            EnrollKey::Transport(&self.state.ktr)
+            EnrollKey::Transport(&self.st().ktr)
         };
         make_enroll(key, &new_seed, &header, out).map_err(from_make)
     }
@@ -57,7 +58,8 @@ impl<E: Entropy> SoftChip<E> {
         let r = self.next_r()?;
         // The generator input is drawn straight into the chip state, so no
         // copy of it is left in a stack frame.
-        let pending = self.state.pending.insert(Pending {
+        let (record, rng) = self.store.parts();
+        let pending = record.pending.insert(Pending {
             generation,
             t,
             r,
@@ -65,23 +67,23 @@ impl<E: Entropy> SoftChip<E> {
             under_update,
             input: SeedInput([0; SEED_INPUT_LEN]),
         });
-        if self.entropy.fill(&mut pending.input.0).is_err() {
-            self.state.pending = None;
+        if rng.fill(&mut pending.input.0).is_err() {
+            record.pending = None;
             return Err(Error::Entropy);
         }
-        self.dirty = true;
+        self.changed();
         self.build_pending(out)
     }
 
     /// Runs `check` with the pending ENROLL's seed. Kept out of line, like
-    /// [`SoftChip::commit_pending`], so the 976-byte seed it expands lives
+    /// [`Node::commit_pending`], so the 976-byte seed it expands lives
     /// in its own short-lived frame, not in every caller's.
     #[inline(never)]
     pub(crate) fn check_with_pending(
         &self,
         check: impl FnOnce(&KeySeed) -> microcert_core::Result<()>,
     ) -> Result<()> {
-        let p = self.state.pending.as_ref().ok_or(Error::NotPending)?;
+        let p = self.st().pending.as_ref().ok_or(Error::NotPending)?;
         let new_seed = seedgen::expand(&p.input, p.base_year)?;
         check(&new_seed).map_err(from_verify)
     }
@@ -90,31 +92,33 @@ impl<E: Entropy> SoftChip<E> {
     /// zeroizes as it is dropped).
     #[inline(never)]
     pub(crate) fn commit_pending(&mut self) -> Result<()> {
-        let Some(p) = self.state.pending.as_ref() else {
+        let Some(p) = self.st().pending.as_ref() else {
             return Ok(());
         };
         let generation = p.generation;
-        self.state.seed = seedgen::expand(&p.input, p.base_year)?;
-        self.state.pending = None;
-        self.state.has_seed = true;
-        self.state.generation = generation;
-        self.state.enrolled_before = true;
+        let seed = seedgen::expand(&p.input, p.base_year)?;
+        let st = self.st_mut();
+        st.seed = seed;
+        st.pending = None;
+        st.has_seed = true;
+        st.generation = generation;
+        st.enrolled_before = true;
         // An AUTH under the old generation can no longer be checked.
-        self.state.awaiting = None;
-        self.dirty = true;
+        st.awaiting = None;
+        self.changed();
         Ok(())
     }
 
     pub(crate) fn update_seed(&mut self, out: &mut [u8]) -> Result<usize> {
-        if self.state.pending.is_some() {
+        if self.st().pending.is_some() {
             // A repeated or newer UPDATE_SEED while the ENROLL waits for its
             // RECEIPT: the same seed again, never a second one.
             return self.build_pending(out);
         }
-        let t = self.state.node_time;
+        let t = self.st().node_time;
         self.seed_serves(t)?;
         let generation = self
-            .state
+            .st()
             .generation
             .checked_add(1)
             .ok_or(Error::GenerationsExhausted)?;
@@ -124,13 +128,14 @@ impl<E: Entropy> SoftChip<E> {
     /// Answers REVOKE with a RECEIPT, then wipes every key whatever happened.
     pub(crate) fn revoke(&mut self, reference: u64, out: &mut [u8]) -> Result<usize> {
         let reply = self.next_r().and_then(|r| {
-            let header = self.header(self.state.generation, self.state.node_time, r);
-            make_receipt(&self.state.seed, &header, Sender::Node, reference, 0, out)
+            let header = self.header(self.st().generation, self.st().node_time, r);
+            make_receipt(&self.st().seed, &header, Sender::Node, reference, 0, out)
                 .map_err(from_make)
         });
-        self.state.wipe_keys();
-        self.state.life = Life::Revoked;
-        self.dirty = true;
+        let st = self.st_mut();
+        st.wipe_keys();
+        st.life = Life::Revoked;
+        self.changed();
         reply
     }
 
@@ -138,15 +143,15 @@ impl<E: Entropy> SoftChip<E> {
     pub(crate) fn enroll_inner(&mut self, now: u32, out: &mut [u8]) -> Result<usize> {
         self.ready()?;
         let t = self.advance(now);
-        if self.state.pending.is_some() {
+        if self.st().pending.is_some() {
             return self.build_pending(out);
         }
         if self.seed_serves(t).is_ok() {
             return Err(Error::AlreadyEnrolled);
         }
         // No seed, or one that no longer serves: a fresh seed under Ktr.
-        let generation = if self.state.enrolled_before {
-            self.state
+        let generation = if self.st().enrolled_before {
+            self.st()
                 .generation
                 .checked_add(1)
                 .ok_or(Error::GenerationsExhausted)?
@@ -161,7 +166,7 @@ impl<E: Entropy> SoftChip<E> {
         self.ready()?;
         let rc = Receipt::decode(receipt).map_err(Error::Malformed)?;
         self.check_origin(&rc.header)?;
-        if let Some(p) = self.state.pending.as_ref().filter(|p| p.r == rc.reference) {
+        if let Some(p) = self.st().pending.as_ref().filter(|p| p.r == rc.reference) {
             // The RECEIPT of an ENROLL is keyed by the seed it enrolled.
             if rc.header.generation != p.generation {
                 return Err(Error::WrongGeneration);
@@ -175,16 +180,16 @@ impl<E: Entropy> SoftChip<E> {
             self.commit_pending()?;
             return Ok(Answered::Enrollment { generation });
         }
-        let awaited = self.state.awaiting.as_ref().and_then(Awaiting::header);
+        let awaited = self.st().awaiting.as_ref().and_then(Awaiting::header);
         match awaited {
             Some(h) if h.r == rc.reference => {
-                if !self.state.has_seed || rc.header.generation != h.generation {
+                if !self.st().has_seed || rc.header.generation != h.generation {
                     return Err(Error::WrongGeneration);
                 }
-                verify_receipt(&self.state.seed, &rc, Sender::Center).map_err(from_verify)?;
+                verify_receipt(&self.st().seed, &rc, Sender::Center).map_err(from_verify)?;
                 self.advance(rc.header.t);
-                self.state.awaiting = None;
-                self.dirty = true;
+                self.st_mut().awaiting = None;
+                self.changed();
                 if rc.status != 0 {
                     return Err(Error::CenterRefused(rc.status));
                 }
@@ -207,9 +212,9 @@ impl<E: Entropy> SoftChip<E> {
         let gen_ = cmd.header.generation;
         // A COMMAND is keyed by the seed in use, or by the pending one when
         // the center accepted its ENROLL and the RECEIPT got lost.
-        let pending_gen = self.state.pending.as_ref().map(|p| p.generation);
-        let promote = if self.state.has_seed && gen_ == self.state.generation {
-            verify_command(&self.state.seed, &cmd).map_err(from_verify)?;
+        let pending_gen = self.st().pending.as_ref().map(|p| p.generation);
+        let promote = if self.st().has_seed && gen_ == self.st().generation {
+            verify_command(&self.st().seed, &cmd).map_err(from_verify)?;
             false
         } else if pending_gen == Some(gen_) {
             self.check_with_pending(|seed| verify_command(seed, &cmd))?;
@@ -217,21 +222,21 @@ impl<E: Entropy> SoftChip<E> {
         } else {
             return Err(Error::WrongGeneration);
         };
-        if cmd.counter <= self.state.highest_counter {
+        if cmd.counter <= self.st().highest_counter {
             return Err(Error::Replay);
         }
         let reply_len = if cmd.opcode == Opcode::UPDATE_SEED {
             self.enroll_len()
         } else {
-            HEADER_LEN + 9 + self.state.suite.tag_len()
+            HEADER_LEN + 9 + self.st().suite.tag_len()
         };
         // Refuse before accepting, so the center can resend the same command.
         if out.len() < reply_len {
             return Err(Error::BufferTooSmall);
         }
-        self.state.highest_counter = cmd.counter;
+        self.st_mut().highest_counter = cmd.counter;
         self.advance(now.max(cmd.header.t));
-        self.dirty = true;
+        self.changed();
         if promote {
             // The center proved it holds the new seed: as good as its RECEIPT.
             self.commit_pending()?;
@@ -246,11 +251,11 @@ impl<E: Entropy> SoftChip<E> {
     #[inline(never)]
     pub(crate) fn retransmit_inner(&self, out: &mut [u8]) -> Result<usize> {
         self.ready()?;
-        if self.state.pending.is_some() {
+        if self.st().pending.is_some() {
             return self.build_pending(out);
         }
         let a = self
-            .state
+            .st()
             .awaiting
             .as_ref()
             .ok_or(Error::NothingToRetransmit)?;

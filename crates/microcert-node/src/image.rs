@@ -1,4 +1,4 @@
-//! The byte image of a [`SoftChip`]: what a simulated node stores in its
+//! The byte image of a [`NodeRecord`]: what a node stores in its
 //! non-volatile memory, fixed size, versioned and checksummed.
 //!
 //! Layout (version 1, all integers big-endian):
@@ -38,10 +38,10 @@
 use microcert_core::{Audience, DataDigest, DeviceId, Key128, KeySeed, SEED_LEN, Suite};
 use subtle::ConstantTimeEq;
 
-use crate::chip::{Entropy, Life};
+use crate::chip::Life;
 use crate::scrub::scrub_stack;
 use crate::seedgen::{SEED_INPUT_LEN, SeedInput};
-use crate::soft::{AWAIT_MAX, Awaiting, MAX_AUDIENCES, Pending, SoftChip, State};
+use crate::storage::{AWAIT_MAX, Awaiting, MAX_AUDIENCES, NodeRecord, Pending};
 use crate::{Error, Result};
 
 /// The image's first four bytes.
@@ -132,7 +132,7 @@ fn life_byte(life: Life) -> u8 {
     }
 }
 
-fn write_body(st: &State, out: &mut [u8]) -> usize {
+fn write_body(st: &NodeRecord, out: &mut [u8]) -> usize {
     let mut w = Put { buf: out, pos: 0 };
     let mut flags = 0;
     for (set, bit) in [
@@ -184,7 +184,7 @@ fn write_body(st: &State, out: &mut [u8]) -> usize {
     w.pos
 }
 
-fn read_state(body: &[u8]) -> Result<State> {
+fn read_state(body: &[u8]) -> Result<NodeRecord> {
     let mut rd = Take(body);
     let _magic_and_version = rd.arr::<5>()?;
     let life = match rd.u8()? {
@@ -237,7 +237,7 @@ fn read_state(body: &[u8]) -> Result<State> {
     if !consistent {
         return Err(Error::ImageInvalid);
     }
-    Ok(State {
+    Ok(NodeRecord {
         life,
         device,
         epoch,
@@ -268,28 +268,29 @@ fn read_state(body: &[u8]) -> Result<State> {
     })
 }
 
-impl<E: Entropy> SoftChip<E> {
-    /// Writes the chip's state into `out`. Store it before transmitting any
-    /// message the chip made since the last save (see [`SoftChip::is_dirty`]).
+impl NodeRecord {
+    /// Writes the record into `out`. Store it before transmitting any
+    /// message the node made since the last save.
     pub fn to_image(&self, out: &mut [u8; IMAGE_LEN]) {
         let (body, sum) = out.split_at_mut(BODY_LEN);
-        write_body(&self.state, body);
+        write_body(self, body);
         sum.copy_from_slice(&checksum(body));
     }
 
-    /// Loads a chip from an image made by [`SoftChip::to_image`]. Fails with
-    /// [`Error::ImageMagic`], [`Error::ImageVersion`], [`Error::ImageLength`],
-    /// [`Error::ImageChecksum`] or [`Error::ImageInvalid`], in that order of
-    /// checking.
-    pub fn from_image(image: &[u8], entropy: E) -> Result<Self> {
-        let chip = Self::load(image, entropy);
+    /// Reads a record from an image made by [`NodeRecord::to_image`]. Fails
+    /// with [`Error::ImageMagic`], [`Error::ImageVersion`],
+    /// [`Error::ImageLength`], [`Error::ImageChecksum`] or
+    /// [`Error::ImageInvalid`], in that order of checking.
+    pub fn from_image(image: &[u8]) -> Result<Self> {
+        let record = Self::decode_image(image);
         // Parsing moved the seed through a few frames: wipe them.
         scrub_stack();
-        chip
+        record
     }
 
+    /// [`NodeRecord::from_image`] without the stack wipe (the caller wipes).
     #[inline(never)]
-    fn load(image: &[u8], entropy: E) -> Result<Self> {
+    pub(crate) fn decode_image(image: &[u8]) -> Result<Self> {
         match image.split_first_chunk::<5>() {
             Some((head, _)) if head[..4] != IMAGE_MAGIC => return Err(Error::ImageMagic),
             Some((head, _)) if head[4] != IMAGE_VERSION => {
@@ -305,7 +306,7 @@ impl<E: Entropy> SoftChip<E> {
         if !bool::from(checksum(body).ct_eq(sum)) {
             return Err(Error::ImageChecksum);
         }
-        Ok(SoftChip::from_state(read_state(body)?, entropy))
+        read_state(body)
     }
 }
 
@@ -316,7 +317,7 @@ mod tests {
     #[test]
     fn writer_fills_the_body_exactly() {
         let mut body = [0xeeu8; BODY_LEN + 8];
-        assert_eq!(write_body(&State::blank(), &mut body), BODY_LEN);
+        assert_eq!(write_body(&NodeRecord::blank(), &mut body), BODY_LEN);
         assert_eq!(body[BODY_LEN..], [0xee; 8]);
     }
 
@@ -324,7 +325,7 @@ mod tests {
     fn layout_offsets_match_the_table() {
         assert_eq!(BODY_LEN, 1161);
         assert_eq!(IMAGE_LEN, 1177);
-        let mut st = State::blank();
+        let mut st = NodeRecord::blank();
         st.device = DeviceId([0xd0; 8]);
         st.epoch = 0xe1;
         st.node_time = 0x0a0b_0c0d;

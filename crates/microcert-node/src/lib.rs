@@ -16,12 +16,18 @@ mod chip;
 mod error;
 mod exchanges;
 mod image;
+mod node;
 mod scrub;
 mod seedgen;
 mod soft;
+mod storage;
 
 pub use chip::{Answered, Entropy, EntropyFailure, Life, Personalization, SecureChip, Status};
 pub use error::{Error, Result};
 pub use image::{IMAGE_LEN, IMAGE_MAGIC, IMAGE_VERSION};
+pub use node::Node;
 pub use seedgen::SEED_INPUT_LEN;
-pub use soft::{CLASS1_MAX_SEALED, MAX_AUDIENCES, SoftChip};
+pub use soft::SoftChip;
+pub use storage::{
+    CLASS1_MAX_SEALED, ChipStorage, MAX_AUDIENCES, NoEntropy, NodeRecord, SoftStorage,
+};

@@ -1,0 +1,196 @@
+//! Known answers for the C test program (`c/node_test.c`): the library's
+//! own flow, from a fixed personalization, a fixed random sequence (the
+//! same LCG the C program implements) and fixed times, with the center's
+//! side done by the core. Each message is checked here the way the center
+//! checks it (the ENROLL opens under Ktr, the AUTH's tag verifies, the
+//! update ENROLL opens under Kupd), so a C program that produces the same
+//! bytes produces messages that verify.
+//!
+//! The vectors are committed in `c/vectors.h`; this test fails when they
+//! differ from what the library makes. `MC_UPDATE_VECTORS=1` rewrites them.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use microcert_core::{
+    Audience, Auth, Enroll, EnrollKey, Header, Key128, Opcode, Sender, Suite, make_command,
+    make_receipt, open_enroll, transport_key, verify_auth,
+};
+use microcert_node::{Entropy, EntropyFailure, IMAGE_LEN};
+use microcert_node_ffi::ops::{self, Line};
+
+const DEVICE: [u8; 8] = [0x02, 0xc0, 0xff, 0xee, 0x00, 0x00, 0x00, 0x01];
+const ISSUED: u32 = 1_790_000_000;
+const RNG_SEED: u32 = 0x1357_9bdf;
+
+/// The C program's random source: a 32-bit LCG, one byte per step (the top
+/// byte of the state).
+struct Lcg(u32);
+
+impl Entropy for &mut Lcg {
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), EntropyFailure> {
+        for b in buf {
+            self.0 = self.0.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            *b = (self.0 >> 24) as u8;
+        }
+        Ok(())
+    }
+}
+
+fn ktr() -> Key128 {
+    transport_key(
+        &Key128::from_bytes([0x4b; 16]),
+        microcert_core::DeviceId(DEVICE),
+        0,
+    )
+}
+
+fn array(out: &mut String, name: &str, bytes: &[u8]) {
+    writeln!(out, "static const uint8_t {name}[{}] = {{", bytes.len()).unwrap();
+    for chunk in bytes.chunks(16) {
+        let line: Vec<String> = chunk.iter().map(|b| format!("0x{b:02x}")).collect();
+        writeln!(out, "    {},", line.join(", ")).unwrap();
+    }
+    writeln!(out, "}};").unwrap();
+}
+
+/// Runs the flow and returns the text of `c/vectors.h`.
+fn generate() -> String {
+    let ktr = ktr();
+    let mut rng = Lcg(RNG_SEED);
+    let mut image = [0u8; IMAGE_LEN];
+    ops::blank(&mut image);
+    ops::personalize(
+        &mut image,
+        &mut rng,
+        &Line {
+            device: DEVICE,
+            epoch: 0,
+            suite: 1,
+            transport_key: ktr.expose(),
+            class: 1,
+            issued: ISSUED,
+        },
+    )
+    .unwrap();
+
+    // ENROLL: the center opens it under Ktr.
+    let mut enroll = [0u8; 1100];
+    let n = ops::enroll(&mut image, &mut rng, ISSUED + 10, &mut enroll).unwrap();
+    let enroll = &enroll[..n];
+    assert_eq!(n, 1009);
+    let msg = Enroll::decode(enroll).unwrap();
+    let seed = open_enroll(EnrollKey::Transport(&ktr), &msg).unwrap();
+
+    // The center's RECEIPT.
+    let center = |generation, t, r| Header {
+        suite: Suite::CMAC64,
+        device: microcert_core::DeviceId(DEVICE),
+        generation,
+        t,
+        r,
+    };
+    let mut receipt = [0u8; 64];
+    let m = make_receipt(
+        &seed,
+        &center(0, ISSUED + 20, 0x0000_0001_0000_0001),
+        Sender::Center,
+        msg.header.r,
+        0,
+        &mut receipt,
+    )
+    .unwrap();
+    let receipt = &receipt[..m];
+    assert_eq!(
+        ops::accept_receipt(&mut image, &mut rng, receipt).unwrap(),
+        Some(0)
+    );
+
+    // AUTH to the center: 31 bytes whose tag verifies under the seed.
+    let mut auth = [0u8; 64];
+    let a = ops::auth(&mut image, &mut rng, ISSUED + 30, None, &mut auth).unwrap();
+    let auth = &auth[..a];
+    assert_eq!(a, 31);
+    verify_auth(&seed, &Auth::decode(auth).unwrap(), &Audience::CENTER).unwrap();
+    let mut forged = auth.to_vec();
+    *forged.last_mut().unwrap() ^= 1;
+    assert!(verify_auth(&seed, &Auth::decode(&forged).unwrap(), &Audience::CENTER).is_err());
+
+    // COMMAND UPDATE_SEED: the reply is an ENROLL of generation 1 that
+    // opens under Kupd of the seed in use.
+    let mut command = [0u8; 64];
+    let c = make_command(
+        &seed,
+        &center(0, ISSUED + 40, 0x0000_0002_0000_0002),
+        1,
+        Opcode::UPDATE_SEED,
+        &mut command,
+    )
+    .unwrap();
+    let command = &command[..c];
+    let mut reply = [0u8; 1100];
+    let r = ops::handle_command(&mut image, &mut rng, ISSUED + 40, command, &mut reply).unwrap();
+    let reply = &reply[..r];
+    let update = Enroll::decode(reply).unwrap();
+    assert_eq!(update.header.generation, 1);
+    open_enroll(EnrollKey::Update(&seed), &update).unwrap();
+
+    // The same COMMAND again is a replay.
+    let mut again = [0u8; 1100];
+    assert_eq!(
+        ops::handle_command(&mut image, &mut rng, ISSUED + 41, command, &mut again),
+        Err(microcert_node::Error::Replay)
+    );
+
+    let mut out = String::new();
+    out.push_str(
+        "/* Known answers for node_test.c, generated by\n   \
+         crates/microcert-node-ffi/tests/c_vectors.rs; do not edit.\n   \
+         Regenerate: MC_UPDATE_VECTORS=1 cargo test -p microcert-node-ffi --test c_vectors */\n\
+         #ifndef MC_VECTORS_H\n#define MC_VECTORS_H\n#include <stdint.h>\n\n",
+    );
+    writeln!(out, "#define V_ISSUED {ISSUED}u").unwrap();
+    writeln!(out, "#define V_RNG_SEED 0x{RNG_SEED:08x}u").unwrap();
+    writeln!(out, "#define V_T_ENROLL (V_ISSUED + 10u)").unwrap();
+    writeln!(out, "#define V_T_AUTH (V_ISSUED + 30u)").unwrap();
+    writeln!(out, "#define V_T_COMMAND (V_ISSUED + 40u)\n").unwrap();
+    array(&mut out, "V_DEVICE", &DEVICE);
+    array(&mut out, "V_KTR", ktr.expose());
+    array(&mut out, "V_ENROLL", enroll);
+    array(&mut out, "V_RECEIPT", receipt);
+    array(&mut out, "V_AUTH", auth);
+    array(&mut out, "V_COMMAND", command);
+    array(&mut out, "V_UPDATE_ENROLL", reply);
+    out.push_str("\n#endif\n");
+    out
+}
+
+#[test]
+fn committed_c_vectors_match_the_library() {
+    let fresh = generate();
+    assert_eq!(fresh, generate(), "the flow is deterministic");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("c/vectors.h");
+    if std::env::var_os("MC_UPDATE_VECTORS").is_some() {
+        std::fs::write(&path, &fresh).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == fresh,
+        "c/vectors.h is stale: run MC_UPDATE_VECTORS=1 cargo test -p microcert-node-ffi --test c_vectors"
+    );
+}
+
+#[test]
+fn a_corrupted_image_is_refused_and_left_alone() {
+    let mut image = [0u8; IMAGE_LEN];
+    ops::blank(&mut image);
+    image[100] ^= 1;
+    let before = image;
+    let mut rng = Lcg(1);
+    let mut out = [0u8; 1100];
+    assert_eq!(
+        ops::enroll(&mut image, &mut rng, ISSUED, &mut out),
+        Err(microcert_node::Error::ImageChecksum)
+    );
+    assert_eq!(image, before);
+}
