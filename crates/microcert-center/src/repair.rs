@@ -296,7 +296,7 @@ impl Center {
                 }
                 if tx.device(k.0)?.is_none() {
                     let d = from.devices.iter().find(|d| d.id == k.0).ok_or_else(|| {
-                        Error::Refused(format!("device {} is missing and not in the backup", k.0))
+                        Error::NotInBackup { device: k.0 }
                     })?;
                     tx.insert_device(d)?;
                 }

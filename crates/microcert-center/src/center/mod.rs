@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use microcert_core::{
-    DeviceId, Event, Header, KeySeed, KeyState, Sender, Suite, make_receipt, time, transition,
+    DeviceId, Event, Header, KeySeed, KeyState, Sender, Suite, make_receipt,
 };
 
 use crate::cache::{CachedDevice, CachedSeed, SeedCache};
@@ -37,6 +37,7 @@ use crate::db::{
     DeviceRow, KeyDatabase, NewAudit, SeedRow, SqliteDatabase, SqliteOptions, Tx, with_tx,
 };
 use crate::integrity;
+use crate::policy;
 use crate::profile::{CenterConfig, ClassProfile};
 use crate::replay::{MemoryGuard, ReplayMode};
 use crate::{Error, Result};
@@ -122,35 +123,14 @@ impl std::fmt::Debug for Center {
 pub const CENTER_ACTOR: &str = "center";
 
 pub(crate) fn now32(now: u64) -> Result<u32> {
-    u32::try_from(now).map_err(|_| Error::Refused("time beyond 2106".into()))
-}
-
-pub(crate) fn year_of(now: u64) -> u16 {
-    let y = time::date_of(now as i64).year;
-    u16::try_from(y).unwrap_or(u16::MAX)
-}
-
-/// Whether a seed's five years cover the calendar date of `now`.
-pub(crate) fn covers(base_year: u16, now: u64) -> bool {
-    let y = year_of(now);
-    base_year <= y && y <= base_year.saturating_add(microcert_core::SEED_YEARS - 1)
+    u32::try_from(now).map_err(|_| Error::TimeOutOfRange)
 }
 
 pub(crate) fn malformed(e: microcert_core::Error) -> Error {
     Error::Malformed(e.to_string())
 }
 
-/// The refusal for a message under a seed in `state`.
-pub(crate) fn refusal_for(state: KeyState) -> Error {
-    match state {
-        KeyState::Compromised => Error::Revoked,
-        KeyState::Suspended => Error::Suspended,
-        KeyState::PreActivation
-        | KeyState::Active
-        | KeyState::Deactivated
-        | KeyState::Destroyed => Error::NotActive,
-    }
-}
+pub(crate) use crate::policy::{refusal_for, year_of};
 
 impl Center {
     /// A center over any database and card. Replay records go to the
@@ -338,7 +318,7 @@ impl Center {
     pub(crate) fn profile(&self, class: u8) -> Result<&ClassProfile> {
         self.config
             .profile(class)
-            .ok_or_else(|| Error::Refused(format!("no profile for device class {class}")))
+            .ok_or(Error::NoProfile { class })
     }
 
     /// A device for the verification path: from the cache, else read from
@@ -430,7 +410,7 @@ impl Center {
     }
 
     /// Applies a life-cycle event to a seed record inside a transaction:
-    /// the core's transition, timestamps, new tag, digest, audit entry.
+    /// the policy's transition, timestamps, new tag, digest, audit entry.
     pub(crate) fn apply_event(
         &self,
         tx: &mut dyn Tx,
@@ -440,31 +420,8 @@ impl Center {
         actor: &str,
         reason: &str,
     ) -> Result<()> {
-        let to = transition(row.state, event).map_err(Error::from_core)?;
         let old_tag = row.tag;
-        row.state = to;
-        match event {
-            Event::Activate => row.activated_at = Some(now),
-            Event::Suspend => row.suspended_at = Some(now),
-            Event::Resume => {}
-            Event::Deactivate => {
-                row.deactivated_at = Some(now);
-                row.grace_until = None;
-            }
-            Event::Revoke => {
-                row.compromised_at = Some(now);
-                row.grace_until = None;
-            }
-            Event::Destroy => {
-                row.destroyed_at = Some(now);
-                // The ciphertext is overwritten with zeros and set NULL in
-                // the same statement; secure_delete zeroes the freed cell.
-                if let Some(ct) = row.ciphertext.as_mut() {
-                    ct.0.fill(0);
-                }
-                row.ciphertext = None;
-            }
-        }
+        let to = policy::apply_transition(row, event, now)?;
         integrity::retag(&*self.card, row)?;
         tx.update_seed(row)?;
         integrity::apply_change(tx, &*self.card, row.device, Some(&old_tag), &row.tag)?;
@@ -484,32 +441,75 @@ impl Center {
         Ok(())
     }
 
-    /// First use (or an operator's activation) of a PreActivation seed:
-    /// activates it and deactivates the generation it supersedes.
-    pub(crate) fn activate_in_tx(
+    /// Decides `input` for a device by the life-cycle policy and applies
+    /// the decision's effects in `tx`, in order: transitions (audited with
+    /// their reason, `reason` being the operator's), the transport flag, a
+    /// REVOKE command, audit entries. The device row is written when it
+    /// changed. Returns the decision.
+    pub(crate) fn decide_and_apply(
         &self,
         tx: &mut dyn Tx,
+        dev: &mut DeviceRow,
         seeds: &mut [SeedRow],
-        generation: u8,
+        input: policy::Input,
         now: u64,
-        actor: &str,
-        reason: &str,
-    ) -> Result<()> {
-        let Some(pos) = seeds.iter().position(|s| s.generation == generation) else {
-            return Err(Error::WrongGeneration);
-        };
-        self.apply_event(tx, &mut seeds[pos], Event::Activate, now, actor, reason)?;
-        if pos > 0 && seeds[pos - 1].state == KeyState::Active {
-            self.apply_event(
-                tx,
-                &mut seeds[pos - 1],
-                Event::Deactivate,
-                now,
-                actor,
-                "superseded: next generation in use",
-            )?;
+        (actor, reason): (&str, &str),
+    ) -> Result<policy::Decision> {
+        let snapshot = policy::DeviceSnapshot::of(dev, seeds.iter());
+        let decision = policy::decide(&snapshot, input, now)?;
+        let mut dev_changed = false;
+        for effect in &decision.effects {
+            match *effect {
+                policy::Effect::Transition {
+                    generation,
+                    event,
+                    reason: why,
+                } => {
+                    let row = seeds
+                        .iter_mut()
+                        .find(|s| s.generation == generation)
+                        .ok_or(Error::WrongGeneration)?;
+                    self.apply_event(tx, row, event, now, actor, &why.text(reason))?;
+                }
+                policy::Effect::Transport { open, epoch } => {
+                    dev.transport_open = open;
+                    dev.epoch = epoch;
+                    dev_changed = true;
+                }
+                policy::Effect::QueueRevoke { generation } => {
+                    let row = seeds
+                        .iter()
+                        .find(|s| s.generation == generation)
+                        .ok_or(Error::WrongGeneration)?;
+                    let cmd = self.build_command(dev, row, microcert_core::Opcode::REVOKE, now)?;
+                    dev_changed = true;
+                    tx.put_command(&cmd)?;
+                    self.audit(
+                        tx,
+                        now,
+                        actor,
+                        "queue-revoke",
+                        (Some(dev.id), Some(generation)),
+                        reason,
+                    )?;
+                }
+                policy::Effect::Audit { action } => {
+                    let text = if action == "reopen-transport" {
+                        format!("epoch {}: {reason}", dev.epoch)
+                    } else {
+                        reason.to_string()
+                    };
+                    self.audit(tx, now, actor, action, (Some(dev.id), None), &text)?;
+                }
+                policy::Effect::Use(_)
+                | policy::Effect::NotaryValid
+                | policy::Effect::EnrollKeys { .. } => {}
+            }
         }
-        Ok(())
+        if dev_changed {
+            self.put_device(tx, dev, false)?;
+        }
+        Ok(decision)
     }
 
     pub(crate) fn audit(
