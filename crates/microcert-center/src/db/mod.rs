@@ -30,6 +30,8 @@ mod sqlite;
 
 pub use postgres::{PostgresDatabase, PostgresOptions};
 pub use sqlite::{SqliteDatabase, SqliteOptions};
+/// The SQLite driver's error, the source of [`crate::Error::Sqlite`].
+pub use rusqlite::Error as SqliteError;
 
 use std::fmt;
 use std::sync::Arc;
