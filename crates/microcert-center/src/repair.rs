@@ -361,6 +361,7 @@ fn audit_repair(
 /// to `<file>.replaced-<now>` for investigation, a new file gets the
 /// backup ([`backup::restore_into`]) and the anchor is reset to it.
 /// Returns where the old file went.
+#[cfg(feature = "sqlite")]
 pub fn restore_sqlite_file(
     db_path: &Path,
     backup_file: &Path,

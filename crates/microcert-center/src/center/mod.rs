@@ -23,6 +23,7 @@ pub use manage::HousekeepingReport;
 pub use rotation::RotationReport;
 pub use verify::{AuthOutcome, OpenedSealed, SignatureOutcome, VerifyOutcome};
 
+#[cfg(feature = "sqlite")]
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,8 +35,10 @@ use microcert_core::{
 use crate::cache::{CachedDevice, CachedSeed, SeedCache};
 use crate::card::EncryptionCard;
 use crate::db::{
-    DeviceRow, KeyDatabase, NewAudit, SeedRow, SqliteDatabase, SqliteOptions, Tx, with_tx,
+    DeviceRow, KeyDatabase, NewAudit, SeedRow, Tx, with_tx,
 };
+#[cfg(feature = "sqlite")]
+use crate::db::{SqliteDatabase, SqliteOptions};
 use crate::integrity;
 use crate::policy;
 use crate::profile::{CenterConfig, ClassProfile};
@@ -51,9 +54,11 @@ pub struct Center {
     cache: Arc<SeedCache>,
     group: group::GroupCommit,
     replay: Replay,
-    /// The same database as `db` when it is SQLite: its read path for
-    /// cache misses.
-    sqlite: Option<Arc<SqliteDatabase>>,
+    /// Transitional, for center/import.rs only (its bulk hint, being
+    /// rewritten on another branch): the same `dyn KeyDatabase` as `db`,
+    /// for every backend. Nothing else reads it; remove it once import
+    /// calls `self.db.set_bulk`.
+    sqlite: Option<Arc<dyn KeyDatabase>>,
     /// Random bytes from the card, fetched 4 KiB at a time for the r of
     /// the center's RECEIPTs: one card call (a system call for the
     /// software card) per 512 receipts instead of one each.
@@ -177,12 +182,12 @@ impl Center {
             tracing::warn!(error = %e, "no change notifications: other centers' changes are seen after the cache TTL");
         }
         Center {
+            sqlite: Some(Arc::clone(&db)),
             db,
             card,
             cache,
             group: group::GroupCommit::default(),
             replay,
-            sqlite: None,
             receipt_r: std::sync::Mutex::new(RandomPool::new()),
             watch: crate::clock::ClockWatch::new(Arc::new(crate::clock::SystemClock::new())),
             config,
@@ -194,6 +199,7 @@ impl Center {
     /// With [`ReplayMode::Auto`] or [`ReplayMode::Memory`] it keeps replay
     /// records in memory (see [`ReplayMode`]): only one process may then
     /// verify messages on this file.
+    #[cfg(feature = "sqlite")]
     pub fn open_sqlite(
         path: &Path,
         card: Arc<dyn EncryptionCard>,
@@ -203,15 +209,30 @@ impl Center {
     }
 
     /// Like [`Center::open_sqlite`], with options for the SQLite backend.
+    #[cfg(feature = "sqlite")]
     pub fn open_sqlite_with(
         path: &Path,
         options: SqliteOptions,
         card: Arc<dyn EncryptionCard>,
         config: CenterConfig,
     ) -> Result<Self> {
-        let db = Arc::new(SqliteDatabase::open_with(path, options)?);
-        let replay = match config.replay {
-            ReplayMode::Auto | ReplayMode::Memory => {
+        let db: Arc<dyn KeyDatabase> = Arc::new(SqliteDatabase::open_with(path, options)?);
+        Self::open_local(db, card, config)
+    }
+
+    /// A center over a database that is one local file
+    /// ([`KeyDatabase::local_path`]), used by this process alone: with
+    /// [`ReplayMode::Auto`] or [`ReplayMode::Memory`] the replay records
+    /// are kept in memory, their guard's state beside that file. A
+    /// database without a local file keeps them in the database.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    fn open_local(
+        db: Arc<dyn KeyDatabase>,
+        card: Arc<dyn EncryptionCard>,
+        config: CenterConfig,
+    ) -> Result<Self> {
+        let replay = match (config.replay, db.local_path()) {
+            (ReplayMode::Auto | ReplayMode::Memory, Some(path)) => {
                 let skew = config.profiles.iter().map(|p| u64::from(p.skew)).max();
                 let window = skew.unwrap_or(0) + config.instance_skew + 1;
                 let expected = watch::guard_state_expected(&*db, &*card)?;
@@ -224,11 +245,15 @@ impl Center {
                     hook,
                 ))
             }
-            ReplayMode::Database => Replay::Database,
+            (ReplayMode::Memory, None) => {
+                tracing::warn!(
+                    "replay mode \"memory\" needs a database in a local file; using the database"
+                );
+                Replay::Database
+            }
+            (ReplayMode::Auto | ReplayMode::Database, _) => Replay::Database,
         };
-        let mut center = Self::with_replay(db.clone(), card, config, replay);
-        center.sqlite = Some(db);
-        Ok(center)
+        Ok(Self::with_replay(db, card, config, replay))
     }
 
     /// Drops this center as a crash would: the in-memory replay guard is
@@ -283,10 +308,30 @@ impl Center {
         config: CenterConfig,
     ) -> Result<Self> {
         if crate::db::is_postgres_url(location) {
-            let db = crate::db::PostgresDatabase::open(location)?;
-            Ok(Center::new(Arc::new(db), card, config))
+            #[cfg(feature = "postgres")]
+            {
+                let db = crate::db::PostgresDatabase::open(location)?;
+                Ok(Center::new(Arc::new(db), card, config))
+            }
+            #[cfg(not(feature = "postgres"))]
+            {
+                let _ = (card, config);
+                Err(Error::NotConfigured {
+                    what: "PostgreSQL (this build lacks the `postgres` feature)",
+                })
+            }
         } else {
-            Self::open_sqlite(Path::new(location), card, config)
+            #[cfg(feature = "sqlite")]
+            {
+                Self::open_sqlite(Path::new(location), card, config)
+            }
+            #[cfg(not(feature = "sqlite"))]
+            {
+                let _ = (card, config);
+                Err(Error::NotConfigured {
+                    what: "SQLite (this build lacks the `sqlite` feature)",
+                })
+            }
         }
     }
 
@@ -328,9 +373,9 @@ impl Center {
             return Ok(hit);
         }
         let ticket = self.cache.ticket(id);
-        let (device, rows) = match &self.sqlite {
-            Some(db) => {
-                let (device, rows) = db.read_device(id)?.ok_or(Error::UnknownDevice)?;
+        let (device, rows) = match self.db.read_device_unlocked(id) {
+            Some(read) => {
+                let (device, rows) = read?.ok_or(Error::UnknownDevice)?;
                 integrity::check_device(&*self.card, &device)?;
                 for r in &rows {
                     integrity::check_record(&*self.card, r)?;

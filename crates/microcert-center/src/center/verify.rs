@@ -333,8 +333,8 @@ impl Center {
     /// A seed of any state, read (tag checked) and unsealed: None if the
     /// generation does not exist, Some(None) if its ciphertext is destroyed.
     fn seed_of(&self, id: DeviceId, generation: u8) -> Result<Option<Option<KeySeed>>> {
-        let rows = match &self.sqlite {
-            Some(db) => match db.read_device(id)? {
+        let rows = match self.db.read_device_unlocked(id) {
+            Some(read) => match read? {
                 Some((_, rows)) => rows,
                 None => return Ok(None),
             },
