@@ -673,3 +673,353 @@ fn decide_operator(dev: &DeviceSnapshot, generation: Option<u8>, event: Event) -
     }
     Ok(plan.done())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2026-05-28, a Thursday.
+    const NOW: u64 = 1_780_000_000;
+    const STATES: [KeyState; 6] = [
+        KeyState::PreActivation,
+        KeyState::Active,
+        KeyState::Suspended,
+        KeyState::Deactivated,
+        KeyState::Compromised,
+        KeyState::Destroyed,
+    ];
+
+    /// The clock cases, as the device they make.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Clock {
+        /// One seed, its years cover today.
+        InWindow,
+        /// Generation 0 in the state, its grace period running; generation
+        /// 1 enrolled, not yet used.
+        Grace,
+        /// The same, one second after the grace period.
+        AfterGrace,
+        /// One seed whose five years ended last year.
+        Expired,
+        /// One seed whose first year is next year.
+        NotYetValid,
+    }
+    const CLOCKS: [Clock; 5] = [
+        Clock::InWindow,
+        Clock::Grace,
+        Clock::AfterGrace,
+        Clock::Expired,
+        Clock::NotYetValid,
+    ];
+
+    fn seed(generation: u8, state: KeyState, base_year: u16) -> SeedSnapshot {
+        SeedSnapshot {
+            generation,
+            state,
+            base_year,
+            grace_until: None,
+            compromised_at: (state == KeyState::Compromised).then_some(NOW - 5),
+            has_ciphertext: state != KeyState::Destroyed,
+        }
+    }
+
+    fn device(state: KeyState, clock: Clock) -> DeviceSnapshot {
+        let year = year_of(NOW);
+        let seeds = match clock {
+            Clock::InWindow => vec![seed(0, state, year)],
+            Clock::Expired => vec![seed(0, state, year - SEED_YEARS)],
+            Clock::NotYetValid => vec![seed(0, state, year + 1)],
+            Clock::Grace | Clock::AfterGrace => {
+                let mut old = seed(0, state, year - 1);
+                old.grace_until = Some(if clock == Clock::Grace {
+                    NOW + 3600
+                } else {
+                    NOW - 1
+                });
+                vec![old, seed(1, KeyState::PreActivation, year)]
+            }
+        };
+        DeviceSnapshot {
+            id: DeviceId::from_u64(7),
+            epoch: 0,
+            transport_open: false,
+            highest_generation: seeds.last().map(|s| s.generation),
+            seeds,
+        }
+    }
+
+    /// The inputs of the table, by name. Messages are under generation 0
+    /// (in the grace cases: the generation in grace).
+    fn inputs() -> Vec<(&'static str, Input, bool)> {
+        let ev = |event| Input::Operator {
+            generation: None,
+            event,
+        };
+        vec![
+            (
+                "AUTH",
+                Input::Use {
+                    generation: 0,
+                    t: NOW as u32,
+                    first_use: true,
+                },
+                false,
+            ),
+            (
+                "SIGNATURE, SEALED",
+                Input::Use {
+                    generation: 0,
+                    t: NOW as u32,
+                    first_use: false,
+                },
+                false,
+            ),
+            (
+                "notary record",
+                Input::Notarized {
+                    generation: 0,
+                    first_seen: NOW - 10,
+                },
+                false,
+            ),
+            ("activate", ev(Event::Activate), false),
+            ("suspend", ev(Event::Suspend), false),
+            ("resume", ev(Event::Resume), false),
+            ("deactivate", ev(Event::Deactivate), false),
+            ("destroy", ev(Event::Destroy), false),
+            ("revoke", Input::Revoke, false),
+            ("housekeeping", Input::Housekeeping, false),
+            (
+                "reopen transport",
+                Input::ReopenTransport { new_epoch: None },
+                false,
+            ),
+            (
+                "ENROLL (update asked)",
+                Input::Enroll {
+                    generation: u8::MAX,
+                    update_asked: true,
+                },
+                false,
+            ),
+            (
+                "ENROLL (transport open)",
+                Input::Enroll {
+                    generation: u8::MAX,
+                    update_asked: false,
+                },
+                true,
+            ),
+        ]
+    }
+
+    fn run(state: KeyState, clock: Clock, input: Input, transport: bool) -> Result<Decision> {
+        let mut d = device(state, clock);
+        d.transport_open = transport;
+        let input = match input {
+            // The ENROLL of the next generation.
+            Input::Enroll { update_asked, .. } => Input::Enroll {
+                generation: d.highest_generation.map_or(0, |g| g + 1),
+                update_asked,
+            },
+            other => other,
+        };
+        decide(&d, input, NOW)
+    }
+
+    fn cell(r: &Result<Decision>) -> String {
+        let d = match r {
+            Ok(d) => d,
+            Err(e) => return format!("no: {}", e.kind()),
+        };
+        if d.effects.is_empty() {
+            return "ok, nothing".into();
+        }
+        let parts: Vec<String> = d
+            .effects
+            .iter()
+            .map(|e| match *e {
+                Effect::Use(Use::Steady) => "use".into(),
+                Effect::Use(Use::Activates) => "use".into(),
+                Effect::Use(Use::Grace) => "use (grace)".into(),
+                Effect::NotaryValid => "valid".into(),
+                Effect::EnrollKeys { update, transport } => match (update, transport) {
+                    (Some(g), Some(e)) => format!("Kupd g{g} or Ktr e{e}"),
+                    (Some(g), None) => format!("Kupd g{g}"),
+                    (None, Some(e)) => format!("Ktr e{e}"),
+                    (None, None) => "no key".into(),
+                },
+                Effect::Transition {
+                    generation, event, ..
+                } => format!("{} g{generation}", event.name()),
+                Effect::Transport { open: true, epoch } => format!("transport open e{epoch}"),
+                Effect::Transport { open: false, .. } => "transport closed".into(),
+                Effect::QueueRevoke { generation } => format!("REVOKE queued g{generation}"),
+                Effect::Audit { action } => format!("audit {action}"),
+            })
+            .collect();
+        parts.join(", ")
+    }
+
+    /// The whole table as Markdown: one row per state and input, one column
+    /// per clock case.
+    fn table() -> String {
+        let mut out = String::from(
+            "| state of g0 | input | in window | grace | after grace | expired | not yet valid |\n\
+             |---|---|---|---|---|---|---|\n",
+        );
+        for state in STATES {
+            for (name, input, transport) in inputs() {
+                let cells: Vec<String> = CLOCKS
+                    .iter()
+                    .map(|&c| cell(&run(state, c, input, transport)))
+                    .collect();
+                out.push_str(&format!(
+                    "| {} | {name} | {} |\n",
+                    state.name(),
+                    cells.join(" | ")
+                ));
+            }
+        }
+        out
+    }
+
+    const START: &str = "<!-- policy-table:start (generated by `UPDATE_POLICY_TABLE=1 cargo test -p microcert-center --lib policy`) -->\n";
+    const END: &str = "<!-- policy-table:end -->";
+
+    /// The table printed in docs/architecture.md is the one the policy
+    /// decides (regenerate with UPDATE_POLICY_TABLE=1).
+    #[test]
+    fn the_documented_table_is_the_policy() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/architecture.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let t = table();
+        let (Some(a), Some(b)) = (doc.find(START), doc.find(END)) else {
+            panic!("docs/architecture.md lacks the policy table markers");
+        };
+        let current = &doc[a + START.len()..b];
+        if std::env::var_os("UPDATE_POLICY_TABLE").is_some() {
+            let new = format!("{}{START}{t}{}", &doc[..a], &doc[b..]);
+            std::fs::write(path, new).unwrap();
+        } else {
+            assert_eq!(current, t, "regenerate with UPDATE_POLICY_TABLE=1");
+        }
+    }
+
+    /// Every transition a decision lists is legal by the core's state
+    /// table, applied in order, for every state, input and clock case.
+    #[test]
+    fn every_listed_transition_is_legal_in_order() {
+        for state in STATES {
+            for clock in CLOCKS {
+                for (name, input, transport) in inputs() {
+                    let d = device(state, clock);
+                    let Ok(dec) = run(state, clock, input, transport) else {
+                        continue;
+                    };
+                    let mut states: Vec<KeyState> = d.seeds.iter().map(|s| s.state).collect();
+                    for (g, event, _) in dec.transitions() {
+                        let pos = d.seeds.iter().position(|s| s.generation == g).unwrap();
+                        states[pos] = transition(states[pos], event)
+                            .unwrap_or_else(|_| panic!("{state:?} {clock:?} {name}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A message is verified only under an Active seed (or a first use of a
+    /// PreActivation one by AUTH) whose years cover the date, and an old
+    /// generation only inside its grace period: the attack of a message
+    /// under a revoked, suspended, superseded, expired or not-yet-valid
+    /// seed is refused in every clock case, with the same rule for AUTH and
+    /// SIGNATURE.
+    #[test]
+    fn a_message_is_used_only_under_a_usable_seed() {
+        for state in STATES {
+            for clock in CLOCKS {
+                for first_use in [true, false] {
+                    let input = Input::Use {
+                        generation: 0,
+                        t: NOW as u32,
+                        first_use,
+                    };
+                    let r = run(state, clock, input, false);
+                    let expect = match (state, clock) {
+                        (KeyState::Compromised, _) => Err("revoked"),
+                        (KeyState::Suspended, _) => Err("suspended"),
+                        (KeyState::Active, Clock::InWindow) => Ok(Use::Steady),
+                        (KeyState::Active, Clock::Grace) => Ok(Use::Grace),
+                        (KeyState::Active, Clock::Expired) => Err("expired"),
+                        (KeyState::PreActivation, Clock::InWindow) if first_use => {
+                            Ok(Use::Activates)
+                        }
+                        (KeyState::PreActivation, Clock::Expired) if first_use => Err("expired"),
+                        _ => Err("not-active"),
+                    };
+                    let got = r.as_ref().map(|d| d.use_().unwrap()).map_err(|e| e.kind());
+                    assert_eq!(got, expect, "{state:?} {clock:?} first_use={first_use}");
+                }
+            }
+        }
+    }
+
+    /// Housekeeping deactivates an Active seed after its grace period or
+    /// its five years, and nothing else.
+    #[test]
+    fn housekeeping_deactivates_only_what_is_over() {
+        for state in STATES {
+            for clock in CLOCKS {
+                let d = run(state, clock, Input::Housekeeping, false).unwrap();
+                let t: Vec<_> = d.transitions().collect();
+                let over = state == KeyState::Active
+                    && matches!(clock, Clock::AfterGrace | Clock::Expired);
+                if over {
+                    let why = if clock == Clock::Expired {
+                        Reason::Expired
+                    } else {
+                        Reason::GraceEnded
+                    };
+                    assert_eq!(t, [(0, Event::Deactivate, why)], "{state:?} {clock:?}");
+                } else {
+                    assert!(t.is_empty(), "{state:?} {clock:?}: {t:?}");
+                }
+            }
+        }
+    }
+
+    /// An ENROLL under Kupd needs an asked-for update of an Active seed
+    /// that covers today; a stolen seed alone is refused as opaquely as a
+    /// bad MAC.
+    #[test]
+    fn kupd_only_when_asked_for_an_active_current_seed() {
+        let d = device(KeyState::Active, Clock::InWindow);
+        let e = |asked| {
+            decide(
+                &d,
+                Input::Enroll {
+                    generation: 1,
+                    update_asked: asked,
+                },
+                NOW,
+            )
+        };
+        assert_eq!(e(false).unwrap_err().kind(), "verification-failed");
+        assert_eq!(
+            e(true).unwrap().effects,
+            [Effect::EnrollKeys {
+                update: Some(0),
+                transport: None
+            }]
+        );
+        let wrong = decide(
+            &d,
+            Input::Enroll {
+                generation: 2,
+                update_asked: true,
+            },
+            NOW,
+        );
+        assert_eq!(wrong.unwrap_err().kind(), "wrong-generation");
+    }
+}
