@@ -295,9 +295,11 @@ impl Center {
                     continue;
                 }
                 if tx.device(k.0)?.is_none() {
-                    let d = from.devices.iter().find(|d| d.id == k.0).ok_or_else(|| {
-                        Error::NotInBackup { device: k.0 }
-                    })?;
+                    let d = from
+                        .devices
+                        .iter()
+                        .find(|d| d.id == k.0)
+                        .ok_or_else(|| Error::NotInBackup { device: k.0 })?;
                     tx.insert_device(d)?;
                 }
                 tx.delete_seed(k.0, k.1)?;

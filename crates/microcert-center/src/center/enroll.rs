@@ -6,10 +6,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{CENTER_ACTOR, Center, malformed};
-use crate::policy::{self, DeviceSnapshot, covers};
 use crate::card::EnrollVia;
 use crate::db::{Blob, DeviceRow, SeedRow, Tx, with_read_tx, with_tx};
 use crate::integrity::{self, DigestDelta};
+use crate::policy::{self, DeviceSnapshot, covers};
 use crate::{Error, Result};
 
 /// What the ENROLL rules decided, before any write. Not boxed: boxing

@@ -231,9 +231,7 @@ impl Center {
     ) -> Result<bool> {
         let mut dev = self.device_in(tx, id)?;
         let seeds = self.seeds_checked(tx, id)?;
-        let cur = seeds
-            .last()
-            .ok_or(Error::NoSeed { device: id })?;
+        let cur = seeds.last().ok_or(Error::NoSeed { device: id })?;
         if cur.state != KeyState::Active {
             return Err(refusal_for(cur.state));
         }

@@ -28,15 +28,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use microcert_core::{
-    DeviceId, Event, Header, KeySeed, KeyState, Sender, Suite, make_receipt,
-};
+use microcert_core::{DeviceId, Event, Header, KeySeed, KeyState, Sender, Suite, make_receipt};
 
 use crate::cache::{CachedDevice, CachedSeed, SeedCache};
 use crate::card::EncryptionCard;
-use crate::db::{
-    DeviceRow, KeyDatabase, NewAudit, SeedRow, Tx, with_tx,
-};
+use crate::db::{DeviceRow, KeyDatabase, NewAudit, SeedRow, Tx, with_tx};
 #[cfg(feature = "sqlite")]
 use crate::db::{SqliteDatabase, SqliteOptions};
 use crate::integrity;
@@ -361,9 +357,7 @@ impl Center {
     }
 
     pub(crate) fn profile(&self, class: u8) -> Result<&ClassProfile> {
-        self.config
-            .profile(class)
-            .ok_or(Error::NoProfile { class })
+        self.config.profile(class).ok_or(Error::NoProfile { class })
     }
 
     /// A device for the verification path: from the cache, else read from

@@ -32,10 +32,10 @@ mod sqlite;
 
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresDatabase, PostgresOptions};
-#[cfg(feature = "sqlite")]
-pub use sqlite::{SqliteDatabase, SqliteOptions};
 /// The SQLite driver's error, the source of [`crate::Error::Sqlite`].
 pub use rusqlite::Error as SqliteError;
+#[cfg(feature = "sqlite")]
+pub use sqlite::{SqliteDatabase, SqliteOptions};
 
 use std::fmt;
 use std::sync::Arc;
