@@ -331,7 +331,7 @@ fn corrupt_batch_entries_are_reported_and_not_stored(backend: Backend) {
             (3, "malformed"),
             (4, "verification-failed"),
             (5, "verification-failed"),
-            (6, "refused"),
+            (6, "no-profile"),
             (8, "malformed"),
         ]
     );
