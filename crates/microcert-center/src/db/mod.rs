@@ -538,10 +538,7 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     /// waits for a writer), for the verification path's cache misses. The
     /// default is None: the caller reads in a transaction. Tags are not
     /// checked here (the caller checks them).
-    fn read_device_unlocked(
-        &self,
-        id: DeviceId,
-    ) -> Option<Result<Option<(DeviceRow, Vec<SeedRow>)>>> {
+    fn read_device_unlocked(&self, id: DeviceId) -> Option<Result<DeviceRecords>> {
         let _ = id;
         None
     }
@@ -560,6 +557,10 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
         None
     }
 }
+
+/// A device row and its seed rows, as [`KeyDatabase::read_device_unlocked`]
+/// reads them (None: no such device).
+pub type DeviceRecords = Option<(DeviceRow, Vec<SeedRow>)>;
 
 /// What [`KeyDatabase::watch_changes`] calls: Some(device) for one
 /// device's change, None for "anything may have changed".

@@ -288,10 +288,7 @@ impl KeyDatabase for Sealed {
     ) -> Result<()> {
         self.inner.read_snapshot(f)
     }
-    fn read_device_unlocked(
-        &self,
-        id: DeviceId,
-    ) -> Option<Result<Option<(DeviceRow, Vec<SeedRow>)>>> {
+    fn read_device_unlocked(&self, id: DeviceId) -> Option<Result<crate::db::DeviceRecords>> {
         self.inner.read_device_unlocked(id)
     }
     fn set_bulk(&self, on: bool) -> Result<()> {

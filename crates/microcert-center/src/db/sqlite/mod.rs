@@ -169,10 +169,7 @@ impl SqliteDatabase {
 }
 
 impl KeyDatabase for SqliteDatabase {
-    fn read_device_unlocked(
-        &self,
-        id: DeviceId,
-    ) -> Option<Result<Option<(super::DeviceRow, Vec<SeedRow>)>>> {
+    fn read_device_unlocked(&self, id: DeviceId) -> Option<Result<super::DeviceRecords>> {
         Some(self.read_device(id))
     }
     fn set_bulk(&self, on: bool) -> Result<()> {
