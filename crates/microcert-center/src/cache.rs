@@ -33,16 +33,26 @@ pub(crate) struct CachedSeed {
 pub(crate) struct CachedDevice {
     pub(crate) device: DeviceRow,
     pub(crate) seeds: Vec<CachedSeed>,
+    /// What the life-cycle policy sees of it (computed once per load; the
+    /// cached rows carry no ciphertext, so `has_ciphertext` is false here:
+    /// no rule of a message's use looks at it).
+    snapshot: crate::policy::DeviceSnapshot,
     loaded: Instant,
 }
 
 impl CachedDevice {
     pub(crate) fn new(device: DeviceRow, seeds: Vec<CachedSeed>) -> Self {
+        let snapshot = crate::policy::DeviceSnapshot::of(&device, seeds.iter().map(|s| &s.row));
         CachedDevice {
             device,
             seeds,
+            snapshot,
             loaded: Instant::now(),
         }
+    }
+
+    pub(crate) fn snapshot(&self) -> &crate::policy::DeviceSnapshot {
+        &self.snapshot
     }
 
     pub(crate) fn seed(&self, generation: u8) -> Option<&CachedSeed> {

@@ -6,7 +6,7 @@
 //! carries key material, and a failed MAC or AEAD is always the one opaque
 //! [`Error::Verification`].
 
-use microcert_core::{Event, KeyState};
+use microcert_core::{DeviceId, Event, KeyState};
 
 /// Everything the center can refuse or fail at.
 ///
@@ -51,8 +51,71 @@ pub enum Error {
     /// An ENROLL or message under a generation the rules do not allow.
     #[error("wrong seed generation")]
     WrongGeneration,
-    /// An operator request the current state does not allow (e.g. reopening
-    /// transport enrollment for a device whose seed is still valid).
+    /// A device id that is already registered (registration, provisioning).
+    #[error("device {device} is already registered")]
+    AlreadyRegistered {
+        /// The id.
+        device: DeviceId,
+    },
+    /// No class profile configures this device class.
+    #[error("no profile for device class {class}")]
+    NoProfile {
+        /// The class asked for.
+        class: u8,
+    },
+    /// The device has no seed yet (an operation that needs one).
+    #[error("device {device} has no seed")]
+    NoSeed {
+        /// The device.
+        device: DeviceId,
+    },
+    /// A REVOKE is queued for the device: no other command replaces it.
+    #[error("a REVOKE is pending for this device")]
+    RevokePending {
+        /// The device.
+        device: DeviceId,
+    },
+    /// Transport enrollment is already open (the device has no seed).
+    #[error("device has no seed: transport enrollment is open")]
+    TransportOpen,
+    /// The device's current seed is neither expired nor revoked: transport
+    /// enrollment stays closed.
+    #[error("the current seed is neither expired nor revoked")]
+    SeedStillValid,
+    /// Epoch 255 was used: the chip cannot be re-personalized.
+    #[error("epoch 255 is final: the chip cannot be re-personalized")]
+    EpochExhausted,
+    /// Transport enrollment reopens only with this epoch (the next one
+    /// after a revocation, the same one after expiry).
+    #[error("transport enrollment reopens only with epoch {expected}")]
+    WrongEpoch {
+        /// The epoch the rules allow.
+        expected: u8,
+    },
+    /// A step of the wall clock is not yet confirmed by an operator:
+    /// housekeeping changes nothing until it is (see [`crate::clock`]).
+    #[error("{why}: housekeeping suspended until an operator confirms the clock")]
+    ClockUnconfirmed {
+        /// What the clock watch saw.
+        why: String,
+    },
+    /// A time that does not fit the protocol's 32-bit seconds.
+    #[error("time beyond 2106")]
+    TimeOutOfRange,
+    /// A device a restore needs is neither in the database nor the backup.
+    #[error("device {device} is missing and not in the backup")]
+    NotInBackup {
+        /// The device.
+        device: DeviceId,
+    },
+    /// A feature this center (or server) was not configured with.
+    #[error("not configured: {what}")]
+    NotConfigured {
+        /// What is missing.
+        what: &'static str,
+    },
+    /// A request refused by the encryption card, the batch import or the
+    /// replay guard (their own rules; message for the operator).
     #[error("request refused: {0}")]
     Refused(String),
     /// A life-cycle transition not allowed by the state table.
@@ -82,6 +145,9 @@ pub enum Error {
     /// The key database failed.
     #[error("database error: {0}")]
     Database(String),
+    /// The SQLite database (or the replay guard's state file) failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// A file could not be read or written.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
@@ -103,6 +169,18 @@ impl Error {
             Error::Verification => "verification-failed",
             Error::WrongSuite => "wrong-suite",
             Error::WrongGeneration => "wrong-generation",
+            Error::AlreadyRegistered { .. } => "already-registered",
+            Error::NoProfile { .. } => "no-profile",
+            Error::NoSeed { .. } => "no-seed",
+            Error::RevokePending { .. } => "revoke-pending",
+            Error::TransportOpen => "transport-open",
+            Error::SeedStillValid => "seed-still-valid",
+            Error::EpochExhausted => "epoch-exhausted",
+            Error::WrongEpoch { .. } => "wrong-epoch",
+            Error::ClockUnconfirmed { .. } => "clock-unconfirmed",
+            Error::TimeOutOfRange => "time-out-of-range",
+            Error::NotInBackup { .. } => "not-in-backup",
+            Error::NotConfigured { .. } => "not-configured",
             Error::Refused(_) => "refused",
             Error::IllegalTransition { .. } => "illegal-transition",
             Error::Integrity(_) => "integrity",
@@ -110,7 +188,7 @@ impl Error {
             Error::CardFormat(_) => "card-format",
             Error::Shares(_) => "shares",
             Error::Card(_) => "card",
-            Error::Database(_) => "database",
+            Error::Database(_) | Error::Sqlite(_) => "database",
             Error::Io(_) => "io",
         }
     }
@@ -130,6 +208,18 @@ impl Error {
             | Error::Verification
             | Error::WrongSuite
             | Error::WrongGeneration
+            | Error::AlreadyRegistered { .. }
+            | Error::NoProfile { .. }
+            | Error::NoSeed { .. }
+            | Error::RevokePending { .. }
+            | Error::TransportOpen
+            | Error::SeedStillValid
+            | Error::EpochExhausted
+            | Error::WrongEpoch { .. }
+            | Error::ClockUnconfirmed { .. }
+            | Error::TimeOutOfRange
+            | Error::NotInBackup { .. }
+            | Error::NotConfigured { .. }
             | Error::Refused(_)
             | Error::IllegalTransition { .. }
             | Error::Integrity(_) => true,
@@ -138,6 +228,7 @@ impl Error {
             | Error::Shares(_)
             | Error::Card(_)
             | Error::Database(_)
+            | Error::Sqlite(_)
             | Error::Io(_) => false,
         }
     }
@@ -151,12 +242,6 @@ impl Error {
             C::IllegalTransition { from, event } => Error::IllegalTransition { from, event },
             other => Error::Malformed(other.to_string()),
         }
-    }
-}
-
-impl From<rusqlite::Error> for Error {
-    fn from(e: rusqlite::Error) -> Self {
-        Error::Database(e.to_string())
     }
 }
 

@@ -12,6 +12,7 @@ pub mod clock;
 pub mod db;
 mod error;
 pub mod integrity;
+pub mod policy;
 pub mod profile;
 pub mod repair;
 mod replay;
@@ -23,10 +24,11 @@ pub use center::{
     AuthOutcome, AutoBackup, CENTER_ACTOR, Center, HousekeepingReport, ImportProgress,
     ImportReject, ImportReport, OpenedSealed, RotationReport, SignatureOutcome, VerifyOutcome,
 };
-pub use db::{
-    DeviceQuery, DeviceView, KeyDatabase, PostgresDatabase, PostgresOptions, SqliteDatabase,
-    SqliteOptions,
-};
+pub use db::{DeviceQuery, DeviceView, KeyDatabase};
+#[cfg(feature = "postgres")]
+pub use db::{PostgresDatabase, PostgresOptions};
+#[cfg(feature = "sqlite")]
+pub use db::{SqliteDatabase, SqliteOptions};
 pub use error::{Error, Result};
 pub use integrity::IntegrityReport;
 pub use profile::{CenterConfig, ClassProfile, ReplayMode};

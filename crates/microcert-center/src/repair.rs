@@ -297,9 +297,11 @@ impl Center {
                     continue;
                 }
                 if tx.device(k.0)?.is_none() {
-                    let d = from.devices.iter().find(|d| d.id == k.0).ok_or_else(|| {
-                        Error::Refused(format!("device {} is missing and not in the backup", k.0))
-                    })?;
+                    let d = from
+                        .devices
+                        .iter()
+                        .find(|d| d.id == k.0)
+                        .ok_or_else(|| Error::NotInBackup { device: k.0 })?;
                     tx.insert_device(&counter_floor(card, d, now)?)?;
                 }
                 tx.delete_seed(k.0, k.1)?;
@@ -380,6 +382,7 @@ fn audit_repair(
 /// to `<file>.replaced-<now>` for investigation, a new file gets the
 /// backup ([`backup::restore_into`]) and the anchor is reset to it.
 /// Returns where the old file went.
+#[cfg(feature = "sqlite")]
 pub fn restore_sqlite_file(
     db_path: &Path,
     backup_file: &Path,

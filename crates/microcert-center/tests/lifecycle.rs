@@ -331,7 +331,7 @@ fn corrupt_batch_entries_are_reported_and_not_stored(backend: Backend) {
             (3, "malformed"),
             (4, "verification-failed"),
             (5, "verification-failed"),
-            (6, "refused"),
+            (6, "no-profile"),
             (8, "malformed"),
         ]
     );
@@ -523,7 +523,7 @@ fn factory_provisioning_then_online_enrollment(backend: Backend) {
     let more = [DeviceId::from_u64(0x0a00), ids[1]];
     assert!(matches!(
         center.provision(&more, 3, None, 0, "factory", NOW),
-        Err(Error::Refused(_))
+        Err(Error::AlreadyRegistered { device }) if device == ids[1]
     ));
     assert!(center.device(more[0]).unwrap().is_none());
     // Class 1 does not allow suite 0x02.

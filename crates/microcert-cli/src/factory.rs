@@ -123,7 +123,7 @@ pub fn provision(args: ProvisionArgs) -> anyhow::Result<()> {
         let t = now();
         let row = match center.register_device(id, args.class, None, 0, &args.actor, t) {
             Ok(row) => row,
-            Err(Error::Refused(_)) => continue, // id already taken: draw another
+            Err(Error::AlreadyRegistered { .. }) => continue, // id taken: draw another
             Err(e) => return Err(e).context("cannot register the device"),
         };
         let ktr = center.factory_transport_key(id, &args.actor, t)?;

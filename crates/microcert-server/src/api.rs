@@ -53,7 +53,8 @@ impl Refusal {
             Refusal::NotActive => "not-active",
             Refusal::Expired => "expired",
             Refusal::WrongSuite => "wrong-suite",
-            Refusal::Quarantined => "quarantined",
+            // The same word as the operator API's (one vocabulary).
+            Refusal::Quarantined => "integrity",
             Refusal::Replay => "replay",
             Refusal::TooLarge => "too-large",
             Refusal::Internal => "internal",

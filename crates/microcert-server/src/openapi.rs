@@ -225,6 +225,107 @@ pub const ROUTES: &[RouteDoc] = &[
     },
 ];
 
+/// The one vocabulary of refusal and error kinds: the `error` of every
+/// JSON error body (operator API, `/v1/verify`) and the body of a device
+/// resource's refusal (HTTP and CoAP). A device sees the coarser kind where
+/// a finer one would reveal more than it should (e.g. `wrong-generation`
+/// is `not-active` to a device; an operator-only refusal never reaches a
+/// device).
+pub const ERROR_KINDS: &[(&str, &str)] = &[
+    ("malformed", "the bytes or the request do not parse (400)"),
+    (
+        "verification-failed",
+        "the message, challenge or receipt does not verify; opaque (401)",
+    ),
+    (
+        "stale",
+        "the message's time is outside the accepted clock skew (401)",
+    ),
+    (
+        "unknown-device",
+        "no device with this id is registered (404)",
+    ),
+    ("revoked", "the device is revoked (403)"),
+    ("suspended", "the device is suspended by an operator (403)"),
+    (
+        "not-active",
+        "the seed is not active, or not yet valid (403)",
+    ),
+    ("expired", "the seed does not cover the date (403)"),
+    (
+        "wrong-suite",
+        "the message's suite is not the device's (403)",
+    ),
+    (
+        "wrong-generation",
+        "a generation the rules do not allow; `not-active` to a device (403)",
+    ),
+    (
+        "integrity",
+        "the device's records fail their card tags: quarantined until repaired (403)",
+    ),
+    ("replay", "already accepted once (409; CoAP 4.03)"),
+    (
+        "too-large",
+        "the body is larger than the resource accepts (413)",
+    ),
+    (
+        "illegal-transition",
+        "a life-cycle event the state table does not allow (409)",
+    ),
+    (
+        "already-registered",
+        "the device id is already registered (409)",
+    ),
+    ("no-profile", "no class profile for this device class (409)"),
+    ("no-seed", "the device has no seed yet (409)"),
+    ("revoke-pending", "a REVOKE is queued for the device (409)"),
+    (
+        "transport-open",
+        "transport enrollment is already open (409)",
+    ),
+    (
+        "seed-still-valid",
+        "the current seed is neither expired nor revoked (409)",
+    ),
+    ("epoch-exhausted", "epoch 255 is final (409)"),
+    (
+        "wrong-epoch",
+        "transport enrollment reopens only with another epoch (409)",
+    ),
+    (
+        "clock-unconfirmed",
+        "a clock step awaits an operator's confirmation (409)",
+    ),
+    ("time-out-of-range", "a time beyond 2106 (409)"),
+    (
+        "not-in-backup",
+        "a device the restore needs is not in the backup (409)",
+    ),
+    (
+        "not-configured",
+        "a feature this server is not configured with (409)",
+    ),
+    (
+        "refused",
+        "refused by the card, the batch import or the replay guard (409)",
+    ),
+    ("wrong-passphrase", "the card does not open (500)"),
+    ("card-format", "card data in an unknown format (500)"),
+    ("shares", "backup shares that do not recover a card (500)"),
+    ("card", "the encryption card failed (500)"),
+    ("database", "the key database failed (500)"),
+    ("io", "a file could not be read or written (500)"),
+    (
+        "internal",
+        "the center could not do its part; logged there (500)",
+    ),
+    (
+        "bad-request",
+        "an operator request with a bad parameter (400)",
+    ),
+];
+
 /// The document.
 pub fn document() -> Value {
     let mut paths = Map::new();
@@ -269,7 +370,22 @@ pub fn document() -> Value {
             "description": "Device, relying-party and operator resources of a microcert authentication center. Device bodies are raw protocol bytes (docs/protocol.md)."
         },
         "components": {
-            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } }
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "description": "A refusal or error. `error` is one word of one vocabulary, shared by the operator API and the device resources (whose refusal body over HTTP and CoAP is the same word).",
+                    "properties": {
+                        "error": {
+                            "type": "string",
+                            "enum": ERROR_KINDS.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+                            "description": ERROR_KINDS.iter().map(|(k, d)| format!("{k}: {d}")).collect::<Vec<_>>().join("; ")
+                        },
+                        "message": { "type": "string" }
+                    },
+                    "required": ["error"]
+                }
+            }
         },
         "paths": paths
     })

@@ -64,14 +64,53 @@ pub fn routes(state: OperatorState) -> Router {
         .with_state(state)
 }
 
+/// The HTTP status of a center error on the operator API: the one place
+/// where this is decided, every variant named (no catch-all). The body's
+/// `error` is [`Error::kind`], the same vocabulary as the device resources'
+/// (documented in the OpenAPI document, [`crate::openapi::ERROR_KINDS`]).
+pub fn operator_status(e: &Error) -> StatusCode {
+    match e {
+        Error::UnknownDevice => StatusCode::NOT_FOUND,
+        Error::Malformed(_) => StatusCode::BAD_REQUEST,
+        // A request the current state (or configuration) does not allow.
+        Error::IllegalTransition { .. }
+        | Error::AlreadyRegistered { .. }
+        | Error::NoProfile { .. }
+        | Error::NoSeed { .. }
+        | Error::RevokePending { .. }
+        | Error::TransportOpen
+        | Error::SeedStillValid
+        | Error::EpochExhausted
+        | Error::WrongEpoch { .. }
+        | Error::ClockUnconfirmed { .. }
+        | Error::TimeOutOfRange
+        | Error::NotInBackup { .. }
+        | Error::NotConfigured { .. }
+        | Error::Refused(_) => StatusCode::CONFLICT,
+        // As on the device resources.
+        Error::Revoked
+        | Error::Suspended
+        | Error::NotActive
+        | Error::Expired
+        | Error::Replay
+        | Error::Stale
+        | Error::Verification
+        | Error::WrongSuite
+        | Error::WrongGeneration
+        | Error::Integrity(_)
+        | Error::WrongPassphrase
+        | Error::CardFormat(_)
+        | Error::Shares(_)
+        | Error::Card(_)
+        | Error::Database(_)
+        | Error::Sqlite(_)
+        | Error::Io(_) => refusal(e).http_status(),
+    }
+}
+
 /// An error reply of the operator API.
 fn error(e: &Error) -> Response {
-    let status = match e {
-        Error::UnknownDevice => StatusCode::NOT_FOUND,
-        Error::IllegalTransition { .. } | Error::Refused(_) => StatusCode::CONFLICT,
-        Error::Malformed(_) => StatusCode::BAD_REQUEST,
-        other => refusal(other).http_status(),
-    };
+    let status = operator_status(e);
     if status.is_server_error() {
         tracing::error!(error = %e, "operator request failed");
     }
@@ -533,9 +572,9 @@ async fn integrity(State(s): State<OperatorState>, headers: HeaderMap) -> Respon
 
 fn maintenance(s: &OperatorState) -> Result<MaintenancePaths, Response> {
     s.maintenance.clone().ok_or_else(|| {
-        error(&Error::Refused(
-            "backups are not configured in this server".into(),
-        ))
+        error(&Error::NotConfigured {
+            what: "backups (in this server)",
+        })
     })
 }
 

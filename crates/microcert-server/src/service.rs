@@ -31,13 +31,29 @@ pub fn refusal(e: &Error) -> Refusal {
         Error::Malformed(_) => Refusal::Malformed,
         Error::Verification => Refusal::NotVerified,
         Error::WrongSuite => Refusal::WrongSuite,
-        Error::Refused(_) | Error::IllegalTransition { .. } => Refusal::NotActive,
+        // Operator-side refusals never answer a device message; should one
+        // reach a device it is "not-active", as before they were typed.
+        Error::AlreadyRegistered { .. }
+        | Error::NoProfile { .. }
+        | Error::NoSeed { .. }
+        | Error::RevokePending { .. }
+        | Error::TransportOpen
+        | Error::SeedStillValid
+        | Error::EpochExhausted
+        | Error::WrongEpoch { .. }
+        | Error::ClockUnconfirmed { .. }
+        | Error::TimeOutOfRange
+        | Error::NotInBackup { .. }
+        | Error::NotConfigured { .. }
+        | Error::Refused(_)
+        | Error::IllegalTransition { .. } => Refusal::NotActive,
         Error::Integrity(_) => Refusal::Quarantined,
         Error::WrongPassphrase
         | Error::CardFormat(_)
         | Error::Shares(_)
         | Error::Card(_)
         | Error::Database(_)
+        | Error::Sqlite(_)
         | Error::Io(_) => Refusal::Internal,
     }
 }
@@ -144,5 +160,120 @@ impl DeviceService for CenterService {
         let aud = Audience::relying_party(name);
         let r = self.center.open_sealed(body, &aud, now());
         self.run("open", r.map(|o| o.plaintext.to_vec()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openapi::ERROR_KINDS;
+    use microcert_core::{Event, KeyState};
+
+    /// One error of every variant; the `match` below fails to compile when
+    /// a variant is added without being listed here.
+    fn every_error() -> Vec<Error> {
+        let d = DeviceId::from_u64(1);
+        let all = vec![
+            Error::UnknownDevice,
+            Error::Revoked,
+            Error::Suspended,
+            Error::NotActive,
+            Error::Expired,
+            Error::Replay,
+            Error::Stale,
+            Error::Malformed("x".into()),
+            Error::Verification,
+            Error::WrongSuite,
+            Error::WrongGeneration,
+            Error::AlreadyRegistered { device: d },
+            Error::NoProfile { class: 4 },
+            Error::NoSeed { device: d },
+            Error::RevokePending { device: d },
+            Error::TransportOpen,
+            Error::SeedStillValid,
+            Error::EpochExhausted,
+            Error::WrongEpoch { expected: 1 },
+            Error::ClockUnconfirmed { why: "x".into() },
+            Error::TimeOutOfRange,
+            Error::NotInBackup { device: d },
+            Error::NotConfigured { what: "x" },
+            Error::Refused("x".into()),
+            Error::IllegalTransition {
+                from: KeyState::Active,
+                event: Event::Activate,
+            },
+            Error::Integrity("x".into()),
+            Error::WrongPassphrase,
+            Error::CardFormat("x".into()),
+            Error::Shares("x".into()),
+            Error::Card("x".into()),
+            Error::Database("x".into()),
+            Error::Sqlite(rusqlite_error()),
+            Error::Io(std::io::Error::other("x")),
+        ];
+        for e in &all {
+            match e {
+                Error::UnknownDevice
+                | Error::Revoked
+                | Error::Suspended
+                | Error::NotActive
+                | Error::Expired
+                | Error::Replay
+                | Error::Stale
+                | Error::Malformed(_)
+                | Error::Verification
+                | Error::WrongSuite
+                | Error::WrongGeneration
+                | Error::AlreadyRegistered { .. }
+                | Error::NoProfile { .. }
+                | Error::NoSeed { .. }
+                | Error::RevokePending { .. }
+                | Error::TransportOpen
+                | Error::SeedStillValid
+                | Error::EpochExhausted
+                | Error::WrongEpoch { .. }
+                | Error::ClockUnconfirmed { .. }
+                | Error::TimeOutOfRange
+                | Error::NotInBackup { .. }
+                | Error::NotConfigured { .. }
+                | Error::Refused(_)
+                | Error::IllegalTransition { .. }
+                | Error::Integrity(_)
+                | Error::WrongPassphrase
+                | Error::CardFormat(_)
+                | Error::Shares(_)
+                | Error::Card(_)
+                | Error::Database(_)
+                | Error::Sqlite(_)
+                | Error::Io(_) => {}
+            }
+        }
+        all
+    }
+
+    fn rusqlite_error() -> microcert_center::db::SqliteError {
+        microcert_center::db::SqliteError::InvalidQuery
+    }
+
+    /// One vocabulary: every kind an operator or a device can see is
+    /// documented in the OpenAPI document, and a device sees the operator's
+    /// word, or a documented coarser one (never a second word for the same
+    /// failure, such as "quarantined" beside "integrity").
+    #[test]
+    fn one_vocabulary_of_refusal_kinds() {
+        let known = |k: &str| ERROR_KINDS.iter().any(|(w, _)| *w == k);
+        for e in every_error() {
+            let op = e.kind();
+            let dev = refusal(&e).kind();
+            assert!(known(op), "{op} is not documented");
+            assert!(known(dev), "{dev} is not documented");
+            let coarser = match e {
+                Error::WrongGeneration => dev == "not-active",
+                _ if !e.is_refusal() => dev == "internal",
+                _ => dev == "not-active" && crate::operator::operator_status(&e).as_u16() == 409,
+            };
+            assert!(dev == op || coarser, "{op} is {dev} to a device");
+        }
+        assert_eq!(refusal(&Error::Integrity("x".into())).kind(), "integrity");
     }
 }

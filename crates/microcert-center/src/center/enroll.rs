@@ -5,10 +5,11 @@ use microcert_core::{DeviceId, Enroll, KeyState, Suite};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{CENTER_ACTOR, Center, covers, malformed, refusal_for};
+use super::{CENTER_ACTOR, Center, malformed};
 use crate::card::EnrollVia;
 use crate::db::{Blob, DeviceRow, SeedRow, Tx, with_read_tx, with_tx};
 use crate::integrity::{self, DigestDelta};
+use crate::policy::{self, DeviceSnapshot, covers};
 use crate::{Error, Result};
 
 /// What the ENROLL rules decided, before any write. Not boxed: boxing
@@ -67,7 +68,7 @@ impl Center {
         };
         let row = with_tx(&*self.db, |tx| {
             if tx.device(id)?.is_some() {
-                return Err(Error::Refused(format!("device {id} is already registered")));
+                return Err(Error::AlreadyRegistered { device: id });
             }
             let mut row = row.clone();
             self.put_device(tx, &mut row, true)?;
@@ -105,7 +106,7 @@ impl Center {
         with_tx(&*self.db, |tx| {
             for &id in ids {
                 if tx.device(id)?.is_some() {
-                    return Err(Error::Refused(format!("device {id} is already registered")));
+                    return Err(Error::AlreadyRegistered { device: id });
                 }
                 self.put_device(
                     tx,
@@ -268,19 +269,10 @@ impl Center {
         } else {
             self.seeds_checked(tx, id)?
         };
-        let expected = match dev.highest_generation {
-            None => Some(0),
-            Some(g) => g.checked_add(1),
-        };
-        if Some(h.generation) != expected {
-            return Err(Error::WrongGeneration);
-        }
-        // Kupd only while the current seed is Active, covers today, and an
-        // UPDATE_SEED under it is pending (v1.1: an update is always asked
-        // for by the center, so a stolen seed alone cannot move the device
-        // to a seed of the thief's).
+        // Whether the center asked for this update: an UPDATE_SEED under
+        // the current seed is pending.
         let current = seeds.last();
-        let asked = match current {
+        let update_asked = match current {
             Some(c) if !is_new => tx.command(id)?.is_some_and(|cmd| {
                 cmd.answered_at.is_none()
                     && cmd.opcode == microcert_core::Opcode::UPDATE_SEED.get()
@@ -288,24 +280,23 @@ impl Center {
             }),
             _ => false,
         };
-        let update_seed = match current {
-            Some(c) if c.state == KeyState::Active && covers(c.base_year, now) && asked => {
-                Some(self.unseal(c)?)
-            }
-            _ => None,
+        let input = policy::Input::Enroll {
+            generation: h.generation,
+            update_asked,
         };
-        let transport_epoch = dev.transport_open.then_some(dev.epoch);
-        if update_seed.is_none() && transport_epoch.is_none() {
-            return Err(match current {
-                // Not asked for: as opaque as a MAC that does not verify.
-                Some(c) if c.state == KeyState::Active && covers(c.base_year, now) => {
-                    Error::Verification
-                }
-                Some(c) if c.state == KeyState::Active => Error::Expired,
-                Some(c) => refusal_for(c.state),
-                None => Error::NotActive,
-            });
-        }
+        let decision = policy::decide(&DeviceSnapshot::of(&dev, seeds.iter()), input, now)?;
+        let (update, transport_epoch) = decision
+            .effects
+            .iter()
+            .find_map(|e| match *e {
+                policy::Effect::EnrollKeys { update, transport } => Some((update, transport)),
+                _ => None,
+            })
+            .ok_or(Error::NotActive)?;
+        let update_seed = match update.and_then(|g| seeds.iter().find(|s| s.generation == g)) {
+            Some(c) => Some(self.unseal(c)?),
+            None => None,
+        };
         let (seed, via) = self
             .card
             .open_enroll(msg, update_seed.as_ref(), transport_epoch)?;

@@ -148,7 +148,7 @@ fn commit(db: &dyn KeyDatabase, batch: &[(u64, Mark)]) -> Vec<(u64, Result<bool>
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sqlite"))]
 mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};

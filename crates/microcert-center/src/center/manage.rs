@@ -12,6 +12,7 @@ use crate::db::{
     with_tx,
 };
 use crate::integrity::{self, IntegrityReport};
+use crate::policy;
 use crate::{Error, Result, audit};
 
 /// What [`Center::housekeeping`] did.
@@ -21,29 +22,6 @@ pub struct HousekeepingReport {
     pub pruned: u64,
     /// Seeds deactivated (grace period over, or expired).
     pub deactivated: u64,
-}
-
-/// Whether `seeds[pos]` (the current generation) and the one before it
-/// are in a seed update's grace period: the new one never used by the node
-/// (PreActivation, or Suspended with its predecessor by
-/// [`Center::suspend`]), the old one with a grace period and still Active
-/// or Suspended.
-fn in_grace(seeds: &[SeedRow], pos: usize) -> bool {
-    let Some(prev) = pos.checked_sub(1).and_then(|p| seeds.get(p)) else {
-        return false;
-    };
-    let Some(cur) = seeds.get(pos) else {
-        return false;
-    };
-    prev.generation.checked_add(1) == Some(cur.generation)
-        && prev.grace_until.is_some()
-        && matches!(
-            (prev.state, cur.state),
-            (
-                KeyState::Active | KeyState::Suspended,
-                KeyState::PreActivation
-            ) | (KeyState::Suspended, KeyState::Suspended)
-        )
 }
 
 impl Center {
@@ -68,91 +46,22 @@ impl Center {
         // this change re-reads the device after its own commit.
         self.cache.invalidate(id);
         let state = with_tx(&*self.db, |tx| {
-            let dev = self.device_in(tx, id)?;
+            let mut dev = self.device_in(tx, id)?;
             let mut seeds = self.seeds_checked(tx, id)?;
-            let g = generation
-                .or(dev.highest_generation)
-                .ok_or_else(|| Error::Refused(format!("device {id} has no seed")))?;
-            let pos = seeds
+            let input = policy::Input::Operator { generation, event };
+            self.decide_and_apply(tx, &mut dev, &mut seeds, input, now, (actor, reason))?;
+            // The policy found the generation, or refused.
+            let g = generation.or(dev.highest_generation);
+            Ok(seeds
                 .iter()
-                .position(|s| s.generation == g)
-                .ok_or(Error::WrongGeneration)?;
-            let grace = generation.is_none()
-                && matches!(event, Event::Suspend | Event::Resume | Event::Deactivate)
-                && in_grace(&seeds, pos);
-            if event == Event::Activate {
-                self.activate_in_tx(tx, &mut seeds, g, now, actor, reason)?;
-            } else if grace {
-                self.apply_in_grace(tx, &mut seeds, pos, event, now, (actor, reason))?;
-            } else {
-                self.apply_event(tx, &mut seeds[pos], event, now, actor, reason)?;
-            }
-            Ok(seeds[pos].state)
+                .find(|s| Some(s.generation) == g)
+                .map_or(KeyState::Destroyed, |s| s.state))
         })?;
         self.cache.invalidate(id);
         if event == Event::Destroy {
             self.db.flush_erased()?;
         }
         Ok(state)
-    }
-
-    /// An operator's suspend, resume or deactivate of a device during a
-    /// seed update's grace period: it applies to both generations (v1.1,
-    /// PROTOCOL.md section 6), each change through the core's transition
-    /// and audited. The new generation `seeds[pos]`, never used yet, has
-    /// no suspend or deactivate of its own (PreActivation allows neither):
-    /// it is activated in the same transaction, then given the event, and
-    /// the audit entry of that activation says why. After a resume the new
-    /// generation is the one in use and the old one is superseded; a node
-    /// that has not seen its RECEIPT yet resends its ENROLL and gets it.
-    fn apply_in_grace(
-        &self,
-        tx: &mut dyn Tx,
-        seeds: &mut [SeedRow],
-        pos: usize,
-        event: Event,
-        now: u64,
-        (actor, reason): (&str, &str),
-    ) -> Result<()> {
-        let (before, rest) = seeds.split_at_mut(pos);
-        let (prev, cur) = (&mut before[pos - 1], &mut rest[0]);
-        match event {
-            Event::Suspend | Event::Deactivate => {
-                if !(event == Event::Suspend && prev.state == KeyState::Suspended) {
-                    self.apply_event(tx, prev, event, now, actor, reason)?;
-                }
-                if cur.state == KeyState::PreActivation {
-                    let why = format!(
-                        "{} during the grace period of generation {}: {reason}",
-                        event.name(),
-                        prev.generation
-                    );
-                    self.apply_event(tx, cur, Event::Activate, now, actor, &why)?;
-                }
-                self.apply_event(tx, cur, event, now, actor, reason)
-            }
-            Event::Resume => {
-                if prev.state == KeyState::Suspended {
-                    self.apply_event(tx, prev, Event::Resume, now, actor, reason)?;
-                }
-                if cur.state == KeyState::Suspended {
-                    self.apply_event(tx, cur, Event::Resume, now, actor, reason)?;
-                    self.apply_event(
-                        tx,
-                        prev,
-                        Event::Deactivate,
-                        now,
-                        actor,
-                        "superseded: next generation in use",
-                    )?;
-                }
-                Ok(())
-            }
-            _ => Err(Error::IllegalTransition {
-                from: cur.state,
-                event,
-            }),
-        }
     }
 
     /// Operator activation of a PreActivation seed.
@@ -204,36 +113,8 @@ impl Center {
         with_tx(&*self.db, |tx| {
             let mut dev = self.device_in(tx, id)?;
             let mut seeds = self.seeds_checked(tx, id)?;
-            let mut any = false;
-            for s in seeds.iter_mut() {
-                if matches!(s.state, KeyState::Compromised | KeyState::Destroyed) {
-                    continue;
-                }
-                self.apply_event(tx, s, Event::Revoke, now, actor, reason)?;
-                any = true;
-            }
-            if !any && let Some(c) = seeds.last() {
-                return Err(Error::IllegalTransition {
-                    from: c.state,
-                    event: Event::Revoke,
-                });
-            }
-            dev.transport_open = false;
-            if let Some(cur) = seeds.last().filter(|s| s.ciphertext.is_some()) {
-                let cmd = self.build_command(&mut dev, cur, Opcode::REVOKE, now)?;
-                tx.put_command(&cmd)?;
-                self.audit(
-                    tx,
-                    now,
-                    actor,
-                    "queue-revoke",
-                    (Some(id), Some(cur.generation)),
-                    reason,
-                )?;
-            } else {
-                self.audit(tx, now, actor, "revoke", (Some(id), None), reason)?;
-            }
-            self.put_device(tx, &mut dev, false)?;
+            let input = policy::Input::Revoke;
+            self.decide_and_apply(tx, &mut dev, &mut seeds, input, now, (actor, reason))?;
             Ok(())
         })?;
         self.cache.invalidate(id);
@@ -242,7 +123,7 @@ impl Center {
     }
 
     /// Builds a COMMAND under `seed`: counter = max(previous + 1, now).
-    fn build_command(
+    pub(super) fn build_command(
         &self,
         dev: &mut DeviceRow,
         seed_row: &SeedRow,
@@ -350,9 +231,7 @@ impl Center {
     ) -> Result<bool> {
         let mut dev = self.device_in(tx, id)?;
         let seeds = self.seeds_checked(tx, id)?;
-        let cur = seeds
-            .last()
-            .ok_or_else(|| Error::Refused(format!("device {id} has no seed")))?;
+        let cur = seeds.last().ok_or(Error::NoSeed { device: id })?;
         if cur.state != KeyState::Active {
             return Err(refusal_for(cur.state));
         }
@@ -365,7 +244,7 @@ impl Center {
         }
         if let Some(p) = tx.command(id)?.filter(|c| c.answered_at.is_none()) {
             if p.opcode == Opcode::REVOKE.get() {
-                return Err(Error::Refused("a REVOKE is pending for this device".into()));
+                return Err(Error::RevokePending { device: id });
             }
             return Ok(false);
         }
@@ -493,60 +372,8 @@ impl Center {
         let epoch = with_tx(&*self.db, |tx| {
             let mut dev = self.device_in(tx, id)?;
             let mut seeds = self.seeds_checked(tx, id)?;
-            let Some(cur) = seeds.last_mut() else {
-                return Err(Error::Refused(
-                    "device has no seed: transport enrollment is open".into(),
-                ));
-            };
-            let expired =
-                year_of(now) > cur.base_year.saturating_add(microcert_core::SEED_YEARS - 1);
-            match cur.state {
-                KeyState::Compromised | KeyState::Destroyed if cur.compromised_at.is_some() => {
-                    let next = dev.epoch.checked_add(1).ok_or_else(|| {
-                        Error::Refused(
-                            "epoch 255 is final: the chip cannot be re-personalized".into(),
-                        )
-                    })?;
-                    if new_epoch != Some(next) {
-                        return Err(Error::Refused(format!(
-                            "after a revocation transport enrollment reopens only with epoch {next}"
-                        )));
-                    }
-                    dev.epoch = next;
-                }
-                _ if expired => {
-                    if new_epoch.is_some_and(|e| e != dev.epoch) {
-                        return Err(Error::Refused(
-                            "an expired seed reopens with the same epoch".into(),
-                        ));
-                    }
-                    if cur.state == KeyState::Active {
-                        self.apply_event(
-                            tx,
-                            cur,
-                            Event::Deactivate,
-                            now,
-                            actor,
-                            "expired before its update",
-                        )?;
-                    }
-                }
-                _ => {
-                    return Err(Error::Refused(
-                        "the current seed is neither expired nor revoked".into(),
-                    ));
-                }
-            }
-            dev.transport_open = true;
-            self.put_device(tx, &mut dev, false)?;
-            self.audit(
-                tx,
-                now,
-                actor,
-                "reopen-transport",
-                (Some(id), None),
-                &format!("epoch {}: {reason}", dev.epoch),
-            )?;
+            let input = policy::Input::ReopenTransport { new_epoch };
+            self.decide_and_apply(tx, &mut dev, &mut seeds, input, now, (actor, reason))?;
             Ok(dev.epoch)
         })?;
         self.cache.invalidate(id);
@@ -583,18 +410,12 @@ impl Center {
                 self.cache.invalidate(id);
                 let n = with_tx(&*self.db, |tx| {
                     let mut seeds = self.seeds_checked(tx, id)?;
+                    let snapshot = policy::DeviceSnapshot::of_seeds(id, seeds.iter());
+                    let d = policy::decide(&snapshot, policy::Input::Housekeeping, now)?;
                     let mut n = 0u64;
-                    for s in seeds.iter_mut().filter(|s| s.state == KeyState::Active) {
-                        let over_grace = s.grace_until.is_some_and(|g| g < now);
-                        let expired =
-                            s.base_year.saturating_add(microcert_core::SEED_YEARS - 1) < year;
-                        if over_grace || expired {
-                            let why = if over_grace {
-                                "grace period ended"
-                            } else {
-                                "seed expired"
-                            };
-                            self.apply_event(tx, s, Event::Deactivate, now, CENTER_ACTOR, why)?;
+                    for (generation, event, why) in d.transitions() {
+                        if let Some(s) = seeds.iter_mut().find(|s| s.generation == generation) {
+                            self.apply_event(tx, s, event, now, CENTER_ACTOR, &why.text(""))?;
                             n += 1;
                         }
                     }

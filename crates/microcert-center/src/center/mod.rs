@@ -23,20 +23,20 @@ pub use manage::HousekeepingReport;
 pub use rotation::RotationReport;
 pub use verify::{AuthOutcome, OpenedSealed, SignatureOutcome, VerifyOutcome};
 
+#[cfg(feature = "sqlite")]
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use microcert_core::{
-    DeviceId, Event, Header, KeySeed, KeyState, Sender, Suite, make_receipt, time, transition,
-};
+use microcert_core::{DeviceId, Event, Header, KeySeed, KeyState, Sender, Suite, make_receipt};
 
 use crate::cache::{CachedDevice, CachedSeed, SeedCache};
 use crate::card::EncryptionCard;
-use crate::db::{
-    DeviceRow, KeyDatabase, NewAudit, SeedRow, SqliteDatabase, SqliteOptions, Tx, with_tx,
-};
+use crate::db::{DeviceRow, KeyDatabase, NewAudit, SeedRow, Tx, with_tx};
+#[cfg(feature = "sqlite")]
+use crate::db::{SqliteDatabase, SqliteOptions};
 use crate::integrity;
+use crate::policy;
 use crate::profile::{CenterConfig, ClassProfile};
 use crate::replay::{MemoryGuard, ReplayMode};
 use crate::{Error, Result};
@@ -50,9 +50,11 @@ pub struct Center {
     cache: Arc<SeedCache>,
     group: group::GroupCommit,
     replay: Replay,
-    /// The same database as `db` when it is SQLite: its read path for
-    /// cache misses.
-    sqlite: Option<Arc<SqliteDatabase>>,
+    /// Transitional, for center/import.rs only (its bulk hint, being
+    /// rewritten on another branch): the same `dyn KeyDatabase` as `db`,
+    /// for every backend. Nothing else reads it; remove it once import
+    /// calls `self.db.set_bulk`.
+    sqlite: Option<Arc<dyn KeyDatabase>>,
     /// Random bytes from the card, fetched 4 KiB at a time for the r of
     /// the center's RECEIPTs: one card call (a system call for the
     /// software card) per 512 receipts instead of one each.
@@ -122,35 +124,14 @@ impl std::fmt::Debug for Center {
 pub const CENTER_ACTOR: &str = "center";
 
 pub(crate) fn now32(now: u64) -> Result<u32> {
-    u32::try_from(now).map_err(|_| Error::Refused("time beyond 2106".into()))
-}
-
-pub(crate) fn year_of(now: u64) -> u16 {
-    let y = time::date_of(now as i64).year;
-    u16::try_from(y).unwrap_or(u16::MAX)
-}
-
-/// Whether a seed's five years cover the calendar date of `now`.
-pub(crate) fn covers(base_year: u16, now: u64) -> bool {
-    let y = year_of(now);
-    base_year <= y && y <= base_year.saturating_add(microcert_core::SEED_YEARS - 1)
+    u32::try_from(now).map_err(|_| Error::TimeOutOfRange)
 }
 
 pub(crate) fn malformed(e: microcert_core::Error) -> Error {
     Error::Malformed(e.to_string())
 }
 
-/// The refusal for a message under a seed in `state`.
-pub(crate) fn refusal_for(state: KeyState) -> Error {
-    match state {
-        KeyState::Compromised => Error::Revoked,
-        KeyState::Suspended => Error::Suspended,
-        KeyState::PreActivation
-        | KeyState::Active
-        | KeyState::Deactivated
-        | KeyState::Destroyed => Error::NotActive,
-    }
-}
+pub(crate) use crate::policy::{refusal_for, year_of};
 
 impl Center {
     /// A center over any database and card. Replay records go to the
@@ -197,12 +178,12 @@ impl Center {
             tracing::warn!(error = %e, "no change notifications: other centers' changes are seen after the cache TTL");
         }
         Center {
+            sqlite: Some(Arc::clone(&db)),
             db,
             card,
             cache,
             group: group::GroupCommit::default(),
             replay,
-            sqlite: None,
             receipt_r: std::sync::Mutex::new(RandomPool::new()),
             watch: crate::clock::ClockWatch::new(Arc::new(crate::clock::SystemClock::new())),
             config,
@@ -214,6 +195,7 @@ impl Center {
     /// With [`ReplayMode::Auto`] or [`ReplayMode::Memory`] it keeps replay
     /// records in memory (see [`ReplayMode`]): only one process may then
     /// verify messages on this file.
+    #[cfg(feature = "sqlite")]
     pub fn open_sqlite(
         path: &Path,
         card: Arc<dyn EncryptionCard>,
@@ -223,15 +205,30 @@ impl Center {
     }
 
     /// Like [`Center::open_sqlite`], with options for the SQLite backend.
+    #[cfg(feature = "sqlite")]
     pub fn open_sqlite_with(
         path: &Path,
         options: SqliteOptions,
         card: Arc<dyn EncryptionCard>,
         config: CenterConfig,
     ) -> Result<Self> {
-        let db = Arc::new(SqliteDatabase::open_with(path, options)?);
-        let replay = match config.replay {
-            ReplayMode::Auto | ReplayMode::Memory => {
+        let db: Arc<dyn KeyDatabase> = Arc::new(SqliteDatabase::open_with(path, options)?);
+        Self::open_local(db, card, config)
+    }
+
+    /// A center over a database that is one local file
+    /// ([`KeyDatabase::local_path`]), used by this process alone: with
+    /// [`ReplayMode::Auto`] or [`ReplayMode::Memory`] the replay records
+    /// are kept in memory, their guard's state beside that file. A
+    /// database without a local file keeps them in the database.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    fn open_local(
+        db: Arc<dyn KeyDatabase>,
+        card: Arc<dyn EncryptionCard>,
+        config: CenterConfig,
+    ) -> Result<Self> {
+        let replay = match (config.replay, db.local_path()) {
+            (ReplayMode::Auto | ReplayMode::Memory, Some(path)) => {
                 let skew = config.profiles.iter().map(|p| u64::from(p.skew)).max();
                 let window = skew.unwrap_or(0) + config.instance_skew + 1;
                 let expected = watch::guard_state_expected(&*db, &*card)?;
@@ -244,11 +241,15 @@ impl Center {
                     hook,
                 ))
             }
-            ReplayMode::Database => Replay::Database,
+            (ReplayMode::Memory, None) => {
+                tracing::warn!(
+                    "replay mode \"memory\" needs a database in a local file; using the database"
+                );
+                Replay::Database
+            }
+            (ReplayMode::Auto | ReplayMode::Database, _) => Replay::Database,
         };
-        let mut center = Self::with_replay(db.clone(), card, config, replay);
-        center.sqlite = Some(db);
-        Ok(center)
+        Ok(Self::with_replay(db, card, config, replay))
     }
 
     /// Drops this center as a crash would: the in-memory replay guard is
@@ -303,10 +304,30 @@ impl Center {
         config: CenterConfig,
     ) -> Result<Self> {
         if crate::db::is_postgres_url(location) {
-            let db = crate::db::PostgresDatabase::open(location)?;
-            Ok(Center::new(Arc::new(db), card, config))
+            #[cfg(feature = "postgres")]
+            {
+                let db = crate::db::PostgresDatabase::open(location)?;
+                Ok(Center::new(Arc::new(db), card, config))
+            }
+            #[cfg(not(feature = "postgres"))]
+            {
+                let _ = (card, config);
+                Err(Error::NotConfigured {
+                    what: "PostgreSQL (this build lacks the `postgres` feature)",
+                })
+            }
         } else {
-            Self::open_sqlite(Path::new(location), card, config)
+            #[cfg(feature = "sqlite")]
+            {
+                Self::open_sqlite(Path::new(location), card, config)
+            }
+            #[cfg(not(feature = "sqlite"))]
+            {
+                let _ = (card, config);
+                Err(Error::NotConfigured {
+                    what: "SQLite (this build lacks the `sqlite` feature)",
+                })
+            }
         }
     }
 
@@ -336,9 +357,7 @@ impl Center {
     }
 
     pub(crate) fn profile(&self, class: u8) -> Result<&ClassProfile> {
-        self.config
-            .profile(class)
-            .ok_or_else(|| Error::Refused(format!("no profile for device class {class}")))
+        self.config.profile(class).ok_or(Error::NoProfile { class })
     }
 
     /// A device for the verification path: from the cache, else read from
@@ -348,9 +367,9 @@ impl Center {
             return Ok(hit);
         }
         let ticket = self.cache.ticket(id);
-        let (device, rows) = match &self.sqlite {
-            Some(db) => {
-                let (device, rows) = db.read_device(id)?.ok_or(Error::UnknownDevice)?;
+        let (device, rows) = match self.db.read_device_unlocked(id) {
+            Some(read) => {
+                let (device, rows) = read?.ok_or(Error::UnknownDevice)?;
                 integrity::check_device(&*self.card, &device)?;
                 for r in &rows {
                     integrity::check_record(&*self.card, r)?;
@@ -430,7 +449,7 @@ impl Center {
     }
 
     /// Applies a life-cycle event to a seed record inside a transaction:
-    /// the core's transition, timestamps, new tag, digest, audit entry.
+    /// the policy's transition, timestamps, new tag, digest, audit entry.
     pub(crate) fn apply_event(
         &self,
         tx: &mut dyn Tx,
@@ -440,31 +459,8 @@ impl Center {
         actor: &str,
         reason: &str,
     ) -> Result<()> {
-        let to = transition(row.state, event).map_err(Error::from_core)?;
         let old_tag = row.tag;
-        row.state = to;
-        match event {
-            Event::Activate => row.activated_at = Some(now),
-            Event::Suspend => row.suspended_at = Some(now),
-            Event::Resume => {}
-            Event::Deactivate => {
-                row.deactivated_at = Some(now);
-                row.grace_until = None;
-            }
-            Event::Revoke => {
-                row.compromised_at = Some(now);
-                row.grace_until = None;
-            }
-            Event::Destroy => {
-                row.destroyed_at = Some(now);
-                // The ciphertext is overwritten with zeros and set NULL in
-                // the same statement; secure_delete zeroes the freed cell.
-                if let Some(ct) = row.ciphertext.as_mut() {
-                    ct.0.fill(0);
-                }
-                row.ciphertext = None;
-            }
-        }
+        let to = policy::apply_transition(row, event, now)?;
         integrity::retag(&*self.card, row)?;
         tx.update_seed(row)?;
         integrity::apply_change(tx, &*self.card, row.device, Some(&old_tag), &row.tag)?;
@@ -484,32 +480,75 @@ impl Center {
         Ok(())
     }
 
-    /// First use (or an operator's activation) of a PreActivation seed:
-    /// activates it and deactivates the generation it supersedes.
-    pub(crate) fn activate_in_tx(
+    /// Decides `input` for a device by the life-cycle policy and applies
+    /// the decision's effects in `tx`, in order: transitions (audited with
+    /// their reason, `reason` being the operator's), the transport flag, a
+    /// REVOKE command, audit entries. The device row is written when it
+    /// changed. Returns the decision.
+    pub(crate) fn decide_and_apply(
         &self,
         tx: &mut dyn Tx,
+        dev: &mut DeviceRow,
         seeds: &mut [SeedRow],
-        generation: u8,
+        input: policy::Input,
         now: u64,
-        actor: &str,
-        reason: &str,
-    ) -> Result<()> {
-        let Some(pos) = seeds.iter().position(|s| s.generation == generation) else {
-            return Err(Error::WrongGeneration);
-        };
-        self.apply_event(tx, &mut seeds[pos], Event::Activate, now, actor, reason)?;
-        if pos > 0 && seeds[pos - 1].state == KeyState::Active {
-            self.apply_event(
-                tx,
-                &mut seeds[pos - 1],
-                Event::Deactivate,
-                now,
-                actor,
-                "superseded: next generation in use",
-            )?;
+        (actor, reason): (&str, &str),
+    ) -> Result<policy::Decision> {
+        let snapshot = policy::DeviceSnapshot::of(dev, seeds.iter());
+        let decision = policy::decide(&snapshot, input, now)?;
+        let mut dev_changed = false;
+        for effect in &decision.effects {
+            match *effect {
+                policy::Effect::Transition {
+                    generation,
+                    event,
+                    reason: why,
+                } => {
+                    let row = seeds
+                        .iter_mut()
+                        .find(|s| s.generation == generation)
+                        .ok_or(Error::WrongGeneration)?;
+                    self.apply_event(tx, row, event, now, actor, &why.text(reason))?;
+                }
+                policy::Effect::Transport { open, epoch } => {
+                    dev.transport_open = open;
+                    dev.epoch = epoch;
+                    dev_changed = true;
+                }
+                policy::Effect::QueueRevoke { generation } => {
+                    let row = seeds
+                        .iter()
+                        .find(|s| s.generation == generation)
+                        .ok_or(Error::WrongGeneration)?;
+                    let cmd = self.build_command(dev, row, microcert_core::Opcode::REVOKE, now)?;
+                    dev_changed = true;
+                    tx.put_command(&cmd)?;
+                    self.audit(
+                        tx,
+                        now,
+                        actor,
+                        "queue-revoke",
+                        (Some(dev.id), Some(generation)),
+                        reason,
+                    )?;
+                }
+                policy::Effect::Audit { action } => {
+                    let text = if action == "reopen-transport" {
+                        format!("epoch {}: {reason}", dev.epoch)
+                    } else {
+                        reason.to_string()
+                    };
+                    self.audit(tx, now, actor, action, (Some(dev.id), None), &text)?;
+                }
+                policy::Effect::Use(_)
+                | policy::Effect::NotaryValid
+                | policy::Effect::EnrollKeys { .. } => {}
+            }
         }
-        Ok(())
+        if dev_changed {
+            self.put_device(tx, dev, false)?;
+        }
+        Ok(decision)
     }
 
     pub(crate) fn audit(

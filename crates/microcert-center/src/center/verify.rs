@@ -13,9 +13,10 @@ use microcert_core::{
 use zeroize::Zeroizing;
 
 use super::group::Mark;
-use super::{CENTER_ACTOR, Center, Replay, malformed, now32, refusal_for, year_of};
+use super::{CENTER_ACTOR, Center, Replay, malformed, now32};
 use crate::cache::{CachedDevice, CachedSeed};
 use crate::db::{NotaryRow, with_tx};
+use crate::policy::{self, Use};
 use crate::{Error, Result};
 
 /// An accepted AUTH or AUTH_RESPONSE.
@@ -80,31 +81,12 @@ impl std::fmt::Debug for OpenedSealed {
     }
 }
 
-/// How a message's generation relates to the device's seeds.
-enum Use {
-    /// The current generation, Active.
-    Steady,
-    /// The current generation, not yet used: this use activates it.
-    Activates,
-    /// The previous generation during a seed update's grace period.
-    Grace,
-}
-
 impl Center {
     /// The seed a message under `generation` with time `t` may be
-    /// verified with at `now`, or the refusal: the one grace and expiry
-    /// rule of every message type (PROTOCOL.md v1.1 section 6).
+    /// verified with at `now`, or the refusal: the policy's one grace and
+    /// expiry rule of every message type ([`policy::Input::Use`]).
     /// `first_use_ok`: whether a PreActivation seed may be used (AUTH and
     /// AUTH_RESPONSE activate it; other messages may not).
-    ///
-    /// - the current generation: Active (or PreActivation on first use);
-    /// - the previous generation: only during its grace period (Active,
-    ///   the current one not yet used, and `now` before `grace_until`),
-    ///   whether or not housekeeping has run;
-    /// - the seed's five years must cover both the center's date and the
-    ///   message's t (an expired seed is refused before housekeeping
-    ///   deactivates it; a seed whose base year is still ahead is not yet
-    ///   valid).
     fn usable<'d>(
         &self,
         dev: &'d CachedDevice,
@@ -113,42 +95,15 @@ impl Center {
         now: u64,
         first_use_ok: bool,
     ) -> Result<(&'d CachedSeed, &'d KeySeed, Use)> {
-        let Some(highest) = dev.device.highest_generation else {
-            return Err(Error::NotActive);
+        let input = policy::Input::Use {
+            generation,
+            t,
+            first_use: first_use_ok,
         };
+        let how = policy::decide(dev.snapshot(), input, now)?
+            .use_()
+            .ok_or(Error::NotActive)?;
         let s = dev.seed(generation).ok_or(Error::WrongGeneration)?;
-        let state = s.row.state;
-        let how = if generation == highest {
-            match state {
-                KeyState::Active => Use::Steady,
-                KeyState::PreActivation if first_use_ok => Use::Activates,
-                other => return Err(refusal_for(other)),
-            }
-        } else {
-            let current = dev.seed(highest).map(|c| c.row.state);
-            let in_grace = generation.checked_add(1) == Some(highest)
-                && state == KeyState::Active
-                && current == Some(KeyState::PreActivation)
-                && s.row.grace_until.is_some_and(|g| now < g);
-            if in_grace {
-                Use::Grace
-            } else if state == KeyState::Active {
-                // Superseded and out of grace: refused as not active.
-                return Err(Error::NotActive);
-            } else {
-                return Err(refusal_for(state));
-            }
-        };
-        let base = s.row.base_year;
-        let last = base.saturating_add(microcert_core::SEED_YEARS - 1);
-        for year in [year_of(now), year_of(u64::from(t))] {
-            if year > last {
-                return Err(Error::Expired);
-            }
-            if year < base {
-                return Err(Error::NotActive);
-            }
-        }
         let seed = s.seed.as_ref().ok_or(Error::NotActive)?;
         Ok((s, seed, how))
     }
@@ -234,20 +189,18 @@ impl Center {
             {
                 return Err(Error::Replay);
             }
-            self.device_in(tx, id)?;
+            let mut dev = self.device_in(tx, id)?;
             let mut seeds = self.seeds_checked(tx, id)?;
             let still_pending = seeds
                 .iter()
                 .any(|s| s.generation == generation && s.state == KeyState::PreActivation);
             if still_pending {
-                self.activate_in_tx(
-                    tx,
-                    &mut seeds,
-                    generation,
-                    now,
-                    CENTER_ACTOR,
-                    "first successful AUTH",
-                )?;
+                let input = policy::Input::Operator {
+                    generation: Some(generation),
+                    event: microcert_core::Event::Activate,
+                };
+                let who = (CENTER_ACTOR, "first successful AUTH");
+                self.decide_and_apply(tx, &mut dev, &mut seeds, input, now, who)?;
             }
             Ok(still_pending)
         })?;
@@ -380,8 +333,8 @@ impl Center {
     /// A seed of any state, read (tag checked) and unsealed: None if the
     /// generation does not exist, Some(None) if its ciphertext is destroyed.
     fn seed_of(&self, id: DeviceId, generation: u8) -> Result<Option<Option<KeySeed>>> {
-        let rows = match &self.sqlite {
-            Some(db) => match db.read_device(id)? {
+        let rows = match self.db.read_device_unlocked(id) {
+            Some(read) => match read? {
                 Some((_, rows)) => rows,
                 None => return Ok(None),
             },
@@ -500,7 +453,7 @@ impl Center {
         if u64::from(h.t) > now + skew {
             return Err(Error::Stale);
         }
-        let s = dev.seed(h.generation).ok_or(Error::WrongGeneration)?;
+        dev.seed(h.generation).ok_or(Error::WrongGeneration)?;
         let outcome = |first_seen| SignatureOutcome {
             device: h.device,
             generation: h.generation,
@@ -536,7 +489,15 @@ impl Center {
         match found {
             Some(n)
                 if subtle::ConstantTimeEq::ct_eq(&n.tag[..], msg.tag).into()
-                    && s.row.compromised_at.is_none_or(|c| n.first_seen < c) =>
+                    && policy::decide(
+                        dev.snapshot(),
+                        policy::Input::Notarized {
+                            generation: h.generation,
+                            first_seen: n.first_seen,
+                        },
+                        now,
+                    )
+                    .is_ok() =>
             {
                 Ok(outcome(n.first_seen))
             }

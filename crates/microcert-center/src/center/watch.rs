@@ -167,9 +167,9 @@ impl Center {
                     "{why}: housekeeping (pruning, deactivation of expired seeds, end of grace \
                      periods) is suspended until an operator confirms the time (microcert clock confirm)"
                 );
-                Err(Error::Refused(format!(
-                    "{why}: housekeeping suspended until an operator confirms the clock"
-                )))
+                Err(Error::ClockUnconfirmed {
+                    why: why.to_string(),
+                })
             }
         }
     }

@@ -25,10 +25,16 @@
 //! - [`Tx::append_audit`] chains the entry to the one before it
 //!   ([`crate::audit::chain_hash`]), serialised across writers.
 
+#[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "sqlite")]
 mod sqlite;
 
+#[cfg(feature = "postgres")]
 pub use postgres::{PostgresDatabase, PostgresOptions};
+/// The SQLite driver's error, the source of [`crate::Error::Sqlite`].
+pub use rusqlite::Error as SqliteError;
+#[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteDatabase, SqliteOptions};
 
 use std::fmt;
@@ -526,7 +532,35 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
             "this key database keeps no metadata (database identity)".into(),
         ))
     }
+
+    /// A device and its seeds read outside any write transaction, where
+    /// the backend has such a path (SQLite: a read transaction that never
+    /// waits for a writer), for the verification path's cache misses. The
+    /// default is None: the caller reads in a transaction. Tags are not
+    /// checked here (the caller checks them).
+    fn read_device_unlocked(&self, id: DeviceId) -> Option<Result<DeviceRecords>> {
+        let _ = id;
+        None
+    }
+
+    /// A hint that many writes follow (a batch import) or that they ended.
+    /// Durability must not change; the default ignores it.
+    fn set_bulk(&self, on: bool) -> Result<()> {
+        let _ = on;
+        Ok(())
+    }
+
+    /// The local file the database is, when it is one (SQLite): where the
+    /// in-memory replay guard keeps its state beside it. None by default
+    /// (a server database shared by several centers).
+    fn local_path(&self) -> Option<&std::path::Path> {
+        None
+    }
 }
+
+/// A device row and its seed rows, as [`KeyDatabase::read_device_unlocked`]
+/// reads them (None: no such device).
+pub type DeviceRecords = Option<(DeviceRow, Vec<SeedRow>)>;
 
 /// What [`KeyDatabase::watch_changes`] calls: Some(device) for one
 /// device's change, None for "anything may have changed".

@@ -288,4 +288,13 @@ impl KeyDatabase for Sealed {
     ) -> Result<()> {
         self.inner.read_snapshot(f)
     }
+    fn read_device_unlocked(&self, id: DeviceId) -> Option<Result<crate::db::DeviceRecords>> {
+        self.inner.read_device_unlocked(id)
+    }
+    fn set_bulk(&self, on: bool) -> Result<()> {
+        self.inner.set_bulk(on)
+    }
+    fn local_path(&self) -> Option<&std::path::Path> {
+        self.inner.local_path()
+    }
 }

@@ -169,6 +169,15 @@ impl SqliteDatabase {
 }
 
 impl KeyDatabase for SqliteDatabase {
+    fn read_device_unlocked(&self, id: DeviceId) -> Option<Result<super::DeviceRecords>> {
+        Some(self.read_device(id))
+    }
+    fn set_bulk(&self, on: bool) -> Result<()> {
+        SqliteDatabase::set_bulk(self, on)
+    }
+    fn local_path(&self) -> Option<&Path> {
+        Some(self.path())
+    }
     fn transaction(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
         let mut conn = self.lock()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
