@@ -14,6 +14,7 @@ mod error;
 pub mod integrity;
 pub mod profile;
 pub mod repair;
+pub mod tokens;
 mod replay;
 #[doc(hidden)]
 pub use replay::FaultPoint;
