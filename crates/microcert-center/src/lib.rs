@@ -14,8 +14,8 @@ mod error;
 pub mod integrity;
 pub mod profile;
 pub mod repair;
-pub mod tokens;
 mod replay;
+pub mod tokens;
 #[doc(hidden)]
 pub use replay::FaultPoint;
 

@@ -161,7 +161,9 @@ impl Center {
         check_name(name)?;
         check_role(role)?;
         if ttl == Some(0) {
-            return Err(Error::Refused("a token's time to live is at least 1 s".into()));
+            return Err(Error::Refused(
+                "a token's time to live is at least 1 s".into(),
+            ));
         }
         let aud = Audience::relying_party(name);
         if role == "verifier" && aud.is_center() {

@@ -6,7 +6,7 @@
 //! Each center keeps a cache of the table, reloaded from the database at
 //! most every [`REFRESH`] while requests arrive, and at once (at most every
 //! [`MISS_RELOAD`]) when a token it does not know is presented: a token
-//! made at another center works at once, a revocation anywhere takes
+//! made at another center works within MISS_RELOAD (100 ms), a revocation anywhere takes
 //! effect everywhere within [`REFRESH`]. When the database cannot be read
 //! for [`STALE_MAX`], every token is refused (fail closed). Refusals are
 //! counted (`microcert_token_refusals_total{reason}`) and, for a known
@@ -362,6 +362,8 @@ mod tests {
         let store = TokenStore::new(c.clone());
         assert!(store.check(&t).is_none());
         let t = create(&c, Role::Operator, "long", Some(3600), "test").unwrap();
+        // A token unknown to the cache is looked up at most every MISS_RELOAD.
+        std::thread::sleep(MISS_RELOAD);
         assert!(store.check(&t).is_some());
     }
 

@@ -600,8 +600,8 @@ impl KeyDatabase for PostgresDatabase {
     fn note_token_use(&self, hash: &str, last_used: Option<u64>, failures: u64) -> Result<()> {
         let mut c = self.pool.get()?;
         c.execute(
-            "UPDATE tokens SET last_used = GREATEST(COALESCE(last_used, 0), COALESCE($2, 0)), \
-             failures = failures + $3 WHERE hash = $1",
+            "UPDATE tokens SET last_used = GREATEST(last_used, $2::BIGINT), \
+             failures = failures + $3::BIGINT WHERE hash = $1",
             &[&hash, &oi(last_used), &i(failures)],
         )?;
         Ok(())

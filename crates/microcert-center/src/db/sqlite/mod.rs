@@ -462,7 +462,7 @@ impl KeyDatabase for SqliteDatabase {
     fn note_token_use(&self, hash: &str, last_used: Option<u64>, failures: u64) -> Result<()> {
         let conn = self.lock()?;
         conn.execute(
-            "UPDATE tokens SET last_used = max(coalesce(last_used, 0), coalesce(?2, 0)), \
+            "UPDATE tokens SET last_used = max(coalesce(last_used, ?2), coalesce(?2, last_used)), \
              failures = failures + ?3 WHERE hash = ?1",
             rusqlite::params![hash, last_used.map(|v| v as i64), failures as i64],
         )?;

@@ -413,9 +413,9 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn tokens(&mut self) -> Result<Vec<TokenRow>> {
-        let mut st = self
-            .tx
-            .prepare_cached(&format!("SELECT {TOKEN_COLS} FROM tokens ORDER BY created, hash"))?;
+        let mut st = self.tx.prepare_cached(&format!(
+            "SELECT {TOKEN_COLS} FROM tokens ORDER BY created, hash"
+        ))?;
         let rows = st.query_map([], token_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
@@ -439,9 +439,9 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn update_token(&mut self, t: &TokenRow) -> Result<()> {
-        let mut st = self
-            .tx
-            .prepare_cached("UPDATE tokens SET expires = ?2, revoked = ?3, tag = ?4 WHERE hash = ?1")?;
+        let mut st = self.tx.prepare_cached(
+            "UPDATE tokens SET expires = ?2, revoked = ?3, tag = ?4 WHERE hash = ?1",
+        )?;
         if st.execute(params![t.hash, oi(t.expires), oi(t.revoked), t.tag])? != 1 {
             return Err(Error::Database("token not found".into()));
         }
