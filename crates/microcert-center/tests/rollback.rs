@@ -253,6 +253,7 @@ fn a_version_1_database_is_upgraded_once() {
              ALTER TABLE commands DROP COLUMN seal;
              ALTER TABLE imports DROP COLUMN seal;
              DROP TABLE IF EXISTS meta;
+             DROP TABLE IF EXISTS tokens;
              PRAGMA user_version = 1;",
         )
         .unwrap();
