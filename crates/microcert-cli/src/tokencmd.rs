@@ -100,9 +100,10 @@ pub fn run(cmd: TokenCommand) -> anyhow::Result<()> {
             ttl,
         } => {
             let r = cfg.resolve()?;
+            // The card must exist (`card init` or the first `serve` makes
+            // it); the database is made if missing.
             let center = r.open_center(Open {
                 create_db: true,
-                create_card: true,
                 ..Open::maintenance(Access::Write)
             })?;
             tokens::migrate_file(&center, &r.data_dir)?;
