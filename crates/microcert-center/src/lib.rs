@@ -16,6 +16,7 @@ pub mod policy;
 pub mod profile;
 pub mod repair;
 mod replay;
+pub mod tokens;
 #[doc(hidden)]
 pub use replay::FaultPoint;
 

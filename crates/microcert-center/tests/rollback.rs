@@ -272,6 +272,7 @@ fn version_1_upgrade(migrated_but_not_tagged: bool) {
                  ALTER TABLE commands DROP COLUMN seal;
                  ALTER TABLE imports DROP COLUMN seal;
                  DROP TABLE IF EXISTS meta;
+                 DROP TABLE IF EXISTS tokens;
                  PRAGMA user_version = 1;",
             )
             .unwrap();

@@ -30,6 +30,7 @@ mod nodecmd;
 mod ops;
 mod serve;
 mod simulate;
+mod tokencmd;
 
 /// microcert: symmetric micro-certificates and key management for IoT fleets.
 #[derive(Debug, Parser)]
@@ -88,7 +89,7 @@ enum Command {
     Card(CardTop),
     /// Bearer tokens for operators and relying parties.
     #[command(subcommand)]
-    Token(TokenCommand),
+    Token(tokencmd::TokenCommand),
     /// Issue and check every message type in one process, and print them.
     Demo {
         /// The suite: 1 (8-byte tags) or 2 (16-byte tags).
@@ -154,33 +155,6 @@ enum FactoryCommand {
     Provision(factory::ProvisionArgs),
 }
 
-#[derive(Debug, Subcommand)]
-enum TokenCommand {
-    /// Make a token and print it (only the token, once; it is stored hashed).
-    Create {
-        #[command(flatten)]
-        cfg: config::ConfigArgs,
-        /// What the token may do.
-        #[arg(long, value_enum)]
-        role: microcert_server::tokens::Role,
-        /// Who holds it; for a verifier, the relying party's name (its audience).
-        #[arg(long)]
-        name: String,
-    },
-}
-
-fn token(cmd: TokenCommand) -> anyhow::Result<()> {
-    match cmd {
-        TokenCommand::Create { cfg, role, name } => {
-            let r = cfg.resolve()?;
-            r.create_data_dir()?;
-            let token = microcert_server::tokens::create(&r.data_dir, role, &name)?;
-            say!("{}", token.as_str());
-        }
-    }
-    Ok(())
-}
-
 /// An action's outcome: success, or its error with exit status 1.
 fn done(r: anyhow::Result<()>) -> Result<ExitCode, (anyhow::Error, ExitCode)> {
     r.map(|()| ExitCode::SUCCESS)
@@ -219,7 +193,7 @@ fn main() -> ExitCode {
         Command::Backup(cmd) => done(maint::backup(cmd)),
         Command::Card(CardTop::RotateStorageKey(args)) => done(maint::rotate_storage_key(args)),
         Command::Card(CardTop::Base(cmd)) => done(card::run(cmd)),
-        Command::Token(cmd) => done(token(cmd)),
+        Command::Token(cmd) => done(tokencmd::run(cmd)),
         Command::Demo { suite } => done(demo::run(suite)),
     };
     match result {

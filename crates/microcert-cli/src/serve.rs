@@ -116,7 +116,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(f) = center.rolled_back() {
         bail!("refusing to serve: {f}");
     }
-    let tokens = Arc::new(TokenStore::open(&r.data_dir)?);
+    // Tokens live in the key database (issue 14); a legacy tokens.json of
+    // this data directory moves there at the first start.
+    microcert_server::tokens::migrate_file(&center, &r.data_dir)?;
+    let tokens = Arc::new(TokenStore::new(center.clone()));
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .ok();

@@ -438,8 +438,16 @@ fn tokens_and_roles_guard_the_api() {
     let auditor = token("auditor", "carol");
     let verifier = token("verifier", "billing.example");
     let operator = token("operator", "alice");
-    let tokens = std::fs::read_to_string(data.join("tokens.json")).unwrap();
-    assert!(!tokens.contains(&operator), "tokens are stored hashed");
+    // Tokens live in the key database (issue 14), hashed.
+    assert!(!data.join("tokens.json").exists());
+    let listed = stdout(&run(&["token", "list", "--data", d, "--json"]));
+    assert_eq!(listed.lines().count(), 3, "{listed}");
+    assert!(!listed.contains(&operator), "tokens are stored hashed");
+    let db = std::fs::read(data.join("center.db")).unwrap();
+    assert!(
+        !db.windows(operator.len()).any(|w| w == operator.as_bytes()),
+        "tokens are stored hashed"
+    );
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -613,9 +621,14 @@ fn a_fleet_lives_on_a_pkcs11_token_from_configuration_alone() {
     // No software card is made: the token holds the keys.
     let server = Server::start_with(&data, &["--config", c], &env);
     assert!(!data.join("card.mccard").exists());
-    let operator = stdout(&run(&[
-        "token", "create", "--data", d, "--role", "operator", "--name", "ops",
-    ]));
+    // Tokens are card-tagged rows of the key database (issue 14): the
+    // command opens the configured card.
+    let operator = stdout(&run_with(
+        &[
+            "token", "create", "--data", d, "--config", c, "--role", "operator", "--name", "ops",
+        ],
+        &env,
+    ));
     let chips = dir.path().join("chips");
     run_with(
         &[

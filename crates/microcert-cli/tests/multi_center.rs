@@ -439,6 +439,64 @@ fn two_centers_on_one_postgres() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let c = client();
 
+    // 0. Tokens live in the shared database (issue 14): one made with A's
+    // data directory works at B, one made with B's works at A, and a
+    // revocation through either is refused by both within the cache bound.
+    let shown = |server: &str, token: &str| {
+        bin(&url)
+            .args([
+                "device",
+                "show",
+                &chips[14].0,
+                "--server",
+                server,
+                "--token",
+                token,
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(shown(&b.http, &operator), "A's token refused at B");
+    let carol = run(
+        &url,
+        &[
+            "token",
+            "create",
+            "--data",
+            data_b.to_str().unwrap(),
+            "--role",
+            "auditor",
+            "--name",
+            "carol",
+            "--ttl",
+            "1h",
+        ],
+    );
+    assert!(shown(&a.http, &carol), "B's token refused at A");
+    run(
+        &url,
+        &[
+            "token",
+            "revoke",
+            "--data",
+            data_a.to_str().unwrap(),
+            "--name",
+            "carol",
+        ],
+    );
+    let revoked_at = Instant::now();
+    while shown(&a.http, &carol) || shown(&b.http, &carol) {
+        assert!(
+            revoked_at.elapsed() <= Duration::from_secs(3),
+            "a revoked token still works after {:?}",
+            revoked_at.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(shown(&b.http, &operator));
+
     // 1. The same AUTH to both centers at once: accepted exactly once.
     let tries = 1000;
     let (mut both, mut none) = (0, 0);

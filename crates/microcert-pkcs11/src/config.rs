@@ -14,10 +14,11 @@ pub const PIN_ENV: &str = "MICROCERT_PKCS11_PIN";
 /// The module Debian's `softhsm2` package installs.
 pub const SOFTHSM2_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
-/// Configuration of a PKCS#11 card, shaped to sit in a TOML file:
+/// Configuration of a PKCS#11 card, shaped to sit in a TOML file (the
+/// CLI's configuration file reads it from a top-level `[pkcs11]` table):
 ///
 /// ```toml
-/// [card.pkcs11]
+/// [pkcs11]
 /// module = "/usr/lib/softhsm/libsofthsm2.so"
 /// token_label = "microcert"
 /// pin_file = "/etc/microcert/token.pin"   # or pin_env = "MICROCERT_PKCS11_PIN"

@@ -1,19 +1,44 @@
-//! Bearer tokens for operators and relying parties. A token is printed once
-//! at creation; only its SHA-256 is stored, in `tokens.json` of the data
-//! directory (written atomically). The server re-reads the file when it
-//! changes, so `microcert token create` works while it runs.
+//! Bearer tokens for operators and relying parties (issue 14: shared by
+//! every center on one database). A token is printed once at creation;
+//! only its SHA-256 is stored, in the key database's `tokens` table with a
+//! card tag over what decides its use ([`microcert_center::tokens`]).
+//!
+//! Each center keeps a cache of the table, reloaded from the database at
+//! most every [`REFRESH`] while requests arrive, and at once (at most every
+//! [`MISS_RELOAD`]) when a token it does not know is presented: a token
+//! made at another center works within MISS_RELOAD (100 ms), a revocation anywhere takes
+//! effect everywhere within [`REFRESH`]. When the database cannot be read
+//! for [`STALE_MAX`], every token is refused (fail closed). Refusals are
+//! counted (`microcert_token_refusals_total{reason}`) and, for a known
+//! token that is revoked or expired, in its row's `failures` column; its
+//! `last_used` is written with the next reload (at most once a REFRESH).
+//!
+//! A legacy `DATA/tokens.json` (before issue 14) is imported at the first
+//! start with a database ([`migrate_file`]) and renamed
+//! `tokens.json.migrated`.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
-use microcert_core::Audience;
+use microcert_center::Center;
+use microcert_center::db::TokenRow;
+use microcert_center::tokens::{LegacyToken, TokenStatus, token_hash, token_status};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
+
+/// How old the cache may get while requests arrive: the bound on how long
+/// a token revoked at another center still works here.
+pub const REFRESH: Duration = Duration::from_secs(1);
+
+/// The least time between two reloads caused by unknown tokens (a flood of
+/// made-up tokens costs at most one table read per MISS_RELOAD).
+pub const MISS_RELOAD: Duration = Duration::from_millis(100);
+
+/// How long the cache is used when the database cannot be read; then
+/// every token is refused until a reload succeeds.
+pub const STALE_MAX: Duration = Duration::from_secs(10);
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -39,26 +64,33 @@ impl Role {
             Role::Verifier => "verifier",
         }
     }
+
+    /// The role of a stored name.
+    pub fn from_name(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "operator" => Some(Role::Operator),
+            "auditor" => Some(Role::Auditor),
+            "verifier" => Some(Role::Verifier),
+            _ => None,
+        }
+    }
 }
 
-/// One stored token: never the token itself.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The holder of an accepted token: never the token itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {
     /// Who holds it; for a verifier, the relying party's name.
     pub name: String,
     /// What it may do.
     pub role: Role,
-    /// SHA-256 of the token, hex.
-    pub sha256: String,
-    /// Unix seconds.
-    pub created: u64,
 }
 
 /// Errors of the token store.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TokenError {
-    /// Reading or writing the token file failed.
+    /// Reading or renaming the legacy token file failed.
     #[error("token file {path}: {source}")]
     Io {
         /// The file.
@@ -66,7 +98,7 @@ pub enum TokenError {
         /// The cause.
         source: std::io::Error,
     },
-    /// The token file is not valid JSON of the expected shape.
+    /// The legacy token file is not valid JSON of the expected shape.
     #[error("token file {path} is corrupt: {source}")]
     Corrupt {
         /// The file.
@@ -74,165 +106,205 @@ pub enum TokenError {
         /// The cause.
         source: serde_json::Error,
     },
-    /// The name is empty, too long or already used for this role.
-    #[error("invalid token name: {0}")]
-    Name(String),
-    /// The OS random generator failed.
-    #[error("random generator: {0}")]
-    Random(String),
+    /// The center refused (bad name, duplicate, database error).
+    #[error(transparent)]
+    Center(#[from] microcert_center::Error),
 }
 
-fn hash(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
-fn read(path: &Path) -> Result<Vec<TokenRecord>, TokenError> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| TokenError::Corrupt {
-            path: path.to_owned(),
-            source,
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(source) => Err(TokenError::Io {
-            path: path.to_owned(),
-            source,
-        }),
-    }
+/// Creates a token for `name` with `role` (valid `ttl` seconds, or until
+/// revoked), audited as `actor`; returns the token, shown once.
+pub fn create(
+    center: &Center,
+    role: Role,
+    name: &str,
+    ttl: Option<u64>,
+    actor: &str,
+) -> Result<Zeroizing<String>, TokenError> {
+    Ok(center.create_token(name, role.name(), ttl, actor, now_secs())?)
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+/// One record of a legacy `tokens.json`.
+#[derive(Debug, Deserialize)]
+struct LegacyRecord {
+    name: String,
+    role: Role,
+    sha256: String,
+    created: u64,
 }
 
-/// Creates a token for `name` with `role` in the data directory's token
-/// file and returns the token, which is shown once and never stored.
-pub fn create(data_dir: &Path, role: Role, name: &str) -> Result<Zeroizing<String>, TokenError> {
-    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
-        return Err(TokenError::Name(
-            "a name is 1 to 200 characters, no control characters".into(),
-        ));
-    }
+/// Imports a legacy `DATA/tokens.json` into the database and renames it
+/// `tokens.json.migrated`; returns how many tokens were imported (None
+/// when there is no such file). A crash between the import and the rename
+/// is harmless: the next start imports nothing twice and renames.
+pub fn migrate_file(center: &Center, data_dir: &Path) -> Result<Option<usize>, TokenError> {
     let path = data_dir.join("tokens.json");
-    let mut records = read(&path)?;
-    if records.iter().any(|r| r.name == name && r.role == role) {
-        return Err(TokenError::Name(format!(
-            "a {} token named {name:?} already exists",
-            role.name()
-        )));
-    }
-    if role == Role::Verifier {
-        let aud = Audience::relying_party(name);
-        if aud.is_center() {
-            return Err(TokenError::Name(format!(
-                "{name:?} hashes to the center's audience 0^8; choose another name"
-            )));
-        }
-        if let Some(other) = records
-            .iter()
-            .find(|r| r.role == Role::Verifier && Audience::relying_party(&r.name) == aud)
-        {
-            return Err(TokenError::Name(format!(
-                "{name:?} has the same audience as relying party {:?}",
-                other.name
-            )));
-        }
-    }
-    let mut raw = Zeroizing::new([0u8; 32]);
-    getrandom::fill(&mut raw[..]).map_err(|e| TokenError::Random(e.to_string()))?;
-    let token = Zeroizing::new(format!("mct_{}", hex::encode(&raw[..])));
-    records.push(TokenRecord {
-        name: name.to_owned(),
-        role,
-        sha256: hash(&token),
-        created: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-    });
-    let json = serde_json::to_vec_pretty(&records).map_err(|source| TokenError::Corrupt {
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(TokenError::Io { path, source }),
+    };
+    let records: Vec<LegacyRecord> =
+        serde_json::from_slice(&bytes).map_err(|source| TokenError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+    let legacy: Vec<LegacyToken> = records
+        .into_iter()
+        .map(|r| LegacyToken {
+            sha256: r.sha256.to_ascii_lowercase(),
+            name: r.name,
+            role: r.role.name().to_owned(),
+            created: r.created,
+        })
+        .collect();
+    let n = center.import_legacy_tokens(&legacy, "migration", now_secs())?;
+    let done = data_dir.join("tokens.json.migrated");
+    std::fs::rename(&path, &done).map_err(|source| TokenError::Io {
         path: path.clone(),
         source,
     })?;
-    write_atomic(&path, &json).map_err(|source| TokenError::Io { path, source })?;
-    Ok(token)
+    if let Ok(d) = std::fs::File::open(data_dir) {
+        let _ = d.sync_all();
+    }
+    tracing::info!(imported = n, file = %done.display(), "legacy tokens.json moved into the key database");
+    Ok(Some(n))
 }
 
-/// The token file as the server sees it, re-read when it changes.
+#[derive(Debug, Default)]
+struct Cache {
+    /// When the table was last read successfully.
+    loaded: Option<Instant>,
+    /// When a reload was last tried (success or not).
+    tried: Option<Instant>,
+    /// The rows whose tag checked, by hash.
+    rows: HashMap<String, TokenRow>,
+    /// Bookkeeping not yet written: hash -> (last used, failures).
+    pending: HashMap<String, (Option<u64>, u64)>,
+}
+
+/// The tokens as a server sees them (see the module docs).
 #[derive(Debug)]
 pub struct TokenStore {
-    path: PathBuf,
-    state: Mutex<(Option<SystemTime>, HashMap<String, TokenRecord>)>,
+    center: Arc<Center>,
+    cache: Mutex<Cache>,
+}
+
+fn refused(reason: &'static str) {
+    metrics::counter!("microcert_token_refusals_total", "reason" => reason).increment(1);
 }
 
 impl TokenStore {
-    /// A store over the data directory's token file (which may not exist yet).
-    pub fn open(data_dir: &Path) -> Result<Self, TokenError> {
-        let store = TokenStore {
-            path: data_dir.join("tokens.json"),
-            state: Mutex::new((None, HashMap::new())),
-        };
-        store.reload_if_changed()?;
-        Ok(store)
-    }
-
-    fn reload_if_changed(&self) -> Result<(), TokenError> {
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if state.0 == modified && modified.is_some() {
-            return Ok(());
+    /// A store over the center's database (read at the first check).
+    pub fn new(center: Arc<Center>) -> Self {
+        TokenStore {
+            center,
+            cache: Mutex::new(Cache::default()),
         }
-        let records = read(&self.path)?;
-        state.1 = records.into_iter().map(|r| (r.sha256.clone(), r)).collect();
-        state.0 = modified;
-        Ok(())
     }
 
-    /// The record of a presented token, if it is known.
+    fn reload(&self, c: &mut Cache, now: Instant) {
+        c.tried = Some(now);
+        let db = self.center.database();
+        for (hash, (used, failures)) in std::mem::take(&mut c.pending) {
+            if let Err(e) = db.note_token_use(&hash, used, failures) {
+                tracing::warn!(error = %e, "cannot record a token's use");
+            }
+        }
+        match db.list_tokens() {
+            Ok(rows) => {
+                let card = self.center.card();
+                let secs = now_secs();
+                c.rows = rows
+                    .into_iter()
+                    .filter(|r| {
+                        let forged = token_status(card, r, secs) == TokenStatus::Forged;
+                        if forged {
+                            metrics::counter!("microcert_token_forged_rows_total").increment(1);
+                            tracing::error!(
+                                name = %r.name,
+                                role = %r.role,
+                                "a token row fails its card tag (edited outside the center): refused"
+                            );
+                        }
+                        !forged
+                    })
+                    .map(|r| (r.hash.clone(), r))
+                    .collect();
+                c.loaded = Some(now);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reload tokens"),
+        }
+    }
+
+    /// The holder of a presented token if it may be used now.
     pub fn check(&self, token: &str) -> Option<TokenRecord> {
-        if let Err(e) = self.reload_if_changed() {
-            tracing::warn!(error = %e, "cannot reload tokens; keeping the ones loaded");
+        let h = token_hash(token);
+        let now = Instant::now();
+        let mut c = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let stale = c.loaded.is_none_or(|t| now.duration_since(t) >= REFRESH);
+        let may_retry = c.tried.is_none_or(|t| now.duration_since(t) >= MISS_RELOAD);
+        if may_retry && (stale || !c.rows.contains_key(&h)) {
+            self.reload(&mut c, now);
         }
-        let h = hash(token);
-        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        // The map is keyed by hash; compare again in constant time so the
-        // lookup result does not depend on a short-circuit string compare.
-        state
-            .1
-            .get(&h)
-            .filter(|r| bool::from(r.sha256.as_bytes().ct_eq(h.as_bytes())))
-            .cloned()
+        if c.loaded.is_none_or(|t| now.duration_since(t) >= STALE_MAX) {
+            refused("unavailable");
+            return None;
+        }
+        // The map is keyed by the hash; the stored row's tag was checked
+        // at load and is checked again here (a row is only trusted with
+        // its tag), which also compares the hash in constant time.
+        let secs = now_secs();
+        let Some(row) = c.rows.get(&h) else {
+            refused("unknown");
+            return None;
+        };
+        let status = token_status(self.center.card(), row, secs);
+        let role = Role::from_name(&row.role);
+        let name = row.name.clone();
+        match (status, role) {
+            (TokenStatus::Valid, Some(role)) => {
+                c.pending.entry(h).or_default().0 = Some(secs);
+                Some(TokenRecord { name, role })
+            }
+            (s, _) => {
+                refused(if role.is_none() { "role" } else { s.name() });
+                c.pending.entry(h).or_default().1 += 1;
+                None
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use microcert_center::{CenterConfig, SoftwareCard};
+
     use super::*;
+
+    fn center(dir: &Path) -> Arc<Center> {
+        let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+        Arc::new(
+            Center::open_sqlite(&dir.join("center.db"), card, CenterConfig::default()).unwrap(),
+        )
+    }
 
     #[test]
     fn token_is_stored_hashed_and_checks() {
         let dir = tempfile::tempdir().unwrap();
-        let token = create(dir.path(), Role::Operator, "alice").unwrap();
-        let file = std::fs::read_to_string(dir.path().join("tokens.json")).unwrap();
-        assert!(!file.contains(token.as_str()));
-        let store = TokenStore::open(dir.path()).unwrap();
+        let c = center(dir.path());
+        let token = create(&c, Role::Operator, "alice", None, "test").unwrap();
+        let rows = c.database().list_tokens().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_ne!(rows[0].hash, token.as_str());
+        assert_eq!(rows[0].hash, token_hash(&token));
+        let store = TokenStore::new(c.clone());
         let rec = store.check(&token).unwrap();
         assert_eq!((rec.name.as_str(), rec.role), ("alice", Role::Operator));
         assert!(store.check("mct_00").is_none());
@@ -241,22 +313,105 @@ mod tests {
     #[test]
     fn a_second_verifier_with_the_same_name_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        create(dir.path(), Role::Verifier, "billing").unwrap();
-        assert!(matches!(
-            create(dir.path(), Role::Verifier, "billing"),
-            Err(TokenError::Name(_))
-        ));
-        assert!(matches!(
-            create(dir.path(), Role::Verifier, ""),
-            Err(TokenError::Name(_))
-        ));
+        let c = center(dir.path());
+        create(&c, Role::Verifier, "billing", None, "test").unwrap();
+        assert!(create(&c, Role::Verifier, "billing", None, "test").is_err());
+        assert!(create(&c, Role::Verifier, "", None, "test").is_err());
+        // Once revoked, the name may be used again.
+        assert_eq!(c.revoke_tokens("billing", None, "test", 1).unwrap(), 1);
+        create(&c, Role::Verifier, "billing", None, "test").unwrap();
     }
 
     #[test]
     fn tokens_created_later_are_seen_by_a_running_store() {
         let dir = tempfile::tempdir().unwrap();
-        let store = TokenStore::open(dir.path()).unwrap();
-        let token = create(dir.path(), Role::Admin, "root").unwrap();
+        let c = center(dir.path());
+        let store = TokenStore::new(c.clone());
+        assert!(store.check("mct_00").is_none());
+        std::thread::sleep(MISS_RELOAD);
+        let token = create(&c, Role::Admin, "root", None, "test").unwrap();
         assert!(store.check(&token).is_some());
+    }
+
+    #[test]
+    fn a_revoked_token_stops_within_the_refresh_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = center(dir.path());
+        let store = TokenStore::new(c.clone());
+        let token = create(&c, Role::Operator, "alice", None, "test").unwrap();
+        assert!(store.check(&token).is_some());
+        c.revoke_tokens("alice", Some("operator"), "test", now_secs())
+            .unwrap();
+        std::thread::sleep(REFRESH);
+        assert!(store.check(&token).is_none());
+        // The refusal is counted in the row (written at the next reload).
+        std::thread::sleep(REFRESH);
+        assert!(store.check(&token).is_none());
+        let row = &c.database().list_tokens().unwrap()[0];
+        assert!(row.failures >= 1);
+        assert!(row.last_used.is_some());
+    }
+
+    #[test]
+    fn an_expired_token_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = center(dir.path());
+        let t = c
+            .create_token("short", "operator", Some(5), "test", now_secs() - 10)
+            .unwrap();
+        let store = TokenStore::new(c.clone());
+        assert!(store.check(&t).is_none());
+        let t = create(&c, Role::Operator, "long", Some(3600), "test").unwrap();
+        // A token unknown to the cache is looked up at most every MISS_RELOAD.
+        std::thread::sleep(MISS_RELOAD);
+        assert!(store.check(&t).is_some());
+    }
+
+    #[test]
+    fn a_legacy_token_file_is_imported_once_and_renamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = center(dir.path());
+        let token = "mct_legacy_operator_token";
+        let json = serde_json::json!([
+            {"name": "alice", "role": "operator", "sha256": token_hash(token), "created": 1_700_000_000u64},
+            {"name": "billing", "role": "verifier", "sha256": token_hash("mct_v"), "created": 1_700_000_001u64},
+        ]);
+        std::fs::write(dir.path().join("tokens.json"), json.to_string()).unwrap();
+        assert_eq!(migrate_file(&c, dir.path()).unwrap(), Some(2));
+        assert!(!dir.path().join("tokens.json").exists());
+        assert!(dir.path().join("tokens.json.migrated").exists());
+        assert_eq!(migrate_file(&c, dir.path()).unwrap(), None);
+        // An interrupted migration (file put back) imports nothing twice.
+        std::fs::copy(
+            dir.path().join("tokens.json.migrated"),
+            dir.path().join("tokens.json"),
+        )
+        .unwrap();
+        assert_eq!(migrate_file(&c, dir.path()).unwrap(), Some(0));
+        assert_eq!(c.database().list_tokens().unwrap().len(), 2);
+        let store = TokenStore::new(c.clone());
+        let rec = store.check(token).unwrap();
+        assert_eq!((rec.name.as_str(), rec.role), ("alice", Role::Operator));
+        let audit = c.audit_log(0, 100).unwrap();
+        assert_eq!(
+            audit
+                .iter()
+                .filter(|a| a.entry.action == "token-import")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_corrupt_legacy_file_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = center(dir.path());
+        std::fs::write(dir.path().join("tokens.json"), b"[{\"name\": 1}").unwrap();
+        assert!(matches!(
+            migrate_file(&c, dir.path()),
+            Err(TokenError::Corrupt { .. })
+        ));
+        assert!(dir.path().join("tokens.json").exists());
+        assert!(c.database().list_tokens().unwrap().is_empty());
     }
 }

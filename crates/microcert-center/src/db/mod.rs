@@ -266,8 +266,54 @@ pub const MARK_PRUNED: &str = "pruned";
 /// ([`crate::clock::ClockWatch`]).
 pub const MARK_CLOCK: &str = "clock";
 
+/// A bearer token of the operator API (issue 14: tokens live in the key
+/// database, shared by every center). Never the token itself: its SHA-256.
+/// `hash`, `name`, `role`, `created`, `expires` and `revoked` decide what
+/// the token may do and are covered by `tag` (a card tag, domain
+/// "MC-TOKEN-v1", [`crate::tokens::token_bytes`]); `last_used` and `failures` are
+/// bookkeeping and are not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRow {
+    /// SHA-256 of the token, lowercase hex (the primary key).
+    pub hash: String,
+    /// Who holds it; for a verifier, the relying party's name.
+    pub name: String,
+    /// Its role's name ("admin", "operator", "auditor", "verifier").
+    pub role: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// Unix seconds from which it is refused; None: never.
+    pub expires: Option<u64>,
+    /// Unix seconds it was revoked at; None: not revoked.
+    pub revoked: Option<u64>,
+    /// Unix seconds it was last accepted (approximate: written at most
+    /// about once a second per center).
+    pub last_used: Option<u64>,
+    /// How many times it was presented and refused (revoked or expired).
+    pub failures: u64,
+    /// The card tag over the decision-bearing fields.
+    pub tag: Vec<u8>,
+}
+
 /// Reads and writes inside one transaction.
 pub trait Tx {
+    /// Every stored token (issue 14). The default refuses.
+    fn tokens(&mut self) -> Result<Vec<TokenRow>> {
+        Err(Error::Database("this key database keeps no tokens".into()))
+    }
+
+    /// Inserts a token; fails when its hash is already stored.
+    fn insert_token(&mut self, t: &TokenRow) -> Result<()> {
+        let _ = t;
+        Err(Error::Database("this key database keeps no tokens".into()))
+    }
+
+    /// Rewrites a stored token's expiry, revocation and tag.
+    fn update_token(&mut self, t: &TokenRow) -> Result<()> {
+        let _ = t;
+        Err(Error::Database("this key database keeps no tokens".into()))
+    }
+
     /// The device row, locked for the rest of the transaction.
     fn device(&mut self, id: DeviceId) -> Result<Option<DeviceRow>>;
     /// Inserts a new device (fails if it exists).
@@ -555,6 +601,19 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     /// (a server database shared by several centers).
     fn local_path(&self) -> Option<&std::path::Path> {
         None
+    }
+
+    /// Every stored token, outside a transaction (the server's token cache
+    /// reloads through it). The default refuses.
+    fn list_tokens(&self) -> Result<Vec<TokenRow>> {
+        Err(Error::Database("this key database keeps no tokens".into()))
+    }
+
+    /// Bookkeeping of a token's use (not tagged): `last_used` is raised to
+    /// `last_used` (never lowered) and `failures` grows by `failures`.
+    fn note_token_use(&self, hash: &str, last_used: Option<u64>, failures: u64) -> Result<()> {
+        let _ = (hash, last_used, failures);
+        Err(Error::Database("this key database keeps no tokens".into()))
     }
 }
 

@@ -208,6 +208,17 @@ impl Tx for SealedTx<'_> {
     fn delete_seed(&mut self, id: DeviceId, generation: u8) -> Result<bool> {
         self.inner.delete_seed(id, generation)
     }
+    // Tokens (issue 14): tagged and checked by the center's token service
+    // (crate::tokens), which also needs them outside a transaction.
+    fn tokens(&mut self) -> Result<Vec<crate::db::TokenRow>> {
+        self.inner.tokens()
+    }
+    fn insert_token(&mut self, t: &crate::db::TokenRow) -> Result<()> {
+        self.inner.insert_token(t)
+    }
+    fn update_token(&mut self, t: &crate::db::TokenRow) -> Result<()> {
+        self.inner.update_token(t)
+    }
 }
 
 impl KeyDatabase for Sealed {
@@ -230,6 +241,12 @@ impl KeyDatabase for Sealed {
     }
     fn set_meta(&self, key: &str, value: &str) -> Result<()> {
         self.inner.set_meta(key, value)
+    }
+    fn list_tokens(&self) -> Result<Vec<crate::db::TokenRow>> {
+        self.inner.list_tokens()
+    }
+    fn note_token_use(&self, hash: &str, last_used: Option<u64>, failures: u64) -> Result<()> {
+        self.inner.note_token_use(hash, last_used, failures)
     }
     fn device_view(&self, id: DeviceId) -> Result<Option<DeviceView>> {
         self.inner.device_view(id)

@@ -40,7 +40,7 @@ impl TestServer {
             Center::open_sqlite(&dir.path().join("center.db"), card, CenterConfig::default())
                 .unwrap(),
         );
-        let tokens = Arc::new(TokenStore::open(dir.path()).unwrap());
+        let tokens = Arc::new(TokenStore::new(center.clone()));
         let svc: Arc<dyn DeviceService> = Arc::new(CenterService::new(center.clone()));
         let limits = Arc::new(limits);
         let router = device_routes(HttpState {

@@ -587,6 +587,25 @@ impl KeyDatabase for PostgresDatabase {
         let end = conn.batch("COMMIT");
         r.and(end)
     }
+
+    fn list_tokens(&self) -> Result<Vec<super::TokenRow>> {
+        let mut c = self.pool.get()?;
+        let rows = c.query(
+            &format!("SELECT {TOKEN_COLS} FROM tokens ORDER BY created, hash"),
+            &[],
+        )?;
+        rows.iter().map(token_row).collect()
+    }
+
+    fn note_token_use(&self, hash: &str, last_used: Option<u64>, failures: u64) -> Result<()> {
+        let mut c = self.pool.get()?;
+        c.execute(
+            "UPDATE tokens SET last_used = GREATEST(last_used, $2::BIGINT), \
+             failures = failures + $3::BIGINT WHERE hash = $1",
+            &[&hash, &oi(last_used), &i(failures)],
+        )?;
+        Ok(())
+    }
 }
 
 /// A read-only view of the database as of one moment: every read runs in

@@ -127,3 +127,21 @@ pub(super) fn seed_row_at(r: &Row, o: usize) -> Result<SeedRow> {
         grace_until: ou(g(r, o + 19)?),
     })
 }
+
+/// Token columns (issue 14).
+pub(super) const TOKEN_COLS: &str =
+    "hash, name, role, created, expires, revoked, last_used, failures, tag";
+
+pub(super) fn token_row(r: &Row) -> Result<crate::db::TokenRow> {
+    Ok(crate::db::TokenRow {
+        hash: g(r, 0)?,
+        name: g(r, 1)?,
+        role: g(r, 2)?,
+        created: g::<i64>(r, 3)? as u64,
+        expires: ou(g(r, 4)?),
+        revoked: ou(g(r, 5)?),
+        last_used: ou(g(r, 6)?),
+        failures: g::<i64>(r, 7)? as u64,
+        tag: g(r, 8)?,
+    })
+}

@@ -132,7 +132,26 @@ ALTER TABLE commands ADD COLUMN seal BYTEA;
 ALTER TABLE imports ADD COLUMN seal BYTEA;
 "#,
     MIGRATION_META,
+    MIGRATION_TOKENS,
 ];
+
+/// Migration "tokens" (issue 14, shared state): the operator API's bearer
+/// tokens, hashed, shared by every center on the database. `tag` is a card
+/// tag over hash, name, role, created, expires and revoked
+/// ([`crate::tokens::token_bytes`]); last_used and failures are bookkeeping.
+const MIGRATION_TOKENS: &str = r#"
+CREATE TABLE IF NOT EXISTS tokens (
+    hash TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created BIGINT NOT NULL,
+    expires BIGINT,
+    revoked BIGINT,
+    last_used BIGINT,
+    failures BIGINT NOT NULL DEFAULT 0,
+    tag BYTEA NOT NULL
+);
+"#;
 
 /// Migration "meta" (issue 14): the same as SQLite's of that name: the
 /// database's identity (a random id drawn when the table is made) and the

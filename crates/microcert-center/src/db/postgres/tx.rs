@@ -503,4 +503,45 @@ impl Tx for PgTx<'_> {
         )?;
         Ok(())
     }
+
+    fn tokens(&mut self) -> Result<Vec<crate::db::TokenRow>> {
+        let rows = self.c.query(
+            &format!("SELECT {TOKEN_COLS} FROM tokens ORDER BY created, hash"),
+            &[],
+        )?;
+        rows.iter().map(token_row).collect()
+    }
+
+    fn insert_token(&mut self, t: &crate::db::TokenRow) -> Result<()> {
+        self.wrote = true;
+        self.c.execute(
+            &format!(
+                "INSERT INTO tokens ({TOKEN_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ),
+            &[
+                &t.hash,
+                &t.name,
+                &t.role,
+                &i(t.created),
+                &oi(t.expires),
+                &oi(t.revoked),
+                &oi(t.last_used),
+                &i(t.failures),
+                &t.tag,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn update_token(&mut self, t: &crate::db::TokenRow) -> Result<()> {
+        self.wrote = true;
+        let n = self.c.execute(
+            "UPDATE tokens SET expires = $2, revoked = $3, tag = $4 WHERE hash = $1",
+            &[&t.hash, &oi(t.expires), &oi(t.revoked), &t.tag],
+        )?;
+        if n != 1 {
+            return Err(Error::Database("token not found".into()));
+        }
+        Ok(())
+    }
 }

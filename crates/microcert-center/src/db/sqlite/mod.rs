@@ -458,6 +458,26 @@ impl KeyDatabase for SqliteDatabase {
         Ok(())
     }
 
+    fn list_tokens(&self) -> Result<Vec<crate::db::TokenRow>> {
+        let conn = self.lock()?;
+        let mut st = conn.prepare_cached(&format!(
+            "SELECT {} FROM tokens ORDER BY created, hash",
+            TOKEN_COLS
+        ))?;
+        let rows = st.query_map([], token_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn note_token_use(&self, hash: &str, last_used: Option<u64>, failures: u64) -> Result<()> {
+        let conn = self.lock()?;
+        conn.execute(
+            "UPDATE tokens SET last_used = max(coalesce(last_used, ?2), coalesce(?2, last_used)), \
+             failures = failures + ?3 WHERE hash = ?1",
+            rusqlite::params![hash, last_used.map(|v| v as i64), failures as i64],
+        )?;
+        Ok(())
+    }
+
     fn flush_erased(&self) -> Result<()> {
         // Moves everything from the write-ahead log into the main file and
         // truncates the log, so erased bytes do not linger in old frames.

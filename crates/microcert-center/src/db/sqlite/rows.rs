@@ -103,3 +103,21 @@ pub(super) fn i(v: u64) -> i64 {
 pub(super) fn oi(v: Option<u64>) -> Option<i64> {
     v.map(i)
 }
+
+/// Token columns (issue 14).
+pub(super) const TOKEN_COLS: &str =
+    "hash, name, role, created, expires, revoked, last_used, failures, tag";
+
+pub(super) fn token_row(r: &Row<'_>) -> rusqlite::Result<crate::db::TokenRow> {
+    Ok(crate::db::TokenRow {
+        hash: r.get(0)?,
+        name: r.get(1)?,
+        role: r.get(2)?,
+        created: r.get::<_, i64>(3)? as u64,
+        expires: opt_u64(r.get(4)?),
+        revoked: opt_u64(r.get(5)?),
+        last_used: opt_u64(r.get(6)?),
+        failures: r.get::<_, i64>(7)? as u64,
+        tag: r.get(8)?,
+    })
+}

@@ -127,7 +127,26 @@ ALTER TABLE commands ADD COLUMN seal BLOB;
 ALTER TABLE imports ADD COLUMN seal BLOB;
 "#,
     MIGRATION_META,
+    MIGRATION_TOKENS,
 ];
+
+/// Migration "tokens" (issue 14, shared state): the operator API's bearer
+/// tokens, hashed, shared by every center on the database. `tag` is a card
+/// tag over hash, name, role, created, expires and revoked
+/// ([`crate::tokens::token_bytes`]); last_used and failures are bookkeeping.
+const MIGRATION_TOKENS: &str = r#"
+CREATE TABLE IF NOT EXISTS tokens (
+    hash TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER,
+    revoked INTEGER,
+    last_used INTEGER,
+    failures INTEGER NOT NULL DEFAULT 0,
+    tag BLOB NOT NULL
+) WITHOUT ROWID;
+"#;
 
 /// Migration "meta" (issue 14, one configuration for every command): a
 /// key/value table with the database's identity, a random id drawn when

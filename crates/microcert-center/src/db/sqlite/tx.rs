@@ -4,7 +4,9 @@ use microcert_core::DeviceId;
 use rusqlite::{OptionalExtension, params};
 
 use super::rows::*;
-use crate::db::{Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, SeedRow, Tx};
+use crate::db::{
+    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, SeedRow, TokenRow, Tx,
+};
 use crate::{Error, Result, audit};
 
 pub(super) struct SqliteTx<'c> {
@@ -407,6 +409,42 @@ impl Tx for SqliteTx<'_> {
             i(now),
             seal.map(|s| &s[..])
         ])?;
+        Ok(())
+    }
+
+    fn tokens(&mut self) -> Result<Vec<TokenRow>> {
+        let mut st = self.tx.prepare_cached(&format!(
+            "SELECT {TOKEN_COLS} FROM tokens ORDER BY created, hash"
+        ))?;
+        let rows = st.query_map([], token_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn insert_token(&mut self, t: &TokenRow) -> Result<()> {
+        let mut st = self.tx.prepare_cached(&format!(
+            "INSERT INTO tokens ({TOKEN_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        ))?;
+        st.execute(params![
+            t.hash,
+            t.name,
+            t.role,
+            i(t.created),
+            oi(t.expires),
+            oi(t.revoked),
+            oi(t.last_used),
+            i(t.failures),
+            t.tag
+        ])?;
+        Ok(())
+    }
+
+    fn update_token(&mut self, t: &TokenRow) -> Result<()> {
+        let mut st = self.tx.prepare_cached(
+            "UPDATE tokens SET expires = ?2, revoked = ?3, tag = ?4 WHERE hash = ?1",
+        )?;
+        if st.execute(params![t.hash, oi(t.expires), oi(t.revoked), t.tag])? != 1 {
+            return Err(Error::Database("token not found".into()));
+        }
         Ok(())
     }
 }

@@ -1,0 +1,361 @@
+//! Bearer tokens of the operator API, kept in the key database (issue 14:
+//! shared state), so a token made at one center works at every center on
+//! the same database and a revocation reaches them all.
+//!
+//! Only a token's SHA-256 is stored. The fields that decide what a token
+//! may do (its hash, name, role, creation, expiry and revocation) are
+//! covered by a card tag under its own domain ("MC-TOKEN-v1",
+//! [`token_bytes`]): a row edited outside the center (a verifier turned
+//! into an operator, an expiry pushed back, a revocation cleared, a row
+//! inserted) fails its tag and is refused. `last_used` and `failures` are
+//! bookkeeping and are not tagged. Creation, revocation and the import of
+//! a legacy `tokens.json` are written to the audit log in the same
+//! transaction as the rows.
+
+use microcert_core::Audience;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use crate::card::EncryptionCard;
+use crate::db::{TokenRow, with_tx};
+use crate::{Center, Error, Result};
+
+/// The roles a token may have (the server maps them to its routes).
+pub const ROLES: [&str; 4] = ["admin", "operator", "auditor", "verifier"];
+
+/// How many tokens (revoked ones included) the database keeps at most: a
+/// bound on the table and on what every center holds in memory.
+pub const MAX_TOKENS: usize = 10_000;
+
+/// The longest token name (bytes).
+pub const MAX_NAME: usize = 200;
+
+/// SHA-256 of a presented token, lowercase hex (how tokens are stored).
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// The canonical bytes a token row's card tag covers.
+pub fn token_bytes(t: &TokenRow) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64 + t.hash.len() + t.name.len() + t.role.len());
+    b.extend_from_slice(b"MC-TOKEN-v1");
+    for s in [&t.hash, &t.name, &t.role] {
+        b.extend_from_slice(&(s.len() as u32).to_be_bytes());
+        b.extend_from_slice(s.as_bytes());
+    }
+    b.extend_from_slice(&t.created.to_be_bytes());
+    for v in [t.expires, t.revoked] {
+        match v {
+            Some(v) => {
+                b.push(1);
+                b.extend_from_slice(&v.to_be_bytes());
+            }
+            None => b.extend_from_slice(&[0; 9]),
+        }
+    }
+    b
+}
+
+/// Whether a token row's tag is the card's tag of its fields (constant
+/// time in the tag).
+pub fn token_tag_ok(card: &dyn EncryptionCard, t: &TokenRow) -> bool {
+    match card.record_tag(&token_bytes(t)) {
+        Ok(tag) => t.tag.len() == tag.len() && bool::from(tag[..].ct_eq(&t.tag[..])),
+        Err(_) => false,
+    }
+}
+
+/// What a stored token is worth at a given time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenStatus {
+    /// It may be used.
+    Valid,
+    /// It was revoked.
+    Revoked,
+    /// Its expiry has passed.
+    Expired,
+    /// Its row fails its card tag: edited outside the center.
+    Forged,
+}
+
+impl TokenStatus {
+    /// A short name (metrics labels, `token list`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            TokenStatus::Valid => "valid",
+            TokenStatus::Revoked => "revoked",
+            TokenStatus::Expired => "expired",
+            TokenStatus::Forged => "forged",
+        }
+    }
+}
+
+/// The status of `t` at `now`, its tag checked first.
+pub fn token_status(card: &dyn EncryptionCard, t: &TokenRow, now: u64) -> TokenStatus {
+    if !token_tag_ok(card, t) {
+        TokenStatus::Forged
+    } else if t.revoked.is_some() {
+        TokenStatus::Revoked
+    } else if t.expires.is_some_and(|e| now >= e) {
+        TokenStatus::Expired
+    } else {
+        TokenStatus::Valid
+    }
+}
+
+/// A token of a legacy `tokens.json` (its hash, never the token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyToken {
+    /// SHA-256 of the token, hex.
+    pub sha256: String,
+    /// Its name.
+    pub name: String,
+    /// Its role's name.
+    pub role: String,
+    /// Unix seconds.
+    pub created: u64,
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
+        return Err(Error::Refused(format!(
+            "a token name is 1 to {MAX_NAME} bytes, no control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_role(role: &str) -> Result<()> {
+    if ROLES.contains(&role) {
+        Ok(())
+    } else {
+        Err(Error::Refused(format!(
+            "unknown token role {role:?} (one of {})",
+            ROLES.join(", ")
+        )))
+    }
+}
+
+fn tag_row(card: &dyn EncryptionCard, t: &mut TokenRow) -> Result<()> {
+    t.tag = card.record_tag(&token_bytes(t))?.to_vec();
+    Ok(())
+}
+
+impl Center {
+    /// Makes a token for `name` with `role`, valid for `ttl` seconds (None:
+    /// until revoked), stores its hash with a card tag and audits it as
+    /// `actor`; returns the token, which is shown once and never stored.
+    ///
+    /// Refused: a bad name or role, a valid token of the same name and
+    /// role, a verifier whose audience is the center's or another valid
+    /// verifier's, a full table ([`MAX_TOKENS`]).
+    pub fn create_token(
+        &self,
+        name: &str,
+        role: &str,
+        ttl: Option<u64>,
+        actor: &str,
+        now: u64,
+    ) -> Result<Zeroizing<String>> {
+        check_name(name)?;
+        check_role(role)?;
+        if ttl == Some(0) {
+            return Err(Error::Refused(
+                "a token's time to live is at least 1 s".into(),
+            ));
+        }
+        let aud = Audience::relying_party(name);
+        if role == "verifier" && aud.is_center() {
+            return Err(Error::Refused(format!(
+                "{name:?} hashes to the center's audience 0^8; choose another name"
+            )));
+        }
+        let card = self.card();
+        let mut raw = Zeroizing::new([0u8; 32]);
+        card.random(&mut raw[..])?;
+        let token = Zeroizing::new(format!("mct_{}", hex::encode(&raw[..])));
+        let mut row = TokenRow {
+            hash: token_hash(&token),
+            name: name.to_owned(),
+            role: role.to_owned(),
+            created: now,
+            expires: ttl.map(|t| now.saturating_add(t)),
+            revoked: None,
+            last_used: None,
+            failures: 0,
+            tag: Vec::new(),
+        };
+        tag_row(card, &mut row)?;
+        let expiry = match row.expires {
+            Some(e) => format!("expires at {e}"),
+            None => "no expiry".to_owned(),
+        };
+        with_tx(self.database(), |tx| {
+            // The audit append comes first: it serialises token changes
+            // across centers (one writer / one advisory lock), so the
+            // checks below see every committed token.
+            self.audit(
+                tx,
+                now,
+                actor,
+                "token-create",
+                (None, None),
+                &format!("{role} token {name:?}, {expiry}"),
+            )?;
+            let rows = tx.tokens()?;
+            if rows.len() >= MAX_TOKENS {
+                return Err(Error::Refused(format!(
+                    "the database keeps at most {MAX_TOKENS} tokens"
+                )));
+            }
+            for r in &rows {
+                if token_status(card, r, now) != TokenStatus::Valid {
+                    continue;
+                }
+                if r.name == name && r.role == role {
+                    return Err(Error::Refused(format!(
+                        "a valid {role} token named {name:?} already exists (revoke it first)"
+                    )));
+                }
+                if role == "verifier"
+                    && r.role == "verifier"
+                    && r.name != name
+                    && Audience::relying_party(&r.name) == aud
+                {
+                    return Err(Error::Refused(format!(
+                        "{name:?} has the same audience as relying party {:?}",
+                        r.name
+                    )));
+                }
+            }
+            tx.insert_token(&row)
+        })?;
+        Ok(token)
+    }
+
+    /// Revokes every unrevoked token named `name` (of `role` when given)
+    /// and audits it as `actor`; returns how many were revoked. A matching
+    /// row that fails its tag is refused (it was edited outside the center).
+    pub fn revoke_tokens(
+        &self,
+        name: &str,
+        role: Option<&str>,
+        actor: &str,
+        now: u64,
+    ) -> Result<usize> {
+        if let Some(r) = role {
+            check_role(r)?;
+        }
+        let card = self.card();
+        with_tx(self.database(), |tx| {
+            let mut n = 0;
+            let rows = tx.tokens()?;
+            for mut r in rows {
+                if r.name != name || role.is_some_and(|x| x != r.role) || r.revoked.is_some() {
+                    continue;
+                }
+                if !token_tag_ok(card, &r) {
+                    return Err(Error::Refused(format!(
+                        "the {} token {:?} ({}) fails its card tag: its row was edited outside the center",
+                        r.role,
+                        r.name,
+                        &r.hash[..8]
+                    )));
+                }
+                r.revoked = Some(now);
+                tag_row(card, &mut r)?;
+                tx.update_token(&r)?;
+                self.audit(
+                    tx,
+                    now,
+                    actor,
+                    "token-revoke",
+                    (None, None),
+                    &format!("{} token {:?} ({})", r.role, r.name, &r.hash[..8]),
+                )?;
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+
+    /// Every stored token with its status at `now` (tags checked).
+    pub fn list_tokens(&self, now: u64) -> Result<Vec<(TokenRow, TokenStatus)>> {
+        let card = self.card();
+        Ok(self
+            .database()
+            .list_tokens()?
+            .into_iter()
+            .map(|t| {
+                let s = token_status(card, &t, now);
+                (t, s)
+            })
+            .collect())
+    }
+
+    /// Imports the tokens of a legacy `tokens.json` (hashes only) that the
+    /// database does not hold yet, tagged, with one audit entry; returns
+    /// how many were imported. Safe to run again (an interrupted migration
+    /// imports nothing twice).
+    pub fn import_legacy_tokens(
+        &self,
+        tokens: &[LegacyToken],
+        actor: &str,
+        now: u64,
+    ) -> Result<usize> {
+        for t in tokens {
+            check_name(&t.name)?;
+            check_role(&t.role)?;
+            if t.sha256.len() != 64
+                || !t.sha256.bytes().all(|c| c.is_ascii_hexdigit())
+                || t.sha256.bytes().any(|c| c.is_ascii_uppercase())
+            {
+                return Err(Error::Refused(format!(
+                    "legacy token {:?}: its sha256 is not 64 lowercase hex digits",
+                    t.name
+                )));
+            }
+        }
+        let card = self.card();
+        with_tx(self.database(), |tx| {
+            let have = tx.tokens()?;
+            let new: Vec<&LegacyToken> = tokens
+                .iter()
+                .filter(|t| !have.iter().any(|h| h.hash == t.sha256))
+                .collect();
+            if new.is_empty() {
+                return Ok(0);
+            }
+            if have.len() + new.len() > MAX_TOKENS {
+                return Err(Error::Refused(format!(
+                    "the database keeps at most {MAX_TOKENS} tokens"
+                )));
+            }
+            for t in &new {
+                let mut row = TokenRow {
+                    hash: t.sha256.clone(),
+                    name: t.name.clone(),
+                    role: t.role.clone(),
+                    created: t.created,
+                    expires: None,
+                    revoked: None,
+                    last_used: None,
+                    failures: 0,
+                    tag: Vec::new(),
+                };
+                tag_row(card, &mut row)?;
+                tx.insert_token(&row)?;
+            }
+            self.audit(
+                tx,
+                now,
+                actor,
+                "token-import",
+                (None, None),
+                &format!("{} token(s) from a legacy tokens.json", new.len()),
+            )?;
+            Ok(new.len())
+        })
+    }
+}
