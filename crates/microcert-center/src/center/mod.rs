@@ -17,7 +17,9 @@ mod rotation;
 mod verify;
 mod watch;
 
-pub use import::{ImportProgress, ImportReject, ImportReport};
+pub use import::{
+    IMPORT_LINE_MAX, ImportProgress, ImportReject, ImportReport, ImportSource, REJECTS_KEPT,
+};
 pub use maint::AutoBackup;
 pub use manage::HousekeepingReport;
 pub use rotation::RotationReport;

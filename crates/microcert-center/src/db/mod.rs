@@ -526,6 +526,16 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
             "this key database keeps no metadata (database identity)".into(),
         ))
     }
+
+    /// Bulk loading (a batch import of many chunks) on or off: a hint the
+    /// backend may use to defer its housekeeping while chunks are committed
+    /// back to back (SQLite: fewer write-ahead-log checkpoints). Durability
+    /// must not change: every commit is still durable when it returns.
+    /// Default: nothing.
+    fn set_bulk_load(&self, on: bool) -> Result<()> {
+        let _ = on;
+        Ok(())
+    }
 }
 
 /// What [`KeyDatabase::watch_changes`] calls: Some(device) for one

@@ -288,4 +288,7 @@ impl KeyDatabase for Sealed {
     ) -> Result<()> {
         self.inner.read_snapshot(f)
     }
+    fn set_bulk_load(&self, on: bool) -> Result<()> {
+        self.inner.set_bulk_load(on)
+    }
 }

@@ -456,4 +456,8 @@ impl KeyDatabase for SqliteDatabase {
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(())
     }
+
+    fn set_bulk_load(&self, on: bool) -> Result<()> {
+        self.set_bulk(on)
+    }
 }
