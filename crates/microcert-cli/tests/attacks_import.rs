@@ -148,3 +148,77 @@ fn factory_provision_uninterrupted_writes_every_registered_device() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("class 4"), "{}", stderr(&o));
 }
+
+/// `microcert import` of 1,100 chips (a batch above the old 2 MiB body
+/// limit) through a running center: the summary comes from the center's
+/// progress stream; the same file again is resumed, nothing redone.
+#[test]
+fn cli_import_streams_a_batch_above_2_mib_and_resumes() {
+    use microcert_center::lines::ImportLine;
+    use microcert_core::{DeviceId, EnrollKey, Header, Key128, KeySeed, Suite, make_enroll};
+    let setup = Setup::new(1100);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let year = u16::try_from(microcert_core::time::date_of(now as i64).year).unwrap();
+    let mut batch = Vec::new();
+    let mut buf = [0u8; 1100];
+    let chips = std::fs::read_to_string(setup.chips()).unwrap();
+    for (i, l) in chips.lines().enumerate() {
+        let chip: FactoryLine<'_> = serde_json::from_str(l).unwrap();
+        let mut id = [0u8; 8];
+        hex::decode_to_slice(chip.device_id.as_bytes(), &mut id).unwrap();
+        let mut k = [0u8; 16];
+        hex::decode_to_slice(chip.transport_key.as_bytes(), &mut k).unwrap();
+        let seed = KeySeed::generate(year, |b| {
+            for (j, x) in b.iter_mut().enumerate() {
+                *x = (i as u8).wrapping_mul(29).wrapping_add(j as u8);
+            }
+        });
+        let h = Header {
+            suite: Suite::new(chip.suite).unwrap(),
+            device: DeviceId(id),
+            generation: 0,
+            t: now as u32,
+            r: i as u64,
+        };
+        let len =
+            make_enroll(EnrollKey::Transport(&Key128::from_bytes(k)), &seed, &h, &mut buf).unwrap();
+        serde_json::to_writer(
+            &mut batch,
+            &ImportLine {
+                device_id: chip.device_id.clone(),
+                class: chip.class,
+                epoch: chip.epoch,
+                enroll: hex::encode(&buf[..len]).into(),
+            },
+        )
+        .unwrap();
+        batch.push(b'\n');
+    }
+    assert!(batch.len() > 2 << 20, "{} bytes", batch.len());
+    let file = setup.dir.path().join("batch.jsonl");
+    std::fs::write(&file, &batch).unwrap();
+    let server = Server::start(&setup.data());
+    let import = || {
+        let o = run(&[
+            "import",
+            "--server",
+            &server.http,
+            "--token",
+            &setup.operator,
+            "--json",
+            file.to_str().unwrap(),
+        ]);
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()
+    };
+    let v = import();
+    assert_eq!(v["lines"], 1100);
+    assert_eq!(v["enrolled"], 1100);
+    assert_eq!(v["resumed_after"], 0);
+    let v = import();
+    assert_eq!(v["enrolled"], 0);
+    assert_eq!(v["resumed_after"], 1100);
+    server.stop();
+}
