@@ -183,8 +183,13 @@ fn cli_import_streams_a_batch_above_2_mib_and_resumes() {
             t: now as u32,
             r: i as u64,
         };
-        let len =
-            make_enroll(EnrollKey::Transport(&Key128::from_bytes(k)), &seed, &h, &mut buf).unwrap();
+        let len = make_enroll(
+            EnrollKey::Transport(&Key128::from_bytes(k)),
+            &seed,
+            &h,
+            &mut buf,
+        )
+        .unwrap();
         serde_json::to_writer(
             &mut batch,
             &ImportLine {

@@ -74,7 +74,11 @@ async fn a_batch_far_above_2_mib_is_streamed_with_progress_and_resumes() {
     let token = create(srv.dir.path(), Role::Operator, "alice").unwrap();
     let n = 20_000u64;
     let body = batch(srv.center.card(), n);
-    assert!(body.len() > 10 * (2 << 20), "the batch is {} bytes", body.len());
+    assert!(
+        body.len() > 10 * (2 << 20),
+        "the batch is {} bytes",
+        body.len()
+    );
     let digest: [u8; 32] = Sha256::digest(&body).into();
 
     let events = post(&srv, &token, body.clone(), Some(digest)).await;
@@ -82,7 +86,10 @@ async fn a_batch_far_above_2_mib_is_streamed_with_progress_and_resumes() {
         .iter()
         .filter(|e| matches!(e, ImportEvent::Progress { .. }))
         .count();
-    assert_eq!(progress, 20, "one progress line per committed chunk of 1,000");
+    assert_eq!(
+        progress, 20,
+        "one progress line per committed chunk of 1,000"
+    );
     let Some(ImportEvent::Done(s)) = events.last() else {
         panic!("no summary: {:?}", events.last());
     };
@@ -147,7 +154,10 @@ async fn an_overlong_line_is_one_rejected_entry_and_the_rest_goes_on() {
         })
         .collect();
     assert_eq!(rejected.len(), 1);
-    assert_eq!((rejected[0].line, rejected[0].error.as_str()), (2, "malformed"));
+    assert_eq!(
+        (rejected[0].line, rejected[0].error.as_str()),
+        (2, "malformed")
+    );
     let Some(ImportEvent::Done(s)) = events.last() else {
         panic!("no summary");
     };
