@@ -12,6 +12,7 @@ pub mod clock;
 pub mod db;
 mod error;
 pub mod integrity;
+pub mod lines;
 pub mod policy;
 pub mod profile;
 pub mod repair;
@@ -22,8 +23,9 @@ pub use replay::FaultPoint;
 
 pub use card::{EncryptionCard, KdfParams, SoftwareCard};
 pub use center::{
-    AuthOutcome, AutoBackup, CENTER_ACTOR, Center, HousekeepingReport, ImportProgress,
-    ImportReject, ImportReport, OpenedSealed, RotationReport, SignatureOutcome, VerifyOutcome,
+    AuthOutcome, AutoBackup, CENTER_ACTOR, Center, HousekeepingReport, IMPORT_LINE_MAX,
+    ImportProgress, ImportReject, ImportReport, ImportSource, OpenedSealed, REJECTS_KEPT,
+    RotationReport, SignatureOutcome, VerifyOutcome,
 };
 pub use db::{DeviceQuery, DeviceView, KeyDatabase};
 #[cfg(feature = "postgres")]

@@ -201,7 +201,6 @@ impl Api {
                 .bearer_auth(self.token.expose());
             match body {
                 Some(Body::Json(v)) => req = req.json(&v),
-                Some(Body::Raw(b)) => req = req.body(b),
                 None => {}
             }
             let resp = req
@@ -234,7 +233,6 @@ impl Api {
 
 enum Body {
     Json(Value),
-    Raw(Vec<u8>),
 }
 
 fn print_json(v: &Value) {
@@ -411,34 +409,148 @@ pub fn device(cmd: DeviceCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `microcert import FILE`: a factory batch, through the center.
+/// The SHA-256 and line count of a batch file (the server checks the
+/// digest at the end and keys the import's progress with it).
+fn batch_digest(file: &std::path::Path) -> anyhow::Result<([u8; 32], u64)> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let (mut lines, mut last) = (0u64, b'\n');
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        last = buf[n - 1];
+    }
+    if last != b'\n' {
+        lines += 1;
+    }
+    Ok((h.finalize().into(), lines))
+}
+
+/// `microcert import FILE`: a factory batch of any size, streamed to the
+/// center, with a progress bar fed by the center's NDJSON progress lines.
+/// Sending the same file again resumes after its last committed chunk.
 pub fn import(server: &ServerArgs, file: &std::path::Path) -> anyhow::Result<()> {
+    use microcert_center::lines::{ImportEvent, ImportSummary, RejectedLine};
+    /// Rejected entries printed (all are counted by kind).
+    const SHOWN: usize = 1000;
     let api = Api::new(server)?;
-    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_message(format!("importing {}", file.display()));
-    bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    let v = api.call(reqwest::Method::POST, "/v1/import", Some(Body::Raw(bytes)));
+    let (digest, total) = batch_digest(file)?;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} lines {per_sec} ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let url = format!("{}/v1/import", api.base);
+    let mut rejected: Vec<RejectedLine> = Vec::new();
+    let mut started = false;
+    let end: anyhow::Result<ImportSummary> = api.rt.block_on(async {
+        let body = tokio::fs::File::open(file)
+            .await
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let mut resp = api
+            .client
+            .post(&url)
+            .bearer_auth(api.token.expose())
+            .header("content-type", "application/jsonl")
+            .header("x-batch-sha256", hex::encode(digest))
+            .header("x-batch-lines", total.to_string())
+            .body(reqwest::Body::from(body))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the center at {}", api.base))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            let msg = value
+                .get("message")
+                .and_then(Value::as_str)
+                .map_or_else(|| value.to_string(), str::to_owned);
+            bail!("{status}: {msg}");
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(bytes) = resp.chunk().await? {
+            pending.extend_from_slice(&bytes);
+            anyhow::ensure!(
+                pending.len() <= 16 << 20,
+                "the center sent a progress line longer than 16 MiB"
+            );
+            while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                match serde_json::from_slice::<ImportEvent>(&line)
+                    .context("the center sent an unreadable progress line")?
+                {
+                    ImportEvent::Progress {
+                        lines_done,
+                        lines_total,
+                        enrolled,
+                        rejected: r,
+                    } => {
+                        if !started {
+                            // A resumed import starts where the last one
+                            // stopped: the rate counts from here.
+                            bar.reset();
+                            started = true;
+                        }
+                        bar.set_length(lines_total.max(total));
+                        bar.set_position(lines_done);
+                        bar.set_message(format!("{enrolled} enrolled"));
+                        let room = SHOWN.saturating_sub(rejected.len());
+                        rejected.extend(r.into_iter().take(room));
+                    }
+                    ImportEvent::Done(summary) => return Ok(summary),
+                    ImportEvent::Error { error, message } => {
+                        bail!("the import stopped ({error}): {message}; what was committed stays, run it again to resume")
+                    }
+                }
+            }
+        }
+        bail!("the center closed the connection before the import's summary; run it again to resume")
+    });
     bar.finish_and_clear();
-    let v = v?;
+    let summary = end?;
+    let refused: u64 = summary.refused.values().sum();
     if server.json {
-        print_json(&v);
+        print_json(&json!({
+            "lines": summary.lines,
+            "resumed_after": summary.resumed_after,
+            "enrolled": summary.enrolled,
+            "already": summary.already,
+            "refused": summary.refused,
+            "rejected": rejected,
+        }));
         return Ok(());
     }
     say!(
-        "{} lines: {} enrolled, {} already enrolled, {} rejected",
-        s(&v["lines"]),
-        s(&v["enrolled"]),
-        s(&v["already"]),
-        v["rejected"].as_array().map_or(0, Vec::len)
+        "{} lines: {} enrolled, {} already enrolled, {} rejected{}",
+        summary.lines,
+        summary.enrolled,
+        summary.already,
+        refused,
+        if summary.resumed_after > 0 {
+            format!(" (resumed after line {})", summary.resumed_after)
+        } else {
+            String::new()
+        }
     );
-    for r in v["rejected"].as_array().into_iter().flatten() {
-        say!(
-            "  line {}: {} ({})",
-            s(&r["line"]),
-            s(&r["error"]),
-            s(&r["message"])
-        );
+    for (kind, n) in &summary.refused {
+        say!("  {kind}: {n}");
+    }
+    for r in &rejected {
+        say!("  line {}: {} ({})", r.line, r.error, r.message);
+    }
+    if refused > rejected.len() as u64 {
+        say!("  ... {} more not shown", refused - rejected.len() as u64);
     }
     Ok(())
 }

@@ -139,9 +139,9 @@ pub const ROUTES: &[RouteDoc] = &[
         method: "post",
         path: "/v1/import",
         roles: WRITE,
-        summary: "Import a factory batch (JSON Lines of ENROLLs); resumable and idempotent",
+        summary: "Import a factory batch of any size (JSON Lines of ENROLLs, streamed; each line at most 64 KiB); resumable by X-Batch-Sha256 and idempotent. The reply is NDJSON: a progress line per committed chunk (with its rejected entries), then one done line (the summary, refused entries by kind) or error line",
         request: Some("application/jsonl"),
-        reply: JSON,
+        reply: "application/x-ndjson",
     },
     RouteDoc {
         method: "get",

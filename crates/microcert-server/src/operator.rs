@@ -498,33 +498,170 @@ async fn update_due(State(s): State<OperatorState>, headers: HeaderMap) -> Respo
     }
 }
 
-async fn import(State(s): State<OperatorState>, headers: HeaderMap, body: Bytes) -> Response {
+/// Body frames of `/v1/import` held between the connection and the
+/// importer (with the importer's chunk, the bound on lines in flight).
+const IMPORT_FRAMES: usize = 16;
+/// Progress lines held for a client that does not read them (the import
+/// waits when they are not read).
+const IMPORT_EVENTS: usize = 16;
+
+/// `POST /v1/import`: a factory batch of any size, streamed. The body is
+/// read frame by frame into the center's line reader (no body limit: each
+/// line is bounded instead, and a chunk at a time is held); the reply is
+/// NDJSON, a `progress` line after each committed chunk and one final
+/// `done` (the summary) or `error` line. `X-Batch-Sha256` (the batch's
+/// digest, checked at the end) makes the import resumable;
+/// `X-Batch-Lines` gives the progress lines a total.
+async fn import(
+    State(s): State<OperatorState>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    use microcert_center::lines::{ImportEvent, ImportSummary, RejectedLine};
     let who = match authorize(&s.tokens, &headers, WRITE) {
         Ok(w) => w,
         Err(d) => return d.into_response(),
     };
+    let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("?").trim());
+    let sha256 = match header("x-batch-sha256") {
+        None => None,
+        Some(t) => {
+            let mut d = [0u8; 32];
+            if hex::decode_to_slice(t, &mut d).is_err() {
+                return bad_request("X-Batch-Sha256 is not 64 hex digits");
+            }
+            Some(d)
+        }
+    };
+    let lines = match header("x-batch-lines").map(str::parse::<u64>) {
+        None => 0,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => return bad_request("X-Batch-Lines is not a number"),
+    };
+    let (frames_tx, frames_rx) = tokio::sync::mpsc::channel(IMPORT_FRAMES);
+    tokio::spawn(async move {
+        let mut body = body;
+        loop {
+            let frame = std::future::poll_fn(|cx| {
+                hyper::body::Body::poll_frame(std::pin::Pin::new(&mut body), cx)
+            })
+            .await;
+            let item = match frame {
+                None => break,
+                Some(Ok(f)) => match f.into_data() {
+                    Ok(d) => Ok(d),
+                    Err(_) => continue, // trailers
+                },
+                Some(Err(e)) => Err(std::io::Error::other(e.to_string())),
+            };
+            let stop = item.is_err();
+            if frames_tx.send(item).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel::<Bytes>(IMPORT_EVENTS);
     let center = s.center.clone();
-    let result = blocking(move || {
-        // The center imports from a file (resumable by the file's digest):
-        // the body is written to a private temporary file first.
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("batch.jsonl");
-        std::fs::write(&path, &body)?;
-        center.import_batch(&path, &who.name, now(), &mut |_| {})
-    })
-    .await;
-    match result {
-        Ok(r) => axum::Json(json!({
-            "lines": r.lines,
-            "resumed_after": r.resumed_after,
-            "enrolled": r.enrolled,
-            "already": r.already,
-            "rejected": r.rejected.iter().map(|x| json!({
-                "line": x.line, "error": x.kind, "message": x.message
-            })).collect::<Vec<_>>(),
-        }))
-        .into_response(),
-        Err(r) => r,
+    tokio::task::spawn_blocking(move || {
+        let send = |e: &ImportEvent| {
+            let mut v = serde_json::to_vec(e).unwrap_or_default();
+            v.push(b'\n');
+            // A client that went away stops reading, not the import.
+            let _ = events_tx.blocking_send(Bytes::from(v));
+        };
+        let mut reader = std::io::BufReader::with_capacity(
+            1 << 16,
+            FrameReader {
+                rx: frames_rx,
+                cur: Bytes::new(),
+            },
+        );
+        let name = format!("upload by {}", who.name);
+        let source = microcert_center::ImportSource {
+            sha256,
+            lines,
+            name: &name,
+        };
+        let r = center.import_stream(&mut reader, &source, &who.name, now(), &mut |p| {
+            send(&ImportEvent::Progress {
+                lines_done: p.lines_done,
+                lines_total: p.lines_total,
+                enrolled: p.enrolled,
+                rejected: p
+                    .rejected
+                    .iter()
+                    .map(|x| RejectedLine {
+                        line: x.line,
+                        error: x.kind.to_owned(),
+                        message: x.message.clone(),
+                    })
+                    .collect(),
+            })
+        });
+        send(&match r {
+            Ok(r) => ImportEvent::Done(ImportSummary {
+                lines: r.lines,
+                resumed_after: r.resumed_after,
+                enrolled: r.enrolled,
+                already: r.already,
+                refused: r
+                    .refused
+                    .iter()
+                    .map(|(k, n)| ((*k).to_owned(), *n))
+                    .collect(),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "import stopped");
+                ImportEvent::Error {
+                    error: e.kind().to_owned(),
+                    message: e.to_string(),
+                }
+            }
+        });
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::new(EventsBody(events_rx)),
+    )
+        .into_response()
+}
+
+/// The request body of `/v1/import` as a blocking reader, for the
+/// importer's thread.
+struct FrameReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    cur: Bytes,
+}
+
+impl std::io::Read for FrameReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                None => return Ok(0),
+                Some(frame) => self.cur = frame?,
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur.split_to(n));
+        Ok(n)
+    }
+}
+
+/// The NDJSON reply of `/v1/import`, line by line as the importer sends
+/// them.
+struct EventsBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for EventsBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|o| o.map(|b| Ok(hyper::body::Frame::data(b))))
     }
 }
 

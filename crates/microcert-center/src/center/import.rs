@@ -25,19 +25,31 @@
 //! idempotent: entries already enrolled by the same ENROLL bytes are
 //! counted as `already`, and nothing changes.
 
-use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 use microcert_core::{DeviceId, Enroll};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::enroll::Enrolled;
 use super::{Center, malformed};
 use crate::db::{DeviceRow, Tx, with_tx};
 use crate::integrity::DigestDelta;
+use crate::lines::ImportLine;
 use crate::{Error, Result};
+
+/// The longest line accepted, in bytes without its newline (a line holds
+/// about 2 KB of hex). A longer line is a rejected entry: it is read
+/// through without being kept.
+pub const IMPORT_LINE_MAX: usize = 64 * 1024;
+/// Bytes of lines held for one chunk: a chunk ends at
+/// `CenterConfig::import_chunk` lines or at this many bytes, whichever
+/// comes first, so the lines in flight are bounded in count and size.
+const CHUNK_BYTES_MAX: usize = 8 << 20;
+/// Rejected entries kept in [`ImportReport::rejected`]; all are counted in
+/// [`ImportReport::refused`] and passed to the progress callback.
+pub const REJECTS_KEPT: usize = 10_000;
 
 /// One rejected line of a batch file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,21 +62,26 @@ pub struct ImportReject {
     pub message: String,
 }
 
-/// Where an import is.
+/// Where an import is: passed to the progress callback after each
+/// committed chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImportProgress {
     /// Lines committed so far (including skipped and rejected ones).
     pub lines_done: u64,
-    /// Lines in the file.
+    /// Lines in the batch (0 when a stream did not declare them).
     pub lines_total: u64,
     /// Seeds enrolled so far by this run.
     pub enrolled: u64,
+    /// Entries found already enrolled so far by this run.
+    pub already: u64,
+    /// The rejected entries of the chunk just committed.
+    pub rejected: Vec<ImportReject>,
 }
 
 /// The result of an import.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ImportReport {
-    /// Lines in the file.
+    /// Lines in the batch.
     pub lines: u64,
     /// Lines skipped because an earlier run had committed them.
     pub resumed_after: u64,
@@ -72,20 +89,86 @@ pub struct ImportReport {
     pub enrolled: u64,
     /// Entries found already enrolled with the same ENROLL.
     pub already: u64,
-    /// Rejected entries, in line order; nothing of them was stored.
+    /// Rejected entries, in line order (the first [`REJECTS_KEPT`]);
+    /// nothing of them was stored.
     pub rejected: Vec<ImportReject>,
+    /// Every rejected entry, counted by refusal kind.
+    pub refused: BTreeMap<&'static str, u64>,
 }
 
-#[derive(Deserialize)]
-struct Line<'a> {
-    #[serde(borrow)]
-    device_id: Cow<'a, str>,
-    class: u8,
-    epoch: u8,
-    // Borrowed from the line unless it has escapes: the ENROLL's 2 KB of
-    // hex are not copied.
-    #[serde(borrow)]
-    enroll: Cow<'a, str>,
+impl ImportReport {
+    /// How many entries were rejected (all of them, kept or not).
+    pub fn rejected_total(&self) -> u64 {
+        self.refused.values().sum()
+    }
+}
+
+/// A batch read as a stream (`/v1/import`).
+#[derive(Debug, Clone, Copy)]
+pub struct ImportSource<'a> {
+    /// The SHA-256 of the whole batch, as the client declares it: the key
+    /// its progress is recorded under, so that sending the same batch
+    /// again resumes after its last committed chunk. It is checked against
+    /// the bytes read: when they differ the import fails and the batch's
+    /// recorded progress is reset (nothing is skipped on the next run).
+    /// None: not resumable (no progress is recorded).
+    pub sha256: Option<[u8; 32]>,
+    /// Lines in the batch, for progress reports (0: unknown).
+    pub lines: u64,
+    /// What to call the batch in the audit log.
+    pub name: &'a str,
+}
+
+/// Reads lines of at most `max` bytes, hashing every byte read.
+struct Lines<'r> {
+    inner: &'r mut dyn BufRead,
+    hasher: Sha256,
+    max: usize,
+}
+
+enum NextLine {
+    Line(Vec<u8>),
+    TooLong(u64),
+}
+
+impl Lines<'_> {
+    fn next(&mut self) -> Result<Option<NextLine>> {
+        let mut line = Vec::new();
+        let mut len = 0u64;
+        let mut any = false;
+        let mut too_long = false;
+        loop {
+            let buf = self.inner.fill_buf()?;
+            if buf.is_empty() {
+                break;
+            }
+            any = true;
+            let (take, end) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            self.hasher.update(&buf[..take]);
+            let content = if end { &buf[..take - 1] } else { &buf[..take] };
+            len += content.len() as u64;
+            if !too_long {
+                if line.len() + content.len() > self.max {
+                    too_long = true;
+                    line = Vec::new();
+                } else {
+                    line.extend_from_slice(content);
+                }
+            }
+            self.inner.consume(take);
+            if end {
+                break;
+            }
+        }
+        Ok(match (any, too_long) {
+            (false, _) => None,
+            (true, true) => Some(NextLine::TooLong(len)),
+            (true, false) => Some(NextLine::Line(line)),
+        })
+    }
 }
 
 impl Center {
@@ -139,45 +222,63 @@ impl Center {
                 lines_total += 1; // a last line without its newline
             }
         }
-        let file_id: [u8; 32] = hasher.finalize().into();
-        let done = with_tx(&*self.db, |tx| tx.import_progress(&file_id))?.unwrap_or(0);
-        let mut report = ImportReport {
+        let name = path.display().to_string();
+        let source = ImportSource {
+            sha256: Some(hasher.finalize().into()),
             lines: lines_total,
+            name: &name,
+        };
+        let mut reader = BufReader::with_capacity(1 << 16, std::fs::File::open(path)?);
+        self.import_stream(&mut reader, &source, actor, now, progress)
+    }
+
+    /// Imports a factory batch read as a stream, of any size: the lines
+    /// are read one by one (each at most [`IMPORT_LINE_MAX`] bytes) and a
+    /// chunk at a time is held, so memory does not grow with the batch.
+    /// Otherwise as [`Center::import_batch`], resumable when the source
+    /// declares its SHA-256 (see [`ImportSource::sha256`]).
+    pub fn import_stream(
+        &self,
+        input: &mut dyn BufRead,
+        source: &ImportSource<'_>,
+        actor: &str,
+        now: u64,
+        progress: &mut dyn FnMut(&ImportProgress),
+    ) -> Result<ImportReport> {
+        let done = match &source.sha256 {
+            Some(id) => with_tx(&*self.db, |tx| tx.import_progress(id))?.unwrap_or(0),
+            None => 0,
+        };
+        let mut lines = Lines {
+            inner: input,
+            hasher: Sha256::new(),
+            max: IMPORT_LINE_MAX,
+        };
+        let mut report = ImportReport {
             resumed_after: done,
             ..ImportReport::default()
         };
-        let mut reader = BufReader::new(std::fs::File::open(path)?);
-        // Lines as bytes: a line that is not UTF-8 is a rejected entry,
-        // not the end of the import.
-        let mut next_line = move || -> Result<Option<Vec<u8>>> {
-            let mut l = Vec::new();
-            if reader.read_until(b'\n', &mut l)? == 0 {
-                return Ok(None);
-            }
-            if l.last() == Some(&b'\n') {
-                l.pop();
-            }
-            Ok(Some(l))
-        };
         let mut line_no = 0u64;
         while line_no < done {
-            if next_line()?.is_none() {
+            if lines.next()?.is_none() {
                 break;
             }
             line_no += 1;
         }
         let chunk = self.config.import_chunk.max(1);
         self.cache.clear();
-        if let Some(db) = &self.sqlite {
-            db.set_bulk(true)?;
-        }
+        self.db.set_bulk(true)?;
         let mut chunks = || -> Result<()> {
             loop {
-                let mut batch = Vec::with_capacity(chunk);
-                for _ in 0..chunk {
-                    match next_line()? {
+                let mut batch = Vec::with_capacity(chunk.min(4096));
+                let mut bytes = 0usize;
+                while batch.len() < chunk && bytes < CHUNK_BYTES_MAX {
+                    match lines.next()? {
                         Some(l) => {
                             line_no += 1;
+                            if let NextLine::Line(text) = &l {
+                                bytes += text.len();
+                            }
                             batch.push((line_no, l));
                         }
                         None => break,
@@ -192,8 +293,16 @@ impl Center {
                     let mut already = 0u64;
                     let mut rejected = Vec::new();
                     let mut delta = DigestDelta::default();
-                    for (n, text) in &batch {
-                        match self.import_line(tx, &mut delta, text, now, actor) {
+                    for (n, l) in &batch {
+                        let r = match l {
+                            NextLine::Line(text) => {
+                                self.import_line(tx, &mut delta, text, now, actor)
+                            }
+                            NextLine::TooLong(len) => Err(Error::Malformed(format!(
+                                "line of {len} bytes, longer than {IMPORT_LINE_MAX}"
+                            ))),
+                        };
+                        match r {
                             Ok(None) => {}
                             Ok(Some(true)) => enrolled += 1,
                             Ok(Some(false)) => already += 1,
@@ -211,28 +320,49 @@ impl Center {
                         }
                     }
                     delta.flush(tx, &*self.card)?;
-                    tx.set_import_progress(&file_id, last, now)?;
+                    if let Some(id) = &source.sha256 {
+                        tx.set_import_progress(id, last, now)?;
+                    }
                     Ok((enrolled, already, rejected))
                 })?;
                 for r in &rejected {
                     tracing::warn!(line = r.line, kind = r.kind, "batch entry rejected");
+                    *report.refused.entry(r.kind).or_insert(0) += 1;
                 }
                 report.enrolled += enrolled;
                 report.already += already;
-                report.rejected.extend(rejected);
+                let room = REJECTS_KEPT.saturating_sub(report.rejected.len());
+                report.rejected.extend(rejected.iter().take(room).cloned());
                 progress(&ImportProgress {
                     lines_done: last,
-                    lines_total,
+                    lines_total: source.lines.max(last),
                     enrolled: report.enrolled,
+                    already: report.already,
+                    rejected,
                 });
             }
             Ok(())
         };
         let r = chunks();
-        if let Some(db) = &self.sqlite {
-            db.set_bulk(false)?;
-        }
+        let off = self.db.set_bulk(false);
         r?;
+        off?;
+        report.lines = line_no;
+        let digest: [u8; 32] = lines.hasher.finalize().into();
+        if let Some(id) = &source.sha256
+            && *id != digest
+        {
+            // The progress recorded under this digest is not this batch's:
+            // forget it, so that the next run skips nothing.
+            with_tx(&*self.db, |tx| tx.set_import_progress(id, 0, now))?;
+            return Err(Error::Malformed(format!(
+                "{}: the batch's SHA-256 is {}, not the declared {}; its recorded \
+                 progress was reset (send it again)",
+                source.name,
+                hex::encode(digest),
+                hex::encode(id)
+            )));
+        }
         with_tx(&*self.db, |tx| {
             self.audit(
                 tx,
@@ -242,11 +372,11 @@ impl Center {
                 (None, None),
                 &format!(
                     "{}: {} lines, {} enrolled, {} already, {} rejected",
-                    path.display(),
+                    source.name,
                     report.lines,
                     report.enrolled,
                     report.already,
-                    report.rejected.len()
+                    report.rejected_total()
                 ),
             )
         })?;
@@ -269,7 +399,7 @@ impl Center {
         if text.trim().is_empty() {
             return Ok(None);
         }
-        let line: Line<'_> =
+        let line: ImportLine<'_> =
             serde_json::from_str(text).map_err(|e| Error::Malformed(format!("JSON: {e}")))?;
         let mut id = [0u8; 8];
         hex::decode_to_slice(line.device_id.as_bytes(), &mut id)

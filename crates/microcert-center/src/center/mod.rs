@@ -17,7 +17,9 @@ mod rotation;
 mod verify;
 mod watch;
 
-pub use import::{ImportProgress, ImportReject, ImportReport};
+pub use import::{
+    IMPORT_LINE_MAX, ImportProgress, ImportReject, ImportReport, ImportSource, REJECTS_KEPT,
+};
 pub use maint::AutoBackup;
 pub use manage::HousekeepingReport;
 pub use rotation::RotationReport;
@@ -50,11 +52,6 @@ pub struct Center {
     cache: Arc<SeedCache>,
     group: group::GroupCommit,
     replay: Replay,
-    /// Transitional, for center/import.rs only (its bulk hint, being
-    /// rewritten on another branch): the same `dyn KeyDatabase` as `db`,
-    /// for every backend. Nothing else reads it; remove it once import
-    /// calls `self.db.set_bulk`.
-    sqlite: Option<Arc<dyn KeyDatabase>>,
     /// Random bytes from the card, fetched 4 KiB at a time for the r of
     /// the center's RECEIPTs: one card call (a system call for the
     /// software card) per 512 receipts instead of one each.
@@ -178,7 +175,6 @@ impl Center {
             tracing::warn!(error = %e, "no change notifications: other centers' changes are seen after the cache TTL");
         }
         Center {
-            sqlite: Some(Arc::clone(&db)),
             db,
             card,
             cache,
