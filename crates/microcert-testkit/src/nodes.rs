@@ -16,6 +16,11 @@ use microcert_core::{
 use microcert_node::{EntropyFailure, SecureChip, SoftChip};
 use sha2::{Digest, Sha256};
 
+/// 2026-06-01T00:00:00Z: the tests' clock.
+pub const NOW: u64 = 1_780_272_000;
+/// The relying party of the tests.
+pub const RP: &str = "billing.example";
+
 /// A deterministic seed for a device and generation (test data only).
 pub fn test_seed(id: DeviceId, generation: u8, base_year: u16) -> KeySeed {
     KeySeed::generate(base_year, |buf| {

@@ -7,7 +7,7 @@ mod backend;
 #[allow(unused_imports)] // not every test binary runs on both backends
 pub use backend::*;
 #[allow(unused_imports)] // not every test binary uses every node helper
-pub use microcert_testkit::nodes::{Reply, fleet_id, test_seed};
+pub use microcert_testkit::nodes::{NOW, RP, Reply, fleet_id, test_seed};
 
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
@@ -61,11 +61,6 @@ pub fn batch_line(node: &mut TestNode, t: u64) -> String {
 pub fn write_batch(path: &Path, fleet: &mut [TestNode], t: u64) {
     kit::write_batch(path, fleet, t)
 }
-
-/// 2026-06-01T00:00:00Z.
-pub const NOW: u64 = 1_780_272_000;
-/// The relying party of the tests.
-pub const RP: &str = "billing.example";
 
 pub fn new_center(path: &Path, card: Arc<SoftwareCard>) -> Center {
     Center::open_sqlite(path, card, CenterConfig::default()).unwrap()

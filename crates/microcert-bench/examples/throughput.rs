@@ -1,16 +1,39 @@
-//! Rough throughput figures for docs/benchmarks.md (the criterion
-//! benchmarks are in crates/microcert-bench). Ignored by default; run with
-//! `cargo test -p microcert-center --release --test throughput -- --ignored --nocapture`.
-//! `MC_TP_DEVICES` sets the fleet size (default 20,000).
-
-mod common;
+//! Rough throughput figures of the center in process, for
+//! docs/benchmarks.md ("Center in process"); the criterion benchmarks are
+//! in `benches/`. A measurement that prints, not a test:
+//!
+//! ```text
+//! cargo run --release -p microcert-bench --example throughput -- [throughput|warm-floor|import-only]...
+//! ```
+//!
+//! No argument runs `throughput`. `MC_TP_DEVICES` sets the fleet size
+//! (default 20,000), `MC_TP_MODES` (memory, database) the replay modes of
+//! `throughput`, `MC_TP_AUTHS` the messages of `warm-floor`.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use common::*;
 use microcert_center::{Center, CenterConfig, ReplayMode, SoftwareCard, SqliteOptions};
 use microcert_core::Audience;
+use microcert_testkit::nodes::{NOW, RP, make_fleet, write_batch};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() {
+        throughput();
+    }
+    for a in &args {
+        match a.as_str() {
+            "throughput" => throughput(),
+            "warm-floor" => warm_floor(),
+            "import-only" => import_only(),
+            other => {
+                eprintln!("unknown measurement {other:?}: throughput, warm-floor or import-only");
+                std::process::exit(2);
+            }
+        }
+    }
+}
 
 fn rate(n: usize, start: Instant) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
@@ -117,8 +140,6 @@ fn run(sync_every_commit: bool, replay: ReplayMode) {
     }
 }
 
-#[test]
-#[ignore = "measurement; run in release with --ignored --nocapture"]
 fn throughput() {
     let which = std::env::var("MC_TP_MODES").unwrap_or_default();
     if which.is_empty() || which.contains("memory") {
@@ -133,8 +154,6 @@ fn throughput() {
 /// The warm path against its crypto floor: the core's verify_auth alone,
 /// with the RECEIPT, and the center's verify_auth (cache warm, memory
 /// replay guard), on one thread.
-#[test]
-#[ignore = "measurement; run in release with --ignored --nocapture"]
 fn warm_floor() {
     use microcert_core::{Auth, Header, Sender, make_receipt, verify_auth};
     let dir = tempfile::tempdir().unwrap();
@@ -210,8 +229,6 @@ fn warm_floor() {
 }
 
 /// Batch import alone (for profiling): `MC_TP_DEVICES` seeds.
-#[test]
-#[ignore = "measurement; run in release with --ignored --nocapture"]
 fn import_only() {
     let dir = tempfile::tempdir().unwrap();
     let card = Arc::new(SoftwareCard::ephemeral().unwrap());
