@@ -3,19 +3,23 @@
 //! in `benches/`. A measurement that prints, not a test:
 //!
 //! ```text
-//! cargo run --release -p microcert-bench --example throughput -- [throughput|warm-floor|import-only]...
+//! cargo run --release -p microcert-bench --example throughput -- [throughput|warm-floor|import-only|backends]...
 //! ```
 //!
-//! No argument runs `throughput`. `MC_TP_DEVICES` sets the fleet size
+//! No argument runs `throughput`. `backends` puts SQLite and PostgreSQL
+//! side by side (docs/benchmarks.md, "Key database backends side by
+//! side") on the test kit's throw-away PostgreSQL cluster; `MC_PG_DURABLE=1`
+//! keeps PostgreSQL's durable defaults (fsync on). `MC_TP_DEVICES` sets the fleet size
 //! (default 20,000), `MC_TP_MODES` (memory, database) the replay modes of
 //! `throughput`, `MC_TP_AUTHS` the messages of `warm-floor`.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use microcert_center::{Center, CenterConfig, ReplayMode, SoftwareCard, SqliteOptions};
 use microcert_core::Audience;
-use microcert_testkit::nodes::{NOW, RP, make_fleet, write_batch};
+use microcert_testkit::nodes::{NOW, RP, TestNode, make_fleet, write_batch};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -27,8 +31,11 @@ fn main() {
             "throughput" => throughput(),
             "warm-floor" => warm_floor(),
             "import-only" => import_only(),
+            "backends" => backends_side_by_side(),
             other => {
-                eprintln!("unknown measurement {other:?}: throughput, warm-floor or import-only");
+                eprintln!(
+                    "unknown measurement {other:?}: throughput, warm-floor, import-only or backends"
+                );
                 std::process::exit(2);
             }
         }
@@ -37,6 +44,28 @@ fn main() {
 
 fn rate(n: usize, start: Instant) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// `MC_TP_DEVICES`, default 20,000.
+fn devices() -> u64 {
+    std::env::var("MC_TP_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000)
+}
+
+/// A fleet of `n` nodes for `card`, imported into `center` from one batch
+/// file in `dir`; the import's rate in seeds per second.
+fn import(center: &Center, card: &SoftwareCard, dir: &Path, n: u64) -> (Vec<TestNode>, f64) {
+    let mut fleet = make_fleet(card, n);
+    let batch = dir.join("b.jsonl");
+    write_batch(&batch, &mut fleet, NOW);
+    let start = Instant::now();
+    let r = center
+        .import_batch(&batch, "factory", NOW, &mut |_| {})
+        .unwrap();
+    assert_eq!(r.enrolled, n);
+    (fleet, rate(n as usize, start))
 }
 
 fn run(sync_every_commit: bool, replay: ReplayMode) {
@@ -52,21 +81,10 @@ fn run(sync_every_commit: bool, replay: ReplayMode) {
         ..CenterConfig::default()
     };
     let center = Center::open_sqlite_with(&path, opts, card.clone(), config.clone()).unwrap();
-    let n: u64 = std::env::var("MC_TP_DEVICES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    let mut fleet = make_fleet(&*card, n);
-    let batch = dir.path().join("b.jsonl");
-    write_batch(&batch, &mut fleet, NOW);
-    let start = Instant::now();
-    let r = center
-        .import_batch(&batch, "factory", NOW, &mut |_| {})
-        .unwrap();
-    assert_eq!(r.enrolled, n);
+    let n = devices();
+    let (mut fleet, import_rate) = import(&center, &card, dir.path(), n);
     println!(
-        "sync_every_commit={sync_every_commit} replay={replay:?}: import {n} seeds: {:.0} seeds/s",
-        rate(n as usize, start)
+        "sync_every_commit={sync_every_commit} replay={replay:?}: import {n} seeds: {import_rate:.0} seeds/s"
     );
 
     let c = Audience::CENTER;
@@ -165,12 +183,7 @@ fn warm_floor() {
     )
     .unwrap();
     let n = 1000u64;
-    let mut fleet = make_fleet(&*card, n);
-    let batch = dir.path().join("b.jsonl");
-    write_batch(&batch, &mut fleet, NOW);
-    center
-        .import_batch(&batch, "factory", NOW, &mut |_| {})
-        .unwrap();
+    let (mut fleet, _) = import(&center, &card, dir.path(), n);
     let c = Audience::CENTER;
     for node in fleet.iter_mut() {
         center.verify_auth(&node.auth(&c, NOW).0, &c, NOW).unwrap();
@@ -238,17 +251,66 @@ fn import_only() {
         CenterConfig::default(),
     )
     .unwrap();
-    let n: u64 = std::env::var("MC_TP_DEVICES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    let mut fleet = make_fleet(&*card, n);
-    let batch = dir.path().join("b.jsonl");
-    write_batch(&batch, &mut fleet, NOW);
-    let start = Instant::now();
-    let r = center
-        .import_batch(&batch, "factory", NOW, &mut |_| {})
-        .unwrap();
-    assert_eq!(r.enrolled, n);
-    println!("import {n} seeds: {:.0} seeds/s", rate(n as usize, start));
+    let n = devices();
+    let (_, import_rate) = import(&center, &card, dir.path(), n);
+    println!("import {n} seeds: {import_rate:.0} seeds/s");
+}
+
+/// Import and cold-cache verification throughput of the key database
+/// backends side by side: SQLite, then PostgreSQL when it is installed.
+fn backends_side_by_side() {
+    measure_backend(None);
+    if let Some(pg) = microcert_testkit::postgres::shared() {
+        measure_backend(Some(pg));
+    }
+}
+
+fn measure_backend(pg: Option<&microcert_testkit::postgres::PgServer>) {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    // No seed cache: every AUTH reads its device and seeds from the
+    // database and unseals the seed (the "cold cache" figure).
+    let config = CenterConfig {
+        cache_capacity: 0,
+        ..CenterConfig::default()
+    };
+    let (backend, loc) = match pg {
+        Some(pg) => ("Postgres", pg.fresh_database("c.db")),
+        None => (
+            "Sqlite",
+            dir.path().join("c.db").to_string_lossy().into_owned(),
+        ),
+    };
+    let center = Arc::new(Center::open_url(&loc, card.clone(), config).unwrap());
+    let n = devices();
+    let (mut fleet, import_rate) = import(&center, &card, dir.path(), n);
+    println!("{backend}: import {n} seeds: {import_rate:.0} seeds/s");
+
+    let c = Audience::CENTER;
+    // First use activates each seed (a write); not measured.
+    for node in fleet.iter_mut() {
+        let (a, _) = node.auth(&c, NOW);
+        center.verify_auth(&a, &c, NOW).unwrap();
+    }
+    for threads in [1usize, 4] {
+        let auths: Vec<Vec<u8>> = fleet
+            .iter_mut()
+            .map(|node| node.auth(&c, NOW + 1).0)
+            .collect();
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for part in auths.chunks(auths.len().div_ceil(threads)) {
+                let center = &center;
+                s.spawn(move || {
+                    for a in part {
+                        center.verify_auth(a, &c, NOW + 1).unwrap();
+                    }
+                });
+            }
+        });
+        println!(
+            "{backend}: verify AUTH, cold cache, {threads} thread(s): {:.0}/s",
+            rate(auths.len(), start)
+        );
+    }
 }

@@ -240,7 +240,8 @@ pub fn batch_line(node: &mut TestNode, t: u64) -> String {
 pub fn write_batch<N: AsMut<TestNode>>(path: &Path, fleet: &mut [N], t: u64) {
     let mut f = std::fs::File::create(path).unwrap();
     for node in fleet.iter_mut() {
-        f.write_all(batch_line(node.as_mut(), t).as_bytes()).unwrap();
+        f.write_all(batch_line(node.as_mut(), t).as_bytes())
+            .unwrap();
     }
     f.sync_all().unwrap();
 }

@@ -154,10 +154,7 @@ impl PgServer {
             owned,
         };
         let d = data.to_str().unwrap();
-        let out = server.run(
-            "initdb",
-            &["-D", d, "-U", "postgres", "--auth=trust", "-N"],
-        );
+        let out = server.run("initdb", &["-D", d, "-U", "postgres", "--auth=trust", "-N"]);
         assert!(
             out.status.success(),
             "initdb failed: {}",
@@ -177,7 +174,11 @@ impl PgServer {
                 server.root.display()
             );
             let args = ["-D", d, "-o", &opts, "-l", log.to_str().unwrap()];
-            if server.run("pg_ctl", &[&args[..], &["-w", "start"]].concat()).status.success() {
+            if server
+                .run("pg_ctl", &[&args[..], &["-w", "start"]].concat())
+                .status
+                .success()
+            {
                 server.port = port;
                 break;
             }

@@ -194,7 +194,10 @@ impl<B: Binary> Setup<B> {
         run_with::<B>(&["card", "init", "--data", d], &[]);
         let token = |role: &str, name: &str| {
             let args = ["token", "create", "--data", d, "--role", role];
-            stdout(&run_with::<B>(&[&args[..], &["--name", name]].concat(), &[]))
+            stdout(&run_with::<B>(
+                &[&args[..], &["--name", name]].concat(),
+                &[],
+            ))
         };
         let operator = token("operator", "alice");
         let verifier = token("verifier", "billing.example");

@@ -15,9 +15,7 @@ pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 /// Whether SoftHSM2 is installed, or why it is not usable.
 pub fn available() -> Result<(), String> {
     if !Path::new(MODULE).exists() {
-        return Err(format!(
-            "{MODULE} is missing (apt-get install -y softhsm2)"
-        ));
+        return Err(format!("{MODULE} is missing (apt-get install -y softhsm2)"));
     }
     if !skip::on_path("softhsm2-util") {
         return Err("softhsm2-util is not on PATH (apt-get install -y softhsm2)".into());
@@ -28,7 +26,12 @@ pub fn available() -> Result<(), String> {
 /// Writes `dir/softhsm2.conf` with its tokens in `dir/tokens` and
 /// initialises a token per label (SO PIN `so_pin`, user PIN `pin`);
 /// returns the configuration's path (the value for `SOFTHSM2_CONF`).
-pub fn init_tokens(dir: &Path, labels: &[&str], so_pin: &str, pin: &str) -> Result<PathBuf, String> {
+pub fn init_tokens(
+    dir: &Path,
+    labels: &[&str],
+    so_pin: &str,
+    pin: &str,
+) -> Result<PathBuf, String> {
     available()?;
     let tokens = dir.join("tokens");
     std::fs::create_dir_all(&tokens).map_err(|e| e.to_string())?;
