@@ -7,6 +7,16 @@
 //! rule: it prints why it skipped, unless CI is set: then it fails.
 
 use std::path::Path;
+// The imports this module had before the kit, kept so that helpers
+// appended to it compile unchanged.
+#[allow(unused_imports)]
+use std::path::PathBuf;
+#[allow(unused_imports)]
+use std::process::{Command, Stdio};
+#[allow(unused_imports)]
+use std::sync::OnceLock;
+#[allow(unused_imports)]
+use std::sync::atomic::{AtomicU32, Ordering};
 
 #[allow(unused_imports)] // not every test binary reaches the server itself
 pub use microcert_testkit::postgres::{PgServer, shared as pg_server};

@@ -17,6 +17,19 @@ use microcert_center::{Center, CenterConfig, EncryptionCard, SoftwareCard};
 use microcert_core::{DeviceId, Key128, Suite};
 use microcert_testkit::nodes as kit;
 
+// The imports this module had before the kit, kept so that helpers
+// appended to it compile unchanged.
+#[allow(unused_imports)]
+use microcert_core::{
+    Audience, Command, DataDigest, EnrollKey, HEADER_LEN, Header, KeySeed, Opcode, Receipt, Sender,
+    make_auth, make_auth_response, make_enroll, make_receipt, make_signature, seal, verify_command,
+    verify_receipt,
+};
+#[allow(unused_imports)]
+use sha2::{Digest, Sha256};
+#[allow(unused_imports)]
+use std::io::Write;
+
 /// The kit's test node ([`kit::TestNode`]), wrapped so that a test file
 /// may add methods of its own (`impl TestNode { ... }`).
 #[derive(Debug)]

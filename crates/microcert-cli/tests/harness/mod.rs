@@ -8,7 +8,13 @@
 //! helper.
 #![allow(dead_code, unused_imports)]
 
-use std::process::{Command, Output};
+// The imports the harness had before the kit, kept so that helpers
+// appended to this file compile unchanged.
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub use microcert_testkit::process::{stderr, stdout, udp_exchange};
 pub use microcert_testkit::skip::{in_ci, require_tool, skip};

@@ -11,6 +11,12 @@
 #![allow(dead_code)]
 
 use std::sync::OnceLock;
+// The imports this module had before the kit, kept so that helpers
+// appended to it compile unchanged.
+#[allow(unused_imports)]
+use std::path::{Path, PathBuf};
+#[allow(unused_imports)]
+use std::process::Command;
 
 use microcert_pkcs11::{Pkcs11Card, Pkcs11Config, SOFTHSM2_MODULE};
 
