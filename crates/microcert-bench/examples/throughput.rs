@@ -54,6 +54,36 @@ fn devices() -> u64 {
         .unwrap_or(20_000)
 }
 
+/// A center with the default configuration over a new SQLite file, its
+/// card and the file's directory.
+fn sqlite_center() -> (tempfile::TempDir, Arc<SoftwareCard>, Center) {
+    let dir = tempfile::tempdir().unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let center = Center::open_sqlite(
+        &dir.path().join("c.db"),
+        card.clone(),
+        CenterConfig::default(),
+    )
+    .unwrap();
+    (dir, card, center)
+}
+
+/// Verifies `auths` at `t` on `threads` threads; AUTHs per second.
+fn verify_threaded(center: &Center, auths: &[Vec<u8>], t: u64, threads: usize) -> f64 {
+    let c = Audience::CENTER;
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for part in auths.chunks(auths.len().div_ceil(threads)) {
+            s.spawn(move || {
+                for a in part {
+                    center.verify_auth(a, &c, t).unwrap();
+                }
+            });
+        }
+    });
+    rate(auths.len(), start)
+}
+
 /// A fleet of `n` nodes for `card`, imported into `center` from one batch
 /// file in `dir`; the import's rate in seeds per second.
 fn import(center: &Center, card: &SoftwareCard, dir: &Path, n: u64) -> (Vec<TestNode>, f64) {
@@ -140,21 +170,8 @@ fn run(sync_every_commit: bool, replay: ReplayMode) {
     for threads in [2usize, 8] {
         let t = NOW + 10 + threads as u64;
         let auths: Vec<Vec<u8>> = fleet.iter_mut().map(|node| node.auth(&c, t).0).collect();
-        let start = Instant::now();
-        std::thread::scope(|s| {
-            for part in auths.chunks(m.div_ceil(threads)) {
-                let center = &center;
-                s.spawn(move || {
-                    for a in part {
-                        center.verify_auth(a, &c, t).unwrap();
-                    }
-                });
-            }
-        });
-        println!(
-            "  verify AUTH, warm cache, {threads} threads: {:.0}/s",
-            rate(m, start)
-        );
+        let r = verify_threaded(&center, &auths, t, threads);
+        println!("  verify AUTH, warm cache, {threads} threads: {r:.0}/s");
     }
 }
 
@@ -174,14 +191,7 @@ fn throughput() {
 /// replay guard), on one thread.
 fn warm_floor() {
     use microcert_core::{Auth, Header, Sender, make_receipt, verify_auth};
-    let dir = tempfile::tempdir().unwrap();
-    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
-    let center = Center::open_sqlite(
-        &dir.path().join("c.db"),
-        card.clone(),
-        CenterConfig::default(),
-    )
-    .unwrap();
+    let (dir, card, center) = sqlite_center();
     let n = 1000u64;
     let (mut fleet, _) = import(&center, &card, dir.path(), n);
     let c = Audience::CENTER;
@@ -243,14 +253,7 @@ fn warm_floor() {
 
 /// Batch import alone (for profiling): `MC_TP_DEVICES` seeds.
 fn import_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
-    let center = Center::open_sqlite(
-        &dir.path().join("c.db"),
-        card.clone(),
-        CenterConfig::default(),
-    )
-    .unwrap();
+    let (dir, card, center) = sqlite_center();
     let n = devices();
     let (_, import_rate) = import(&center, &card, dir.path(), n);
     println!("import {n} seeds: {import_rate:.0} seeds/s");
@@ -297,20 +300,7 @@ fn measure_backend(pg: Option<&microcert_testkit::postgres::PgServer>) {
             .iter_mut()
             .map(|node| node.auth(&c, NOW + 1).0)
             .collect();
-        let start = Instant::now();
-        std::thread::scope(|s| {
-            for part in auths.chunks(auths.len().div_ceil(threads)) {
-                let center = &center;
-                s.spawn(move || {
-                    for a in part {
-                        center.verify_auth(a, &c, NOW + 1).unwrap();
-                    }
-                });
-            }
-        });
-        println!(
-            "{backend}: verify AUTH, cold cache, {threads} thread(s): {:.0}/s",
-            rate(auths.len(), start)
-        );
+        let r = verify_threaded(&center, &auths, NOW + 1, threads);
+        println!("{backend}: verify AUTH, cold cache, {threads} thread(s): {r:.0}/s");
     }
 }
