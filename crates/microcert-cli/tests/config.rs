@@ -551,172 +551,21 @@ fn transport_keys_come_from_a_file_not_argv() {
 
 // ---- the reported case on PostgreSQL ----------------------------------------
 
-/// A throw-away PostgreSQL server (as multi_center.rs starts one).
-struct Postgres {
-    root: PathBuf,
-    bin: PathBuf,
-    runas: Option<&'static str>,
-    port: u16,
-}
-
-fn run_as(runas: Option<&str>, program: &Path, args: &[&str]) -> Output {
-    let mut c = match runas {
-        Some(u) => {
-            let mut c = std::process::Command::new("runuser");
-            c.args(["-u", u, "--"]).arg(program);
-            c
-        }
-        None => std::process::Command::new(program),
-    };
-    c.args(args)
-        .current_dir("/")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap()
-}
+/// The test kit's throw-away PostgreSQL (stopped when dropped) with the
+/// empty databases `microcert` and `other`.
+struct Postgres(microcert_testkit::postgres::PgServer);
 
 impl Postgres {
     fn start() -> Option<Postgres> {
-        let mut bins: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path().join("bin"))
-            .filter(|b| b.join("initdb").exists())
-            .collect();
-        bins.sort();
-        let Some(bin) = bins.pop() else {
-            let ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-            assert!(!ci, "CI is set but PostgreSQL is not installed");
-            eprintln!("SKIPPED: PostgreSQL is not installed");
-            return None;
-        };
-        let root = std::env::temp_dir().join(format!("microcert-cfg-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        let is_root = std::process::Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-        let runas = is_root.then_some("postgres");
-        if let Some(u) = runas {
-            assert!(
-                std::process::Command::new("chown")
-                    .arg(format!("{u}:"))
-                    .arg(&root)
-                    .status()
-                    .unwrap()
-                    .success()
-            );
-        }
-        let data = root.join("data");
-        let out = run_as(
-            runas,
-            &bin.join("initdb"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-N",
-            ],
-        );
-        assert!(out.status.success(), "initdb: {}", stderr(&out));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1",
-            root.display()
-        );
-        let log = root.join("log");
-        let out = run_as(
-            runas,
-            &bin.join("pg_ctl"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-o",
-                &opts,
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "start",
-            ],
-        );
-        assert!(out.status.success(), "pg_ctl start: {}", stderr(&out));
-        let pg = Postgres {
-            root,
-            bin,
-            runas,
-            port,
-        };
-        for db in ["microcert", "other"] {
-            let out = run_as(
-                None,
-                &pg.bin.join("psql"),
-                &[
-                    "-X",
-                    "-q",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    "-U",
-                    "postgres",
-                    "-d",
-                    "postgres",
-                    "-c",
-                    &format!("CREATE DATABASE {db}"),
-                ],
-            );
-            assert!(out.status.success(), "createdb: {}", stderr(&out));
-        }
-        Some(pg)
+        microcert_testkit::postgres::PgServer::start(&["microcert", "other"]).map(Postgres)
     }
 
     fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+        self.0.url(db)
     }
 
     fn query(&self, db: &str, sql: &str) -> String {
-        let out = run_as(
-            None,
-            &self.bin.join("psql"),
-            &[
-                "-X",
-                "-q",
-                "-t",
-                "-A",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                db,
-                "-c",
-                sql,
-            ],
-        );
-        assert!(out.status.success(), "psql: {}", stderr(&out));
-        stdout(&out)
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let data = self.root.join("data");
-        run_as(
-            self.runas,
-            &self.bin.join("pg_ctl"),
-            &["-D", data.to_str().unwrap(), "-m", "immediate", "stop"],
-        );
-        let _ = std::fs::remove_dir_all(&self.root);
+        self.0.psql(db, sql).trim().to_owned()
     }
 }
 

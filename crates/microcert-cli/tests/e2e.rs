@@ -1,102 +1,14 @@
 //! End to end: the real `microcert` binary on ephemeral loopback ports,
 //! driven over UDP (CoAP) and HTTP through a whole fleet's life.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+mod harness;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use harness::{Server, Setup, bin, run, run_with, stdout};
 use serde_json::Value;
-
-const PASSPHRASE: &str = "e2e test passphrase";
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_microcert"));
-    c.env("MICROCERT_PASSPHRASE", PASSPHRASE)
-        .env_remove("MICROCERT_DATA")
-        .env_remove("MICROCERT_TOKEN")
-        .env_remove("MICROCERT_SERVER");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    run_with(args, &[])
-}
-
-fn run_with(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let out = bin().args(args).envs(env.iter().copied()).output().unwrap();
-    assert!(
-        out.status.success(),
-        "microcert {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_owned()
-}
-
-/// A `microcert serve` process; stopped with SIGTERM when dropped.
-struct Server {
-    child: Child,
-    http: String,
-    coap: SocketAddr,
-}
-
-impl Server {
-    fn start(data: &Path) -> Server {
-        Server::start_with(data, &[], &[])
-    }
-
-    fn start_with(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut child = bin()
-            .args(["serve", "--data"])
-            .arg(data)
-            .args(["--http", "127.0.0.1:0", "--coap", "127.0.0.1:0"])
-            .args(extra)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        // "microcert serving http=127.0.0.1:P coap=127.0.0.1:Q"
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_owned()
-        };
-        Server {
-            http: format!("http://{}", field("http=")),
-            coap: field("coap=").parse().unwrap(),
-            child,
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct Fleet {
     dir: tempfile::TempDir,
@@ -111,37 +23,13 @@ impl Fleet {
     }
 
     fn new(count: u32) -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        run(&["card", "init", "--data", data.to_str().unwrap()]);
-        let server = Server::start(&data);
-        let token = |role: &str, name: &str| {
-            stdout(&run(&[
-                "token",
-                "create",
-                "--data",
-                data.to_str().unwrap(),
-                "--role",
-                role,
-                "--name",
-                name,
-            ]))
-        };
-        let operator = token("operator", "alice");
-        let verifier = token("verifier", "billing.example");
-        let out = dir.path().join("chips");
-        run(&[
-            "factory",
-            "provision",
-            "--data",
-            data.to_str().unwrap(),
-            "--count",
-            &count.to_string(),
-            "--class",
-            "1",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let Setup {
+            dir,
+            operator,
+            verifier,
+            ..
+        } = Setup::new(count);
+        let server = Server::start(&dir.path().join("data"));
         Fleet {
             dir,
             server,
@@ -510,18 +398,7 @@ fn tokens_and_roles_guard_the_api() {
 
 #[test]
 fn a_standard_coap_client_gets_a_challenge() {
-    let Ok(which) = Command::new("sh")
-        .args(["-c", "command -v coap-client-notls"])
-        .output()
-    else {
-        panic!("no shell");
-    };
-    if !which.status.success() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "coap-client-notls (Debian libcoap3-bin) is missing in CI"
-        );
-        eprintln!("SKIPPED: coap-client-notls not installed (apt-get install libcoap3-bin)");
+    if !harness::require_tool("coap-client-notls", "apt-get install libcoap3-bin") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -558,7 +435,8 @@ fn pkcs11_config(dir: &Path, label: &str, pin: &str) -> PathBuf {
     std::fs::write(
         &config,
         format!(
-            "[pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"{label}\"\npin_file = \"{}\"\n",
+            "[pkcs11]\nmodule = \"{}\"\ntoken_label = \"{label}\"\npin_file = \"{}\"\n",
+            microcert_testkit::softhsm::MODULE,
             pin_file.display()
         ),
     )
@@ -566,42 +444,11 @@ fn pkcs11_config(dir: &Path, label: &str, pin: &str) -> PathBuf {
     config
 }
 
-/// A SoftHSM2 token of its own for this test: (config dir, SOFTHSM2_CONF).
+/// A SoftHSM2 token of its own for this test (the kit's launcher, under
+/// its skip rule): the value for SOFTHSM2_CONF.
 fn softhsm_token(dir: &Path, label: &str) -> Option<String> {
-    let module = Path::new("/usr/lib/softhsm/libsofthsm2.so");
-    if !module.exists() {
-        assert!(std::env::var("CI").is_err(), "softhsm2 is missing in CI");
-        eprintln!("SKIPPED: softhsm2 not installed (apt-get install softhsm2)");
-        return None;
-    }
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    let conf = conf.to_str().unwrap().to_owned();
-    let out = Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            label,
-            "--so-pin",
-            "12345678",
-            "--pin",
-            "1234",
-        ])
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    Some(conf)
+    let conf = microcert_testkit::softhsm::tokens(dir, &[label], "12345678", "1234")?;
+    Some(conf.to_str().unwrap().to_owned())
 }
 
 #[test]

@@ -10,17 +10,17 @@
 //! PostgreSQL is not installed the test prints why it skipped, unless CI
 //! is set: then it fails.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod harness;
+
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use microcert_core::Audience;
-use microcert_node::{EntropyFailure, SecureChip, SoftChip};
+use harness::Server;
+use microcert_testkit::nodes::{Chip, chip_auth, chip_from_image};
+use microcert_testkit::postgres::PgServer;
 use serde_json::Value;
 
-const PASSPHRASE: &str = "multi-center test passphrase";
 const EXPORT_PASSPHRASE: &str = "key ceremony export passphrase";
 /// How soon another center's life-cycle change is seen: NOTIFY delivers it
 /// in milliseconds; one second leaves room for a loaded machine and is
@@ -28,253 +28,45 @@ const EXPORT_PASSPHRASE: &str = "key ceremony export passphrase";
 /// broken notification path fails this test.
 const BOUND: Duration = Duration::from_secs(1);
 
-// ---- a throw-away PostgreSQL -------------------------------------------
-
-struct Postgres {
-    root: PathBuf,
-    bin: PathBuf,
-    runas: Option<&'static str>,
-    port: u16,
-}
-
-/// A software chip drawing from the OS random generator.
-type Chip = SoftChip<fn(&mut [u8]) -> Result<(), EntropyFailure>>;
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-fn run_as(runas: Option<&str>, program: &Path, args: &[&str]) -> Output {
-    let mut c = match runas {
-        Some(u) => {
-            let mut c = Command::new("runuser");
-            c.args(["-u", u, "--"]).arg(program);
-            c
-        }
-        None => Command::new(program),
-    };
-    c.args(args)
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
-}
+/// The kit's throw-away PostgreSQL (stopped when dropped) with the empty
+/// database `microcert`.
+struct Postgres(PgServer);
 
 impl Postgres {
     fn start() -> Option<Postgres> {
-        let mut bins: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path().join("bin"))
-            .filter(|b| b.join("initdb").exists())
-            .collect();
-        bins.sort();
-        let Some(bin) = bins.pop() else {
-            assert!(
-                !in_ci(),
-                "CI is set but PostgreSQL is not installed: .ci/run must install it"
-            );
-            eprintln!(
-                "SKIPPED multi_center: PostgreSQL is not installed (apt-get install postgresql)"
-            );
-            return None;
-        };
-        let root = std::env::temp_dir().join(format!("microcert-mc-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(&root).unwrap();
-        let is_root = Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-        let runas = is_root.then_some("postgres");
-        if let Some(u) = runas {
-            assert!(
-                Command::new("chown")
-                    .arg(format!("{u}:"))
-                    .arg(&root)
-                    .status()
-                    .unwrap()
-                    .success()
-            );
-        }
-        let data = root.join("data");
-        let out = run_as(
-            runas,
-            &bin.join("initdb"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-N",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200",
-            root.display()
-        );
-        let log = root.join("log");
-        let out = run_as(
-            runas,
-            &bin.join("pg_ctl"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-o",
-                &opts,
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "start",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let pg = Postgres {
-            root,
-            bin,
-            runas,
-            port,
-        };
-        let out = run_as(
-            None,
-            &pg.bin.join("psql"),
-            &[
-                "-X",
-                "-q",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-c",
-                "CREATE DATABASE microcert",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "createdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(pg)
+        PgServer::start(&["microcert"]).map(Postgres)
     }
 
     fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/microcert", self.port)
+        self.0.url("microcert")
     }
 }
 
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let data = self.root.join("data");
-        run_as(
-            self.runas,
-            &self.bin.join("pg_ctl"),
-            &["-D", data.to_str().unwrap(), "-m", "immediate", "stop"],
-        );
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
+// ---- the binary, on a database ---------------------------------------------
 
-// ---- the binary -----------------------------------------------------------
-
+/// The harness's binary with `MICROCERT_DATABASE` set ("": the data
+/// directory's SQLite file).
 fn bin(database: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_microcert"));
-    c.env("MICROCERT_PASSPHRASE", PASSPHRASE)
-        .env("MICROCERT_EXPORT_PASSPHRASE", EXPORT_PASSPHRASE)
-        .env("MICROCERT_DATABASE", database)
-        .env_remove("MICROCERT_DATA")
-        .env_remove("MICROCERT_TOKEN")
-        .env_remove("MICROCERT_SERVER");
+    let mut c = harness::bin();
+    c.env("MICROCERT_EXPORT_PASSPHRASE", EXPORT_PASSPHRASE)
+        .env("MICROCERT_DATABASE", database);
     c
 }
 
 fn run(database: &str, args: &[&str]) -> String {
-    let out = bin(database).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "microcert {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    harness::stdout(&microcert_testkit::process::must(&mut bin(database), args))
 }
 
-/// A `microcert serve` process; stopped with SIGTERM when dropped.
-struct Server {
-    child: Child,
-    http: String,
-    coap: SocketAddr,
-}
-
-impl Server {
-    fn start(database: &str, data: &Path) -> Server {
-        let mut child = bin(database)
-            .args(["serve", "--data"])
-            .arg(data)
-            .args(["--http", "127.0.0.1:0", "--coap", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
-                .to_owned()
-        };
-        Server {
-            http: format!("http://{}", field("http=")),
-            coap: field("coap=").parse().unwrap(),
-            child,
-        }
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return; // already gone (killed): its pid may be someone else's now
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `microcert serve` of the data directory `data` on `database`.
+fn serve(database: &str, data: &Path) -> Server {
+    Server::start_with(
+        data,
+        &[],
+        &[
+            ("MICROCERT_EXPORT_PASSPHRASE", EXPORT_PASSPHRASE),
+            ("MICROCERT_DATABASE", database),
+        ],
+    )
 }
 
 /// The card id in "card ID initialised/imported ..." output.
@@ -282,22 +74,9 @@ fn card_id(out: &str) -> String {
     out.split_whitespace().nth(1).unwrap().to_owned()
 }
 
-fn os_entropy(buf: &mut [u8]) -> Result<(), EntropyFailure> {
-    getrandom::fill(buf).map_err(|_| EntropyFailure)
-}
-
-fn now32() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as u32
-}
-
 /// A fresh AUTH from a chip, for the center's audience.
 fn auth(chip: &mut Chip) -> Vec<u8> {
-    let mut out = [0u8; 64];
-    let n = chip.auth(now32(), &Audience::CENTER, &mut out).unwrap();
-    out[..n].to_vec()
+    chip_auth(chip)
 }
 
 fn client() -> reqwest::Client {
@@ -383,8 +162,8 @@ fn two_centers_on_one_postgres() {
             chips_dir.to_str().unwrap(),
         ],
     );
-    let mut a = Server::start(&url, &data_a);
-    let b = Server::start(&url, &data_b);
+    let mut a = serve(&url, &data_a);
+    let b = serve(&url, &data_b);
 
     // Enroll every chip through A (the simulator keeps the chip images).
     let state = dir.path().join("state");
@@ -429,8 +208,7 @@ fn two_centers_on_one_postgres() {
         .map(|e| {
             let id = e.path().file_stem().unwrap().to_string_lossy().into_owned();
             let image = std::fs::read(e.path()).unwrap();
-            let f: fn(&mut [u8]) -> Result<(), EntropyFailure> = os_entropy;
-            (id, SoftChip::from_image(&image, f).unwrap())
+            (id, chip_from_image(&image))
         })
         .collect();
     chips.sort_by(|x, y| x.0.cmp(&y.0));
@@ -720,7 +498,7 @@ fn card_clone_and_import() {
     );
     refused(
         &["card", "clone", "--data", &d("a"), "--out", &d("same")],
-        &[("MICROCERT_EXPORT_PASSPHRASE", PASSPHRASE)],
+        &[("MICROCERT_EXPORT_PASSPHRASE", harness::PASSPHRASE)],
     );
     let imported = run(
         "",
@@ -736,7 +514,7 @@ fn second_serve_on_one_sqlite_data_dir_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     run("", &["card", "init", "--data", data.to_str().unwrap()]);
-    let first = Server::start("", &data);
+    let first = serve("", &data);
     let out = bin("")
         .args(["serve", "--data"])
         .arg(&data)
@@ -752,6 +530,6 @@ fn second_serve_on_one_sqlite_data_dir_is_refused() {
     assert_eq!(st, 400);
     drop(first);
     // Once it has stopped, the directory can be served again.
-    let again = Server::start("", &data);
+    let again = serve("", &data);
     drop(again);
 }

@@ -1,15 +1,25 @@
 //! The key database backends the integration tests run against: SQLite
-//! files in the test's directory, and a throw-away PostgreSQL cluster on
-//! 127.0.0.1 started once per test binary (a fresh database per test).
+//! files in the test's directory, and the test kit's throw-away PostgreSQL
+//! cluster on 127.0.0.1 (`microcert_testkit::postgres`), started once per
+//! test binary (a fresh database per test).
 //!
-//! PostgreSQL is found under /usr/lib/postgresql/*/bin or on PATH. When it
-//! is missing, a PostgreSQL test prints why it skipped, unless CI is set:
-//! then a missing server fails the test.
+//! When PostgreSQL is missing, a PostgreSQL test follows the kit's skip
+//! rule: it prints why it skipped, unless CI is set: then it fails.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+// The imports this module had before the kit, kept so that helpers
+// appended to it compile unchanged.
+#[allow(unused_imports)]
+use std::path::PathBuf;
+#[allow(unused_imports)]
 use std::process::{Command, Stdio};
+#[allow(unused_imports)]
 use std::sync::OnceLock;
+#[allow(unused_imports)]
 use std::sync::atomic::{AtomicU32, Ordering};
+
+#[allow(unused_imports)] // not every test binary reaches the server itself
+pub use microcert_testkit::postgres::{PgServer, shared as pg_server};
 
 /// Which key database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,11 +39,6 @@ impl Backend {
                 .fresh_database(name),
         }
     }
-}
-
-/// Whether CI is set (then a missing PostgreSQL is a failure).
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
 }
 
 /// The PostgreSQL backend when a server can be started; None (with a
@@ -62,273 +67,6 @@ macro_rules! both_backends {
             }
         )*
     };
-}
-
-/// A running throw-away PostgreSQL cluster.
-pub struct PgServer {
-    pub port: u16,
-    pub data: PathBuf,
-    bin: PathBuf,
-    /// Run the server's programs as this user (PostgreSQL refuses root).
-    runas: Option<String>,
-    next: AtomicU32,
-}
-
-static SERVER: OnceLock<Option<PgServer>> = OnceLock::new();
-
-/// The shared server of this test binary, started on first use.
-pub fn pg_server() -> Option<&'static PgServer> {
-    SERVER
-        .get_or_init(|| match find_bin() {
-            Some(bin) => Some(PgServer::start(bin)),
-            None if in_ci() => panic!(
-                "CI is set but PostgreSQL is not installed (no initdb under \
-                 /usr/lib/postgresql/*/bin or on PATH): .ci/run must install it"
-            ),
-            None => {
-                eprintln!(
-                    "SKIPPED: PostgreSQL backend tests: PostgreSQL is not installed \
-                     (apt-get install postgresql); set CI=true to make this a failure"
-                );
-                None
-            }
-        })
-        .as_ref()
-}
-
-fn find_bin() -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("bin"))
-        .filter(|b| b.join("initdb").exists() && b.join("pg_ctl").exists())
-        .collect();
-    found.sort();
-    if let Some(b) = found.pop() {
-        return Some(b);
-    }
-    let out = Command::new("sh")
-        .args(["-c", "command -v initdb"])
-        .output()
-        .ok()?;
-    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    p.parent()
-        .filter(|d| out.status.success() && d.join("pg_ctl").exists())
-        .map(Path::to_path_buf)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-impl PgServer {
-    fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
-        run_as(&self.runas, &self.bin.join(program), args)
-    }
-
-    fn start(bin: PathBuf) -> PgServer {
-        let root = std::env::temp_dir().join(format!(
-            "microcert-pg-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&root).unwrap();
-        let runas = is_root().then(|| "postgres".to_string());
-        if let Some(u) = &runas {
-            let ok = Command::new("chown")
-                .args([&format!("{u}:"), root.to_str().unwrap()])
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "cannot give {} to user {u}", root.display());
-        }
-        let data = root.join("data");
-        let mut server = PgServer {
-            port: 0,
-            data: data.clone(),
-            bin,
-            runas,
-            next: AtomicU32::new(0),
-        };
-        let out = server.run(
-            "initdb",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-N",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // A port taken between free_port and the server's bind: try again.
-        for _ in 0..5 {
-            let port = free_port();
-            // Tests trade durability for speed (the server is not what they
-            // kill); MC_PG_DURABLE=1 keeps PostgreSQL's defaults (fsync on),
-            // for measurements.
-            let fast = if std::env::var("MC_PG_DURABLE").is_ok_and(|v| v == "1") {
-                ""
-            } else {
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            };
-            let opts = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 {fast} -c max_connections=300",
-                root.display()
-            );
-            let log = root.join("log");
-            let out = server.run(
-                "pg_ctl",
-                &[
-                    "-D",
-                    data.to_str().unwrap(),
-                    "-o",
-                    &opts,
-                    "-l",
-                    log.to_str().unwrap(),
-                    "-w",
-                    "start",
-                ],
-            );
-            if out.status.success() {
-                server.port = port;
-                break;
-            }
-        }
-        assert_ne!(
-            server.port,
-            0,
-            "PostgreSQL did not start; see {}",
-            root.display()
-        );
-        server.watch(&root);
-        server
-    }
-
-    /// Stops the server and removes its files once this test process has
-    /// exited (a static is never dropped, so a watchdog does it).
-    #[allow(clippy::zombie_processes)] // it must outlive this process, never waited for
-    fn watch(&self, root: &Path) {
-        let pg_ctl = self.bin.join("pg_ctl");
-        let stop = match &self.runas {
-            Some(u) => format!(
-                "runuser -u {u} -- {} -D {} -m immediate stop",
-                pg_ctl.display(),
-                self.data.display()
-            ),
-            None => format!(
-                "{} -D {} -m immediate stop",
-                pg_ctl.display(),
-                self.data.display()
-            ),
-        };
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 0.2; done; {stop}; rm -rf {root}",
-            pid = std::process::id(),
-            root = root.display()
-        );
-        Command::new("sh")
-            .args(["-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("watchdog shell");
-    }
-
-    /// The URL of a database on this server.
-    pub fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-    }
-
-    /// Creates an empty database and returns its URL.
-    pub fn fresh_database(&self, hint: &str) -> String {
-        let clean: String = hint
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '_'
-                }
-            })
-            .take(30)
-            .collect();
-        let name = format!(
-            "t{}_{}_{clean}",
-            std::process::id(),
-            self.next.fetch_add(1, Ordering::SeqCst)
-        );
-        self.psql("postgres", &format!("CREATE DATABASE {name}"));
-        self.url(&name)
-    }
-
-    /// Runs SQL with psql on a database of this server.
-    pub fn psql(&self, db: &str, sql: &str) -> String {
-        let port = self.port.to_string();
-        let out = run_as(
-            &None,
-            &self.bin.join("psql"),
-            &[
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                "-d",
-                db,
-                "-c",
-                sql,
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "psql {sql}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-fn run_as(user: &Option<String>, program: &Path, args: &[&str]) -> std::process::Output {
-    let mut cmd = match user {
-        Some(u) => {
-            let mut c = Command::new("runuser");
-            c.args(["-u", u, "--"]).arg(program);
-            c
-        }
-        None => Command::new(program),
-    };
-    cmd.args(args)
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()))
 }
 
 /// Runs an UPDATE against the database at `location` from outside the

@@ -3,14 +3,20 @@
 //! C_Initialize (SoftHSM2 lists its tokens only then, and a process can
 //! initialise a module only once).
 //!
-//! Without softhsm2 the tests print why and pass as skipped, unless CI is
-//! set: then a missing softhsm2 is a failure.
+//! The tokens are made by the test kit's launcher
+//! (`microcert_testkit::softhsm`). Without softhsm2 the tests follow the
+//! kit's skip rule: they print why and pass as skipped, unless CI is set:
+//! then a missing softhsm2 is a failure.
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
+// The imports this module had before the kit, kept so that helpers
+// appended to it compile unchanged.
+#[allow(unused_imports)]
+use std::path::{Path, PathBuf};
+#[allow(unused_imports)]
+use std::process::Command;
 
 use microcert_pkcs11::{Pkcs11Card, Pkcs11Config, SOFTHSM2_MODULE};
 
@@ -36,78 +42,28 @@ pub const TOKENS: &[&str] = &[
     "mc-bench",
 ];
 
-pub struct SoftHsm {
-    _dir: tempfile::TempDir,
-    pub conf: PathBuf,
-}
+pub use microcert_testkit::softhsm::SoftHsm;
 
 static HSM: OnceLock<Option<SoftHsm>> = OnceLock::new();
 
-fn ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-fn init_token(conf: &Path, label: &str) -> Result<(), String> {
-    let out = Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", conf)
-        .args(["--init-token", "--free", "--label", label])
-        .args(["--so-pin", SO_PIN, "--pin", PIN])
-        .output()
-        .map_err(|e| format!("softhsm2-util: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "softhsm2-util --init-token {label}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
-}
-
 fn setup() -> Result<SoftHsm, String> {
-    if !Path::new(SOFTHSM2_MODULE).exists() {
-        return Err(format!("{SOFTHSM2_MODULE} is missing"));
-    }
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let tokens = dir.path().join("tokens");
-    std::fs::create_dir(&tokens).map_err(|e| e.to_string())?;
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    for label in TOKENS {
-        init_token(&conf, label)?;
-    }
+    let hsm = SoftHsm::create(TOKENS, SO_PIN, PIN)?;
     // SAFETY: this runs once, inside the OnceLock, before any test of this
     // binary reaches the PKCS#11 module (every test goes through `hsm()`
     // first), so no C code reads the environment concurrently; Rust's own
     // environment access is serialised by std.
     #[allow(unsafe_code)]
     unsafe {
-        std::env::set_var("SOFTHSM2_CONF", &conf);
+        std::env::set_var("SOFTHSM2_CONF", &hsm.conf);
     }
-    Ok(SoftHsm { _dir: dir, conf })
+    Ok(hsm)
 }
 
-/// The test SoftHSM2, or None (after printing why) when softhsm2 is not
-/// installed and CI is not set.
+/// The test SoftHSM2, or None (after printing why; a failure when CI is
+/// set: the kit's skip rule) when softhsm2 is not installed.
 pub fn hsm() -> Option<&'static SoftHsm> {
-    HSM.get_or_init(|| match setup() {
-        Ok(h) => Some(h),
-        Err(why) if ci() => panic!("CI is set and SoftHSM2 is not usable: {why}"),
-        Err(why) => {
-            eprintln!(
-                "SKIPPED: SoftHSM2 is not usable ({why}); install it with \
-                 `apt-get install -y softhsm2` (with CI=true this is a failure)"
-            );
-            None
-        }
-    })
-    .as_ref()
+    HSM.get_or_init(|| microcert_testkit::skip::require("SoftHSM2 tests", setup()))
+        .as_ref()
 }
 
 /// The configuration of test token `label`, with the right PIN.
