@@ -72,6 +72,10 @@ pub struct PgServer {
     /// Run the server's programs as this user (PostgreSQL refuses root).
     runas: Option<String>,
     next: AtomicU32,
+    /// The `pg_ctl -o` options and log file it was started with (for a
+    /// restart on the same port).
+    opts: String,
+    log: PathBuf,
 }
 
 static SERVER: OnceLock<Option<PgServer>> = OnceLock::new();
@@ -140,6 +144,12 @@ impl PgServer {
     }
 
     fn start(bin: PathBuf) -> PgServer {
+        Self::start_with(bin, None)
+    }
+
+    /// Starts a cluster; with `tls` (certificate and key PEM) it serves
+    /// TLS (`ssl=on`) with them.
+    fn start_with(bin: PathBuf, tls: Option<(String, String)>) -> PgServer {
         let root = std::env::temp_dir().join(format!(
             "microcert-pg-{}-{}",
             std::process::id(),
@@ -162,6 +172,8 @@ impl PgServer {
             bin,
             runas,
             next: AtomicU32::new(0),
+            opts: String::new(),
+            log: root.join("log"),
         };
         let out = server.run(
             "initdb",
@@ -179,6 +191,24 @@ impl PgServer {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let mut ssl = String::new();
+        if let Some((cert, key)) = &tls {
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = data.join(name);
+                std::fs::write(&path, pem).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if let Some(u) = &server.runas {
+                    let ok = Command::new("chown")
+                        .args([&format!("{u}:"), path.to_str().unwrap()])
+                        .status()
+                        .unwrap()
+                        .success();
+                    assert!(ok);
+                }
+            }
+            ssl = "-c ssl=on".to_string();
+        }
         // A port taken between free_port and the server's bind: try again.
         for _ in 0..5 {
             let port = free_port();
@@ -191,7 +221,7 @@ impl PgServer {
                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             };
             let opts = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 {fast} -c max_connections=300",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 {fast} -c max_connections=300 {ssl}",
                 root.display()
             );
             let log = root.join("log");
@@ -210,6 +240,7 @@ impl PgServer {
             );
             if out.status.success() {
                 server.port = port;
+                server.opts = opts;
                 break;
             }
         }
@@ -346,5 +377,50 @@ pub fn raw_update(location: &str, sql: &str, id: &[u8]) -> usize {
         let sql = sql.replace("{id}", &format!("X'{hexid}'"));
         let conn = rusqlite::Connection::open(location).unwrap();
         conn.execute(&sql, []).unwrap()
+    }
+}
+
+/// A cluster of a test's own (not the binary's shared one), for a test
+/// that stops and starts the server or needs TLS. None (with a message)
+/// when PostgreSQL is not installed outside CI.
+pub fn private_pg_server(tls: Option<(String, String)>) -> Option<PgServer> {
+    pg_server()?;
+    find_bin().map(|bin| PgServer::start_with(bin, tls))
+}
+
+impl PgServer {
+    /// `pg_ctl stop -m fast`: the server closes every connection and exits.
+    pub fn stop(&self) {
+        let out = self.run(
+            "pg_ctl",
+            &["-D", self.data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the stopped server again on the same port.
+    pub fn start_again(&self) {
+        let out = self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-o",
+                &self.opts,
+                "-l",
+                self.log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -78,7 +78,7 @@ use rows::*;
 /// parks until the runtime's driver wakes it, which works from any thread,
 /// including a worker of another tokio runtime (where tokio's own
 /// `block_on` would panic).
-fn wait_on<F: Future>(rt: &tokio::runtime::Handle, f: F) -> F::Output {
+fn wait_on<F: Future>(rt: &tokio::runtime::Handle, make: impl FnOnce() -> F) -> F::Output {
     struct Unpark(std::thread::Thread);
     impl Wake for Unpark {
         fn wake(self: Arc<Self>) {
@@ -89,6 +89,7 @@ fn wait_on<F: Future>(rt: &tokio::runtime::Handle, f: F) -> F::Output {
         }
     }
     let _enter = rt.enter();
+    let f = make();
     let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
     let mut cx = Context::from_waker(&waker);
     let mut f = std::pin::pin!(f);
@@ -233,7 +234,7 @@ impl PgConn {
     ) -> Result<T> {
         let limit = self.limit;
         let rt = self.rt.clone();
-        let r = wait_on(&rt, tokio::time::timeout(limit, f(self.client())));
+        let r = wait_on(&rt, || tokio::time::timeout(limit, f(self.client())));
         match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
@@ -299,7 +300,7 @@ struct Pool {
 impl Pool {
     fn get(&self) -> Result<PgConn> {
         use deadpool_postgres::{PoolError, TimeoutType};
-        let r = wait_on(&self.driver.handle, self.pool.get());
+        let r = wait_on(&self.driver.handle, || self.pool.get());
         let obj = r.map_err(|e| match e {
             PoolError::Timeout(TimeoutType::Wait) => Error::Database(format!(
                 "PostgreSQL: no connection free within {} s (all {} busy)",
