@@ -393,7 +393,14 @@ impl PgServer {
     pub fn stop(&self) {
         let out = self.run(
             "pg_ctl",
-            &["-D", self.data.to_str().unwrap(), "-m", "fast", "-w", "stop"],
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            ],
         );
         assert!(
             out.status.success(),

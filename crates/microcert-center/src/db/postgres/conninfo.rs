@@ -310,10 +310,7 @@ pub(super) fn apply_pgpass(config: &mut tokio_postgres::Config, ex: &Extras) -> 
         return Ok(());
     }
     let text = std::fs::read_to_string(&path).map_err(|e| {
-        Error::Database(format!(
-            "PostgreSQL password file {}: {e}",
-            path.display()
-        ))
+        Error::Database(format!("PostgreSQL password file {}: {e}", path.display()))
     })?;
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
@@ -408,8 +405,8 @@ fn load_roots(path: &Path) -> Result<Arc<rustls::RootCertStore>> {
 mod verify {
     use std::sync::Arc;
 
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls::client::WebPkiServerVerifier;
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
     use rustls::crypto::CryptoProvider;
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
     use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
@@ -437,7 +434,12 @@ mod verify {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
         }
         fn verify_tls13_signature(
             &self,
@@ -445,7 +447,12 @@ mod verify {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
         }
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
             self.0.signature_verification_algorithms.supported_schemes()
@@ -508,7 +515,10 @@ mod tests {
              sslrootcert=/etc/ca.pem statement_timeout=2.5 pool_size=8 password='a\\'b'",
         )
         .unwrap();
-        assert_eq!(rest, "host=db.example user=mc dbname='key db' password='a\\'b'");
+        assert_eq!(
+            rest,
+            "host=db.example user=mc dbname='key db' password='a\\'b'"
+        );
         assert_eq!(ex.sslmode, Some(SslMode::VerifyFull));
         assert_eq!(ex.sslrootcert.as_deref(), Some(Path::new("/etc/ca.pem")));
         assert_eq!(ex.statement_timeout, Some(Duration::from_millis(2500)));
@@ -520,10 +530,9 @@ mod tests {
 
     #[test]
     fn url_query_extras() {
-        let (rest, ex) = split(
-            "postgres://mc@h:5433/db?sslmode=require&connect_timeout=3&checkout_timeout=1",
-        )
-        .unwrap();
+        let (rest, ex) =
+            split("postgres://mc@h:5433/db?sslmode=require&connect_timeout=3&checkout_timeout=1")
+                .unwrap();
         assert_eq!(rest, "postgres://mc@h:5433/db?connect_timeout=3");
         assert_eq!(ex.sslmode, Some(SslMode::Require));
         assert_eq!(ex.checkout_timeout, Some(Duration::from_secs(1)));
@@ -560,9 +569,8 @@ mod tests {
             passfile: Some(file.clone()),
             ..Extras::default()
         };
-        let cfg = || -> tokio_postgres::Config {
-            "host=127.0.0.1 user=mc dbname=keys".parse().unwrap()
-        };
+        let cfg =
+            || -> tokio_postgres::Config { "host=127.0.0.1 user=mc dbname=keys".parse().unwrap() };
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -576,8 +584,9 @@ mod tests {
         apply_pgpass(&mut c, &ex).unwrap();
         assert_eq!(c.get_password(), Some(&b"s3cret"[..]));
         // A password in the string wins.
-        let mut c: tokio_postgres::Config =
-            "host=127.0.0.1 user=mc dbname=keys password=given".parse().unwrap();
+        let mut c: tokio_postgres::Config = "host=127.0.0.1 user=mc dbname=keys password=given"
+            .parse()
+            .unwrap();
         apply_pgpass(&mut c, &ex).unwrap();
         assert_eq!(c.get_password(), Some(&b"given"[..]));
     }

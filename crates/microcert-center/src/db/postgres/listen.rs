@@ -14,8 +14,11 @@ use super::CHANGES_CHANNEL;
 /// start, before LISTEN took effect) it reports None, since changes may
 /// have been missed. Runs on the driver thread until the database is
 /// dropped.
-pub(super) async fn listen<T>(config: tokio_postgres::Config, tls: T, on_change: crate::db::ChangeHook)
-where
+pub(super) async fn listen<T>(
+    config: tokio_postgres::Config,
+    tls: T,
+    on_change: crate::db::ChangeHook,
+) where
     T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
     T::Stream: Send + 'static,
     T::TlsConnect: Send,

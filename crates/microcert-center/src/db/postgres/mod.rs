@@ -105,6 +105,22 @@ fn wait_on<F: Future>(rt: &tokio::runtime::Handle, make: impl FnOnce() -> F) -> 
 const READ_ONLY: &str = "PostgreSQL server is read-only (a standby, or a primary that \
      failed over): point the center at the primary";
 
+/// An error with its sources ("error connecting to server: Connection
+/// refused").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 pub(crate) fn pg_err(e: tokio_postgres::Error) -> Error {
     match e.as_db_error() {
         Some(db) if *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION => {
@@ -117,9 +133,10 @@ pub(crate) fn pg_err(e: tokio_postgres::Error) -> Error {
         )),
         Some(db) => Error::Database(format!("PostgreSQL {}: {}", db.code().code(), db.message())),
         None if e.is_closed() => Error::Database(format!(
-            "PostgreSQL connection lost ({e}); the request was not completed"
+            "PostgreSQL connection lost ({}); the request was not completed",
+            chain(&e)
         )),
-        None => Error::Database(format!("PostgreSQL: {e}")),
+        None => Error::Database(format!("PostgreSQL: {}", chain(&e))),
     }
 }
 
@@ -312,10 +329,13 @@ impl Pool {
                 self.opts.connect_timeout.as_secs_f32()
             )),
             PoolError::Backend(e) => {
-                let msg = e.to_string();
-                if msg.contains("does not allow writes") || msg.contains("read-only") {
+                let msg = chain(&e);
+                if msg.contains("does not allow writes")
+                    || msg.contains("read-only")
+                    || msg.contains("read only")
+                {
                     Error::Database(format!("{READ_ONLY} ({msg})"))
-                } else if msg.contains("not support TLS") || msg.contains("TLS") {
+                } else if msg.contains("TLS") || msg.contains("certificate") {
                     Error::Database(format!(
                         "PostgreSQL TLS: {msg} (sslmode requires TLS; the server does not \
                          offer it or its certificate was refused)"
