@@ -433,3 +433,27 @@ fn tls_sslmodes() {
     ))
     .unwrap();
 }
+
+/// The group commit's batch insert: each replay key counts once, also
+/// when it occurs twice in one batch, and a second batch finds them all.
+#[test]
+fn batched_replay_records_count_each_key_once() {
+    let Some(server) = pg_server() else {
+        return;
+    };
+    let db = microcert_center::PostgresDatabase::open(&server.fresh_database("replays")).unwrap();
+    let d = microcert_core::DeviceId([7; 8]);
+    let e = microcert_core::DeviceId([8; 8]);
+    let far = NOW + 1000;
+    let batch = [
+        (d, 1, 10, 1, far),
+        (e, 1, 10, 1, far),
+        (d, 1, 10, 1, far),
+        (d, 1, 10, 2, far),
+    ];
+    let first = with_tx(&db, |tx| tx.record_replays(&batch)).unwrap();
+    assert_eq!(first, [true, true, false, true]);
+    let again = with_tx(&db, |tx| tx.record_replays(&batch)).unwrap();
+    assert_eq!(again, [false; 4]);
+    assert!(!with_tx(&db, |tx| tx.record_replay(e, 1, 10, 1, far)).unwrap());
+}

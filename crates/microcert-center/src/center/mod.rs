@@ -33,9 +33,7 @@ use microcert_core::{
 
 use crate::cache::{CachedDevice, CachedSeed, SeedCache};
 use crate::card::EncryptionCard;
-use crate::db::{
-    DeviceRow, KeyDatabase, NewAudit, SeedRow, SqliteDatabase, SqliteOptions, Tx, with_tx,
-};
+use crate::db::{DeviceRow, KeyDatabase, NewAudit, SeedRow, SqliteDatabase, SqliteOptions, Tx};
 use crate::integrity;
 use crate::profile::{CenterConfig, ClassProfile};
 use crate::replay::{MemoryGuard, ReplayMode};
@@ -357,11 +355,16 @@ impl Center {
                 }
                 (device, rows)
             }
-            None => with_tx(&*self.db, |tx| {
-                let device = self.device_in(tx, id)?;
-                let rows = self.seeds_checked(tx, id)?;
-                Ok((device, rows))
-            })?,
+            None => {
+                // One consistent read (PostgreSQL: one statement), the
+                // tags checked here as on the SQLite path.
+                let (device, rows) = self.db.load_device(id)?.ok_or(Error::UnknownDevice)?;
+                integrity::check_device(&*self.card, &device)?;
+                for r in &rows {
+                    integrity::check_record(&*self.card, r)?;
+                }
+                (device, rows)
+            }
         };
         let mut seeds = Vec::with_capacity(rows.len());
         for mut row in rows {

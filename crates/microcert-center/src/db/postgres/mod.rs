@@ -227,6 +227,9 @@ pub(super) struct PgConn {
     /// The connection's state is unknown (lost, timed out, read-only
     /// server): it is closed instead of going back to the pool.
     broken: bool,
+    /// A transaction was opened but BEGIN not sent yet: it goes out with
+    /// the first statement, in the same round trip (pipelined).
+    begin_pending: bool,
 }
 
 impl Drop for PgConn {
@@ -251,7 +254,21 @@ impl PgConn {
     ) -> Result<T> {
         let limit = self.limit;
         let rt = self.rt.clone();
-        let r = wait_on(&rt, || tokio::time::timeout(limit, f(self.client())));
+        let begin = std::mem::take(&mut self.begin_pending);
+        let c = self.obj.as_ref().expect("connection present until drop");
+        let r = wait_on(&rt, || {
+            tokio::time::timeout(limit, async move {
+                if begin {
+                    // Both requests are written before either answer is
+                    // awaited: one round trip.
+                    let (b, v) = tokio::join!(c.batch_execute("BEGIN"), f(c));
+                    b?;
+                    v
+                } else {
+                    f(c).await
+                }
+            })
+        });
         match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
@@ -304,6 +321,15 @@ impl PgConn {
     fn batch(&mut self, sql: &str) -> Result<()> {
         self.call(async |c| c.batch_execute(sql).await)
     }
+
+    /// Ends a transaction opened with `begin_pending`: nothing to send if
+    /// no statement ran.
+    fn end(&mut self, sql: &str) -> Result<()> {
+        if std::mem::take(&mut self.begin_pending) {
+            return Ok(());
+        }
+        self.batch(sql)
+    }
 }
 
 struct Pool {
@@ -352,6 +378,7 @@ impl Pool {
             limit: self.opts.statement_timeout + Duration::from_secs(2),
             last_code: None,
             broken: false,
+            begin_pending: false,
         })
     }
 }
@@ -552,7 +579,7 @@ impl KeyDatabase for PostgresDatabase {
         loop {
             let mut conn = self.pool.get()?;
             conn.last_code = None;
-            conn.batch("BEGIN")?;
+            conn.begin_pending = true;
             let mut tx = tx::PgTx {
                 c: &mut conn,
                 wrote: false,
@@ -561,7 +588,7 @@ impl KeyDatabase for PostgresDatabase {
             let result = f(&mut tx).and_then(|()| tx.notify_changes());
             let end = if tx.wrote { "COMMIT" } else { "ROLLBACK" };
             let (err, code) = match result {
-                Ok(()) => match conn.batch(end) {
+                Ok(()) => match conn.end(end) {
                     Ok(()) => return Ok(()),
                     Err(e) => {
                         let code = conn.last_code.take();
@@ -572,7 +599,7 @@ impl KeyDatabase for PostgresDatabase {
                     let code = conn.last_code.take();
                     // A failed statement aborted the transaction; end it
                     // so the connection can be reused.
-                    let _ = conn.batch("ROLLBACK");
+                    let _ = conn.end("ROLLBACK");
                     (e, code)
                 }
             };
@@ -680,6 +707,10 @@ impl KeyDatabase for PostgresDatabase {
             &[&key, &value],
         )?;
         Ok(())
+    }
+
+    fn load_device(&self, id: DeviceId) -> Result<Option<(crate::db::DeviceRow, Vec<SeedRow>)>> {
+        read::load_device(&mut self.pool.get()?, id)
     }
 
     fn watch_changes(&self, on_change: super::ChangeHook) -> Result<()> {
