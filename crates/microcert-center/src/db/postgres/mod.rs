@@ -580,11 +580,7 @@ impl KeyDatabase for PostgresDatabase {
             let mut conn = self.pool.get()?;
             conn.last_code = None;
             conn.begin_pending = true;
-            let mut tx = tx::PgTx {
-                c: &mut conn,
-                wrote: false,
-                changed: Vec::new(),
-            };
+            let mut tx = tx::PgTx::new(&mut conn);
             let result = f(&mut tx).and_then(|()| tx.notify_changes());
             let end = if tx.wrote { "COMMIT" } else { "ROLLBACK" };
             let (err, code) = match result {
