@@ -1,7 +1,10 @@
 //! Import and cold-cache verification throughput of the key database
 //! backends side by side (docs/benchmarks.md, "Key database backends side by side"). A measurement, not
 //! a test: ignored by default; run with
-//! `MC_PG_DURABLE=1 cargo test -p microcert-center --release --test pg_throughput -- --ignored --nocapture`.
+//! `MC_PG_DURABLE=1 cargo test -p microcert-center --release --test pg_throughput -- --ignored --nocapture`
+//! (`MC_TP_DEVICES`: fleet size, default 20,000; `MC_TP_THREADS`: the
+//! verifying threads of each round, default `1,4,16`; `MC_TP_ONLY=pg`
+//! skips SQLite).
 
 mod common;
 
@@ -50,10 +53,15 @@ fn measure(backend: Backend) {
         let (a, _) = node.auth(&c, NOW);
         center.verify_auth(&a, &c, NOW).unwrap();
     }
-    for threads in [1usize, 4] {
+    let counts: Vec<usize> = std::env::var("MC_TP_THREADS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4, 16]);
+    for (round, threads) in counts.into_iter().enumerate() {
+        let t = NOW + 1 + round as u64;
         let auths: Vec<Vec<u8>> = fleet
             .iter_mut()
-            .map(|node| node.auth(&c, NOW + 1).0)
+            .map(|node| node.auth(&c, t).0)
             .collect();
         let start = Instant::now();
         std::thread::scope(|s| {
@@ -61,7 +69,7 @@ fn measure(backend: Backend) {
                 let center = &center;
                 s.spawn(move || {
                     for a in part {
-                        center.verify_auth(a, &c, NOW + 1).unwrap();
+                        center.verify_auth(a, &c, t).unwrap();
                     }
                 });
             }
@@ -76,7 +84,9 @@ fn measure(backend: Backend) {
 #[test]
 #[ignore = "measurement; run in release with --ignored --nocapture"]
 fn backends_side_by_side() {
-    measure(Backend::Sqlite);
+    if std::env::var("MC_TP_ONLY").as_deref() != Ok("pg") {
+        measure(Backend::Sqlite);
+    }
     if let Some(b) = postgres() {
         measure(b);
     }
