@@ -59,10 +59,7 @@ fn measure(backend: Backend) {
         .unwrap_or_else(|| vec![1, 4, 16]);
     for (round, threads) in counts.into_iter().enumerate() {
         let t = NOW + 1 + round as u64;
-        let auths: Vec<Vec<u8>> = fleet
-            .iter_mut()
-            .map(|node| node.auth(&c, t).0)
-            .collect();
+        let auths: Vec<Vec<u8>> = fleet.iter_mut().map(|node| node.auth(&c, t).0).collect();
         let start = Instant::now();
         std::thread::scope(|s| {
             for part in auths.chunks(auths.len().div_ceil(threads)) {
