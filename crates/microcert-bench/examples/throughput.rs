@@ -262,7 +262,10 @@ fn import_only() {
 /// Import and cold-cache verification throughput of the key database
 /// backends side by side: SQLite, then PostgreSQL when it is installed.
 fn backends_side_by_side() {
-    measure_backend(None);
+    // MC_TP_ONLY=pg skips SQLite.
+    if std::env::var("MC_TP_ONLY").as_deref() != Ok("pg") {
+        measure_backend(None);
+    }
     if let Some(pg) = microcert_testkit::postgres::shared() {
         measure_backend(Some(pg));
     }
@@ -295,12 +298,15 @@ fn measure_backend(pg: Option<&microcert_testkit::postgres::PgServer>) {
         let (a, _) = node.auth(&c, NOW);
         center.verify_auth(&a, &c, NOW).unwrap();
     }
-    for threads in [1usize, 4] {
-        let auths: Vec<Vec<u8>> = fleet
-            .iter_mut()
-            .map(|node| node.auth(&c, NOW + 1).0)
-            .collect();
-        let r = verify_threaded(&center, &auths, NOW + 1, threads);
+    // MC_TP_THREADS: the verifying threads of each round (default 1,4,16).
+    let counts: Vec<usize> = std::env::var("MC_TP_THREADS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|t| t.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4, 16]);
+    for (round, threads) in counts.into_iter().enumerate() {
+        let t = NOW + 1 + round as u64;
+        let auths: Vec<Vec<u8>> = fleet.iter_mut().map(|node| node.auth(&c, t).0).collect();
+        let r = verify_threaded(&center, &auths, t, threads);
         println!("{backend}: verify AUTH, cold cache, {threads} thread(s): {r:.0}/s");
     }
 }

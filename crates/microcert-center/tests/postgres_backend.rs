@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
-use microcert_center::db::{NotaryRow, with_snapshot, with_tx};
+use microcert_center::db::{KeyDatabase, NotaryRow, with_snapshot, with_tx};
 use microcert_center::{Center, Error, SoftwareCard};
 use microcert_core::{Audience, KeyState};
 
@@ -192,4 +192,268 @@ fn change_through_one_center_is_refused_by_the_other_at_once() {
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+}
+
+/// A database of a private cluster with `n` devices imported and
+/// activated, and a center on it.
+fn private_center(server: &PgServer, n: u64) -> (Center, Vec<TestNode>, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.fresh_database("private");
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let center = open_center(&url, card.clone());
+    let mut fleet = make_fleet(&*card, n);
+    let batch = dir.path().join("b.jsonl");
+    write_batch(&batch, &mut fleet, NOW);
+    center
+        .import_batch(&batch, "factory", NOW, &mut |_| {})
+        .unwrap();
+    for node in fleet.iter_mut() {
+        let (a, _) = node.auth(&C, NOW);
+        center.verify_auth(&a, &C, NOW).unwrap();
+    }
+    let db = url.rsplit('/').next().unwrap().to_string();
+    (center, fleet, db, dir)
+}
+
+/// The server stops (`pg_ctl stop -m fast`) under load and starts again:
+/// requests during the outage fail fast with a database error (none
+/// hangs), requests succeed again afterwards on the same center (no
+/// restart), and every AUTH acknowledged before, during or after the
+/// outage is still recorded (its replay is refused).
+#[test]
+fn server_restart_under_load_fails_fast_and_recovers() {
+    let Some(server) = private_pg_server(None) else {
+        return;
+    };
+    let (center, mut fleet, _db, _dir) = private_center(&server, 40);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let after_restart = std::sync::atomic::AtomicBool::new(false);
+    let ok_after = AtomicUsize::new(0);
+    // Four workers, each with its own devices, each sending fresh AUTHs.
+    let parts: Vec<&mut [TestNode]> = fleet.chunks_mut(10).collect();
+    let results = std::thread::scope(|s| {
+        let workers: Vec<_> = parts
+            .into_iter()
+            .enumerate()
+            .map(|(w, part)| {
+                let (center, stop, after_restart, ok_after) =
+                    (&center, &stop, &after_restart, &ok_after);
+                s.spawn(move || {
+                    let mut acked = Vec::new();
+                    let mut failed = 0usize;
+                    let mut slowest = std::time::Duration::ZERO;
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::SeqCst) && i < 100_000 {
+                        let len = part.len();
+                        let t = NOW + 10 + i / len as u64;
+                        let node = &mut part[(i as usize) % len];
+                        let (a, _) = node.auth(&C, t);
+                        let began = std::time::Instant::now();
+                        let r = center.verify_auth(&a, &C, t);
+                        slowest = slowest.max(began.elapsed());
+                        match r {
+                            Ok(_) => {
+                                if after_restart.load(Ordering::SeqCst) {
+                                    ok_after.fetch_add(1, Ordering::SeqCst);
+                                }
+                                acked.push((a, t));
+                            }
+                            Err(Error::Database(msg)) => {
+                                failed += 1;
+                                assert!(msg.contains("PostgreSQL"), "worker {w}: {msg}");
+                                std::thread::sleep(std::time::Duration::from_millis(20));
+                            }
+                            Err(e) => panic!("worker {w}: not a database error: {e:?}"),
+                        }
+                        i += 1;
+                    }
+                    (acked, failed, slowest)
+                })
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        server.stop();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        server.start_again();
+        after_restart.store(true, Ordering::SeqCst);
+        let began = std::time::Instant::now();
+        while ok_after.load(Ordering::SeqCst) < 40
+            && began.elapsed() < std::time::Duration::from_secs(30)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        stop.store(true, Ordering::SeqCst);
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    let failed: usize = results.iter().map(|r| r.1).sum();
+    let slowest = results.iter().map(|r| r.2).max().unwrap();
+    assert!(failed > 0, "the outage was not seen");
+    assert!(
+        ok_after.load(Ordering::SeqCst) >= 40,
+        "the center did not recover after the server came back"
+    );
+    assert!(
+        slowest < std::time::Duration::from_secs(4),
+        "a request waited {slowest:?} during the outage (should fail fast)"
+    );
+    // Nothing acknowledged is lost: each acknowledged AUTH is a replay now.
+    let mut n = 0;
+    for (acked, _, _) in &results {
+        for (a, t) in acked {
+            assert!(
+                matches!(center.verify_auth(a, &C, *t), Err(Error::Replay)),
+                "an acknowledged AUTH was not recorded"
+            );
+            n += 1;
+        }
+    }
+    assert!(n > 40);
+}
+
+/// A primary that turns read-only (failed over, demoted): new connections
+/// are refused with a clear error naming a read-only server; once it is
+/// writable again the same center works.
+#[test]
+fn read_only_server_is_reported_and_recovered_from() {
+    let Some(server) = private_pg_server(None) else {
+        return;
+    };
+    let (center, mut fleet, db, _dir) = private_center(&server, 4);
+    // Every session turns read-only at once, the pooled ones included
+    // (their next write meets SQLSTATE 25006); new sessions are read-only
+    // from the start (refused at connect time).
+    let _ = &db;
+    server.psql(
+        "postgres",
+        "ALTER SYSTEM SET default_transaction_read_only = on",
+    );
+    server.psql("postgres", "SELECT pg_reload_conf()");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (a, _) = fleet[0].auth(&C, NOW + 3);
+    let mut seen = None;
+    for _ in 0..3 {
+        match center.verify_auth(&a, &C, NOW + 3) {
+            Err(Error::Database(m)) if m.contains("read-only") => {
+                seen = Some(m);
+                break;
+            }
+            Err(Error::Database(m)) => {
+                eprintln!("before the read-only error: {m}");
+                continue;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let m = seen.expect("a read-only error");
+    assert!(m.contains("primary"), "{m}");
+    server.psql(
+        "postgres",
+        "ALTER SYSTEM RESET default_transaction_read_only",
+    );
+    server.psql("postgres", "SELECT pg_reload_conf()");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    center.verify_auth(&a, &C, NOW + 3).unwrap();
+    assert!(matches!(
+        center.verify_auth(&a, &C, NOW + 3),
+        Err(Error::Replay)
+    ));
+}
+
+fn self_signed(names: &[&str]) -> (String, String) {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let ck = rcgen::generate_simple_self_signed(names).unwrap();
+    (ck.cert.pem(), ck.signing_key.serialize_pem())
+}
+
+/// sslmode against a server with and without TLS: require fails clearly
+/// without TLS; verify-full accepts the server's certificate for its
+/// name and refuses it under another name or another CA; verify-ca
+/// accepts it under another name; the session is encrypted.
+#[test]
+fn tls_sslmodes() {
+    let Some(plain) = pg_server() else {
+        return;
+    };
+    let url = plain.fresh_database("plain");
+    let err =
+        microcert_center::PostgresDatabase::open(&format!("{url}?sslmode=require")).unwrap_err();
+    assert!(
+        matches!(&err, Error::Database(m) if m.contains("TLS")),
+        "{err:?}"
+    );
+    // disable and the default (prefer) still connect to it.
+    microcert_center::PostgresDatabase::open(&format!("{url}?sslmode=disable")).unwrap();
+    microcert_center::PostgresDatabase::open(&url).unwrap();
+
+    let (cert, key) = self_signed(&["localhost"]);
+    let Some(server) = private_pg_server(Some((cert.clone(), key))) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    let (other_cert, _) = self_signed(&["localhost"]);
+    let other = dir.path().join("other.pem");
+    std::fs::write(&other, &other_cert).unwrap();
+    let url = server.fresh_database("tls");
+    let dbname = url.rsplit('/').next().unwrap().to_string();
+    let kv = |host: &str, mode: &str, root: &std::path::Path| {
+        format!(
+            "host={host} hostaddr=127.0.0.1 port={} user=postgres dbname={dbname} \
+             sslmode={mode} sslrootcert='{}'",
+            server.port,
+            root.display()
+        )
+    };
+    let db =
+        microcert_center::PostgresDatabase::open(&kv("localhost", "verify-full", &ca)).unwrap();
+    db.set_meta("tls-test", "1").unwrap();
+    let encrypted = server.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE a.application_name = 'microcert-center' AND s.ssl",
+    );
+    assert_ne!(encrypted.trim(), "0", "no encrypted session");
+    let wrong_name = microcert_center::PostgresDatabase::open(&kv("127.0.0.1", "verify-full", &ca));
+    assert!(
+        wrong_name.is_err(),
+        "verify-full accepted a certificate for another name"
+    );
+    microcert_center::PostgresDatabase::open(&kv("127.0.0.1", "verify-ca", &ca)).unwrap();
+    let wrong_ca =
+        microcert_center::PostgresDatabase::open(&kv("localhost", "verify-full", &other));
+    assert!(wrong_ca.is_err(), "verify-full accepted an unknown CA");
+    // require without a root certificate: encrypted, unchecked (libpq).
+    microcert_center::PostgresDatabase::open(&format!(
+        "host=127.0.0.1 port={} user=postgres dbname={dbname} sslmode=require",
+        server.port
+    ))
+    .unwrap();
+}
+
+/// The group commit's batch insert: each replay key counts once, also
+/// when it occurs twice in one batch, and a second batch finds them all.
+#[test]
+fn batched_replay_records_count_each_key_once() {
+    let Some(server) = pg_server() else {
+        return;
+    };
+    let db = microcert_center::PostgresDatabase::open(&server.fresh_database("replays")).unwrap();
+    let d = microcert_core::DeviceId([7; 8]);
+    let e = microcert_core::DeviceId([8; 8]);
+    let far = NOW + 1000;
+    let batch = [
+        (d, 1, 10, 1, far),
+        (e, 1, 10, 1, far),
+        (d, 1, 10, 1, far),
+        (d, 1, 10, 2, far),
+    ];
+    let first = with_tx(&db, |tx| tx.record_replays(&batch)).unwrap();
+    assert_eq!(first, [true, true, false, true]);
+    let again = with_tx(&db, |tx| tx.record_replays(&batch)).unwrap();
+    assert_eq!(again, [false; 4]);
+    assert!(!with_tx(&db, |tx| tx.record_replay(e, 1, 10, 1, far)).unwrap());
 }

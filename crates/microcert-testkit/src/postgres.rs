@@ -32,6 +32,10 @@ pub struct PgServer {
     next: AtomicU32,
     /// Stopped by `Drop` (false: by the watchdog of [`shared`]).
     owned: bool,
+    /// The `pg_ctl -o` options and the log file it was started with (for
+    /// [`PgServer::start_again`] on the same port).
+    opts: String,
+    log: PathBuf,
 }
 
 /// The shared server of this test binary, started on first use; None
@@ -41,7 +45,7 @@ pub fn shared() -> Option<&'static PgServer> {
     SERVER
         .get_or_init(|| {
             let bin = skip::require("PostgreSQL tests", find_bin())?;
-            let server = PgServer::launch(bin, false);
+            let server = PgServer::launch(bin, false, None);
             server.watch();
             Some(server)
         })
@@ -114,19 +118,51 @@ impl PgServer {
     /// databases `databases`; None (after the skip rule) when PostgreSQL
     /// is not installed.
     pub fn start(databases: &[&str]) -> Option<PgServer> {
+        PgServer::start_tls(databases, None)
+    }
+
+    /// Like [`PgServer::start`], serving TLS (`ssl=on`) with `tls`
+    /// (certificate and key, PEM) when given.
+    pub fn start_tls(databases: &[&str], tls: Option<(String, String)>) -> Option<PgServer> {
         let bin = skip::require("PostgreSQL tests", find_bin())?;
-        let server = PgServer::launch(bin, true);
+        let server = PgServer::launch(bin, true, tls);
         for db in databases {
             server.create_database(db);
         }
         Some(server)
     }
 
+    /// `pg_ctl stop -m fast`: the server closes every connection and exits.
+    pub fn stop(&self) {
+        let d = self.data.to_str().unwrap();
+        let out = self.run("pg_ctl", &["-D", d, "-m", "fast", "-w", "stop"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the stopped server again on the same port.
+    pub fn start_again(&self) {
+        let d = self.data.to_str().unwrap();
+        let log = self.log.to_str().unwrap();
+        let out = self.run(
+            "pg_ctl",
+            &["-D", d, "-o", &self.opts, "-l", log, "-w", "start"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn run(&self, program: &str, args: &[&str]) -> Output {
         run_as(self.runas.as_deref(), &self.bin.join(program), args)
     }
 
-    fn launch(bin: PathBuf, owned: bool) -> PgServer {
+    fn launch(bin: PathBuf, owned: bool, tls: Option<(String, String)>) -> PgServer {
         let root = std::env::temp_dir().join(format!(
             "microcert-pg-{}-{}",
             std::process::id(),
@@ -152,6 +188,8 @@ impl PgServer {
             runas,
             next: AtomicU32::new(0),
             owned,
+            opts: String::new(),
+            log: PathBuf::new(),
         };
         let d = data.to_str().unwrap();
         let out = server.run("initdb", &["-D", d, "-U", "postgres", "--auth=trust", "-N"]);
@@ -165,12 +203,31 @@ impl PgServer {
         } else {
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         };
+        let mut ssl = String::new();
+        if let Some((cert, key)) = &tls {
+            for (name, pem) in [("server.crt", cert), ("server.key", key)] {
+                let path = data.join(name);
+                std::fs::write(&path, pem).unwrap();
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+                if let Some(u) = &server.runas {
+                    let ok = Command::new("chown")
+                        .args([&format!("{u}:"), path.to_str().unwrap()])
+                        .status()
+                        .unwrap()
+                        .success();
+                    assert!(ok, "cannot give {} to user {u}", path.display());
+                }
+            }
+            ssl = "-c ssl=on".to_string();
+        }
         let log = server.root.join("log");
+        server.log = log.clone();
         // A port taken between free_port and the server's bind: try again.
         for _ in 0..5 {
             let port = free_port();
             let opts = format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 {fast} -c max_connections=300",
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 {fast} -c max_connections=300 {ssl}",
                 server.root.display()
             );
             let args = ["-D", d, "-o", &opts, "-l", log.to_str().unwrap()];
@@ -180,6 +237,7 @@ impl PgServer {
                 .success()
             {
                 server.port = port;
+                server.opts = opts;
                 break;
             }
         }

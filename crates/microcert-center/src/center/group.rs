@@ -130,10 +130,34 @@ impl GroupCommit {
 }
 
 fn commit(db: &dyn KeyDatabase, batch: &[(u64, Mark)]) -> Vec<(u64, Result<bool>)> {
+    // The replay records of the group go in one statement
+    // ([`Tx::record_replays`]); spent challenges one by one.
+    let replays: Vec<(DeviceId, u8, u32, u64, u64)> = batch
+        .iter()
+        .filter_map(|(_, m)| match *m {
+            Mark::Replay {
+                device,
+                generation,
+                t,
+                r,
+                expires,
+            } => Some((device, generation, t, r, expires)),
+            Mark::Challenge { .. } => None,
+        })
+        .collect();
     let r = with_tx(db, |tx| {
+        let mut fresh = tx.record_replays(&replays)?.into_iter();
         batch
             .iter()
-            .map(|(id, m)| Ok((*id, m.apply(tx)?)))
+            .map(|(id, m)| match m {
+                Mark::Replay { .. } => Ok((
+                    *id,
+                    fresh
+                        .next()
+                        .ok_or_else(|| Error::Database("replay batch answer short".into()))?,
+                )),
+                Mark::Challenge { .. } => Ok((*id, m.apply(tx)?)),
+            })
             .collect::<Result<Vec<_>>>()
     });
     match r {

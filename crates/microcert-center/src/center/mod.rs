@@ -34,7 +34,7 @@ use microcert_core::{DeviceId, Event, Header, KeySeed, KeyState, Sender, Suite, 
 
 use crate::cache::{CachedDevice, CachedSeed, SeedCache};
 use crate::card::EncryptionCard;
-use crate::db::{DeviceRow, KeyDatabase, NewAudit, SeedRow, Tx, with_tx};
+use crate::db::{DeviceRow, KeyDatabase, NewAudit, SeedRow, Tx};
 #[cfg(feature = "sqlite")]
 use crate::db::{SqliteDatabase, SqliteOptions};
 use crate::integrity;
@@ -372,11 +372,16 @@ impl Center {
                 }
                 (device, rows)
             }
-            None => with_tx(&*self.db, |tx| {
-                let device = self.device_in(tx, id)?;
-                let rows = self.seeds_checked(tx, id)?;
-                Ok((device, rows))
-            })?,
+            None => {
+                // One consistent read (PostgreSQL: one statement), the
+                // tags checked here as on the SQLite path.
+                let (device, rows) = self.db.load_device(id)?.ok_or(Error::UnknownDevice)?;
+                integrity::check_device(&*self.card, &device)?;
+                for r in &rows {
+                    integrity::check_record(&*self.card, r)?;
+                }
+                (device, rows)
+            }
         };
         let mut seeds = Vec::with_capacity(rows.len());
         for mut row in rows {

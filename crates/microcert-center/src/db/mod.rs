@@ -430,6 +430,25 @@ pub trait Tx {
             "this key database cannot delete a seed record for repair".into(),
         ))
     }
+
+    /// Several [`Tx::record_replay`]s at once (the group commit's batch):
+    /// for each (device, generation, t, r, expires), whether it was
+    /// inserted. The default calls `record_replay` for each; PostgreSQL
+    /// sends one statement. (Added for issue 14, PostgreSQL at speed.)
+    fn record_replays(&mut self, rows: &[(DeviceId, u8, u32, u64, u64)]) -> Result<Vec<bool>> {
+        rows.iter()
+            .map(|&(d, g, t, r, e)| self.record_replay(d, g, t, r, e))
+            .collect()
+    }
+
+    /// A hint that [`Tx::device`] is about to be called for each of `ids`
+    /// (an import chunk): a backend may read them all at once. The default
+    /// does nothing; PostgreSQL reads them in one `FOR UPDATE` statement.
+    /// (Added for issue 14, PostgreSQL at speed.)
+    fn prefetch_devices(&mut self, ids: &[DeviceId]) -> Result<()> {
+        let _ = ids;
+        Ok(())
+    }
 }
 
 /// A key database backend.
@@ -614,6 +633,22 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     fn note_token_use(&self, hash: &str, last_used: Option<u64>, failures: u64) -> Result<()> {
         let _ = (hash, last_used, failures);
         Err(Error::Database("this key database keeps no tokens".into()))
+    }
+
+    /// A device's row and all its seed rows (tags not checked), read in
+    /// one consistent read: what a cold seed cache loads. The default
+    /// runs a read transaction; PostgreSQL answers with one statement.
+    /// (Added for issue 14, PostgreSQL at speed.)
+    fn load_device(&self, id: DeviceId) -> Result<Option<(DeviceRow, Vec<SeedRow>)>> {
+        let mut out = None;
+        self.read_transaction(&mut |tx| {
+            out = match tx.device(id)? {
+                Some(d) => Some((d, tx.seeds(id)?)),
+                None => None,
+            };
+            Ok(())
+        })?;
+        Ok(out)
     }
 }
 

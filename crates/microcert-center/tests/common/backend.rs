@@ -86,3 +86,10 @@ pub fn raw_update(location: &str, sql: &str, id: &[u8]) -> usize {
         conn.execute(&sql, []).unwrap()
     }
 }
+
+/// A cluster of a test's own (not the binary's shared one), for a test
+/// that stops and starts the server or needs TLS. None (after the skip
+/// rule) when PostgreSQL is not installed.
+pub fn private_pg_server(tls: Option<(String, String)>) -> Option<PgServer> {
+    PgServer::start_tls(&[], tls)
+}

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use microcert_core::DeviceId;
-use tokio_postgres::NoTls;
+use tokio_postgres::Socket;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
 use super::CHANGES_CHANNEL;
 
@@ -13,10 +14,19 @@ use super::CHANGES_CHANNEL;
 /// start, before LISTEN took effect) it reports None, since changes may
 /// have been missed. Runs on the driver thread until the database is
 /// dropped.
-pub(super) async fn listen(config: tokio_postgres::Config, on_change: crate::db::ChangeHook) {
+pub(super) async fn listen<T>(
+    config: tokio_postgres::Config,
+    tls: T,
+    on_change: crate::db::ChangeHook,
+) where
+    T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
     use tokio_postgres::AsyncMessage;
     loop {
-        if let Ok((client, mut connection)) = config.connect(NoTls).await {
+        if let Ok((client, mut connection)) = config.connect(tls.clone()).await {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             // The connection's messages, notifications among them, come
             // out of poll_message; polling it is also what drives it.

@@ -2,15 +2,24 @@
 //!
 //! The services are synchronous (the server calls them from blocking
 //! threads), so the backend is synchronous at its surface. Underneath it is
-//! tokio-postgres: the connections' I/O runs on a small runtime owned by a
-//! dedicated thread, and a caller waits for a query's answer with a minimal
-//! executor of its own ([`block_on`], park/unpark). The client side of
-//! tokio-postgres only talks to its connection task over channels, so this
-//! works from any thread, including a thread of another tokio runtime
-//! (where the `postgres` crate's `block_on` would panic).
+//! tokio-postgres with a deadpool-postgres pool: the connections' I/O and
+//! the pool's timers run on a small tokio runtime owned by the backend, and
+//! a caller waits for an answer on its own thread ([`wait_on`]), which
+//! works from any thread, including a worker of another runtime.
 //!
-//! Connections come from a small pool (created on demand up to
-//! [`PostgresOptions::pool_size`]); each caches its prepared statements.
+//! Failing fast: a checkout waits at most `checkout_timeout` (5 s), a
+//! statement runs at most `statement_timeout` (10 s, enforced by the server,
+//! and by the client a little later for a server that went silent); a
+//! connection that failed (lost, timed out, read-only server) is dropped,
+//! not returned to the pool, and the next checkout connects again, so the
+//! center recovers by itself when the server comes back. Connections ask
+//! for a read-write session (`target_session_attrs=read-write`), so a
+//! standby or a demoted primary is refused at connect time; a write that
+//! meets SQLSTATE 25006 anyway reports a read-only server.
+//!
+//! The connection string (URL or libpq key/value) is read by
+//! [`conninfo`]: `sslmode` (rustls with the ring provider), `sslrootcert`,
+//! `.pgpass`, and the pool's own settings.
 //!
 //! Locking (see [`crate::db`] for what the services rely on):
 //! - transactions run at READ COMMITTED; [`Tx::device`] is
@@ -36,17 +45,16 @@
 //! it from its seed cache. A transaction that wrote nothing ends with
 //! ROLLBACK (no WAL flush for its row lock).
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod};
 use microcert_core::DeviceId;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row, Statement};
+use tokio_postgres::{NoTls, Row};
 
 use super::{
     AuditRecord, CommandRow, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit,
@@ -54,18 +62,23 @@ use super::{
 };
 use crate::{Error, Result};
 
+pub mod conninfo;
 mod listen;
 mod read;
 mod rows;
 mod schema;
 mod tx;
 
+pub use conninfo::SslMode;
 use rows::*;
 
-/// Runs a future to completion on the calling thread. The futures it is
-/// used with (tokio-postgres client calls) need no runtime context: they
-/// wait on channels fed by the connection task on the driver thread.
-pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
+/// Waits on the calling thread for a future whose I/O and timers run on
+/// the backend's runtime (the thread has entered it, so timers and spawns
+/// go there). This is a wait, not an executor: it polls one future and
+/// parks until the runtime's driver wakes it, which works from any thread,
+/// including a worker of another tokio runtime (where tokio's own
+/// `block_on` would panic).
+fn wait_on<F: Future>(rt: &tokio::runtime::Handle, make: impl FnOnce() -> F) -> F::Output {
     struct Unpark(std::thread::Thread);
     impl Wake for Unpark {
         fn wake(self: Arc<Self>) {
@@ -75,6 +88,8 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
             self.0.unpark();
         }
     }
+    let _enter = rt.enter();
+    let f = make();
     let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
     let mut cx = Context::from_waker(&waker);
     let mut f = std::pin::pin!(f);
@@ -86,14 +101,47 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
     }
 }
 
+/// The message for a read-only server.
+const READ_ONLY: &str = "PostgreSQL server is read-only (a standby, or a primary that \
+     failed over): point the center at the primary";
+
+/// An error with its sources ("error connecting to server: Connection
+/// refused").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 pub(crate) fn pg_err(e: tokio_postgres::Error) -> Error {
     match e.as_db_error() {
+        Some(db) if *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION => {
+            Error::Database(format!("{READ_ONLY} ({})", db.message()))
+        }
+        Some(db) if *db.code() == SqlState::QUERY_CANCELED => Error::Database(format!(
+            "PostgreSQL {}: {} (statement_timeout)",
+            db.code().code(),
+            db.message()
+        )),
         Some(db) => Error::Database(format!("PostgreSQL {}: {}", db.code().code(), db.message())),
-        None => Error::Database(format!("PostgreSQL: {e}")),
+        None if e.is_closed() => Error::Database(format!(
+            "PostgreSQL connection lost ({}); the request was not completed",
+            chain(&e)
+        )),
+        None => Error::Database(format!("PostgreSQL: {}", chain(&e))),
     }
 }
 
-/// Options of the PostgreSQL backend.
+/// Options of the PostgreSQL backend. The connection string's
+/// `pool_size`, `checkout_timeout` and `statement_timeout` override them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PostgresOptions {
     /// Connections kept open at most (each serves one transaction at a
@@ -101,6 +149,13 @@ pub struct PostgresOptions {
     pub pool_size: usize,
     /// How long opening a connection may take.
     pub connect_timeout: Duration,
+    /// How long a caller waits for a free connection (or a new one) before
+    /// it fails with a database error.
+    pub checkout_timeout: Duration,
+    /// The server's `statement_timeout` on every connection; the client
+    /// also gives up on a statement a little after it (a server that went
+    /// silent), and discards that connection.
+    pub statement_timeout: Duration,
     /// How often a transaction is run again after a deadlock or
     /// serialization failure before the error is passed on.
     pub max_retries: u32,
@@ -110,86 +165,139 @@ impl Default for PostgresOptions {
     fn default() -> Self {
         PostgresOptions {
             pool_size: 16,
-            connect_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            checkout_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(10),
             max_retries: 20,
         }
     }
 }
 
-type Job = Pin<Box<dyn Future<Output = ()> + Send>>;
-
 /// The NOTIFY channel on which a transaction names the devices it changed.
 pub(super) const CHANGES_CHANNEL: &str = "microcert_changes";
 
-/// The thread whose runtime drives every connection's socket. It ends
-/// when the database (the last sender) is dropped.
+/// The runtime that drives every connection's socket and the pool's
+/// timers; shut down in the background when the database is dropped (so
+/// dropping it inside another runtime does not panic).
 struct Driver {
-    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+    rt: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
 }
 
 impl Driver {
     fn start() -> Result<Self> {
-        let (jobs, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("microcert-pg")
             .enable_all()
             .build()
             .map_err(|e| Error::Database(format!("PostgreSQL driver runtime: {e}")))?;
-        std::thread::Builder::new()
-            .name("microcert-pg-driver".into())
-            .spawn(move || {
-                rt.block_on(async move {
-                    while let Some(job) = rx.recv().await {
-                        tokio::spawn(job);
-                    }
-                });
-                // Dropping the runtime here (not in a caller's async
-                // context) closes the remaining connections.
-                drop(rt);
-            })
-            .map_err(|e| Error::Database(format!("PostgreSQL driver thread: {e}")))?;
-        Ok(Driver { jobs })
-    }
-
-    fn spawn(&self, job: Job) -> Result<()> {
-        self.jobs
-            .send(job)
-            .map_err(|_| Error::Database("PostgreSQL driver thread has stopped".into()))
+        let handle = rt.handle().clone();
+        Ok(Driver {
+            rt: Some(rt),
+            handle,
+        })
     }
 }
 
-/// One connection with its prepared statements.
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The TLS connector chosen by `sslmode`.
+#[derive(Clone)]
+enum Tls {
+    None,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+/// One connection out of the pool (back in when dropped, unless it broke).
 pub(super) struct PgConn {
-    client: Client,
-    statements: HashMap<String, Statement>,
+    obj: Option<deadpool_postgres::Object>,
+    rt: tokio::runtime::Handle,
+    /// The client-side limit on one statement's answer.
+    limit: Duration,
     /// The SQLSTATE of the last failed statement, so the transaction loop
     /// can tell a retryable failure from another.
     last_code: Option<SqlState>,
+    /// The connection's state is unknown (lost, timed out, read-only
+    /// server): it is closed instead of going back to the pool.
+    broken: bool,
+    /// A transaction was opened but BEGIN not sent yet: it goes out with
+    /// the first statement, in the same round trip (pipelined).
+    begin_pending: bool,
+}
+
+impl Drop for PgConn {
+    fn drop(&mut self) {
+        if let Some(obj) = self.obj.take()
+            && (self.broken || obj.is_closed())
+        {
+            drop(deadpool_postgres::Object::take(obj));
+        }
+    }
 }
 
 impl PgConn {
-    fn note<T>(&mut self, r: std::result::Result<T, tokio_postgres::Error>) -> Result<T> {
-        r.map_err(|e| {
-            self.last_code = e.code().cloned();
-            pg_err(e)
-        })
+    fn client(&self) -> &deadpool_postgres::Object {
+        self.obj.as_ref().expect("connection present until drop")
     }
 
-    fn prepare(&mut self, sql: &str) -> Result<Statement> {
-        if let Some(s) = self.statements.get(sql) {
-            return Ok(s.clone());
+    /// Runs one client call with the client-side time limit.
+    fn call<T>(
+        &mut self,
+        f: impl AsyncFnOnce(&deadpool_postgres::Object) -> std::result::Result<T, tokio_postgres::Error>,
+    ) -> Result<T> {
+        let limit = self.limit;
+        let rt = self.rt.clone();
+        let begin = std::mem::take(&mut self.begin_pending);
+        let c = self.obj.as_ref().expect("connection present until drop");
+        let r = wait_on(&rt, || {
+            tokio::time::timeout(limit, async move {
+                if begin {
+                    // Both requests are written before either answer is
+                    // awaited: one round trip.
+                    let (b, v) = tokio::join!(c.batch_execute("BEGIN"), f(c));
+                    b?;
+                    v
+                } else {
+                    f(c).await
+                }
+            })
+        });
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.last_code = e.code().cloned();
+                if e.is_closed()
+                    || e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION)
+                    || e.code() == Some(&SqlState::ADMIN_SHUTDOWN)
+                    || e.as_db_error().is_none()
+                {
+                    self.broken = true;
+                }
+                Err(pg_err(e))
+            }
+            Err(_) => {
+                self.broken = true;
+                self.last_code = None;
+                Err(Error::Database(format!(
+                    "PostgreSQL did not answer within {} s; connection dropped",
+                    limit.as_secs_f32()
+                )))
+            }
         }
-        let r = block_on(self.client.prepare(sql));
-        let st = self.note(r)?;
-        self.statements.insert(sql.to_string(), st.clone());
-        Ok(st)
     }
 
     pub(super) fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
-        let st = self.prepare(sql)?;
-        let r = block_on(self.client.query(&st, params));
-        self.note(r)
+        self.call(async |c| {
+            let st = c.prepare_cached(sql).await?;
+            c.query(&st, params).await
+        })
     }
 
     pub(super) fn query_opt(
@@ -197,140 +305,80 @@ impl PgConn {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>> {
-        let st = self.prepare(sql)?;
-        let r = block_on(self.client.query_opt(&st, params));
-        self.note(r)
+        self.call(async |c| {
+            let st = c.prepare_cached(sql).await?;
+            c.query_opt(&st, params).await
+        })
     }
 
     pub(super) fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
-        let st = self.prepare(sql)?;
-        let r = block_on(self.client.execute(&st, params));
-        self.note(r)
+        self.call(async |c| {
+            let st = c.prepare_cached(sql).await?;
+            c.execute(&st, params).await
+        })
     }
 
     fn batch(&mut self, sql: &str) -> Result<()> {
-        let r = block_on(self.client.batch_execute(sql));
-        self.note(r)
+        self.call(async |c| c.batch_execute(sql).await)
     }
-}
 
-struct PoolState {
-    idle: Vec<PgConn>,
-    open: usize,
+    /// Ends a transaction opened with `begin_pending`: nothing to send if
+    /// no statement ran.
+    fn end(&mut self, sql: &str) -> Result<()> {
+        if std::mem::take(&mut self.begin_pending) {
+            return Ok(());
+        }
+        self.batch(sql)
+    }
 }
 
 struct Pool {
+    pool: deadpool_postgres::Pool,
     config: tokio_postgres::Config,
+    tls: Tls,
     opts: PostgresOptions,
     driver: Driver,
-    state: Mutex<PoolState>,
-    freed: Condvar,
-}
-
-/// A connection out of the pool; back in when dropped (unless closed).
-struct Lease<'p> {
-    pool: &'p Pool,
-    conn: Option<PgConn>,
-}
-
-impl std::ops::Deref for Lease<'_> {
-    type Target = PgConn;
-    fn deref(&self) -> &PgConn {
-        self.conn
-            .as_ref()
-            .expect("leased connection present until drop")
-    }
-}
-
-impl std::ops::DerefMut for Lease<'_> {
-    fn deref_mut(&mut self) -> &mut PgConn {
-        self.conn
-            .as_mut()
-            .expect("leased connection present until drop")
-    }
-}
-
-impl Drop for Lease<'_> {
-    fn drop(&mut self) {
-        let mut st = self.pool.lock();
-        match self.conn.take() {
-            Some(c) if !c.client.is_closed() => st.idle.push(c),
-            _ => st.open -= 1,
-        }
-        drop(st);
-        self.pool.freed.notify_one();
-    }
 }
 
 impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
-        // The state is two counters and a list; a panic elsewhere while
-        // holding the lock leaves it usable.
-        match self.state.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
-    }
-
-    fn get(&self) -> Result<Lease<'_>> {
-        let mut st = self.lock();
-        loop {
-            while let Some(c) = st.idle.pop() {
-                if c.client.is_closed() {
-                    st.open -= 1;
-                    continue;
-                }
-                return Ok(Lease {
-                    pool: self,
-                    conn: Some(c),
-                });
-            }
-            if st.open < self.opts.pool_size {
-                st.open += 1;
-                drop(st);
-                return match self.connect() {
-                    Ok(c) => Ok(Lease {
-                        pool: self,
-                        conn: Some(c),
-                    }),
-                    Err(e) => {
-                        self.lock().open -= 1;
-                        self.freed.notify_one();
-                        Err(e)
-                    }
-                };
-            }
-            st = match self.freed.wait(st) {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-        }
-    }
-
-    fn connect(&self) -> Result<PgConn> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let config = self.config.clone();
-        self.driver.spawn(Box::pin(async move {
-            match config.connect(NoTls).await {
-                Ok((client, connection)) => {
-                    let _ = tx.send(Ok(client));
-                    if let Err(e) = connection.await {
-                        tracing::warn!(error = %e, "PostgreSQL connection closed");
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
+    fn get(&self) -> Result<PgConn> {
+        use deadpool_postgres::{PoolError, TimeoutType};
+        let r = wait_on(&self.driver.handle, || self.pool.get());
+        let obj = r.map_err(|e| match e {
+            PoolError::Timeout(TimeoutType::Wait) => Error::Database(format!(
+                "PostgreSQL: no connection free within {} s (all {} busy)",
+                self.opts.checkout_timeout.as_secs_f32(),
+                self.opts.pool_size
+            )),
+            PoolError::Timeout(_) => Error::Database(format!(
+                "PostgreSQL: could not connect within {} s",
+                self.opts.connect_timeout.as_secs_f32()
+            )),
+            PoolError::Backend(e) => {
+                let msg = chain(&e);
+                if msg.contains("does not allow writes")
+                    || msg.contains("read-only")
+                    || msg.contains("read only")
+                {
+                    Error::Database(format!("{READ_ONLY} ({msg})"))
+                } else if msg.contains("TLS") || msg.contains("certificate") {
+                    Error::Database(format!(
+                        "PostgreSQL TLS: {msg} (sslmode requires TLS; the server does not \
+                         offer it or its certificate was refused)"
+                    ))
+                } else {
+                    Error::Database(format!("PostgreSQL: cannot connect: {msg}"))
                 }
             }
-        }))?;
-        let client = rx
-            .recv_timeout(self.opts.connect_timeout + Duration::from_secs(1))
-            .map_err(|_| Error::Database("PostgreSQL: connection timed out".into()))?
-            .map_err(pg_err)?;
+            other => Error::Database(format!("PostgreSQL pool: {other}")),
+        })?;
         Ok(PgConn {
-            client,
-            statements: HashMap::new(),
+            obj: Some(obj),
+            rt: self.driver.handle.clone(),
+            limit: self.opts.statement_timeout + Duration::from_secs(2),
             last_code: None,
+            broken: false,
+            begin_pending: false,
         })
     }
 }
@@ -353,15 +401,52 @@ impl std::fmt::Debug for PostgresDatabase {
     }
 }
 
-/// The URL with any password replaced, for logs.
+/// The connection string with any password replaced, for logs.
 fn redact(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((userinfo, host)) = rest.split_once('@')
-    {
-        let user = userinfo.split(':').next().unwrap_or("");
-        return format!("{scheme}://{user}:***@{host}");
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((userinfo, host)) = rest.split_once('@') {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let host = redact_query(host);
+            return format!("{scheme}://{user}:***@{host}");
+        }
+        return format!("{scheme}://{}", redact_query(rest));
     }
-    url.to_string()
+    // key=value: drop whatever follows password= up to the next key.
+    match url.find("password") {
+        Some(at) => format!("{}password=***", &url[..at]),
+        None => url.to_string(),
+    }
+}
+
+fn redact_query(s: &str) -> String {
+    match s.find("password=") {
+        Some(at) => format!("{}password=***", &s[..at]),
+        None => s.to_string(),
+    }
+}
+
+/// Waits for a client future of the migration code (which needs no
+/// runtime context: the client talks to its connection task over
+/// channels).
+pub(super) fn block_on<F: Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
 }
 
 impl PostgresDatabase {
@@ -372,39 +457,98 @@ impl PostgresDatabase {
         Self::open_with(url, PostgresOptions::default())
     }
 
-    /// Like [`PostgresDatabase::open`], with options.
+    /// Like [`PostgresDatabase::open`], with options (the connection
+    /// string's own settings win).
     pub fn open_with(url: &str, opts: PostgresOptions) -> Result<Self> {
-        let mut config: tokio_postgres::Config = url
+        let (rest, ex) = conninfo::split(url)?;
+        let mut config: tokio_postgres::Config = rest
             .parse()
-            .map_err(|e| Error::Database(format!("invalid PostgreSQL URL: {e}")))?;
+            .map_err(|e| Error::Database(format!("invalid PostgreSQL connection string: {e}")))?;
+        let opts = PostgresOptions {
+            pool_size: ex.pool_size.unwrap_or(opts.pool_size).max(1),
+            checkout_timeout: ex.checkout_timeout.unwrap_or(opts.checkout_timeout),
+            statement_timeout: ex.statement_timeout.unwrap_or(opts.statement_timeout),
+            connect_timeout: config
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(opts.connect_timeout),
+            ..opts
+        };
+        conninfo::apply_pgpass(&mut config, &ex)?;
         config.connect_timeout(opts.connect_timeout);
-        config.application_name("microcert-center");
-        let db = PostgresDatabase {
+        if config.get_application_name().is_none() {
+            config.application_name("microcert-center");
+        }
+        // A center writes: a standby (or a demoted primary) is refused
+        // at connect time, not at the first write.
+        if !ex.session_attrs {
+            config.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
+        // The server cancels a statement running longer than this (a
+        // stuck lock, a runaway scan) with SQLSTATE 57014.
+        let ms = opts.statement_timeout.as_millis().max(1);
+        let options = match config.get_options() {
+            Some(o) if o.contains("statement_timeout") => o.to_string(),
+            Some(o) => format!("{o} -c statement_timeout={ms}"),
+            None => format!("-c statement_timeout={ms}"),
+        };
+        config.options(options);
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(30));
+        let mode = ex.sslmode.unwrap_or(SslMode::Prefer);
+        let tls = match conninfo::tls(mode, ex.sslrootcert.as_deref())? {
+            Some(t) => {
+                config.ssl_mode(match mode {
+                    SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                    _ => tokio_postgres::config::SslMode::Require,
+                });
+                Tls::Rustls(t)
+            }
+            None => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                Tls::None
+            }
+        };
+        let driver = Driver::start()?;
+        let mc = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            Tls::None => Manager::from_config(config.clone(), NoTls, mc),
+            Tls::Rustls(t) => Manager::from_config(config.clone(), t.clone(), mc),
+        };
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(opts.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(opts.checkout_timeout))
+            .create_timeout(Some(opts.connect_timeout))
+            .recycle_timeout(Some(opts.checkout_timeout))
+            .build()
+            .map_err(|e| Error::Database(format!("PostgreSQL pool: {e}")))?;
+        let mut db = PostgresDatabase {
             pool: Pool {
+                pool,
                 config,
-                opts: PostgresOptions {
-                    pool_size: opts.pool_size.max(1),
-                    ..opts
-                },
-                driver: Driver::start()?,
-                state: Mutex::new(PoolState {
-                    idle: Vec::new(),
-                    open: 0,
-                }),
-                freed: Condvar::new(),
+                tls,
+                opts,
+                driver,
             },
             shown: redact(url),
             migrated_from: None,
         };
-        let mut db = db;
         {
             let conn = db.pool.get()?;
-            let from = schema::migrate(&conn.client)?;
+            let from = schema::migrate(conn.client())?;
             drop(conn);
             db.migrated_from = from;
         }
         tracing::info!(url = %db.shown, "PostgreSQL key database open");
         Ok(db)
+    }
+
+    /// The options in effect (after the connection string's).
+    pub fn options(&self) -> PostgresOptions {
+        self.pool.opts
     }
 
     /// The schema version (number of migrations applied).
@@ -435,16 +579,12 @@ impl KeyDatabase for PostgresDatabase {
         loop {
             let mut conn = self.pool.get()?;
             conn.last_code = None;
-            conn.batch("BEGIN")?;
-            let mut tx = tx::PgTx {
-                c: &mut conn,
-                wrote: false,
-                changed: Vec::new(),
-            };
+            conn.begin_pending = true;
+            let mut tx = tx::PgTx::new(&mut conn);
             let result = f(&mut tx).and_then(|()| tx.notify_changes());
             let end = if tx.wrote { "COMMIT" } else { "ROLLBACK" };
             let (err, code) = match result {
-                Ok(()) => match conn.batch(end) {
+                Ok(()) => match conn.end(end) {
                     Ok(()) => return Ok(()),
                     Err(e) => {
                         let code = conn.last_code.take();
@@ -455,7 +595,7 @@ impl KeyDatabase for PostgresDatabase {
                     let code = conn.last_code.take();
                     // A failed statement aborted the transaction; end it
                     // so the connection can be reused.
-                    let _ = conn.batch("ROLLBACK");
+                    let _ = conn.end("ROLLBACK");
                     (e, code)
                 }
             };
@@ -472,11 +612,11 @@ impl KeyDatabase for PostgresDatabase {
     }
 
     fn device_view(&self, id: DeviceId) -> Result<Option<DeviceView>> {
-        read::device_view(&mut *self.pool.get()?, id)
+        read::device_view(&mut self.pool.get()?, id)
     }
 
     fn list_devices(&self, q: &DeviceQuery) -> Result<Vec<DeviceView>> {
-        read::list_devices(&mut *self.pool.get()?, q)
+        read::list_devices(&mut self.pool.get()?, q)
     }
 
     fn devices_due(
@@ -485,27 +625,27 @@ impl KeyDatabase for PostgresDatabase {
         after: Option<DeviceId>,
         limit: usize,
     ) -> Result<Vec<DeviceId>> {
-        read::devices_due(&mut *self.pool.get()?, max_base_year, after, limit)
+        read::devices_due(&mut self.pool.get()?, max_base_year, after, limit)
     }
 
     fn devices_to_expire(&self, now: u64, year_now: u16, limit: usize) -> Result<Vec<DeviceId>> {
-        read::devices_to_expire(&mut *self.pool.get()?, now, year_now, limit)
+        read::devices_to_expire(&mut self.pool.get()?, now, year_now, limit)
     }
 
     fn scan_seeds(&self, after: Option<(DeviceId, u8)>, limit: usize) -> Result<Vec<SeedRow>> {
-        read::scan_seeds(&mut *self.pool.get()?, after, limit)
+        read::scan_seeds(&mut self.pool.get()?, after, limit)
     }
 
     fn digest_shards(&self) -> Result<Vec<DigestShard>> {
-        read::digest_shards(&mut *self.pool.get()?)
+        read::digest_shards(&mut self.pool.get()?)
     }
 
     fn audit_log(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>> {
-        read::audit_log(&mut *self.pool.get()?, after, limit)
+        read::audit_log(&mut self.pool.get()?, after, limit)
     }
 
     fn scan_notary(&self, after: Option<&NotaryRow>, limit: usize) -> Result<Vec<NotaryRow>> {
-        read::scan_notary(&mut *self.pool.get()?, after, limit)
+        read::scan_notary(&mut self.pool.get()?, after, limit)
     }
 
     fn scan_commands(
@@ -513,7 +653,7 @@ impl KeyDatabase for PostgresDatabase {
         after: Option<DeviceId>,
         limit: usize,
     ) -> Result<Vec<(CommandRow, Option<[u8; 32]>)>> {
-        read::scan_commands(&mut *self.pool.get()?, after, limit)
+        read::scan_commands(&mut self.pool.get()?, after, limit)
     }
 
     fn migrated_from(&self) -> Option<u32> {
@@ -565,11 +705,18 @@ impl KeyDatabase for PostgresDatabase {
         Ok(())
     }
 
+    fn load_device(&self, id: DeviceId) -> Result<Option<(crate::db::DeviceRow, Vec<SeedRow>)>> {
+        read::load_device(&mut self.pool.get()?, id)
+    }
+
     fn watch_changes(&self, on_change: super::ChangeHook) -> Result<()> {
         let config = self.pool.config.clone();
-        self.pool
-            .driver
-            .spawn(Box::pin(listen::listen(config, on_change)))
+        let h = &self.pool.driver.handle;
+        match self.pool.tls.clone() {
+            Tls::None => h.spawn(listen::listen(config, NoTls, on_change)),
+            Tls::Rustls(t) => h.spawn(listen::listen(config, t, on_change)),
+        };
+        Ok(())
     }
 
     fn read_snapshot(

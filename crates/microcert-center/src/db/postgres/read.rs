@@ -229,3 +229,31 @@ pub(super) fn audit_log(c: &mut PgConn, after: u64, limit: usize) -> Result<Vec<
         })
         .collect()
 }
+
+/// A device and all its seeds in one statement (a cold cache's load).
+pub(super) fn load_device(
+    c: &mut PgConn,
+    id: DeviceId,
+) -> Result<Option<(crate::db::DeviceRow, Vec<SeedRow>)>> {
+    let dcols = prefixed(DEVICE_COLS, "d");
+    let scols = prefixed(SEED_COLS, "s");
+    let rows = c.query(
+        &format!(
+            "SELECT {dcols}, {scols} FROM devices d \
+             LEFT JOIN seeds s ON s.device = d.id WHERE d.id = $1 ORDER BY s.generation"
+        ),
+        &[&&id.0[..]],
+    )?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let device = device_row(first)?;
+    let mut seeds = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let has_seed: Option<&[u8]> = g(r, 9)?;
+        if has_seed.is_some() {
+            seeds.push(seed_row_at(r, 9)?);
+        }
+    }
+    Ok(Some((device, seeds)))
+}

@@ -1,6 +1,9 @@
 //! [`Tx`] over one PostgreSQL transaction.
 
+use std::collections::{HashMap, HashSet};
+
 use microcert_core::DeviceId;
+use tokio_postgres::types::ToSql;
 
 use super::PgConn;
 use super::rows::*;
@@ -24,11 +27,105 @@ pub(super) struct PgTx<'c> {
     /// Devices whose records this transaction changed: other centers are
     /// told with NOTIFY, delivered when (and only if) it commits.
     pub(super) changed: Vec<DeviceId>,
+    /// Inserts not sent yet (write-behind): sent as multi-row INSERTs
+    /// before any other statement of this transaction and before it ends,
+    /// so a batch of enrollments costs a few statements, not three per
+    /// device. A failed insert fails the transaction, as it would have.
+    pub(super) pending: Pending,
+    /// Device rows read ahead under `FOR UPDATE` ([`Tx::prefetch_devices`]).
+    pub(super) prefetched: HashMap<DeviceId, Option<DeviceRow>>,
+    /// The audit chain's next (seq, prev_hash) once this transaction holds
+    /// the audit lock (nobody else appends until it ends).
+    pub(super) audit_head: Option<(u64, [u8; 32])>,
 }
 
-impl PgTx<'_> {
+type Params = Vec<Box<dyn ToSql + Sync + Send>>;
+
+/// The write-behind buffer of a transaction.
+#[derive(Default)]
+pub(super) struct Pending {
+    devices: Vec<Params>,
+    device_ids: HashSet<DeviceId>,
+    seeds: Vec<Params>,
+    audit: Vec<Params>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.devices.is_empty() && self.seeds.is_empty() && self.audit.is_empty()
+    }
+}
+
+const AUDIT_COLS: &str = "seq, time, actor, action, device, generation, reason, prev_hash, hash";
+
+/// Rows per multi-row INSERT (seeds: 20 parameters a row).
+const ROWS_PER_INSERT: usize = 100;
+
+impl<'c> PgTx<'c> {
+    pub(super) fn new(c: &'c mut PgConn) -> Self {
+        PgTx {
+            c,
+            wrote: false,
+            changed: Vec::new(),
+            pending: Pending::default(),
+            prefetched: HashMap::new(),
+            audit_head: None,
+        }
+    }
+
+    /// The connection, after the pending inserts were sent.
+    fn conn(&mut self) -> Result<&mut PgConn> {
+        self.flush()?;
+        Ok(&mut *self.c)
+    }
+
+    /// Sends the pending inserts: devices, then seeds, then audit records.
+    pub(super) fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let p = std::mem::take(&mut self.pending);
+        for (table, cols, n, rows) in [
+            ("devices", DEVICE_COLS, 9, p.devices),
+            ("seeds", SEED_COLS, 20, p.seeds),
+            ("audit", AUDIT_COLS, 9, p.audit),
+        ] {
+            for chunk in rows.chunks(ROWS_PER_INSERT) {
+                let mut sql = format!("INSERT INTO {table} ({cols}) VALUES ");
+                let mut k = 0;
+                for (r, _) in chunk.iter().enumerate() {
+                    if r > 0 {
+                        sql.push(',');
+                    }
+                    sql.push('(');
+                    for c in 0..n {
+                        k += 1;
+                        if c > 0 {
+                            sql.push(',');
+                        }
+                        sql.push_str(&format!("${k}"));
+                    }
+                    sql.push(')');
+                }
+                let params: Vec<&(dyn ToSql + Sync)> = chunk
+                    .iter()
+                    .flat_map(|row| row.iter().map(|b| &**b as &(dyn ToSql + Sync)))
+                    .collect();
+                let n_rows = self.c.execute(&sql, &params)?;
+                if n_rows != chunk.len() as u64 {
+                    return Err(Error::Database(format!(
+                        "{table}: {n_rows} of {} rows inserted",
+                        chunk.len()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn touch(&mut self, id: DeviceId) {
         self.wrote = true;
+        self.prefetched.remove(&id);
         if self.changed.last() != Some(&id) && !self.changed.contains(&id) {
             self.changed.push(id);
         }
@@ -36,11 +133,12 @@ impl PgTx<'_> {
 
     /// Queues the NOTIFY of every changed device in this transaction.
     pub(super) fn notify_changes(&mut self) -> Result<()> {
+        self.flush()?;
         if self.changed.is_empty() {
             return Ok(());
         }
         let ids: Vec<String> = self.changed.iter().map(|d| hex::encode(d.0)).collect();
-        self.c.execute(
+        self.conn()?.execute(
             "SELECT pg_notify($1, x) FROM unnest($2::text[]) AS x",
             &[&super::CHANGES_CHANNEL, &ids],
         )?;
@@ -50,39 +148,42 @@ impl PgTx<'_> {
 
 impl Tx for PgTx<'_> {
     fn device(&mut self, id: DeviceId) -> Result<Option<DeviceRow>> {
-        self.c
-            .query_opt(
-                &format!("SELECT {DEVICE_COLS} FROM devices WHERE id = $1 FOR UPDATE"),
-                &[&&id.0[..]],
-            )?
-            .map(|r| device_row(&r))
-            .transpose()
+        if let Some(d) = self.prefetched.get(&id) {
+            return Ok(d.clone());
+        }
+        // Unsent inserts of other devices do not change this row.
+        let c = if self.pending.device_ids.contains(&id) {
+            self.conn()?
+        } else {
+            &mut *self.c
+        };
+        c.query_opt(
+            &format!("SELECT {DEVICE_COLS} FROM devices WHERE id = $1 FOR UPDATE"),
+            &[&&id.0[..]],
+        )?
+        .map(|r| device_row(&r))
+        .transpose()
     }
 
     fn insert_device(&mut self, d: &DeviceRow) -> Result<()> {
         self.touch(d.id);
-        self.c.execute(
-            &format!(
-                "INSERT INTO devices ({DEVICE_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-            ),
-            &[
-                &&d.id.0[..],
-                &small(d.class),
-                &small(d.suite.id()),
-                &small(d.epoch),
-                &d.transport_open,
-                &i(d.created),
-                &d.highest_generation.map(small),
-                &i64::from(d.command_counter),
-                &&d.tag[..],
-            ],
-        )?;
+        self.pending.device_ids.insert(d.id);
+        self.pending.devices.push(vec![
+            Box::new(d.id.0.to_vec()),
+            Box::new(small(d.class)),
+            Box::new(small(d.suite.id())),
+            Box::new(small(d.epoch)),
+            Box::new(d.transport_open),
+            Box::new(i(d.created)),
+            Box::new(d.highest_generation.map(small)),
+            Box::new(i64::from(d.command_counter)),
+            Box::new(d.tag.to_vec()),
+        ]);
         Ok(())
     }
-
     fn update_device(&mut self, d: &DeviceRow) -> Result<()> {
         self.touch(d.id);
-        let n = self.c.execute(
+        let n = self.conn()?.execute(
             "UPDATE devices SET class = $2, suite = $3, epoch = $4, transport_open = $5, \
              created = $6, highest_gen = $7, command_counter = $8, tag = $9 WHERE id = $1",
             &[
@@ -104,7 +205,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn seeds(&mut self, id: DeviceId) -> Result<Vec<SeedRow>> {
-        self.c
+        self.conn()?
             .query(
                 &format!("SELECT {SEED_COLS} FROM seeds WHERE device = $1 ORDER BY generation"),
                 &[&&id.0[..]],
@@ -115,8 +216,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn seed_by_enroll_nonce(&mut self, id: DeviceId, t: u32, r: u64) -> Result<Option<SeedRow>> {
-        self.c
-            .query_opt(
+        self.conn()?.query_opt(
                 &format!(
                     "SELECT {SEED_COLS} FROM seeds WHERE device = $1 AND enroll_t = $2 AND enroll_r = $3"
                 ),
@@ -128,40 +228,34 @@ impl Tx for PgTx<'_> {
 
     fn insert_seed(&mut self, s: &SeedRow) -> Result<()> {
         self.touch(s.device);
-        self.c.execute(
-            &format!(
-                "INSERT INTO seeds ({SEED_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, \
-                 $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)"
-            ),
-            &[
-                &&s.device.0[..],
-                &small(s.generation),
-                &s.state.name(),
-                &i32::from(s.base_year),
-                &small(s.suite.id()),
-                &i64::from(s.kstore_version),
-                &s.ciphertext.as_ref().map(|c| &c.0[..]),
-                &&s.tag[..],
-                &s.via.name(),
-                &i64::from(s.enroll_t),
-                &i(s.enroll_r),
-                &&s.enroll_digest[..],
-                &&s.receipt.0[..],
-                &i(s.created),
-                &oi(s.activated_at),
-                &oi(s.suspended_at),
-                &oi(s.deactivated_at),
-                &oi(s.compromised_at),
-                &oi(s.destroyed_at),
-                &oi(s.grace_until),
-            ],
-        )?;
+        self.pending.seeds.push(vec![
+            Box::new(s.device.0.to_vec()),
+            Box::new(small(s.generation)),
+            Box::new(s.state.name().to_string()),
+            Box::new(i32::from(s.base_year)),
+            Box::new(small(s.suite.id())),
+            Box::new(i64::from(s.kstore_version)),
+            Box::new(s.ciphertext.as_ref().map(|c| c.0.to_vec())),
+            Box::new(s.tag.to_vec()),
+            Box::new(s.via.name().to_string()),
+            Box::new(i64::from(s.enroll_t)),
+            Box::new(i(s.enroll_r)),
+            Box::new(s.enroll_digest.to_vec()),
+            Box::new(s.receipt.0.to_vec()),
+            Box::new(i(s.created)),
+            Box::new(oi(s.activated_at)),
+            Box::new(oi(s.suspended_at)),
+            Box::new(oi(s.deactivated_at)),
+            Box::new(oi(s.compromised_at)),
+            Box::new(oi(s.destroyed_at)),
+            Box::new(oi(s.grace_until)),
+        ]);
         Ok(())
     }
 
     fn update_seed(&mut self, s: &SeedRow) -> Result<()> {
         self.touch(s.device);
-        let n = self.c.execute(
+        let n = self.conn()?.execute(
             "UPDATE seeds SET state = $3, base_year = $4, suite = $5, kstore_version = $6, \
              ciphertext = $7, tag = $8, activated_at = $9, suspended_at = $10, \
              deactivated_at = $11, compromised_at = $12, destroyed_at = $13, grace_until = $14 \
@@ -206,7 +300,7 @@ impl Tx for PgTx<'_> {
         // Nothing is inserted for a record that would have expired before
         // the pruning high-water (shared by every center): its earlier
         // copy may have been pruned.
-        let n = self.c.execute(
+        let n = self.conn()?.execute(
             "INSERT INTO replay (device, generation, t, r, expires) \
              SELECT $1::bytea, $2::smallint, $3::bigint, $4::bigint, $5::bigint WHERE $5::bigint >= \
              COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0) \
@@ -222,9 +316,49 @@ impl Tx for PgTx<'_> {
         Ok(n == 1)
     }
 
+    fn record_replays(&mut self, rows: &[(DeviceId, u8, u32, u64, u64)]) -> Result<Vec<bool>> {
+        if rows.len() <= 1 {
+            return rows
+                .iter()
+                .map(|&(d, g, t, r, e)| self.record_replay(d, g, t, r, e))
+                .collect();
+        }
+        self.wrote = true;
+        let devices: Vec<&[u8]> = rows.iter().map(|x| &x.0.0[..]).collect();
+        let gens: Vec<i16> = rows.iter().map(|x| small(x.1)).collect();
+        let ts: Vec<i64> = rows.iter().map(|x| i64::from(x.2)).collect();
+        let rs: Vec<i64> = rows.iter().map(|x| i(x.3)).collect();
+        let es: Vec<i64> = rows.iter().map(|x| i(x.4)).collect();
+        // As record_replay, for every row in one statement; a key twice in
+        // the batch is inserted once (the first occurrence counts).
+        let inserted = self.conn()?.query(
+            "INSERT INTO replay (device, generation, t, r, expires) \
+             SELECT x.d, x.g, x.t, x.r, x.e \
+             FROM unnest($1::bytea[], $2::smallint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
+             AS x(d, g, t, r, e) \
+             WHERE x.e >= COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0) \
+             ON CONFLICT DO NOTHING RETURNING device, generation, t, r",
+            &[&devices, &gens, &ts, &rs, &es],
+        )?;
+        let mut fresh = std::collections::HashSet::with_capacity(inserted.len());
+        for row in &inserted {
+            let d: &[u8] = g(row, 0)?;
+            fresh.insert((
+                d.to_vec(),
+                g::<i16>(row, 1)?,
+                g::<i64>(row, 2)?,
+                g::<i64>(row, 3)?,
+            ));
+        }
+        Ok(rows
+            .iter()
+            .map(|x| fresh.remove(&(x.0.0.to_vec(), small(x.1), i64::from(x.2), i(x.3))))
+            .collect())
+    }
+
     fn spend_challenge(&mut self, id: DeviceId, c: &[u8; 8], expires: u64) -> Result<bool> {
         self.wrote = true;
-        let n = self.c.execute(
+        let n = self.conn()?.execute(
             "INSERT INTO challenges (device, c, expires) SELECT $1::bytea, $2::bytea, $3::bigint WHERE $3::bigint >= \
              COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0) ON CONFLICT DO NOTHING",
             &[&&id.0[..], &&c[..], &i(expires)],
@@ -235,7 +369,7 @@ impl Tx for PgTx<'_> {
     fn high_water(&mut self, name: &str) -> Result<Option<(u64, Vec<u8>)>> {
         // FOR UPDATE: two centers raising the same mark take turns.
         Ok(self
-            .c
+            .conn()?
             .query_opt(
                 "SELECT value, tag FROM marks WHERE name = $1 FOR UPDATE",
                 &[&name],
@@ -245,7 +379,7 @@ impl Tx for PgTx<'_> {
 
     fn set_high_water(&mut self, name: &str, value: u64, tag: &[u8]) -> Result<()> {
         self.wrote = true;
-        self.c.execute(
+        self.conn()?.execute(
             "INSERT INTO marks (name, value, tag) VALUES ($1, $2, $3) \
              ON CONFLICT (name) DO UPDATE SET value = excluded.value, tag = excluded.tag",
             &[&name, &i(value), &tag],
@@ -255,7 +389,7 @@ impl Tx for PgTx<'_> {
 
     fn notarize(&mut self, n: &NotaryRow) -> Result<(NotaryRow, bool)> {
         self.wrote = true;
-        let inserted = self.c.execute(
+        let inserted = self.conn()?.execute(
             "INSERT INTO notary (device, generation, t, r, digest, tag, first_seen, seal) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
             &[
@@ -283,7 +417,7 @@ impl Tx for PgTx<'_> {
         r: u64,
         digest: &[u8; 32],
     ) -> Result<Option<NotaryRow>> {
-        let row = self.c.query_opt(
+        let row = self.conn()?.query_opt(
             "SELECT tag, first_seen, seal FROM notary WHERE device = $1 AND generation = $2 \
              AND t = $3 AND r = $4 AND digest = $5",
             &[
@@ -311,7 +445,7 @@ impl Tx for PgTx<'_> {
 
     fn set_seed_tag(&mut self, id: DeviceId, generation: u8, tag: &[u8; 32]) -> Result<()> {
         self.wrote = true;
-        self.c.execute(
+        self.conn()?.execute(
             "UPDATE seeds SET tag = $3 WHERE device = $1 AND generation = $2",
             &[&&id.0[..], &small(generation), &&tag[..]],
         )?;
@@ -320,7 +454,7 @@ impl Tx for PgTx<'_> {
 
     fn set_notary_seal(&mut self, n: &NotaryRow) -> Result<()> {
         self.wrote = true;
-        self.c.execute(
+        self.conn()?.execute(
             "UPDATE notary SET seal = $6 WHERE device = $1 AND generation = $2 AND t = $3 \
              AND r = $4 AND digest = $5",
             &[
@@ -336,7 +470,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn command_sealed(&mut self, id: DeviceId) -> Result<Option<(CommandRow, Option<[u8; 32]>)>> {
-        let row = self.c.query_opt(
+        let row = self.conn()?.query_opt(
             "SELECT counter, opcode, generation, r, bytes, created, answered_at, status, seal \
              FROM commands WHERE device = $1",
             &[&&id.0[..]],
@@ -362,7 +496,7 @@ impl Tx for PgTx<'_> {
 
     fn put_command_sealed(&mut self, c: &CommandRow, seal: Option<&[u8; 32]>) -> Result<()> {
         self.wrote = true;
-        self.c.execute(
+        self.conn()?.execute(
             "INSERT INTO commands (device, counter, opcode, generation, r, bytes, created, \
              answered_at, status, seal) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (device) DO UPDATE SET counter = EXCLUDED.counter, \
@@ -390,11 +524,11 @@ impl Tx for PgTx<'_> {
         // read-modify-write of a shard is serialised across centers, also
         // for its first write when there is no row to lock yet. Under READ
         // COMMITTED the SELECT after it sees the previous holder's commit.
-        self.c.execute(
+        self.conn()?.execute(
             "SELECT pg_advisory_xact_lock($1)",
             &[&(DIGEST_LOCK | i64::from(shard))],
         )?;
-        let row = self.c.query_opt(
+        let row = self.conn()?.query_opt(
             "SELECT acc, count, seq, tag FROM digest WHERE shard = $1",
             &[&small(shard)],
         )?;
@@ -412,11 +546,11 @@ impl Tx for PgTx<'_> {
 
     fn put_digest_shard(&mut self, s: &DigestShard) -> Result<()> {
         self.wrote = true;
-        self.c.execute(
+        self.conn()?.execute(
             "SELECT pg_advisory_xact_lock($1)",
             &[&(DIGEST_LOCK | i64::from(s.shard))],
         )?;
-        self.c.execute(
+        self.conn()?.execute(
             "INSERT INTO digest (shard, acc, count, seq, tag) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (shard) DO UPDATE SET acc = EXCLUDED.acc, count = EXCLUDED.count, \
              seq = EXCLUDED.seq, tag = EXCLUDED.tag",
@@ -433,37 +567,63 @@ impl Tx for PgTx<'_> {
 
     fn append_audit(&mut self, e: &NewAudit) -> Result<()> {
         self.wrote = true;
-        self.c
-            .execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])?;
-        let last = self
-            .c
-            .query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])?;
-        let (seq, prev) = match last {
-            Some(r) => (g::<i64>(&r, 0)? as u64 + 1, arr32(g(&r, 1)?)?),
-            None => (1, [0u8; 32]),
+        let (seq, prev) = match self.audit_head {
+            Some(h) => h,
+            None => {
+                let c = self.conn()?;
+                c.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])?;
+                let last =
+                    c.query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])?;
+                match last {
+                    Some(r) => (g::<i64>(&r, 0)? as u64 + 1, arr32(g(&r, 1)?)?),
+                    None => (1, [0u8; 32]),
+                }
+            }
         };
         let hash = audit::chain_hash(&prev, seq, e);
-        self.c.execute(
-            "INSERT INTO audit (seq, time, actor, action, device, generation, reason, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            &[
-                &i(seq),
-                &i(e.time),
-                &e.actor,
-                &e.action,
-                &e.device.map(|d| d.0.to_vec()),
-                &e.generation.map(small),
-                &e.reason,
-                &&prev[..],
-                &&hash[..],
-            ],
+        // The lock is held until this transaction ends: the head is ours.
+        self.audit_head = Some((seq + 1, hash));
+        self.pending.audit.push(vec![
+            Box::new(i(seq)),
+            Box::new(i(e.time)),
+            Box::new(e.actor.clone()),
+            Box::new(e.action.clone()),
+            Box::new(e.device.map(|d| d.0.to_vec())),
+            Box::new(e.generation.map(small)),
+            Box::new(e.reason.clone()),
+            Box::new(prev.to_vec()),
+            Box::new(hash.to_vec()),
+        ]);
+        Ok(())
+    }
+
+    fn prefetch_devices(&mut self, ids: &[DeviceId]) -> Result<()> {
+        let ids: Vec<DeviceId> = ids
+            .iter()
+            .copied()
+            .filter(|id| !self.prefetched.contains_key(id) && !self.pending.device_ids.contains(id))
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&[u8]> = ids.iter().map(|d| &d.0[..]).collect();
+        let rows = self.conn()?.query(
+            &format!("SELECT {DEVICE_COLS} FROM devices WHERE id = ANY($1) FOR UPDATE"),
+            &[&keys],
         )?;
+        for id in &ids {
+            self.prefetched.insert(*id, None);
+        }
+        for r in &rows {
+            let d = device_row(r)?;
+            self.prefetched.insert(d.id, Some(d));
+        }
         Ok(())
     }
 
     fn delete_seed(&mut self, id: DeviceId, generation: u8) -> Result<bool> {
         self.touch(id);
-        let n = self.c.execute(
+        let n = self.conn()?.execute(
             "DELETE FROM seeds WHERE device = $1 AND generation = $2",
             &[&&id.0[..], &small(generation)],
         )?;
@@ -474,7 +634,7 @@ impl Tx for PgTx<'_> {
         &mut self,
         file: &[u8; 32],
     ) -> Result<Option<(u64, Option<[u8; 32]>)>> {
-        let row = self.c.query_opt(
+        let row = self.conn()?.query_opt(
             "SELECT next_line, seal FROM imports WHERE file_digest = $1",
             &[&&file[..]],
         )?;
@@ -495,7 +655,7 @@ impl Tx for PgTx<'_> {
         seal: Option<&[u8; 32]>,
     ) -> Result<()> {
         self.wrote = true;
-        self.c.execute(
+        self.conn()?.execute(
             "INSERT INTO imports (file_digest, next_line, updated, seal) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (file_digest) DO UPDATE SET next_line = EXCLUDED.next_line, \
              updated = EXCLUDED.updated, seal = EXCLUDED.seal",
