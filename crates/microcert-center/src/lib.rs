@@ -15,6 +15,7 @@ pub mod integrity;
 pub mod profile;
 pub mod repair;
 mod replay;
+pub mod site;
 #[doc(hidden)]
 pub use replay::FaultPoint;
 

@@ -162,7 +162,7 @@ enum TokenCommand {
         cfg: config::ConfigArgs,
         /// What the token may do.
         #[arg(long, value_enum)]
-        role: microcert_server::tokens::Role,
+        role: config::RoleArg,
         /// Who holds it; for a verifier, the relying party's name (its audience).
         #[arg(long)]
         name: String,
@@ -174,7 +174,7 @@ fn token(cmd: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Create { cfg, role, name } => {
             let r = cfg.resolve()?;
             r.create_data_dir()?;
-            let token = microcert_server::tokens::create(&r.data_dir, role, &name)?;
+            let token = microcert_server::tokens::create(&r.data_dir, role.into(), &name)?;
             say!("{}", token.as_str());
         }
     }
