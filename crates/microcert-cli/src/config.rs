@@ -30,7 +30,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 pub use microcert_center::site::{Location, Source};
 use microcert_center::site::{OpenOptions, Site};
-use microcert_center::{Center, CenterConfig, EncryptionCard, KdfParams, SoftwareCard};
+use microcert_center::{Center, CenterConfig, EncryptionCard};
 use microcert_pkcs11::{Pkcs11Card, Pkcs11Config};
 use serde::Deserialize;
 use zeroize::Zeroizing;
@@ -319,29 +319,9 @@ impl Resolved {
                 )
             })?));
         }
-        let path = self.card_file();
-        if path.exists() {
-            let pass = self.passphrase_for(dev)?;
-            return Ok(Arc::new(SoftwareCard::open(&path, &pass).with_context(
-                || format!("cannot open the card {}", path.display()),
-            )?));
-        }
-        if !create {
-            bail!(
-                "no card in the data directory {} ({}): there is no {}{}",
-                self.data_dir.display(),
-                self.data_source,
-                path.display(),
-                self.hint
-            );
-        }
-        let pass = self.passphrase_for(dev)?;
-        crate::datadir::create_private_dir(&self.data_dir)?;
-        tracing::info!(path = %path.display(), "first start: making the card");
-        Ok(Arc::new(
-            SoftwareCard::init(&path, &pass, KdfParams::default())
-                .context("cannot make the card")?,
-        ))
+        Ok(self
+            .site
+            .software_card(create, || self.passphrase_for(dev))?)
     }
 
     /// How `how` reads for the site, and the card opener it needs.
@@ -358,13 +338,11 @@ impl Resolved {
     /// card was last used with (`microcert_center::site::binding`);
     /// prints what that check only warns about.
     pub fn open_center(&self, how: Open) -> anyhow::Result<Arc<Center>> {
-        let opened = self.site.open(self.site_open(&how), || {
-            self.open_card(how.create_card, how.dev)
-        })?;
-        for w in &opened.warnings {
-            eprintln!("warning: {w}");
-        }
-        Ok(opened.center)
+        Ok(self.site.open(
+            self.site_open(&how),
+            || self.open_card(how.create_card, how.dev),
+            &mut |w| eprintln!("warning: {w}"),
+        )?)
     }
 }
 

@@ -250,16 +250,6 @@ impl OpenOptions {
     }
 }
 
-/// An open center, and what the binding check only warned about (read-only
-/// access reads a database that is not the card's, for forensics).
-#[derive(Debug)]
-pub struct Opened {
-    /// The center.
-    pub center: Arc<Center>,
-    /// Warnings for the operator, one paragraph each.
-    pub warnings: Vec<String>,
-}
-
 /// What [`Site::restore_backup`] did.
 #[derive(Debug, Clone)]
 pub struct RestoreReport {
@@ -326,15 +316,52 @@ impl Site {
         create_private_dir(&self.data_dir)
     }
 
-    /// Opens the card (`card(create_card)`, the caller's) and the center
+    /// Opens the data directory's software card with the passphrase
+    /// `passphrase()` gives (asked for only when needed), or makes it when
+    /// it does not exist and `create` (the data directory too).
+    pub fn software_card<E: Into<BoxError>>(
+        &self,
+        create: bool,
+        passphrase: impl FnOnce() -> Result<zeroize::Zeroizing<Vec<u8>>, E>,
+    ) -> SiteResult<Arc<dyn EncryptionCard>> {
+        let path = self.card_file();
+        let exists = path.exists();
+        if !exists && !create {
+            return Err(SiteError::Refused(format!(
+                "no card in the data directory {} ({}): there is no {}{}",
+                self.data_dir.display(),
+                self.data_source,
+                path.display(),
+                self.hint
+            )));
+        }
+        let pass = passphrase().map_err(|e| SiteError::Card(e.into()))?;
+        if exists {
+            return Ok(Arc::new(crate::SoftwareCard::open(&path, &pass).map_err(
+                step(format!("cannot open the card {}", path.display())),
+            )?));
+        }
+        self.create_data_dir()?;
+        tracing::info!(path = %path.display(), "first start: making the card");
+        Ok(Arc::new(
+            crate::SoftwareCard::init(&path, &pass, crate::KdfParams::default())
+                .map_err(step("cannot make the card"))?,
+        ))
+    }
+
+    /// Opens the card (`card()`, the caller's) and the center
     /// over the database, checks (and on first use by a writer records)
     /// that the database is the one the card was last used with, and keeps
-    /// the card's anchor following every committed change.
+    /// the card's anchor following every committed change. What the
+    /// binding check only warns about (a read-only command reading a
+    /// database that is not the card's, for forensics) goes to `warn`, at
+    /// once, so it is said even when opening fails afterwards.
     pub fn open<E: Into<BoxError>>(
         &self,
         how: OpenOptions,
         card: impl FnOnce() -> Result<Arc<dyn EncryptionCard>, E>,
-    ) -> SiteResult<Opened> {
+        warn: &mut dyn FnMut(String),
+    ) -> SiteResult<Arc<Center>> {
         if !how.create_db
             && let Location::Sqlite(p) = &self.database
             && !p.exists()
@@ -349,10 +376,15 @@ impl Site {
             self.create_data_dir()?;
         }
         let card = card().map_err(|e| SiteError::Card(e.into()))?;
-        self.open_with(how, card)
+        self.open_with(how, card, warn)
     }
 
-    fn open_with(&self, how: OpenOptions, card: Arc<dyn EncryptionCard>) -> SiteResult<Opened> {
+    fn open_with(
+        &self,
+        how: OpenOptions,
+        card: Arc<dyn EncryptionCard>,
+        warn: &mut dyn FnMut(String),
+    ) -> SiteResult<Arc<Center>> {
         let center = match &self.database {
             Location::Sqlite(p) => Center::open_sqlite(p, card, how.center),
             Location::Postgres(u) => crate::db::PostgresDatabase::open(u)
@@ -362,13 +394,12 @@ impl Site {
             "cannot open the key database {}",
             self.database_shown()
         )))?;
-        let warnings = binding::check(&center, self, how.access)?;
+        for w in binding::check(&center, self, how.access)? {
+            warn(w);
+        }
         // The card's anchor follows every committed change (issue 12).
         center.keep_anchor(&self.anchor_file())?;
-        Ok(Opened {
-            center: Arc::new(center),
-            warnings,
-        })
+        Ok(Arc::new(center))
     }
 
     /// Restores the backup `file` into an empty key database (an SQLite
@@ -401,15 +432,15 @@ impl Site {
         } else {
             Access::Restore
         };
-        let center = self
-            .open(
-                OpenOptions {
-                    create_db: true,
-                    ..OpenOptions::maintenance(access)
-                },
-                card,
-            )?
-            .center;
+        // Restore and Bind access never warn.
+        let center = self.open(
+            OpenOptions {
+                create_db: true,
+                ..OpenOptions::maintenance(access)
+            },
+            card,
+            &mut |_| {},
+        )?;
         let b = crate::backup::read(file, center.card())
             .map_err(step(format!("backup {} does not verify", file.display())))?;
         crate::backup::restore_into(center.database(), center.card(), &b, actor, now)
@@ -442,9 +473,12 @@ impl Site {
         now: u64,
     ) -> SiteResult<(crate::repair::RepairReport, WholeRestore)> {
         let anchor = self.anchor_file();
-        let center = self
-            .open(OpenOptions::maintenance(Access::Destructive), card)?
-            .center;
+        // Destructive and Write access never warn.
+        let center = self.open(
+            OpenOptions::maintenance(Access::Destructive),
+            card,
+            &mut |_| {},
+        )?;
         let database_id = binding::database_id_of(&center)?;
         let r = center.repair(backups, Some(&anchor), actor, now)?;
         let Some(whole) = r.whole_restore.clone() else {
@@ -463,7 +497,7 @@ impl Site {
             crate::KeyDatabase::set_meta(&db, "database_id", id)?;
         }
         drop(db);
-        drop(self.open_with(OpenOptions::maintenance(Access::Write), card)?);
+        drop(self.open_with(OpenOptions::maintenance(Access::Write), card, &mut |_| {})?);
         Ok((r, WholeRestore::Restored { from: whole, aside }))
     }
 }
