@@ -35,7 +35,7 @@ use microcert_pkcs11::{Pkcs11Card, Pkcs11Config};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::binding::Access;
+pub use microcert_center::site::Access;
 
 /// The default data directory.
 pub const DEFAULT_DATA: &str = "./microcert-data";
