@@ -17,6 +17,7 @@ pub mod policy;
 pub mod profile;
 pub mod repair;
 mod replay;
+pub mod site;
 pub mod tokens;
 #[doc(hidden)]
 pub use replay::FaultPoint;

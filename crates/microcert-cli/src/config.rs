@@ -16,22 +16,26 @@
 //! | card | | | `[pkcs11]` | the software card `DATA/card.mccard` |
 //! | passphrase | `--passphrase-file` | `MICROCERT_PASSPHRASE` | `passphrase_file` | none |
 //!
-//! Opening the center also checks that the database is the one the card
-//! was last used with ([`crate::binding`]).
+//! What is done with the resolved locations (opening the database and the
+//! center, the card<->database binding, restore and repair) is
+//! `microcert_center::site`; this module parses and maps onto it, and
+//! opens the card (the passphrase and the PKCS#11 token are this
+//! program's inputs).
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use microcert_center::{Center, CenterConfig, EncryptionCard, KdfParams, SoftwareCard};
+pub use microcert_center::site::{Location, Source};
+use microcert_center::site::{OpenOptions, Site};
+use microcert_center::{Center, CenterConfig, EncryptionCard};
 use microcert_pkcs11::{Pkcs11Card, Pkcs11Config};
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::binding::{self, Access};
+pub use microcert_center::site::Access;
 
 /// The default data directory.
 pub const DEFAULT_DATA: &str = "./microcert-data";
@@ -111,129 +115,30 @@ pub fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("invalid configuration {}", path.display()))
 }
 
-/// Where a resolved setting came from, for messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    /// A command-line flag.
-    Flag(&'static str),
-    /// An environment variable.
-    Env(&'static str),
-    /// A key of the configuration file.
-    File(&'static str, PathBuf),
-    /// The default.
-    Default,
-}
-
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Source::Flag(n) => write!(f, "from {n}"),
-            Source::Env(n) => write!(f, "from {n}"),
-            Source::File(k, p) => write!(f, "from `{k}` in {}", p.display()),
-            Source::Default => write!(f, "the default"),
-        }
-    }
-}
-
-/// The key database's location.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Location {
-    /// An SQLite file.
-    Sqlite(PathBuf),
-    /// A PostgreSQL URL or key/value connection string.
-    Postgres(String),
-}
-
-impl Location {
-    fn parse(s: &str) -> Location {
-        if microcert_center::db::is_postgres_url(s) || looks_like_keyvalue(s) {
-            Location::Postgres(s.to_owned())
-        } else {
-            Location::Sqlite(PathBuf::from(s))
-        }
-    }
-
-    /// Whether several processes may share it.
-    pub fn is_postgres(&self) -> bool {
-        matches!(self, Location::Postgres(_))
-    }
-
-    /// The location for messages and records: an absolute SQLite path, or
-    /// the URL without its password.
-    pub fn shown(&self) -> String {
-        match self {
-            Location::Sqlite(p) => normalize(p).display().to_string(),
-            Location::Postgres(u) => redact_url(u),
-        }
-    }
-}
-
-/// An absolute path, its directory's symbolic links and `..` resolved
-/// when it exists, so two spellings of one file compare equal.
-fn normalize(p: &Path) -> PathBuf {
-    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    match (abs.parent(), abs.file_name()) {
-        (Some(dir), Some(name)) => dir
-            .canonicalize()
-            .map(|d| d.join(name))
-            .unwrap_or(abs.clone()),
-        _ => abs,
-    }
-}
-
-/// A `host=... dbname=...` connection string (PostgreSQL's key/value form).
-fn looks_like_keyvalue(s: &str) -> bool {
-    let s = s.trim_start();
-    ["host=", "hostaddr=", "dbname=", "user=", "port="]
-        .iter()
-        .any(|k| s.starts_with(k))
-        && s.contains(' ')
-}
-
-/// The URL with any password replaced (also `password=` in key/value form).
-pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.rsplit_once('@') {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                return format!("{scheme}://{user}:***@{host}");
-            }
-        }
-        return url.to_owned();
-    }
-    url.split_whitespace()
-        .map(|w| {
-            if w.starts_with("password=") {
-                "password=***"
-            } else {
-                w
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 fn env_nonempty(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-/// The configuration every command resolved to.
+/// The configuration every command resolved to: the site (data
+/// directory, database; see `microcert_center::site::Site`, reachable
+/// through `Deref`) and how the card is unlocked.
 #[derive(Debug)]
 pub struct Resolved {
     /// The configuration file, if any.
     pub config_file: Option<PathBuf>,
     /// Its contents (defaults when there is none).
     pub file: FileConfig,
-    /// The data directory.
-    pub data_dir: PathBuf,
-    /// Where `data_dir` came from.
-    pub data_source: Source,
-    /// The key database.
-    pub database: Location,
-    /// Where `database` came from.
-    pub database_source: Source,
+    /// Where the data directory and the database are.
+    pub site: Site,
     passphrase_file: Option<PathBuf>,
     passphrase_env: bool,
+}
+
+impl std::ops::Deref for Resolved {
+    type Target = Site;
+    fn deref(&self) -> &Site {
+        &self.site
+    }
 }
 
 /// How a command opens the center.
@@ -261,10 +166,7 @@ impl Open {
             create_db: false,
             create_card: false,
             dev: false,
-            center: CenterConfig {
-                replay: microcert_center::ReplayMode::Database,
-                ..CenterConfig::default()
-            },
+            center: OpenOptions::maintenance(access).center,
         }
     }
 }
@@ -311,13 +213,26 @@ impl ConfigArgs {
                 file.passphrase_file.clone()
             }
         });
+        let hint = if config_file.is_none() {
+            " (no configuration file was given: pass the one `serve` uses with --config or MICROCERT_CONFIG)"
+        } else {
+            ""
+        };
+        let card_shown = match &file.pkcs11 {
+            Some(p) => format!("PKCS#11 token {:?}", p.token_label),
+            None => format!("card file {}", data_dir.join("card.mccard").display()),
+        };
         Ok(Resolved {
             config_file,
             file,
-            data_dir,
-            data_source,
-            database,
-            database_source,
+            site: Site {
+                data_dir,
+                data_source,
+                database,
+                database_source,
+                card_shown,
+                hint: hint.to_owned(),
+            },
             passphrase_file,
             passphrase_env,
         })
@@ -327,22 +242,9 @@ impl ConfigArgs {
 const DEV_PASSPHRASE: &str = "dev-passphrase";
 
 impl Resolved {
-    /// The software card's file.
-    pub fn card_file(&self) -> PathBuf {
-        self.data_dir.join("card.mccard")
-    }
-
     /// The PKCS#11 token configured as the card, if any.
     pub fn pkcs11(&self) -> Option<&Pkcs11Config> {
         self.file.pkcs11.as_ref()
-    }
-
-    /// The card, for messages.
-    pub fn card_shown(&self) -> String {
-        match self.pkcs11() {
-            Some(p) => format!("PKCS#11 token {:?}", p.token_label),
-            None => format!("card file {}", self.card_file().display()),
-        }
     }
 
     /// Refuses when the configured card is a PKCS#11 token: for commands
@@ -359,31 +261,6 @@ impl Resolved {
             );
         }
         Ok(())
-    }
-
-    /// The data directory's binding record (see [`crate::binding`]).
-    pub fn binding_file(&self) -> PathBuf {
-        self.data_dir.join("database.binding")
-    }
-
-    /// The default backup directory.
-    pub fn backup_dir(&self) -> PathBuf {
-        self.data_dir.join("backups")
-    }
-
-    /// The card's anchor (see `microcert_center::anchor`).
-    pub fn anchor_file(&self) -> PathBuf {
-        self.data_dir.join("center.anchor")
-    }
-
-    /// The database and where it was configured, for messages.
-    pub fn database_shown(&self) -> String {
-        format!("{} ({})", self.database.shown(), self.database_source)
-    }
-
-    /// Creates the data directory (mode 0700) if it does not exist.
-    pub fn create_data_dir(&self) -> anyhow::Result<()> {
-        crate::datadir::create_private_dir(&self.data_dir)
     }
 
     /// The passphrase: `--passphrase-file`, then MICROCERT_PASSPHRASE,
@@ -442,66 +319,55 @@ impl Resolved {
                 )
             })?));
         }
-        let path = self.card_file();
-        if path.exists() {
-            let pass = self.passphrase_for(dev)?;
-            return Ok(Arc::new(SoftwareCard::open(&path, &pass).with_context(
-                || format!("cannot open the card {}", path.display()),
-            )?));
-        }
-        if !create {
-            bail!(
-                "no card in the data directory {} ({}): there is no {}{}",
-                self.data_dir.display(),
-                self.data_source,
-                path.display(),
-                self.config_hint()
-            );
-        }
-        let pass = self.passphrase_for(dev)?;
-        self.create_data_dir()?;
-        tracing::info!(path = %path.display(), "first start: making the card");
-        Ok(Arc::new(
-            SoftwareCard::init(&path, &pass, KdfParams::default())
-                .context("cannot make the card")?,
-        ))
+        Ok(self
+            .site
+            .software_card(create, || self.passphrase_for(dev))?)
     }
 
-    fn config_hint(&self) -> &'static str {
-        if self.config_file.is_none() {
-            " (no configuration file was given: pass the one `serve` uses with --config or MICROCERT_CONFIG)"
-        } else {
-            ""
+    /// How `how` reads for the site, and the card opener it needs.
+    fn site_open(&self, how: &Open) -> OpenOptions {
+        OpenOptions {
+            access: how.access,
+            create_db: how.create_db,
+            center: how.center.clone(),
         }
     }
 
     /// Opens the card and the center over the resolved database, and
     /// checks (and on first use records) that the database is the one the
-    /// card was last used with ([`crate::binding::check`]).
+    /// card was last used with (`microcert_center::site::binding`);
+    /// prints what that check only warns about.
     pub fn open_center(&self, how: Open) -> anyhow::Result<Arc<Center>> {
-        if !how.create_db
-            && let Location::Sqlite(p) = &self.database
-            && !p.exists()
-        {
-            bail!(
-                "no key database at {}{}",
-                self.database_shown(),
-                self.config_hint()
-            );
+        Ok(self.site.open(
+            self.site_open(&how),
+            || self.open_card(how.create_card, how.dev),
+            &mut |w| eprintln!("warning: {w}"),
+        )?)
+    }
+}
+
+/// A token's role on the command line (`--role`), mapped onto
+/// `microcert_server::tokens::Role` (the server crate knows no clap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RoleArg {
+    /// Everything, including tokens and card operations.
+    Admin,
+    /// Device life cycle, updates, import, backup, integrity.
+    Operator,
+    /// Read-only: devices, audit log, integrity status.
+    Auditor,
+    /// A relying party: `/v1/verify` and `/v1/open` only. Its name is its audience.
+    Verifier,
+}
+
+impl From<RoleArg> for microcert_server::tokens::Role {
+    fn from(r: RoleArg) -> Self {
+        use microcert_server::tokens::Role;
+        match r {
+            RoleArg::Admin => Role::Admin,
+            RoleArg::Operator => Role::Operator,
+            RoleArg::Auditor => Role::Auditor,
+            RoleArg::Verifier => Role::Verifier,
         }
-        if how.create_db {
-            self.create_data_dir()?;
-        }
-        let card = self.open_card(how.create_card, how.dev)?;
-        let center = match &self.database {
-            Location::Sqlite(p) => Center::open_sqlite(p, card, how.center),
-            Location::Postgres(u) => microcert_center::db::PostgresDatabase::open(u)
-                .map(|db| Center::new(Arc::new(db), card, how.center)),
-        }
-        .with_context(|| format!("cannot open the key database {}", self.database_shown()))?;
-        binding::check(&center, self, how.access)?;
-        // The card's anchor follows every committed change (issue 12).
-        center.keep_anchor(&self.anchor_file())?;
-        Ok(Arc::new(center))
     }
 }

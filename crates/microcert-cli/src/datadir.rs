@@ -8,12 +8,7 @@ use zeroize::Zeroizing;
 
 /// Creates a directory readable by its owner only.
 pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    let mut b = std::fs::DirBuilder::new();
-    b.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
-    b.create(dir)
-        .with_context(|| format!("cannot create directory {}", dir.display()))
+    Ok(microcert_center::site::create_private_dir(dir)?)
 }
 
 /// The first line of a file holding a secret (a passphrase), zeroized

@@ -7,31 +7,21 @@
 //! storage-key rotation is best run while the center is stopped or through
 //! the serving process, whose card must learn the new version.
 //!
-//! Also [`serve_maintenance`]: what `serve` runs periodically.
+//! Each command is one library call (`Center`, `microcert_center::site`)
+//! and the printing of its report.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use microcert_center::backup;
-use microcert_center::{AutoBackup, Center};
+use microcert_center::site::WholeRestore;
 use microcert_server::service::now;
 
-use crate::binding::{self, Access};
-use crate::config::{ConfigArgs, Location, Open};
+use crate::binding::Access;
+use crate::config::{ConfigArgs, Open};
 
 const ACTOR: &str = "operator:cli";
-
-/// The card's anchor of a data directory (see `microcert_center::anchor`);
-/// the same as [`crate::config::Resolved::anchor_file`].
-fn anchor_file(dir: &Path) -> PathBuf {
-    dir.join("center.anchor")
-}
-
-/// The default backup directory of a data directory.
-fn backup_dir(dir: &Path) -> PathBuf {
-    dir.join("backups")
-}
 
 /// Backup commands.
 #[derive(Debug, Subcommand)]
@@ -122,49 +112,22 @@ pub fn backup(cmd: BackupCommand) -> anyhow::Result<()> {
             rebind,
         } => {
             let r = local.resolve()?;
-            if !rebind {
-                binding::refuse_other_location(&r)?;
-            }
-            if let Location::Sqlite(db) = &r.database
-                && db.exists()
-            {
-                bail!(
-                    "{} exists: restore into a key database that does not exist yet (move it aside first)",
-                    r.database_shown()
-                );
-            }
-            let center = r.open_center(Open {
-                create_db: true,
-                ..Open::maintenance(if rebind {
-                    Access::Bind
-                } else {
-                    Access::Restore
-                })
-            })?;
-            let b = backup::read(&file, center.card())
-                .with_context(|| format!("backup {} does not verify", file.display()))?;
-            backup::restore_into(center.database(), center.card(), &b, ACTOR, now())
-                .context("restore failed")?;
-            // The card's database is now this one (both sides record it).
-            if let Some(before) = binding::record(&center, &r)? {
+            let rep =
+                r.site
+                    .restore_backup(&file, rebind, || r.open_card(false, false), ACTOR, now())?;
+            if let Some(before) = &rep.binding_before {
                 eprintln!(
                     "the card's database was {before}; it is now {}",
                     r.database_shown()
                 );
             }
-            // Pending commands get a fresh counter, t and r (PROTOCOL.md 6).
-            let rebuilt = center
-                .rebuild_pending_commands(ACTOR, now())
-                .context("cannot rebuild the pending commands")?;
-            let mark =
-                microcert_center::anchor::Anchor::of(center.database(), center.card(), now())?;
-            microcert_center::anchor::reset(&r.anchor_file(), center.card(), &mark)?;
             say!(
-                "restored {} devices and {} seeds from {} into {}; {rebuilt} pending commands rebuilt",
-                b.devices.len(),
-                b.seeds.len(),
+                "restored {} devices and {} seeds from {} into {}; {} pending commands rebuilt",
+                rep.devices,
+                rep.seeds,
                 file.display(),
-                r.database.shown()
+                r.database.shown(),
+                rep.rebuilt
             );
         }
         BackupCommand::List {
@@ -205,10 +168,9 @@ pub fn integrity_check(local: &ConfigArgs) -> anyhow::Result<bool> {
 pub fn integrity_repair(local: &ConfigArgs, dir: Option<PathBuf>) -> anyhow::Result<bool> {
     let cfg = local.resolve()?;
     let dir = dir.unwrap_or_else(|| cfg.backup_dir());
-    let anchor = cfg.anchor_file();
-    let center = cfg.open_center(Open::maintenance(Access::Destructive))?;
-    let database_id = binding::database_id_of(&center)?;
-    let r = center.repair(&dir, Some(&anchor), ACTOR, now())?;
+    let (r, whole) =
+        cfg.site
+            .integrity_repair(&dir, || cfg.open_card(false, false), ACTOR, now())?;
     for (d, g) in &r.restored {
         say!("restored record {d} generation {g}");
     }
@@ -218,38 +180,18 @@ pub fn integrity_repair(local: &ConfigArgs, dir: Option<PathBuf>) -> anyhow::Res
     for d in &r.devices {
         say!("restored device row {d}");
     }
-    if let Some(whole) = &r.whole_restore {
-        let Location::Sqlite(db_path) = &cfg.database else {
-            bail!(
-                "the database {} is an older copy of itself; put back {} with `microcert backup restore` into an empty database (this is not done in place on PostgreSQL)",
-                cfg.database_shown(),
-                whole.display()
-            );
-        };
-        let card = center.card_arc();
-        drop(center);
-        let aside = microcert_center::repair::restore_sqlite_file(
-            db_path,
-            whole,
-            &card,
-            Some(&anchor),
-            ACTOR,
-            now(),
-        )?;
-        // The same database, put back: it keeps its identity, so the
-        // card's record of it stays true.
-        let db = microcert_center::SqliteDatabase::open(db_path)?;
-        if let Some(id) = &database_id {
-            microcert_center::KeyDatabase::set_meta(&db, "database_id", id)?;
-        }
-        drop(db);
-        let center = cfg.open_center(Open::maintenance(Access::Write))?;
-        drop(center);
-        say!(
+    match whole {
+        WholeRestore::None => {}
+        WholeRestore::NotInPlace { from } => bail!(
+            "the database {} is an older copy of itself; put back {} with `microcert backup restore` into an empty database (this is not done in place on PostgreSQL)",
+            cfg.database_shown(),
+            from.display()
+        ),
+        WholeRestore::Restored { from, aside } => say!(
             "the database was an older copy of itself: restored {} (the old file is kept as {})",
-            whole.display(),
+            from.display(),
             aside.map(|p| p.display().to_string()).unwrap_or_default()
-        );
+        ),
     }
     for why in &r.refused {
         say!("REFUSED: {why}");
@@ -347,59 +289,6 @@ pub fn audit(cmd: LocalAuditCommand) -> anyhow::Result<bool> {
             };
             eprintln!("{n} entries exported");
             Ok(true)
-        }
-    }
-}
-
-/// What `serve` runs beside housekeeping: call [`ServeMaintenance::integrity`]
-/// every `integrity_secs` (default 600) and [`ServeMaintenance::backup`]
-/// every minute, each from `spawn_blocking`.
-#[derive(Debug)]
-pub struct ServeMaintenance {
-    anchor: PathBuf,
-    auto: AutoBackup,
-}
-
-impl ServeMaintenance {
-    /// For a data directory: anchor DATA/center.anchor, backups into
-    /// DATA/backups at most every `backup_interval` seconds after a change,
-    /// the newest `keep` kept.
-    pub fn new(data_dir: &Path, backup_interval: u64, keep: usize) -> Self {
-        ServeMaintenance {
-            anchor: anchor_file(data_dir),
-            auto: AutoBackup::new(
-                backup_dir(data_dir),
-                backup_interval,
-                keep,
-                Some(anchor_file(data_dir)),
-            ),
-        }
-    }
-
-    /// The periodic integrity check (with the anchor); logs every finding.
-    pub fn integrity(&self, center: &Center) {
-        match center.integrity_check(Some(&self.anchor), now()) {
-            Ok(r) if r.is_clean() => {
-                tracing::info!(records = r.records, "integrity check clean")
-            }
-            Ok(r) => tracing::error!(
-                records = r.records,
-                quarantined = ?r.tampered_devices(),
-                findings = ?r.findings(),
-                "INTEGRITY CHECK FAILED: the key database was changed outside the center; run `microcert integrity repair`"
-            ),
-            Err(e) => tracing::error!(error = %e, "integrity check could not run"),
-        }
-    }
-
-    /// An automatic backup when one is due (debounced).
-    pub fn backup(&self, center: &Center) {
-        match self.auto.tick(center, now()) {
-            Ok(Some(s)) => {
-                tracing::info!(path = %s.path.display(), seeds = s.seeds, "automatic backup")
-            }
-            Ok(None) => {}
-            Err(e) => tracing::error!(error = %e, "automatic backup failed"),
         }
     }
 }

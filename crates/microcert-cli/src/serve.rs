@@ -7,12 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use microcert_center::{Center, CenterConfig};
-use microcert_server::api::DeviceService;
-use microcert_server::http::{HttpState, device_routes};
-use microcert_server::operator::{self, OperatorState};
-use microcert_server::run::{Listeners, serve_limited, shutdown_on_signals};
-use microcert_server::service::{CenterService, now};
+use microcert_center::CenterConfig;
+use microcert_server::app::{App, Schedule, Settings};
+use microcert_server::run::{Listeners, shutdown_on_signals};
 use microcert_server::tokens::TokenStore;
 
 use crate::binding::Access;
@@ -120,101 +117,52 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // this data directory moves there at the first start.
     microcert_server::tokens::migrate_file(&center, &r.data_dir)?;
     let tokens = Arc::new(TokenStore::new(center.clone()));
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .ok();
-    let workers = file
-        .coap_workers
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() * 2));
-    let housekeeping = Duration::from_secs(file.housekeeping_secs.unwrap_or(60).max(1));
-    let integrity = Duration::from_secs(file.integrity_secs.unwrap_or(600).max(1));
-    let backup_keep = file.backup_keep.unwrap_or(10).max(1);
-    let maint = Arc::new(crate::maint::ServeMaintenance::new(
-        &r.data_dir,
-        file.backup_interval_secs.unwrap_or(300),
-        backup_keep,
-    ));
-    let maintenance = Some(operator::MaintenancePaths {
-        backups: r.backup_dir(),
-        keep: backup_keep,
-        anchor: r.anchor_file(),
-    });
-
-    let tls = match (&file.tls_cert, &file.tls_key) {
-        (Some(cert), Some(key)) => Some(microcert_server::tls::acceptor(cert, key)?),
-        (None, None) => None,
-        _ => bail!("TLS needs both tls_cert and tls_key in the configuration"),
-    };
-    let tls_on = tls.is_some();
+    let app = App::new(center, tokens, settings(&r)?)?;
+    let tls_on = app.is_tls();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let listeners = Listeners::bind(http, coap).await?;
         let (h, c) = listeners.addrs()?;
-        let svc: Arc<dyn DeviceService> = Arc::new(CenterService::new(center.clone()));
-        let limits = Arc::new(microcert_server::limits::Limits::new(file.limits.clone()));
-        let router = device_routes(HttpState {
-            svc: svc.clone(),
-            tokens: tokens.clone(),
-            limits: limits.clone(),
-        })
-        .merge(operator::routes(OperatorState {
-            center: center.clone(),
-            tokens,
-            metrics,
-            maintenance,
-        }));
         let shutdown = shutdown_on_signals();
-        spawn_periodic(center, maint, housekeeping, integrity, shutdown.clone());
         tracing::info!(http = %h, coap = %c, data = %r.data_dir.display(), database = %r.database.shown(), "microcert center serving");
         let scheme = if tls_on { "https" } else { "http" };
         say!("microcert serving {scheme}={h} coap={c}");
-        serve_limited(listeners, router, svc, limits, workers, tls, shutdown).await?;
+        app.run(listeners, shutdown).await?;
         tracing::info!("stopped");
         anyhow::Ok(())
     })
 }
 
-/// Housekeeping (prune replay records, deactivate expired seeds), the
-/// automatic backup when one is due (checked every minute, debounced by the
-/// backup interval), and the periodic integrity check, until shutdown.
-fn spawn_periodic(
-    center: Arc<Center>,
-    maint: Arc<crate::maint::ServeMaintenance>,
-    housekeeping: Duration,
-    integrity: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    tokio::spawn(async move {
-        let mut hk = tokio::time::interval(housekeeping);
-        let mut ic = tokio::time::interval(integrity);
-        let mut bk = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            tokio::select! {
-                _ = hk.tick() => {
-                    let c = center.clone();
-                    match tokio::task::spawn_blocking(move || c.housekeeping(now())).await {
-                        Ok(Ok(r)) if r.pruned + r.deactivated > 0 => tracing::info!(pruned = r.pruned, deactivated = r.deactivated, "housekeeping"),
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => tracing::error!(error = %e, "housekeeping failed"),
-                        Err(e) => tracing::error!(error = %e, "housekeeping task failed"),
-                    }
-                }
-                _ = bk.tick() => {
-                    let (c, m) = (center.clone(), maint.clone());
-                    if let Err(e) = tokio::task::spawn_blocking(move || m.backup(&c)).await {
-                        tracing::error!(error = %e, "backup task failed");
-                    }
-                }
-                _ = ic.tick() => {
-                    let (c, m) = (center.clone(), maint.clone());
-                    if let Err(e) = tokio::task::spawn_blocking(move || m.integrity(&c)).await {
-                        tracing::error!(error = %e, "integrity task failed");
-                    }
-                }
-                _ = stop.changed() => break,
-            }
-        }
-    });
+/// The server's settings from the configuration file (defaults: see
+/// `microcert_server::app::Schedule::for_data_dir`).
+fn settings(r: &Resolved) -> anyhow::Result<Settings> {
+    let file = &r.file;
+    let mut schedule = Schedule::for_data_dir(&r.data_dir);
+    if let Some(s) = file.housekeeping_secs {
+        schedule.housekeeping = Duration::from_secs(s);
+    }
+    if let Some(s) = file.integrity_secs {
+        schedule.integrity = Duration::from_secs(s);
+    }
+    if let Some(s) = file.backup_interval_secs {
+        schedule.backup_interval_secs = s;
+    }
+    if let Some(k) = file.backup_keep {
+        schedule.backup_keep = k.max(1);
+    }
+    let tls = match (&file.tls_cert, &file.tls_key) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
+        _ => bail!("TLS needs both tls_cert and tls_key in the configuration"),
+    };
+    Ok(Settings {
+        coap_workers: file
+            .coap_workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() * 2)),
+        limits: file.limits.clone(),
+        tls,
+        schedule,
+    })
 }

@@ -19,7 +19,7 @@ pub enum TokenCommand {
         cfg: config::ConfigArgs,
         /// What the token may do.
         #[arg(long, value_enum)]
-        role: Role,
+        role: crate::config::RoleArg,
         /// Who holds it; for a verifier, the relying party's name (its audience).
         #[arg(long)]
         name: String,
@@ -47,7 +47,7 @@ pub enum TokenCommand {
         name: String,
         /// Only the tokens of this role.
         #[arg(long, value_enum)]
-        role: Option<Role>,
+        role: Option<crate::config::RoleArg>,
     },
 }
 
@@ -107,7 +107,7 @@ pub fn run(cmd: TokenCommand) -> anyhow::Result<()> {
                 ..Open::maintenance(Access::Write)
             })?;
             tokens::migrate_file(&center, &r.data_dir)?;
-            let token = tokens::create(&center, role, &name, ttl, &actor())
+            let token = tokens::create(&center, role.into(), &name, ttl, &actor())
                 .context("cannot create the token")?;
             say!("{}", token.as_str());
         }
@@ -166,7 +166,8 @@ pub fn run(cmd: TokenCommand) -> anyhow::Result<()> {
             let r = cfg.resolve()?;
             let center = r.open_center(Open::maintenance(Access::Write))?;
             tokens::migrate_file(&center, &r.data_dir)?;
-            let n = center.revoke_tokens(&name, role.map(Role::name), &actor(), now())?;
+            let n =
+                center.revoke_tokens(&name, role.map(|r| Role::from(r).name()), &actor(), now())?;
             if n == 0 {
                 bail!("no unrevoked token named {name:?}");
             }

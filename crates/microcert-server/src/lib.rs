@@ -5,6 +5,7 @@
 //! [`api::DeviceService`], which the center implements.
 
 pub mod api;
+pub mod app;
 pub mod coap;
 pub mod coap_client;
 pub mod http;

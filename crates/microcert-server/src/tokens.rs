@@ -41,7 +41,7 @@ pub const MISS_RELOAD: Duration = Duration::from_millis(100);
 pub const STALE_MAX: Duration = Duration::from_secs(10);
 
 /// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Everything, including tokens and card operations.

@@ -1,0 +1,263 @@
+//! The assembled server: one [`App`] per center process, built from an open
+//! [`Center`], its token store and [`Settings`], serving the device routes
+//! (HTTP and CoAP, one budget of [`Limits`]), the operator routes and
+//! `/metrics`, over TLS when configured, with the periodic work (the
+//! [`Scheduler`]: housekeeping, automatic backups, integrity checks)
+//! running beside it until shutdown.
+//!
+//! A front end resolves its configuration into [`Settings`], binds the
+//! [`Listeners`] (so it can print the addresses) and calls [`App::run`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use microcert_center::{AutoBackup, Center};
+use tokio::sync::watch;
+
+use crate::api::DeviceService;
+use crate::http::{HttpState, device_routes};
+use crate::limits::{Limits, LimitsConfig};
+use crate::operator::{self, MaintenancePaths, OperatorState};
+use crate::run::{Listeners, serve_limited};
+use crate::service::{CenterService, now};
+use crate::tokens::TokenStore;
+
+/// Everything about serving that is not the center itself.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// CoAP worker tasks.
+    pub coap_workers: usize,
+    /// Rate limits and CoAP bounds (shared by HTTP and CoAP).
+    pub limits: LimitsConfig,
+    /// PEM certificate chain and private key: HTTP over TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// The periodic work.
+    pub schedule: Schedule,
+}
+
+/// The periodic work's settings.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// Between housekeeping runs (prune replay records, deactivate
+    /// expired seeds).
+    pub housekeeping: Duration,
+    /// Between integrity checks.
+    pub integrity: Duration,
+    /// Seconds between automatic backups after a change.
+    pub backup_interval_secs: u64,
+    /// Backups kept (older ones are deleted).
+    pub backup_keep: usize,
+    /// Where backups go.
+    pub backup_dir: PathBuf,
+    /// The card's anchor file.
+    pub anchor: PathBuf,
+}
+
+impl Schedule {
+    /// The defaults for a data directory: housekeeping every minute,
+    /// integrity every 10 minutes, backups into DATA/backups at most every
+    /// 5 minutes after a change, the newest 10 kept, anchor
+    /// DATA/center.anchor.
+    pub fn for_data_dir(dir: &std::path::Path) -> Schedule {
+        Schedule {
+            housekeeping: Duration::from_secs(60),
+            integrity: Duration::from_secs(600),
+            backup_interval_secs: 300,
+            backup_keep: 10,
+            backup_dir: dir.join("backups"),
+            anchor: dir.join("center.anchor"),
+        }
+    }
+}
+
+/// A center process's server.
+pub struct App {
+    center: Arc<Center>,
+    tokens: Arc<TokenStore>,
+    settings: Settings,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("settings", &self.settings)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Loads the TLS files (if any) and installs the process's metrics
+    /// recorder (once per process; later Apps render no `/metrics`).
+    pub fn new(
+        center: Arc<Center>,
+        tokens: Arc<TokenStore>,
+        settings: Settings,
+    ) -> std::io::Result<App> {
+        let tls = match &settings.tls {
+            Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
+            None => None,
+        };
+        let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .ok();
+        Ok(App {
+            center,
+            tokens,
+            settings,
+            tls,
+            metrics,
+        })
+    }
+
+    /// Whether HTTP is served over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The HTTP router (device, relying-party, operator routes and
+    /// `/metrics`) and the device service and limits CoAP shares with it.
+    fn assemble(&self) -> (Router, Arc<dyn DeviceService>, Arc<Limits>) {
+        let svc: Arc<dyn DeviceService> = Arc::new(CenterService::new(self.center.clone()));
+        let limits = Arc::new(Limits::new(self.settings.limits.clone()));
+        let s = &self.settings.schedule;
+        let router = device_routes(HttpState {
+            svc: svc.clone(),
+            tokens: self.tokens.clone(),
+            limits: limits.clone(),
+        })
+        .merge(operator::routes(OperatorState {
+            center: self.center.clone(),
+            tokens: self.tokens.clone(),
+            metrics: self.metrics.clone(),
+            maintenance: Some(MaintenancePaths {
+                backups: s.backup_dir.clone(),
+                keep: s.backup_keep,
+                anchor: s.anchor.clone(),
+            }),
+        }));
+        (router, svc, limits)
+    }
+
+    /// Serves on `listeners` and runs the [`Scheduler`] until `shutdown`
+    /// turns true, finishing the requests in flight. Call inside a tokio
+    /// runtime.
+    pub async fn run(
+        self,
+        listeners: Listeners,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        let (router, svc, limits) = self.assemble();
+        Scheduler::new(self.center.clone(), &self.settings.schedule).spawn(shutdown.clone());
+        serve_limited(
+            listeners,
+            router,
+            svc,
+            limits,
+            self.settings.coap_workers,
+            self.tls,
+            shutdown,
+        )
+        .await
+    }
+}
+
+/// The periodic work of a serving center: housekeeping, the automatic
+/// backup when one is due (checked every minute, debounced by the backup
+/// interval) and the integrity check with the card's anchor, each from
+/// `spawn_blocking`, every outcome logged.
+#[derive(Debug)]
+pub struct Scheduler {
+    center: Arc<Center>,
+    housekeeping: Duration,
+    integrity: Duration,
+    anchor: PathBuf,
+    auto: AutoBackup,
+}
+
+impl Scheduler {
+    /// For `center` with `schedule` (intervals of zero count as one second).
+    pub fn new(center: Arc<Center>, schedule: &Schedule) -> Scheduler {
+        Scheduler {
+            center,
+            housekeeping: schedule.housekeeping.max(Duration::from_secs(1)),
+            integrity: schedule.integrity.max(Duration::from_secs(1)),
+            anchor: schedule.anchor.clone(),
+            auto: AutoBackup::new(
+                schedule.backup_dir.clone(),
+                schedule.backup_interval_secs,
+                schedule.backup_keep.max(1),
+                Some(schedule.anchor.clone()),
+            ),
+        }
+    }
+
+    /// One housekeeping run.
+    pub fn housekeeping(&self) {
+        match self.center.housekeeping(now()) {
+            Ok(r) if r.pruned + r.deactivated > 0 => {
+                tracing::info!(
+                    pruned = r.pruned,
+                    deactivated = r.deactivated,
+                    "housekeeping"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "housekeeping failed"),
+        }
+    }
+
+    /// The integrity check (with the anchor); logs every finding.
+    pub fn integrity(&self) {
+        match self.center.integrity_check(Some(&self.anchor), now()) {
+            Ok(r) if r.is_clean() => {
+                tracing::info!(records = r.records, "integrity check clean")
+            }
+            Ok(r) => tracing::error!(
+                records = r.records,
+                quarantined = ?r.tampered_devices(),
+                findings = ?r.findings(),
+                "INTEGRITY CHECK FAILED: the key database was changed outside the center; run `microcert integrity repair`"
+            ),
+            Err(e) => tracing::error!(error = %e, "integrity check could not run"),
+        }
+    }
+
+    /// An automatic backup when one is due (debounced).
+    pub fn backup(&self) {
+        match self.auto.tick(&self.center, now()) {
+            Ok(Some(s)) => {
+                tracing::info!(path = %s.path.display(), seeds = s.seeds, "automatic backup")
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "automatic backup failed"),
+        }
+    }
+
+    /// Runs the periodic work on the current tokio runtime until `stop`
+    /// changes.
+    pub fn spawn(self, mut stop: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        tokio::spawn(async move {
+            let mut hk = tokio::time::interval(this.housekeeping);
+            let mut ic = tokio::time::interval(this.integrity);
+            let mut bk = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                let job: fn(&Scheduler) = tokio::select! {
+                    _ = hk.tick() => Scheduler::housekeeping,
+                    _ = bk.tick() => Scheduler::backup,
+                    _ = ic.tick() => Scheduler::integrity,
+                    _ = stop.changed() => break,
+                };
+                let s = this.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || job(&s)).await {
+                    tracing::error!(error = %e, "periodic task failed");
+                }
+            }
+        });
+    }
+}
