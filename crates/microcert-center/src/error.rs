@@ -6,6 +6,8 @@
 //! carries key material, and a failed MAC or AEAD is always the one opaque
 //! [`Error::Verification`].
 
+use std::path::PathBuf;
+
 use microcert_core::{DeviceId, Event, KeyState};
 
 /// Everything the center can refuse or fail at.
@@ -114,10 +116,136 @@ pub enum Error {
         /// What is missing.
         what: &'static str,
     },
-    /// A request refused by the encryption card, the batch import or the
-    /// replay guard (their own rules; message for the operator).
-    #[error("request refused: {0}")]
-    Refused(String),
+    /// Shamir split parameters outside `2 <= threshold <= shares`.
+    #[error("need 2 <= threshold <= shares, got threshold {threshold} of {shares}")]
+    ShareThreshold {
+        /// The threshold asked for.
+        threshold: u8,
+        /// The number of shares asked for.
+        shares: u8,
+    },
+    /// This encryption card does not do the operation (for example a card
+    /// without storage-key rotation).
+    #[error("this encryption card cannot {operation}")]
+    CardUnsupported {
+        /// What was asked.
+        operation: &'static str,
+    },
+    /// `card init` never overwrites an existing card file.
+    #[error("card file {} already exists", path.display())]
+    CardFileExists {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The card holds 255 storage-key versions: no rotation is left.
+    #[error("no storage-key version left")]
+    StorageKeysExhausted,
+    /// The current storage key cannot be destroyed.
+    #[error("the current storage key (version {version}) cannot be destroyed")]
+    CurrentStorageKey {
+        /// Its version.
+        version: u32,
+    },
+    /// The card has no storage key of this version.
+    #[error("no storage key of version {version}")]
+    NoStorageKey {
+        /// The version asked for.
+        version: u32,
+    },
+    /// An import line for a device already registered with another class
+    /// or epoch.
+    #[error("device {device} is registered with class {class} epoch {epoch}")]
+    RegisteredDifferently {
+        /// The device.
+        device: DeviceId,
+        /// Its registered class.
+        class: u8,
+        /// Its registered epoch.
+        epoch: u8,
+    },
+    /// The replay guard's state file is locked by another process: several
+    /// processes on one database need replay mode "database".
+    #[error(
+        "another process verifies with the in-memory replay guard of this database \
+         ({} is locked); several processes sharing a database need replay mode \
+         \"database\"",
+        path.display()
+    )]
+    ReplayGuardLocked {
+        /// The state file.
+        path: PathBuf,
+        /// SQLite's busy or locked error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database changed under every attempt of a backup to read it.
+    #[error("the database kept changing while the backup read it; try again")]
+    BackupUnstable,
+    /// A backup is restored only into an empty key database.
+    #[error("a backup is restored only into an empty key database")]
+    RestoreTargetNotEmpty,
+    /// A token name that is empty, too long or has control characters.
+    #[error("a token name is 1 to {max} bytes, no control characters")]
+    BadTokenName {
+        /// The longest name allowed.
+        max: usize,
+    },
+    /// A token role that does not exist.
+    #[error("unknown token role {role:?} (one of {})", crate::tokens::ROLES.join(", "))]
+    UnknownRole {
+        /// The role asked for.
+        role: String,
+    },
+    /// A token time to live of 0 s.
+    #[error("a token's time to live is at least 1 s")]
+    TokenTtlZero,
+    /// A verifier name whose audience is the center's (0^8).
+    #[error("{name:?} hashes to the center's audience 0^8; choose another name")]
+    CenterAudience {
+        /// The name.
+        name: String,
+    },
+    /// The token table is full.
+    #[error("the database keeps at most {max} tokens")]
+    TooManyTokens {
+        /// The bound.
+        max: usize,
+    },
+    /// A valid token of the same name and role exists.
+    #[error("a valid {role} token named {name:?} already exists (revoke it first)")]
+    TokenNameTaken {
+        /// The name.
+        name: String,
+        /// The role.
+        role: String,
+    },
+    /// A verifier whose audience is another valid verifier's.
+    #[error("{name:?} has the same audience as relying party {other:?}")]
+    AudienceTaken {
+        /// The new name.
+        name: String,
+        /// The relying party that has the audience.
+        other: String,
+    },
+    /// A token row fails its card tag (edited outside the center).
+    #[error(
+        "the {role} token {name:?} ({hash_prefix}) fails its card tag: its row was edited \
+         outside the center"
+    )]
+    TokenIntegrity {
+        /// Its role.
+        role: String,
+        /// Its name.
+        name: String,
+        /// The first 8 hex digits of its hash.
+        hash_prefix: String,
+    },
+    /// A legacy token whose sha256 is not 64 lowercase hex digits.
+    #[error("legacy token {name:?}: its sha256 is not 64 lowercase hex digits")]
+    BadLegacyToken {
+        /// Its name.
+        name: String,
+    },
     /// A life-cycle transition not allowed by the state table.
     #[error("illegal life-cycle transition: {event} in state {from}")]
     IllegalTransition {
@@ -181,7 +309,25 @@ impl Error {
             Error::TimeOutOfRange => "time-out-of-range",
             Error::NotInBackup { .. } => "not-in-backup",
             Error::NotConfigured { .. } => "not-configured",
-            Error::Refused(_) => "refused",
+            Error::ShareThreshold { .. } => "share-threshold",
+            Error::CardUnsupported { .. } => "card-unsupported",
+            Error::CardFileExists { .. } => "card-file-exists",
+            Error::StorageKeysExhausted => "storage-keys-exhausted",
+            Error::CurrentStorageKey { .. } => "current-storage-key",
+            Error::NoStorageKey { .. } => "no-storage-key",
+            Error::RegisteredDifferently { .. } => "registered-differently",
+            Error::ReplayGuardLocked { .. } => "replay-guard-locked",
+            Error::BackupUnstable => "backup-unstable",
+            Error::RestoreTargetNotEmpty => "restore-target-not-empty",
+            Error::BadTokenName { .. } => "bad-token-name",
+            Error::UnknownRole { .. } => "unknown-role",
+            Error::TokenTtlZero => "token-ttl-zero",
+            Error::CenterAudience { .. } => "center-audience",
+            Error::TooManyTokens { .. } => "too-many-tokens",
+            Error::TokenNameTaken { .. } => "token-name-taken",
+            Error::AudienceTaken { .. } => "audience-taken",
+            Error::TokenIntegrity { .. } => "token-integrity",
+            Error::BadLegacyToken { .. } => "bad-legacy-token",
             Error::IllegalTransition { .. } => "illegal-transition",
             Error::Integrity(_) => "integrity",
             Error::WrongPassphrase => "wrong-passphrase",
@@ -220,7 +366,25 @@ impl Error {
             | Error::TimeOutOfRange
             | Error::NotInBackup { .. }
             | Error::NotConfigured { .. }
-            | Error::Refused(_)
+            | Error::ShareThreshold { .. }
+            | Error::CardUnsupported { .. }
+            | Error::CardFileExists { .. }
+            | Error::StorageKeysExhausted
+            | Error::CurrentStorageKey { .. }
+            | Error::NoStorageKey { .. }
+            | Error::RegisteredDifferently { .. }
+            | Error::ReplayGuardLocked { .. }
+            | Error::BackupUnstable
+            | Error::RestoreTargetNotEmpty
+            | Error::BadTokenName { .. }
+            | Error::UnknownRole { .. }
+            | Error::TokenTtlZero
+            | Error::CenterAudience { .. }
+            | Error::TooManyTokens { .. }
+            | Error::TokenNameTaken { .. }
+            | Error::AudienceTaken { .. }
+            | Error::TokenIntegrity { .. }
+            | Error::BadLegacyToken { .. }
             | Error::IllegalTransition { .. }
             | Error::Integrity(_) => true,
             Error::WrongPassphrase

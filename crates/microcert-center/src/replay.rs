@@ -236,12 +236,10 @@ impl StateFile {
                 Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
             );
             if busy {
-                Error::Refused(format!(
-                    "another process verifies with the in-memory replay guard of this database \
-                     ({} is locked); several processes sharing a database need replay mode \
-                     \"database\"",
-                    path.display()
-                ))
+                Error::ReplayGuardLocked {
+                    path: path.to_owned(),
+                    source: e,
+                }
             } else {
                 db_err(e)
             }

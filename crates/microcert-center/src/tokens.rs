@@ -119,9 +119,7 @@ pub struct LegacyToken {
 
 fn check_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_NAME || name.chars().any(char::is_control) {
-        return Err(Error::Refused(format!(
-            "a token name is 1 to {MAX_NAME} bytes, no control characters"
-        )));
+        return Err(Error::BadTokenName { max: MAX_NAME });
     }
     Ok(())
 }
@@ -130,10 +128,9 @@ fn check_role(role: &str) -> Result<()> {
     if ROLES.contains(&role) {
         Ok(())
     } else {
-        Err(Error::Refused(format!(
-            "unknown token role {role:?} (one of {})",
-            ROLES.join(", ")
-        )))
+        Err(Error::UnknownRole {
+            role: role.to_owned(),
+        })
     }
 }
 
@@ -161,15 +158,13 @@ impl Center {
         check_name(name)?;
         check_role(role)?;
         if ttl == Some(0) {
-            return Err(Error::Refused(
-                "a token's time to live is at least 1 s".into(),
-            ));
+            return Err(Error::TokenTtlZero);
         }
         let aud = Audience::relying_party(name);
         if role == "verifier" && aud.is_center() {
-            return Err(Error::Refused(format!(
-                "{name:?} hashes to the center's audience 0^8; choose another name"
-            )));
+            return Err(Error::CenterAudience {
+                name: name.to_owned(),
+            });
         }
         let card = self.card();
         let mut raw = Zeroizing::new([0u8; 32]);
@@ -205,28 +200,27 @@ impl Center {
             )?;
             let rows = tx.tokens()?;
             if rows.len() >= MAX_TOKENS {
-                return Err(Error::Refused(format!(
-                    "the database keeps at most {MAX_TOKENS} tokens"
-                )));
+                return Err(Error::TooManyTokens { max: MAX_TOKENS });
             }
             for r in &rows {
                 if token_status(card, r, now) != TokenStatus::Valid {
                     continue;
                 }
                 if r.name == name && r.role == role {
-                    return Err(Error::Refused(format!(
-                        "a valid {role} token named {name:?} already exists (revoke it first)"
-                    )));
+                    return Err(Error::TokenNameTaken {
+                        name: name.to_owned(),
+                        role: role.to_owned(),
+                    });
                 }
                 if role == "verifier"
                     && r.role == "verifier"
                     && r.name != name
                     && Audience::relying_party(&r.name) == aud
                 {
-                    return Err(Error::Refused(format!(
-                        "{name:?} has the same audience as relying party {:?}",
-                        r.name
-                    )));
+                    return Err(Error::AudienceTaken {
+                        name: name.to_owned(),
+                        other: r.name.clone(),
+                    });
                 }
             }
             tx.insert_token(&row)
@@ -256,12 +250,11 @@ impl Center {
                     continue;
                 }
                 if !token_tag_ok(card, &r) {
-                    return Err(Error::Refused(format!(
-                        "the {} token {:?} ({}) fails its card tag: its row was edited outside the center",
-                        r.role,
-                        r.name,
-                        &r.hash[..8]
-                    )));
+                    return Err(Error::TokenIntegrity {
+                        role: r.role.clone(),
+                        name: r.name.clone(),
+                        hash_prefix: r.hash.chars().take(8).collect(),
+                    });
                 }
                 r.revoked = Some(now);
                 tag_row(card, &mut r)?;
@@ -311,10 +304,9 @@ impl Center {
                 || !t.sha256.bytes().all(|c| c.is_ascii_hexdigit())
                 || t.sha256.bytes().any(|c| c.is_ascii_uppercase())
             {
-                return Err(Error::Refused(format!(
-                    "legacy token {:?}: its sha256 is not 64 lowercase hex digits",
-                    t.name
-                )));
+                return Err(Error::BadLegacyToken {
+                    name: t.name.clone(),
+                });
             }
         }
         let card = self.card();
@@ -328,9 +320,7 @@ impl Center {
                 return Ok(0);
             }
             if have.len() + new.len() > MAX_TOKENS {
-                return Err(Error::Refused(format!(
-                    "the database keeps at most {MAX_TOKENS} tokens"
-                )));
+                return Err(Error::TooManyTokens { max: MAX_TOKENS });
             }
             for t in &new {
                 let mut row = TokenRow {

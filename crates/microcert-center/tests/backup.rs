@@ -76,7 +76,7 @@ fn backup_restores_into_an_empty_database() {
     // A second restore into the same, now full, database is refused.
     assert!(matches!(
         backup::restore_into(&db2, &*card, &b, "ops", NOW + 4),
-        Err(Error::Refused(_))
+        Err(Error::RestoreTargetNotEmpty)
     ));
     drop(db2);
     let c2 = Center::open_sqlite(&dir2.path().join("center.db"), card.clone(), config()).unwrap();

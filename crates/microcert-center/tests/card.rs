@@ -39,7 +39,7 @@ fn card_file_opens_only_with_its_passphrase() {
     // An existing card file is never overwritten by init.
     assert!(matches!(
         SoftwareCard::init(&path, PASS, KdfParams::insecure_for_tests()),
-        Err(Error::Refused(_))
+        Err(Error::CardFileExists { .. })
     ));
     // A flipped byte anywhere (header or body) is refused.
     let mut bytes = std::fs::read(&path).unwrap();

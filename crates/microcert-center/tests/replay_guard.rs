@@ -281,7 +281,13 @@ fn another_process_cannot_verify() {
     drop(child.stdin.take());
     child.wait().unwrap();
     match refused {
-        Err(Error::Refused(m)) => assert!(m.contains("replay"), "{m}"),
+        Err(e @ Error::ReplayGuardLocked { .. }) => {
+            assert!(e.to_string().contains("replay"), "{e}");
+            assert!(
+                std::error::Error::source(&e).is_some(),
+                "SQLite's error is kept"
+            );
+        }
         other => panic!("expected a refusal, got {other:?}"),
     }
     // Once the other process is gone, this one takes over.

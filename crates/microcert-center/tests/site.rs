@@ -71,7 +71,7 @@ fn restore_is_one_call_that_binds_and_rebuilds() {
     let e = second
         .restore_backup(&s.path, false, opener(&card), "ops", NOW + 3)
         .unwrap_err();
-    assert!(matches!(e, SiteError::Refused(_)), "{e}");
+    assert!(matches!(e, SiteError::OtherLocation { .. }), "{e}");
     assert!(e.to_string().contains("--rebind"), "{e}");
     assert!(!db2.exists());
 

@@ -147,3 +147,40 @@ fn bad_names_and_roles_change_nothing() {
             .all(|e| !e.entry.action.starts_with("token"))
     );
 }
+
+/// Each token refusal is its own kind (issue 13, typed errors): an
+/// operator, or a script reading the `error` field, can tell a taken name
+/// from a bad role or a full table. They used to be one `refused`.
+#[test]
+fn each_token_refusal_names_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let loc = db.to_string_lossy().into_owned();
+    let (a, _) = two_centers(dir.path(), &loc);
+    let kind = |r: microcert_center::Result<_>| r.map(|_| ()).unwrap_err().kind();
+    assert_eq!(
+        kind(a.create_token("", "operator", None, "t", NOW)),
+        "bad-token-name"
+    );
+    assert_eq!(
+        kind(a.create_token("ok", "root", None, "t", NOW)),
+        "unknown-role"
+    );
+    assert_eq!(
+        kind(a.create_token("ok", "operator", Some(0), "t", NOW)),
+        "token-ttl-zero"
+    );
+    a.create_token("alice", "operator", None, "t", NOW).unwrap();
+    assert_eq!(
+        kind(a.create_token("alice", "operator", None, "t", NOW)),
+        "token-name-taken"
+    );
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute("UPDATE tokens SET expires = 1 WHERE name = 'alice'", [])
+        .unwrap();
+    drop(conn);
+    let e = a.revoke_tokens("alice", None, "t", NOW).unwrap_err();
+    assert_eq!(e.kind(), "token-integrity");
+    assert!(e.is_refusal());
+    assert!(e.to_string().contains("alice"), "{e}");
+}

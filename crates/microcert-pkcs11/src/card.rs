@@ -226,7 +226,7 @@ impl Pkcs11Card {
             .max()
             .unwrap_or(0)
             .checked_add(1)
-            .ok_or_else(|| Pkcs11Error::Refused("no Kstore version left".into()))?;
+            .ok_or(Pkcs11Error::StorageKeysExhausted)?;
         let label = keys::kstore_label(next);
         let h = self
             .pool
@@ -242,9 +242,7 @@ impl Pkcs11Card {
     pub fn destroy_storage_key(&self, version: u32) -> Result<()> {
         let mut k = self.kstore.write().unwrap_or_else(PoisonError::into_inner);
         if version == k.current {
-            return Err(Pkcs11Error::Refused(
-                "the current storage key cannot be destroyed".into(),
-            ));
+            return Err(Pkcs11Error::CurrentStorageKey { version });
         }
         let i = k
             .keys

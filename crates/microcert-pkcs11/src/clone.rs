@@ -205,9 +205,9 @@ fn so_session(config: &Pkcs11Config, so_pin: &str) -> Result<Session> {
     let session = ctx.open_rw_session(slot)?;
     match session.login(UserType::So, Some(&AuthPin::new(so_pin.into()))) {
         Ok(()) => Ok(session),
-        Err(CkError::Pkcs11(RvError::UserAnotherAlreadyLoggedIn, _)) => Err(Pkcs11Error::Refused(
-            "the user is logged in to this token: close the card first".into(),
-        )),
+        Err(CkError::Pkcs11(RvError::UserAnotherAlreadyLoggedIn, _)) => {
+            Err(Pkcs11Error::UserLoggedIn)
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -259,11 +259,7 @@ impl Pkcs11Card {
     /// and when the SO has not trusted this request's key.
     pub fn export_for_clone(&self, request: &CloneRequest) -> Result<ClonePackage> {
         if self.key_policy() != KeyPolicy::WrapWithTrusted {
-            return Err(Pkcs11Error::Refused(
-                "this card's keys are non-extractable: clone the token with the HSM \
-                 vendor's own procedure (docs/hsm.md)"
-                    .into(),
-            ));
+            return Err(Pkcs11Error::KeysNotExtractable);
         }
         let labelled = self.labelled_keys();
         self.pool().with(|s| {
@@ -276,9 +272,7 @@ impl Pkcs11Card {
                     Attribute::Trusted(true),
                 ],
             )?
-            .ok_or_else(|| {
-                Pkcs11Error::Refused("the token's SO has not trusted this clone target".into())
-            })?;
+            .ok_or(Pkcs11Error::CloneTargetNotTrusted)?;
             let mut oaep = OaepHash::Sha256;
             let mut keys = Vec::with_capacity(labelled.len());
             for (label, h) in labelled {

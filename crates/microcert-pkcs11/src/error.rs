@@ -69,9 +69,28 @@ pub enum Pkcs11Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// The request is not allowed in the card's current state.
-    #[error("refused: {0}")]
-    Refused(String),
+    /// The security officer cannot log in while the user is (a card is
+    /// open on this token in this process).
+    #[error("refused: the user is logged in to this token: close the card first")]
+    UserLoggedIn,
+    /// Cloning asked of a card whose keys are non-extractable.
+    #[error(
+        "refused: this card's keys are non-extractable: clone the token with the HSM \
+         vendor's own procedure (docs/hsm.md)"
+    )]
+    KeysNotExtractable,
+    /// Export for a clone target the token's SO has not trusted.
+    #[error("refused: the token's SO has not trusted this clone target")]
+    CloneTargetNotTrusted,
+    /// No Kstore version is left to rotate to.
+    #[error("refused: no Kstore version left")]
+    StorageKeysExhausted,
+    /// The current Kstore version cannot be destroyed.
+    #[error("refused: the current storage key (version {version}) cannot be destroyed")]
+    CurrentStorageKey {
+        /// Its version.
+        version: u32,
+    },
     /// Key material handed to an import is malformed.
     #[error("bad key data: {0}")]
     Format(String),
@@ -94,7 +113,13 @@ impl From<CkError> for Pkcs11Error {
 
 impl From<Pkcs11Error> for microcert_center::Error {
     fn from(e: Pkcs11Error) -> Self {
-        microcert_center::Error::Card(e.to_string())
+        use microcert_center::Error as E;
+        match e {
+            // The card's refusals that the center names itself.
+            Pkcs11Error::StorageKeysExhausted => E::StorageKeysExhausted,
+            Pkcs11Error::CurrentStorageKey { version } => E::CurrentStorageKey { version },
+            other => E::Card(other.to_string()),
+        }
     }
 }
 

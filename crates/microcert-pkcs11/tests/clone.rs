@@ -56,12 +56,12 @@ fn a_clone_holds_the_same_keys() {
     // 3 before 2: not trusted yet, refused.
     assert!(matches!(
         source.export_for_clone(&request),
-        Err(Pkcs11Error::Refused(_))
+        Err(Pkcs11Error::CloneTargetNotTrusted)
     ));
     // 2. The SO cannot log in while the card (user) is logged in...
     assert!(matches!(
         trust_clone_target(&a, SO_PIN, &request),
-        Err(Pkcs11Error::Refused(_))
+        Err(Pkcs11Error::UserLoggedIn)
     ));
     drop(source);
     // ...and can once it is closed; a wrong SO PIN is refused.
@@ -102,7 +102,7 @@ fn a_non_extractable_card_cannot_be_exported() {
     };
     assert!(matches!(
         card.export_for_clone(&request),
-        Err(Pkcs11Error::Refused(_))
+        Err(Pkcs11Error::KeysNotExtractable)
     ));
     // Still a working card.
     let mut b = [0u8; 4];

@@ -375,7 +375,7 @@ fn storage_key_rotation_keeps_old_seeds_readable() {
     assert_eq!(reopened.storage_key_version(), 2);
     assert!(matches!(
         card.destroy_storage_key(2),
-        Err(Pkcs11Error::Refused(_))
+        Err(Pkcs11Error::CurrentStorageKey { version: 2 })
     ));
     card.destroy_storage_key(1).unwrap();
     assert_eq!(card.storage_key_versions(), [2]);

@@ -307,8 +307,71 @@ pub const ERROR_KINDS: &[(&str, &str)] = &[
         "a feature this server is not configured with (409)",
     ),
     (
-        "refused",
-        "refused by the card, the batch import or the replay guard (409)",
+        "share-threshold",
+        "backup shares asked for outside 2 <= threshold <= shares (409)",
+    ),
+    (
+        "card-unsupported",
+        "the encryption card does not do this operation (409)",
+    ),
+    (
+        "card-file-exists",
+        "a card file already exists where a new one was to be made (409)",
+    ),
+    (
+        "storage-keys-exhausted",
+        "no storage-key version is left to rotate to (409)",
+    ),
+    (
+        "current-storage-key",
+        "the current storage key cannot be destroyed (409)",
+    ),
+    (
+        "no-storage-key",
+        "the card has no storage key of this version (409)",
+    ),
+    (
+        "registered-differently",
+        "an import line for a device registered with another class or epoch (409)",
+    ),
+    (
+        "replay-guard-locked",
+        "another process holds the in-memory replay guard of this database (409)",
+    ),
+    (
+        "backup-unstable",
+        "the database kept changing while a backup read it; try again (409)",
+    ),
+    (
+        "restore-target-not-empty",
+        "a backup is restored only into an empty key database (409)",
+    ),
+    (
+        "bad-token-name",
+        "a token name is empty, too long or has control characters (409)",
+    ),
+    ("unknown-role", "a token role that does not exist (409)"),
+    (
+        "token-ttl-zero",
+        "a token's time to live is at least 1 s (409)",
+    ),
+    (
+        "center-audience",
+        "a verifier name that hashes to the center's audience (409)",
+    ),
+    ("too-many-tokens", "the token table is full (409)"),
+    (
+        "token-name-taken",
+        "a valid token of this name and role exists (409)",
+    ),
+    (
+        "audience-taken",
+        "a verifier with the same audience exists (409)",
+    ),
+    ("token-integrity", "a token row fails its card tag (409)"),
+    (
+        "bad-legacy-token",
+        "a legacy token's hash is not 64 lowercase hex digits (409)",
     ),
     ("wrong-passphrase", "the card does not open (500)"),
     ("card-format", "card data in an unknown format (500)"),

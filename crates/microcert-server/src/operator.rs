@@ -86,7 +86,25 @@ pub fn operator_status(e: &Error) -> StatusCode {
         | Error::TimeOutOfRange
         | Error::NotInBackup { .. }
         | Error::NotConfigured { .. }
-        | Error::Refused(_) => StatusCode::CONFLICT,
+        | Error::ShareThreshold { .. }
+        | Error::CardUnsupported { .. }
+        | Error::CardFileExists { .. }
+        | Error::StorageKeysExhausted
+        | Error::CurrentStorageKey { .. }
+        | Error::NoStorageKey { .. }
+        | Error::RegisteredDifferently { .. }
+        | Error::ReplayGuardLocked { .. }
+        | Error::BackupUnstable
+        | Error::RestoreTargetNotEmpty
+        | Error::BadTokenName { .. }
+        | Error::UnknownRole { .. }
+        | Error::TokenTtlZero
+        | Error::CenterAudience { .. }
+        | Error::TooManyTokens { .. }
+        | Error::TokenNameTaken { .. }
+        | Error::AudienceTaken { .. }
+        | Error::TokenIntegrity { .. }
+        | Error::BadLegacyToken { .. } => StatusCode::CONFLICT,
         // As on the device resources.
         Error::Revoked
         | Error::Suspended

@@ -45,7 +45,25 @@ pub fn refusal(e: &Error) -> Refusal {
         | Error::TimeOutOfRange
         | Error::NotInBackup { .. }
         | Error::NotConfigured { .. }
-        | Error::Refused(_)
+        | Error::ShareThreshold { .. }
+        | Error::CardUnsupported { .. }
+        | Error::CardFileExists { .. }
+        | Error::StorageKeysExhausted
+        | Error::CurrentStorageKey { .. }
+        | Error::NoStorageKey { .. }
+        | Error::RegisteredDifferently { .. }
+        | Error::ReplayGuardLocked { .. }
+        | Error::BackupUnstable
+        | Error::RestoreTargetNotEmpty
+        | Error::BadTokenName { .. }
+        | Error::UnknownRole { .. }
+        | Error::TokenTtlZero
+        | Error::CenterAudience { .. }
+        | Error::TooManyTokens { .. }
+        | Error::TokenNameTaken { .. }
+        | Error::AudienceTaken { .. }
+        | Error::TokenIntegrity { .. }
+        | Error::BadLegacyToken { .. }
         | Error::IllegalTransition { .. } => Refusal::NotActive,
         Error::Integrity(_) => Refusal::Quarantined,
         Error::WrongPassphrase
@@ -197,7 +215,45 @@ mod tests {
             Error::TimeOutOfRange,
             Error::NotInBackup { device: d },
             Error::NotConfigured { what: "x" },
-            Error::Refused("x".into()),
+            Error::ShareThreshold {
+                threshold: 1,
+                shares: 1,
+            },
+            Error::CardUnsupported { operation: "x" },
+            Error::CardFileExists { path: "x".into() },
+            Error::StorageKeysExhausted,
+            Error::CurrentStorageKey { version: 1 },
+            Error::NoStorageKey { version: 1 },
+            Error::RegisteredDifferently {
+                device: d,
+                class: 1,
+                epoch: 1,
+            },
+            Error::ReplayGuardLocked {
+                path: "x".into(),
+                source: rusqlite_error(),
+            },
+            Error::BackupUnstable,
+            Error::RestoreTargetNotEmpty,
+            Error::BadTokenName { max: 1 },
+            Error::UnknownRole { role: "x".into() },
+            Error::TokenTtlZero,
+            Error::CenterAudience { name: "x".into() },
+            Error::TooManyTokens { max: 1 },
+            Error::TokenNameTaken {
+                name: "x".into(),
+                role: "x".into(),
+            },
+            Error::AudienceTaken {
+                name: "x".into(),
+                other: "y".into(),
+            },
+            Error::TokenIntegrity {
+                role: "x".into(),
+                name: "x".into(),
+                hash_prefix: "x".into(),
+            },
+            Error::BadLegacyToken { name: "x".into() },
             Error::IllegalTransition {
                 from: KeyState::Active,
                 event: Event::Activate,
@@ -236,7 +292,25 @@ mod tests {
                 | Error::TimeOutOfRange
                 | Error::NotInBackup { .. }
                 | Error::NotConfigured { .. }
-                | Error::Refused(_)
+                | Error::ShareThreshold { .. }
+                | Error::CardUnsupported { .. }
+                | Error::CardFileExists { .. }
+                | Error::StorageKeysExhausted
+                | Error::CurrentStorageKey { .. }
+                | Error::NoStorageKey { .. }
+                | Error::RegisteredDifferently { .. }
+                | Error::ReplayGuardLocked { .. }
+                | Error::BackupUnstable
+                | Error::RestoreTargetNotEmpty
+                | Error::BadTokenName { .. }
+                | Error::UnknownRole { .. }
+                | Error::TokenTtlZero
+                | Error::CenterAudience { .. }
+                | Error::TooManyTokens { .. }
+                | Error::TokenNameTaken { .. }
+                | Error::AudienceTaken { .. }
+                | Error::TokenIntegrity { .. }
+                | Error::BadLegacyToken { .. }
                 | Error::IllegalTransition { .. }
                 | Error::Integrity(_)
                 | Error::WrongPassphrase
@@ -275,5 +349,27 @@ mod tests {
             assert!(dev == op || coarser, "{op} is {dev} to a device");
         }
         assert_eq!(refusal(&Error::Integrity("x".into())).kind(), "integrity");
+    }
+
+    /// Every variant has its own word (only the two database failures
+    /// share "database"), and the OpenAPI document lists each word once:
+    /// no catch-all such as the old "refused".
+    #[test]
+    fn every_error_has_its_own_kind() {
+        let mut kinds: Vec<_> = every_error()
+            .iter()
+            .map(Error::kind)
+            .filter(|k| *k != "database")
+            .collect();
+        let n = kinds.len();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), n, "two variants share a kind");
+        assert!(!kinds.contains(&"refused"));
+        let mut documented: Vec<_> = ERROR_KINDS.iter().map(|(k, _)| *k).collect();
+        let m = documented.len();
+        documented.sort_unstable();
+        documented.dedup();
+        assert_eq!(documented.len(), m, "a kind documented twice");
     }
 }

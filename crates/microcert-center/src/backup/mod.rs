@@ -270,9 +270,7 @@ pub fn snapshot(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64) -> Re
             return Ok(b);
         }
     }
-    Err(Error::Refused(
-        "the database kept changing while the backup read it; try again".into(),
-    ))
+    Err(Error::BackupUnstable)
 }
 
 fn read_all(db: &dyn KeyDatabase, now: u64, shards: Vec<DigestShard>) -> Result<Backup> {
@@ -500,9 +498,7 @@ pub fn restore_into(
         && db.audit_log(0, 1)?.is_empty()
         && db.list_devices(&DeviceQuery::default())?.is_empty();
     if !empty {
-        return Err(Error::Refused(
-            "a backup is restored only into an empty key database".into(),
-        ));
+        return Err(Error::RestoreTargetNotEmpty);
     }
     b.check(card)?;
     // Written without the sealing layer: this writes the seals and the

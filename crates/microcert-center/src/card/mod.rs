@@ -270,9 +270,9 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
     /// (the software card rewrites its card file, a token keeps the key as
     /// a token object). Returns the new version. The default refuses.
     fn rotate_storage_key(&self) -> Result<u32> {
-        Err(crate::Error::Refused(
-            "this encryption card cannot rotate its storage key".into(),
-        ))
+        Err(crate::Error::CardUnsupported {
+            operation: "rotate its storage key",
+        })
     }
 
     /// The card's copy of the anchor named `name` ([`crate::anchor`]), if
@@ -295,9 +295,10 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
     /// calls it once no record and no kept backup is sealed under it
     /// ([`crate::Center::rotate_storage_key`]). The default refuses.
     fn destroy_storage_key(&self, version: u32) -> Result<()> {
-        Err(crate::Error::Refused(format!(
-            "this encryption card cannot destroy storage key version {version}"
-        )))
+        let _ = version;
+        Err(crate::Error::CardUnsupported {
+            operation: "destroy a storage key",
+        })
     }
 }
 

@@ -61,9 +61,7 @@ fn checksum(text: &str) -> [u8; 4] {
 /// recover it.
 pub fn split_secret(secret: &[u8], shares: u8, threshold: u8) -> Result<Vec<String>> {
     if threshold < 2 || shares < threshold {
-        return Err(Error::Refused(format!(
-            "need 2 <= threshold <= shares, got threshold {threshold} of {shares}"
-        )));
+        return Err(Error::ShareThreshold { threshold, shares });
     }
     let mut set_id = [0u8; 8];
     getrandom::fill(&mut set_id).map_err(|e| Error::Card(format!("OS random generator: {e}")))?;

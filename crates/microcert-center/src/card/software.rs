@@ -296,10 +296,9 @@ impl SoftwareCard {
     /// card file at `path` (refused when the file exists).
     pub fn init(path: &Path, passphrase: &[u8], params: KdfParams) -> Result<Self> {
         if path.exists() {
-            return Err(Error::Refused(format!(
-                "card file {} already exists",
-                path.display()
-            )));
+            return Err(Error::CardFileExists {
+                path: path.to_owned(),
+            });
         }
         let card = SoftwareCard {
             keys: RwLock::new(CardKeys::generate()?),
@@ -653,7 +652,7 @@ impl EncryptionCard for SoftwareCard {
             .unwrap_or(0)
             .checked_add(1)
             .filter(|_| keys.kstore.len() < 255)
-            .ok_or_else(|| Error::Refused("no storage-key version left".into()))?;
+            .ok_or(Error::StorageKeysExhausted)?;
         let mut k = Zeroizing::new([0u8; 32]);
         os_random(&mut k[..])?;
         keys.kstore.push((next, k));
@@ -674,15 +673,13 @@ impl EncryptionCard for SoftwareCard {
         self.reload_if_changed();
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
         if version == keys.kstore_current {
-            return Err(Error::Refused(
-                "the current storage key cannot be destroyed".into(),
-            ));
+            return Err(Error::CurrentStorageKey { version });
         }
         let pos = keys
             .kstore
             .iter()
             .position(|(v, _)| *v == version)
-            .ok_or_else(|| Error::Refused(format!("no storage key of version {version}")))?;
+            .ok_or(Error::NoStorageKey { version })?;
         let removed = keys.kstore.remove(pos);
         if let Err(e) = self.persist(&keys) {
             keys.kstore.insert(pos, removed);

@@ -427,10 +427,11 @@ impl Center {
         if let Some(d) = self.device_opt(tx, id)?
             && (d.class != line.class || d.epoch != line.epoch)
         {
-            return Err(Error::Refused(format!(
-                "device {id} is registered with class {} epoch {}",
-                d.class, d.epoch
-            )));
+            return Err(Error::RegisteredDifferently {
+                device: id,
+                class: d.class,
+                epoch: d.epoch,
+            });
         }
         let register = DeviceRow {
             id,

@@ -124,12 +124,12 @@ fn read_dir(path: &Path) -> SiteResult<Option<Result<DirRecord, String>>> {
 }
 
 fn database_id(center: &Center, r: &Site) -> SiteResult<String> {
-    center.database().meta("database_id")?.ok_or_else(|| {
-        SiteError::Refused(format!(
-            "the key database {} has no identity (its meta table lost `database_id`)",
-            r.database_shown()
-        ))
-    })
+    center
+        .database()
+        .meta("database_id")?
+        .ok_or_else(|| SiteError::NoDatabaseId {
+            database: r.database_shown(),
+        })
 }
 
 fn state(center: &Center, r: &Site) -> SiteResult<State> {
@@ -219,17 +219,19 @@ impl State {
 }
 
 fn refusal(st: &State, r: &Site, problems: &[String]) -> SiteError {
-    SiteError::Refused(format!(
-        "refused: the key database is not the one this card was last used with\n{}\n{}\n\
-         Give this command the configuration `serve` uses (--config, --database, MICROCERT_DATABASE). \
-         If the card really moved to this database, record it with `microcert card bind` and the same flags.",
-        st.header(r),
-        problems
-            .iter()
-            .map(|p| format!("  - {p}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    ))
+    SiteError::OtherDatabase {
+        header: st.header(r),
+        problems: problems.to_vec(),
+    }
+}
+
+/// One indented bullet a line, for the refusals' lists.
+pub(crate) fn bullets(lines: &[String]) -> String {
+    lines
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Checks the database against the card for a command doing `access`,
@@ -282,16 +284,10 @@ pub fn check(center: &Center, r: &Site, access: Access) -> SiteResult<Vec<String
                 ));
             }
             if !missing.is_empty() {
-                return Err(SiteError::Refused(format!(
-                    "refused: this command changes what cannot be put back, and which database this card belongs to is not recorded\n{}\n{}\n\
-                     Start `microcert serve` with its configuration once, or run `microcert card bind` with the same flags, then run this again.",
-                    st.header(r),
-                    missing
-                        .iter()
-                        .map(|p| format!("  - {p}"))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                )));
+                return Err(SiteError::BindingUnrecorded {
+                    header: st.header(r),
+                    missing,
+                });
             }
         }
         Access::Write => write_missing(center, r, &st)?,
@@ -329,8 +325,7 @@ fn write_missing(center: &Center, r: &Site, st: &State) -> SiteResult<()> {
             tag: tag(card, DIR_TAG_DOMAIN, &st.database_id, &st.card_id)?,
         };
         r.create_data_dir()?;
-        let mut text = serde_json::to_string_pretty(&rec)
-            .map_err(|e| SiteError::Refused(format!("cannot encode the binding record: {e}")))?;
+        let mut text = serde_json::to_string_pretty(&rec).map_err(SiteError::BindingEncode)?;
         text.push('\n');
         super::write_private_file_replace(&r.binding_file(), text.as_bytes())?;
     }
@@ -368,15 +363,12 @@ pub fn refuse_other_location(r: &Site) -> SiteResult<()> {
     if let Some(Ok(rec)) = read_dir(&r.binding_file())?
         && rec.location != r.database.shown()
     {
-        return Err(SiteError::Refused(format!(
-            "refused: the data directory {} records that this card's database is {} (id {}), \
-             not the configured {}. Give the command the configuration `serve` uses, or, to \
-             move the card's database to this one, add --rebind",
-            r.data_dir.display(),
-            rec.location,
-            rec.database_id,
-            r.database_shown()
-        )));
+        return Err(SiteError::OtherLocation {
+            data_dir: r.data_dir.clone(),
+            recorded: rec.location,
+            database_id: rec.database_id,
+            configured: r.database_shown(),
+        });
     }
     Ok(())
 }

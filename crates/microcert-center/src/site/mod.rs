@@ -34,9 +34,90 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// an operator; sources are kept.
 #[derive(Debug, thiserror::Error)]
 pub enum SiteError {
-    /// Refused before anything was changed (wrong database, missing file).
-    #[error("{0}")]
-    Refused(String),
+    /// No card file in the data directory, and not asked to make one.
+    #[error(
+        "no card in the data directory {} ({from}): there is no {}{hint}",
+        data_dir.display(),
+        path.display()
+    )]
+    NoCard {
+        /// The data directory.
+        data_dir: PathBuf,
+        /// Where its setting came from.
+        from: Source,
+        /// The card file looked for.
+        path: PathBuf,
+        /// How to give another one.
+        hint: String,
+    },
+    /// No key database file, and not asked to make one.
+    #[error("no key database at {database}{hint}")]
+    NoDatabase {
+        /// The configured database, as shown.
+        database: String,
+        /// How to give another one.
+        hint: String,
+    },
+    /// A restore goes only into a key database that does not exist yet.
+    #[error(
+        "{database} exists: restore into a key database that does not exist yet (move it aside first)"
+    )]
+    RestoreTargetExists {
+        /// The configured database, as shown.
+        database: String,
+    },
+    /// The key database lost its identity (`database_id` in its meta table).
+    #[error("the key database {database} has no identity (its meta table lost `database_id`)")]
+    NoDatabaseId {
+        /// The configured database, as shown.
+        database: String,
+    },
+    /// The database is not the one the card was last used with.
+    #[error(
+        "refused: the key database is not the one this card was last used with\n{header}\n{}\n\
+         Give this command the configuration `serve` uses (--config, --database, MICROCERT_DATABASE). \
+         If the card really moved to this database, record it with `microcert card bind` and the same flags.",
+        binding::bullets(problems)
+    )]
+    OtherDatabase {
+        /// The configured database and card, with their ids.
+        header: String,
+        /// What does not match.
+        problems: Vec<String>,
+    },
+    /// A command that changes what cannot be put back, while the card's
+    /// database is not recorded.
+    #[error(
+        "refused: this command changes what cannot be put back, and which database this card belongs to is not recorded\n{header}\n{}\n\
+         Start `microcert serve` with its configuration once, or run `microcert card bind` with the same flags, then run this again.",
+        binding::bullets(missing)
+    )]
+    BindingUnrecorded {
+        /// The configured database and card, with their ids.
+        header: String,
+        /// What is not recorded.
+        missing: Vec<String>,
+    },
+    /// The data directory records another location for the card's database.
+    #[error(
+        "refused: the data directory {} records that this card's database is {recorded} (id {database_id}), \
+         not the configured {configured}. Give the command the configuration `serve` uses, or, to \
+         move the card's database to this one, add --rebind",
+        data_dir.display()
+    )]
+    OtherLocation {
+        /// The data directory.
+        data_dir: PathBuf,
+        /// The location it records.
+        recorded: String,
+        /// The database id it records.
+        database_id: String,
+        /// The configured location.
+        configured: String,
+    },
+    /// The binding record could not be encoded.
+    #[error("cannot encode the binding record: {0}")]
+    BindingEncode(#[source] serde_json::Error),
     /// A center call failed; `what` says which step.
     #[error("{what}")]
     Step {
@@ -327,13 +408,12 @@ impl Site {
         let path = self.card_file();
         let exists = path.exists();
         if !exists && !create {
-            return Err(SiteError::Refused(format!(
-                "no card in the data directory {} ({}): there is no {}{}",
-                self.data_dir.display(),
-                self.data_source,
-                path.display(),
-                self.hint
-            )));
+            return Err(SiteError::NoCard {
+                data_dir: self.data_dir.clone(),
+                from: self.data_source.clone(),
+                path,
+                hint: self.hint.clone(),
+            });
         }
         let pass = passphrase().map_err(|e| SiteError::Card(e.into()))?;
         if exists {
@@ -366,11 +446,10 @@ impl Site {
             && let Location::Sqlite(p) = &self.database
             && !p.exists()
         {
-            return Err(SiteError::Refused(format!(
-                "no key database at {}{}",
-                self.database_shown(),
-                self.hint
-            )));
+            return Err(SiteError::NoDatabase {
+                database: self.database_shown(),
+                hint: self.hint.clone(),
+            });
         }
         if how.create_db {
             self.create_data_dir()?;
@@ -422,10 +501,9 @@ impl Site {
         if let Location::Sqlite(db) = &self.database
             && db.exists()
         {
-            return Err(SiteError::Refused(format!(
-                "{} exists: restore into a key database that does not exist yet (move it aside first)",
-                self.database_shown()
-            )));
+            return Err(SiteError::RestoreTargetExists {
+                database: self.database_shown(),
+            });
         }
         let access = if rebind {
             Access::Bind
