@@ -154,9 +154,11 @@ impl Backup {
             let (x, n) = acc[usize::from(shard)];
             let ok = match self.shards.iter().find(|s| s.shard == shard) {
                 Some(s) => {
-                    card.digest_tag(&integrity::shard_bytes(s))? == s.tag
-                        && s.acc == x
-                        && s.count == n
+                    let tag = card.digest_tag(&integrity::shard_bytes(s))?;
+                    bool::from(
+                        subtle::ConstantTimeEq::ct_eq(&tag[..], &s.tag[..])
+                            & subtle::ConstantTimeEq::ct_eq(&s.acc[..], &x[..]),
+                    ) && s.count == n
                 }
                 None => n == 0,
             };

@@ -404,7 +404,8 @@ impl std::fmt::Debug for PostgresDatabase {
 /// The connection string with any password replaced, for logs.
 fn redact(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.split_once('@') {
+        // The last '@' ends the user information: a password may hold '@'.
+        if let Some((userinfo, host)) = rest.rsplit_once('@') {
             let user = userinfo.split(':').next().unwrap_or("");
             let host = redact_query(host);
             return format!("{scheme}://{user}:***@{host}");
@@ -817,5 +818,15 @@ impl KeyDatabase for Snapshot<'_> {
     }
     fn flush_erased(&self) -> Result<()> {
         Err(Error::Database("a read snapshot cannot write".into()))
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    #[test]
+    fn a_password_holding_an_at_sign_is_not_shown() {
+        let shown = super::redact("postgres://alice:s3cr@t@db.internal:5432/mc");
+        assert_eq!(shown, "postgres://alice:***@db.internal:5432/mc");
+        assert!(!shown.contains("s3cr") && !shown.contains("t@db"));
     }
 }
