@@ -466,8 +466,8 @@ impl Site {
     ) -> SiteResult<Arc<Center>> {
         let center = match &self.database {
             Location::Sqlite(p) => Center::open_sqlite(p, card, how.center),
-            Location::Postgres(u) => crate::db::PostgresDatabase::open(u)
-                .map(|db| Center::new(Arc::new(db), card, how.center)),
+            // Built without the `postgres` feature: a clear NotConfigured.
+            Location::Postgres(u) => Center::open_url(u, card, how.center),
         }
         .map_err(step(format!(
             "cannot open the key database {}",
