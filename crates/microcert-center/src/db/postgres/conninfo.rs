@@ -415,7 +415,7 @@ mod verify {
 
     use rustls::client::WebPkiServerVerifier;
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::crypto::CryptoProvider;
+    use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
     use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
@@ -432,6 +432,12 @@ mod verify {
         pub provider: Arc<CryptoProvider>,
         /// The trusted roots' verifier, None to accept any certificate.
         pub chain: Option<Arc<WebPkiServerVerifier>>,
+    }
+
+    impl Lenient {
+        fn algorithms(&self) -> &WebPkiSupportedAlgorithms {
+            &self.provider.signature_verification_algorithms
+        }
     }
 
     impl ServerCertVerifier for Lenient {
@@ -460,12 +466,7 @@ mod verify {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                m,
-                c,
-                d,
-                &self.provider.signature_verification_algorithms,
-            )
+            rustls::crypto::verify_tls12_signature(m, c, d, self.algorithms())
         }
         fn verify_tls13_signature(
             &self,
@@ -473,17 +474,10 @@ mod verify {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                m,
-                c,
-                d,
-                &self.provider.signature_verification_algorithms,
-            )
+            rustls::crypto::verify_tls13_signature(m, c, d, self.algorithms())
         }
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.provider
-                .signature_verification_algorithms
-                .supported_schemes()
+            self.algorithms().supported_schemes()
         }
     }
 }
