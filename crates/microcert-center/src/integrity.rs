@@ -463,6 +463,46 @@ fn xor_into(acc: &mut [u8; 32], t: &[u8; 32]) {
     }
 }
 
+/// Each digest shard's XOR and count of the tags of its records, made
+/// from the records themselves, to compare with the stored shard rows.
+pub(crate) struct ShardAcc(Vec<([u8; 32], u64)>);
+
+impl ShardAcc {
+    /// Every shard empty.
+    pub(crate) fn new() -> Self {
+        ShardAcc(vec![([0u8; 32], 0u64); usize::from(ALL_SHARDS)])
+    }
+
+    /// Adds a record's tag to its shard.
+    pub(crate) fn add(&mut self, shard: u8, tag: &[u8; 32]) {
+        let a = &mut self.0[usize::from(shard)];
+        xor_into(&mut a.0, tag);
+        a.1 += 1;
+    }
+
+    /// Whether the stored row of `shard` (none: the shard has no record)
+    /// holds this XOR and count under a good card tag (compared in
+    /// constant time).
+    pub(crate) fn matches(
+        &self,
+        card: &dyn EncryptionCard,
+        shard: u8,
+        stored: &[DigestShard],
+    ) -> Result<bool> {
+        let (x, n) = self.0[usize::from(shard)];
+        Ok(match stored.iter().find(|s| s.shard == shard) {
+            Some(s) => {
+                let tag = card.digest_tag(&shard_bytes(s))?;
+                bool::from(
+                    subtle::ConstantTimeEq::ct_eq(&tag[..], &s.tag[..])
+                        & subtle::ConstantTimeEq::ct_eq(&s.acc[..], &x[..]),
+                ) && s.count == n
+            }
+            None => n == 0,
+        })
+    }
+}
+
 /// What an integrity scan found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IntegrityReport {
@@ -617,12 +657,8 @@ fn scan_in(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result
             "the one-time tag upgrade ran {upgrades} times: rows were re-tagged after someone undid it; restore the whole database from a backup"
         ));
     }
-    let mut acc = vec![([0u8; 32], 0u64); usize::from(ALL_SHARDS)];
-    let mut add = |shard: u8, tag: &[u8; 32]| {
-        let a = &mut acc[usize::from(shard)];
-        xor_into(&mut a.0, tag);
-        a.1 += 1;
-    };
+    let mut acc = ShardAcc::new();
+    let mut add = |shard: u8, tag: &[u8; 32]| acc.add(shard, tag);
     let mut after = None;
     loop {
         let page = db.scan_seeds(after, 1000)?;
@@ -637,23 +673,15 @@ fn scan_in(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result
             add(shard_of(s.device), &s.tag);
         }
     }
-    let mut after_dev = None;
-    loop {
-        let q = crate::db::DeviceQuery {
-            after: after_dev,
-            limit: 10_000,
-            ..crate::db::DeviceQuery::default()
-        };
-        let page = db.list_devices(&q)?;
-        let Some(last) = page.last() else { break };
-        after_dev = Some(last.device.id);
+    crate::db::device_pages(db, 10_000, |page| {
         for v in &page {
             if check_device(card, &v.device).is_err() {
                 report.bad_devices.push(v.device.id);
             }
             add(DEVICE_BASE + shard_of(v.device.id), &v.device.tag);
         }
-    }
+        Ok(())
+    })?;
     let mut after_cmd = None;
     loop {
         let page = db.scan_commands(after_cmd, 1000)?;
@@ -686,18 +714,7 @@ fn scan_in(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result
     report.missing_records.sort_unstable();
     let stored = db.digest_shards()?;
     for shard in 0..ALL_SHARDS {
-        let (x, n) = acc[usize::from(shard)];
-        let ok = match stored.iter().find(|s| s.shard == shard) {
-            Some(s) => {
-                let tag = card.digest_tag(&shard_bytes(s))?;
-                bool::from(
-                    subtle::ConstantTimeEq::ct_eq(&tag[..], &s.tag[..])
-                        & subtle::ConstantTimeEq::ct_eq(&s.acc[..], &x[..]),
-                ) && s.count == n
-            }
-            None => n == 0,
-        };
-        if !ok {
+        if !acc.matches(card, shard, &stored)? {
             report.bad_shards.push(shard);
         }
     }

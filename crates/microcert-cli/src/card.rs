@@ -126,13 +126,7 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
             let export_pass = export_passphrase(export_passphrase_file.as_deref())?;
             let card = SoftwareCard::open(&export, &export_pass)
                 .with_context(|| format!("cannot open the export {}", export.display()))?;
-            data.create_data_dir()?;
-            card.save(&data.card_file(), &pass, KdfParams::default())?;
-            say!(
-                "card {} imported into {}",
-                card.card_id(),
-                data.card_file().display()
-            );
+            install(&data, &pass, &card, "imported")?;
         }
         CardCommand::Init {
             cfg,
@@ -146,19 +140,8 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let text = zeroize::Zeroizing::new(text);
-            let shares: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect();
-            let card = SoftwareCard::recover(&shares).context("cannot recover the card")?;
-            data.create_data_dir()?;
-            card.save(&data.card_file(), &pass, KdfParams::default())?;
-            say!(
-                "card {} imported into {}",
-                card.card_id(),
-                data.card_file().display()
-            );
+            let card = recover(&text)?;
+            install(&data, &pass, &card, "imported")?;
         }
         CardCommand::Clone {
             cfg,
@@ -258,21 +241,33 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
                     s
                 }
             };
-            let shares: Vec<&str> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .collect();
-            let card = SoftwareCard::recover(&shares).context("cannot recover the card")?;
-            data.create_data_dir()?;
-            card.save(&data.card_file(), &pass, KdfParams::default())?;
-            say!(
-                "card {} recovered into {}",
-                card.card_id(),
-                data.card_file().display()
-            );
+            let card = recover(&text)?;
+            install(&data, &pass, &card, "recovered")?;
         }
     }
+    Ok(())
+}
+
+/// The card of the shares in `text`, one a line (blank lines ignored).
+fn recover(text: &str) -> anyhow::Result<SoftwareCard> {
+    let shares: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    SoftwareCard::recover(&shares).context("cannot recover the card")
+}
+
+/// Seals an imported or recovered card into the data directory under its
+/// passphrase and says so (`how`: "imported", "recovered").
+fn install(data: &Resolved, pass: &[u8], card: &SoftwareCard, how: &str) -> anyhow::Result<()> {
+    data.create_data_dir()?;
+    card.save(&data.card_file(), pass, KdfParams::default())?;
+    say!(
+        "card {} {how} into {}",
+        card.card_id(),
+        data.card_file().display()
+    );
     Ok(())
 }
 

@@ -98,8 +98,11 @@ pub trait Codec<'a>: Sized + private::Sealed {
     fn header(&self) -> &Header;
     /// The MAC or CCM tag.
     fn tag(&self) -> &'a [u8];
-    /// Length of the body (the bytes between the header and the tag).
-    fn body_len(&self) -> usize;
+    /// Length of the body (the bytes between the header and the tag):
+    /// [`Codec::BODY_LEN`] for a fixed-length type.
+    fn body_len(&self) -> usize {
+        Self::BODY_LEN.unwrap_or(0)
+    }
     /// Builds the message from its header, its body and its tag. The body
     /// has the length [`Codec::BODY_LEN`]; [`Codec::decode`] checks that
     /// the reader is used up.
@@ -216,6 +219,48 @@ macro_rules! header_and_tag {
     };
 }
 
+/// The [`Codec`] of a type whose body is empty (`H || tag`).
+macro_rules! tag_only_codec {
+    ($ty:ident, $msg:expr) => {
+        impl<'a> Codec<'a> for $ty<'a> {
+            const TYPE: MsgType = $msg;
+            const BODY_LEN: Option<usize> = Some(0);
+            header_and_tag!();
+
+            fn read_body(header: Header, _: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
+                Ok($ty { header, tag })
+            }
+
+            fn write_body(&self, _: &mut Writer<'_>) {}
+        }
+    };
+}
+
+/// The [`Codec`] of a type whose body is one byte array, `field`, of `len`
+/// bytes (`H || field || tag`).
+macro_rules! array_codec {
+    ($ty:ident, $msg:expr, $field:ident, $len:expr) => {
+        impl<'a> Codec<'a> for $ty<'a> {
+            const TYPE: MsgType = $msg;
+            const BODY_LEN: Option<usize> = Some($len);
+            header_and_tag!();
+
+            fn read_body(header: Header, body: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
+                let $field = body.take_array::<{ $len }>()?;
+                Ok($ty {
+                    header,
+                    $field,
+                    tag,
+                })
+            }
+
+            fn write_body(&self, w: &mut Writer<'_>) {
+                w.put(self.$field);
+            }
+        }
+    };
+}
+
 /// Parses the header of `bytes`, checks it is of type `ty`, and returns a
 /// reader positioned after it.
 fn after_header(bytes: &[u8], ty: MsgType) -> Result<(Header, Reader<'_>)> {
@@ -240,21 +285,7 @@ pub struct Auth<'a> {
     pub tag: &'a [u8],
 }
 
-impl<'a> Codec<'a> for Auth<'a> {
-    const TYPE: MsgType = MsgType::AUTH;
-    const BODY_LEN: Option<usize> = Some(0);
-    header_and_tag!();
-
-    fn body_len(&self) -> usize {
-        0
-    }
-
-    fn read_body(header: Header, _: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
-        Ok(Auth { header, tag })
-    }
-
-    fn write_body(&self, _: &mut Writer<'_>) {}
-}
+tag_only_codec!(Auth, MsgType::AUTH);
 
 /// AUTH_RESPONSE: `H || challenge(16) || tag`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,28 +298,12 @@ pub struct AuthResponse<'a> {
     pub tag: &'a [u8],
 }
 
-impl<'a> Codec<'a> for AuthResponse<'a> {
-    const TYPE: MsgType = MsgType::AUTH_RESPONSE;
-    const BODY_LEN: Option<usize> = Some(CHALLENGE_LEN);
-    header_and_tag!();
-
-    fn body_len(&self) -> usize {
-        CHALLENGE_LEN
-    }
-
-    fn read_body(header: Header, body: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
-        let challenge = body.take_array::<CHALLENGE_LEN>()?;
-        Ok(AuthResponse {
-            header,
-            challenge,
-            tag,
-        })
-    }
-
-    fn write_body(&self, w: &mut Writer<'_>) {
-        w.put(self.challenge);
-    }
-}
+array_codec!(
+    AuthResponse,
+    MsgType::AUTH_RESPONSE,
+    challenge,
+    CHALLENGE_LEN
+);
 
 /// SIGNATURE: `H || tag`; the signed data travels beside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,21 +324,7 @@ impl<'a> Signature<'a> {
     }
 }
 
-impl<'a> Codec<'a> for Signature<'a> {
-    const TYPE: MsgType = MsgType::SIGNATURE;
-    const BODY_LEN: Option<usize> = Some(0);
-    header_and_tag!();
-
-    fn body_len(&self) -> usize {
-        0
-    }
-
-    fn read_body(header: Header, _: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
-        Ok(Signature { header, tag })
-    }
-
-    fn write_body(&self, _: &mut Writer<'_>) {}
-}
+tag_only_codec!(Signature, MsgType::SIGNATURE);
 
 /// SEALED: `H || ciphertext || tag` (AES-128-CCM).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,28 +374,7 @@ pub struct Enroll<'a> {
     pub tag: &'a [u8],
 }
 
-impl<'a> Codec<'a> for Enroll<'a> {
-    const TYPE: MsgType = MsgType::ENROLL;
-    const BODY_LEN: Option<usize> = Some(ENROLL_PLAINTEXT_LEN);
-    header_and_tag!();
-
-    fn body_len(&self) -> usize {
-        ENROLL_PLAINTEXT_LEN
-    }
-
-    fn read_body(header: Header, body: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
-        let ciphertext = body.take_array::<ENROLL_PLAINTEXT_LEN>()?;
-        Ok(Enroll {
-            header,
-            ciphertext,
-            tag,
-        })
-    }
-
-    fn write_body(&self, w: &mut Writer<'_>) {
-        w.put(self.ciphertext);
-    }
-}
+array_codec!(Enroll, MsgType::ENROLL, ciphertext, ENROLL_PLAINTEXT_LEN);
 
 /// COMMAND: `H || counter(4) || opcode(1) || tag`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -413,10 +393,6 @@ impl<'a> Codec<'a> for Command<'a> {
     const TYPE: MsgType = MsgType::COMMAND;
     const BODY_LEN: Option<usize> = Some(5);
     header_and_tag!();
-
-    fn body_len(&self) -> usize {
-        5
-    }
 
     /// The length was checked first: a COMMAND of the wrong length is
     /// [`Error::Length`] whatever its opcode byte.
@@ -456,10 +432,6 @@ impl<'a> Codec<'a> for Receipt<'a> {
     const BODY_LEN: Option<usize> = Some(9);
     header_and_tag!();
 
-    fn body_len(&self) -> usize {
-        9
-    }
-
     fn read_body(header: Header, body: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
         let reference = u64::from_be_bytes(*body.take_array::<8>()?);
         let status = body.take_array::<1>()?[0];
@@ -496,6 +468,26 @@ pub enum Message<'a> {
     Receipt(Receipt<'a>),
 }
 
+/// Evaluates `$e` with `$m` bound to the message inside any variant.
+macro_rules! each_message {
+    ($msg:expr, $m:ident => $e:expr) => {
+        match $msg {
+            Message::Auth($m) => $e,
+            Message::AuthResponse($m) => $e,
+            Message::Signature($m) => $e,
+            Message::Sealed($m) => $e,
+            Message::Enroll($m) => $e,
+            Message::Command($m) => $e,
+            Message::Receipt($m) => $e,
+        }
+    };
+}
+
+/// The message type of a [`Codec`] value.
+fn type_of<'a, C: Codec<'a>>(_: &C) -> MsgType {
+    C::TYPE
+}
+
 impl<'a> Message<'a> {
     /// Decodes any message type.
     pub fn decode(bytes: &'a [u8]) -> Result<Self> {
@@ -513,40 +505,16 @@ impl<'a> Message<'a> {
 
     /// The message's type.
     pub fn msg_type(&self) -> MsgType {
-        match self {
-            Message::Auth(_) => MsgType::AUTH,
-            Message::AuthResponse(_) => MsgType::AUTH_RESPONSE,
-            Message::Signature(_) => MsgType::SIGNATURE,
-            Message::Sealed(_) => MsgType::SEALED,
-            Message::Enroll(_) => MsgType::ENROLL,
-            Message::Command(_) => MsgType::COMMAND,
-            Message::Receipt(_) => MsgType::RECEIPT,
-        }
+        each_message!(self, m => type_of(m))
     }
 
     /// The message's header.
     pub fn header(&self) -> &Header {
-        match self {
-            Message::Auth(m) => &m.header,
-            Message::AuthResponse(m) => &m.header,
-            Message::Signature(m) => &m.header,
-            Message::Sealed(m) => &m.header,
-            Message::Enroll(m) => &m.header,
-            Message::Command(m) => &m.header,
-            Message::Receipt(m) => &m.header,
-        }
+        each_message!(self, m => &m.header)
     }
 
     /// Writes the message into `out`, returning its length.
     pub fn encode(&self, out: &mut [u8]) -> Result<usize> {
-        match self {
-            Message::Auth(m) => m.encode(out),
-            Message::AuthResponse(m) => m.encode(out),
-            Message::Signature(m) => m.encode(out),
-            Message::Sealed(m) => m.encode(out),
-            Message::Enroll(m) => m.encode(out),
-            Message::Command(m) => m.encode(out),
-            Message::Receipt(m) => m.encode(out),
-        }
+        each_message!(self, m => m.encode(out))
     }
 }

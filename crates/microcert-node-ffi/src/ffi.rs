@@ -279,6 +279,42 @@ unsafe fn put_len(out_len: *mut usize, n: usize) {
     }
 }
 
+/// The image and the output buffer of a call that makes a message: the
+/// status code `Overlap` or `Null` when they cannot be used.
+///
+/// # Safety
+/// As for [`image_mut`] and [`output`].
+unsafe fn image_and_output<'a>(
+    image: *mut u8,
+    out: *mut u8,
+    out_cap: usize,
+) -> Result<(&'a mut [u8; IMAGE_LEN], &'a mut [u8]), i32> {
+    if !disjoint(&[(image, MC_NODE_IMAGE_LEN), (out, out_cap)]) {
+        return Err(McError::Overlap as i32);
+    }
+    // SAFETY: forwarded contract; the two ranges do not overlap.
+    match (unsafe { image_mut(image) }, unsafe { output(out, out_cap) }) {
+        (Some(image), Some(out)) => Ok((image, out)),
+        _ => Err(McError::Null as i32),
+    }
+}
+
+/// The status code of a call that made a message of `n` bytes, whose
+/// length is stored through `out_len`.
+///
+/// # Safety
+/// As for [`put_len`].
+unsafe fn made(r: Result<usize, Error>, out_len: *mut usize) -> i32 {
+    match r {
+        Ok(n) => {
+            // SAFETY: forwarded contract.
+            unsafe { put_len(out_len, n) };
+            McError::Ok as i32
+        }
+        Err(e) => code(e),
+    }
+}
+
 /// Writes the image of a blank (never personalized) node into `image`.
 ///
 /// # Safety
@@ -375,24 +411,15 @@ pub unsafe extern "C" fn mc_node_enroll(
     out_cap: usize,
     out_len: *mut usize,
 ) -> i32 {
-    if !disjoint(&[(image, MC_NODE_IMAGE_LEN), (out, out_cap)]) {
-        return McError::Overlap as i32;
-    }
     // SAFETY: forwarded contract.
-    let (Some(image), Some(out)) = (unsafe { image_mut(image) }, unsafe { output(out, out_cap) })
-    else {
-        return McError::Null as i32;
+    let (image, out) = match unsafe { image_and_output(image, out, out_cap) } {
+        Ok(v) => v,
+        Err(c) => return c,
     };
     // SAFETY: forwarded contract.
     let rng = unsafe { rng_of(rng) };
-    match ops::enroll(image, rng, now, out) {
-        Ok(n) => {
-            // SAFETY: forwarded contract.
-            unsafe { put_len(out_len, n) };
-            McError::Ok as i32
-        }
-        Err(e) => code(e),
-    }
+    // SAFETY: forwarded contract.
+    unsafe { made(ops::enroll(image, rng, now, out), out_len) }
 }
 
 /// Makes an AUTH for `audience` (`MC_AUDIENCE_LEN` bytes; NULL = the
@@ -411,13 +438,10 @@ pub unsafe extern "C" fn mc_node_auth(
     out_cap: usize,
     out_len: *mut usize,
 ) -> i32 {
-    if !disjoint(&[(image, MC_NODE_IMAGE_LEN), (out, out_cap)]) {
-        return McError::Overlap as i32;
-    }
     // SAFETY: forwarded contract.
-    let (Some(image), Some(out)) = (unsafe { image_mut(image) }, unsafe { output(out, out_cap) })
-    else {
-        return McError::Null as i32;
+    let (image, out) = match unsafe { image_and_output(image, out, out_cap) } {
+        Ok(v) => v,
+        Err(c) => return c,
     };
     let aud = if audience.is_null() {
         None
@@ -430,14 +454,8 @@ pub unsafe extern "C" fn mc_node_auth(
     };
     // SAFETY: forwarded contract.
     let rng = unsafe { rng_of(rng) };
-    match ops::auth(image, rng, now, aud, out) {
-        Ok(n) => {
-            // SAFETY: forwarded contract.
-            unsafe { put_len(out_len, n) };
-            McError::Ok as i32
-        }
-        Err(e) => code(e),
-    }
+    // SAFETY: forwarded contract.
+    unsafe { made(ops::auth(image, rng, now, aud, out), out_len) }
 }
 
 /// Opens a COMMAND: verifies it (device, suite, generation, tag, counter
@@ -475,14 +493,8 @@ pub unsafe extern "C" fn mc_node_handle_command(
     };
     // SAFETY: forwarded contract.
     let rng = unsafe { rng_of(rng) };
-    match ops::handle_command(image, rng, now, command, out) {
-        Ok(n) => {
-            // SAFETY: forwarded contract.
-            unsafe { put_len(out_len, n) };
-            McError::Ok as i32
-        }
-        Err(e) => code(e),
-    }
+    // SAFETY: forwarded contract.
+    unsafe { made(ops::handle_command(image, rng, now, command, out), out_len) }
 }
 
 /// Accepts a RECEIPT of the center. `*generation` (may be NULL) gets the
@@ -531,22 +543,13 @@ pub unsafe extern "C" fn mc_node_retransmit(
     out_cap: usize,
     out_len: *mut usize,
 ) -> i32 {
-    if !disjoint(&[(image, MC_NODE_IMAGE_LEN), (out, out_cap)]) {
-        return McError::Overlap as i32;
-    }
     // SAFETY: forwarded contract.
-    let (Some(image), Some(out)) = (unsafe { image_mut(image) }, unsafe { output(out, out_cap) })
-    else {
-        return McError::Null as i32;
+    let (image, out) = match unsafe { image_and_output(image, out, out_cap) } {
+        Ok(v) => v,
+        Err(c) => return c,
     };
-    match ops::retransmit(image, CRng(None), out) {
-        Ok(n) => {
-            // SAFETY: forwarded contract.
-            unsafe { put_len(out_len, n) };
-            McError::Ok as i32
-        }
-        Err(e) => code(e),
-    }
+    // SAFETY: forwarded contract.
+    unsafe { made(ops::retransmit(image, CRng(None), out), out_len) }
 }
 
 /// Reads the node's status from its image (the image is not changed).

@@ -125,14 +125,8 @@ impl Backup {
         {
             return Ok(());
         }
-        let mut acc = vec![([0u8; 32], 0u64); usize::from(integrity::ALL_SHARDS)];
-        let mut add = |shard: u8, tag: &[u8; 32]| {
-            let a = &mut acc[usize::from(shard)];
-            for (x, t) in a.0.iter_mut().zip(tag) {
-                *x ^= t;
-            }
-            a.1 += 1;
-        };
+        let mut acc = integrity::ShardAcc::new();
+        let mut add = |shard: u8, tag: &[u8; 32]| acc.add(shard, tag);
         for n in &self.notary {
             let seal = card.record_tag(&integrity::notary_bytes(n))?;
             add(
@@ -151,18 +145,7 @@ impl Backup {
             add(integrity::DEVICE_BASE + integrity::shard_of(d.id), &d.tag);
         }
         for shard in integrity::NOTARY_BASE..integrity::ALL_SHARDS {
-            let (x, n) = acc[usize::from(shard)];
-            let ok = match self.shards.iter().find(|s| s.shard == shard) {
-                Some(s) => {
-                    let tag = card.digest_tag(&integrity::shard_bytes(s))?;
-                    bool::from(
-                        subtle::ConstantTimeEq::ct_eq(&tag[..], &s.tag[..])
-                            & subtle::ConstantTimeEq::ct_eq(&s.acc[..], &x[..]),
-                    ) && s.count == n
-                }
-                None => n == 0,
-            };
-            if !ok {
+            if !acc.matches(card, shard, &self.shards)? {
                 return Err(Error::Integrity(format!(
                     "backup: digest shard {shard} ({}) does not match its rows",
                     integrity::shard_kind(shard)
@@ -184,7 +167,7 @@ impl Backup {
     /// every shard tag, each shard's XOR and count against its records, and
     /// the audit chain against its card-tagged head.
     pub fn check(&self, card: &dyn EncryptionCard) -> Result<()> {
-        let mut acc = vec![([0u8; 32], 0u64); usize::from(SHARDS)];
+        let mut acc = integrity::ShardAcc::new();
         for s in &self.seeds {
             // A backup made before every column was covered holds records
             // tagged the old way; its MAC vouches for them, and a restore
@@ -192,11 +175,7 @@ impl Backup {
             if integrity::check_record(card, s).is_err() && !integrity::is_v1_record(card, s)? {
                 integrity::check_record(card, s)?;
             }
-            let a = &mut acc[usize::from(integrity::shard_of(s.device))];
-            for (x, t) in a.0.iter_mut().zip(&s.tag) {
-                *x ^= t;
-            }
-            a.1 += 1;
+            acc.add(integrity::shard_of(s.device), &s.tag);
         }
         for d in &self.devices {
             integrity::check_device(card, d)?;
@@ -208,18 +187,7 @@ impl Backup {
             integrity::check_notary(card, n)?;
         }
         for shard in 0..SHARDS {
-            let (x, n) = acc[usize::from(shard)];
-            let ok = match self.shards.iter().find(|s| s.shard == shard) {
-                Some(s) => {
-                    let tag = card.digest_tag(&integrity::shard_bytes(s))?;
-                    bool::from(
-                        subtle::ConstantTimeEq::ct_eq(&tag[..], &s.tag[..])
-                            & subtle::ConstantTimeEq::ct_eq(&s.acc[..], &x[..]),
-                    ) && s.count == n
-                }
-                None => n == 0,
-            };
-            if !ok {
+            if !acc.matches(card, shard, &self.shards)? {
                 return Err(Error::Integrity(format!(
                     "backup: digest shard {shard} does not match its records"
                 )));
@@ -281,15 +249,7 @@ fn read_all(db: &dyn KeyDatabase, now: u64, shards: Vec<DigestShard>) -> Result<
         shards,
         ..Backup::default()
     };
-    let mut after = None;
-    loop {
-        let page = db.list_devices(&DeviceQuery {
-            after,
-            limit: 1000,
-            ..DeviceQuery::default()
-        })?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.device.id);
+    crate::db::device_pages(db, 1000, |page| {
         let ids: Vec<DeviceId> = page.iter().map(|v| v.device.id).collect();
         let cmds = with_tx(db, |tx| {
             let mut out = Vec::new();
@@ -302,7 +262,8 @@ fn read_all(db: &dyn KeyDatabase, now: u64, shards: Vec<DigestShard>) -> Result<
         })?;
         b.commands.extend(cmds);
         b.devices.extend(page.into_iter().map(|v| v.device));
-    }
+        Ok(())
+    })?;
     let mut after = None;
     loop {
         let page = db.scan_seeds(after, 1000)?;

@@ -25,6 +25,10 @@
 //! - [`Tx::append_audit`] chains the entry to the one before it
 //!   ([`crate::audit::chain_hash`]), serialised across writers.
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+#[macro_use]
+mod schema;
+
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "sqlite")]
@@ -293,6 +297,38 @@ pub struct TokenRow {
     pub failures: u64,
     /// The card tag over the decision-bearing fields.
     pub tag: Vec<u8>,
+}
+
+/// Calls `f` with every device, a page of at most `limit` at a time, in
+/// id order.
+pub fn device_pages(
+    db: &dyn KeyDatabase,
+    limit: usize,
+    mut f: impl FnMut(Vec<DeviceView>) -> Result<()>,
+) -> Result<()> {
+    let mut after = None;
+    loop {
+        let page = db.list_devices(&DeviceQuery {
+            after,
+            limit,
+            ..DeviceQuery::default()
+        })?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        after = Some(last.device.id);
+        f(page)?;
+    }
+}
+
+/// The error of a rewrite that found no row to rewrite: `n` is the count
+/// of rows it changed, `what` names the record.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn one_row(n: u64, what: impl FnOnce() -> String) -> Result<()> {
+    if n != 1 {
+        return Err(Error::Database(format!("{} not found", what())));
+    }
+    Ok(())
 }
 
 /// Reads and writes inside one transaction.

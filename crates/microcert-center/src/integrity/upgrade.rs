@@ -68,15 +68,7 @@ pub fn upgrade_legacy(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64)
     }
     let mut delta = DigestDelta::default();
     let mut devices = Vec::new();
-    let mut after = None;
-    loop {
-        let page = db.list_devices(&DeviceQuery {
-            after,
-            limit: 1000,
-            ..DeviceQuery::default()
-        })?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.device.id);
+    crate::db::device_pages(db, 1000, |page| {
         for v in page {
             if check_device(card, &v.device).is_ok() {
                 delta.add_at(
@@ -90,7 +82,8 @@ pub fn upgrade_legacy(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64)
             }
             devices.push(v.device.id);
         }
-    }
+        Ok(())
+    })?;
     let mut notary: Vec<NotaryRow> = Vec::new();
     let mut after_n: Option<NotaryRow> = None;
     loop {

@@ -356,15 +356,20 @@ pub(super) fn tls(
                 ));
             };
             let roots = load_roots(&path)?;
-            let webpki =
-                rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
-                    .build()
-                    .map_err(|e| Error::Database(format!("PostgreSQL TLS roots: {e}")))?;
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                roots,
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| Error::Database(format!("PostgreSQL TLS roots: {e}")))?;
             let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> =
                 if mode == SslMode::VerifyFull {
                     webpki
                 } else {
-                    Arc::new(verify::ChainOnly(webpki))
+                    Arc::new(verify::Lenient {
+                        provider,
+                        chain: Some(webpki),
+                    })
                 };
             builder
                 .dangerous()
@@ -373,7 +378,10 @@ pub(super) fn tls(
         }
         _ => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verify::Unchecked(provider)))
+            .with_custom_certificate_verifier(Arc::new(verify::Lenient {
+                provider,
+                chain: None,
+            }))
             .with_no_client_auth(),
     };
     Ok(Some(tokio_postgres_rustls::MakeRustlsConnect::new(config)))
@@ -407,65 +415,32 @@ mod verify {
 
     use rustls::client::WebPkiServerVerifier;
     use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls::crypto::CryptoProvider;
+    use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
     use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
     use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
-    /// sslmode=prefer/require without a root certificate: encrypted, the
-    /// certificate not checked (libpq's behaviour; the handshake's
-    /// signatures are still checked).
+    /// A verifier looser than rustls's own, as libpq's sslmodes are. Without
+    /// `chain` (sslmode=prefer/require without a root certificate): the
+    /// connection is encrypted, the certificate not checked (the
+    /// handshake's signatures still are). With it (sslmode=verify-ca): the
+    /// chain must lead to a trusted root; the name is not compared (rustls
+    /// checks the chain before the name, so a name mismatch means the chain
+    /// was good).
     #[derive(Debug)]
-    pub struct Unchecked(pub Arc<CryptoProvider>);
+    pub struct Lenient {
+        /// The signature algorithms of the handshake.
+        pub provider: Arc<CryptoProvider>,
+        /// The trusted roots' verifier, None to accept any certificate.
+        pub chain: Option<Arc<WebPkiServerVerifier>>,
+    }
 
-    impl ServerCertVerifier for Unchecked {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &CertificateDer<'_>,
-            d: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
+    impl Lenient {
+        fn algorithms(&self) -> &WebPkiSupportedAlgorithms {
+            &self.provider.signature_verification_algorithms
         }
     }
 
-    /// sslmode=verify-ca: the chain must lead to a trusted root; the name
-    /// is not compared (rustls checks the chain before the name, so a
-    /// name mismatch means the chain was good).
-    #[derive(Debug)]
-    pub struct ChainOnly(pub Arc<WebPkiServerVerifier>);
-
-    impl ServerCertVerifier for ChainOnly {
+    impl ServerCertVerifier for Lenient {
         fn verify_server_cert(
             &self,
             end: &CertificateDer<'_>,
@@ -474,7 +449,10 @@ mod verify {
             ocsp: &[u8],
             now: UnixTime,
         ) -> Result<ServerCertVerified, rustls::Error> {
-            match self.0.verify_server_cert(end, inter, name, ocsp, now) {
+            let Some(chain) = &self.chain else {
+                return Ok(ServerCertVerified::assertion());
+            };
+            match chain.verify_server_cert(end, inter, name, ocsp, now) {
                 Err(rustls::Error::InvalidCertificate(
                     CertificateError::NotValidForName
                     | CertificateError::NotValidForNameContext { .. },
@@ -488,7 +466,7 @@ mod verify {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            self.0.verify_tls12_signature(m, c, d)
+            rustls::crypto::verify_tls12_signature(m, c, d, self.algorithms())
         }
         fn verify_tls13_signature(
             &self,
@@ -496,10 +474,10 @@ mod verify {
             c: &CertificateDer<'_>,
             d: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            self.0.verify_tls13_signature(m, c, d)
+            rustls::crypto::verify_tls13_signature(m, c, d, self.algorithms())
         }
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.0.supported_verify_schemes()
+            self.algorithms().supported_schemes()
         }
     }
 }

@@ -79,26 +79,8 @@ use rows::*;
 /// including a worker of another tokio runtime (where tokio's own
 /// `block_on` would panic).
 fn wait_on<F: Future>(rt: &tokio::runtime::Handle, make: impl FnOnce() -> F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-        fn wake_by_ref(self: &Arc<Self>) {
-            self.0.unpark();
-        }
-    }
     let _enter = rt.enter();
-    let f = make();
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut f = std::pin::pin!(f);
-    loop {
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-        std::thread::park();
-    }
+    block_on(make())
 }
 
 /// The message for a read-only server.

@@ -12,146 +12,28 @@ use crate::{Error, Result};
 /// applied. Never edit an applied one: add the next (and the SQLite one of
 /// the same number).
 pub(super) const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE devices (
-    id BYTEA PRIMARY KEY CHECK (length(id) = 8),
-    class SMALLINT NOT NULL,
-    suite SMALLINT NOT NULL,
-    epoch SMALLINT NOT NULL,
-    transport_open BOOLEAN NOT NULL,
-    created BIGINT NOT NULL,
-    highest_gen SMALLINT,
-    command_counter BIGINT NOT NULL DEFAULT 0,
-    tag BYTEA NOT NULL
-);
-
-CREATE TABLE seeds (
-    device BYTEA NOT NULL REFERENCES devices(id),
-    generation SMALLINT NOT NULL,
-    state TEXT NOT NULL,
-    base_year INTEGER NOT NULL,
-    suite SMALLINT NOT NULL,
-    kstore_version BIGINT NOT NULL,
-    ciphertext BYTEA,
-    tag BYTEA NOT NULL,
-    via TEXT NOT NULL,
-    enroll_t BIGINT NOT NULL,
-    enroll_r BIGINT NOT NULL,
-    enroll_digest BYTEA NOT NULL,
-    receipt BYTEA NOT NULL,
-    created BIGINT NOT NULL,
-    activated_at BIGINT,
-    suspended_at BIGINT,
-    deactivated_at BIGINT,
-    compromised_at BIGINT,
-    destroyed_at BIGINT,
-    grace_until BIGINT,
-    PRIMARY KEY (device, generation)
-);
-CREATE UNIQUE INDEX seeds_enroll_nonce ON seeds (device, enroll_t, enroll_r);
-CREATE INDEX seeds_state_year ON seeds (state, base_year);
-CREATE INDEX seeds_grace ON seeds (grace_until) WHERE grace_until IS NOT NULL;
-
-CREATE TABLE replay (
-    device BYTEA NOT NULL,
-    generation SMALLINT NOT NULL,
-    t BIGINT NOT NULL,
-    r BIGINT NOT NULL,
-    expires BIGINT NOT NULL,
-    PRIMARY KEY (device, generation, t, r)
-);
-CREATE INDEX replay_expires ON replay (expires);
-
-CREATE TABLE challenges (
-    device BYTEA NOT NULL,
-    c BYTEA NOT NULL,
-    expires BIGINT NOT NULL,
-    PRIMARY KEY (device, c)
-);
-CREATE INDEX challenges_expires ON challenges (expires);
-
-CREATE TABLE notary (
-    device BYTEA NOT NULL REFERENCES devices(id),
-    generation SMALLINT NOT NULL,
-    t BIGINT NOT NULL,
-    r BIGINT NOT NULL,
-    digest BYTEA NOT NULL,
-    tag BYTEA NOT NULL,
-    first_seen BIGINT NOT NULL,
-    PRIMARY KEY (device, generation, t, r, digest)
-);
-
-CREATE TABLE commands (
-    device BYTEA PRIMARY KEY REFERENCES devices(id),
-    counter BIGINT NOT NULL,
-    opcode SMALLINT NOT NULL,
-    generation SMALLINT NOT NULL,
-    r BIGINT NOT NULL,
-    bytes BYTEA NOT NULL,
-    created BIGINT NOT NULL,
-    answered_at BIGINT,
-    status SMALLINT
-);
-
-CREATE TABLE digest (
-    shard SMALLINT PRIMARY KEY,
-    acc BYTEA NOT NULL,
-    count BIGINT NOT NULL,
-    seq BIGINT NOT NULL,
-    tag BYTEA NOT NULL
-);
-
-CREATE TABLE audit (
-    seq BIGINT PRIMARY KEY,
-    time BIGINT NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    device BYTEA,
-    generation SMALLINT,
-    reason TEXT NOT NULL,
-    prev_hash BYTEA NOT NULL,
-    hash BYTEA NOT NULL
-);
-CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS
+    schema_v1!(
+        blob = "BYTEA",
+        small = "SMALLINT",
+        big = "BIGINT",
+        boolean = "BOOLEAN",
+        keyed = "",
+        audit_guard = "CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS
     $$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END; $$;
 CREATE TRIGGER audit_no_update BEFORE UPDATE OR DELETE ON audit
     FOR EACH ROW EXECUTE FUNCTION audit_append_only();
 CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
     FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();
-
-CREATE TABLE imports (
-    file_digest BYTEA PRIMARY KEY,
-    next_line BIGINT NOT NULL,
-    updated BIGINT NOT NULL
-);
-"#,
+",
+    ),
     // 2: card tags on notary records and commands (issue 12), as SQLite's 2.
-    r#"
-ALTER TABLE notary ADD COLUMN seal BYTEA;
-ALTER TABLE commands ADD COLUMN seal BYTEA;
-ALTER TABLE imports ADD COLUMN seal BYTEA;
-"#,
+    schema_v2!(blob = "BYTEA"),
     MIGRATION_META,
     MIGRATION_TOKENS,
 ];
 
-/// Migration "tokens" (issue 14, shared state): the operator API's bearer
-/// tokens, hashed, shared by every center on the database. `tag` is a card
-/// tag over hash, name, role, created, expires and revoked
-/// ([`crate::tokens::token_bytes`]); last_used and failures are bookkeeping.
-const MIGRATION_TOKENS: &str = r#"
-CREATE TABLE IF NOT EXISTS tokens (
-    hash TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    role TEXT NOT NULL,
-    created BIGINT NOT NULL,
-    expires BIGINT,
-    revoked BIGINT,
-    last_used BIGINT,
-    failures BIGINT NOT NULL DEFAULT 0,
-    tag BYTEA NOT NULL
-);
-"#;
+/// Migration "tokens" (issue 14, shared state): see `schema_tokens` in db/schema.rs.
+const MIGRATION_TOKENS: &str = schema_tokens!(blob = "BYTEA", big = "BIGINT", keyed = "");
 
 /// Migration "meta" (issue 14): the same as SQLite's of that name: the
 /// database's identity (a random id drawn when the table is made) and the
@@ -228,4 +110,18 @@ fn apply(client: &Client) -> Result<Option<u32>> {
     ))
     .map_err(pg_err)?;
     Ok((version < known).then_some(version as u32))
+}
+
+#[cfg(test)]
+#[test]
+fn applied_migrations_keep_their_text() {
+    crate::db::schema::assert_pinned(
+        MIGRATIONS,
+        &[
+            "a6f8975a21323df679a6bd2e8e1681f5e8480988adaf826bb4d6813d0b305f66",
+            "93e277ac65cfae6aa49a55eafb4103e43f6a630e5d1a0e150d645113d9e08b15",
+            "4cab09207c33f23835c4df439768e1499c0ee9cd099b4cc1b88138fa3e0bc7d0",
+            "dcce37c8c311480a8e6ed1de526a0961c23c5224f676ef14c12a6b0a4a318ee8",
+        ],
+    );
 }

@@ -7,7 +7,9 @@ use tokio_postgres::types::ToSql;
 
 use super::PgConn;
 use super::rows::*;
-use crate::db::{Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, SeedRow, Tx};
+use crate::db::{
+    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, SeedRow, Tx, one_row,
+};
 use crate::{Error, Result, audit};
 
 /// Advisory lock keys (transaction-scoped): one per digest shard, one for
@@ -40,6 +42,54 @@ pub(super) struct PgTx<'c> {
 }
 
 type Params = Vec<Box<dyn ToSql + Sync + Send>>;
+
+/// The parameters of a statement, borrowed from owned values.
+fn refs<'a>(
+    values: impl Iterator<Item = &'a Box<dyn ToSql + Sync + Send>>,
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    values.map(|b| &**b as &(dyn ToSql + Sync)).collect()
+}
+
+/// The values of a device row, in [`DEVICE_COLS`] order.
+fn device_values(d: &DeviceRow) -> Params {
+    vec![
+        Box::new(d.id.0.to_vec()),
+        Box::new(small(d.class)),
+        Box::new(small(d.suite.id())),
+        Box::new(small(d.epoch)),
+        Box::new(d.transport_open),
+        Box::new(i(d.created)),
+        Box::new(d.highest_generation.map(small)),
+        Box::new(i64::from(d.command_counter)),
+        Box::new(d.tag.to_vec()),
+    ]
+}
+
+/// The values of a seed row, in [`SEED_COLS`] order.
+fn seed_values(s: &SeedRow) -> Params {
+    vec![
+        Box::new(s.device.0.to_vec()),
+        Box::new(small(s.generation)),
+        Box::new(s.state.name().to_string()),
+        Box::new(i32::from(s.base_year)),
+        Box::new(small(s.suite.id())),
+        Box::new(i64::from(s.kstore_version)),
+        Box::new(s.ciphertext.as_ref().map(|c| c.0.to_vec())),
+        Box::new(s.tag.to_vec()),
+        Box::new(s.via.name().to_string()),
+        Box::new(i64::from(s.enroll_t)),
+        Box::new(i(s.enroll_r)),
+        Box::new(s.enroll_digest.to_vec()),
+        Box::new(s.receipt.0.to_vec()),
+        Box::new(i(s.created)),
+        Box::new(oi(s.activated_at)),
+        Box::new(oi(s.suspended_at)),
+        Box::new(oi(s.deactivated_at)),
+        Box::new(oi(s.compromised_at)),
+        Box::new(oi(s.destroyed_at)),
+        Box::new(oi(s.grace_until)),
+    ]
+}
 
 /// The write-behind buffer of a transaction.
 #[derive(Default)]
@@ -107,10 +157,8 @@ impl<'c> PgTx<'c> {
                     }
                     sql.push(')');
                 }
-                let params: Vec<&(dyn ToSql + Sync)> = chunk
-                    .iter()
-                    .flat_map(|row| row.iter().map(|b| &**b as &(dyn ToSql + Sync)))
-                    .collect();
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    chunk.iter().flat_map(|row| refs(row.iter())).collect();
                 let n_rows = self.c.execute(&sql, &params)?;
                 if n_rows != chunk.len() as u64 {
                     return Err(Error::Database(format!(
@@ -168,17 +216,7 @@ impl Tx for PgTx<'_> {
     fn insert_device(&mut self, d: &DeviceRow) -> Result<()> {
         self.touch(d.id);
         self.pending.device_ids.insert(d.id);
-        self.pending.devices.push(vec![
-            Box::new(d.id.0.to_vec()),
-            Box::new(small(d.class)),
-            Box::new(small(d.suite.id())),
-            Box::new(small(d.epoch)),
-            Box::new(d.transport_open),
-            Box::new(i(d.created)),
-            Box::new(d.highest_generation.map(small)),
-            Box::new(i64::from(d.command_counter)),
-            Box::new(d.tag.to_vec()),
-        ]);
+        self.pending.devices.push(device_values(d));
         Ok(())
     }
     fn update_device(&mut self, d: &DeviceRow) -> Result<()> {
@@ -186,22 +224,9 @@ impl Tx for PgTx<'_> {
         let n = self.conn()?.execute(
             "UPDATE devices SET class = $2, suite = $3, epoch = $4, transport_open = $5, \
              created = $6, highest_gen = $7, command_counter = $8, tag = $9 WHERE id = $1",
-            &[
-                &&d.id.0[..],
-                &small(d.class),
-                &small(d.suite.id()),
-                &small(d.epoch),
-                &d.transport_open,
-                &i(d.created),
-                &d.highest_generation.map(small),
-                &i64::from(d.command_counter),
-                &&d.tag[..],
-            ],
+            &refs(device_values(d).iter()),
         )?;
-        if n != 1 {
-            return Err(Error::Database(format!("device {} not found", d.id)));
-        }
-        Ok(())
+        one_row(n, || format!("device {}", d.id))
     }
 
     fn seeds(&mut self, id: DeviceId) -> Result<Vec<SeedRow>> {
@@ -228,62 +253,25 @@ impl Tx for PgTx<'_> {
 
     fn insert_seed(&mut self, s: &SeedRow) -> Result<()> {
         self.touch(s.device);
-        self.pending.seeds.push(vec![
-            Box::new(s.device.0.to_vec()),
-            Box::new(small(s.generation)),
-            Box::new(s.state.name().to_string()),
-            Box::new(i32::from(s.base_year)),
-            Box::new(small(s.suite.id())),
-            Box::new(i64::from(s.kstore_version)),
-            Box::new(s.ciphertext.as_ref().map(|c| c.0.to_vec())),
-            Box::new(s.tag.to_vec()),
-            Box::new(s.via.name().to_string()),
-            Box::new(i64::from(s.enroll_t)),
-            Box::new(i(s.enroll_r)),
-            Box::new(s.enroll_digest.to_vec()),
-            Box::new(s.receipt.0.to_vec()),
-            Box::new(i(s.created)),
-            Box::new(oi(s.activated_at)),
-            Box::new(oi(s.suspended_at)),
-            Box::new(oi(s.deactivated_at)),
-            Box::new(oi(s.compromised_at)),
-            Box::new(oi(s.destroyed_at)),
-            Box::new(oi(s.grace_until)),
-        ]);
+        self.pending.seeds.push(seed_values(s));
         Ok(())
     }
 
     fn update_seed(&mut self, s: &SeedRow) -> Result<()> {
         self.touch(s.device);
+        let v = seed_values(s);
         let n = self.conn()?.execute(
             "UPDATE seeds SET state = $3, base_year = $4, suite = $5, kstore_version = $6, \
              ciphertext = $7, tag = $8, activated_at = $9, suspended_at = $10, \
              deactivated_at = $11, compromised_at = $12, destroyed_at = $13, grace_until = $14 \
              WHERE device = $1 AND generation = $2",
-            &[
-                &&s.device.0[..],
-                &small(s.generation),
-                &s.state.name(),
-                &i32::from(s.base_year),
-                &small(s.suite.id()),
-                &i64::from(s.kstore_version),
-                &s.ciphertext.as_ref().map(|c| &c.0[..]),
-                &&s.tag[..],
-                &oi(s.activated_at),
-                &oi(s.suspended_at),
-                &oi(s.deactivated_at),
-                &oi(s.compromised_at),
-                &oi(s.destroyed_at),
-                &oi(s.grace_until),
-            ],
+            // The values of an insert but via, enroll_*, receipt and created
+            // (the 9th to 14th), which never change.
+            &refs(v[..8].iter().chain(&v[14..])),
         )?;
-        if n != 1 {
-            return Err(Error::Database(format!(
-                "seed {} generation {} not found",
-                s.device, s.generation
-            )));
-        }
-        Ok(())
+        one_row(n, || {
+            format!("seed {} generation {}", s.device, s.generation)
+        })
     }
 
     fn record_replay(
@@ -699,9 +687,6 @@ impl Tx for PgTx<'_> {
             "UPDATE tokens SET expires = $2, revoked = $3, tag = $4 WHERE hash = $1",
             &[&t.hash, &oi(t.expires), &oi(t.revoked), &t.tag],
         )?;
-        if n != 1 {
-            return Err(Error::Database("token not found".into()));
-        }
-        Ok(())
+        one_row(n, || "token".into())
     }
 }

@@ -7,146 +7,29 @@ use crate::{Error, Result};
 /// Schema versions, applied in order; `user_version` counts those applied.
 /// Never edit an applied one: add the next.
 pub(super) const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE devices (
-    id BLOB PRIMARY KEY CHECK (length(id) = 8),
-    class INTEGER NOT NULL,
-    suite INTEGER NOT NULL,
-    epoch INTEGER NOT NULL,
-    transport_open INTEGER NOT NULL,
-    created INTEGER NOT NULL,
-    highest_gen INTEGER,
-    command_counter INTEGER NOT NULL DEFAULT 0,
-    tag BLOB NOT NULL
-) WITHOUT ROWID;
-
-CREATE TABLE seeds (
-    device BLOB NOT NULL REFERENCES devices(id),
-    generation INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    base_year INTEGER NOT NULL,
-    suite INTEGER NOT NULL,
-    kstore_version INTEGER NOT NULL,
-    ciphertext BLOB,
-    tag BLOB NOT NULL,
-    via TEXT NOT NULL,
-    enroll_t INTEGER NOT NULL,
-    enroll_r INTEGER NOT NULL,
-    enroll_digest BLOB NOT NULL,
-    receipt BLOB NOT NULL,
-    created INTEGER NOT NULL,
-    activated_at INTEGER,
-    suspended_at INTEGER,
-    deactivated_at INTEGER,
-    compromised_at INTEGER,
-    destroyed_at INTEGER,
-    grace_until INTEGER,
-    PRIMARY KEY (device, generation)
-) WITHOUT ROWID;
-CREATE UNIQUE INDEX seeds_enroll_nonce ON seeds (device, enroll_t, enroll_r);
-CREATE INDEX seeds_state_year ON seeds (state, base_year);
-CREATE INDEX seeds_grace ON seeds (grace_until) WHERE grace_until IS NOT NULL;
-
-CREATE TABLE replay (
-    device BLOB NOT NULL,
-    generation INTEGER NOT NULL,
-    t INTEGER NOT NULL,
-    r INTEGER NOT NULL,
-    expires INTEGER NOT NULL,
-    PRIMARY KEY (device, generation, t, r)
-) WITHOUT ROWID;
-CREATE INDEX replay_expires ON replay (expires);
-
-CREATE TABLE challenges (
-    device BLOB NOT NULL,
-    c BLOB NOT NULL,
-    expires INTEGER NOT NULL,
-    PRIMARY KEY (device, c)
-) WITHOUT ROWID;
-CREATE INDEX challenges_expires ON challenges (expires);
-
-CREATE TABLE notary (
-    device BLOB NOT NULL REFERENCES devices(id),
-    generation INTEGER NOT NULL,
-    t INTEGER NOT NULL,
-    r INTEGER NOT NULL,
-    digest BLOB NOT NULL,
-    tag BLOB NOT NULL,
-    first_seen INTEGER NOT NULL,
-    PRIMARY KEY (device, generation, t, r, digest)
-) WITHOUT ROWID;
-
-CREATE TABLE commands (
-    device BLOB PRIMARY KEY REFERENCES devices(id),
-    counter INTEGER NOT NULL,
-    opcode INTEGER NOT NULL,
-    generation INTEGER NOT NULL,
-    r INTEGER NOT NULL,
-    bytes BLOB NOT NULL,
-    created INTEGER NOT NULL,
-    answered_at INTEGER,
-    status INTEGER
-) WITHOUT ROWID;
-
-CREATE TABLE digest (
-    shard INTEGER PRIMARY KEY,
-    acc BLOB NOT NULL,
-    count INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    tag BLOB NOT NULL
-);
-
-CREATE TABLE audit (
-    seq INTEGER PRIMARY KEY,
-    time INTEGER NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    device BLOB,
-    generation INTEGER,
-    reason TEXT NOT NULL,
-    prev_hash BLOB NOT NULL,
-    hash BLOB NOT NULL
-);
-CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    schema_v1!(
+        blob = "BLOB",
+        small = "INTEGER",
+        big = "INTEGER",
+        boolean = "INTEGER",
+        keyed = " WITHOUT ROWID",
+        audit_guard = "CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-
-CREATE TABLE imports (
-    file_digest BLOB PRIMARY KEY,
-    next_line INTEGER NOT NULL,
-    updated INTEGER NOT NULL
-) WITHOUT ROWID;
-"#,
+",
+    ),
     // 2: card tags on notary records and commands (issue 12). Rows written
     // before carry NULL until the center tags them right after this migration
     // (crate::integrity::upgrade_legacy).
-    r#"
-ALTER TABLE notary ADD COLUMN seal BLOB;
-ALTER TABLE commands ADD COLUMN seal BLOB;
-ALTER TABLE imports ADD COLUMN seal BLOB;
-"#,
+    schema_v2!(blob = "BLOB"),
     MIGRATION_META,
     MIGRATION_TOKENS,
 ];
 
-/// Migration "tokens" (issue 14, shared state): the operator API's bearer
-/// tokens, hashed, shared by every center on the database. `tag` is a card
-/// tag over hash, name, role, created, expires and revoked
-/// ([`crate::tokens::token_bytes`]); last_used and failures are bookkeeping.
-const MIGRATION_TOKENS: &str = r#"
-CREATE TABLE IF NOT EXISTS tokens (
-    hash TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    role TEXT NOT NULL,
-    created INTEGER NOT NULL,
-    expires INTEGER,
-    revoked INTEGER,
-    last_used INTEGER,
-    failures INTEGER NOT NULL DEFAULT 0,
-    tag BLOB NOT NULL
-) WITHOUT ROWID;
-"#;
+/// Migration "tokens" (issue 14, shared state): see `schema_tokens` in db/schema.rs.
+const MIGRATION_TOKENS: &str =
+    schema_tokens!(blob = "BLOB", big = "INTEGER", keyed = " WITHOUT ROWID");
 
 /// Migration "meta" (issue 14, one configuration for every command): a
 /// key/value table with the database's identity, a random id drawn when
@@ -191,4 +74,18 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<Option<u32>> {
     tx.execute_batch(MARKS)?;
     tx.commit()?;
     Ok((version < known).then_some(version))
+}
+
+#[cfg(test)]
+#[test]
+fn applied_migrations_keep_their_text() {
+    crate::db::schema::assert_pinned(
+        MIGRATIONS,
+        &[
+            "978c6ef97cd42d3ef168e6a9760b96329fc3b71c88d619e78aba88526b5616c9",
+            "1eea762338e6516c7a9392539c752ca93bdc285eea10695027447f8360232182",
+            "2869d28685670b601472b5acd8a86ca8e9e521da5017b6a63608769fa968dc7d",
+            "335a1fd632a6846c3559cbd5ece291366923617a747b58611cdcbfaacd4653a7",
+        ],
+    );
 }

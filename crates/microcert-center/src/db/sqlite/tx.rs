@@ -5,9 +5,54 @@ use rusqlite::{OptionalExtension, params};
 
 use super::rows::*;
 use crate::db::{
-    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, SeedRow, TokenRow, Tx,
+    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, SeedRow, TokenRow, Tx, one_row,
 };
 use crate::{Error, Result, audit};
+
+/// The parameters ?1 to ?9 of a device row, in [`DEVICE_COLS`] order.
+macro_rules! device_params {
+    ($d:expr) => {
+        params![
+            &$d.id.0[..],
+            $d.class,
+            $d.suite.id(),
+            $d.epoch,
+            $d.transport_open,
+            i($d.created),
+            $d.highest_generation,
+            $d.command_counter,
+            &$d.tag[..]
+        ]
+    };
+}
+
+/// The parameters ?1 to ?20 of a seed row, in [`SEED_COLS`] order.
+macro_rules! seed_params {
+    ($s:expr) => {
+        params![
+            &$s.device.0[..],
+            $s.generation,
+            $s.state.name(),
+            $s.base_year,
+            $s.suite.id(),
+            $s.kstore_version,
+            $s.ciphertext.as_ref().map(|c| &c.0[..]),
+            &$s.tag[..],
+            $s.via.name(),
+            $s.enroll_t,
+            i($s.enroll_r),
+            &$s.enroll_digest[..],
+            &$s.receipt.0[..],
+            i($s.created),
+            oi($s.activated_at),
+            oi($s.suspended_at),
+            oi($s.deactivated_at),
+            oi($s.compromised_at),
+            oi($s.destroyed_at),
+            oi($s.grace_until)
+        ]
+    };
+}
 
 pub(super) struct SqliteTx<'c> {
     pub(super) tx: &'c rusqlite::Transaction<'c>,
@@ -25,17 +70,7 @@ impl Tx for SqliteTx<'_> {
         let mut st = self.tx.prepare_cached(&format!(
             "INSERT INTO devices ({DEVICE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
         ))?;
-        st.execute(params![
-            &d.id.0[..],
-            d.class,
-            d.suite.id(),
-            d.epoch,
-            d.transport_open,
-            i(d.created),
-            d.highest_generation,
-            d.command_counter,
-            &d.tag[..]
-        ])?;
+        st.execute(device_params!(d))?;
         Ok(())
     }
 
@@ -44,21 +79,8 @@ impl Tx for SqliteTx<'_> {
             "UPDATE devices SET class = ?2, suite = ?3, epoch = ?4, transport_open = ?5, \
              created = ?6, highest_gen = ?7, command_counter = ?8, tag = ?9 WHERE id = ?1",
         )?;
-        let n = st.execute(params![
-            &d.id.0[..],
-            d.class,
-            d.suite.id(),
-            d.epoch,
-            d.transport_open,
-            i(d.created),
-            d.highest_generation,
-            d.command_counter,
-            &d.tag[..]
-        ])?;
-        if n != 1 {
-            return Err(Error::Database(format!("device {} not found", d.id)));
-        }
-        Ok(())
+        let n = st.execute(device_params!(d))?;
+        one_row(n as u64, || format!("device {}", d.id))
     }
 
     fn seeds(&mut self, id: DeviceId) -> Result<Vec<SeedRow>> {
@@ -83,61 +105,23 @@ impl Tx for SqliteTx<'_> {
             "INSERT INTO seeds ({SEED_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
              ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
         ))?;
-        st.execute(params![
-            &s.device.0[..],
-            s.generation,
-            s.state.name(),
-            s.base_year,
-            s.suite.id(),
-            s.kstore_version,
-            s.ciphertext.as_ref().map(|c| &c.0[..]),
-            &s.tag[..],
-            s.via.name(),
-            s.enroll_t,
-            i(s.enroll_r),
-            &s.enroll_digest[..],
-            &s.receipt.0[..],
-            i(s.created),
-            oi(s.activated_at),
-            oi(s.suspended_at),
-            oi(s.deactivated_at),
-            oi(s.compromised_at),
-            oi(s.destroyed_at),
-            oi(s.grace_until)
-        ])?;
+        st.execute(seed_params!(s))?;
         Ok(())
     }
 
     fn update_seed(&mut self, s: &SeedRow) -> Result<()> {
         let mut st = self.tx.prepare_cached(
+            // The parameters of an insert; via, enroll_* , receipt and
+            // created (?9 to ?14) never change.
             "UPDATE seeds SET state = ?3, base_year = ?4, suite = ?5, kstore_version = ?6, \
-             ciphertext = ?7, tag = ?8, activated_at = ?9, suspended_at = ?10, \
-             deactivated_at = ?11, compromised_at = ?12, destroyed_at = ?13, grace_until = ?14 \
+             ciphertext = ?7, tag = ?8, activated_at = ?15, suspended_at = ?16, \
+             deactivated_at = ?17, compromised_at = ?18, destroyed_at = ?19, grace_until = ?20 \
              WHERE device = ?1 AND generation = ?2",
         )?;
-        let n = st.execute(params![
-            &s.device.0[..],
-            s.generation,
-            s.state.name(),
-            s.base_year,
-            s.suite.id(),
-            s.kstore_version,
-            s.ciphertext.as_ref().map(|c| &c.0[..]),
-            &s.tag[..],
-            oi(s.activated_at),
-            oi(s.suspended_at),
-            oi(s.deactivated_at),
-            oi(s.compromised_at),
-            oi(s.destroyed_at),
-            oi(s.grace_until)
-        ])?;
-        if n != 1 {
-            return Err(Error::Database(format!(
-                "seed {} generation {} not found",
-                s.device, s.generation
-            )));
-        }
-        Ok(())
+        let n = st.execute(seed_params!(s))?;
+        one_row(n as u64, || {
+            format!("seed {} generation {}", s.device, s.generation)
+        })
     }
 
     fn record_replay(
@@ -442,9 +426,7 @@ impl Tx for SqliteTx<'_> {
         let mut st = self.tx.prepare_cached(
             "UPDATE tokens SET expires = ?2, revoked = ?3, tag = ?4 WHERE hash = ?1",
         )?;
-        if st.execute(params![t.hash, oi(t.expires), oi(t.revoked), t.tag])? != 1 {
-            return Err(Error::Database("token not found".into()));
-        }
-        Ok(())
+        let n = st.execute(params![t.hash, oi(t.expires), oi(t.revoked), t.tag])?;
+        one_row(n as u64, || "token".into())
     }
 }
