@@ -18,6 +18,7 @@
 
 use microcert_core::{DeviceId, Event, KeyState, SEED_YEARS, time, transition};
 
+use crate::card::EnrollVia;
 use crate::db::{DeviceRow, SeedRow};
 use crate::{Error, Result};
 
@@ -152,6 +153,28 @@ pub enum Input {
         /// Whether an UPDATE_SEED under the current seed is pending.
         update_asked: bool,
     },
+    /// An ENROLL under `generation` opened with the key `via` (after
+    /// [`Input::Enroll`] allowed it): how the device's seeds change around
+    /// the new one. `grace_period`: seconds the old seed keeps verifying
+    /// after an update.
+    Enrolled {
+        /// The new seed's generation.
+        generation: u8,
+        /// The key that opened it.
+        via: EnrollVia,
+        /// The grace period of a seed update, in seconds.
+        grace_period: u64,
+    },
+    /// A seed update is asked for (an operator's, or the renewal pass's
+    /// when `renewal_years` is given: then only a device whose current
+    /// seed is within that many years of its end gets one). `pending`: the
+    /// opcode of a command still unanswered, if any.
+    QueueUpdate {
+        /// The opcode of the device's unanswered command, if any.
+        pending: Option<u8>,
+        /// The class's renewal period, for the renewal pass.
+        renewal_years: Option<u16>,
+    },
 }
 
 /// How an accepted message's seed is used.
@@ -188,6 +211,8 @@ pub enum Reason {
     ExpiredBeforeUpdate,
     /// The first successful AUTH under a new seed.
     FirstUse,
+    /// A transport re-enrollment replaces the seed.
+    ReplacedByTransport,
 }
 
 impl Reason {
@@ -204,6 +229,7 @@ impl Reason {
             Reason::Expired => "seed expired".into(),
             Reason::ExpiredBeforeUpdate => "expired before its update".into(),
             Reason::FirstUse => "first successful AUTH".into(),
+            Reason::ReplacedByTransport => "replaced by transport re-enrollment".into(),
         }
     }
 }
@@ -242,6 +268,27 @@ pub enum Effect {
     /// A REVOKE command under this generation replaces any pending command
     /// (audited as "queue-revoke").
     QueueRevoke {
+        /// The generation it is made under.
+        generation: u8,
+    },
+    /// The old generation keeps verifying until `until` (a seed update's
+    /// grace period; covered by the record's tag).
+    Grace {
+        /// The generation in grace.
+        generation: u8,
+        /// End of the grace period, Unix seconds.
+        until: u64,
+    },
+    /// The pending UPDATE_SEED is answered (status 0).
+    AnswerUpdate,
+    /// The new seed is stored, PreActivation, under this generation.
+    NewSeed {
+        /// Its generation.
+        generation: u8,
+    },
+    /// An UPDATE_SEED command under this generation is queued (audited as
+    /// "queue-update").
+    QueueUpdate {
         /// The generation it is made under.
         generation: u8,
     },
@@ -538,6 +585,102 @@ pub fn decide(dev: &DeviceSnapshot, input: Input, now: u64) -> Result<Decision> 
                 effects: vec![Effect::EnrollKeys { update, transport }],
             })
         }
+        Input::Enrolled {
+            generation,
+            via,
+            grace_period,
+        } => {
+            // Only with a key the ENROLL rules allow now (the same rules
+            // as [`Input::Enroll`], asked again: a decision never rests on
+            // a check made outside it).
+            let keys = decide(
+                dev,
+                Input::Enroll {
+                    generation,
+                    update_asked: via == EnrollVia::Update,
+                },
+                now,
+            )?;
+            let allowed = keys.effects.iter().any(|e| {
+                matches!(
+                    (*e, via),
+                    (
+                        Effect::EnrollKeys {
+                            update: Some(_),
+                            ..
+                        },
+                        EnrollVia::Update
+                    ) | (
+                        Effect::EnrollKeys {
+                            transport: Some(_),
+                            ..
+                        },
+                        EnrollVia::Transport
+                    )
+                )
+            });
+            if !allowed {
+                return Err(Error::Verification);
+            }
+            let mut plan = Plan::new(dev);
+            match via {
+                // The old seed keeps verifying for the grace period, or
+                // until the new one is first used; the asked-for update
+                // is answered.
+                EnrollVia::Update => {
+                    if let Some(cur) = dev.seeds.last() {
+                        plan.effects.push(Effect::Grace {
+                            generation: cur.generation,
+                            until: now.saturating_add(grace_period),
+                        });
+                    }
+                    plan.effects.push(Effect::AnswerUpdate);
+                }
+                // A re-enrollment under Ktr closes transport enrollment
+                // and replaces an Active (expired) seed.
+                EnrollVia::Transport => {
+                    plan.effects.push(Effect::Transport {
+                        open: false,
+                        epoch: dev.epoch,
+                    });
+                    for pos in 0..dev.seeds.len() {
+                        if plan.state(pos) == KeyState::Active {
+                            plan.go(dev, pos, Event::Deactivate, Reason::ReplacedByTransport)?;
+                        }
+                    }
+                }
+            }
+            plan.effects.push(Effect::NewSeed { generation });
+            plan.effects.push(Effect::Audit { action: "enroll" });
+            Ok(plan.done())
+        }
+        Input::QueueUpdate {
+            pending,
+            renewal_years,
+        } => {
+            let cur = dev.seeds.last().ok_or(Error::NoSeed { device: dev.id })?;
+            if cur.state != KeyState::Active {
+                return Err(refusal_for(cur.state));
+            }
+            // The renewal pass: only within the class's renewal period.
+            if let Some(renew) = renewal_years
+                && u32::from(year_of(now)) + u32::from(renew) <= u32::from(last_year(cur.base_year))
+            {
+                return Ok(Decision::default());
+            }
+            match pending {
+                Some(op) if op == microcert_core::Opcode::REVOKE.get() => {
+                    Err(Error::RevokePending { device: dev.id })
+                }
+                // One command at a time: the pending one goes first.
+                Some(_) => Ok(Decision::default()),
+                None => Ok(Decision {
+                    effects: vec![Effect::QueueUpdate {
+                        generation: cur.generation,
+                    }],
+                }),
+            }
+        }
     }
 }
 
@@ -810,6 +953,48 @@ mod tests {
                 },
                 true,
             ),
+            (
+                "ENROLL opened (update)",
+                Input::Enrolled {
+                    generation: u8::MAX,
+                    via: EnrollVia::Update,
+                    grace_period: 3600,
+                },
+                false,
+            ),
+            (
+                "ENROLL opened (transport)",
+                Input::Enrolled {
+                    generation: u8::MAX,
+                    via: EnrollVia::Transport,
+                    grace_period: 3600,
+                },
+                true,
+            ),
+            (
+                "queue update",
+                Input::QueueUpdate {
+                    pending: None,
+                    renewal_years: None,
+                },
+                false,
+            ),
+            (
+                "queue update, REVOKE pending",
+                Input::QueueUpdate {
+                    pending: Some(microcert_core::Opcode::REVOKE.get()),
+                    renewal_years: None,
+                },
+                false,
+            ),
+            (
+                "renewal pass (1 year)",
+                Input::QueueUpdate {
+                    pending: None,
+                    renewal_years: Some(1),
+                },
+                false,
+            ),
         ]
     }
 
@@ -821,6 +1006,13 @@ mod tests {
             Input::Enroll { update_asked, .. } => Input::Enroll {
                 generation: d.highest_generation.map_or(0, |g| g + 1),
                 update_asked,
+            },
+            Input::Enrolled {
+                via, grace_period, ..
+            } => Input::Enrolled {
+                generation: d.highest_generation.map_or(0, |g| g + 1),
+                via,
+                grace_period,
             },
             other => other,
         };
@@ -855,6 +1047,12 @@ mod tests {
                 Effect::Transport { open: true, epoch } => format!("transport open e{epoch}"),
                 Effect::Transport { open: false, .. } => "transport closed".into(),
                 Effect::QueueRevoke { generation } => format!("REVOKE queued g{generation}"),
+                Effect::Grace { generation, until } => {
+                    format!("grace g{generation} +{}s", until.saturating_sub(NOW))
+                }
+                Effect::AnswerUpdate => "UPDATE_SEED answered".into(),
+                Effect::NewSeed { generation } => format!("new seed g{generation}"),
+                Effect::QueueUpdate { generation } => format!("UPDATE_SEED queued g{generation}"),
                 Effect::Audit { action } => format!("audit {action}"),
             })
             .collect();

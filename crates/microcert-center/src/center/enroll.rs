@@ -361,47 +361,19 @@ impl Center {
             grace_until: None,
         };
         integrity::retag(&*self.card, &mut row)?;
-        dev.highest_generation = Some(h.generation);
-        match via {
-            EnrollVia::Update => {
-                // The old seed keeps verifying for the grace period, or
-                // until the new one is first used.
-                if let Some(prev) = seeds.last_mut() {
-                    prev.grace_until = Some(now.saturating_add(self.config.grace_period));
-                    // grace_until is covered by the record's tag.
-                    let old_tag = prev.tag;
-                    integrity::retag(&*self.card, prev)?;
-                    tx.update_seed(prev)?;
-                    integrity::apply_change(tx, &*self.card, id, Some(&old_tag), &prev.tag)?;
-                }
-                if let Some(mut cmd) = tx.command(id)?
-                    && cmd.answered_at.is_none()
-                    && cmd.opcode == microcert_core::Opcode::UPDATE_SEED.get()
-                {
-                    cmd.answered_at = Some(now);
-                    cmd.status = Some(0);
-                    tx.put_command(&cmd)?;
-                }
-            }
-            EnrollVia::Transport => {
-                dev.transport_open = false;
-                // A re-enrollment under Ktr replaces an expired seed.
-                for s in seeds.iter_mut().filter(|s| s.state == KeyState::Active) {
-                    self.apply_event(
-                        tx,
-                        s,
-                        microcert_core::Event::Deactivate,
-                        now,
-                        actor,
-                        "replaced by transport re-enrollment",
-                    )?;
-                }
-            }
-        }
+        // How the device's seeds change around the new one: the policy's.
+        let decision = policy::decide(
+            &DeviceSnapshot::of(&dev, seeds.iter()),
+            policy::Input::Enrolled {
+                generation: h.generation,
+                via,
+                grace_period: self.config.grace_period,
+            },
+            now,
+        )?;
         // One audit entry per enrollment; a device registered by this
         // batch entry says so in it.
         let reason = if is_new {
-            self.put_device(tx, &mut dev, true)?;
             format!(
                 "via {}; registered class {} epoch {} by batch",
                 via.name(),
@@ -409,18 +381,22 @@ impl Center {
                 dev.epoch
             )
         } else {
-            self.put_device(tx, &mut dev, false)?;
             format!("via {}", via.name())
         };
-        tx.insert_seed(&row)?;
-        delta.add(id, None, &row.tag);
-        self.audit(
+        dev.highest_generation = Some(h.generation);
+        let fresh = super::Fresh {
+            row: &row,
+            register: is_new,
+            delta,
+        };
+        self.apply_decision(
             tx,
+            &mut dev,
+            &mut seeds,
+            &decision,
+            Some(fresh),
             now,
-            actor,
-            "enroll",
-            (Some(id), Some(h.generation)),
-            &reason,
+            (actor, &reason),
         )?;
         tracing::info!(device = %id, generation = h.generation, via = via.name(), "seed enrolled");
         Ok(Enrolled::New(receipt))

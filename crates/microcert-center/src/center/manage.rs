@@ -5,7 +5,7 @@ use microcert_core::{
     DeviceId, Event, Header, KeyState, Opcode, Receipt, Sender, make_command, verify_receipt,
 };
 
-use super::{CENTER_ACTOR, Center, malformed, now32, refusal_for, year_of};
+use super::{CENTER_ACTOR, Center, malformed, now32, year_of};
 use crate::card::random_u64;
 use crate::db::{
     AuditRecord, Blob, CommandRow, DeviceQuery, DeviceRow, DeviceView, SeedRow, Tx, with_read_tx,
@@ -230,36 +230,23 @@ impl Center {
         only_if_due: bool,
     ) -> Result<bool> {
         let mut dev = self.device_in(tx, id)?;
-        let seeds = self.seeds_checked(tx, id)?;
-        let cur = seeds.last().ok_or(Error::NoSeed { device: id })?;
-        if cur.state != KeyState::Active {
-            return Err(refusal_for(cur.state));
-        }
-        if only_if_due {
-            let renew = self.profile(dev.class)?.renewal_years;
-            let last_year = cur.base_year.saturating_add(microcert_core::SEED_YEARS - 1);
-            if u32::from(year_of(now)) + u32::from(renew) <= u32::from(last_year) {
-                return Ok(false);
-            }
-        }
-        if let Some(p) = tx.command(id)?.filter(|c| c.answered_at.is_none()) {
-            if p.opcode == Opcode::REVOKE.get() {
-                return Err(Error::RevokePending { device: id });
-            }
-            return Ok(false);
-        }
-        let cmd = self.build_command(&mut dev, cur, Opcode::UPDATE_SEED, now)?;
-        tx.put_command(&cmd)?;
-        self.put_device(tx, &mut dev, false)?;
-        self.audit(
-            tx,
-            now,
-            actor,
-            "queue-update",
-            (Some(id), Some(cur.generation)),
-            reason,
-        )?;
-        Ok(true)
+        let mut seeds = self.seeds_checked(tx, id)?;
+        let renewal_years = if only_if_due {
+            Some(self.profile(dev.class)?.renewal_years)
+        } else {
+            None
+        };
+        let pending = tx
+            .command(id)?
+            .filter(|c| c.answered_at.is_none())
+            .map(|c| c.opcode);
+        let input = policy::Input::QueueUpdate {
+            pending,
+            renewal_years,
+        };
+        let decision =
+            self.decide_and_apply(tx, &mut dev, &mut seeds, input, now, (actor, reason))?;
+        Ok(!decision.effects.is_empty())
     }
 
     /// Queues UPDATE_SEED for every device whose current seed is within its

@@ -43,6 +43,24 @@ use crate::profile::{CenterConfig, ClassProfile};
 use crate::replay::{MemoryGuard, ReplayMode};
 use crate::{Error, Result};
 
+/// The new seed of an accepted ENROLL, for [`Center::apply_decision`].
+pub(crate) struct Fresh<'a> {
+    /// The sealed, tagged record to insert.
+    pub row: &'a SeedRow,
+    /// Whether the device is registered by this ENROLL (a batch entry).
+    pub register: bool,
+    /// The batch's digest changes.
+    pub delta: &'a mut integrity::DigestDelta,
+}
+
+/// The seed of `generation` among a device's seeds.
+fn seed_mut(seeds: &mut [SeedRow], generation: u8) -> Result<&mut SeedRow> {
+    seeds
+        .iter_mut()
+        .find(|s| s.generation == generation)
+        .ok_or(Error::WrongGeneration)
+}
+
 /// The authentication center: a key database, an encryption card, a cache
 /// of opened seeds and the configuration. `Send + Sync`: share it in an
 /// `Arc` between threads.
@@ -128,7 +146,7 @@ pub(crate) fn malformed(e: microcert_core::Error) -> Error {
     Error::Malformed(e.to_string())
 }
 
-pub(crate) use crate::policy::{refusal_for, year_of};
+pub(crate) use crate::policy::year_of;
 
 impl Center {
     /// A center over any database and card. Replay records go to the
@@ -482,10 +500,8 @@ impl Center {
     }
 
     /// Decides `input` for a device by the life-cycle policy and applies
-    /// the decision's effects in `tx`, in order: transitions (audited with
-    /// their reason, `reason` being the operator's), the transport flag, a
-    /// REVOKE command, audit entries. The device row is written when it
-    /// changed. Returns the decision.
+    /// the decision's effects in `tx` ([`Center::apply_decision`]).
+    /// Returns the decision.
     pub(crate) fn decide_and_apply(
         &self,
         tx: &mut dyn Tx,
@@ -493,11 +509,32 @@ impl Center {
         seeds: &mut [SeedRow],
         input: policy::Input,
         now: u64,
-        (actor, reason): (&str, &str),
+        who: (&str, &str),
     ) -> Result<policy::Decision> {
         let snapshot = policy::DeviceSnapshot::of(dev, seeds.iter());
         let decision = policy::decide(&snapshot, input, now)?;
+        self.apply_decision(tx, dev, seeds, &decision, None, now, who)?;
+        Ok(decision)
+    }
+
+    /// Applies a decision's effects in `tx`, in order: transitions (audited
+    /// with their reason, `reason` being the operator's), the grace period
+    /// and the answer of a seed update, the transport flag, a command,
+    /// the new seed of an ENROLL (`fresh`), audit entries. The device row
+    /// is written when it changed.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn apply_decision(
+        &self,
+        tx: &mut dyn Tx,
+        dev: &mut DeviceRow,
+        seeds: &mut [SeedRow],
+        decision: &policy::Decision,
+        mut fresh: Option<Fresh<'_>>,
+        now: u64,
+        (actor, reason): (&str, &str),
+    ) -> Result<()> {
         let mut dev_changed = false;
+        let mut new_generation = None;
         for effect in &decision.effects {
             match *effect {
                 policy::Effect::Transition {
@@ -505,11 +542,27 @@ impl Center {
                     event,
                     reason: why,
                 } => {
-                    let row = seeds
-                        .iter_mut()
-                        .find(|s| s.generation == generation)
-                        .ok_or(Error::WrongGeneration)?;
+                    let row = seed_mut(seeds, generation)?;
                     self.apply_event(tx, row, event, now, actor, &why.text(reason))?;
+                }
+                policy::Effect::Grace { generation, until } => {
+                    let row = seed_mut(seeds, generation)?;
+                    row.grace_until = Some(until);
+                    // grace_until is covered by the record's tag.
+                    let old_tag = row.tag;
+                    integrity::retag(&*self.card, row)?;
+                    tx.update_seed(row)?;
+                    integrity::apply_change(tx, &*self.card, dev.id, Some(&old_tag), &row.tag)?;
+                }
+                policy::Effect::AnswerUpdate => {
+                    if let Some(mut cmd) = tx.command(dev.id)?
+                        && cmd.answered_at.is_none()
+                        && cmd.opcode == microcert_core::Opcode::UPDATE_SEED.get()
+                    {
+                        cmd.answered_at = Some(now);
+                        cmd.status = Some(0);
+                        tx.put_command(&cmd)?;
+                    }
                 }
                 policy::Effect::Transport { open, epoch } => {
                     dev.transport_open = open;
@@ -517,21 +570,41 @@ impl Center {
                     dev_changed = true;
                 }
                 policy::Effect::QueueRevoke { generation } => {
-                    let row = seeds
-                        .iter()
-                        .find(|s| s.generation == generation)
-                        .ok_or(Error::WrongGeneration)?;
-                    let cmd = self.build_command(dev, row, microcert_core::Opcode::REVOKE, now)?;
-                    dev_changed = true;
-                    tx.put_command(&cmd)?;
-                    self.audit(
+                    self.queue_command(
                         tx,
+                        dev,
+                        seeds,
+                        generation,
+                        microcert_core::Opcode::REVOKE,
                         now,
-                        actor,
-                        "queue-revoke",
-                        (Some(dev.id), Some(generation)),
-                        reason,
+                        (actor, reason),
                     )?;
+                    dev_changed = true;
+                }
+                policy::Effect::QueueUpdate { generation } => {
+                    self.queue_command(
+                        tx,
+                        dev,
+                        seeds,
+                        generation,
+                        microcert_core::Opcode::UPDATE_SEED,
+                        now,
+                        (actor, reason),
+                    )?;
+                    dev_changed = true;
+                }
+                policy::Effect::NewSeed { generation } => {
+                    let f = fresh.as_mut().ok_or(Error::NoSeed { device: dev.id })?;
+                    if f.row.generation != generation || f.row.device != dev.id {
+                        return Err(Error::WrongGeneration);
+                    }
+                    // The device row first: a device registered by this
+                    // ENROLL must exist before its seed.
+                    self.put_device(tx, dev, f.register)?;
+                    dev_changed = false;
+                    tx.insert_seed(f.row)?;
+                    f.delta.add(dev.id, None, &f.row.tag);
+                    new_generation = Some(generation);
                 }
                 policy::Effect::Audit { action } => {
                     let text = if action == "reopen-transport" {
@@ -539,7 +612,14 @@ impl Center {
                     } else {
                         reason.to_string()
                     };
-                    self.audit(tx, now, actor, action, (Some(dev.id), None), &text)?;
+                    self.audit(
+                        tx,
+                        now,
+                        actor,
+                        action,
+                        (Some(dev.id), new_generation),
+                        &text,
+                    )?;
                 }
                 policy::Effect::Use(_)
                 | policy::Effect::NotaryValid
@@ -549,7 +629,41 @@ impl Center {
         if dev_changed {
             self.put_device(tx, dev, false)?;
         }
-        Ok(decision)
+        Ok(())
+    }
+
+    /// Queues a command under `generation` (replacing any pending one),
+    /// audited as "queue-revoke" / "queue-update".
+    #[allow(clippy::too_many_arguments)]
+    fn queue_command(
+        &self,
+        tx: &mut dyn Tx,
+        dev: &mut DeviceRow,
+        seeds: &[SeedRow],
+        generation: u8,
+        opcode: microcert_core::Opcode,
+        now: u64,
+        (actor, reason): (&str, &str),
+    ) -> Result<()> {
+        let row = seeds
+            .iter()
+            .find(|s| s.generation == generation)
+            .ok_or(Error::WrongGeneration)?;
+        let cmd = self.build_command(dev, row, opcode, now)?;
+        tx.put_command(&cmd)?;
+        let action = if opcode == microcert_core::Opcode::REVOKE {
+            "queue-revoke"
+        } else {
+            "queue-update"
+        };
+        self.audit(
+            tx,
+            now,
+            actor,
+            action,
+            (Some(dev.id), Some(generation)),
+            reason,
+        )
     }
 
     pub(crate) fn audit(
