@@ -22,6 +22,7 @@ mod cert;
 mod config;
 mod datadir;
 mod demo;
+mod docsgen;
 mod factory;
 mod hexarg;
 mod loadgen;
@@ -95,6 +96,16 @@ enum Command {
         /// The suite: 1 (8-byte tags) or 2 (16-byte tags).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
         suite: u8,
+    },
+    /// Shell completions on stdout (e.g. `microcert completions bash > /etc/bash_completion.d/microcert`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Man pages, one per command (`microcert.1`, `microcert-serve.1`, ...), written into a directory.
+    Man {
+        /// The directory (made if missing).
+        dir: std::path::PathBuf,
     },
 }
 
@@ -195,6 +206,8 @@ fn main() -> ExitCode {
         Command::Card(CardTop::Base(cmd)) => done(card::run(cmd)),
         Command::Token(cmd) => done(tokencmd::run(cmd)),
         Command::Demo { suite } => done(demo::run(suite)),
+        Command::Completions { shell } => done(docsgen::completions::<Cli>(shell)),
+        Command::Man { dir } => done(docsgen::man_pages::<Cli>(&dir)),
     };
     match result {
         Ok(code) => code,
