@@ -99,7 +99,7 @@ fn reseed_interval_bounds() {
         Err(DrbgError::ReseedInterval)
     );
     d.set_reseed_interval(MAX_RESEED_INTERVAL).unwrap();
-    assert!(DEFAULT_RESEED_INTERVAL <= MAX_RESEED_INTERVAL);
+    const { assert!(DEFAULT_RESEED_INTERVAL <= MAX_RESEED_INTERVAL) };
 }
 
 #[test]
