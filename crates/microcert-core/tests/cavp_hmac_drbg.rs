@@ -211,3 +211,17 @@ fn cavp_hmac_drbg_sha256_prediction_resistance() {
         check_pr_true(v);
     }
 }
+
+#[test]
+fn one_flipped_entropy_bit_fails_the_first_vector() {
+    let mut v = parse(PR_FALSE).remove(0);
+    v.entropy[0] ^= 1;
+    let mut out = vec![0u8; v.returned.len()];
+    let mut s = HmacDrbgState::instantiate(&v.entropy, &v.nonce, &v.personalization);
+    s.reseed(&v.entropy_reseed, &v.additional_reseed);
+    s.generate(&mut out, &v.additional[0], MAX_RESEED_INTERVAL)
+        .unwrap();
+    s.generate(&mut out, &v.additional[1], MAX_RESEED_INTERVAL)
+        .unwrap();
+    assert_ne!(out, v.returned);
+}
