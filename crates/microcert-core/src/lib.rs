@@ -4,6 +4,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod csk;
+pub mod drbg;
 mod error;
 pub mod kdf;
 pub mod lifecycle;
@@ -13,6 +14,7 @@ mod secret;
 pub mod time;
 pub mod wire;
 
+pub use drbg::{Drbg, DrbgError, EntropySource};
 pub use error::{Error, Result};
 pub use kdf::{Purpose, aes_cmac, derive_key, kdf_ctr_cmac, transport_key};
 pub use lifecycle::{Event, KeyState, transition};

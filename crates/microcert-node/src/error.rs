@@ -48,6 +48,9 @@ pub enum Error {
     CounterExhausted,
     /// The entropy source failed to deliver random bytes.
     Entropy,
+    /// The random generator's known-answer self-test (SP 800-90A 11.3)
+    /// failed: the chip generates nothing.
+    SelfTest,
     /// The audience is neither the center nor a configured relying party.
     UnknownAudience,
     /// The audience table is full (see [`crate::MAX_AUDIENCES`]).
@@ -106,6 +109,7 @@ impl fmt::Display for Error {
             Error::GenerationsExhausted => f.write_str("no seed generation after 255"),
             Error::CounterExhausted => f.write_str("message counter exhausted"),
             Error::Entropy => f.write_str("entropy source failed"),
+            Error::SelfTest => f.write_str("random generator self-test failed"),
             Error::UnknownAudience => f.write_str("audience is not configured"),
             Error::AudienceTableFull => f.write_str("audience table is full"),
             Error::CenterAudience => f.write_str("a sealed message needs a relying party audience"),

@@ -9,7 +9,7 @@ use microcert_core::{
     make_enroll, make_receipt, time, verify_command, verify_receipt,
 };
 
-use crate::chip::{Answered, Entropy, Life};
+use crate::chip::{Answered, Life};
 use crate::error::{from_make, from_verify};
 use crate::node::Node;
 use crate::seedgen::{self, SEED_INPUT_LEN, SeedInput};
@@ -67,9 +67,14 @@ impl<S: ChipStorage> Node<S> {
             under_update,
             input: SeedInput([0; SEED_INPUT_LEN]),
         });
-        if rng.fill(&mut pending.input.0).is_err() {
+        // With prediction resistance: the DRBG reseeds from the entropy
+        // source right before it generates the seed's input.
+        let drawn = self
+            .rng
+            .fill(rng, record.device, record.epoch, &mut pending.input.0, true);
+        if let Err(e) = drawn {
             record.pending = None;
-            return Err(Error::Entropy);
+            return Err(e);
         }
         self.changed();
         self.build_pending(out)
@@ -132,6 +137,7 @@ impl<S: ChipStorage> Node<S> {
             make_receipt(&self.st().seed, &header, Sender::Node, reference, 0, out)
                 .map_err(from_make)
         });
+        self.rng.clear();
         let st = self.st_mut();
         st.wipe_keys();
         st.life = Life::Revoked;

@@ -10,9 +10,10 @@ use microcert_core::{
     make_signature, seal_in_place, time,
 };
 
-use crate::chip::{Answered, Entropy, Life, Personalization, SecureChip, Status};
+use crate::chip::{Answered, Life, Personalization, SecureChip, Status};
 use crate::error::from_make;
 use crate::scrub::scrub_stack;
+use crate::seedgen::Rng;
 use crate::storage::{AWAIT_MAX, Awaiting, CLASS1_MAX_SEALED, ChipStorage, NodeRecord};
 use crate::{Error, Result};
 
@@ -24,13 +25,18 @@ use crate::{Error, Result};
 /// [`crate::SoftStorage`].
 pub struct Node<S> {
     pub(crate) store: S,
+    /// The SP 800-90A DRBG every random byte comes from (RAM only).
+    pub(crate) rng: Rng,
 }
 
 impl<S: ChipStorage> Node<S> {
     /// The node over `store` (a blank record for a new chip, or one loaded
     /// from the element's non-volatile memory).
     pub fn from_storage(store: S) -> Self {
-        Node { store }
+        Node {
+            store,
+            rng: Rng::default(),
+        }
     }
 
     /// The storage, to save its record.
@@ -89,8 +95,9 @@ impl<S: ChipStorage> Node<S> {
             .checked_add(1)
             .ok_or(Error::CounterExhausted)?;
         let mut random = [0u8; 4];
-        let (record, rng) = self.store.parts();
-        rng.fill(&mut random).map_err(|_| Error::Entropy)?;
+        let (record, entropy) = self.store.parts();
+        self.rng
+            .fill(entropy, record.device, record.epoch, &mut random, false)?;
         record.r_counter = counter;
         self.changed();
         Ok((u64::from(counter) << 32) | u64::from(u32::from_be_bytes(random)))
@@ -319,6 +326,7 @@ impl<S: ChipStorage> SecureChip for Node<S> {
     }
 
     fn tamper(&mut self) {
+        self.rng.clear();
         let st = self.st_mut();
         st.wipe_keys();
         st.life = Life::Tampered;

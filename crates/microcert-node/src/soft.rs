@@ -23,7 +23,8 @@ use crate::storage::{NodeRecord, SoftStorage};
 pub type SoftChip<E> = Node<SoftStorage<E>>;
 
 impl<E: Entropy> Node<SoftStorage<E>> {
-    /// A blank chip drawing its randomness from `entropy`.
+    /// A blank chip whose DRBG is seeded from `entropy` (see
+    /// `microcert_core::drbg`).
     pub fn new(entropy: E) -> Self {
         Node::from_storage(SoftStorage::new(NodeRecord::blank(), entropy, true))
     }

@@ -122,8 +122,8 @@ impl NodeRecord {
 
 /// What a secure element must provide so that [`crate::Node`] runs the
 /// protocol on it: storage for the [`NodeRecord`] (keys, counters, the
-/// persistent image), a random source, and a hook told each time the record
-/// changed.
+/// persistent image), an entropy source, and a hook told each time the
+/// record changed.
 ///
 /// Nothing in it makes or checks a message: a hardware secure element that
 /// implements this trait gets AUTH, SIGNATURE, SEALED, ENROLL, COMMAND and
@@ -136,14 +136,17 @@ impl NodeRecord {
 /// the application save [`NodeRecord::to_image`] before it transmits, as
 /// [`SoftStorage`] does).
 pub trait ChipStorage {
-    /// The random source of the element (its TRNG).
+    /// The entropy source of the element (its TRNG). The node never uses
+    /// its bytes directly: they instantiate and reseed the node's SP 800-90A
+    /// HMAC_DRBG (`microcert_core::drbg`), whose output is every random byte
+    /// the node uses.
     type Rng: Entropy;
 
     /// The stored record.
     fn record(&self) -> &NodeRecord;
 
-    /// The stored record and the random source together (the node draws a
-    /// seed's generator input straight into the record).
+    /// The stored record and the entropy source together (the node's DRBG
+    /// writes a seed's generator input straight into the record).
     fn parts(&mut self) -> (&mut NodeRecord, &mut Self::Rng);
 
     /// The record changed: it must be persisted before the next transmission.

@@ -1,4 +1,5 @@
-//! The software encryption card: keys from the OS random generator, kept in
+//! The software encryption card: keys from an SP 800-90A HMAC_DRBG seeded
+//! from the OS random generator (see `os_random`), kept in
 //! memory in zeroizing buffers, sealed at rest in a card file under a key
 //! derived from a passphrase with Argon2id.
 //!
@@ -232,8 +233,154 @@ impl std::fmt::Debug for SoftwareCard {
     }
 }
 
+/// Every random byte of the software card (card keys, salts, nonces,
+/// seeds, challenges): output of the core's SP 800-90A HMAC_DRBG
+/// (`microcert_core::drbg`, SHA-256), one per process, instantiated from the
+/// OS generator (getrandom) at first use after its known-answer self-test,
+/// and reseeded from it every [`CARD_RESEED_REQUESTS`] requests, every
+/// [`CARD_RESEED_AGE`], and whenever the process id changed (a fork must not
+/// share the parent's state).
 fn os_random(out: &mut [u8]) -> Result<()> {
-    getrandom::fill(out).map_err(|e| Error::Card(format!("OS random generator: {e}")))
+    static RNG: Mutex<CardRng> = Mutex::new(CardRng::new());
+    RNG.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .fill(&mut OsEntropy, out)
+}
+
+/// Requests between two reseeds of the card's DRBG from the OS.
+pub(crate) const CARD_RESEED_REQUESTS: u64 = 1024;
+/// Longest time between two reseeds of the card's DRBG from the OS.
+pub(crate) const CARD_RESEED_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The operating system's generator as the DRBG's entropy source.
+struct OsEntropy;
+
+impl microcert_core::drbg::EntropySource for OsEntropy {
+    fn fill_entropy(
+        &mut self,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), microcert_core::DrbgError> {
+        getrandom::fill(buf).map_err(|_| microcert_core::DrbgError::Entropy)
+    }
+}
+
+/// The card's DRBG and when it was last seeded. Its state zeroizes on drop
+/// and prints redacted.
+#[derive(Debug)]
+struct CardRng {
+    drbg: Option<microcert_core::Drbg>,
+    pid: u32,
+    seeded: Option<std::time::Instant>,
+}
+
+impl CardRng {
+    const fn new() -> Self {
+        CardRng {
+            drbg: None,
+            pid: 0,
+            seeded: None,
+        }
+    }
+
+    fn fill(
+        &mut self,
+        source: &mut impl microcert_core::drbg::EntropySource,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let failed = |e: microcert_core::DrbgError| Error::Card(format!("random generator: {e}"));
+        let pid = std::process::id();
+        let drbg = match &mut self.drbg {
+            Some(d) if self.pid == pid => d,
+            slot => {
+                let mut d = microcert_core::Drbg::instantiate(source, b"MC-CARD-DRBG", false)
+                    .map_err(failed)?;
+                d.set_reseed_interval(CARD_RESEED_REQUESTS)
+                    .map_err(failed)?;
+                self.pid = pid;
+                self.seeded = Some(std::time::Instant::now());
+                slot.insert(d)
+            }
+        };
+        for chunk in out.chunks_mut(microcert_core::drbg::MAX_REQUEST_LEN) {
+            let counter = drbg.reseed_counter();
+            let stale = self.seeded.is_none_or(|t| t.elapsed() >= CARD_RESEED_AGE);
+            if stale {
+                drbg.reseed(source, b"").map_err(failed)?;
+                self.seeded = Some(std::time::Instant::now());
+            }
+            drbg.generate(source, chunk, false, b"").map_err(failed)?;
+            if drbg.reseed_counter() <= counter && !stale {
+                // The reseed counter limit made the DRBG reseed.
+                self.seeded = Some(std::time::Instant::now());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod rng_tests {
+    use std::cell::Cell;
+
+    use microcert_core::DrbgError;
+
+    use super::*;
+
+    struct Counting<'a>(&'a Cell<usize>, bool);
+
+    impl microcert_core::drbg::EntropySource for Counting<'_> {
+        fn fill_entropy(&mut self, buf: &mut [u8]) -> std::result::Result<(), DrbgError> {
+            self.0.set(self.0.get() + 1);
+            if self.1 {
+                return Err(DrbgError::Entropy);
+            }
+            buf.fill(0x5a);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn card_random_is_drbg_output_reseeded_by_count_and_age() {
+        let calls = Cell::new(0);
+        let mut src = Counting(&calls, false);
+        let mut rng = CardRng::new();
+        let mut a = [0u8; 32];
+        let mut b = [0u8; 32];
+        rng.fill(&mut src, &mut a).unwrap();
+        rng.fill(&mut src, &mut b).unwrap();
+        // One instantiation for both requests, and not the source's bytes.
+        assert_eq!(calls.get(), 1);
+        assert_ne!(a, [0x5a; 32]);
+        assert_ne!(a, b);
+        for _ in 2..CARD_RESEED_REQUESTS {
+            rng.fill(&mut src, &mut a).unwrap();
+        }
+        assert_eq!(calls.get(), 1);
+        rng.fill(&mut src, &mut a).unwrap();
+        assert_eq!(calls.get(), 2, "reseeded after CARD_RESEED_REQUESTS");
+        // Age: pretend the last seeding is old.
+        rng.seeded = std::time::Instant::now().checked_sub(CARD_RESEED_AGE);
+        rng.fill(&mut src, &mut a).unwrap();
+        assert_eq!(calls.get(), 3, "reseeded after CARD_RESEED_AGE");
+        // Another process id (a fork): instantiated anew.
+        rng.pid ^= 1;
+        rng.fill(&mut src, &mut a).unwrap();
+        assert_eq!(calls.get(), 4);
+        // More than one DRBG request's worth is served in pieces.
+        let mut big = vec![0u8; microcert_core::drbg::MAX_REQUEST_LEN * 2 + 5];
+        rng.fill(&mut src, &mut big).unwrap();
+        assert!(big[big.len() - 5..].iter().any(|b| *b != 0));
+        // A failing OS generator at a reseed: an error, no output.
+        rng.seeded = std::time::Instant::now().checked_sub(CARD_RESEED_AGE);
+        let mut broken = Counting(&calls, true);
+        let mut c = [0u8; 16];
+        assert!(rng.fill(&mut broken, &mut c).is_err());
+        assert_eq!(c, [0; 16]);
+        let mut fresh = CardRng::new();
+        assert!(fresh.fill(&mut broken, &mut c).is_err());
+        assert!(format!("{fresh:?}").contains("drbg: None"));
+        assert!(format!("{rng:?}").contains("<redacted>"));
+    }
 }
 
 fn file_key(passphrase: &[u8], salt: &[u8], p: KdfParams) -> Result<Zeroizing<[u8; 32]>> {
