@@ -433,7 +433,8 @@ fn inspect(hex: &str) -> anyhow::Result<ExitCode> {
 
 fn new_seed(out: &Path) -> anyhow::Result<()> {
     let mut bytes = Zeroizing::new([0u8; SEED_LEN]);
-    getrandom::fill(&mut bytes[..]).map_err(|e| anyhow::anyhow!("OS random generator: {e}"))?;
+    // A seed is key material: from the SP 800-90A DRBG (seeded from the OS).
+    microcert_center::card::card_random(&mut bytes[..])?;
     write_secret_file(out, &bytes[..])
 }
 

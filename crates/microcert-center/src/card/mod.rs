@@ -13,7 +13,7 @@ mod software;
 
 pub use shares::{ShareError, recover_secret, split_secret};
 pub(crate) use software::write_atomically;
-pub use software::{KdfParams, SoftwareCard};
+pub use software::{KdfParams, SoftwareCard, card_random};
 
 use std::fmt;
 use std::sync::{Mutex, PoisonError};

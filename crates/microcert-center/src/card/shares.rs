@@ -64,11 +64,13 @@ pub fn split_secret(secret: &[u8], shares: u8, threshold: u8) -> Result<Vec<Stri
         return Err(Error::ShareThreshold { threshold, shares });
     }
     let mut set_id = [0u8; 8];
-    getrandom::fill(&mut set_id).map_err(|e| Error::Card(format!("OS random generator: {e}")))?;
+    super::software::card_random(&mut set_id)?;
     let mut with_check = Zeroizing::new(Vec::with_capacity(secret.len() + CHECK_LEN));
     with_check.extend_from_slice(secret);
     with_check.extend_from_slice(&Sha256::digest(secret)[..CHECK_LEN]);
-    let rng = rand_core::UnwrapErr(getrandom::SysRng);
+    // The share polynomials' coefficients are key material: from the
+    // card's SP 800-90A DRBG like every other key the software card makes.
+    let rng = rand_core::UnwrapErr(CardRng);
     let mut raw = Gf256::split_bytes(
         usize::from(threshold),
         usize::from(shares),
@@ -92,6 +94,44 @@ pub fn split_secret(secret: &[u8], shares: u8, threshold: u8) -> Result<Vec<Stri
     }
     Ok(out)
 }
+
+/// The software card's DRBG as a `rand_core` generator.
+#[derive(Debug)]
+struct CardRng;
+
+/// Why the card's DRBG gave no bytes.
+#[derive(Debug)]
+struct CardRngError;
+
+impl core::fmt::Display for CardRngError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("the card's random generator failed")
+    }
+}
+
+impl core::error::Error for CardRngError {}
+
+impl rand_core::TryRng for CardRng {
+    type Error = CardRngError;
+
+    fn try_next_u32(&mut self) -> core::result::Result<u32, Self::Error> {
+        let mut b = [0u8; 4];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn try_next_u64(&mut self) -> core::result::Result<u64, Self::Error> {
+        let mut b = [0u8; 8];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> core::result::Result<(), Self::Error> {
+        super::software::card_random(dst).map_err(|_| CardRngError)
+    }
+}
+
+impl rand_core::TryCryptoRng for CardRng {}
 
 struct Parsed {
     set_id: [u8; 8],

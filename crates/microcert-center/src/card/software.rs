@@ -241,6 +241,13 @@ impl std::fmt::Debug for SoftwareCard {
 /// [`CARD_RESEED_AGE`], and whenever the process id changed (a fork must not
 /// share the parent's state).
 fn os_random(out: &mut [u8]) -> Result<()> {
+    card_random(out)
+}
+
+/// Fills `out` from the software card's SP 800-90A DRBG (one per process,
+/// seeded and reseeded from the OS): for every key the card, its shares
+/// and the offline tools make.
+pub fn card_random(out: &mut [u8]) -> Result<()> {
     static RNG: Mutex<CardRng> = Mutex::new(CardRng::new());
     RNG.lock()
         .unwrap_or_else(PoisonError::into_inner)
