@@ -133,10 +133,109 @@ fn chip_images(state: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// A data directory with a card, an operator and a verifier token and
+/// `count` chips, on `database` (None: SQLite in the data directory).
+struct Fleet {
+    dir: tempfile::TempDir,
+    db: Vec<String>,
+    operator: String,
+    verifier: String,
+}
+
+impl Fleet {
+    fn new(count: u32, database: Option<String>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db: Vec<String> = database
+            .map(|u| vec!["--database".to_owned(), u])
+            .unwrap_or_default();
+        let data = dir.path().join("data");
+        let d = data.to_str().unwrap().to_owned();
+        let cmd = |args: &[&str]| {
+            let mut all: Vec<&str> = args.to_vec();
+            all.extend(["--data", &d]);
+            all.extend(db.iter().map(String::as_str));
+            stdout(&run(&all)).trim().to_owned()
+        };
+        cmd(&["card", "init"]);
+        let operator = cmd(&["token", "create", "--role", "operator", "--name", "alice"]);
+        let verifier = cmd(&[
+            "token",
+            "create",
+            "--role",
+            "verifier",
+            "--name",
+            "billing.example",
+        ]);
+        let out = dir.path().join("chips");
+        cmd(&[
+            "factory",
+            "provision",
+            "--count",
+            &count.to_string(),
+            "--class",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        Fleet {
+            dir,
+            db,
+            operator,
+            verifier,
+        }
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn chips(&self) -> std::path::PathBuf {
+        self.dir.path().join("chips").join("chips.jsonl")
+    }
+
+    fn state(&self) -> std::path::PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn serve(&self) -> Server {
+        let extra: Vec<&str> = self.db.iter().map(String::as_str).collect();
+        Server::start_with(&self.data(), &extra, &[])
+    }
+
+    /// A local command on this fleet's data directory and database.
+    fn local(&self, args: &[&str]) -> std::process::Output {
+        bin()
+            .args(args)
+            .arg("--data")
+            .arg(self.data())
+            .args(&self.db)
+            .env("MICROCERT_PASSPHRASE", PASSPHRASE)
+            .output()
+            .unwrap()
+    }
+}
+
 #[test]
 fn soak_under_kills_keeps_every_acknowledged_change() {
-    let seconds = soak_seconds();
-    let setup = Setup::new(25);
+    soak(&Fleet::new(25, None), soak_seconds(), None);
+}
+
+/// The same on PostgreSQL, whose server is also restarted under the load
+/// every fourth cycle (the center must fail fast while it is gone and
+/// recover when it is back, losing nothing it acknowledged).
+#[test]
+fn soak_on_postgresql_under_kills_and_database_restarts() {
+    let Some(pg) = microcert_testkit::postgres::PgServer::start(&["soak"]) else {
+        return;
+    };
+    let seconds = std::env::var("SOAK_PG_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(soak_seconds() / 2);
+    soak(&Fleet::new(25, Some(pg.url("soak"))), seconds, Some(&pg));
+}
+
+fn soak(setup: &Fleet, seconds: u64, pg: Option<&microcert_testkit::postgres::PgServer>) {
     let all: Vec<String> = std::fs::read_to_string(setup.chips())
         .unwrap()
         .lines()
@@ -171,7 +270,7 @@ fn soak_under_kills_keeps_every_acknowledged_change() {
     let rp = setup.verifier.clone();
 
     // Enrollment of every chip while the center is steady.
-    let mut server = Server::start(&setup.data());
+    let mut server = setup.serve();
     for (chips, state) in [
         (&probe_chips, &probe_state_s),
         (&fleet_chips, &fleet_state_s),
@@ -203,7 +302,7 @@ fn soak_under_kills_keeps_every_acknowledged_change() {
     let mut suspended: BTreeSet<String> = BTreeSet::new();
     let mut tokens: Vec<String> = Vec::new();
     let mut rss: Vec<u64> = Vec::new();
-    let (mut kills, mut clean_stops, mut cycles) = (0u32, 0u32, 0u32);
+    let (mut kills, mut clean_stops, mut cycles, mut db_restarts) = (0u32, 0u32, 0u32, 0u32);
     let mut replays_refused = 0u64;
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
@@ -298,13 +397,7 @@ fn soak_under_kills_keeps_every_acknowledged_change() {
             }
             _ => {
                 let name = format!("soak-{cycles}");
-                let out = bin()
-                    .args(["token", "create", "--data"])
-                    .arg(setup.data())
-                    .args(["--role", "auditor", "--name", &name])
-                    .env("MICROCERT_PASSPHRASE", PASSPHRASE)
-                    .output()
-                    .unwrap();
+                let out = setup.local(&["token", "create", "--role", "auditor", "--name", &name]);
                 if out.status.success() {
                     tokens.push(stdout(&out).trim().to_owned());
                 }
@@ -312,9 +405,32 @@ fn soak_under_kills_keeps_every_acknowledged_change() {
         }
 
         // The fault: at a random point of the load, a SIGKILL (two cycles
-        // in three) or a clean stop.
+        // in three) or a clean stop; on PostgreSQL every fourth cycle the
+        // database goes away under the load and comes back instead.
         std::thread::sleep(Duration::from_millis(300 + rand_below(2500)));
         rss.push(server.rss_kib());
+        if let Some(pg) = pg.filter(|_| cycles % 4 == 2) {
+            pg.stop();
+            std::thread::sleep(Duration::from_millis(500 + rand_below(1500)));
+            pg.start_again();
+            db_restarts += 1;
+            let _ = wait_bounded(load, Duration::from_secs(30));
+            // The same center process serves again once the database is back.
+            let back = Instant::now() + Duration::from_secs(30);
+            let mut ok = false;
+            while Instant::now() < back && !ok {
+                let (st, _) = http.get_json(format!("{}/v1/devices?limit=1", server.http), &op);
+                ok = st == 200;
+                if !ok {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+            assert!(
+                ok,
+                "the center did not recover within 30 s of the database's return"
+            );
+            continue;
+        }
         if cycles % 3 == 0 {
             server.stop();
             clean_stops += 1;
@@ -323,7 +439,7 @@ fn soak_under_kills_keeps_every_acknowledged_change() {
             kills += 1;
         }
         let _ = wait_bounded(load, Duration::from_secs(30));
-        server = Server::start(&setup.data());
+        server = setup.serve();
     }
 
     // Steady again: let one clean load run finish so commands are obeyed.
@@ -376,24 +492,14 @@ fn soak_under_kills_keeps_every_acknowledged_change() {
     rss.push(server.rss_kib());
     server.stop();
 
-    let data = setup.data();
-    let d = data.to_str().unwrap();
-    let check = bin()
-        .args(["integrity", "check-local", "--data", d])
-        .env("MICROCERT_PASSPHRASE", PASSPHRASE)
-        .output()
-        .unwrap();
+    let check = setup.local(&["integrity", "check-local"]);
     assert!(
         check.status.success(),
         "integrity after the soak: {}{}",
         stdout(&check),
         stderr(&check)
     );
-    let audit = bin()
-        .args(["audit", "verify-local", "--data", d])
-        .env("MICROCERT_PASSPHRASE", PASSPHRASE)
-        .output()
-        .unwrap();
+    let audit = setup.local(&["audit", "verify-local"]);
     assert!(
         audit.status.success(),
         "audit chain after the soak: {}{}",
@@ -404,7 +510,8 @@ fn soak_under_kills_keeps_every_acknowledged_change() {
     let max = rss.iter().copied().max().unwrap_or(0);
     let min = rss.iter().copied().filter(|&r| r > 0).min().unwrap_or(0);
     println!(
-        "soak: {seconds} s, {cycles} cycles, {kills} SIGKILLs, {clean_stops} clean stops; \
+        "soak: {seconds} s, {cycles} cycles, {kills} SIGKILLs, {clean_stops} clean stops, \
+         {db_restarts} database restarts; \
          {} AUTHs probed, {replays_refused} replays refused; {} revocations, {} suspensions, \
          {} tokens acknowledged and kept; RSS KiB min {min} max {max} samples {rss:?}",
         accepted_auths.len(),
@@ -414,6 +521,10 @@ fn soak_under_kills_keeps_every_acknowledged_change() {
     );
     assert!(cycles >= 3, "the soak ran too few cycles to mean anything");
     assert!(kills >= 1);
+    assert!(
+        pg.is_none() || db_restarts >= 1,
+        "the database was never restarted"
+    );
     assert!(
         !accepted_auths.is_empty(),
         "the probe's AUTHs were never accepted"
