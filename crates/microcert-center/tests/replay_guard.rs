@@ -496,3 +496,76 @@ fn an_old_format_state_file_is_read_as_an_unclean_stop() {
     let (b, _) = fleet[0].auth(&C, t + 31);
     center.verify_auth(&b, &C, t + 31).unwrap();
 }
+
+/// Gap 1 (issue 12 review): a validly tagged *older* copy of the state
+/// file put back, after a clean stop or after a crash, must not bring back
+/// AUTHs accepted since the copy was taken.
+#[test]
+fn an_older_state_file_put_back_reopens_no_replay() {
+    let t = NOW + 10;
+    for how in [End::Clean, End::Crash] {
+        let what = format!("a copy taken after a {how:?} stop");
+        let dir = tempfile::tempdir().unwrap();
+        let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+        let state = dir.path().join("c.db-replay");
+        let (center, mut fleet) = setup(dir.path(), card.clone(), 2);
+        let (a, _) = fleet[0].auth(&C, t);
+        center.verify_auth(&a, &C, t).unwrap();
+        end(center, how);
+        let old = std::fs::read(&state).unwrap();
+        // The next run accepts b, past the mark of the copy, and stops
+        // the same way.
+        let c = open(dir.path(), card.clone());
+        let tb = t + 40;
+        let (b, _) = fleet[1].auth(&C, tb);
+        c.verify_auth(&b, &C, tb)
+            .unwrap_or_else(|e| panic!("{what}: b refused: {e}"));
+        end(c, how);
+        // The attacker puts the older copy back.
+        std::fs::write(&state, &old).unwrap();
+        let c = open(dir.path(), card.clone());
+        assert!(refused(&c, &b, tb + 1), "{what}: b replayed");
+        assert!(refused(&c, &a, tb + 1), "{what}: a replayed");
+        drop(c);
+        // Still refused after a clean restart.
+        let c = open(dir.path(), card.clone());
+        assert!(refused(&c, &b, tb + 2), "{what}: b replayed later");
+    }
+}
+
+/// Gap 1: deleting both the state file and the key database's marker of
+/// the guard is not a first start while the database has used seeds.
+#[test]
+fn deleting_the_state_file_and_the_marker_is_not_a_first_start() {
+    let t = NOW + 10;
+    for how in [End::Clean, End::Crash] {
+        let what = format!("after a {how:?} stop");
+        let dir = tempfile::tempdir().unwrap();
+        let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+        let (center, mut fleet) = setup(dir.path(), card.clone(), 2);
+        let (a, _) = fleet[0].auth(&C, t);
+        center.verify_auth(&a, &C, t).unwrap();
+        end(center, how);
+        std::fs::remove_file(dir.path().join("c.db-replay")).unwrap();
+        let conn = rusqlite::Connection::open(dir.path().join("c.db")).unwrap();
+        let n = conn
+            .execute("DELETE FROM marks WHERE name = 'memory_guard'", [])
+            .unwrap();
+        assert_eq!(n, 1, "the marker row exists");
+        drop(conn);
+        let c = open(dir.path(), card.clone());
+        assert!(refused(&c, &a, t + 1), "{what}: a replayed");
+        // The safe path: nothing up to now plus the window passes.
+        let (b, _) = fleet[1].auth(&C, t + 2);
+        assert!(
+            refused(&c, &b, t + 2),
+            "{what}: a fresh message before the window"
+        );
+        drop(c);
+        let c = open(dir.path(), card.clone());
+        let later = t + 1 + 332;
+        let (d, _) = fleet[1].auth(&C, later);
+        c.verify_auth(&d, &C, later)
+            .unwrap_or_else(|e| panic!("{what}: refused past the window: {e}"));
+    }
+}
