@@ -332,4 +332,32 @@ mod tests {
         let s = w2.observe(1_000_000, Some(1_000_000 + 151), 30).unwrap();
         assert!(s.seconds() < 0 && s.to_string().contains("backward"));
     }
+
+    /// Gap 4: the boot reference. On Linux the system clock knows its host
+    /// and boot, and the boot's start by the wall clock stays put while
+    /// time passes; manual clocks are boots of their own on one host.
+    #[test]
+    fn the_boot_reference_is_stable_without_a_step() {
+        if cfg!(target_os = "linux") {
+            let c = SystemClock::new();
+            let a = c.boot().expect("a boot id and /proc/uptime");
+            let wa = c.wall();
+            std::thread::sleep(Duration::from_millis(1100));
+            let b = c.boot().unwrap();
+            let wb = c.wall();
+            assert_eq!((a.host, a.id), (b.host, b.id));
+            assert!(b.since > a.since);
+            let origin = |w: u64, s: Duration| w.saturating_sub(s.as_secs());
+            assert!(origin(wa, a.since).abs_diff(origin(wb, b.since)) <= 2);
+        }
+        let m1 = ManualClock::new(1_000);
+        let m2 = ManualClock::new(1_000);
+        let (b1, b2) = (m1.boot().unwrap(), m2.boot().unwrap());
+        assert_eq!(b1.host, b2.host);
+        assert_ne!(b1.id, b2.id);
+        m1.advance(50);
+        assert_eq!(m1.boot().unwrap().since, Duration::from_secs(50));
+        m1.step(5_000);
+        assert_eq!(m1.boot().unwrap().since, Duration::from_secs(50));
+    }
 }

@@ -995,3 +995,136 @@ fn shard_of(device: DeviceId, r: u64) -> usize {
     // r is random per message, so it spreads one device's messages too.
     ((r ^ device.to_u64()) as usize) % SHARDS
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_000_000;
+    const WINDOW: u64 = 331;
+
+    fn st(epoch: u64, mark: u64, floor: u64, clean: bool) -> State {
+        State {
+            epoch,
+            mark,
+            floor,
+            pruned: 0,
+            clean,
+        }
+    }
+
+    fn one_key() -> Vec<LiveRow> {
+        vec![((DeviceId([1; 8]), 0, 7), 450, 800)]
+    }
+
+    /// Runs [`decide`]: the state, how many live keys, the verdict.
+    fn run(
+        found: Found,
+        record: DbRecord,
+        expected: bool,
+        in_use: bool,
+    ) -> (State, usize, Verdict) {
+        let (s, live, v) = decide(found, record, expected, NOW, WINDOW, || Ok(in_use)).unwrap();
+        (s, live.len(), v)
+    }
+
+    /// Gap 1: whatever the file says, the floor after a start is at least
+    /// the key database's mark, the clean stop's live keys are loaded only
+    /// from the file of the database's epoch, and the next epoch is above
+    /// the database's; without a trusted record the window is waited out.
+    #[test]
+    fn every_file_and_record_combination_keeps_the_floor() {
+        let rec = DbRecord::Good {
+            epoch: 5,
+            mark: 500,
+        };
+        let wait = NOW + WINDOW;
+        let (s, n, v) = run(
+            Found::Good(st(5, 480, 100, true), one_key()),
+            rec,
+            true,
+            true,
+        );
+        assert_eq!(
+            (s.floor, s.mark, s.epoch, n, v),
+            (100, 500, 6, 1, Verdict::Clean)
+        );
+        let cases: Vec<(Found, u64, Verdict)> = vec![
+            (
+                Found::Good(st(5, 470, 100, false), vec![]),
+                500,
+                Verdict::Unclean,
+            ),
+            (
+                Found::Good(st(4, 400, 100, true), one_key()),
+                500,
+                Verdict::CrashBetween,
+            ),
+            (
+                Found::Good(st(3, 300, 100, true), one_key()),
+                500,
+                Verdict::FileTampered("is an older copy"),
+            ),
+            (
+                Found::Good(st(6, 600, 100, true), one_key()),
+                wait,
+                Verdict::WaitOut("is older than the replay guard's state file"),
+            ),
+            (Found::Nothing, 500, Verdict::FileTampered("is missing")),
+            (Found::Bad, 500, Verdict::FileTampered("fails its card tag")),
+        ];
+        for (found, floor, verdict) in cases {
+            let (s, n, v) = run(found, rec, true, true);
+            assert_eq!((s.floor, n, v), (floor, 0, verdict));
+            assert!(s.epoch > 5 && s.mark >= s.floor && !s.clean, "{v:?}");
+        }
+        for found in [Found::V1(st(0, 300, 200, true)), Found::Legacy(300)] {
+            let (s, n, v) = run(found, rec, true, true);
+            assert_eq!((s.floor, n), (500, 0));
+            assert!(matches!(v, Verdict::FileTampered(_)));
+        }
+        // The version before the epoch: its file as an unclean stop.
+        let (s, n, v) = run(
+            Found::V1(st(0, 300, 200, true)),
+            DbRecord::Legacy,
+            true,
+            true,
+        );
+        assert_eq!((s.floor, s.epoch, n, v), (300, 1, 0, Verdict::Unclean));
+        for found in [
+            Found::Nothing,
+            Found::Bad,
+            Found::Good(st(2, 300, 0, true), vec![]),
+        ] {
+            let (s, _, v) = run(found, DbRecord::Legacy, true, true);
+            assert_eq!(s.floor, wait);
+            assert!(matches!(v, Verdict::WaitOut(_)));
+        }
+        // A record failing its tag, or missing where it should be.
+        let (s, _, v) = run(
+            Found::Good(st(5, 480, 100, true), one_key()),
+            DbRecord::Bad,
+            true,
+            true,
+        );
+        assert_eq!(s.floor, wait);
+        assert!(matches!(v, Verdict::WaitOut(_)));
+        for (found, expected, in_use) in [
+            (Found::Nothing, true, false),
+            (Found::Nothing, false, true),
+            (Found::Good(st(5, 480, 100, true), one_key()), false, false),
+            (Found::Bad, false, false),
+            (Found::Legacy(300), false, true),
+            (Found::V1(st(0, 300, 200, false)), false, true),
+        ] {
+            let (s, n, v) = run(found, DbRecord::Missing, expected, in_use);
+            assert_eq!((s.floor, n), (wait, 0));
+            assert!(matches!(v, Verdict::WaitOut(_)), "{v:?}");
+        }
+        // A new database; an upgrade from the version before the marker.
+        let (s, _, v) = run(Found::Nothing, DbRecord::Missing, false, false);
+        assert_eq!((s.floor, s.epoch, v), (0, 1, Verdict::First));
+        let (s, _, v) = run(Found::Legacy(300), DbRecord::Missing, false, false);
+        assert_eq!((s.floor, s.epoch, v), (300, 1, Verdict::Unclean));
+    }
+}
