@@ -545,6 +545,12 @@ impl Verdict {
     }
 }
 
+/// The epoch after `e`, in 1..=2^32-1 (it is kept in 32 bits in the key
+/// database; 0 marks the versions before it).
+fn next_epoch(e: u64) -> u64 {
+    (e % 0xffff_ffff) + 1
+}
+
 /// The state to start from, the live keys to load, and how the state was
 /// read, from the state file (`found`), the database's record, whether the
 /// database said at open that the guard ran (`expected`), the first `now`
@@ -569,7 +575,7 @@ fn decide(
     let unclean = |floor: u64, epoch: u64, verdict: Verdict| {
         let floor = floor.max(file_floor);
         let state = State {
-            epoch: epoch.max(file_epoch).saturating_add(1) & 0xffff_ffff,
+            epoch: next_epoch(epoch.max(file_epoch)),
             mark: floor,
             floor,
             pruned: file_pruned,
@@ -587,7 +593,7 @@ fn decide(
         DbRecord::Good { epoch, mark } => match found {
             Found::Good(s, live) if s.epoch == epoch && s.clean => Ok((
                 State {
-                    epoch: epoch.saturating_add(1) & 0xffff_ffff,
+                    epoch: next_epoch(epoch),
                     mark: s.mark.max(mark),
                     ..s
                 },
@@ -1126,5 +1132,8 @@ mod tests {
         assert_eq!((s.floor, s.epoch, v), (0, 1, Verdict::First));
         let (s, _, v) = run(Found::Legacy(300), DbRecord::Missing, false, false);
         assert_eq!((s.floor, s.epoch, v), (300, 1, Verdict::Unclean));
+        // The epoch fits the database's 32 bits and is never 0.
+        assert_eq!(next_epoch(5), 6);
+        assert_eq!(next_epoch(0xffff_ffff), 1);
     }
 }
