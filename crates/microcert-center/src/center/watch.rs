@@ -117,7 +117,12 @@ impl crate::replay::GuardStore for GuardRecord {
     fn in_use(&self) -> Result<bool> {
         // With `now` and the year at their maxima, the seeds "to expire"
         // are every Active seed (of any generation): one indexed lookup.
-        if !self.db.devices_to_expire(u64::MAX, u16::MAX, 1)?.is_empty() {
+        // (`now` stays within the backends' signed 64-bit column.)
+        if !self
+            .db
+            .devices_to_expire(i64::MAX as u64, u16::MAX, 1)?
+            .is_empty()
+        {
             return Ok(true);
         }
         let suspended = crate::db::DeviceQuery {
