@@ -32,11 +32,29 @@
 //!   the file in one transaction (live keys out, clean = 0, floor kept),
 //!   so an interruption at any step leaves either the old state or the new
 //!   one, and both are safe ([`FaultPoint`] lets tests stop at each step).
-//! - An edit of the state file from outside (a lowered mark, floor or
-//!   high-water, clean set, live keys deleted) fails the tag: the guard
-//!   then logs an error, counts `microcert_replay_state_tamper_total` and
-//!   starts as after the worst crash, with a floor of the first `now` it
-//!   sees plus the longest skew window: nothing accepted before can pass.
+//! - The file cannot be put back to an older copy (gap 1 of issue 12's
+//!   review). Each start counts an *epoch*, and the key database holds the
+//!   guard's record (the `memory_guard` mark, card-tagged): the epoch and
+//!   the mark, written before the state file at every start and before
+//!   the file at every raise of the mark, so it is never behind the file.
+//!   The live keys of a clean stop are loaded only from a file of the
+//!   database's epoch (a file's clean state is written once per epoch, at
+//!   its clean stop). A file of another epoch, a missing file, or one that
+//!   fails its tag is read as an unclean stop whose floor is at least the
+//!   database's mark (an upper bound of every t ever accepted): nothing
+//!   accepted before can pass, and devices are refused at most the lease.
+//!   A file one epoch behind is the crash between the two writes of a
+//!   start; anything else is logged as tampering and counted in
+//!   `microcert_replay_state_tamper_total`.
+//! - When the database's record cannot be trusted (it fails its tag, or
+//!   it is missing while the file of this version or the database's
+//!   marker says the guard ran, or while any seed is in use (Active or
+//!   Suspended) and there is no file either), the guard starts as after
+//!   the worst crash: an error in the log, the tamper counter, and a floor
+//!   of the first `now` it sees plus the longest freshness window, so that
+//!   everything accepted before has expired when it lifts. Deleting the
+//!   state file and the database's record together is therefore not a
+//!   first start.
 //!
 //! Devices whose clocks are right are refused for at most [`MARK_LEASE`]
 //! seconds (plus the skew of a node whose clock runs ahead) after an
@@ -66,8 +84,11 @@ pub const MARK_LEASE: u64 = 30;
 const SHARDS: usize = 64;
 
 /// Domain bytes of the state file's card tag (in a record tag's input, so
-/// no other record's tag can stand for it).
-const STATE_DOMAIN: &[u8] = b"MC-REPLAY-STATE\x01";
+/// no other record's tag can stand for it): the version with the epoch.
+const STATE_DOMAIN: &[u8] = b"MC-REPLAY-STATE\x02";
+
+/// The same for the version before the epoch (read as legacy only).
+const STATE_DOMAIN_V1: &[u8] = b"MC-REPLAY-STATE\x01";
 
 /// Which replay protection a center uses for AUTH and SEALED.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -91,9 +112,10 @@ pub enum ReplayMode {
 /// (from 1) of its start-up or of its clean shutdown. The state file is
 /// left as a killed process would leave it (an open transaction rolls
 /// back). Start-up: 1 file opened and locked, 2 state read and its tag
-/// checked, 3 live keys deleted, 4 state row written, 5 committed.
-/// Shutdown: 1 live keys collected, 2 old live rows deleted, 3 live keys
-/// written, 4 state row written (clean), 5 committed.
+/// checked and the database's record read, 3 the database's record
+/// written (next epoch), 4 live keys deleted, 5 state row written, 6
+/// committed. Shutdown: 1 live keys collected, 2 old live rows deleted, 3
+/// live keys written, 4 state row written (clean), 5 committed.
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultPoint {
@@ -104,13 +126,39 @@ pub enum FaultPoint {
 }
 
 impl FaultPoint {
-    /// Steps of start-up and of shutdown.
-    pub const STEPS: u32 = 5;
+    /// Steps of start-up.
+    pub const START_STEPS: u32 = 6;
+    /// Steps of shutdown.
+    pub const STOP_STEPS: u32 = 5;
 }
 
-/// Called once the guard's state file is written at start-up (records in
-/// the key database that a state file now exists).
-pub(crate) type StartedHook = Box<dyn Fn() -> Result<()> + Send + Sync>;
+/// The guard's record in the key database, as read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DbRecord {
+    /// No record.
+    Missing,
+    /// The marker of the version before the epoch: a state file exists.
+    Legacy,
+    /// The epoch of the latest start and the highest mark.
+    Good { epoch: u64, mark: u64 },
+    /// A record that fails its card tag (or holds no valid value).
+    Bad,
+}
+
+/// The guard's record in the key database (implemented over the center's
+/// marks, `crate::center::watch`).
+pub(crate) trait GuardStore: Send + Sync {
+    /// Reads the record.
+    fn read(&self) -> Result<DbRecord>;
+    /// Writes the record (durable when it returns).
+    fn write(&self, epoch: u64, mark: u64) -> Result<()>;
+    /// Whether any seed is in use (Active or Suspended): messages may have
+    /// been accepted on this database before.
+    fn in_use(&self) -> Result<bool>;
+}
+
+/// The guard's record in the key database.
+pub(crate) type StartedHook = Box<dyn GuardStore>;
 
 type Key = (DeviceId, u8, u64);
 type LiveRow = (Key, u32, u64);
@@ -138,6 +186,8 @@ impl Shard {
 /// The persisted state of the guard (one row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct State {
+    /// The start counter (0: a file of the version before it).
+    epoch: u64,
     mark: u64,
     floor: u64,
     pruned: u64,
@@ -157,6 +207,15 @@ CREATE TABLE IF NOT EXISTS state (
 );
 CREATE TABLE IF NOT EXISTS guard (
     id INTEGER PRIMARY KEY CHECK (id = 1),
+    mark INTEGER NOT NULL,
+    floor INTEGER NOT NULL,
+    pruned INTEGER NOT NULL,
+    clean INTEGER NOT NULL,
+    tag BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS guard2 (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    epoch INTEGER NOT NULL,
     mark INTEGER NOT NULL,
     floor INTEGER NOT NULL,
     pruned INTEGER NOT NULL,
@@ -186,15 +245,23 @@ enum Found {
     /// A state whose tag verifies, with the live keys of a clean stop.
     Good(State, Vec<LiveRow>),
     /// A state that fails its tag: its values cannot be trusted.
-    Bad(State),
-    /// A file of a version before the tag (only its mark): trusted as an
-    /// unclean stop on the first start of this version on the database.
+    Bad,
+    /// A file of the version before the epoch whose tag verifies: its
+    /// mark and floor, read as an unclean stop.
+    V1(State),
+    /// A file of a version before the tag (only its mark).
     Legacy(u64),
 }
 
 /// The card tag over the state and the live keys (sorted, so the order of
-/// rows in the file does not matter).
-fn state_tag(card: &dyn EncryptionCard, s: &State, live: &[LiveRow]) -> Result<[u8; TAG_LEN]> {
+/// rows in the file does not matter); `v1`: as the version before the
+/// epoch computed it.
+fn state_tag(
+    card: &dyn EncryptionCard,
+    s: &State,
+    live: &[LiveRow],
+    v1: bool,
+) -> Result<[u8; TAG_LEN]> {
     let mut rows: Vec<[u8; 29]> = live
         .iter()
         .map(|((d, g, r), t, e)| {
@@ -213,8 +280,13 @@ fn state_tag(card: &dyn EncryptionCard, s: &State, live: &[LiveRow]) -> Result<[
     for r in &rows {
         h.update(r);
     }
-    let mut msg = Vec::with_capacity(STATE_DOMAIN.len() + 25 + 32);
-    msg.extend_from_slice(STATE_DOMAIN);
+    let mut msg = Vec::with_capacity(STATE_DOMAIN.len() + 33 + 32);
+    if v1 {
+        msg.extend_from_slice(STATE_DOMAIN_V1);
+    } else {
+        msg.extend_from_slice(STATE_DOMAIN);
+        msg.extend_from_slice(&s.epoch.to_be_bytes());
+    }
     msg.extend_from_slice(&s.mark.to_be_bytes());
     msg.extend_from_slice(&s.floor.to_be_bytes());
     msg.extend_from_slice(&s.pruned.to_be_bytes());
@@ -261,53 +333,68 @@ impl StateFile {
     /// Reads the state and checks its tag (the live keys only count after
     /// a clean stop).
     fn read(&self, card: &dyn EncryptionCard) -> Result<Found> {
-        let row = self
-            .conn
-            .query_row(
-                "SELECT mark, floor, pruned, clean, tag FROM guard WHERE id = 1",
-                [],
-                |r| {
+        let row = |sql: &str| {
+            self.conn
+                .query_row(sql, [], |r| {
                     Ok((
                         State {
-                            mark: r.get::<_, i64>(0)?.max(0) as u64,
-                            floor: r.get::<_, i64>(1)?.max(0) as u64,
-                            pruned: r.get::<_, i64>(2)?.max(0) as u64,
-                            clean: r.get::<_, i64>(3)? == 1,
+                            epoch: r.get::<_, i64>(0)?.max(0) as u64,
+                            mark: r.get::<_, i64>(1)?.max(0) as u64,
+                            floor: r.get::<_, i64>(2)?.max(0) as u64,
+                            pruned: r.get::<_, i64>(3)?.max(0) as u64,
+                            clean: r.get::<_, i64>(4)? == 1,
                         },
-                        r.get::<_, Vec<u8>>(4)?,
+                        r.get::<_, Vec<u8>>(5)?,
                     ))
-                },
-            )
-            .optional()
-            .map_err(db_err)?;
-        let Some((state, tag)) = row else {
-            // A file of a version without the tagged row: its mark is
-            // all there is, and it is not covered by the card.
-            let legacy = self
-                .conn
-                .query_row("SELECT mark FROM state WHERE id = 1", [], |r| {
-                    r.get::<_, i64>(0)
                 })
                 .optional()
-                .map_err(db_err)?;
-            return Ok(match legacy {
-                None => Found::Nothing,
-                Some(mark) => Found::Legacy(mark.max(0) as u64),
+                .map_err(db_err)
+        };
+        let check = |state: &State, live: &[LiveRow], tag: &[u8], v1: bool| -> Result<bool> {
+            let want = state_tag(card, state, live, v1)?;
+            Ok(subtle::ConstantTimeEq::ct_eq(&want[..], tag).into())
+        };
+        if let Some((state, tag)) =
+            row("SELECT epoch, mark, floor, pruned, clean, tag FROM guard2 WHERE id = 1")?
+        {
+            let live = if state.clean {
+                self.live()?
+            } else {
+                Vec::new()
+            };
+            return Ok(if state.epoch > 0 && check(&state, &live, &tag, false)? {
+                Found::Good(state, live)
+            } else {
+                Found::Bad
             });
-        };
-        let live = if state.clean {
-            self.live()?
-        } else {
-            Vec::new()
-        };
-        let want = state_tag(card, &state, &live)?;
-        let ok: bool = subtle::ConstantTimeEq::ct_eq(&want[..], &tag[..]).into();
-        // A state that is not clean must have no live rows either: rows
-        // added from outside are harmless, but say so.
-        Ok(if ok {
-            Found::Good(state, live)
-        } else {
-            Found::Bad(state)
+        }
+        // The version before the epoch: a tagged row without it.
+        if let Some((state, tag)) =
+            row("SELECT 0, mark, floor, pruned, clean, tag FROM guard WHERE id = 1")?
+        {
+            let live = if state.clean {
+                self.live()?
+            } else {
+                Vec::new()
+            };
+            return Ok(if check(&state, &live, &tag, true)? {
+                Found::V1(state)
+            } else {
+                Found::Bad
+            });
+        }
+        // A file of a version without the tagged row: its mark is all
+        // there is, and it is not covered by the card.
+        let legacy = self
+            .conn
+            .query_row("SELECT mark FROM state WHERE id = 1", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+            .map_err(db_err)?;
+        Ok(match legacy {
+            None => Found::Nothing,
+            Some(mark) => Found::Legacy(mark.max(0) as u64),
         })
     }
 
@@ -349,7 +436,7 @@ impl StateFile {
         mut step: impl FnMut(u32) -> bool,
         first: u32,
     ) -> Result<()> {
-        let tag = state_tag(card, state, live)?;
+        let tag = state_tag(card, state, live, false)?;
         let tx = self.conn.transaction().map_err(db_err)?;
         tx.execute("DELETE FROM live", []).map_err(db_err)?;
         if step(first) {
@@ -374,9 +461,10 @@ impl StateFile {
             n += 1;
         }
         tx.execute(
-            "INSERT OR REPLACE INTO guard (id, mark, floor, pruned, clean, tag) \
-             VALUES (1, ?1, ?2, ?3, ?4, ?5)",
+            "INSERT OR REPLACE INTO guard2 (id, epoch, mark, floor, pruned, clean, tag) \
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
             params![
+                i(state.epoch),
                 i(state.mark),
                 i(state.floor),
                 i(state.pruned),
@@ -385,7 +473,8 @@ impl StateFile {
             ],
         )
         .map_err(db_err)?;
-        // The old untagged row, if any, is no longer read.
+        // The rows of older versions, if any, are no longer read.
+        tx.execute("DELETE FROM guard", []).map_err(db_err)?;
         tx.execute("DELETE FROM state", []).map_err(db_err)?;
         if step(n) {
             return Err(crashed());
@@ -395,6 +484,186 @@ impl StateFile {
             return Err(crashed());
         }
         Ok(())
+    }
+}
+
+/// How the start-up read the file and the database's record (for the
+/// log and the tamper counter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// No state anywhere and no seed in use: a new database.
+    First,
+    /// The clean stop of the database's epoch: its live keys are loaded.
+    Clean,
+    /// An unclean stop (a crash or a kill), or the first start after an
+    /// upgrade from a version without the epoch.
+    Unclean,
+    /// The file is one epoch behind the database: a crash between the two
+    /// writes of a start. As an unclean stop.
+    CrashBetween,
+    /// The file is missing, older than the database's record, or fails its
+    /// tag: an unclean stop with the database's mark as the floor.
+    FileTampered(&'static str),
+    /// The database's record cannot be trusted: the worst case, a floor of
+    /// now plus the longest window.
+    WaitOut(&'static str),
+}
+
+impl Verdict {
+    fn log(self, path: &Path, s: &State) {
+        let floor = s.floor;
+        match self {
+            Verdict::First | Verdict::Clean => {}
+            Verdict::Unclean => tracing::warn!(
+                floor,
+                "the last run did not stop cleanly: AUTH and SEALED with t at or before the replay mark are refused"
+            ),
+            Verdict::CrashBetween => tracing::warn!(
+                floor,
+                "the last start was interrupted between its two writes: AUTH and SEALED with t at or before the replay mark are refused"
+            ),
+            Verdict::FileTampered(why) => {
+                tracing::error!(
+                    path = %path.display(),
+                    floor,
+                    "the replay guard's state file {why} (put back, edited or deleted from outside): \
+                     read as an unclean stop; AUTH and SEALED with t at or before the key database's replay mark are refused"
+                );
+                metrics::counter!("microcert_replay_state_tamper_total").increment(1);
+            }
+            Verdict::WaitOut(why) => {
+                tracing::error!(
+                    path = %path.display(),
+                    floor,
+                    "the replay guard's record in the key database {why}: every AUTH and SEALED with t at or \
+                     before the floor (now plus the longest freshness window) is refused; run \
+                     `microcert integrity check-local` to find what else was changed"
+                );
+                metrics::counter!("microcert_replay_state_tamper_total").increment(1);
+            }
+        }
+    }
+}
+
+/// The epoch after `e`, in 1..=2^32-1 (it is kept in 32 bits in the key
+/// database; 0 marks the versions before it).
+fn next_epoch(e: u64) -> u64 {
+    (e % 0xffff_ffff) + 1
+}
+
+/// The state to start from, the live keys to load, and how the state was
+/// read, from the state file (`found`), the database's record, whether the
+/// database said at open that the guard ran (`expected`), the first `now`
+/// and the longest freshness `window`. `in_use` is asked only when
+/// neither the file nor the database holds anything.
+fn decide(
+    found: Found,
+    record: DbRecord,
+    expected: bool,
+    now: u64,
+    window: u64,
+    in_use: impl Fn() -> Result<bool>,
+) -> Result<(State, Vec<LiveRow>, Verdict)> {
+    // What the file can be trusted for: its mark and floor bound what it
+    // saw (a higher floor is never unsafe), its epoch and pruned mark.
+    let (file_floor, file_epoch, file_pruned) = match &found {
+        Found::Good(s, _) => (s.floor.max(s.mark), s.epoch, s.pruned),
+        Found::V1(s) => (s.floor.max(s.mark), 0, s.pruned),
+        Found::Legacy(mark) => (*mark, 0, 0),
+        Found::Nothing | Found::Bad => (0, 0, 0),
+    };
+    let unclean = |floor: u64, epoch: u64, verdict: Verdict| {
+        let floor = floor.max(file_floor);
+        let state = State {
+            epoch: next_epoch(epoch.max(file_epoch)),
+            mark: floor,
+            floor,
+            pruned: file_pruned,
+            clean: false,
+        };
+        Ok((state, Vec::new(), verdict))
+    };
+    let wait_out = |db_mark: u64, db_epoch: u64, why: &'static str| {
+        let floor = now.saturating_add(window).max(db_mark);
+        let (mut state, live, verdict) = unclean(floor, db_epoch, Verdict::WaitOut(why))?;
+        state.pruned = state.pruned.max(now);
+        Ok((state, live, verdict))
+    };
+    match record {
+        DbRecord::Good { epoch, mark } => match found {
+            Found::Good(s, live) if s.epoch == epoch && s.clean => Ok((
+                State {
+                    epoch: next_epoch(epoch),
+                    mark: s.mark.max(mark),
+                    ..s
+                },
+                live,
+                Verdict::Clean,
+            )),
+            Found::Good(s, _) if s.epoch == epoch => unclean(mark, epoch, Verdict::Unclean),
+            Found::Good(s, _) if s.epoch.saturating_add(1) == epoch => {
+                unclean(mark, epoch, Verdict::CrashBetween)
+            }
+            // A file ahead of the database: the database's record was put
+            // back to an older copy; nothing says how far.
+            Found::Good(s, _) if s.epoch > epoch => {
+                wait_out(mark, epoch, "is older than the replay guard's state file")
+            }
+            Found::Good(..) => unclean(mark, epoch, Verdict::FileTampered("is an older copy")),
+            Found::Nothing => unclean(mark, epoch, Verdict::FileTampered("is missing")),
+            Found::Bad => unclean(mark, epoch, Verdict::FileTampered("fails its card tag")),
+            Found::V1(_) | Found::Legacy(_) => unclean(
+                mark,
+                epoch,
+                Verdict::FileTampered("is of an older version than the key database's record"),
+            ),
+        },
+        // The first start of this version after one that kept the marker:
+        // the old file's state, as after an unclean stop.
+        DbRecord::Legacy => match found {
+            Found::V1(_) => unclean(0, 0, Verdict::Unclean),
+            Found::Good(..) => wait_out(0, 0, "is older than the replay guard's state file"),
+            Found::Nothing => wait_out(0, 0, "says the guard ran, but its state file is missing"),
+            Found::Bad | Found::Legacy(_) => wait_out(
+                0,
+                0,
+                "says the guard ran, but its state file fails its card tag",
+            ),
+        },
+        DbRecord::Bad => wait_out(0, 0, "fails its card tag"),
+        DbRecord::Missing => match found {
+            _ if expected => wait_out(0, 0, "was deleted while the center ran"),
+            Found::Good(..) => wait_out(0, 0, "is missing, but the guard's state file says it ran"),
+            Found::Bad => wait_out(
+                0,
+                0,
+                "is missing and the guard's state file fails its card tag",
+            ),
+            // Nothing anywhere: a first start only if no seed was ever
+            // used; otherwise both were deleted.
+            Found::Nothing if in_use()? => wait_out(
+                0,
+                0,
+                "and the guard's state file are both missing, but seeds are in use",
+            ),
+            Found::Nothing => Ok((
+                State {
+                    epoch: 1,
+                    ..State::default()
+                },
+                Vec::new(),
+                Verdict::First,
+            )),
+            // Files of the versions before the record: an upgrade, read as
+            // an unclean stop, unless seeds are in use (then the file may
+            // be an old copy with its marker deleted).
+            Found::V1(_) | Found::Legacy(_) if in_use()? => wait_out(
+                0,
+                0,
+                "is missing and the guard's state file is of an older version, while seeds are in use",
+            ),
+            Found::V1(_) | Found::Legacy(_) => unclean(0, 0, Verdict::Unclean),
+        },
     }
 }
 
@@ -431,7 +700,8 @@ pub(crate) struct MemoryGuard {
     fault: Mutex<Option<FaultPoint>>,
     /// Whether the key database says the state file must exist.
     expected: AtomicBool,
-    started_hook: StartedHook,
+    /// The guard's record in the key database.
+    store: StartedHook,
 }
 
 impl std::fmt::Debug for MemoryGuard {
@@ -473,7 +743,7 @@ impl MemoryGuard {
         card: Arc<dyn EncryptionCard>,
         window: u64,
         expected: bool,
-        started_hook: StartedHook,
+        store: StartedHook,
     ) -> Arc<MemoryGuard> {
         let db = std::fs::canonicalize(db).unwrap_or_else(|_| db.to_path_buf());
         let path = state_path(&db);
@@ -501,7 +771,7 @@ impl MemoryGuard {
             abandoned: AtomicBool::new(false),
             fault: Mutex::new(None),
             expected: AtomicBool::new(expected),
-            started_hook,
+            store,
         });
         all.push((path, Arc::downgrade(&g)));
         g
@@ -546,73 +816,11 @@ impl MemoryGuard {
             return Err(crashed());
         }
         let expected = self.expected.load(Ordering::SeqCst);
-        let found = match found {
-            Found::Nothing if expected => {
-                tracing::error!(
-                    path = %self.path.display(),
-                    "the replay guard's state file is missing or empty, but the key database says it was written"
-                );
-                Found::Bad(State::default())
-            }
-            // This version wrote the state before: an old-format file now
-            // is a forgery.
-            Found::Legacy(mark) if expected => Found::Bad(State {
-                mark,
-                ..State::default()
-            }),
-            // The first start after an upgrade: the old file's mark, as
-            // after an unclean stop (the old format could lose a floor,
-            // never above its mark).
-            Found::Legacy(mark) => Found::Good(
-                State {
-                    mark,
-                    floor: mark,
-                    pruned: 0,
-                    clean: false,
-                },
-                Vec::new(),
-            ),
-            other => other,
-        };
-        let (state, live) = match found {
-            Found::Nothing | Found::Legacy(_) => (State::default(), Vec::new()),
-            Found::Good(s, live) if s.clean => (s, live),
-            Found::Good(s, _) => {
-                tracing::warn!(
-                    mark = s.mark,
-                    "the last run did not stop cleanly: AUTH and SEALED with t at or before the replay mark are refused"
-                );
-                (
-                    State {
-                        floor: s.floor.max(s.mark),
-                        ..s
-                    },
-                    Vec::new(),
-                )
-            }
-            Found::Bad(s) => {
-                let floor = s
-                    .mark
-                    .max(s.floor)
-                    .max(now.saturating_add(self.window.load(Ordering::SeqCst)));
-                tracing::error!(
-                    path = %self.path.display(),
-                    floor,
-                    "the replay guard's state fails its card tag (edited from outside, or written by an older version): \
-                     every AUTH and SEALED with t at or before the floor is refused"
-                );
-                metrics::counter!("microcert_replay_state_tamper_total").increment(1);
-                (
-                    State {
-                        mark: floor,
-                        floor,
-                        pruned: s.pruned.max(now),
-                        clean: false,
-                    },
-                    Vec::new(),
-                )
-            }
-        };
+        let record = self.store.read()?;
+        let window = self.window.load(Ordering::SeqCst);
+        let (state, live, verdict) =
+            decide(found, record, expected, now, window, || self.store.in_use())?;
+        verdict.log(&self.path, &state);
         for ((d, g, r), t, expires) in live {
             let mut s = lock(&self.shards[shard_of(d, r)]);
             let b = s.by_t.entry(t).or_insert_with(|| Bucket {
@@ -623,21 +831,26 @@ impl MemoryGuard {
             b.keys.insert((d, g, r));
         }
         // From here on a stop that does not write a clean shutdown leaves
-        // the floor for the next start: one transaction (live keys out,
-        // clean = 0, floor kept).
+        // the floor for the next start. The database's record first (the
+        // next epoch and the mark: never behind the file), then the file
+        // in one transaction (live keys out, clean = 0, floor kept).
         let running = State {
             clean: false,
+            mark: state.mark.max(state.floor),
             ..state
         };
+        self.store.write(running.epoch, running.mark)?;
+        if self.crash_at(FaultPoint::Start(3)) {
+            return Err(crashed());
+        }
         let mut file = file;
         file.write(
             card,
             &running,
             &[],
             |n| self.crash_at(FaultPoint::Start(n)),
-            3,
+            4,
         )?;
-        (self.started_hook)()?;
         self.mark.store(running.mark, Ordering::SeqCst);
         self.floor.store(running.floor, Ordering::SeqCst);
         self.latest_now.fetch_max(running.pruned, Ordering::SeqCst);
@@ -704,6 +917,8 @@ impl MemoryGuard {
                 pruned: a.state.pruned.max(self.latest_now.load(Ordering::Acquire)),
                 ..a.state
             };
+            // The database's record first: never behind the file.
+            self.store.write(next.epoch, next.mark)?;
             a.file.write(&*self.card, &next, &[], |_| false, 1)?;
             a.state = next;
             self.mark.store(next.mark, Ordering::Release);
@@ -785,4 +1000,140 @@ impl Drop for MemoryGuard {
 fn shard_of(device: DeviceId, r: u64) -> usize {
     // r is random per message, so it spreads one device's messages too.
     ((r ^ device.to_u64()) as usize) % SHARDS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_000_000;
+    const WINDOW: u64 = 331;
+
+    fn st(epoch: u64, mark: u64, floor: u64, clean: bool) -> State {
+        State {
+            epoch,
+            mark,
+            floor,
+            pruned: 0,
+            clean,
+        }
+    }
+
+    fn one_key() -> Vec<LiveRow> {
+        vec![((DeviceId([1; 8]), 0, 7), 450, 800)]
+    }
+
+    /// Runs [`decide`]: the state, how many live keys, the verdict.
+    fn run(
+        found: Found,
+        record: DbRecord,
+        expected: bool,
+        in_use: bool,
+    ) -> (State, usize, Verdict) {
+        let (s, live, v) = decide(found, record, expected, NOW, WINDOW, || Ok(in_use)).unwrap();
+        (s, live.len(), v)
+    }
+
+    /// Gap 1: whatever the file says, the floor after a start is at least
+    /// the key database's mark, the clean stop's live keys are loaded only
+    /// from the file of the database's epoch, and the next epoch is above
+    /// the database's; without a trusted record the window is waited out.
+    #[test]
+    fn every_file_and_record_combination_keeps_the_floor() {
+        let rec = DbRecord::Good {
+            epoch: 5,
+            mark: 500,
+        };
+        let wait = NOW + WINDOW;
+        let (s, n, v) = run(
+            Found::Good(st(5, 480, 100, true), one_key()),
+            rec,
+            true,
+            true,
+        );
+        assert_eq!(
+            (s.floor, s.mark, s.epoch, n, v),
+            (100, 500, 6, 1, Verdict::Clean)
+        );
+        let cases: Vec<(Found, u64, Verdict)> = vec![
+            (
+                Found::Good(st(5, 470, 100, false), vec![]),
+                500,
+                Verdict::Unclean,
+            ),
+            (
+                Found::Good(st(4, 400, 100, true), one_key()),
+                500,
+                Verdict::CrashBetween,
+            ),
+            (
+                Found::Good(st(3, 300, 100, true), one_key()),
+                500,
+                Verdict::FileTampered("is an older copy"),
+            ),
+            (
+                Found::Good(st(6, 600, 100, true), one_key()),
+                wait,
+                Verdict::WaitOut("is older than the replay guard's state file"),
+            ),
+            (Found::Nothing, 500, Verdict::FileTampered("is missing")),
+            (Found::Bad, 500, Verdict::FileTampered("fails its card tag")),
+        ];
+        for (found, floor, verdict) in cases {
+            let (s, n, v) = run(found, rec, true, true);
+            assert_eq!((s.floor, n, v), (floor, 0, verdict));
+            assert!(s.epoch > 5 && s.mark >= s.floor && !s.clean, "{v:?}");
+        }
+        for found in [Found::V1(st(0, 300, 200, true)), Found::Legacy(300)] {
+            let (s, n, v) = run(found, rec, true, true);
+            assert_eq!((s.floor, n), (500, 0));
+            assert!(matches!(v, Verdict::FileTampered(_)));
+        }
+        // The version before the epoch: its file as an unclean stop.
+        let (s, n, v) = run(
+            Found::V1(st(0, 300, 200, true)),
+            DbRecord::Legacy,
+            true,
+            true,
+        );
+        assert_eq!((s.floor, s.epoch, n, v), (300, 1, 0, Verdict::Unclean));
+        for found in [
+            Found::Nothing,
+            Found::Bad,
+            Found::Good(st(2, 300, 0, true), vec![]),
+        ] {
+            let (s, _, v) = run(found, DbRecord::Legacy, true, true);
+            assert_eq!(s.floor, wait);
+            assert!(matches!(v, Verdict::WaitOut(_)));
+        }
+        // A record failing its tag, or missing where it should be.
+        let (s, _, v) = run(
+            Found::Good(st(5, 480, 100, true), one_key()),
+            DbRecord::Bad,
+            true,
+            true,
+        );
+        assert_eq!(s.floor, wait);
+        assert!(matches!(v, Verdict::WaitOut(_)));
+        for (found, expected, in_use) in [
+            (Found::Nothing, true, false),
+            (Found::Nothing, false, true),
+            (Found::Good(st(5, 480, 100, true), one_key()), false, false),
+            (Found::Bad, false, false),
+            (Found::Legacy(300), false, true),
+            (Found::V1(st(0, 300, 200, false)), false, true),
+        ] {
+            let (s, n, v) = run(found, DbRecord::Missing, expected, in_use);
+            assert_eq!((s.floor, n), (wait, 0));
+            assert!(matches!(v, Verdict::WaitOut(_)), "{v:?}");
+        }
+        // A new database; an upgrade from the version before the marker.
+        let (s, _, v) = run(Found::Nothing, DbRecord::Missing, false, false);
+        assert_eq!((s.floor, s.epoch, v), (0, 1, Verdict::First));
+        let (s, _, v) = run(Found::Legacy(300), DbRecord::Missing, false, false);
+        assert_eq!((s.floor, s.epoch, v), (300, 1, Verdict::Unclean));
+        // The epoch fits the database's 32 bits and is never 0.
+        assert_eq!(next_epoch(5), 6);
+        assert_eq!(next_epoch(0xffff_ffff), 1);
+    }
 }

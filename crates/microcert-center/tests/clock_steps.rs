@@ -218,9 +218,120 @@ fn edited_marks_are_detected(backend: Backend) {
     );
 }
 
+/// Gap 4 (issue 12 review): the clock steps forward while the center
+/// runs and the process is killed before its next housekeeping. The
+/// restarted center (same machine, same boot: the same clock here) must
+/// find the step instead of taking the stepped time as its reference.
+fn a_forward_step_then_a_kill_is_found_at_restart(backend: Backend) {
+    let (f, clock, center, fleet) = setup(backend, 3);
+    clock.advance(60);
+    center.housekeeping(clock.wall()).unwrap();
+    clock.step(Y2031);
+    // Killed before the next housekeeping.
+    center.abandon();
+    let restarted = f.center(&clock);
+    let r = restarted.housekeeping(clock.wall());
+    assert!(matches!(r, Err(Error::ClockUnconfirmed { .. })), "{r:?}");
+    assert!(
+        fleet
+            .iter()
+            .all(|n| state(&restarted, n, 0) == KeyState::Active),
+        "seeds deactivated by a stepped clock"
+    );
+    assert!(restarted.clock_alarm().unwrap().is_some());
+    // Time passes normally after the step: still an alarm, until confirmed.
+    clock.advance(60);
+    assert!(restarted.housekeeping(clock.wall()).is_err());
+    restarted
+        .confirm_clock_step("operator:ann", clock.wall())
+        .unwrap();
+    assert_eq!(restarted.housekeeping(clock.wall()).unwrap().deactivated, 3);
+}
+
+/// Gap 4: a raised alarm cannot be cleared from outside by deleting the
+/// rows that hold it, nor by putting back their copies from before the
+/// step; the center restarted on another boot (a new clock) must still
+/// refuse housekeeping.
+fn a_deleted_or_rolled_back_alarm_stays_raised(backend: Backend) {
+    for attack in ["delete", "roll back"] {
+        let (f, clock, center, fleet) = setup(backend, 2);
+        clock.advance(60);
+        center.housekeeping(clock.wall()).unwrap();
+        let saved = snapshot_marks(&f.loc);
+        clock.step(Y2031);
+        assert!(center.housekeeping(clock.wall()).is_err());
+        assert!(center.clock_alarm().unwrap().is_some());
+        center.abandon();
+        match attack {
+            "delete" => {
+                raw_update(&f.loc, "DELETE FROM marks WHERE name LIKE 'clock%'", b"");
+            }
+            _ => restore_marks(&f.loc, &saved),
+        }
+        let other = f.center(&ManualClock::new(Y2031));
+        let r = other.housekeeping(Y2031);
+        assert!(
+            matches!(r, Err(Error::ClockUnconfirmed { .. })),
+            "{attack}: {r:?}"
+        );
+        assert!(
+            fleet
+                .iter()
+                .all(|n| state(&other, n, 0) == KeyState::Active),
+            "{attack}: seeds deactivated"
+        );
+        assert!(other.clock_alarm().unwrap().is_some(), "{attack}");
+    }
+}
+
+/// Every row of the marks table (name, value, tag), as an attacker would
+/// save them.
+fn snapshot_marks(loc: &str) -> Vec<(String, i64, Vec<u8>)> {
+    if microcert_center::db::is_postgres_url(loc) {
+        let db = loc.rsplit('/').next().unwrap();
+        let out = pg_server().unwrap().psql(
+            db,
+            "SELECT name || '|' || value || '|' || encode(tag, 'hex') FROM marks",
+        );
+        out.lines()
+            .filter(|l| l.contains('|'))
+            .map(|l| {
+                let mut p = l.trim().split('|');
+                (
+                    p.next().unwrap().to_string(),
+                    p.next().unwrap().parse().unwrap(),
+                    hex::decode(p.next().unwrap()).unwrap(),
+                )
+            })
+            .collect()
+    } else {
+        let conn = rusqlite::Connection::open(loc).unwrap();
+        let mut st = conn.prepare("SELECT name, value, tag FROM marks").unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+}
+
+/// Puts the clock's rows of the marks table back as they were saved
+/// (those written since are deleted).
+fn restore_marks(loc: &str, rows: &[(String, i64, Vec<u8>)]) {
+    raw_update(loc, "DELETE FROM marks WHERE name LIKE 'clock%'", b"");
+    for (name, value, tag) in rows.iter().filter(|r| r.0.starts_with("clock")) {
+        raw_update(
+            loc,
+            &format!("INSERT INTO marks (name, value, tag) VALUES ('{name}', {value}, {{id}})"),
+            tag,
+        );
+    }
+}
+
 both_backends!(
     forward_jump_deactivates_nothing_until_confirmed,
     forward_jump_ends_no_grace_period,
     backward_step_below_the_high_water_is_an_alarm,
     edited_marks_are_detected,
+    a_forward_step_then_a_kill_is_found_at_restart,
+    a_deleted_or_rolled_back_alarm_stays_raised,
 );

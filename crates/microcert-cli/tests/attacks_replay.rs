@@ -54,11 +54,9 @@ fn post_auth(rt: &tokio::runtime::Runtime, server: &Server, body: &[u8]) -> u16 
     })
 }
 
-#[test]
-fn replay_after_kill_restart_and_clean_stop_is_refused() {
-    let setup = Setup::new(1);
-    let server = Server::start(&setup.data());
-    // Enroll the chip (the simulator keeps its image).
+/// Enrolls the setup's one chip through `server` (the simulator keeps
+/// its image) and returns it.
+fn enroll(setup: &Setup, server: &Server) -> Chip {
     run(&[
         "simulate",
         "--server",
@@ -78,10 +76,22 @@ fn replay_after_kill_restart_and_clean_stop_is_refused() {
         "--concurrency",
         "1",
     ]);
-    let mut chip = enrolled_chip(&setup.state());
+    enrolled_chip(&setup.state())
+}
+
+/// A fresh AUTH of `chip` at the current time.
+fn fresh_auth(chip: &mut Chip) -> Vec<u8> {
     let mut buf = [0u8; 64];
     let n = chip.auth(now32(), &Audience::CENTER, &mut buf).unwrap();
-    let auth = buf[..n].to_vec();
+    buf[..n].to_vec()
+}
+
+#[test]
+fn replay_after_kill_restart_and_clean_stop_is_refused() {
+    let setup = Setup::new(1);
+    let server = Server::start(&setup.data());
+    let mut chip = enroll(&setup, &server);
+    let auth = fresh_auth(&mut chip);
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     assert_eq!(post_auth(&rt, &server, &auth), 200, "the first AUTH");
@@ -146,5 +156,70 @@ fn clock_status_and_confirm() {
     assert_eq!(confirm.status.code(), Some(0), "{}", stderr(&confirm));
     let ok = clock("status");
     assert_eq!(ok.status.code(), Some(0), "{}", stdout(&ok));
+    server.stop();
+}
+
+/// Gap 1 against the real binary, on one data directory (one setup: each
+/// costs about half a minute in a debug build):
+///
+/// 1. The replay guard's state file (`center.db-replay`) copied after a
+///    clean stop, AUTH b accepted in the next run, the copy put back after
+///    that run's clean stop. Before the fix the copy read as the latest
+///    clean stop and b was accepted a second time (200); the start counter
+///    in the key database now shows the copy is older, and b is refused as
+///    a replay (409).
+/// 2. The state file and the key database's `memory_guard` row both
+///    deleted after a clean stop. Before the fix this read as a first
+///    start and the last AUTHs were accepted again (200).
+#[test]
+fn an_older_or_deleted_state_file_reopens_no_replay() {
+    if !require_tool("sqlite3", "apt-get install sqlite3") {
+        return;
+    }
+    let setup = Setup::new(1);
+    let server = Server::start(&setup.data());
+    let mut chip = enroll(&setup, &server);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let a = fresh_auth(&mut chip);
+    assert_eq!(post_auth(&rt, &server, &a), 200, "AUTH a");
+    server.stop();
+    let state = setup.data().join("center.db-replay");
+    let copy = std::fs::read(&state).unwrap();
+
+    let server = Server::start(&setup.data());
+    let b = fresh_auth(&mut chip);
+    assert_eq!(post_auth(&rt, &server, &b), 200, "AUTH b");
+    server.stop();
+
+    // 1. The older copy put back.
+    std::fs::write(&state, &copy).unwrap();
+    let server = Server::start(&setup.data());
+    assert_eq!(
+        post_auth(&rt, &server, &b),
+        409,
+        "b replayed after the copy was put back"
+    );
+    assert_eq!(post_auth(&rt, &server, &a), 409, "a replayed");
+    server.stop();
+
+    // 2. The file and its marker deleted.
+    std::fs::remove_file(&state).unwrap();
+    let edit = std::process::Command::new("sqlite3")
+        .arg(setup.data().join("center.db"))
+        .arg("DELETE FROM marks WHERE name = 'memory_guard';")
+        .status()
+        .unwrap();
+    assert!(edit.success());
+    let server = Server::start(&setup.data());
+    assert_eq!(
+        post_auth(&rt, &server, &b),
+        409,
+        "b replayed after the deletion"
+    );
+    assert_eq!(
+        post_auth(&rt, &server, &a),
+        409,
+        "a replayed after the deletion"
+    );
     server.stop();
 }
