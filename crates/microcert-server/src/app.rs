@@ -103,7 +103,7 @@ impl std::fmt::Debug for App {
 
 impl App {
     /// Loads the TLS files (if any) and installs the process's metrics
-    /// recorder (once per process; later Apps render no `/metrics`).
+    /// recorder (once per process; later Apps share it).
     pub fn new(
         center: Arc<Center>,
         tokens: Arc<TokenStore>,

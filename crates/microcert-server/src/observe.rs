@@ -61,9 +61,14 @@ pub fn builder() -> PrometheusBuilder {
         .expect("the bucket list is not empty")
 }
 
-/// Installs the process's recorder (once; later calls give None).
+static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+
+/// The process's recorder, installed at the first call (None if another
+/// recorder was installed first, outside this module).
 pub fn install() -> Option<PrometheusHandle> {
-    builder().install_recorder().ok()
+    HANDLE
+        .get_or_init(|| builder().install_recorder().ok())
+        .clone()
 }
 
 static PREFIX: std::sync::OnceLock<u32> = std::sync::OnceLock::new();

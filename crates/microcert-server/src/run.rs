@@ -131,17 +131,19 @@ pub async fn serve_http(
         .keep_alive_timeout(bounds.header_timeout);
     let slots = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
     loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(error = %e, "accept failed");
-                    // E.g. out of file descriptors: do not spin.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-            _ = stop.wait_for(|s| *s) => break,
+        let accepted = tokio::select! {
+            r = listener.accept() => Some(r),
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let (tcp, peer) = match accepted {
+            None => break,
+            Some(Ok(x)) => x,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "accept failed");
+                // E.g. out of file descriptors: do not spin.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             metrics::counter!("microcert_http_connections_refused_total").increment(1);
