@@ -382,3 +382,42 @@ async fn device_bodies_are_bounded_per_route() {
     .unwrap();
     srv.stop().await;
 }
+
+/// deploy/grafana-dashboard.json queries only metrics the server emits
+/// (a string literal in its sources), so a renamed metric cannot leave the
+/// dashboard silently empty.
+#[test]
+fn the_dashboard_uses_the_documented_metric_names() {
+    let dashboard = include_str!("../../../deploy/grafana-dashboard.json");
+    let sources = [
+        include_str!("../src/observe.rs"),
+        include_str!("../src/shed.rs"),
+        include_str!("../src/service.rs"),
+        include_str!("../src/limits.rs"),
+        include_str!("../src/run.rs"),
+        include_str!("../src/app.rs"),
+    ]
+    .concat();
+    let v: serde_json::Value = serde_json::from_str(dashboard).unwrap();
+    assert!(v["panels"].as_array().unwrap().len() >= 10);
+    let mut seen = 0;
+    for (i, _) in dashboard.match_indices("microcert_") {
+        let name: String = dashboard[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let base = name
+            .strip_suffix("_bucket")
+            .unwrap_or(&name)
+            .trim_end_matches('_');
+        if base == "microcert" {
+            continue;
+        }
+        seen += 1;
+        assert!(
+            sources.contains(&format!("\"{base}\"")),
+            "{base} is not a metric the server emits"
+        );
+    }
+    assert!(seen > 20);
+}
