@@ -86,7 +86,11 @@ fn logs_to_a_file_have_no_escape_codes_and_carry_request_ids() {
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     let id = r
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-request-id: ").map(str::to_owned))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-request-id: ")
+                .map(str::to_owned)
+        })
         .expect("a request id header");
     // A request with a token: the access log must not show it.
     let mut s = TcpStream::connect(http.parse::<SocketAddr>().unwrap()).unwrap();
@@ -113,16 +117,19 @@ fn logs_to_a_file_have_no_escape_codes_and_carry_request_ids() {
         .filter(|l| l.contains("microcert::access"))
         .collect();
     assert!(
-        access
-            .iter()
-            .any(|l| l.contains(&format!("id={id}")) && l.contains("route=/healthz") && l.contains("status=200")),
+        access.iter().any(|l| l.contains(&format!("id={id}"))
+            && l.contains("route=/healthz")
+            && l.contains("status=200")),
         "no access line for request {id}:\n{text}"
     );
     assert!(
         access.iter().any(|l| l.contains("route=/v1/devices")),
         "{text}"
     );
-    assert!(!text.contains(setup.operator.trim()), "the token is in the log");
+    assert!(
+        !text.contains(setup.operator.trim()),
+        "the token is in the log"
+    );
 }
 
 /// A non-loopback listener serving plain HTTP is announced loudly on
@@ -181,7 +188,10 @@ fn operator_listener_and_environment_for_operator_commands() {
     let o = list(&op);
     assert!(o.status.success(), "{}", stderr(&o));
     let o = list(&dev);
-    assert!(!o.status.success(), "the device listener served the operator API");
+    assert!(
+        !o.status.success(),
+        "the device listener served the operator API"
+    );
 
     // simulate and bench take the server from the environment.
     let chips = setup.chips();

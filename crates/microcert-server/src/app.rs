@@ -135,7 +135,10 @@ impl App {
     /// with everything. Each router has the request timeout (the streamed
     /// import excepted), the concurrency limit (503 with Retry-After
     /// beyond), request ids, latency histograms and the optional access log.
-    fn assemble(&self, split: bool) -> (Router, Option<Router>, Arc<dyn DeviceService>, Arc<Limits>) {
+    fn assemble(
+        &self,
+        split: bool,
+    ) -> (Router, Option<Router>, Arc<dyn DeviceService>, Arc<Limits>) {
         let svc: Arc<dyn DeviceService> = Arc::new(CenterService::new(self.center.clone()));
         let limits = Arc::new(Limits::new(self.settings.limits.clone()));
         let s = &self.settings.schedule;
@@ -174,7 +177,9 @@ impl App {
                 ServiceBuilder::new()
                     .layer(HandleErrorLayer::new(overloaded))
                     .layer(LoadShedLayer::new())
-                    .layer(GlobalConcurrencyLimitLayer::new(cfg.http_max_in_flight.max(1))),
+                    .layer(GlobalConcurrencyLimitLayer::new(
+                        cfg.http_max_in_flight.max(1),
+                    )),
             )
             .layer(axum::middleware::from_fn_with_state(
                 self.settings.access_log,

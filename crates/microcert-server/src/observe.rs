@@ -109,11 +109,7 @@ pub fn record(transport: &'static str, resource: &str, status: u16, elapsed: Dur
 /// latency histogram by route (never by raw path: bounded labels), and,
 /// when `access_log` is on, one `microcert::access` line per request
 /// (method, route, status, milliseconds; no header, no query, no body).
-pub async fn http_middleware(
-    State(access_log): State<bool>,
-    req: Request,
-    next: Next,
-) -> Response {
+pub async fn http_middleware(State(access_log): State<bool>, req: Request, next: Next) -> Response {
     let id = request_id();
     let route = req
         .extensions()

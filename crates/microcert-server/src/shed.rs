@@ -79,7 +79,9 @@ impl Shedder {
             start: Instant::now(),
             stall_ns: u64::try_from(stall.as_nanos()).unwrap_or(u64::MAX),
             retry_secs: retry_secs.max(1),
-            slots: (0..max_in_flight.max(1)).map(|_| AtomicU64::new(0)).collect(),
+            slots: (0..max_in_flight.max(1))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             last_shed: AtomicU64::new(0),
         }
     }

@@ -16,12 +16,12 @@ use coap_lite::option_value::OptionValueU32;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use microcert_center::{Center, CenterConfig, SoftwareCard};
 use microcert_core::{DeviceId, Suite};
-use microcert_testkit::nodes::TestNode;
 use microcert_server::app::{App, Schedule, Settings};
 use microcert_server::limits::LimitsConfig;
 use microcert_server::run::Listeners;
 use microcert_server::service::now;
 use microcert_server::tokens::TokenStore;
+use microcert_testkit::nodes::TestNode;
 use tokio::sync::watch;
 
 const DEVICE: u64 = 7;
@@ -181,7 +181,9 @@ async fn a_client_trickling_headers_is_dropped_within_the_bound() {
         // A header line every 200 ms for at most 15 s.
         for i in 0..75 {
             std::thread::sleep(Duration::from_millis(200));
-            if s.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes()).is_err() {
+            if s.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
+                .is_err()
+            {
                 return started.elapsed();
             }
             match s.read(&mut buf) {
@@ -283,10 +285,7 @@ async fn a_stalled_database_sheds_device_requests_quickly() {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         s.send_to(&command_poll(100), coap).unwrap();
         let p = answer(&s, 100).unwrap();
-        assert_eq!(
-            p.header.code,
-            MessageClass::Response(ResponseType::Content)
-        );
+        assert_eq!(p.header.code, MessageClass::Response(ResponseType::Content));
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let r = http(http_addr, "GET", "/readyz");
