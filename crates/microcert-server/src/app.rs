@@ -167,7 +167,7 @@ impl App {
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(cfg.http_request_timeout_secs.max(1)),
         );
-        let devices = device_only_routes(http_state.clone()).layer(timeout.clone());
+        let devices = device_only_routes(http_state.clone()).layer(timeout);
         let others = relying_party_routes(http_state)
             .merge(operator_bounded)
             .layer(timeout)
