@@ -371,7 +371,7 @@ fn handle(shared: &Shared, datagram: &[u8], peer: SocketAddr) -> Option<Vec<u8>>
     let mut resp = CoapResponse::new(&packet)?;
     let started = Instant::now();
     let span =
-        tracing::debug_span!("request", id = %crate::observe::request_id(), transport = "coap");
+        tracing::info_span!("request", id = %crate::observe::request_id(), transport = "coap");
     let mut resource = "unmatched";
     let proven = span.in_scope(|| respond(shared, packet, peer, &mut resp, &mut resource));
     let n = u16::from(u8::from(resp.message.header.code));

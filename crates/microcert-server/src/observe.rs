@@ -6,7 +6,7 @@
 //!
 //! | name | type | labels |
 //! |---|---|---|
-//! | `microcert_request_duration_seconds` | histogram | transport (coap, http), resource |
+//! | `microcert_request_duration_seconds` | histogram | transport (coap, http), resource (a device resource's name, else the HTTP route) |
 //! | `microcert_requests_total` | counter | transport, resource, status |
 //! | `microcert_refusals_total` | counter | resource, kind |
 //! | `microcert_accepted_total` | counter | resource |
@@ -104,6 +104,17 @@ pub fn record(transport: &'static str, resource: &str, status: u16, elapsed: Dur
     .increment(1);
 }
 
+/// The metrics label of an HTTP route: a device resource has the same
+/// name as over CoAP (`auth`, `command`, ...), any other route is its
+/// pattern (`/v1/devices/{device}`).
+pub fn resource_of(route: &str) -> &str {
+    match route.strip_prefix("/v1/device/") {
+        Some("{device}/command") => "command",
+        Some(r) => r,
+        None => route,
+    }
+}
+
 /// The HTTP middleware: a request id (`x-request-id` on the answer, and
 /// the `id` of the span every log line of the request is in), the
 /// latency histogram by route (never by raw path: bounded labels), and,
@@ -116,13 +127,14 @@ pub async fn http_middleware(State(access_log): State<bool>, req: Request, next:
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_owned();
+    let resource = resource_of(&route);
     let method = req.method().clone();
     let span = tracing::info_span!("request", id = %id, transport = "http");
     let started = Instant::now();
     let mut resp = next.run(req).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     let status = resp.status().as_u16();
-    record("http", &route, status, elapsed);
+    record("http", resource, status, elapsed);
     if access_log {
         span.in_scope(|| {
             tracing::info!(
