@@ -132,8 +132,10 @@ impl App {
     /// with them: with `split`, one for the device listener (the device
     /// routes) and one for the operator listener (relying parties,
     /// operators, `/metrics`, `/healthz`, `/readyz`); without, one router
-    /// with everything. Each router has the request timeout (the streamed
-    /// import excepted), the concurrency limit (503 with Retry-After
+    /// with everything. The device and relying-party routes have the
+    /// request timeout (408), the operator routes a timeout on reading
+    /// their bodies (the streamed import none); each router has the
+    /// concurrency limit (503 with Retry-After
     /// beyond), request ids, latency histograms and the optional access log.
     fn assemble(
         &self,
@@ -167,10 +169,17 @@ impl App {
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(cfg.http_request_timeout_secs.max(1)),
         );
+        // Operator requests may run long (an integrity check or a backup
+        // of a large fleet): only the reading of their bodies is bounded
+        // in time.
+        let operator_bounded = operator_bounded.layer(axum::middleware::from_fn_with_state(
+            Duration::from_secs(cfg.http_request_timeout_secs.max(1)),
+            body_timeout,
+        ));
         let devices = device_only_routes(http_state.clone()).layer(timeout);
         let others = relying_party_routes(http_state)
-            .merge(operator_bounded)
             .layer(timeout)
+            .merge(operator_bounded)
             .merge(import);
         let finish = |r: Router| {
             r.layer(
@@ -217,6 +226,27 @@ impl App {
         )
         .await
     }
+}
+
+/// Reads an operator request's body (at most
+/// [`operator::MAX_OPERATOR_BODY`] bytes) within `d`, before the handler
+/// runs: a client that trickles a body is answered 408 when `d` is up,
+/// however steadily it trickles; a larger body is 413.
+async fn body_timeout(
+    axum::extract::State(d): axum::extract::State<Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::response::IntoResponse;
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, operator::MAX_OPERATOR_BODY);
+    let bytes = match tokio::time::timeout(d, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+        Err(_) => return StatusCode::REQUEST_TIMEOUT.into_response(),
+    };
+    let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+    next.run(req).await
 }
 
 /// How long a readiness probe of the card or the database may take.

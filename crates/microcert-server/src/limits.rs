@@ -80,8 +80,9 @@ pub struct LimitsConfig {
     pub shed_retry_secs: u32,
     /// Milliseconds a client has to send a request's headers (slowloris).
     pub http_header_timeout_ms: u64,
-    /// Seconds a request (headers, body and answer) may take, the
-    /// streamed import excepted (408 beyond).
+    /// Seconds a device or relying-party request (body and answer) may
+    /// take (408 beyond); for an operator request (which may run long: an
+    /// integrity check of a large fleet), the time to read its body.
     pub http_request_timeout_secs: u64,
     /// HTTP connections open at once per listener; beyond, new ones are
     /// closed at once.

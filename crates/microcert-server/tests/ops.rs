@@ -446,3 +446,61 @@ fn the_dashboard_uses_the_documented_metric_names() {
     }
     assert!(seen > 20);
 }
+
+/// A body trickled byte by byte is cut off by the request timeout: on a
+/// device resource (the whole request) and on an operator route (the
+/// reading of its body, before any token is looked at), each answered 408
+/// or closed within the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trickling_a_body_is_cut_off() {
+    let srv = Running::start(
+        LimitsConfig {
+            http_request_timeout_secs: 1,
+            ..LimitsConfig::default()
+        },
+        false,
+    )
+    .await;
+    let addr = srv.http;
+    tokio::task::spawn_blocking(move || {
+        for path in ["/v1/device/auth", "/v1/devices/bulk"] {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let started = Instant::now();
+            write!(
+                s,
+                "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n"
+            )
+            .unwrap();
+            let mut buf = [0u8; 512];
+            let mut answer = String::new();
+            for _ in 0..75 {
+                std::thread::sleep(Duration::from_millis(200));
+                if s.write_all(b"x").is_err() {
+                    break;
+                }
+                match s.read(&mut buf) {
+                    Ok(n) => {
+                        answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        break;
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => break,
+                }
+            }
+            let held = started.elapsed();
+            assert!(held < Duration::from_secs(3), "{path}: held {held:?}");
+            assert!(
+                answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+                "{path}: {answer}"
+            );
+        }
+    })
+    .await
+    .unwrap();
+    srv.stop().await;
+}
