@@ -504,3 +504,52 @@ async fn a_client_trickling_a_body_is_cut_off() {
     .unwrap();
     srv.stop().await;
 }
+
+/// The HTTP concurrency limit: with one request in progress (an ENROLL
+/// stalled on the database) and a limit of one, the next request, even
+/// `/healthz`, is 503 with Retry-After at once instead of queueing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_concurrency_limit_are_503() {
+    let srv = Running::start(
+        LimitsConfig {
+            http_max_in_flight: 1,
+            ..LimitsConfig::default()
+        },
+        false,
+    )
+    .await;
+    let (http_addr, db) = (srv.http, srv.db());
+    let id = DeviceId::from_u64(DEVICE);
+    let mut node = TestNode::new(
+        id,
+        1,
+        Suite::CMAC64,
+        srv.center.card().transport_key(id, 0).unwrap(),
+    );
+    let enroll = node.enroll_transport(now());
+    tokio::task::spawn_blocking(move || {
+        assert!(http(http_addr, "GET", "/healthz").starts_with("HTTP/1.1 200"));
+        let lock = lock_database(&db);
+        let first = std::thread::spawn(move || {
+            http_post(
+                http_addr,
+                "/v1/device/enroll",
+                &enroll,
+                Duration::from_secs(15),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let t = Instant::now();
+        let r = http(http_addr, "GET", "/healthz");
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert!(r.to_ascii_lowercase().contains("retry-after: 1"), "{r}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+        drop(lock);
+        let r = first.join().unwrap();
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(http(http_addr, "GET", "/healthz").starts_with("HTTP/1.1 200"));
+    })
+    .await
+    .unwrap();
+    srv.stop().await;
+}
