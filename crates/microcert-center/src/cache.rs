@@ -73,6 +73,9 @@ pub(crate) struct SeedCache {
     shards: Vec<Shard>,
     per_shard: usize,
     ttl: Duration,
+    /// Lookups answered from the cache, and not (for metrics).
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for SeedCache {
@@ -99,6 +102,8 @@ impl SeedCache {
                 .collect(),
             per_shard: capacity.div_ceil(SHARDS),
             ttl,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         }
     }
 
@@ -112,6 +117,17 @@ impl SeedCache {
     }
 
     pub(crate) fn get(&self, id: DeviceId) -> Option<Arc<CachedDevice>> {
+        let found = self.lookup(id);
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    fn lookup(&self, id: DeviceId) -> Option<Arc<CachedDevice>> {
         let shard = &self.shards[shard_index(id)];
         let mut m = Self::map(shard);
         let hit = m.get(&id)?;
@@ -120,6 +136,14 @@ impl SeedCache {
         }
         m.remove(&id);
         None
+    }
+
+    /// Lookups answered from the cache and not, since the start.
+    pub(crate) fn stats(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
     }
 
     pub(crate) fn ticket(&self, id: DeviceId) -> u64 {

@@ -82,6 +82,11 @@ pub struct FileConfig {
     pub http: Option<SocketAddr>,
     /// serve: CoAP listen address.
     pub coap: Option<SocketAddr>,
+    /// serve: a separate HTTP listener for operators, relying parties and
+    /// `/metrics` (the `http` listener then serves devices only).
+    pub operator_http: Option<SocketAddr>,
+    /// serve: one access-log line per HTTP request.
+    pub access_log: Option<bool>,
     /// serve: CoAP worker tasks.
     pub coap_workers: Option<usize>,
     /// serve: seconds between housekeeping runs.

@@ -28,7 +28,11 @@ pub struct BenchArgs {
     #[command(subcommand)]
     pub mode: Option<BenchMode>,
     /// The center's HTTP address.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "MICROCERT_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// The center's CoAP address.
     #[arg(long, default_value = "127.0.0.1:5683")]

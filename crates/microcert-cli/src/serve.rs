@@ -27,6 +27,15 @@ pub struct ServeArgs {
     /// CoAP (UDP) listen address (devices).
     #[arg(long, env = "MICROCERT_COAP", value_name = "ADDR")]
     pub coap: Option<SocketAddr>,
+    /// A separate HTTP listener for operators, relying parties and
+    /// /metrics; `--http` then serves the device resources only. Without
+    /// it, one listener serves everything (as before).
+    #[arg(long, env = "MICROCERT_OPERATOR_HTTP", value_name = "ADDR")]
+    pub operator_http: Option<SocketAddr>,
+    /// Log one line per HTTP request (target microcert::access: method,
+    /// route, status, milliseconds, request id).
+    #[arg(long, env = "MICROCERT_ACCESS_LOG")]
+    pub access_log: bool,
     /// A first try: make the card with a throw-away passphrase kept in the
     /// data directory. Never for real keys.
     #[arg(long)]
@@ -60,12 +69,16 @@ fn lock_data_dir(r: &Resolved) -> anyhow::Result<std::fs::File> {
     }
 }
 
-/// Sets up structured logs: `RUST_LOG` filters, `MICROCERT_LOG=json` for JSON.
+/// Sets up structured logs: `RUST_LOG` filters, `MICROCERT_LOG=json` for
+/// JSON; colours only when stderr is a terminal (and `NO_COLOR` is unset).
 pub fn init_logs() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = if std::env::var("MICROCERT_LOG").as_deref() == Ok("json") {
         builder.json().try_init()
@@ -87,6 +100,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .coap
         .or(file.coap)
         .unwrap_or_else(|| "127.0.0.1:5683".parse().expect("literal address"));
+    let operator_http = args.operator_http.or(file.operator_http);
     let mut config = CenterConfig::default();
     if let Some(g) = file.grace_period_secs {
         config.grace_period = g;
@@ -117,18 +131,36 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // this data directory moves there at the first start.
     microcert_server::tokens::migrate_file(&center, &r.data_dir)?;
     let tokens = Arc::new(TokenStore::new(center.clone()));
-    let app = App::new(center, tokens, settings(&r)?)?;
+    let mut settings = settings(&r)?;
+    settings.access_log = args.access_log || file.access_log.unwrap_or(false);
+    let app = App::new(center, tokens, settings)?;
     let tls_on = app.is_tls();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listeners = Listeners::bind(http, coap).await?;
+        let listeners = Listeners::bind_all(http, coap, operator_http).await?;
         let (h, c) = listeners.addrs()?;
+        let op = listeners.operator_addr()?;
         let shutdown = shutdown_on_signals();
-        tracing::info!(http = %h, coap = %c, data = %r.data_dir.display(), database = %r.database.shown(), "microcert center serving");
+        let (what, op_what) = match op {
+            Some(_) => ("device HTTP", Some("operator HTTP")),
+            None => ("HTTP (devices, relying parties, operators)", None),
+        };
+        for (name, addr) in [(Some(what), Some(h)), (op_what, op)] {
+            if let (Some(name), Some(addr)) = (name, addr)
+                && let Some(w) = microcert_server::run::plain_http_warning(name, addr, tls_on)
+            {
+                tracing::warn!("{w}");
+                eprintln!("{w}");
+            }
+        }
+        tracing::info!(http = %h, coap = %c, operator_http = ?op, data = %r.data_dir.display(), database = %r.database.shown(), "microcert center serving");
         let scheme = if tls_on { "https" } else { "http" };
-        say!("microcert serving {scheme}={h} coap={c}");
+        match op {
+            Some(o) => say!("microcert serving {scheme}={h} coap={c} operator={o}"),
+            None => say!("microcert serving {scheme}={h} coap={c}"),
+        }
         app.run(listeners, shutdown).await?;
         tracing::info!("stopped");
         anyhow::Ok(())
@@ -164,5 +196,6 @@ fn settings(r: &Resolved) -> anyhow::Result<Settings> {
         limits: file.limits.clone(),
         tls,
         schedule,
+        access_log: false,
     })
 }

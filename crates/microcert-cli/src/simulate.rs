@@ -21,7 +21,11 @@ use serde::Deserialize;
 #[derive(Debug, Args)]
 pub struct SimulateArgs {
     /// The center's HTTP address (also for /v1/verify and /v1/open).
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "MICROCERT_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// The center's CoAP address, for `--transport coap`.
     #[arg(long, default_value = "127.0.0.1:5683")]

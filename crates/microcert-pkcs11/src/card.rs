@@ -29,6 +29,24 @@ const GCM_TAG: usize = 16;
 const SEED_PLAIN: usize = SEED_LEN + 2;
 const SEALED_LEN: usize = GCM_NONCE + SEED_PLAIN + GCM_TAG;
 
+/// The handles of the fixed card keys. Found at open, and found again
+/// when the token stops knowing them (a token that logged the process out
+/// when its sessions were closed, an HSM restarted).
+#[derive(Clone, Copy)]
+struct Fixed {
+    ktrans: ObjectHandle,
+    kint: ObjectHandle,
+    kchal: ObjectHandle,
+}
+
+/// Whether an error means the token no longer knows a key handle.
+fn handle_lost(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)
+    )
+}
+
 /// The Kstore versions on the token and the one new seeds are sealed under.
 struct Kstores {
     current: u32,
@@ -51,9 +69,7 @@ pub struct Pkcs11Card {
     serial: String,
     pool: SessionPool,
     policy: KeyPolicy,
-    ktrans: ObjectHandle,
-    kint: ObjectHandle,
-    kchal: ObjectHandle,
+    fixed: RwLock<Fixed>,
     kstore: RwLock<Kstores>,
     /// Kw of the current and the previous challenge window, each derived
     /// once in the token (docs/hsm.md: the one value of Kchal's that
@@ -190,9 +206,11 @@ impl Pkcs11Card {
             serial,
             pool,
             policy,
-            ktrans,
-            kint,
-            kchal,
+            fixed: RwLock::new(Fixed {
+                ktrans,
+                kint,
+                kchal,
+            }),
             kstore: RwLock::new(kstore),
             chal_keys: ChallengeKeys::default(),
         })
@@ -263,13 +281,61 @@ impl Pkcs11Card {
     /// Every card key with its label, for cloning.
     pub(crate) fn labelled_keys(&self) -> Vec<(String, ObjectHandle)> {
         let mut out = vec![
-            (KTRANS_LABEL.to_owned(), self.ktrans),
-            (KINT_LABEL.to_owned(), self.kint),
-            (KCHAL_LABEL.to_owned(), self.kchal),
+            (KTRANS_LABEL.to_owned(), self.fixed().ktrans),
+            (KINT_LABEL.to_owned(), self.fixed().kint),
+            (KCHAL_LABEL.to_owned(), self.fixed().kchal),
         ];
         let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
         out.extend(k.keys.iter().map(|(v, h)| (keys::kstore_label(*v), *h)));
         out
+    }
+
+    fn fixed(&self) -> Fixed {
+        *self.fixed.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Finds every card key again by label (their handles changed: the
+    /// token logged the process out, or restarted).
+    fn refind(&self) -> Result<()> {
+        let (fixed, stores) = self.pool.with(|s| -> Result<_> {
+            let fixed = Fixed {
+                ktrans: keys::find(s, KTRANS_LABEL)?,
+                kint: keys::find(s, KINT_LABEL)?,
+                kchal: keys::find(s, KCHAL_LABEL)?,
+            };
+            let mut stores = Vec::new();
+            for (label, h) in keys::card_objects(s)? {
+                if let Some(v) = keys::parse_kstore_label(&label) {
+                    stores.push((v, h));
+                }
+            }
+            stores.sort_by_key(|(v, _)| *v);
+            Ok((fixed, stores))
+        })?;
+        *self.fixed.write().unwrap_or_else(PoisonError::into_inner) = fixed;
+        self.kstore
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys = stores;
+        tracing::warn!(token = %self.token_label, "PKCS#11 key handles found again");
+        Ok(())
+    }
+
+    /// Runs `f` in the token: a session the token invalidated is replaced
+    /// ([`SessionPool::with_retry`]), and key handles it no longer knows
+    /// are found again by label, each at most once per call. `f` reads
+    /// the handles it uses when it runs.
+    fn in_token<T>(
+        &self,
+        mut f: impl FnMut(&Session) -> std::result::Result<T, CkError>,
+    ) -> std::result::Result<T, CkError> {
+        match self.pool.with_retry(&mut f) {
+            Err(e) if handle_lost(&e) => match self.refind() {
+                Ok(()) => self.pool.with_retry(f),
+                Err(_) => Err(e),
+            },
+            other => other,
+        }
     }
 
     fn kstore_handle(&self, version: u32) -> microcert_center::Result<ObjectHandle> {
@@ -285,12 +351,11 @@ impl Pkcs11Card {
     /// buffer because for Ktrans it is a transport key.
     fn cmac(
         &self,
-        key: ObjectHandle,
+        key: fn(Fixed) -> ObjectHandle,
         data: &[u8],
     ) -> microcert_center::Result<Zeroizing<[u8; 16]>> {
         let out = Zeroizing::new(
-            self.pool
-                .with(|s| s.sign(&Mechanism::AesCMac, key, data))
+            self.in_token(|s| s.sign(&Mechanism::AesCMac, key(self.fixed()), data))
                 .map_err(ck_err)?,
         );
         let mut mac = Zeroizing::new([0u8; 16]);
@@ -309,14 +374,14 @@ impl Pkcs11Card {
         input[17..25].copy_from_slice(&device.0);
         input[25] = epoch;
         input[26..].copy_from_slice(&128u32.to_be_bytes());
-        let mac = self.cmac(self.ktrans, &input)?;
+        let mac = self.cmac(|f| f.ktrans, &input)?;
         Ok(Key128::from_bytes(*mac))
     }
 
     /// Kw = KDF(Kchal, "MC-CHAL", u32(w)): one CKM_AES_CMAC signature in
     /// the token over the fixed input, once per challenge window.
     fn challenge_key(&self, w: u32) -> microcert_center::Result<Key128> {
-        let mac = self.cmac(self.kchal, &challenge_key_input(w))?;
+        let mac = self.cmac(|f| f.kchal, &challenge_key_input(w))?;
         Ok(Key128::from_bytes(*mac))
     }
 
@@ -326,8 +391,7 @@ impl Pkcs11Card {
         input.extend_from_slice(domain);
         input.extend_from_slice(data);
         let tag = self
-            .pool
-            .with(|s| s.sign(&Mechanism::Sha256Hmac, self.kint, &input))
+            .in_token(|s| s.sign(&Mechanism::Sha256Hmac, self.fixed().kint, &input))
             .map_err(ck_err)?;
         tag.try_into()
             .map_err(|_| card_err("HMAC of unexpected length".into()))
@@ -430,8 +494,8 @@ impl EncryptionCard for Pkcs11Card {
         plain[SEED_LEN..].copy_from_slice(&seed.base_year().to_be_bytes());
         let aad = seed_aad(device, generation);
         let (nonce, ct) = self
-            .pool
-            .with(|s| -> std::result::Result<_, CkError> {
+            .in_token(|s| -> std::result::Result<_, CkError> {
+                let key = self.kstore_handle(version).unwrap_or(key);
                 let mut nonce = [0u8; GCM_NONCE];
                 s.generate_random_slice(&mut nonce)?;
                 let mut iv = nonce;
@@ -467,8 +531,8 @@ impl EncryptionCard for Pkcs11Card {
         let mut iv = [0u8; GCM_NONCE];
         iv.copy_from_slice(&ciphertext[..GCM_NONCE]);
         let plain = self
-            .pool
-            .with(|s| -> std::result::Result<_, CkError> {
+            .in_token(|s| -> std::result::Result<_, CkError> {
+                let key = self.kstore_handle(kstore_version).unwrap_or(key);
                 let params = GcmParams::new(&mut iv, &aad, (GCM_TAG as u64 * 8).into())?;
                 s.decrypt(&Mechanism::AesGcm(params), key, &ciphertext[GCM_NONCE..])
             })
@@ -506,8 +570,7 @@ impl EncryptionCard for Pkcs11Card {
     }
 
     fn random(&self, out: &mut [u8]) -> microcert_center::Result<()> {
-        self.pool
-            .with(|s| s.generate_random_slice(out))
+        self.in_token(|s| s.generate_random_slice(out))
             .map_err(ck_err)
     }
 

@@ -84,10 +84,58 @@ pub(crate) fn user_session(ctx: &Pkcs11, slot: Slot, pin: &Zeroizing<String>) ->
 
 /// A fixed set of logged-in sessions on one token. A caller borrows one for
 /// one operation; when all are busy it waits for the next one returned.
+///
+/// A session the token invalidated (closed by C_CloseAllSessions from
+/// another part of the process, a token removed and reinserted, an HSM
+/// restarted, a login state lost) is replaced by [`SessionPool::with_retry`]:
+/// a new session is opened and logged in with the PIN the pool keeps
+/// (zeroized when the pool drops; never printed), and the operation runs
+/// once more on it.
 pub(crate) struct SessionPool {
     idle: Mutex<Vec<Session>>,
     returned: Condvar,
     size: usize,
+    ctx: Pkcs11,
+    slot: Slot,
+    pin: Zeroizing<String>,
+}
+
+/// A borrowed session, returned to the pool when dropped (even when the
+/// operation panics, so a panic cannot shrink the pool).
+struct Borrowed<'a>(&'a SessionPool, Option<Session>);
+
+impl Drop for Borrowed<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.1.take() {
+            lock(&self.0.idle).push(s);
+            self.0.returned.notify_one();
+        }
+    }
+}
+
+impl Borrowed<'_> {
+    fn session(&self) -> &Session {
+        match self.1.as_ref() {
+            Some(s) => s,
+            None => unreachable!("the guard holds the session until it drops"),
+        }
+    }
+}
+
+/// Whether an error means the session itself is gone (not the operation's
+/// input): the session is then replaced.
+pub(crate) fn session_lost(e: &CkError) -> bool {
+    matches!(
+        e,
+        CkError::Pkcs11(
+            RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::UserNotLoggedIn
+                | RvError::DeviceRemoved
+                | RvError::TokenNotPresent,
+            _
+        )
+    )
 }
 
 impl SessionPool {
@@ -107,6 +155,9 @@ impl SessionPool {
             idle: Mutex::new(sessions),
             returned: Condvar::new(),
             size,
+            ctx: ctx.clone(),
+            slot,
+            pin: pin.clone(),
         })
     }
 
@@ -115,34 +166,45 @@ impl SessionPool {
         self.size
     }
 
+    fn borrow(&self) -> Borrowed<'_> {
+        let mut idle = lock(&self.idle);
+        loop {
+            if let Some(s) = idle.pop() {
+                return Borrowed(self, Some(s));
+            }
+            idle = self
+                .returned
+                .wait(idle)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
     /// Runs `f` on a borrowed session.
     pub(crate) fn with<T>(&self, f: impl FnOnce(&Session) -> T) -> T {
-        let session = {
-            let mut idle = lock(&self.idle);
-            loop {
-                if let Some(s) = idle.pop() {
-                    break s;
+        let guard = self.borrow();
+        f(guard.session())
+    }
+
+    /// Runs `f` on a borrowed session; if the token invalidated the
+    /// session, replaces it (a new session, logged in again) and runs `f`
+    /// once more. If no new session can be opened, the first error is
+    /// returned and the old session goes back (the next call tries again).
+    pub(crate) fn with_retry<T>(
+        &self,
+        mut f: impl FnMut(&Session) -> std::result::Result<T, CkError>,
+    ) -> std::result::Result<T, CkError> {
+        let mut guard = self.borrow();
+        match f(guard.session()) {
+            Err(e) if session_lost(&e) => match user_session(&self.ctx, self.slot, &self.pin) {
+                Ok(fresh) => {
+                    tracing::warn!(error = %e, "PKCS#11 session lost: replaced by a new one");
+                    // The old handle is dead: dropping it may fail quietly.
+                    guard.1 = Some(fresh);
+                    f(guard.session())
                 }
-                idle = self
-                    .returned
-                    .wait(idle)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
-        };
-        // Returned even when `f` panics, so a panic cannot shrink the pool.
-        struct Return<'a>(&'a SessionPool, Option<Session>);
-        impl Drop for Return<'_> {
-            fn drop(&mut self) {
-                if let Some(s) = self.1.take() {
-                    lock(&self.0.idle).push(s);
-                    self.0.returned.notify_one();
-                }
-            }
-        }
-        let guard = Return(self, Some(session));
-        match guard.1.as_ref() {
-            Some(s) => f(s),
-            None => unreachable!("the guard holds the session until it drops"),
+                Err(_) => Err(e),
+            },
+            other => other,
         }
     }
 }

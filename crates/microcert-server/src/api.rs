@@ -38,6 +38,10 @@ pub enum Refusal {
     TooLarge,
     /// The center could not do its part (database, card). Logged there.
     Internal,
+    /// The database or the card is stalled or unreachable, or the server
+    /// is shedding load: try again later (HTTP 503 with Retry-After, CoAP
+    /// 5.03 with Max-Age). Nothing was changed.
+    Unavailable,
 }
 
 impl Refusal {
@@ -58,6 +62,7 @@ impl Refusal {
             Refusal::Replay => "replay",
             Refusal::TooLarge => "too-large",
             Refusal::Internal => "internal",
+            Refusal::Unavailable => "unavailable",
         }
     }
 
@@ -76,6 +81,7 @@ impl Refusal {
             Refusal::Replay => StatusCode::CONFLICT,
             Refusal::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Refusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -94,6 +100,7 @@ impl Refusal {
             | Refusal::Replay => ResponseType::Forbidden,
             Refusal::TooLarge => ResponseType::RequestEntityTooLarge,
             Refusal::Internal => ResponseType::InternalServerError,
+            Refusal::Unavailable => ResponseType::ServiceUnavailable,
         }
     }
 }
@@ -140,6 +147,20 @@ pub trait DeviceService: Send + Sync + 'static {
     fn verify(&self, name: &str, body: &[u8]) -> Result<Verified, Refusal>;
     /// POST /v1/open for the relying party `name`: a SEALED; its plaintext.
     fn open(&self, name: &str, body: &[u8]) -> Result<Vec<u8>, Refusal>;
+}
+
+impl DeviceResource {
+    /// The resource's name in metrics and logs (bounded: no device id).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DeviceResource::Enroll => "enroll",
+            DeviceResource::Auth => "auth",
+            DeviceResource::Challenge => "challenge",
+            DeviceResource::AuthResponse => "auth-response",
+            DeviceResource::Command(_) => "command",
+            DeviceResource::Receipt => "receipt",
+        }
+    }
 }
 
 /// A device resource, parsed from a method and a path, shared by the HTTP
@@ -211,6 +232,10 @@ pub fn parse_device(hex: &str) -> Result<DeviceId, Refusal> {
 /// Largest request body any resource accepts: a SIGNATURE's data or a
 /// SEALED message of the largest plaintext.
 pub const MAX_BODY: usize = 64 * 1024 + 1024;
+
+/// Largest request body of a device resource (enroll, auth, challenge,
+/// auth-response, receipt): an ENROLL of suite 0x02 is 1,017 bytes.
+pub const MAX_DEVICE_BODY: usize = 2 * 1024;
 
 /// Serves a device resource. `Ok(None)` is "no content".
 pub fn serve_device(

@@ -13,14 +13,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::http::StatusCode;
+use axum::response::Response;
 use microcert_center::{AutoBackup, Center};
 use tokio::sync::watch;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
+use tower_http::timeout::TimeoutLayer;
 
 use crate::api::DeviceService;
-use crate::http::{HttpState, device_routes};
+use crate::http::{HttpState, device_only_routes, relying_party_routes};
 use crate::limits::{Limits, LimitsConfig};
-use crate::operator::{self, MaintenancePaths, OperatorState};
-use crate::run::{Listeners, serve_limited};
+use crate::observe::Probes;
+use crate::operator::{self, Health, MaintenancePaths, OperatorState};
+use crate::run::{Listeners, serve_split};
 use crate::service::{CenterService, now};
 use crate::tokens::TokenStore;
 
@@ -35,6 +43,9 @@ pub struct Settings {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// The periodic work.
     pub schedule: Schedule,
+    /// One `microcert::access` log line per HTTP request (method, route,
+    /// status, milliseconds).
+    pub access_log: bool,
 }
 
 /// The periodic work's settings.
@@ -92,7 +103,7 @@ impl std::fmt::Debug for App {
 
 impl App {
     /// Loads the TLS files (if any) and installs the process's metrics
-    /// recorder (once per process; later Apps render no `/metrics`).
+    /// recorder (once per process; later Apps share it).
     pub fn new(
         center: Arc<Center>,
         tokens: Arc<TokenStore>,
@@ -102,9 +113,7 @@ impl App {
             Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
             None => None,
         };
-        let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .install_recorder()
-            .ok();
+        let metrics = crate::observe::install();
         Ok(App {
             center,
             tokens,
@@ -119,18 +128,29 @@ impl App {
         self.tls.is_some()
     }
 
-    /// The HTTP router (device, relying-party, operator routes and
-    /// `/metrics`) and the device service and limits CoAP shares with it.
-    fn assemble(&self) -> (Router, Arc<dyn DeviceService>, Arc<Limits>) {
+    /// The HTTP routers and the device service and limits CoAP shares
+    /// with them: with `split`, one for the device listener (the device
+    /// routes) and one for the operator listener (relying parties,
+    /// operators, `/metrics`, `/healthz`, `/readyz`); without, one router
+    /// with everything. The device and relying-party routes have the
+    /// request timeout (408), the operator routes a timeout on reading
+    /// their bodies (the streamed import none); each router has the
+    /// concurrency limit (503 with Retry-After
+    /// beyond), request ids, latency histograms and the optional access log.
+    fn assemble(
+        &self,
+        split: bool,
+    ) -> (Router, Option<Router>, Arc<dyn DeviceService>, Arc<Limits>) {
         let svc: Arc<dyn DeviceService> = Arc::new(CenterService::new(self.center.clone()));
         let limits = Arc::new(Limits::new(self.settings.limits.clone()));
         let s = &self.settings.schedule;
-        let router = device_routes(HttpState {
+        let http_state = HttpState {
             svc: svc.clone(),
             tokens: self.tokens.clone(),
             limits: limits.clone(),
-        })
-        .merge(operator::routes(OperatorState {
+        };
+        let probes = Arc::new(Probes::new(self.center.clone(), PROBE_TIMEOUT));
+        let (operator_bounded, import) = operator::route_parts(OperatorState {
             center: self.center.clone(),
             tokens: self.tokens.clone(),
             metrics: self.metrics.clone(),
@@ -139,8 +159,47 @@ impl App {
                 keep: s.backup_keep,
                 anchor: s.anchor.clone(),
             }),
-        }));
-        (router, svc, limits)
+            health: Some(Health {
+                probes,
+                limits: limits.clone(),
+            }),
+        });
+        let cfg = &self.settings.limits;
+        let timeout = TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(cfg.http_request_timeout_secs.max(1)),
+        );
+        // Operator requests may run long (an integrity check or a backup
+        // of a large fleet): only the reading of their bodies is bounded
+        // in time.
+        let operator_bounded = operator_bounded.layer(axum::middleware::from_fn_with_state(
+            Duration::from_secs(cfg.http_request_timeout_secs.max(1)),
+            body_timeout,
+        ));
+        let devices = device_only_routes(http_state.clone()).layer(timeout);
+        let others = relying_party_routes(http_state)
+            .layer(timeout)
+            .merge(operator_bounded)
+            .merge(import);
+        let finish = |r: Router| {
+            r.layer(
+                ServiceBuilder::new()
+                    .layer(HandleErrorLayer::new(overloaded))
+                    .layer(LoadShedLayer::new())
+                    .layer(GlobalConcurrencyLimitLayer::new(
+                        cfg.http_max_in_flight.max(1),
+                    )),
+            )
+            .layer(axum::middleware::from_fn_with_state(
+                self.settings.access_log,
+                crate::observe::http_middleware,
+            ))
+        };
+        if split {
+            (finish(devices), Some(finish(others)), svc, limits)
+        } else {
+            (finish(devices.merge(others)), None, svc, limits)
+        }
     }
 
     /// Serves on `listeners` and runs the [`Scheduler`] until `shutdown`
@@ -151,11 +210,14 @@ impl App {
         listeners: Listeners,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
-        let (router, svc, limits) = self.assemble();
+        let (device_router, operator_router, svc, limits) =
+            self.assemble(listeners.operator.is_some());
+        crate::observe::status().scan_backups(&self.settings.schedule.backup_dir);
         Scheduler::new(self.center.clone(), &self.settings.schedule).spawn(shutdown.clone());
-        serve_limited(
+        serve_split(
             listeners,
-            router,
+            device_router,
+            operator_router,
             svc,
             limits,
             self.settings.coap_workers,
@@ -164,6 +226,36 @@ impl App {
         )
         .await
     }
+}
+
+/// Reads an operator request's body (at most
+/// [`operator::MAX_OPERATOR_BODY`] bytes) within `d`, before the handler
+/// runs: a client that trickles a body is answered 408 when `d` is up,
+/// however steadily it trickles; a larger body is 413.
+async fn body_timeout(
+    axum::extract::State(d): axum::extract::State<Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::response::IntoResponse;
+    let (parts, body) = req.into_parts();
+    let read = axum::body::to_bytes(body, operator::MAX_OPERATOR_BODY);
+    let bytes = match tokio::time::timeout(d, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => return StatusCode::PAYLOAD_TOO_LARGE.into_response(),
+        Err(_) => return StatusCode::REQUEST_TIMEOUT.into_response(),
+    };
+    let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+    next.run(req).await
+}
+
+/// How long a readiness probe of the card or the database may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The answer to a request beyond the HTTP concurrency limit.
+async fn overloaded(_: tower::BoxError) -> Response {
+    metrics::counter!("microcert_shed_total", "reason" => "http-concurrency").increment(1);
+    crate::http::unavailable(1)
 }
 
 /// The periodic work of a serving center: housekeeping, the automatic
@@ -213,7 +305,11 @@ impl Scheduler {
 
     /// The integrity check (with the anchor); logs every finding.
     pub fn integrity(&self) {
-        match self.center.integrity_check(Some(&self.anchor), now()) {
+        let r = self.center.integrity_check(Some(&self.anchor), now());
+        if let Ok(r) = &r {
+            crate::observe::status().integrity_done(now(), r.is_clean());
+        }
+        match r {
             Ok(r) if r.is_clean() => {
                 tracing::info!(records = r.records, "integrity check clean")
             }
@@ -231,6 +327,8 @@ impl Scheduler {
     pub fn backup(&self) {
         match self.auto.tick(&self.center, now()) {
             Ok(Some(s)) => {
+                let size = std::fs::metadata(&s.path).map_or(0, |m| m.len());
+                crate::observe::status().backup_done(s.created, size);
                 tracing::info!(path = %s.path.display(), seeds = s.seeds, "automatic backup")
             }
             Ok(None) => {}

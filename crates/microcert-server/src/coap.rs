@@ -39,7 +39,7 @@ use coap_lite::{
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
-use crate::api::{self, DeviceResource, DeviceService, Route};
+use crate::api::{self, DeviceResource, DeviceService, Refusal, Route};
 use crate::limits::{Limits, LimitsConfig, proven, retry_secs, source_key};
 
 /// How long an answer is kept for a retransmitted confirmable request
@@ -369,7 +369,14 @@ fn handle(shared: &Shared, datagram: &[u8], peer: SocketAddr) -> Option<Vec<u8>>
         }
     }
     let mut resp = CoapResponse::new(&packet)?;
-    let proven = respond(shared, packet, peer, &mut resp);
+    let started = Instant::now();
+    let span =
+        tracing::info_span!("request", id = %crate::observe::request_id(), transport = "coap");
+    let mut resource = "unmatched";
+    let proven = span.in_scope(|| respond(shared, packet, peer, &mut resp, &mut resource));
+    let n = u16::from(u8::from(resp.message.header.code));
+    let code = (n >> 5) * 100 + (n & 0x1f);
+    crate::observe::record("coap", resource, code, started.elapsed());
     let bytes = resp.message.to_bytes().ok()?;
     // Only an answer to a request that proved a device key is kept: the
     // others (refusals, challenges, command polls, Block1 steps) changed
@@ -396,7 +403,13 @@ fn path_of(packet: &Packet) -> String {
 
 /// Answers a request into `resp`; true if the request proved possession
 /// of a device key (see [`crate::limits`]).
-fn respond(shared: &Shared, mut packet: Packet, peer: SocketAddr, resp: &mut CoapResponse) -> bool {
+fn respond(
+    shared: &Shared,
+    mut packet: Packet,
+    peer: SocketAddr,
+    resp: &mut CoapResponse,
+    resource: &mut &'static str,
+) -> bool {
     let post = match packet.header.code {
         MessageClass::Request(RequestType::Post) => Some(true),
         MessageClass::Request(RequestType::Get) => Some(false),
@@ -407,7 +420,10 @@ fn respond(shared: &Shared, mut packet: Packet, peer: SocketAddr, resp: &mut Coa
         None => Route::WrongMethod,
     };
     let res = match route {
-        Route::Device(res) => res,
+        Route::Device(res) => {
+            *resource = res.name();
+            res
+        }
         Route::WrongMethod => {
             resp.set_status(ResponseType::MethodNotAllowed);
             return false;
@@ -467,7 +483,23 @@ fn respond(shared: &Shared, mut packet: Packet, peer: SocketAddr, resp: &mut Coa
             return false;
         }
     };
+    // A stalled database or card, or too many calls in flight: 5.03 at
+    // once (not settled: a shed request spends no rate budget).
+    let permit = match shared.limits.shedder().enter() {
+        Ok(p) => p,
+        Err(_) => {
+            resp.set_status(ResponseType::ServiceUnavailable);
+            resp.message.add_option_as(
+                CoapOption::MaxAge,
+                OptionValueU32(shared.limits.shedder().retry_secs()),
+            );
+            resp.message.set_content_format(ContentFormat::TextPlain);
+            resp.message.payload = Refusal::Unavailable.kind().as_bytes().to_vec();
+            return false;
+        }
+    };
     let outcome = api::serve_device(shared.svc.as_ref(), res, &body);
+    drop(permit);
     let proven = proven(res, outcome.is_ok());
     shared.limits.settle(admitted, proven);
     let (status, format, payload) = match outcome {
@@ -481,11 +513,19 @@ fn respond(shared: &Shared, mut packet: Packet, peer: SocketAddr, resp: &mut Coa
             let format = (!body.is_empty()).then_some(ContentFormat::ApplicationOctetStream);
             (status, format, body)
         }
-        Err(refusal) => (
-            refusal.coap_status(),
-            Some(ContentFormat::TextPlain),
-            refusal.kind().as_bytes().to_vec(),
-        ),
+        Err(refusal) => {
+            if refusal == Refusal::Unavailable {
+                resp.message.add_option_as(
+                    CoapOption::MaxAge,
+                    OptionValueU32(shared.limits.shedder().retry_secs()),
+                );
+            }
+            (
+                refusal.coap_status(),
+                Some(ContentFormat::TextPlain),
+                refusal.kind().as_bytes().to_vec(),
+            )
+        }
     };
     resp.set_status(status);
     if let Some(format) = format {

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
 
-use crate::api::{self, DeviceResource, DeviceService, MAX_BODY, Refusal};
+use crate::api::{self, DeviceResource, DeviceService, MAX_BODY, MAX_DEVICE_BODY, Refusal};
 use crate::limits::{Limits, proven, retry_secs};
 use crate::tokens::{Role, TokenRecord, TokenStore};
 
@@ -48,8 +48,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
     }
 }
 
-/// The device and relying-party routes.
+/// The device and relying-party routes (one listener for both).
 pub fn device_routes(state: HttpState) -> Router {
+    device_only_routes(state.clone()).merge(relying_party_routes(state))
+}
+
+/// The device routes only (`/v1/device/...`), bodies of at most
+/// [`MAX_DEVICE_BODY`] bytes: what the device listener serves when the
+/// operator API has its own listener.
+pub fn device_only_routes(state: HttpState) -> Router {
     Router::new()
         .route("/v1/device/enroll", post(enroll))
         .route("/v1/device/auth", post(auth))
@@ -57,10 +64,51 @@ pub fn device_routes(state: HttpState) -> Router {
         .route("/v1/device/auth-response", post(auth_response))
         .route("/v1/device/receipt", post(receipt))
         .route("/v1/device/{device}/command", get(command))
+        .layer(DefaultBodyLimit::max(MAX_DEVICE_BODY))
+        .with_state(state)
+}
+
+/// The relying-party routes (`/v1/verify`, `/v1/open`), bodies of at most
+/// [`MAX_BODY`] bytes.
+pub fn relying_party_routes(state: HttpState) -> Router {
+    Router::new()
         .route("/v1/verify", post(verify))
         .route("/v1/open", post(open))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// 503 Service Unavailable with Retry-After: the database or the card
+/// stalls, or the server sheds load. Nothing was changed.
+pub fn unavailable(retry_secs: u32) -> Response {
+    let mut r = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(json!({ "error": Refusal::Unavailable.kind() })),
+    )
+        .into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_secs.max(1)));
+    r
+}
+
+/// Runs `f` on a blocking thread inside the current span (so its log
+/// lines carry the request id), holding a slot of the load shedder; a shed
+/// request is a 503 at once.
+async fn in_center<T: Send + 'static>(
+    limits: &Limits,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<Result<T, tokio::task::JoinError>, Response> {
+    let shed = limits.shedder();
+    let permit = match shed.enter() {
+        Ok(p) => p,
+        Err(_) => return Err(unavailable(shed.retry_secs())),
+    };
+    let span = tracing::Span::current();
+    Ok(tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        span.in_scope(f)
+    })
+    .await)
 }
 
 fn octets(status: StatusCode, body: Vec<u8>) -> Response {
@@ -72,8 +120,12 @@ fn octets(status: StatusCode, body: Vec<u8>) -> Response {
         .into_response()
 }
 
-/// A refusal as an HTTP reply: its status and a JSON body naming the kind.
+/// A refusal as an HTTP reply: its status and a JSON body naming the kind
+/// (with Retry-After: 1 when the center is unavailable).
 pub fn refusal(r: Refusal) -> Response {
+    if r == Refusal::Unavailable {
+        return unavailable(1);
+    }
     (r.http_status(), axum::Json(json!({ "error": r.kind() }))).into_response()
 }
 
@@ -95,8 +147,15 @@ async fn device(state: HttpState, peer: Peer, res: DeviceResource, body: Bytes) 
         Err(wait) => return too_many(wait),
     };
     let svc = state.svc.clone();
-    let outcome =
-        tokio::task::spawn_blocking(move || api::serve_device(svc.as_ref(), res, &body)).await;
+    let outcome = match in_center(&state.limits, move || {
+        api::serve_device(svc.as_ref(), res, &body)
+    })
+    .await
+    {
+        Ok(o) => o,
+        // Shed: not settled, so it spends no rate budget.
+        Err(shed) => return shed,
+    };
     let accepted = matches!(outcome, Ok(Ok(_)));
     state.limits.settle(admitted, proven(res, accepted));
     match outcome {
@@ -187,8 +246,12 @@ async fn verify(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> 
         Err(d) => return d.into_response(),
     };
     let svc = s.svc.clone();
-    let outcome = tokio::task::spawn_blocking(move || svc.verify(&who.name, &body)).await;
+    let outcome = match in_center(&s.limits, move || svc.verify(&who.name, &body)).await {
+        Ok(o) => o,
+        Err(shed) => return shed,
+    };
     match outcome {
+        Ok(Err(Refusal::Unavailable)) => refusal(Refusal::Unavailable),
         Ok(Ok(v)) => axum::Json(v).into_response(),
         Ok(Err(r)) => (
             r.http_status(),
@@ -205,7 +268,11 @@ async fn open(State(s): State<HttpState>, headers: HeaderMap, body: Bytes) -> Re
         Err(d) => return d.into_response(),
     };
     let svc = s.svc.clone();
-    match tokio::task::spawn_blocking(move || svc.open(&who.name, &body)).await {
+    let outcome = match in_center(&s.limits, move || svc.open(&who.name, &body)).await {
+        Ok(o) => o,
+        Err(shed) => return shed,
+    };
+    match outcome {
         Ok(Ok(plaintext)) => octets(StatusCode::OK, plaintext),
         Ok(Err(r)) => refusal(r),
         Err(_) => refusal(Refusal::Internal),

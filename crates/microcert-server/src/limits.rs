@@ -69,6 +69,27 @@ pub struct LimitsConfig {
     pub block1_lifetime_secs: u64,
     /// Answers kept for de-duplication of confirmable retransmissions.
     pub dedup_capacity: usize,
+    /// Milliseconds after which a call into the center (database, card)
+    /// counts as stalled: new device requests are then shed with 5.03 /
+    /// 503 until it returns (see [`crate::shed`]).
+    pub shed_after_ms: u64,
+    /// Calls into the center in flight at once from the device and
+    /// relying-party resources (CoAP and HTTP together); beyond, 5.03 / 503.
+    pub max_in_flight: usize,
+    /// Max-Age / Retry-After of a shed request, seconds.
+    pub shed_retry_secs: u32,
+    /// Milliseconds a client has to send a request's headers (slowloris).
+    pub http_header_timeout_ms: u64,
+    /// Seconds a device or relying-party request (body and answer) may
+    /// take (408 beyond); for an operator request (which may run long: an
+    /// integrity check of a large fleet), the time to read its body.
+    pub http_request_timeout_secs: u64,
+    /// HTTP connections open at once per listener; beyond, new ones are
+    /// closed at once.
+    pub http_max_connections: usize,
+    /// HTTP requests in progress at once per listener; beyond, 503 with
+    /// Retry-After.
+    pub http_max_in_flight: usize,
 }
 
 impl Default for LimitsConfig {
@@ -93,6 +114,13 @@ impl Default for LimitsConfig {
             block1_total: 1_024,
             block1_lifetime_secs: 30,
             dedup_capacity: 65_536,
+            shed_after_ms: 500,
+            max_in_flight: 64,
+            shed_retry_secs: 1,
+            http_header_timeout_ms: 10_000,
+            http_request_timeout_secs: 30,
+            http_max_connections: 1_024,
+            http_max_in_flight: 256,
         }
     }
 }
@@ -259,6 +287,7 @@ pub fn device_of(res: DeviceResource, body: &[u8]) -> Option<DeviceId> {
 #[derive(Debug)]
 pub struct Limits {
     config: LimitsConfig,
+    shed: std::sync::Arc<crate::shed::Shedder>,
     source: Limiter<u128>,
     device: Limiter<DeviceId>,
     challenge: Limiter<DeviceId>,
@@ -276,6 +305,11 @@ impl Limits {
     /// Limits with `config`.
     pub fn new(config: LimitsConfig) -> Self {
         Limits {
+            shed: std::sync::Arc::new(crate::shed::Shedder::new(
+                config.max_in_flight,
+                Duration::from_millis(config.shed_after_ms),
+                config.shed_retry_secs,
+            )),
             source: Limiter::new(config.per_source, config.max_keys),
             device: Limiter::new(config.per_device, config.max_keys),
             challenge: Limiter::new(config.challenges_per_device, config.max_keys),
@@ -286,6 +320,11 @@ impl Limits {
     /// The configuration.
     pub fn config(&self) -> &LimitsConfig {
         &self.config
+    }
+
+    /// The load shedder of the calls into the center.
+    pub fn shedder(&self) -> &std::sync::Arc<crate::shed::Shedder> {
+        &self.shed
     }
 
     /// Lets a request through, or says how long to wait. A challenge

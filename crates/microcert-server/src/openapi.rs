@@ -223,6 +223,14 @@ pub const ROUTES: &[RouteDoc] = &[
         request: None,
         reply: "text/plain",
     },
+    RouteDoc {
+        method: "get",
+        path: "/readyz",
+        roles: &[],
+        summary: "Readiness: the card and the database answer, the integrity check has not failed, no load is shed (503 otherwise)",
+        request: None,
+        reply: "application/json",
+    },
 ];
 
 /// The one vocabulary of refusal and error kinds: the `error` of every
@@ -376,12 +384,16 @@ pub const ERROR_KINDS: &[(&str, &str)] = &[
     ("wrong-passphrase", "the card does not open (500)"),
     ("card-format", "card data in an unknown format (500)"),
     ("shares", "backup shares that do not recover a card (500)"),
-    ("card", "the encryption card failed (500)"),
-    ("database", "the key database failed (500)"),
+    ("card", "the encryption card failed (503: try again later)"),
+    ("database", "the key database failed (503: try again later)"),
     ("io", "a file could not be read or written (500)"),
     (
         "internal",
         "the center could not do its part; logged there (500)",
+    ),
+    (
+        "unavailable",
+        "the database or the card is stalled or unreachable, or the server sheds load; nothing changed, try again after Retry-After / Max-Age (503, CoAP 5.03)",
     ),
     (
         "bad-request",

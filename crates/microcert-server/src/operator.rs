@@ -37,6 +37,18 @@ pub struct OperatorState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Where backups and the card's anchor are; None: backups not served.
     pub maintenance: Option<MaintenancePaths>,
+    /// Readiness probes and the device limits (shedding) for `/readyz`
+    /// and the gauges of `/metrics`; None: `/readyz` answers 503.
+    pub health: Option<Health>,
+}
+
+/// What `/readyz` and `/metrics` read.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// The card and database probes.
+    pub probes: Arc<crate::observe::Probes>,
+    /// The device resources' limits (their load shedder).
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 const READ: &[Role] = &[Role::Admin, Role::Operator, Role::Auditor];
@@ -45,8 +57,29 @@ const AUDIT: &[Role] = &[Role::Admin, Role::Auditor];
 
 /// The operator routes.
 pub fn routes(state: OperatorState) -> Router {
+    let (bounded, streamed) = route_parts(state);
+    bounded.merge(streamed)
+}
+
+/// Largest body of an operator request (JSON), the import excepted.
+pub const MAX_OPERATOR_BODY: usize = 64 * 1024;
+
+/// The operator routes in two parts: those whose requests are bounded
+/// (bodies of at most [`MAX_OPERATOR_BODY`] bytes; the server puts its
+/// request timeout on them) and the streamed import (`/v1/import`: its
+/// body is a whole batch file, read line by line, and it takes as long as
+/// the batch takes).
+pub fn route_parts(state: OperatorState) -> (Router, Router) {
+    let streamed = Router::new()
+        .route("/v1/import", post(import))
+        .with_state(state.clone());
+    (bounded_routes(state), streamed)
+}
+
+fn bounded_routes(state: OperatorState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/devices", get(list_devices))
@@ -54,13 +87,13 @@ pub fn routes(state: OperatorState) -> Router {
         .route("/v1/devices/{device}", get(show_device))
         .route("/v1/devices/{device}/{action}", post(device_action))
         .route("/v1/updates/due", post(update_due))
-        .route("/v1/import", post(import))
         .route("/v1/integrity", get(integrity))
         .route("/v1/backups", get(list_backups).post(create_backup))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
         .route("/v1/clock", get(clock_status))
         .route("/v1/clock/confirm", post(clock_confirm))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_OPERATOR_BODY))
         .with_state(state)
 }
 
@@ -150,7 +183,8 @@ fn bad_request(message: impl Into<String>) -> Response {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> microcert_center::Result<T> + Send + 'static,
 ) -> Result<T, Response> {
-    match tokio::task::spawn_blocking(f).await {
+    let span = tracing::Span::current();
+    match tokio::task::spawn_blocking(move || span.in_scope(f)).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(error(&e)),
         Err(_) => Err(error(&Error::Database("worker thread failed".into()))),
@@ -161,7 +195,30 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Readiness: 200 when the card and the database answer, the last
+/// integrity check did not fail and no load is shed; 503 (with what
+/// failed) otherwise. The process keeps running either way.
+async fn readyz(State(s): State<OperatorState>) -> Response {
+    let Some(h) = &s.health else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({ "ready": false, "error": "not-configured" })),
+        )
+            .into_response();
+    };
+    let r = h.probes.readiness(&h.limits).await;
+    let status = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(r)).into_response()
+}
+
 async fn metrics(State(s): State<OperatorState>) -> Response {
+    if let Some(h) = &s.health {
+        h.probes.refresh(&h.limits).await;
+    }
     match &s.metrics {
         Some(h) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -703,7 +760,17 @@ async fn integrity(State(s): State<OperatorState>, headers: HeaderMap) -> Respon
     let center = s.center.clone();
     let anchor = s.maintenance.as_ref().map(|m| m.anchor.clone());
     match blocking(move || center.integrity_check(anchor.as_deref(), now())).await {
-        Ok(r) => axum::Json(json!({
+        Ok(r) => {
+            crate::observe::status().integrity_done(now(), r.is_clean());
+            integrity_json(&r)
+        }
+        Err(r) => r,
+    }
+}
+
+fn integrity_json(r: &microcert_center::IntegrityReport) -> Response {
+    {
+        axum::Json(json!({
             "clean": r.is_clean(),
             "records": r.records,
             "bad_records": r.bad_records.iter().map(|(d, g)| json!({
@@ -720,8 +787,7 @@ async fn integrity(State(s): State<OperatorState>, headers: HeaderMap) -> Respon
             "quarantined": r.tampered_devices().iter().map(|d| d.to_string()).collect::<Vec<_>>(),
             "findings": r.findings(),
         }))
-        .into_response(),
-        Err(r) => r,
+        .into_response()
     }
 }
 
@@ -748,7 +814,18 @@ async fn create_backup(State(s): State<OperatorState>, headers: HeaderMap) -> Re
     })
     .await
     {
-        Ok(b) => axum::Json(json!({
+        Ok(b) => {
+            let size = std::fs::metadata(&b.path).map_or(0, |m| m.len());
+            crate::observe::status().backup_done(b.created, size);
+            backup_json(&b)
+        }
+        Err(r) => r,
+    }
+}
+
+fn backup_json(b: &microcert_center::backup::BackupSummary) -> Response {
+    {
+        axum::Json(json!({
             "file": b.path.file_name().map(|n| n.to_string_lossy().into_owned()),
             "created": b.created,
             "devices": b.devices,
@@ -756,8 +833,7 @@ async fn create_backup(State(s): State<OperatorState>, headers: HeaderMap) -> Re
             "audit": b.audit,
             "kstore_versions": b.kstore_versions,
         }))
-        .into_response(),
-        Err(r) => r,
+        .into_response()
     }
 }
 

@@ -66,13 +66,13 @@ pub fn refusal(e: &Error) -> Refusal {
         | Error::BadLegacyToken { .. }
         | Error::IllegalTransition { .. } => Refusal::NotActive,
         Error::Integrity(_) => Refusal::Quarantined,
-        Error::WrongPassphrase
-        | Error::CardFormat(_)
-        | Error::Shares(_)
-        | Error::Card(_)
-        | Error::Database(_)
-        | Error::Sqlite(_)
-        | Error::Io(_) => Refusal::Internal,
+        // A stalled or unreachable database or card (a busy SQLite file,
+        // a PostgreSQL restart, an HSM that stopped answering) is
+        // transient: 503 / 5.03 with Retry-After / Max-Age, nothing changed.
+        Error::Card(_) | Error::Database(_) | Error::Sqlite(_) => Refusal::Unavailable,
+        Error::WrongPassphrase | Error::CardFormat(_) | Error::Shares(_) | Error::Io(_) => {
+            Refusal::Internal
+        }
     }
 }
 
@@ -80,7 +80,7 @@ pub fn refusal(e: &Error) -> Refusal {
 /// and are only counted), then maps it.
 fn refused(what: &'static str, e: Error) -> Refusal {
     let r = refusal(&e);
-    if r == Refusal::Internal {
+    if matches!(r, Refusal::Internal | Refusal::Unavailable) {
         tracing::error!(resource = what, error = %e, "request failed");
     } else {
         tracing::debug!(resource = what, kind = r.kind(), "request refused");
@@ -343,7 +343,7 @@ mod tests {
             assert!(known(dev), "{dev} is not documented");
             let coarser = match e {
                 Error::WrongGeneration => dev == "not-active",
-                _ if !e.is_refusal() => dev == "internal",
+                _ if !e.is_refusal() => dev == "internal" || dev == "unavailable",
                 _ => dev == "not-active" && crate::operator::operator_status(&e).as_u16() == 409,
             };
             assert!(dev == op || coarser, "{op} is {dev} to a device");

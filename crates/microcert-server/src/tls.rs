@@ -3,23 +3,13 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-
-/// How long a client has to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long requests in flight may take to finish at shutdown.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn invalid(msg: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
@@ -50,51 +40,20 @@ pub fn acceptor(cert: &Path, key: &Path) -> std::io::Result<TlsAcceptor> {
 }
 
 /// Serves `router` over TLS until `stop` turns true, then lets the
-/// connections in flight finish (bounded).
+/// connections in flight finish (bounded), with the default HTTP bounds
+/// (see [`crate::run::serve_http`]).
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     router: Router,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let graceful = GracefulShutdown::new();
-    let builder = Builder::new(TokioExecutor::new());
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        let acceptor = acceptor.clone();
-        // The client's address for the rate limits, as the plain listener's
-        // `into_make_service_with_connect_info` provides it.
-        let service = TowerToHyperService::new(
-            router
-                .clone()
-                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
-        );
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
-    Ok(())
+    crate::run::serve_http(
+        listener,
+        Some(acceptor),
+        router,
+        crate::run::HttpBounds::default(),
+        stop,
+    )
+    .await
 }

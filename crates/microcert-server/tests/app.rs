@@ -50,6 +50,7 @@ fn app(
             limits: Default::default(),
             tls,
             schedule,
+            access_log: false,
         },
     )
 }

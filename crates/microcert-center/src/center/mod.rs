@@ -370,6 +370,12 @@ impl Center {
         self.cache.len()
     }
 
+    /// Seed-cache lookups answered from the cache (hits) and not
+    /// (misses) since the center opened, for metrics.
+    pub fn seed_cache_stats(&self) -> (u64, u64) {
+        self.cache.stats()
+    }
+
     pub(crate) fn profile(&self, class: u8) -> Result<&ClassProfile> {
         self.config.profile(class).ok_or(Error::NoProfile { class })
     }

@@ -63,6 +63,7 @@ impl TestServer {
                 keep: 3,
                 anchor: dir.path().join("center.anchor"),
             }),
+            health: None,
         }));
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let listeners = Listeners::bind(any, any).await.unwrap();
