@@ -161,6 +161,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             Some(o) => say!("microcert serving {scheme}={h} coap={c} operator={o}"),
             None => say!("microcert serving {scheme}={h} coap={c}"),
         }
+        // systemd's Type=notify: the card is open, the database checked,
+        // every listener bound.
+        microcert_server::run::sd_notify("READY=1");
         app.run(listeners, shutdown).await?;
         tracing::info!("stopped");
         anyhow::Ok(())

@@ -220,3 +220,33 @@ fn the_packaging_files_are_there() {
         assert!(unit.contains(s), "unit lacks {s}");
     }
 }
+
+/// systemd's `Type=notify` (deploy/microcert.service): `READY=1` once the
+/// center serves, `STOPPING=1` when SIGTERM starts the clean shutdown, on
+/// the datagram socket named by NOTIFY_SOCKET.
+#[test]
+fn serve_notifies_systemd_ready_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    harness::run(&["card", "init", "--data", data.to_str().unwrap()]);
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let server = harness::Server::start_with(
+        &data,
+        &[],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("READY=1 within 30 s");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert_eq!(
+        get_status(server.http.trim_start_matches("http://"), "/healthz"),
+        200
+    );
+    server.stop();
+    let n = sock.recv(&mut buf).expect("STOPPING=1 at SIGTERM");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+}

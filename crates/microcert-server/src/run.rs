@@ -220,6 +220,7 @@ pub fn shutdown_on_signals() -> watch::Receiver<bool> {
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
         tracing::info!("shutting down: finishing requests in flight");
+        sd_notify("STOPPING=1");
         let _ = tx.send(true);
     });
     rx
@@ -309,4 +310,51 @@ pub async fn serve_split(
     h?;
     o?;
     c
+}
+
+/// Tells systemd the service's state (`READY=1`, `STOPPING=1`) when it
+/// started the process with `Type=notify` (the `NOTIFY_SOCKET` datagram
+/// socket, a path or an abstract name written `@name`); does nothing
+/// otherwise. Returns whether a notification was sent. A failure is
+/// logged, never fatal: the service runs the same without systemd.
+pub fn sd_notify(state: &str) -> bool {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return false;
+    };
+    match notify_to(&socket, state) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot notify systemd");
+            false
+        }
+    }
+}
+
+#[cfg(unix)]
+fn notify_to(socket: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let bytes = socket.as_bytes();
+    let addr = match bytes.split_first() {
+        #[cfg(target_os = "linux")]
+        Some((b'@', name)) => {
+            use std::os::linux::net::SocketAddrExt as _;
+            SocketAddr::from_abstract_name(name)?
+        }
+        Some((b'/', _)) => SocketAddr::from_pathname(std::path::Path::new(socket))?,
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "NOTIFY_SOCKET is neither a path nor an abstract name",
+            ));
+        }
+    };
+    let sock = UnixDatagram::unbound()?;
+    sock.send_to_addr(state.as_bytes(), &addr)?;
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn notify_to(_socket: &std::ffi::OsStr, _state: &str) -> std::io::Result<()> {
+    Ok(())
 }
