@@ -281,6 +281,48 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+/// The classes of [`Error`] ([`Error::class`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// A device message refused (the device's doing), and how.
+    Message(MessageRefusal),
+    /// A request the current state or configuration does not allow (an
+    /// operator's or a command's); never the answer to a device message.
+    Conflict,
+    /// The records involved fail their integrity check: quarantined.
+    Integrity,
+    /// The database or the card stalled or went away: transient, retry.
+    Unavailable,
+    /// The center cannot do its part (its card file, its passphrase, its
+    /// files): an operator must look.
+    Internal,
+}
+
+/// How a device message is refused (the refusal kinds of docs/protocol.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageRefusal {
+    /// The device is not known.
+    UnknownDevice,
+    /// The device is revoked.
+    Revoked,
+    /// The device is suspended.
+    Suspended,
+    /// The seed is not active, or not the current generation.
+    NotActive,
+    /// The seed does not cover the date.
+    Expired,
+    /// Already accepted once.
+    Replay,
+    /// Outside the accepted clock skew.
+    Stale,
+    /// Does not parse.
+    Malformed,
+    /// Does not verify (opaque).
+    NotVerified,
+    /// Not the device's suite.
+    WrongSuite,
+}
+
 impl Error {
     /// A short stable name of the refusal kind, for the network layer and
     /// logs (PROTOCOL.md section 8: the body of a refusal names its kind).
@@ -339,22 +381,23 @@ impl Error {
         }
     }
 
-    /// True for a refusal of a message or request (the client's doing),
-    /// false for an operational failure of the center.
-    pub fn is_refusal(&self) -> bool {
+    /// What kind of failure this is: the one classification every API's
+    /// mapping to the wire starts from (device CoAP/HTTP, operator HTTP),
+    /// with every variant named here and nowhere else.
+    pub fn class(&self) -> ErrorClass {
+        use MessageRefusal as M;
         match self {
-            Error::UnknownDevice
-            | Error::Revoked
-            | Error::Suspended
-            | Error::NotActive
-            | Error::Expired
-            | Error::Replay
-            | Error::Stale
-            | Error::Malformed(_)
-            | Error::Verification
-            | Error::WrongSuite
-            | Error::WrongGeneration
-            | Error::AlreadyRegistered { .. }
+            Error::UnknownDevice => ErrorClass::Message(M::UnknownDevice),
+            Error::Revoked => ErrorClass::Message(M::Revoked),
+            Error::Suspended => ErrorClass::Message(M::Suspended),
+            Error::NotActive | Error::WrongGeneration => ErrorClass::Message(M::NotActive),
+            Error::Expired => ErrorClass::Message(M::Expired),
+            Error::Replay => ErrorClass::Message(M::Replay),
+            Error::Stale => ErrorClass::Message(M::Stale),
+            Error::Malformed(_) => ErrorClass::Message(M::Malformed),
+            Error::Verification => ErrorClass::Message(M::NotVerified),
+            Error::WrongSuite => ErrorClass::Message(M::WrongSuite),
+            Error::AlreadyRegistered { .. }
             | Error::NoProfile { .. }
             | Error::NoSeed { .. }
             | Error::RevokePending { .. }
@@ -385,16 +428,22 @@ impl Error {
             | Error::AudienceTaken { .. }
             | Error::TokenIntegrity { .. }
             | Error::BadLegacyToken { .. }
-            | Error::IllegalTransition { .. }
-            | Error::Integrity(_) => true,
-            Error::WrongPassphrase
-            | Error::CardFormat(_)
-            | Error::Shares(_)
-            | Error::Card(_)
-            | Error::Database(_)
-            | Error::Sqlite(_)
-            | Error::Io(_) => false,
+            | Error::IllegalTransition { .. } => ErrorClass::Conflict,
+            Error::Integrity(_) => ErrorClass::Integrity,
+            Error::Card(_) | Error::Database(_) | Error::Sqlite(_) => ErrorClass::Unavailable,
+            Error::WrongPassphrase | Error::CardFormat(_) | Error::Shares(_) | Error::Io(_) => {
+                ErrorClass::Internal
+            }
         }
+    }
+
+    /// True for a refusal of a message or request (the client's doing),
+    /// false for an operational failure of the center.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self.class(),
+            ErrorClass::Message(_) | ErrorClass::Conflict | ErrorClass::Integrity
+        )
     }
 
     /// Maps a protocol-core error met while checking a received message.

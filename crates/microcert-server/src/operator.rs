@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use microcert_center::db::SeedRow;
-use microcert_center::{Center, DeviceQuery, DeviceView, Error};
+use microcert_center::{Center, DeviceQuery, DeviceView, Error, ErrorClass, MessageRefusal};
 use microcert_core::{DeviceId, Event, KeyState};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -102,60 +102,16 @@ fn bounded_routes(state: OperatorState) -> Router {
 /// `error` is [`Error::kind`], the same vocabulary as the device resources'
 /// (documented in the OpenAPI document, [`crate::openapi::ERROR_KINDS`]).
 pub fn operator_status(e: &Error) -> StatusCode {
-    match e {
-        Error::UnknownDevice => StatusCode::NOT_FOUND,
-        Error::Malformed(_) => StatusCode::BAD_REQUEST,
+    match e.class() {
+        ErrorClass::Message(MessageRefusal::UnknownDevice) => StatusCode::NOT_FOUND,
+        ErrorClass::Message(MessageRefusal::Malformed) => StatusCode::BAD_REQUEST,
         // A request the current state (or configuration) does not allow.
-        Error::IllegalTransition { .. }
-        | Error::AlreadyRegistered { .. }
-        | Error::NoProfile { .. }
-        | Error::NoSeed { .. }
-        | Error::RevokePending { .. }
-        | Error::TransportOpen
-        | Error::SeedStillValid
-        | Error::EpochExhausted
-        | Error::WrongEpoch { .. }
-        | Error::ClockUnconfirmed { .. }
-        | Error::TimeOutOfRange
-        | Error::NotInBackup { .. }
-        | Error::NotConfigured { .. }
-        | Error::ShareThreshold { .. }
-        | Error::CardUnsupported { .. }
-        | Error::CardFileExists { .. }
-        | Error::StorageKeysExhausted
-        | Error::CurrentStorageKey { .. }
-        | Error::NoStorageKey { .. }
-        | Error::RegisteredDifferently { .. }
-        | Error::ReplayGuardLocked { .. }
-        | Error::BackupUnstable
-        | Error::RestoreTargetNotEmpty
-        | Error::BadTokenName { .. }
-        | Error::UnknownRole { .. }
-        | Error::TokenTtlZero
-        | Error::CenterAudience { .. }
-        | Error::TooManyTokens { .. }
-        | Error::TokenNameTaken { .. }
-        | Error::AudienceTaken { .. }
-        | Error::TokenIntegrity { .. }
-        | Error::BadLegacyToken { .. } => StatusCode::CONFLICT,
+        ErrorClass::Conflict => StatusCode::CONFLICT,
         // As on the device resources.
-        Error::Revoked
-        | Error::Suspended
-        | Error::NotActive
-        | Error::Expired
-        | Error::Replay
-        | Error::Stale
-        | Error::Verification
-        | Error::WrongSuite
-        | Error::WrongGeneration
-        | Error::Integrity(_)
-        | Error::WrongPassphrase
-        | Error::CardFormat(_)
-        | Error::Shares(_)
-        | Error::Card(_)
-        | Error::Database(_)
-        | Error::Sqlite(_)
-        | Error::Io(_) => refusal(e).http_status(),
+        ErrorClass::Message(_)
+        | ErrorClass::Integrity
+        | ErrorClass::Unavailable
+        | ErrorClass::Internal => refusal(e).http_status(),
     }
 }
 

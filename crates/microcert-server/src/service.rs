@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use microcert_center::{Center, Error, VerifyOutcome};
+use microcert_center::{Center, Error, ErrorClass, MessageRefusal, VerifyOutcome};
 use microcert_core::{Audience, DeviceId};
 
 use crate::api::{DeviceService, Refusal, Verified};
@@ -20,59 +20,28 @@ pub fn now() -> u64 {
 /// The refusal a center error becomes on the network: the one place where
 /// this is decided, with every variant named.
 pub fn refusal(e: &Error) -> Refusal {
-    match e {
-        Error::UnknownDevice => Refusal::UnknownDevice,
-        Error::Revoked => Refusal::Revoked,
-        Error::Suspended => Refusal::Suspended,
-        Error::NotActive | Error::WrongGeneration => Refusal::NotActive,
-        Error::Expired => Refusal::Expired,
-        Error::Replay => Refusal::Replay,
-        Error::Stale => Refusal::Stale,
-        Error::Malformed(_) => Refusal::Malformed,
-        Error::Verification => Refusal::NotVerified,
-        Error::WrongSuite => Refusal::WrongSuite,
+    match e.class() {
+        ErrorClass::Message(m) => match m {
+            MessageRefusal::UnknownDevice => Refusal::UnknownDevice,
+            MessageRefusal::Revoked => Refusal::Revoked,
+            MessageRefusal::Suspended => Refusal::Suspended,
+            MessageRefusal::NotActive => Refusal::NotActive,
+            MessageRefusal::Expired => Refusal::Expired,
+            MessageRefusal::Replay => Refusal::Replay,
+            MessageRefusal::Stale => Refusal::Stale,
+            MessageRefusal::Malformed => Refusal::Malformed,
+            MessageRefusal::NotVerified => Refusal::NotVerified,
+            MessageRefusal::WrongSuite => Refusal::WrongSuite,
+        },
         // Operator-side refusals never answer a device message; should one
         // reach a device it is "not-active", as before they were typed.
-        Error::AlreadyRegistered { .. }
-        | Error::NoProfile { .. }
-        | Error::NoSeed { .. }
-        | Error::RevokePending { .. }
-        | Error::TransportOpen
-        | Error::SeedStillValid
-        | Error::EpochExhausted
-        | Error::WrongEpoch { .. }
-        | Error::ClockUnconfirmed { .. }
-        | Error::TimeOutOfRange
-        | Error::NotInBackup { .. }
-        | Error::NotConfigured { .. }
-        | Error::ShareThreshold { .. }
-        | Error::CardUnsupported { .. }
-        | Error::CardFileExists { .. }
-        | Error::StorageKeysExhausted
-        | Error::CurrentStorageKey { .. }
-        | Error::NoStorageKey { .. }
-        | Error::RegisteredDifferently { .. }
-        | Error::ReplayGuardLocked { .. }
-        | Error::BackupUnstable
-        | Error::RestoreTargetNotEmpty
-        | Error::BadTokenName { .. }
-        | Error::UnknownRole { .. }
-        | Error::TokenTtlZero
-        | Error::CenterAudience { .. }
-        | Error::TooManyTokens { .. }
-        | Error::TokenNameTaken { .. }
-        | Error::AudienceTaken { .. }
-        | Error::TokenIntegrity { .. }
-        | Error::BadLegacyToken { .. }
-        | Error::IllegalTransition { .. } => Refusal::NotActive,
-        Error::Integrity(_) => Refusal::Quarantined,
+        ErrorClass::Conflict => Refusal::NotActive,
+        ErrorClass::Integrity => Refusal::Quarantined,
         // A stalled or unreachable database or card (a busy SQLite file,
         // a PostgreSQL restart, an HSM that stopped answering) is
         // transient: 503 / 5.03 with Retry-After / Max-Age, nothing changed.
-        Error::Card(_) | Error::Database(_) | Error::Sqlite(_) => Refusal::Unavailable,
-        Error::WrongPassphrase | Error::CardFormat(_) | Error::Shares(_) | Error::Io(_) => {
-            Refusal::Internal
-        }
+        ErrorClass::Unavailable => Refusal::Unavailable,
+        ErrorClass::Internal => Refusal::Internal,
     }
 }
 
