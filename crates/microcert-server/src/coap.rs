@@ -245,9 +245,39 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(svc: Arc<dyn DeviceService>, limits: Arc<Limits>) -> Self {
+        Shared {
+            svc,
+            limits,
+            transfers: Mutex::new(Transfers::default()),
+            dedup: (0..DEDUP_SHARDS)
+                .map(|_| Mutex::new(Dedup::default()))
+                .collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
     fn dedup(&self, key: &Key) -> std::sync::MutexGuard<'_, Dedup> {
         let i = (self.hasher.hash_one(key) as usize) % DEDUP_SHARDS;
         self.dedup[i].lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The CoAP front end without its socket: what a worker does with one
+/// datagram (parsing, de-duplication, Block1 reassembly, limits, the
+/// resources). For the fuzz target of the front end and for tests.
+#[allow(missing_debug_implementations)] // holds a trait object
+pub struct Frontend(Shared);
+
+impl Frontend {
+    /// A front end over `svc` with `limits`.
+    pub fn new(svc: Arc<dyn DeviceService>, limits: Arc<Limits>) -> Self {
+        Frontend(Shared::new(svc, limits))
+    }
+
+    /// Handles one datagram from `peer`; the datagram to send back, if any.
+    pub fn handle(&self, datagram: &[u8], peer: SocketAddr) -> Option<Vec<u8>> {
+        handle(&self.0, datagram, peer)
     }
 }
 
@@ -275,15 +305,7 @@ pub async fn serve_limited(
     socket.set_nonblocking(false)?;
     socket.set_read_timeout(Some(POLL))?;
     let socket = Arc::new(socket);
-    let shared = Arc::new(Shared {
-        svc,
-        limits,
-        transfers: Mutex::new(Transfers::default()),
-        dedup: (0..DEDUP_SHARDS)
-            .map(|_| Mutex::new(Dedup::default()))
-            .collect(),
-        hasher: RandomState::new(),
-    });
+    let shared = Arc::new(Shared::new(svc, limits));
     let stop = Arc::new(AtomicBool::new(false));
     let turn = Arc::new(Mutex::new(()));
     let mut threads = Vec::new();
@@ -582,15 +604,7 @@ mod tests {
     }
 
     fn shared(config: LimitsConfig) -> Shared {
-        Shared {
-            svc: Arc::new(Fake),
-            limits: Arc::new(Limits::new(config)),
-            transfers: Mutex::new(Transfers::default()),
-            dedup: (0..DEDUP_SHARDS)
-                .map(|_| Mutex::new(Dedup::default()))
-                .collect(),
-            hasher: RandomState::new(),
-        }
+        Shared::new(Arc::new(Fake), Arc::new(Limits::new(config)))
     }
 
     fn request(mid: u16, get: bool, path: &str, body: &[u8]) -> Vec<u8> {
