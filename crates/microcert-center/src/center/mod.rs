@@ -17,6 +17,8 @@ mod rotation;
 mod verify;
 mod watch;
 
+pub(crate) use watch::mark_bytes;
+
 pub use import::{
     IMPORT_LINE_MAX, ImportProgress, ImportReject, ImportReport, ImportSource, REJECTS_KEPT,
 };

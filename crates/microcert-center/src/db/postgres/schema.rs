@@ -133,7 +133,26 @@ ALTER TABLE imports ADD COLUMN seal BYTEA;
 "#,
     MIGRATION_META,
     MIGRATION_TOKENS,
+    MIGRATION_REPLAY_ACC,
 ];
+
+/// Migration "replay_acc" (gap 2 of SECURITY.md): the same as SQLite's of
+/// that name: per device, the card-keyed accumulator of its live replay
+/// records and spent challenges.
+const MIGRATION_REPLAY_ACC: &str = r#"
+CREATE TABLE IF NOT EXISTS replay_acc (
+    device BYTEA PRIMARY KEY,
+    acc BYTEA NOT NULL,
+    count BIGINT NOT NULL,
+    max_expires BIGINT NOT NULL,
+    tag BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value BIGINT NOT NULL, tag BYTEA NOT NULL);
+INSERT INTO meta (key, value) SELECT 'rows_cover',
+    CASE WHEN EXISTS (SELECT 1 FROM devices) OR EXISTS (SELECT 1 FROM tokens)
+        OR EXISTS (SELECT 1 FROM marks) THEN 'pending' ELSE 'done' END
+ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+"#;
 
 /// Migration "tokens" (issue 14, shared state): the operator API's bearer
 /// tokens, hashed, shared by every center on the database. `tag` is a card

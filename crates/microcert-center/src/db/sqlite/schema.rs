@@ -128,7 +128,31 @@ ALTER TABLE imports ADD COLUMN seal BLOB;
 "#,
     MIGRATION_META,
     MIGRATION_TOKENS,
+    MIGRATION_REPLAY_ACC,
 ];
+
+/// Migration "replay_acc" (gap 2 of SECURITY.md): per device, the
+/// card-keyed accumulator of its live replay records and spent challenges
+/// (see [`crate::db::ReplayAcc`]). On a database that holds rows already,
+/// it leaves `rows_cover` = "pending" in `meta`: the center then covers
+/// them once ([`crate::integrity::cover_rows`]).
+const MIGRATION_REPLAY_ACC: &str = r#"
+CREATE TABLE IF NOT EXISTS replay_acc (
+    device BLOB PRIMARY KEY,
+    acc BLOB NOT NULL,
+    count INTEGER NOT NULL,
+    max_expires INTEGER NOT NULL,
+    tag BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS marks (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL,
+    tag BLOB NOT NULL
+) WITHOUT ROWID;
+INSERT OR REPLACE INTO meta (key, value) SELECT 'rows_cover',
+    CASE WHEN EXISTS (SELECT 1 FROM devices) OR EXISTS (SELECT 1 FROM tokens)
+        OR EXISTS (SELECT 1 FROM marks) THEN 'pending' ELSE 'done' END;
+"#;
 
 /// Migration "tokens" (issue 14, shared state): the operator API's bearer
 /// tokens, hashed, shared by every center on the database. `tag` is a card
