@@ -63,6 +63,7 @@ use crate::card::EncryptionCard;
 use crate::db::{CommandRow, DeviceRow, DigestShard, NotaryRow, SeedRow, Tx};
 use crate::{Error, Result};
 
+mod rows_repair;
 mod sealed;
 mod upgrade;
 

@@ -222,10 +222,205 @@ fn a_deleted_mark_is_found(backend: Backend) {
     );
 }
 
+/// Runs SQL against the database from outside (several statements).
+fn raw_batch(location: &str, sqlite: &str, postgres: &str) {
+    if microcert_center::db::is_postgres_url(location) {
+        let db = location.rsplit('/').next().unwrap();
+        pg_server().unwrap().psql(db, postgres);
+    } else {
+        let conn = rusqlite::Connection::open(location).unwrap();
+        conn.execute_batch(sqlite).unwrap();
+    }
+}
+
+/// Gap 2: the device's accumulator deleted together with all its records
+/// (so that what is left looks like a device never seen): the recorded
+/// AUTH is refused, and so is the device, until the pruning high-water
+/// passes the quarantine; then it works again on its own.
+fn a_deleted_accumulator_with_its_rows_reopens_no_auth(backend: Backend) {
+    let mut w = two_centers(backend);
+    let t = NOW + 100;
+    let (a1, _) = w.fleet[0].auth(&C, t);
+    w.a.verify_auth(&a1, &C, t).unwrap();
+    let id = w.fleet[0].id.0;
+    assert_eq!(
+        raw_update(&w.loc, "DELETE FROM replay WHERE device = {id}", &id),
+        1
+    );
+    assert_eq!(
+        raw_update(&w.loc, "DELETE FROM replay_acc WHERE device = {id}", &id),
+        1
+    );
+    let r = w.b.verify_auth(&a1, &C, t + 1);
+    assert!(r.is_err(), "replayed after its accumulator went: {r:?}");
+    // Quarantined: a new AUTH of it is refused for now too.
+    let (a2, _) = w.fleet[0].auth(&C, t + 10);
+    assert!(w.a.verify_auth(&a2, &C, t + 10).is_err());
+    // The other device works.
+    let (o, _) = w.fleet[1].auth(&C, t + 10);
+    w.a.verify_auth(&o, &C, t + 10).unwrap();
+    // Hours later, past the quarantine: the device works again, once.
+    let later = t + 4 * 3600;
+    w.b.housekeeping(later).unwrap();
+    let (a3, _) = w.fleet[0].auth(&C, later);
+    w.a.verify_auth(&a3, &C, later).unwrap();
+    assert!(matches!(
+        w.b.verify_auth(&a3, &C, later),
+        Err(Error::Replay)
+    ));
+}
+
+/// Several centers record AUTHs of one device at once: each message
+/// counts exactly once, and no update of the accumulator is lost (the
+/// device's next AUTH still matches it).
+fn concurrent_centers_lose_no_update(backend: Backend) {
+    let mut w = two_centers(backend);
+    let n = 24u64;
+    let msgs: Vec<(Vec<u8>, u64)> = (0..n)
+        .map(|i| {
+            let t = NOW + 100 + i;
+            (w.fleet[0].auth(&C, t).0, t)
+        })
+        .collect();
+    let accepted = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for k in 0..4usize {
+            let (msgs, accepted) = (&msgs, &accepted);
+            let center = if k % 2 == 0 { &w.a } else { &w.b };
+            s.spawn(move || {
+                // Every message goes to both centers (threads 0/1 forward,
+                // 2/3 backward).
+                let order: Vec<usize> = if k < 2 {
+                    (0..msgs.len()).collect()
+                } else {
+                    (0..msgs.len()).rev().collect()
+                };
+                for i in order {
+                    let (m, t) = &msgs[i];
+                    if center.verify_auth(m, &C, *t).is_ok() {
+                        accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(
+        accepted.into_inner(),
+        n,
+        "each AUTH must count exactly once"
+    );
+    let t = NOW + 100 + n;
+    let (next, _) = w.fleet[0].auth(&C, t);
+    w.b.verify_auth(&next, &C, t)
+        .expect("the accumulator lost an update");
+    // Pruning takes them all out of the accumulator again.
+    let later = t + 3600;
+    assert!(w.a.housekeeping(later).unwrap().pruned > n);
+    let (after, _) = w.fleet[0].auth(&C, later);
+    w.a.verify_auth(&after, &C, later).unwrap();
+}
+
+/// A database written before this version (no accumulators, no token or
+/// mark shards): the first open covers it once, audited; a recorded AUTH
+/// stays refused and the tokens work. Forcing the cover to run again is
+/// named by the integrity check.
+fn a_database_from_before_is_covered_once(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let loc = backend.location(dir.path(), "c.db");
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let config = || CenterConfig {
+        replay: ReplayMode::Database,
+        ..CenterConfig::default()
+    };
+    let mut fleet = make_fleet(&*card, 2);
+    let t = NOW + 100;
+    let a1 = {
+        let a = Center::open_url(&loc, card.clone(), config()).unwrap();
+        let batch = dir.path().join("b.jsonl");
+        write_batch(&batch, &mut fleet, NOW);
+        a.import_batch(&batch, "factory", NOW, &mut |_| {}).unwrap();
+        a.create_token("alice", "operator", None, "test", NOW)
+            .unwrap();
+        a.housekeeping(NOW + 1).unwrap();
+        let (a1, _) = fleet[0].auth(&C, t);
+        a.verify_auth(&a1, &C, t).unwrap();
+        a1
+    };
+    // Back to the schema and rows of the version before.
+    let undo = "DELETE FROM digest WHERE shard >= 64 AND shard < 255; DROP TABLE replay_acc; \
+                DELETE FROM meta WHERE key = 'rows_cover';";
+    raw_batch(
+        &loc,
+        &format!("{undo} PRAGMA user_version = 4;"),
+        &format!("{undo} UPDATE schema_version SET version = 4;"),
+    );
+    let c = Center::open_url(&loc, card.clone(), config()).unwrap();
+    let r = c.integrity_check(None, t + 1).unwrap();
+    assert!(r.is_clean(), "{:?}", r.findings());
+    assert!(c.verify_auth(&a1, &C, t + 1).is_err());
+    let (a2, _) = fleet[0].auth(&C, t + 2);
+    c.verify_auth(&a2, &C, t + 2).unwrap();
+    assert_eq!(c.trusted_tokens().unwrap().len(), 1);
+    let covers = |c: &Center| {
+        c.audit_log(0, 10_000)
+            .unwrap()
+            .iter()
+            .filter(|e| e.entry.action == "digest-upgrade")
+            .count()
+    };
+    assert_eq!(covers(&c), 1);
+    drop(c);
+    // Opened again: nothing more.
+    let c = Center::open_url(&loc, card.clone(), config()).unwrap();
+    assert_eq!(covers(&c), 1);
+    drop(c);
+    // Forced again (to have a put-back row blessed): named.
+    let force = "DELETE FROM digest WHERE shard >= 64 AND shard < 255; \
+                 UPDATE meta SET value = 'pending' WHERE key = 'rows_cover';";
+    raw_batch(&loc, force, force);
+    let c = Center::open_url(&loc, card, config()).unwrap();
+    assert_eq!(covers(&c), 2);
+    let r = c.integrity_check(None, t + 3).unwrap();
+    assert!(
+        r.audit.as_deref().is_some_and(|a| a.contains("2 times")),
+        "{:?}",
+        r.findings()
+    );
+}
+
+/// Gap 3: a deleted mark found by the check is repaired by `integrity
+/// repair` to its safe values: the pruning high-water is not lowered and
+/// the clock-step alarm is raised until an operator confirms the time.
+fn a_deleted_mark_is_repaired_to_safe_values(backend: Backend) {
+    let w = two_centers(backend);
+    let now = NOW + 100;
+    w.a.housekeeping(now).unwrap();
+    raw_update(
+        &w.loc,
+        "DELETE FROM marks WHERE name = 'pruned' AND {id} IS NOT NULL",
+        b"x",
+    );
+    let backups = w._dir.path().join("backups");
+    std::fs::create_dir_all(&backups).unwrap();
+    let report = w.a.repair(&backups, None, "ops", now + 1).unwrap();
+    assert!(report.marks, "{report:?}");
+    assert!(w.a.pruned_high_water().unwrap() >= now + 1);
+    assert!(w.a.clock_alarm().unwrap().is_some());
+    assert!(w.a.housekeeping(now + 2).is_err());
+    w.a.confirm_clock_step("ops", now + 2).unwrap();
+    w.a.housekeeping(now + 3).unwrap();
+    let r = w.a.integrity_check(None, now + 3).unwrap();
+    assert!(r.is_clean(), "{:?}", r.findings());
+}
+
 both_backends!(
     a_deleted_replay_row_reopens_no_auth,
     a_deleted_challenge_row_respends_nothing,
     a_lowered_pruned_mark_reopens_no_pruned_record,
     a_token_put_back_before_its_revocation_stays_revoked,
     a_deleted_mark_is_found,
+    a_deleted_accumulator_with_its_rows_reopens_no_auth,
+    concurrent_centers_lose_no_update,
+    a_database_from_before_is_covered_once,
+    a_deleted_mark_is_repaired_to_safe_values,
 );

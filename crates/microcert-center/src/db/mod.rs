@@ -539,6 +539,12 @@ pub trait Tx {
         self.high_water(name)
     }
 
+    /// Every shared mark, (name, value, tag), as this transaction sees
+    /// them.
+    fn marks(&mut self) -> Result<Vec<(String, u64, Vec<u8>)>> {
+        Err(Error::Database("this key database keeps no marks".into()))
+    }
+
     /// Every stored replay record and spent challenge of these devices.
     fn replay_rows(&mut self, ids: &[DeviceId]) -> Result<Vec<ReplayRow>> {
         let _ = ids;

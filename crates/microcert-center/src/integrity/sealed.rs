@@ -127,6 +127,33 @@ pub fn new_replay_accs(card: &dyn EncryptionCard, ids: &[DeviceId]) -> Result<Ve
     ids.iter().map(|&id| empty_acc(&key, id)).collect()
 }
 
+/// The count of a quarantined accumulator (no real one has it, so it
+/// never matches the stored rows; the largest both backends store).
+const QUARANTINE: u64 = i64::MAX as u64;
+
+/// The least freshness window a quarantine assumes (seconds): longer
+/// than any class's skew plus the instance skew.
+const QUARANTINE_WINDOW: u64 = 3600;
+
+/// The end of a quarantine: the latest expiry among the records being
+/// inserted plus two freshness windows (the window: expires - t of those
+/// records, at least [`QUARANTINE_WINDOW`]). A record the lost
+/// accumulator covered was accepted before with a t at most a skew ahead
+/// of the present, so it expires before this; once the pruning high-water
+/// passes it, any of them is refused by the high-water anyway. Message
+/// times, not the wall clock: the same time base as the high-water.
+fn quarantine_until<'a>(batch: impl Iterator<Item = &'a ReplayRow>) -> u64 {
+    let mut latest = 0u64;
+    let mut window = QUARANTINE_WINDOW;
+    for r in batch {
+        latest = latest.max(r.expires());
+        if let ReplayRow::Replay { t, expires, .. } = *r {
+            window = window.max(expires.saturating_sub(u64::from(t)));
+        }
+    }
+    latest.saturating_add(window.saturating_mul(2))
+}
+
 fn xor(acc: &mut [u8; 32], t: &[u8; 32]) {
     for (a, b) in acc.iter_mut().zip(t) {
         *a ^= b;
@@ -140,7 +167,7 @@ fn absent_acc(device: DeviceId) -> ReplayAcc {
         device,
         acc: [0; 32],
         count: 0,
-        max_expires: u64::MAX,
+        max_expires: i64::MAX as u64,
         tag: [0; 32],
     }
 }
@@ -313,7 +340,7 @@ impl SealedTx<'_> {
                 acc.acc = x;
                 acc.count = n;
                 (true, true)
-            } else {
+            } else if tag_ok && acc.count != QUARANTINE {
                 tracing::error!(
                     device = %id,
                     "the device's replay records do not match their card-keyed accumulator (a record \
@@ -321,6 +348,31 @@ impl SealedTx<'_> {
                 );
                 metrics::counter!("microcert_replay_rows_tamper_total").increment(1);
                 (false, false)
+            } else if tag_ok {
+                // Quarantined (below), not over yet.
+                (false, false)
+            } else {
+                // Missing, or failing its tag: what it covered is unknown.
+                // It is replaced by a quarantine that refuses the device
+                // until every record it can have covered has expired
+                // before the pruning high-water, then rebuilt (above).
+                let until = quarantine_until(rows.iter().filter(|r| r.device() == id));
+                tracing::error!(
+                    device = %id,
+                    until,
+                    "the device's replay accumulator is missing or fails its tag (deleted or edited \
+                     outside the center): its messages are refused until the pruning high-water \
+                     passes the quarantine"
+                );
+                metrics::counter!("microcert_replay_rows_tamper_total").increment(1);
+                acc = ReplayAcc {
+                    device: id,
+                    acc: x,
+                    count: QUARANTINE,
+                    max_expires: until,
+                    tag: [0; 32],
+                };
+                (false, true)
             };
             accs.push((acc, ok, changed));
         }
@@ -459,6 +511,9 @@ impl Tx for SealedTx<'_> {
         floor: u64,
     ) -> Result<bool> {
         self.inner.spend_challenge_above(id, c, expires, floor)
+    }
+    fn marks(&mut self) -> Result<Vec<(String, u64, Vec<u8>)>> {
+        self.inner.marks()
     }
     fn replay_rows(&mut self, ids: &[DeviceId]) -> Result<Vec<ReplayRow>> {
         self.inner.replay_rows(ids)

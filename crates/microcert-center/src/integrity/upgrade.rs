@@ -242,8 +242,8 @@ pub fn cover_rows(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64) -> 
         after = Some(last.device.id);
         ids.extend(page.iter().map(|v| v.device.id));
     }
-    let marks = db.list_marks()?;
     let done = with_tx(db, |tx| {
+        let marks = tx.marks()?;
         for shard in TOKEN_BASE..SCAN_SHARDS {
             if tx.digest_shard(shard)?.is_some() {
                 return Ok(false);

@@ -761,7 +761,7 @@ impl KeyDatabase for PostgresDatabase {
 }
 
 /// Every shared mark: (name, value, tag).
-fn read_marks(c: &mut PgConn) -> Result<Vec<(String, u64, Vec<u8>)>> {
+pub(super) fn read_marks(c: &mut PgConn) -> Result<Vec<(String, u64, Vec<u8>)>> {
     let rows = c.query("SELECT name, value, tag FROM marks ORDER BY name", &[])?;
     rows.iter()
         .map(|r| {

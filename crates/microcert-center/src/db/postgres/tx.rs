@@ -426,6 +426,10 @@ impl Tx for PgTx<'_> {
             .map(|r| (r.get::<_, i64>(0).max(0) as u64, r.get::<_, Vec<u8>>(1))))
     }
 
+    fn marks(&mut self) -> Result<Vec<(String, u64, Vec<u8>)>> {
+        super::read_marks(self.conn()?)
+    }
+
     fn replay_rows(&mut self, ids: &[DeviceId]) -> Result<Vec<ReplayRow>> {
         let keys: Vec<&[u8]> = ids.iter().map(|d| &d.0[..]).collect();
         let c = self.conn()?;

@@ -193,6 +193,20 @@ impl Tx for SqliteTx<'_> {
         Ok(st.execute(params![&id.0[..], &c[..], i(expires), i(floor)])? == 1)
     }
 
+    fn marks(&mut self) -> Result<Vec<(String, u64, Vec<u8>)>> {
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT name, value, tag FROM marks ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?.max(0) as u64,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
     fn replay_rows(&mut self, ids: &[DeviceId]) -> Result<Vec<ReplayRow>> {
         let mut out = Vec::new();
         let mut rs = self
