@@ -2,7 +2,23 @@
 //! card's tag on every notary record, command and device row the services
 //! write, places each in its digest shard in the same transaction, and
 //! checks the tag of every notary record and command it reads (refusing
-//! one that fails with [`Error::Integrity`]).
+//! one that fails with [`Error::Integrity`]). Tokens and marks (tagged by
+//! their own services) get their place in their digest shards here too
+//! ([`super::TOKEN_BASE`], [`super::MARK_SHARD`]).
+//!
+//! Replay records and spent challenges (database replay mode, gap 2 of
+//! SECURITY.md) are counted once through [`Tx::record_replays`] and
+//! [`Tx::spend_challenge`] here: each device's stored records are checked
+//! against its accumulator ([`ReplayAcc`]: the XOR of an HMAC of each live
+//! record under a key derived from the card, their count, the latest
+//! expiry, a tag) before anything is inserted, and the accumulator follows
+//! every insert and every prune in the same transaction, under its row
+//! lock. A record deleted from outside therefore shows at the device's
+//! next record, the moment a replay of it would be accepted: the device is
+//! refused until everything the accumulator covered has expired before
+//! the (checked) pruning high-water, which refuses those records by
+//! itself; then the accumulator is rebuilt from the rows. A missing or
+//! forged accumulator is replaced by a quarantine that ends the same way.
 //!
 //! Why a wrapper: the services write commands and device rows in many
 //! places; sealing them where they are written to the database means no
@@ -255,7 +271,14 @@ impl SealedTx<'_> {
         if self.new_accs.is_empty() {
             return Ok(());
         }
-        let accs = std::mem::take(&mut self.new_accs);
+        let mut accs = std::mem::take(&mut self.new_accs);
+        // A device inserted again (a repair putting back a deleted row)
+        // keeps the accumulator it has: resetting it would forget records.
+        let mut ids: Vec<DeviceId> = accs.iter().map(|a| a.device).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let have = self.inner.replay_accs(&ids)?;
+        accs.retain(|a| !have.iter().any(|h| h.device == a.device));
         self.inner.put_replay_accs(&accs)
     }
 
