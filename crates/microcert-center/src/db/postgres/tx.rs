@@ -432,25 +432,38 @@ impl Tx for PgTx<'_> {
 
     fn replay_rows(&mut self, ids: &[DeviceId]) -> Result<Vec<ReplayRow>> {
         let keys: Vec<&[u8]> = ids.iter().map(|d| &d.0[..]).collect();
-        let c = self.conn()?;
-        let mut out = Vec::new();
-        for row in c.query(
-            "SELECT device, generation, t, r, expires FROM replay WHERE device = ANY($1::bytea[])",
+        // Both tables in one round trip: kind 0 replay records, 1 spent
+        // challenges (c in the fourth column).
+        let rows = self.conn()?.query(
+            "SELECT 0::smallint, device, generation, t, r, expires, NULL::bytea FROM replay \
+             WHERE device = ANY($1::bytea[]) \
+             UNION ALL SELECT 1::smallint, device, NULL::smallint, NULL::bigint, NULL::bigint, \
+             expires, c FROM challenges WHERE device = ANY($1::bytea[])",
             &[&keys],
-        )? {
-            out.push(ReplayRow::Replay {
-                device: dev(g(&row, 0)?)?,
-                generation: u8_of(g(&row, 1)?)?,
-                t: u32_of(g(&row, 2)?)?,
-                r: g::<i64>(&row, 3)? as u64,
-                expires: g::<i64>(&row, 4)?.max(0) as u64,
-            });
-        }
-        for row in c.query(
-            "SELECT device, c, expires FROM challenges WHERE device = ANY($1::bytea[])",
-            &[&keys],
-        )? {
-            out.push(challenge_of(&row)?);
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let device = dev(g(row, 1)?)?;
+            let expires = g::<i64>(row, 5)?.max(0) as u64;
+            if g::<i16>(row, 0)? == 0 {
+                out.push(ReplayRow::Replay {
+                    device,
+                    generation: u8_of(g(row, 2)?)?,
+                    t: u32_of(g(row, 3)?)?,
+                    r: g::<i64>(row, 4)? as u64,
+                    expires,
+                });
+            } else {
+                let c: &[u8] = g(row, 6)?;
+                let mut cc = [0u8; 8];
+                let n = c.len().min(8);
+                cc[..n].copy_from_slice(&c[..n]);
+                out.push(ReplayRow::Challenge {
+                    device,
+                    c: cc,
+                    expires: if c.len() == 8 { expires } else { u64::MAX },
+                });
+            }
         }
         Ok(out)
     }

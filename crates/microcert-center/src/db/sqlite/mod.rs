@@ -81,6 +81,10 @@ impl SqliteDatabase {
     pub fn open_with(path: &Path, opts: SqliteOptions) -> Result<Self> {
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(opts.busy_timeout)?;
+        // More statements than rusqlite's default cache (16) are prepared
+        // cached; the AUTH path's (replay records and their accumulators)
+        // must not be evicted by the others.
+        conn.set_prepared_statement_cache_capacity(64);
         // Only takes effect on a new, empty file (before WAL and the first
         // table). Seeds are WITHOUT ROWID rows of about 1.2 KB: with 4 KiB
         // pages each spills into an overflow page of its own (about 5 KB
