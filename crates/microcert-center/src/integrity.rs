@@ -63,11 +63,16 @@ use crate::card::EncryptionCard;
 use crate::db::{CommandRow, DeviceRow, DigestShard, NotaryRow, SeedRow, Tx};
 use crate::{Error, Result};
 
+mod rows_repair;
 mod sealed;
 mod upgrade;
 
-pub use sealed::Sealed;
-pub use upgrade::upgrade_legacy;
+pub use sealed::{Sealed, acc_of, acc_tag, new_replay_accs, replay_row_key, row_mac};
+pub use upgrade::{cover_rows, upgrade_legacy};
+
+/// The audit action of the one-time cover of tokens, marks and replay
+/// records ([`cover_rows`]).
+pub const DIGEST_UPGRADE: &str = "digest-upgrade";
 
 /// Number of digest shards of each kind of row.
 pub const SHARDS: u8 = 16;
@@ -79,8 +84,40 @@ pub const NOTARY_BASE: u8 = SHARDS;
 pub const COMMAND_BASE: u8 = 2 * SHARDS;
 /// Digest rows DEVICE_BASE.. hold the device rows' shards.
 pub const DEVICE_BASE: u8 = 3 * SHARDS;
-/// Every digest row of records (the audit head is row 255).
+/// Every digest row of records the card's anchor and backups follow (the
+/// audit head is row 255).
 pub const ALL_SHARDS: u8 = 4 * SHARDS;
+/// Digest rows TOKEN_BASE.. hold the operator tokens' shards, by the
+/// first hex digit of the token's hash (gap 3: a token row put back to its
+/// copy from before its revocation no longer matches its shard).
+pub const TOKEN_BASE: u8 = ALL_SHARDS;
+/// The digest row of the shared high-water marks (`pruned`, `clock`,
+/// `clock_alarm`, `memory_guard`, ...): a deleted or put-back mark no
+/// longer matches it.
+pub const MARK_SHARD: u8 = TOKEN_BASE + SHARDS;
+/// Every digest row the integrity scan checks: [`ALL_SHARDS`], the token
+/// shards and the marks' shard.
+pub const SCAN_SHARDS: u8 = MARK_SHARD + 1;
+
+/// The digest shard of a token (by its hash, lowercase hex).
+pub fn token_shard(hash: &str) -> u8 {
+    let first = hash.as_bytes().first().copied().unwrap_or(0);
+    let nibble = match first {
+        b'0'..=b'9' => first - b'0',
+        b'a'..=b'f' => first - b'a' + 10,
+        other => other % SHARDS,
+    };
+    TOKEN_BASE + nibble % SHARDS
+}
+
+/// A stored tag as the 32 bytes the digest XORs (a tag of another length,
+/// which fails its own check anyway, counts by its SHA-256).
+pub fn tag32(tag: &[u8]) -> [u8; 32] {
+    match <[u8; 32]>::try_from(tag) {
+        Ok(t) => t,
+        Err(_) => Sha256::digest(tag).into(),
+    }
+}
 
 /// The shard of a device.
 pub fn shard_of(device: microcert_core::DeviceId) -> u8 {
@@ -102,6 +139,14 @@ pub fn seal_database(
             tracing::error!(error = %e, "the upgrade of rows written before card tags failed: they are refused and named by the integrity check");
         }
     }
+    if upgrade::rows_cover_needed(&*db) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Err(e) = cover_rows(&*db, &**card, now) {
+            tracing::error!(error = %e, "the cover of tokens, marks and replay records written before this version failed: the integrity check names their shards");
+        }
+    }
     Sealed::wrap(db, card.clone())
 }
 
@@ -112,6 +157,8 @@ pub fn shard_kind(shard: u8) -> &'static str {
         s if s < COMMAND_BASE => "notary records",
         s if s < DEVICE_BASE => "commands",
         s if s < ALL_SHARDS => "device rows",
+        s if s < MARK_SHARD => "tokens",
+        MARK_SHARD => "marks",
         _ => "audit head",
     }
 }
@@ -470,7 +517,7 @@ pub(crate) struct ShardAcc(Vec<([u8; 32], u64)>);
 impl ShardAcc {
     /// Every shard empty.
     pub(crate) fn new() -> Self {
-        ShardAcc(vec![([0u8; 32], 0u64); usize::from(ALL_SHARDS)])
+        ShardAcc(vec![([0u8; 32], 0u64); usize::from(SCAN_SHARDS)])
     }
 
     /// Adds a record's tag to its shard.
@@ -628,6 +675,9 @@ fn enrolled_per_audit(
             if e.entry.action == "upgrade" {
                 *upgrades += 1;
             }
+            if e.entry.action == DIGEST_UPGRADE {
+                *upgrades += 1 << 32;
+            }
             if e.entry.action == "enroll"
                 && let (Some(d), Some(g)) = (e.entry.device, e.entry.generation)
             {
@@ -650,6 +700,13 @@ fn scan_in(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result
     let mut report = IntegrityReport::default();
     let mut upgrades = 0;
     let mut enrolled = enrolled_per_audit(db, &mut upgrades)?;
+    if upgrades >> 32 > 1 {
+        report.audit = Some(format!(
+            "the one-time digest of tokens and marks was made {} times: rows were covered again after someone undid it; check the tokens (`token list`) and restore the whole database from a backup",
+            upgrades >> 32
+        ));
+    }
+    let upgrades = upgrades & 0xffff_ffff;
     if upgrades > 1 {
         // The one-time upgrade tags rows it cannot check: run again, it
         // was forced (its schema migration undone, or its shards deleted).
@@ -710,10 +767,16 @@ fn scan_in(db: &dyn crate::db::KeyDatabase, card: &dyn EncryptionCard) -> Result
             }
         }
     }
+    for t in db.list_tokens()? {
+        add(token_shard(&t.hash), &tag32(&t.tag));
+    }
+    for (_, _, tag) in db.list_marks()? {
+        add(MARK_SHARD, &tag32(&tag));
+    }
     report.missing_records = enrolled.into_iter().collect();
     report.missing_records.sort_unstable();
     let stored = db.digest_shards()?;
-    for shard in 0..ALL_SHARDS {
+    for shard in 0..SCAN_SHARDS {
         if !acc.matches(card, shard, &stored)? {
             report.bad_shards.push(shard);
         }

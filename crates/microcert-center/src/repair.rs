@@ -53,6 +53,12 @@ pub struct RepairReport {
     /// as a whole ([`restore_sqlite_file`]). None when not needed or when
     /// no backup qualifies (then `refused` says why).
     pub whole_restore: Option<PathBuf>,
+    /// Token digest shards made whole again (their tokens revoked:
+    /// [`Center::repair_token_shards`]).
+    pub token_shards: usize,
+    /// The marks' digest shard was made whole again (the marks set to
+    /// their safe values: [`Center::repair_mark_shard`]).
+    pub marks: bool,
 }
 
 type Key = (DeviceId, u8);
@@ -171,6 +177,18 @@ impl Center {
                 .chain(&found.missing_records)
                 .map(|(d, _)| integrity::shard_of(*d)),
         );
+        // Token and mark shards (gap 3) are repaired in place, not from a
+        // backup (backups hold neither).
+        if shards
+            .iter()
+            .any(|s| (integrity::TOKEN_BASE..integrity::MARK_SHARD).contains(s))
+        {
+            out.token_shards = self.repair_token_shards(actor, now)?;
+        }
+        if shards.contains(&integrity::MARK_SHARD) {
+            out.marks = self.repair_mark_shard(actor, now)?;
+        }
+        shards.retain(|&s| s < integrity::ALL_SHARDS);
         // Notary records, commands and device-row shards are not repaired
         // row by row (a device row is, below, from its backup copy).
         for (d, g, t, r) in &found.bad_notary {

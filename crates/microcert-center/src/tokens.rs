@@ -11,6 +11,19 @@
 //! bookkeeping and are not tagged. Creation, revocation and the import of
 //! a legacy `tokens.json` are written to the audit log in the same
 //! transaction as the rows.
+//!
+//! Every row also has its place in a token digest shard (16 shards by the
+//! first hex digit of the hash, [`crate::integrity::TOKEN_BASE`]), updated
+//! in the same transaction (gap 3 of SECURITY.md): a row put back to its
+//! copy from before its revocation has a valid tag but no longer matches
+//! its shard. Decision: the tokens of a shard that does not match its rows
+//! are refused ([`Center::trusted_tokens`], what every server's token
+//! cache loads, checked at each reload, so within its refresh bound), shown
+//! as "unverified" by `token list`, and named by the integrity check,
+//! until [`Center::repair_token_shards`] revokes every token of the shard
+//! (audited; their holders get new tokens) and makes the shard whole
+//! again. Refusing the whole shard, not just the row: which row was put
+//! back cannot be told from the shard.
 
 use microcert_core::Audience;
 use sha2::{Digest, Sha256};
@@ -18,7 +31,8 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::card::EncryptionCard;
-use crate::db::{TokenRow, with_tx};
+use crate::db::{DigestShard, NewAudit, TokenRow, with_snapshot, with_tx};
+use crate::integrity::{self, SHARDS, TOKEN_BASE, tag32, token_shard};
 use crate::{Center, Error, Result};
 
 /// The roles a token may have (the server maps them to its routes).
@@ -77,6 +91,10 @@ pub enum TokenStatus {
     Expired,
     /// Its row fails its card tag: edited outside the center.
     Forged,
+    /// Its row's digest shard does not match the shard's rows: a row of
+    /// the shard was put back, deleted or inserted outside the center.
+    /// Refused until [`Center::repair_token_shards`].
+    Unverified,
 }
 
 impl TokenStatus {
@@ -87,6 +105,7 @@ impl TokenStatus {
             TokenStatus::Revoked => "revoked",
             TokenStatus::Expired => "expired",
             TokenStatus::Forged => "forged",
+            TokenStatus::Unverified => "unverified",
         }
     }
 }
@@ -102,6 +121,39 @@ pub fn token_status(card: &dyn EncryptionCard, t: &TokenRow, now: u64) -> TokenS
     } else {
         TokenStatus::Valid
     }
+}
+
+/// The token digest shards that do not match `rows` (their tag, their
+/// XOR of the rows' tags, their count); a shard never written stands for
+/// no row.
+pub fn bad_token_shards(
+    card: &dyn EncryptionCard,
+    rows: &[TokenRow],
+    shards: &[DigestShard],
+) -> Result<Vec<u8>> {
+    let mut acc = [([0u8; 32], 0u64); SHARDS as usize];
+    for r in rows {
+        let a = &mut acc[usize::from(token_shard(&r.hash) - TOKEN_BASE)];
+        for (x, t) in a.0.iter_mut().zip(tag32(&r.tag)) {
+            *x ^= t;
+        }
+        a.1 += 1;
+    }
+    let mut bad = Vec::new();
+    for (i, (x, n)) in acc.iter().enumerate() {
+        let shard = TOKEN_BASE + i as u8;
+        let ok = match shards.iter().find(|s| s.shard == shard) {
+            Some(s) => {
+                let tag = card.digest_tag(&integrity::shard_bytes(s))?;
+                bool::from(tag[..].ct_eq(&s.tag[..]) & s.acc[..].ct_eq(&x[..])) && s.count == *n
+            }
+            None => *n == 0,
+        };
+        if !ok {
+            bad.push(shard);
+        }
+    }
+    Ok(bad)
 }
 
 /// A token of a legacy `tokens.json` (its hash, never the token).
@@ -273,18 +325,124 @@ impl Center {
         })
     }
 
-    /// Every stored token with its status at `now` (tags checked).
+    /// Every stored token and the token shards that do not match them,
+    /// read in one consistent view.
+    fn tokens_and_bad_shards(&self) -> Result<(Vec<TokenRow>, Vec<u8>)> {
+        let card = self.card();
+        with_snapshot(self.database(), |db| {
+            let rows = db.list_tokens()?;
+            let shards = db.digest_shards()?;
+            let bad = bad_token_shards(card, &rows, &shards)?;
+            Ok((rows, bad))
+        })
+    }
+
+    /// Every stored token with its status at `now` (tags and shards
+    /// checked).
     pub fn list_tokens(&self, now: u64) -> Result<Vec<(TokenRow, TokenStatus)>> {
         let card = self.card();
-        Ok(self
-            .database()
-            .list_tokens()?
+        let (rows, bad) = self.tokens_and_bad_shards()?;
+        Ok(rows
             .into_iter()
             .map(|t| {
-                let s = token_status(card, &t, now);
+                let s = match token_status(card, &t, now) {
+                    TokenStatus::Forged => TokenStatus::Forged,
+                    _ if bad.contains(&token_shard(&t.hash)) => TokenStatus::Unverified,
+                    s => s,
+                };
                 (t, s)
             })
             .collect())
+    }
+
+    /// The stored tokens a server may trust (what its token cache loads):
+    /// every row whose digest shard matches its rows (revoked, expired and
+    /// forged rows included: the caller checks each row's status). The
+    /// rows of a shard that does not match are left out, logged and
+    /// counted (`microcert_token_shard_mismatch_total`).
+    pub fn trusted_tokens(&self) -> Result<Vec<TokenRow>> {
+        let (rows, bad) = self.tokens_and_bad_shards()?;
+        if !bad.is_empty() {
+            metrics::counter!("microcert_token_shard_mismatch_total").increment(1);
+            tracing::error!(
+                shards = ?bad,
+                "token digest shards do not match their rows (a token row put back, deleted or inserted \
+                 outside the center): their tokens are refused until `microcert integrity repair`"
+            );
+        }
+        Ok(rows
+            .into_iter()
+            .filter(|t| !bad.contains(&token_shard(&t.hash)))
+            .collect())
+    }
+
+    /// Makes every token digest shard that does not match its rows whole
+    /// again: each token of such a shard that is not revoked is revoked
+    /// (its row may be the one put back), then the shard is rebuilt from
+    /// the rows, in one audited transaction. Returns how many shards were
+    /// repaired. Forged rows (failing their own tag) are left as they are
+    /// (refused) and counted in the shard as they stand.
+    pub fn repair_token_shards(&self, actor: &str, now: u64) -> Result<usize> {
+        let card = self.card();
+        with_tx(self.database(), |tx| {
+            let rows = tx.tokens()?;
+            let mut shards = Vec::new();
+            for s in TOKEN_BASE..TOKEN_BASE + SHARDS {
+                shards.extend(tx.digest_shard(s)?);
+            }
+            let bad = bad_token_shards(card, &rows, &shards)?;
+            if bad.is_empty() {
+                return Ok(0);
+            }
+            let mut revoked = 0usize;
+            let mut kept = Vec::with_capacity(rows.len());
+            for mut r in rows {
+                if bad.contains(&token_shard(&r.hash))
+                    && r.revoked.is_none()
+                    && token_tag_ok(card, &r)
+                {
+                    r.revoked = Some(now);
+                    tag_row(card, &mut r)?;
+                    tx.update_token(&r)?;
+                    revoked += 1;
+                }
+                kept.push(r);
+            }
+            for &shard in &bad {
+                let old = tx.digest_shard(shard)?;
+                let mut s = DigestShard {
+                    shard,
+                    acc: [0; 32],
+                    count: 0,
+                    seq: old.map_or(0, |o| o.seq) + 1,
+                    tag: [0; 32],
+                };
+                for r in kept.iter().filter(|r| token_shard(&r.hash) == shard) {
+                    for (x, t) in s.acc.iter_mut().zip(tag32(&r.tag)) {
+                        *x ^= t;
+                    }
+                    s.count += 1;
+                }
+                s.tag = card.digest_tag(&integrity::shard_bytes(&s))?;
+                tx.put_digest_shard(&s)?;
+            }
+            crate::audit::append(
+                tx,
+                card,
+                &NewAudit {
+                    time: now,
+                    actor: actor.into(),
+                    action: "token-shard-repair".into(),
+                    device: None,
+                    generation: None,
+                    reason: format!(
+                        "token digest shards {bad:?} did not match their rows: {revoked} token(s) revoked, shards rebuilt"
+                    ),
+                },
+            )?;
+            tracing::warn!(shards = ?bad, revoked, "token digest shards repaired");
+            Ok(bad.len())
+        })
     }
 
     /// Imports the tokens of a legacy `tokens.json` (hashes only) that the

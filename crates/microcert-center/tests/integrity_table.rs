@@ -7,8 +7,11 @@
 //! used, the use is refused too (the notary, the grace period, commands,
 //! import progress).
 //!
-//! Replay records and used challenges are another engineer's (issue 12,
-//! attack 1); tokens are out of scope.
+//! Tokens and the shared marks have their digest shards (gap 3), and
+//! replay records have their per-device accumulators (gap 2): an edit,
+//! swap, deletion or insertion of them is named by the scan or refused
+//! where used. (Spent challenges share the replay records' accumulators:
+//! `row_tamper.rs` deletes one.)
 
 mod common;
 
@@ -38,6 +41,10 @@ struct Template {
     fleet: Vec<TestNode>,
     /// dev0's signature over "meter 0", notarised before its revocation.
     sig0: Vec<u8>,
+    /// dev3's AUTH accepted at NOW + 1 (its replay record is stored).
+    auth3: Vec<u8>,
+    /// Token "alice"'s card tag before its revocation.
+    alice_tag: Vec<u8>,
 }
 
 /// Four devices (fleet member i in shard i): dev0 signed twice then was
@@ -51,7 +58,31 @@ fn template() -> Template {
     let card = Arc::new(SoftwareCard::ephemeral().unwrap());
     let center = Center::open_sqlite(&db, card.clone(), config()).unwrap();
     let batch = dir.path().join("batch.jsonl");
-    let (fleet, sig0) = populate(&center, &card, &batch);
+    let (mut fleet, sig0) = populate(&center, &card, &batch);
+    let (auth3, _) = fleet[3].auth(&C, NOW + 4);
+    center.verify_auth(&auth3, &C, NOW + 4).unwrap();
+    // Tokens: alice (operator, revoked; her row before the revocation
+    // kept), bob (auditor, valid); the marks of a housekeeping run.
+    center
+        .create_token("alice", "operator", None, "test", NOW + 4)
+        .unwrap();
+    center
+        .create_token("bob", "auditor", None, "test", NOW + 4)
+        .unwrap();
+    let alice_tag = center
+        .database()
+        .list_tokens()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.name == "alice")
+        .unwrap()
+        .tag;
+    center
+        .revoke_tokens("alice", None, "test", NOW + 4)
+        .unwrap();
+    center.housekeeping(NOW + 4).unwrap();
+    let r = center.integrity_check(None, NOW + 4).unwrap();
+    assert!(r.is_clean(), "{r:?}");
     drop(center);
     Template {
         _dir: dir,
@@ -60,6 +91,8 @@ fn template() -> Template {
         card,
         fleet,
         sig0,
+        auth3,
+        alice_tag,
     }
 }
 
@@ -156,6 +189,46 @@ fn import_idempotent(center: &Center, t: &mut Template) {
         .unwrap();
     assert_eq!(r.enrolled, 0, "{r:?}");
     harmless_fleet_works(center, t);
+}
+
+/// dev3's recorded AUTH is refused again.
+fn recorded_auth_refused(center: &Center, t: &mut Template) {
+    let r = center.verify_auth(&t.auth3, &C, NOW + 5);
+    assert!(r.is_err(), "recorded AUTH accepted again: {r:?}");
+}
+
+/// As [`recorded_auth_refused`], and dev3 keeps working.
+fn replay_harmless(center: &Center, t: &mut Template) {
+    recorded_auth_refused(center, t);
+    assert!(auth_ok(center, &mut t.fleet[3], NOW + 20));
+}
+
+/// No token may do more than before: only bob, an auditor without expiry,
+/// is valid (if anything); revoked alice is not.
+fn tokens_not_widened(center: &Center, _t: &mut Template) {
+    use microcert_center::tokens::TokenStatus;
+    for (row, status) in center.list_tokens(NOW + 20).unwrap() {
+        if status == TokenStatus::Valid {
+            assert_eq!(
+                (
+                    row.name.as_str(),
+                    row.role.as_str(),
+                    row.expires,
+                    row.revoked
+                ),
+                ("bob", "auditor", None, None),
+                "{row:?}"
+            );
+        }
+    }
+    // What a server's token cache loads and then checks row by row.
+    for row in center.trusted_tokens().unwrap() {
+        let status = microcert_center::tokens::token_status(center.card(), &row, NOW + 20);
+        assert!(
+            row.name != "alice" || status != TokenStatus::Valid,
+            "{row:?}"
+        );
+    }
 }
 
 fn cases(t: &Template) -> Vec<Case> {
@@ -477,6 +550,189 @@ fn cases(t: &Template) -> Vec<Case> {
             Named("audit log:"),
         );
     }
+    // replay records (database replay mode): checked against the device's
+    // accumulator at its next record
+    for (what, sql) in [
+        (
+            "edit t",
+            format!("UPDATE replay SET t = t + 1 WHERE device = {d3}"),
+        ),
+        (
+            "edit r",
+            format!("UPDATE replay SET r = r + 1 WHERE device = {d3}"),
+        ),
+        (
+            "edit generation",
+            format!("UPDATE replay SET generation = generation + 1 WHERE device = {d3}"),
+        ),
+        (
+            "edit expires",
+            format!("UPDATE replay SET expires = expires - 1000 WHERE device = {d3}"),
+        ),
+        (
+            "edit device",
+            format!("UPDATE replay SET device = {new} WHERE device = {d3}"),
+        ),
+        (
+            "swap devices",
+            format!(
+                "UPDATE replay SET device = CASE device WHEN {d2} THEN {d3} ELSE {d2} END \
+                 WHERE device IN ({d2}, {d3})"
+            ),
+        ),
+        ("delete", format!("DELETE FROM replay WHERE device = {d3}")),
+        (
+            "insert",
+            format!("INSERT INTO replay VALUES ({d3}, 0, 1, 1, 9999999999)"),
+        ),
+    ] {
+        add("replay", what, sql, Harmless(recorded_auth_refused));
+    }
+    // replay accumulators: their tag covers every column
+    for (col, set) in [
+        ("acc", "acc = randomblob(32)"),
+        ("count", "count = count + 1"),
+        ("max_expires", "max_expires = 0"),
+        ("tag", "tag = randomblob(32)"),
+    ] {
+        add(
+            "replay_acc",
+            &format!("edit {col}"),
+            format!("UPDATE replay_acc SET {set} WHERE device = {d3}"),
+            Harmless(recorded_auth_refused),
+        );
+    }
+    add(
+        "replay_acc",
+        "swap between devices (every column but the device)",
+        {
+            let col = |c: &str| {
+                format!(
+                    "{c} = CASE device WHEN {d2} THEN (SELECT {c} FROM replay_acc WHERE device = {d3}) \
+                     ELSE (SELECT {c} FROM replay_acc WHERE device = {d2}) END"
+                )
+            };
+            format!(
+                "UPDATE replay_acc SET {}, {}, {}, {} WHERE device IN ({d2}, {d3})",
+                col("acc"),
+                col("count"),
+                col("max_expires"),
+                col("tag")
+            )
+        },
+        Harmless(recorded_auth_refused),
+    );
+    add(
+        "replay_acc",
+        "delete",
+        format!("DELETE FROM replay_acc WHERE device = {d3}"),
+        Harmless(recorded_auth_refused),
+    );
+    add(
+        "replay_acc",
+        "insert (another device's copy for a device that has none)",
+        format!(
+            "INSERT INTO replay_acc SELECT {new}, acc, count, max_expires, tag FROM replay_acc \
+             WHERE device = {d3}"
+        ),
+        Harmless(replay_harmless),
+    );
+    // tokens: decision-bearing columns under the row's tag (refused where
+    // used), every row in its token shard
+    for (col, set, who) in [
+        ("hash", "hash = 'f' || substr(hash, 2)", "bob"),
+        ("name", "name = 'root'", "bob"),
+        ("role", "role = 'admin'", "bob"),
+        ("created", "created = created + 1", "bob"),
+        ("expires", "expires = NULL", "alice"),
+        ("revoked", "revoked = NULL", "alice"),
+        ("last_used (bookkeeping)", "last_used = 1", "bob"),
+        ("failures (bookkeeping)", "failures = 99", "bob"),
+    ] {
+        add(
+            "tokens",
+            &format!("edit {col}"),
+            format!("UPDATE tokens SET {set} WHERE name = '{who}'"),
+            Harmless(tokens_not_widened),
+        );
+    }
+    let tokens_bad = "(tokens): does not match";
+    add(
+        "tokens",
+        "edit tag",
+        "UPDATE tokens SET tag = randomblob(32) WHERE name = 'bob'".into(),
+        Named(tokens_bad),
+    );
+    add(
+        "tokens",
+        "put back alice's row from before its revocation",
+        format!(
+            "UPDATE tokens SET revoked = NULL, tag = X'{}' WHERE name = 'alice'",
+            hex::encode(&t.alice_tag)
+        ),
+        Named(tokens_bad),
+    );
+    add(
+        "tokens",
+        "swap tags",
+        "UPDATE tokens SET tag = CASE name WHEN 'alice' THEN (SELECT tag FROM tokens WHERE name = 'bob') \
+         ELSE (SELECT tag FROM tokens WHERE name = 'alice') END"
+            .into(),
+        Harmless(tokens_not_widened),
+    );
+    add(
+        "tokens",
+        "delete",
+        "DELETE FROM tokens WHERE name = 'alice'".into(),
+        Named(tokens_bad),
+    );
+    add(
+        "tokens",
+        "insert",
+        "INSERT INTO tokens SELECT 'e' || substr(hash, 2), 'mallory', 'admin', created, NULL, NULL, \
+         NULL, 0, tag FROM tokens WHERE name = 'bob'"
+            .into(),
+        Named(tokens_bad),
+    );
+    // marks: each under its own tag, every row in the marks' shard
+    add(
+        "marks",
+        "edit value",
+        "UPDATE marks SET value = value - 100 WHERE name = 'clock'".into(),
+        Named("high-water mark \"clock\""),
+    );
+    add(
+        "marks",
+        "edit tag",
+        "UPDATE marks SET tag = randomblob(32) WHERE name = 'pruned'".into(),
+        Named("(marks): does not match"),
+    );
+    add(
+        "marks",
+        "swap tags",
+        "UPDATE marks SET tag = CASE name WHEN 'clock' THEN (SELECT tag FROM marks WHERE name = 'pruned') \
+         ELSE (SELECT tag FROM marks WHERE name = 'clock') END WHERE name IN ('clock', 'pruned')"
+            .into(),
+        Named("high-water mark"),
+    );
+    add(
+        "marks",
+        "delete the pruning high-water",
+        "DELETE FROM marks WHERE name = 'pruned'".into(),
+        Named("(marks): does not match"),
+    );
+    add(
+        "marks",
+        "delete the clock high-water",
+        "DELETE FROM marks WHERE name = 'clock'".into(),
+        Named("(marks): does not match"),
+    );
+    add(
+        "marks",
+        "insert a cleared clock alarm",
+        "INSERT INTO marks VALUES ('clock_alarm', 0, randomblob(32))".into(),
+        Named("(marks): does not match"),
+    );
     // imports: checked where used (refused), or starting again from the
     // first line, which is idempotent
     add(
@@ -541,6 +797,9 @@ fn every_column_of_every_table_is_covered_or_harmless() {
                         if let Ok((_, Some(a))) = center.verify_audit() {
                             f.push(format!("audit log: {a}"));
                         }
+                        for m in center.check_marks().unwrap_or_default() {
+                            f.push(format!("high-water mark {m:?}: fails its integrity tag"));
+                        }
                         f.join("\n")
                     }
                     Err(e) => format!("scan error: {e}"),
@@ -569,10 +828,20 @@ fn every_column_of_every_table_is_covered_or_harmless() {
         cases.len(),
         failures.join("\n")
     );
-    // Every table of the schema has its rows in the table (replay records
-    // and used challenges: the replay engineer's).
+    // Every table of the schema has its rows in the table (spent
+    // challenges share the replay records' accumulators: row_tamper.rs).
     for table in [
-        "devices", "seeds", "notary", "commands", "digest", "audit", "imports",
+        "devices",
+        "seeds",
+        "notary",
+        "commands",
+        "digest",
+        "audit",
+        "imports",
+        "replay",
+        "replay_acc",
+        "tokens",
+        "marks",
     ] {
         for kind in ["edit", "swap", "delete", "insert"] {
             assert!(

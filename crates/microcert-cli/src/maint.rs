@@ -180,6 +180,17 @@ pub fn integrity_repair(local: &ConfigArgs, dir: Option<PathBuf>) -> anyhow::Res
     for d in &r.devices {
         say!("restored device row {d}");
     }
+    if r.token_shards > 0 {
+        say!(
+            "{} token digest shard(s) did not match their tokens: every token in them is revoked; issue new ones with `microcert token create`",
+            r.token_shards
+        );
+    }
+    if r.marks {
+        say!(
+            "the shared marks did not match their digest shard: set to their safe values; confirm the time with `microcert clock confirm`"
+        );
+    }
     match whole {
         WholeRestore::None => {}
         WholeRestore::NotInPlace { from } => bail!(

@@ -519,7 +519,11 @@ pub fn restore_into(
         n.seal = Some(card.record_tag(&integrity::notary_bytes(&n))?);
         sealed_notary.push(n);
     }
+    let ids: Vec<_> = devices.iter().map(|d| d.id).collect();
+    let accs = integrity::new_replay_accs(card, &ids)?;
     db.transaction(&mut |tx| {
+        // Every device has its (empty) replay accumulator (gap 2).
+        tx.put_replay_accs(&accs)?;
         let mut delta = integrity::DigestDelta::default();
         for d in &devices {
             tx.insert_device(d)?;

@@ -17,6 +17,8 @@ mod rotation;
 mod verify;
 mod watch;
 
+pub(crate) use watch::mark_bytes;
+
 pub use import::{
     IMPORT_LINE_MAX, ImportProgress, ImportReject, ImportReport, ImportSource, REJECTS_KEPT,
 };
@@ -246,7 +248,11 @@ impl Center {
                 let skew = config.profiles.iter().map(|p| u64::from(p.skew)).max();
                 let window = skew.unwrap_or(0) + config.instance_skew + 1;
                 let expected = watch::guard_state_expected(&*db, &*card)?;
-                let hook = watch::guard_started_hook(db.clone(), card.clone());
+                // Through the sealing layer: the marker is a mark, with its
+                // place in the marks' digest shard.
+                let sealed: Arc<dyn KeyDatabase> =
+                    integrity::Sealed::wrap(db.clone(), card.clone());
+                let hook = watch::guard_started_hook(sealed, card.clone());
                 Replay::Memory(MemoryGuard::for_database(
                     path,
                     card.clone(),

@@ -19,7 +19,7 @@ pub(crate) const MARK_ALARM: &str = "clock_alarm";
 /// Domain bytes of a high-water mark's card tag.
 const MARK_DOMAIN: &[u8] = b"MC-MARK\x01";
 
-fn mark_bytes(name: &str, value: u64) -> Vec<u8> {
+pub(crate) fn mark_bytes(name: &str, value: u64) -> Vec<u8> {
     let mut b = Vec::with_capacity(MARK_DOMAIN.len() + name.len() + 9);
     b.extend_from_slice(MARK_DOMAIN);
     b.extend_from_slice(name.as_bytes());

@@ -331,6 +331,69 @@ pub(crate) fn one_row(n: u64, what: impl FnOnce() -> String) -> Result<()> {
     Ok(())
 }
 
+/// A record that makes a message count once, as stored in database replay
+/// mode: an accepted AUTH or SEALED, or a spent challenge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplayRow {
+    /// (device, generation, t, r) of an AUTH or SEALED.
+    Replay {
+        /// The device.
+        device: DeviceId,
+        /// The seed's generation.
+        generation: u8,
+        /// t of the message.
+        t: u32,
+        /// r of the message.
+        r: u64,
+        /// When it may be pruned.
+        expires: u64,
+    },
+    /// (device, c) of a spent challenge.
+    Challenge {
+        /// The device.
+        device: DeviceId,
+        /// The challenge.
+        c: [u8; 8],
+        /// When it may be pruned.
+        expires: u64,
+    },
+}
+
+impl ReplayRow {
+    /// The device of the record.
+    pub fn device(&self) -> DeviceId {
+        match *self {
+            ReplayRow::Replay { device, .. } | ReplayRow::Challenge { device, .. } => device,
+        }
+    }
+
+    /// When it may be pruned.
+    pub fn expires(&self) -> u64 {
+        match *self {
+            ReplayRow::Replay { expires, .. } | ReplayRow::Challenge { expires, .. } => expires,
+        }
+    }
+}
+
+/// The accumulator of one device's live replay records and spent
+/// challenges (gap 2: a record deleted from outside is found when the
+/// device's next record is inserted): the XOR of a card-keyed MAC of each
+/// live record, their count, the latest expiry ever added, and a
+/// card-keyed tag over all of them ([`crate::integrity::Sealed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayAcc {
+    /// The device.
+    pub device: DeviceId,
+    /// XOR of the MACs of the live records.
+    pub acc: [u8; 32],
+    /// Number of live records.
+    pub count: u64,
+    /// The latest `expires` of any record ever added.
+    pub max_expires: u64,
+    /// The tag over (device, acc, count, max_expires).
+    pub tag: [u8; 32],
+}
+
 /// Reads and writes inside one transaction.
 pub trait Tx {
     /// Every stored token (issue 14). The default refuses.
@@ -475,6 +538,81 @@ pub trait Tx {
         rows.iter()
             .map(|&(d, g, t, r, e)| self.record_replay(d, g, t, r, e))
             .collect()
+    }
+
+    /// As [`Tx::record_replays`], also refusing (answering false for) a
+    /// record that expires before `floor` (the pruning high-water the
+    /// caller read and checked), whatever the stored mark says.
+    fn record_replays_above(
+        &mut self,
+        rows: &[(DeviceId, u8, u32, u64, u64)],
+        floor: u64,
+    ) -> Result<Vec<bool>> {
+        let _ = (rows, floor);
+        Err(Error::Database(
+            "this key database cannot check replay records against a floor".into(),
+        ))
+    }
+
+    /// As [`Tx::spend_challenge`], also refusing a challenge that expires
+    /// before `floor`.
+    fn spend_challenge_above(
+        &mut self,
+        id: DeviceId,
+        c: &[u8; 8],
+        expires: u64,
+        floor: u64,
+    ) -> Result<bool> {
+        let _ = (id, c, expires, floor);
+        Err(Error::Database(
+            "this key database cannot check challenges against a floor".into(),
+        ))
+    }
+
+    /// A named mark read without a lock (the hot path's read of the
+    /// pruning high-water). The default is [`Tx::high_water`].
+    fn read_mark(&mut self, name: &str) -> Result<Option<(u64, Vec<u8>)>> {
+        self.high_water(name)
+    }
+
+    /// Every shared mark, (name, value, tag), as this transaction sees
+    /// them.
+    fn marks(&mut self) -> Result<Vec<(String, u64, Vec<u8>)>> {
+        Err(Error::Database("this key database keeps no marks".into()))
+    }
+
+    /// Every stored replay record and spent challenge of these devices.
+    fn replay_rows(&mut self, ids: &[DeviceId]) -> Result<Vec<ReplayRow>> {
+        let _ = ids;
+        Err(Error::Database(
+            "this key database keeps no replay accumulators".into(),
+        ))
+    }
+
+    /// The replay accumulators of these devices (`ids` ascending), locked
+    /// for the rest of the transaction; an absent one is not returned.
+    fn replay_accs(&mut self, ids: &[DeviceId]) -> Result<Vec<ReplayAcc>> {
+        let _ = ids;
+        Err(Error::Database(
+            "this key database keeps no replay accumulators".into(),
+        ))
+    }
+
+    /// Writes (inserts or replaces) replay accumulators.
+    fn put_replay_accs(&mut self, accs: &[ReplayAcc]) -> Result<()> {
+        let _ = accs;
+        Err(Error::Database(
+            "this key database keeps no replay accumulators".into(),
+        ))
+    }
+
+    /// Deletes at most `limit` replay records and spent challenges that
+    /// expired before `now` and returns them.
+    fn prune_replay_rows(&mut self, now: u64, limit: usize) -> Result<Vec<ReplayRow>> {
+        let _ = (now, limit);
+        Err(Error::Database(
+            "this key database keeps no replay accumulators".into(),
+        ))
     }
 
     /// A hint that [`Tx::device`] is about to be called for each of `ids`
@@ -662,6 +800,12 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     /// reloads through it). The default refuses.
     fn list_tokens(&self) -> Result<Vec<TokenRow>> {
         Err(Error::Database("this key database keeps no tokens".into()))
+    }
+
+    /// Every shared high-water mark: (name, value, card tag). The default
+    /// refuses.
+    fn list_marks(&self) -> Result<Vec<(String, u64, Vec<u8>)>> {
+        Err(Error::Database("this key database keeps no marks".into()))
     }
 
     /// Bookkeeping of a token's use (not tagged): `last_used` is raised to

@@ -197,3 +197,101 @@ pub fn upgrade_legacy(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64)
     );
     Ok(tagged)
 }
+
+/// The key of the database's metadata that the migration "replay_acc"
+/// sets to "pending" on a database that already holds devices, tokens or
+/// marks, and to "done" on a new one; [`cover_rows`] sets it to "done".
+pub(crate) const ROWS_COVER: &str = "rows_cover";
+
+/// Whether the rows written before tokens, marks and replay records were
+/// covered (gaps 2 and 3) still wait for [`cover_rows`].
+pub(crate) fn rows_cover_needed(db: &dyn KeyDatabase) -> bool {
+    matches!(db.meta(ROWS_COVER), Ok(Some(v)) if v == "pending")
+}
+
+/// The one-time cover of rows written before tokens, marks and replay
+/// records were covered (gaps 2 and 3 of SECURITY.md), right after the
+/// migration that added the accumulators: every token and every mark gets
+/// its place in its digest shard, and every device an accumulator of its
+/// stored replay records and spent challenges. Like [`upgrade_legacy`] it
+/// trusts the database as it stands, and is audited ("digest-upgrade");
+/// a second run (someone set the flag back to have rows blessed) is named
+/// by the integrity scan. Written in one transaction with the marks'
+/// shard as its witness, so an interrupted cover runs again and a
+/// finished one never does. `db` is the database without the sealing
+/// layer.
+pub fn cover_rows(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64) -> Result<bool> {
+    use super::{MARK_SHARD, SCAN_SHARDS, TOKEN_BASE, sealed, tag32, token_shard};
+    let key = sealed::replay_row_key(card)?;
+    let mut ids = Vec::new();
+    let mut after = None;
+    loop {
+        let page = db.list_devices(&DeviceQuery {
+            after,
+            limit: 1000,
+            ..DeviceQuery::default()
+        })?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.device.id);
+        ids.extend(page.iter().map(|v| v.device.id));
+    }
+    let done = with_tx(db, |tx| {
+        let marks = tx.marks()?;
+        for shard in TOKEN_BASE..SCAN_SHARDS {
+            if tx.digest_shard(shard)?.is_some() {
+                return Ok(false);
+            }
+        }
+        let tokens = tx.tokens().unwrap_or_default();
+        let mut delta = DigestDelta::default();
+        for t in &tokens {
+            delta.add_at(token_shard(&t.hash), None, Some(&tag32(&t.tag)));
+        }
+        for (_, _, tag) in &marks {
+            delta.add_at(MARK_SHARD, None, Some(&tag32(tag)));
+        }
+        // The witness: the marks' shard exists from here on, even empty.
+        delta.add_at(MARK_SHARD, Some(&[0; 32]), Some(&[0; 32]));
+        delta.flush(tx, card)?;
+        let mut records = 0usize;
+        for chunk in ids.chunks(1000) {
+            let rows = tx.replay_rows(chunk)?;
+            records += rows.len();
+            let accs = chunk
+                .iter()
+                .map(|&id| {
+                    let mine: Vec<_> = rows.iter().filter(|r| r.device() == id).copied().collect();
+                    sealed::acc_of(&key, id, &mine)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            tx.put_replay_accs(&accs)?;
+        }
+        crate::audit::append(
+            tx,
+            card,
+            &NewAudit {
+                time: now,
+                actor: "center".into(),
+                action: super::DIGEST_UPGRADE.into(),
+                device: None,
+                generation: None,
+                reason: format!(
+                    "digest shards of {} tokens and {} marks; replay accumulators of {} devices over {} records",
+                    tokens.len(),
+                    marks.len(),
+                    ids.len(),
+                    records
+                ),
+            },
+        )?;
+        Ok(true)
+    })?;
+    db.set_meta(ROWS_COVER, "done")?;
+    if done {
+        tracing::warn!(
+            devices = ids.len(),
+            "database upgraded: tokens, marks and replay records are now covered by the card"
+        );
+    }
+    Ok(done)
+}

@@ -727,6 +727,10 @@ impl KeyDatabase for PostgresDatabase {
         rows.iter().map(token_row).collect()
     }
 
+    fn list_marks(&self) -> Result<Vec<(String, u64, Vec<u8>)>> {
+        read_marks(&mut self.pool.get()?)
+    }
+
     fn note_token_use(&self, hash: &str, last_used: Option<u64>, failures: u64) -> Result<()> {
         let mut c = self.pool.get()?;
         c.execute(
@@ -736,6 +740,20 @@ impl KeyDatabase for PostgresDatabase {
         )?;
         Ok(())
     }
+}
+
+/// Every shared mark: (name, value, tag).
+pub(super) fn read_marks(c: &mut PgConn) -> Result<Vec<(String, u64, Vec<u8>)>> {
+    let rows = c.query("SELECT name, value, tag FROM marks ORDER BY name", &[])?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                g::<String>(r, 0)?,
+                g::<i64>(r, 1)?.max(0) as u64,
+                g::<Vec<u8>>(r, 2)?,
+            ))
+        })
+        .collect()
 }
 
 /// A read-only view of the database as of one moment: every read runs in
@@ -797,6 +815,18 @@ impl KeyDatabase for Snapshot<'_> {
     }
     fn prune(&self, _now: u64) -> Result<u64> {
         Err(Error::Database("a read snapshot cannot write".into()))
+    }
+    fn list_tokens(&self) -> Result<Vec<super::TokenRow>> {
+        self.with(|c| {
+            let rows = c.query(
+                &format!("SELECT {TOKEN_COLS} FROM tokens ORDER BY created, hash"),
+                &[],
+            )?;
+            rows.iter().map(token_row).collect()
+        })
+    }
+    fn list_marks(&self) -> Result<Vec<(String, u64, Vec<u8>)>> {
+        self.with(read_marks)
     }
     fn flush_erased(&self) -> Result<()> {
         Err(Error::Database("a read snapshot cannot write".into()))

@@ -30,10 +30,29 @@ CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
     schema_v2!(blob = "BYTEA"),
     MIGRATION_META,
     MIGRATION_TOKENS,
+    MIGRATION_REPLAY_ACC,
 ];
 
 /// Migration "tokens" (issue 14, shared state): see `schema_tokens` in db/schema.rs.
 const MIGRATION_TOKENS: &str = schema_tokens!(blob = "BYTEA", big = "BIGINT", keyed = "");
+
+/// Migration "replay_acc" (gap 2 of SECURITY.md): the same as SQLite's of
+/// that name: per device, the card-keyed accumulator of its live replay
+/// records and spent challenges.
+const MIGRATION_REPLAY_ACC: &str = r#"
+CREATE TABLE IF NOT EXISTS replay_acc (
+    device BYTEA PRIMARY KEY,
+    acc BYTEA NOT NULL,
+    count BIGINT NOT NULL,
+    max_expires BIGINT NOT NULL,
+    tag BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, value BIGINT NOT NULL, tag BYTEA NOT NULL);
+INSERT INTO meta (key, value) SELECT 'rows_cover',
+    CASE WHEN EXISTS (SELECT 1 FROM devices) OR EXISTS (SELECT 1 FROM tokens)
+        OR EXISTS (SELECT 1 FROM marks) THEN 'pending' ELSE 'done' END
+ON CONFLICT (key) DO UPDATE SET value = excluded.value;
+"#;
 
 /// Migration "meta" (issue 14): the same as SQLite's of that name: the
 /// database's identity (a random id drawn when the table is made) and the

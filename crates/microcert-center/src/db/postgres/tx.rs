@@ -8,7 +8,8 @@ use tokio_postgres::types::ToSql;
 use super::PgConn;
 use super::rows::*;
 use crate::db::{
-    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, SeedRow, Tx, one_row,
+    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, ReplayAcc, ReplayRow, SeedRow,
+    Tx, one_row,
 };
 use crate::{Error, Result, audit};
 
@@ -342,6 +343,191 @@ impl Tx for PgTx<'_> {
             .iter()
             .map(|x| fresh.remove(&(x.0.0.to_vec(), small(x.1), i64::from(x.2), i(x.3))))
             .collect())
+    }
+
+    fn record_replays_above(
+        &mut self,
+        rows: &[(DeviceId, u8, u32, u64, u64)],
+        floor: u64,
+    ) -> Result<Vec<bool>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.wrote = true;
+        let devices: Vec<&[u8]> = rows.iter().map(|x| &x.0.0[..]).collect();
+        let gens: Vec<i16> = rows.iter().map(|x| small(x.1)).collect();
+        let ts: Vec<i64> = rows.iter().map(|x| i64::from(x.2)).collect();
+        let rs: Vec<i64> = rows.iter().map(|x| i(x.3)).collect();
+        let es: Vec<i64> = rows.iter().map(|x| i(x.4)).collect();
+        // As record_replays, with the floor the caller checked as well as
+        // the stored mark.
+        let inserted = self.conn()?.query(
+            "INSERT INTO replay (device, generation, t, r, expires) \
+             SELECT x.d, x.g, x.t, x.r, x.e \
+             FROM unnest($1::bytea[], $2::smallint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
+             AS x(d, g, t, r, e) \
+             WHERE x.e >= $6::bigint \
+             AND x.e >= COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0) \
+             ON CONFLICT DO NOTHING RETURNING device, generation, t, r",
+            &[&devices, &gens, &ts, &rs, &es, &i(floor)],
+        )?;
+        let mut fresh = std::collections::HashSet::with_capacity(inserted.len());
+        for row in &inserted {
+            let d: &[u8] = g(row, 0)?;
+            fresh.insert((
+                d.to_vec(),
+                g::<i16>(row, 1)?,
+                g::<i64>(row, 2)?,
+                g::<i64>(row, 3)?,
+            ));
+        }
+        Ok(rows
+            .iter()
+            .map(|x| fresh.remove(&(x.0.0.to_vec(), small(x.1), i64::from(x.2), i(x.3))))
+            .collect())
+    }
+
+    fn spend_challenge_above(
+        &mut self,
+        id: DeviceId,
+        c: &[u8; 8],
+        expires: u64,
+        floor: u64,
+    ) -> Result<bool> {
+        self.wrote = true;
+        let n = self.conn()?.execute(
+            "INSERT INTO challenges (device, c, expires) SELECT $1::bytea, $2::bytea, $3::bigint \
+             WHERE $3::bigint >= $4::bigint AND $3::bigint >= \
+             COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0) ON CONFLICT DO NOTHING",
+            &[&&id.0[..], &&c[..], &i(expires), &i(floor)],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn read_mark(&mut self, name: &str) -> Result<Option<(u64, Vec<u8>)>> {
+        // No lock: the hot path reads the pruning high-water per batch.
+        Ok(self
+            .conn()?
+            .query_opt("SELECT value, tag FROM marks WHERE name = $1", &[&name])?
+            .map(|r| (r.get::<_, i64>(0).max(0) as u64, r.get::<_, Vec<u8>>(1))))
+    }
+
+    fn marks(&mut self) -> Result<Vec<(String, u64, Vec<u8>)>> {
+        super::read_marks(self.conn()?)
+    }
+
+    fn replay_rows(&mut self, ids: &[DeviceId]) -> Result<Vec<ReplayRow>> {
+        let keys: Vec<&[u8]> = ids.iter().map(|d| &d.0[..]).collect();
+        // Both tables in one round trip: kind 0 replay records, 1 spent
+        // challenges (c in the fourth column).
+        let rows = self.conn()?.query(
+            "SELECT 0::smallint, device, generation, t, r, expires, NULL::bytea FROM replay \
+             WHERE device = ANY($1::bytea[]) \
+             UNION ALL SELECT 1::smallint, device, NULL::smallint, NULL::bigint, NULL::bigint, \
+             expires, c FROM challenges WHERE device = ANY($1::bytea[])",
+            &[&keys],
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let device = dev(g(row, 1)?)?;
+            let expires = g::<i64>(row, 5)?.max(0) as u64;
+            if g::<i16>(row, 0)? == 0 {
+                out.push(ReplayRow::Replay {
+                    device,
+                    generation: u8_of(g(row, 2)?)?,
+                    t: u32_of(g(row, 3)?)?,
+                    r: g::<i64>(row, 4)? as u64,
+                    expires,
+                });
+            } else {
+                let c: &[u8] = g(row, 6)?;
+                let mut cc = [0u8; 8];
+                let n = c.len().min(8);
+                cc[..n].copy_from_slice(&c[..n]);
+                out.push(ReplayRow::Challenge {
+                    device,
+                    c: cc,
+                    expires: if c.len() == 8 { expires } else { u64::MAX },
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn replay_accs(&mut self, ids: &[DeviceId]) -> Result<Vec<ReplayAcc>> {
+        let keys: Vec<&[u8]> = ids.iter().map(|d| &d.0[..]).collect();
+        // FOR UPDATE in device order: two batches touching the same
+        // devices take turns, and lock them in the same order.
+        let rows = self.conn()?.query(
+            "SELECT device, acc, count, max_expires, tag FROM replay_acc \
+             WHERE device = ANY($1::bytea[]) ORDER BY device FOR UPDATE",
+            &[&keys],
+        )?;
+        rows.iter()
+            .map(|r| {
+                Ok(ReplayAcc {
+                    device: dev(g(r, 0)?)?,
+                    acc: arr32(g(r, 1)?)?,
+                    count: g::<i64>(r, 2)?.max(0) as u64,
+                    max_expires: g::<i64>(r, 3)?.max(0) as u64,
+                    tag: arr32(g(r, 4)?)?,
+                })
+            })
+            .collect()
+    }
+
+    fn put_replay_accs(&mut self, accs: &[ReplayAcc]) -> Result<()> {
+        if accs.is_empty() {
+            return Ok(());
+        }
+        self.wrote = true;
+        let d: Vec<&[u8]> = accs.iter().map(|a| &a.device.0[..]).collect();
+        let x: Vec<&[u8]> = accs.iter().map(|a| &a.acc[..]).collect();
+        let n: Vec<i64> = accs.iter().map(|a| i(a.count)).collect();
+        let m: Vec<i64> = accs.iter().map(|a| i(a.max_expires)).collect();
+        let t: Vec<&[u8]> = accs.iter().map(|a| &a.tag[..]).collect();
+        self.conn()?.execute(
+            "INSERT INTO replay_acc (device, acc, count, max_expires, tag) \
+             SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::bigint[], $4::bigint[], $5::bytea[]) \
+             ON CONFLICT (device) DO UPDATE SET acc = excluded.acc, count = excluded.count, \
+             max_expires = excluded.max_expires, tag = excluded.tag",
+            &[&d, &x, &n, &m, &t],
+        )?;
+        Ok(())
+    }
+
+    fn prune_replay_rows(&mut self, now: u64, limit: usize) -> Result<Vec<ReplayRow>> {
+        self.wrote = true;
+        let lim = i64::try_from(limit).unwrap_or(i64::MAX);
+        let c = self.conn()?;
+        let mut out = Vec::new();
+        for row in c.query(
+            "DELETE FROM replay WHERE ctid IN \
+             (SELECT ctid FROM replay WHERE expires < $1 LIMIT $2) \
+             RETURNING device, generation, t, r, expires",
+            &[&i(now), &lim],
+        )? {
+            out.push(ReplayRow::Replay {
+                device: dev(g(&row, 0)?)?,
+                generation: u8_of(g(&row, 1)?)?,
+                t: u32_of(g(&row, 2)?)?,
+                r: g::<i64>(&row, 3)? as u64,
+                expires: g::<i64>(&row, 4)?.max(0) as u64,
+            });
+        }
+        let left = lim - out.len() as i64;
+        if left <= 0 {
+            return Ok(out);
+        }
+        for row in c.query(
+            "DELETE FROM challenges WHERE ctid IN \
+             (SELECT ctid FROM challenges WHERE expires < $1 LIMIT $2) \
+             RETURNING device, c, expires",
+            &[&i(now), &left],
+        )? {
+            out.push(challenge_of(&row)?);
+        }
+        Ok(out)
     }
 
     fn spend_challenge(&mut self, id: DeviceId, c: &[u8; 8], expires: u64) -> Result<bool> {
@@ -689,4 +875,22 @@ impl Tx for PgTx<'_> {
         )?;
         one_row(n, || "token".into())
     }
+}
+
+/// A challenge row (device, c, expires); a challenge of another length was
+/// not written by a center and counts as a record no MAC matches.
+fn challenge_of(row: &tokio_postgres::Row) -> Result<ReplayRow> {
+    let c: &[u8] = g(row, 1)?;
+    let mut cc = [0u8; 8];
+    let n = c.len().min(8);
+    cc[..n].copy_from_slice(&c[..n]);
+    Ok(ReplayRow::Challenge {
+        device: dev(g(row, 0)?)?,
+        c: cc,
+        expires: if c.len() == 8 {
+            g::<i64>(row, 2)?.max(0) as u64
+        } else {
+            u64::MAX
+        },
+    })
 }

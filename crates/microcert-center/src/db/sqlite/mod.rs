@@ -81,6 +81,10 @@ impl SqliteDatabase {
     pub fn open_with(path: &Path, opts: SqliteOptions) -> Result<Self> {
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(opts.busy_timeout)?;
+        // More statements than rusqlite's default cache (16) are prepared
+        // cached; the AUTH path's (replay records and their accumulators)
+        // must not be evicted by the others.
+        conn.set_prepared_statement_cache_capacity(64);
         // Only takes effect on a new, empty file (before WAL and the first
         // table). Seeds are WITHOUT ROWID rows of about 1.2 KB: with 4 KiB
         // pages each spills into an overflow page of its own (about 5 KB
@@ -465,6 +469,19 @@ impl KeyDatabase for SqliteDatabase {
             TOKEN_COLS
         ))?;
         let rows = st.query_map([], token_row)?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn list_marks(&self) -> Result<Vec<(String, u64, Vec<u8>)>> {
+        let conn = self.lock()?;
+        let mut st = conn.prepare_cached("SELECT name, value, tag FROM marks ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?.max(0) as u64,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 

@@ -25,11 +25,35 @@ CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     schema_v2!(blob = "BLOB"),
     MIGRATION_META,
     MIGRATION_TOKENS,
+    MIGRATION_REPLAY_ACC,
 ];
 
 /// Migration "tokens" (issue 14, shared state): see `schema_tokens` in db/schema.rs.
 const MIGRATION_TOKENS: &str =
     schema_tokens!(blob = "BLOB", big = "INTEGER", keyed = " WITHOUT ROWID");
+
+/// Migration "replay_acc" (gap 2 of SECURITY.md): per device, the
+/// card-keyed accumulator of its live replay records and spent challenges
+/// (see [`crate::db::ReplayAcc`]). On a database that holds rows already,
+/// it leaves `rows_cover` = "pending" in `meta`: the center then covers
+/// them once ([`crate::integrity::cover_rows`]).
+const MIGRATION_REPLAY_ACC: &str = r#"
+CREATE TABLE IF NOT EXISTS replay_acc (
+    device BLOB PRIMARY KEY,
+    acc BLOB NOT NULL,
+    count INTEGER NOT NULL,
+    max_expires INTEGER NOT NULL,
+    tag BLOB NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS marks (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL,
+    tag BLOB NOT NULL
+) WITHOUT ROWID;
+INSERT OR REPLACE INTO meta (key, value) SELECT 'rows_cover',
+    CASE WHEN EXISTS (SELECT 1 FROM devices) OR EXISTS (SELECT 1 FROM tokens)
+        OR EXISTS (SELECT 1 FROM marks) THEN 'pending' ELSE 'done' END;
+"#;
 
 /// Migration "meta" (issue 14, one configuration for every command): a
 /// key/value table with the database's identity, a random id drawn when

@@ -5,7 +5,8 @@ use rusqlite::{OptionalExtension, params};
 
 use super::rows::*;
 use crate::db::{
-    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, SeedRow, TokenRow, Tx, one_row,
+    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, ReplayAcc, ReplayRow, SeedRow,
+    TokenRow, Tx, one_row,
 };
 use crate::{Error, Result, audit};
 
@@ -140,6 +141,187 @@ impl Tx for SqliteTx<'_> {
              COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0)",
         )?;
         Ok(st.execute(params![&id.0[..], generation, t, i(r), i(expires)])? == 1)
+    }
+
+    fn record_replays_above(
+        &mut self,
+        rows: &[(DeviceId, u8, u32, u64, u64)],
+        floor: u64,
+    ) -> Result<Vec<bool>> {
+        // The floor the caller checked, and the stored mark (which only
+        // a center raises).
+        let mut st = self.tx.prepare_cached(
+            "INSERT OR IGNORE INTO replay (device, generation, t, r, expires) \
+             SELECT ?1, ?2, ?3, ?4, ?5 WHERE ?5 >= ?6 AND ?5 >= \
+             COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0)",
+        )?;
+        rows.iter()
+            .map(|&(d, g, t, r, e)| {
+                Ok(st.execute(params![&d.0[..], g, t, i(r), i(e), i(floor)])? == 1)
+            })
+            .collect()
+    }
+
+    fn spend_challenge_above(
+        &mut self,
+        id: DeviceId,
+        c: &[u8; 8],
+        expires: u64,
+        floor: u64,
+    ) -> Result<bool> {
+        let mut st = self.tx.prepare_cached(
+            "INSERT OR IGNORE INTO challenges (device, c, expires) \
+             SELECT ?1, ?2, ?3 WHERE ?3 >= ?4 AND ?3 >= \
+             COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0)",
+        )?;
+        Ok(st.execute(params![&id.0[..], &c[..], i(expires), i(floor)])? == 1)
+    }
+
+    fn marks(&mut self) -> Result<Vec<(String, u64, Vec<u8>)>> {
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT name, value, tag FROM marks ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?.max(0) as u64,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn replay_rows(&mut self, ids: &[DeviceId]) -> Result<Vec<ReplayRow>> {
+        let mut out = Vec::new();
+        let mut rs = self
+            .tx
+            .prepare_cached("SELECT generation, t, r, expires FROM replay WHERE device = ?1")?;
+        for id in ids {
+            let rows = rs.query_map([&id.0[..]], |r| {
+                Ok(ReplayRow::Replay {
+                    device: *id,
+                    generation: r.get(0)?,
+                    t: r.get(1)?,
+                    r: r.get::<_, i64>(2)? as u64,
+                    expires: r.get::<_, i64>(3)?.max(0) as u64,
+                })
+            })?;
+            for row in rows {
+                out.push(row?);
+            }
+        }
+        let mut cs = self
+            .tx
+            .prepare_cached("SELECT c, expires FROM challenges WHERE device = ?1")?;
+        for id in ids {
+            let rows = cs.query_map([&id.0[..]], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+            })?;
+            for row in rows {
+                let (c, expires) = row?;
+                // A challenge of another length was not written by a
+                // center: it counts as a record no MAC matches.
+                let mut cc = [0u8; 8];
+                let n = c.len().min(8);
+                cc[..n].copy_from_slice(&c[..n]);
+                out.push(ReplayRow::Challenge {
+                    device: *id,
+                    c: cc,
+                    expires: if c.len() == 8 { expires } else { u64::MAX },
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn replay_accs(&mut self, ids: &[DeviceId]) -> Result<Vec<ReplayAcc>> {
+        let mut st = self.tx.prepare_cached(
+            "SELECT acc, count, max_expires, tag FROM replay_acc WHERE device = ?1",
+        )?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = st
+                .query_row([&id.0[..]], |r| {
+                    Ok(ReplayAcc {
+                        device: *id,
+                        acc: arr32(r.get(0)?)?,
+                        count: r.get::<_, i64>(1)?.max(0) as u64,
+                        max_expires: r.get::<_, i64>(2)?.max(0) as u64,
+                        tag: arr32(r.get(3)?)?,
+                    })
+                })
+                .optional()?;
+            out.extend(row);
+        }
+        Ok(out)
+    }
+
+    fn put_replay_accs(&mut self, accs: &[ReplayAcc]) -> Result<()> {
+        let mut st = self.tx.prepare_cached(
+            "INSERT INTO replay_acc (device, acc, count, max_expires, tag) \
+             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (device) DO UPDATE SET \
+             acc = excluded.acc, count = excluded.count, \
+             max_expires = excluded.max_expires, tag = excluded.tag",
+        )?;
+        for a in accs {
+            st.execute(params![
+                &a.device.0[..],
+                &a.acc[..],
+                i(a.count),
+                i(a.max_expires),
+                &a.tag[..]
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn prune_replay_rows(&mut self, now: u64, limit: usize) -> Result<Vec<ReplayRow>> {
+        let mut out = Vec::new();
+        let mut st = self.tx.prepare_cached(
+            "DELETE FROM replay WHERE (device, generation, t, r) IN \
+             (SELECT device, generation, t, r FROM replay WHERE expires < ?1 LIMIT ?2) \
+             RETURNING device, generation, t, r, expires",
+        )?;
+        let rows = st.query_map(params![i(now), limit as i64], |r| {
+            Ok(ReplayRow::Replay {
+                device: dev(r.get(0)?)?,
+                generation: r.get(1)?,
+                t: r.get(2)?,
+                r: r.get::<_, i64>(3)? as u64,
+                expires: r.get::<_, i64>(4)?.max(0) as u64,
+            })
+        })?;
+        for row in rows {
+            out.push(row?);
+        }
+        let left = limit.saturating_sub(out.len());
+        if left == 0 {
+            return Ok(out);
+        }
+        let mut st = self.tx.prepare_cached(
+            "DELETE FROM challenges WHERE (device, c) IN \
+             (SELECT device, c FROM challenges WHERE expires < ?1 LIMIT ?2) \
+             RETURNING device, c, expires",
+        )?;
+        let rows = st.query_map(params![i(now), left as i64], |r| {
+            let c: Vec<u8> = r.get(1)?;
+            let mut cc = [0u8; 8];
+            let n = c.len().min(8);
+            cc[..n].copy_from_slice(&c[..n]);
+            Ok(ReplayRow::Challenge {
+                device: dev(r.get(0)?)?,
+                c: cc,
+                expires: if c.len() == 8 {
+                    r.get::<_, i64>(2)?.max(0) as u64
+                } else {
+                    u64::MAX
+                },
+            })
+        })?;
+        for row in rows {
+            out.push(row?);
+        }
+        Ok(out)
     }
 
     fn spend_challenge(&mut self, id: DeviceId, c: &[u8; 8], expires: u64) -> Result<bool> {
