@@ -7,7 +7,7 @@ use subtle::ConstantTimeEq;
 
 use super::{CENTER_ACTOR, Center, malformed};
 use crate::card::EnrollVia;
-use crate::db::{Blob, DeviceRow, SeedRow, Tx, with_read_tx, with_tx};
+use crate::db::{Blob, DeviceRow, NewAudit, SeedRow, Tx, with_read_tx, with_tx};
 use crate::integrity::{self, DigestDelta};
 use crate::policy::{self, DeviceSnapshot, covers};
 use crate::{Error, Result};
@@ -280,6 +280,23 @@ impl Center {
             }),
             _ => false,
         };
+        self.enroll_decide(msg, dev, is_new, seeds, update_asked, now)
+    }
+
+    /// The ENROLL rules once the database was read (no database access):
+    /// the policy's decision, the MAC (the card opens the ENROLL), the new
+    /// seed's years. The import runs it outside its transaction for a
+    /// device it expects to be new ([`Center::prepare_new_enroll`]).
+    fn enroll_decide(
+        &self,
+        msg: &Enroll<'_>,
+        dev: DeviceRow,
+        is_new: bool,
+        seeds: Vec<SeedRow>,
+        update_asked: bool,
+        now: u64,
+    ) -> Result<Checked> {
+        let h = msg.header;
         let input = policy::Input::Enroll {
             generation: h.generation,
             update_asked,
@@ -325,12 +342,36 @@ impl Center {
         now: u64,
         actor: &str,
     ) -> Result<Enrolled> {
+        let sealed = self.enroll_seal(msg, digest, a, now)?;
+        let audit = self.enroll_store(tx, sealed, delta, now, actor)?;
+        self.audit(
+            tx,
+            now,
+            actor,
+            &audit.action,
+            (audit.device, audit.generation),
+            &audit.reason,
+        )?;
+        tracing::info!(device = %msg.header.device, generation = msg.header.generation, "seed enrolled");
+        Ok(Enrolled::New(audit.receipt))
+    }
+
+    /// The card's work for an accepted ENROLL, no database access: the
+    /// seed sealed, the RECEIPT, the new record and the device row with
+    /// their tags.
+    fn enroll_seal(
+        &self,
+        msg: &Enroll<'_>,
+        digest: &[u8; 32],
+        a: Accepted,
+        now: u64,
+    ) -> Result<SealedEnroll> {
         let h = msg.header;
         let id = h.device;
         let Accepted {
             mut dev,
             is_new,
-            mut seeds,
+            seeds,
             seed,
             via,
         } = a;
@@ -362,6 +403,40 @@ impl Center {
         };
         integrity::retag(&*self.card, &mut row)?;
         dev.highest_generation = Some(h.generation);
+        if via == EnrollVia::Transport {
+            dev.transport_open = false;
+        }
+        integrity::retag_device(&*self.card, &mut dev)?;
+        Ok(SealedEnroll {
+            dev,
+            is_new,
+            seeds,
+            row,
+            receipt,
+        })
+    }
+
+    /// The database writes of an accepted ENROLL, in the caller's
+    /// transaction; returns its audit entry (for the caller to append) and
+    /// the RECEIPT.
+    fn enroll_store(
+        &self,
+        tx: &mut dyn Tx,
+        sealed: SealedEnroll,
+        delta: &mut DigestDelta,
+        now: u64,
+        actor: &str,
+    ) -> Result<StoredEnroll> {
+        let SealedEnroll {
+            dev,
+            is_new,
+            mut seeds,
+            row,
+            receipt,
+        } = sealed;
+        let id = dev.id;
+        let via = row.via;
+        let generation = row.generation;
         match via {
             EnrollVia::Update => {
                 // The old seed keeps verifying for the grace period, or
@@ -384,7 +459,6 @@ impl Center {
                 }
             }
             EnrollVia::Transport => {
-                dev.transport_open = false;
                 // A re-enrollment under Ktr replaces an expired seed.
                 for s in seeds.iter_mut().filter(|s| s.state == KeyState::Active) {
                     self.apply_event(
@@ -399,9 +473,10 @@ impl Center {
             }
         }
         // One audit entry per enrollment; a device registered by this
-        // batch entry says so in it.
+        // batch entry says so in it. The device row was tagged by
+        // enroll_seal.
         let reason = if is_new {
-            self.put_device(tx, &mut dev, true)?;
+            tx.insert_device(&dev)?;
             format!(
                 "via {}; registered class {} epoch {} by batch",
                 via.name(),
@@ -409,20 +484,93 @@ impl Center {
                 dev.epoch
             )
         } else {
-            self.put_device(tx, &mut dev, false)?;
+            tx.update_device(&dev)?;
             format!("via {}", via.name())
         };
         tx.insert_seed(&row)?;
         delta.add(id, None, &row.tag);
-        self.audit(
-            tx,
-            now,
-            actor,
-            "enroll",
-            (Some(id), Some(h.generation)),
-            &reason,
-        )?;
-        tracing::info!(device = %id, generation = h.generation, via = via.name(), "seed enrolled");
-        Ok(Enrolled::New(receipt))
+        tracing::debug!(device = %id, generation, via = via.name(), "seed enrolled");
+        Ok(StoredEnroll {
+            action: "enroll".into(),
+            device: Some(id),
+            generation: Some(generation),
+            reason,
+            receipt,
+        })
+    }
+
+    /// The import's fast path, run outside its transaction (on several
+    /// threads): everything an ENROLL of a device that is not registered
+    /// yet needs from the card, decided exactly as [`Center::enroll_in_tx`]
+    /// decides it for `register` when the device is absent. The import
+    /// uses it only after it found the device absent inside its
+    /// transaction (else it takes the full path).
+    pub(super) fn prepare_new_enroll(
+        &self,
+        (msg, digest): (&Enroll<'_>, &[u8; 32]),
+        register: &DeviceRow,
+        now: u64,
+    ) -> Result<PreparedEnroll> {
+        if msg.header.suite != register.suite {
+            return Err(Error::WrongSuite);
+        }
+        match self.enroll_decide(msg, register.clone(), true, Vec::new(), false, now)? {
+            // A new device has no earlier ENROLL to match.
+            Checked::Again(_) => Err(Error::Replay),
+            Checked::Accept(a) => Ok(PreparedEnroll(self.enroll_seal(msg, digest, a, now)?)),
+        }
+    }
+
+    /// Writes a [`PreparedEnroll`] in the import's transaction (the device
+    /// must have been found absent in it); returns the audit entry to
+    /// append for it.
+    pub(super) fn store_prepared_enroll(
+        &self,
+        tx: &mut dyn Tx,
+        p: &PreparedEnroll,
+        delta: &mut DigestDelta,
+        now: u64,
+        actor: &str,
+    ) -> Result<NewAudit> {
+        let s = self.enroll_store(tx, p.0.clone(), delta, now, actor)?;
+        Ok(NewAudit {
+            time: now,
+            actor: actor.to_string(),
+            action: s.action,
+            device: s.device,
+            generation: s.generation,
+            reason: s.reason,
+        })
+    }
+}
+
+/// The card's work of an accepted ENROLL ([`Center::enroll_seal`]): no
+/// secret in it (the seed is sealed).
+#[derive(Clone)]
+struct SealedEnroll {
+    dev: DeviceRow,
+    is_new: bool,
+    seeds: Vec<SeedRow>,
+    row: SeedRow,
+    receipt: Vec<u8>,
+}
+
+/// What [`Center::enroll_store`] wrote: its audit entry and the RECEIPT.
+struct StoredEnroll {
+    action: String,
+    device: Option<DeviceId>,
+    generation: Option<u8>,
+    reason: String,
+    receipt: Vec<u8>,
+}
+
+/// An ENROLL of a new device, opened, sealed and tagged outside the
+/// import's transaction ([`Center::prepare_new_enroll`]).
+pub(super) struct PreparedEnroll(SealedEnroll);
+
+impl PreparedEnroll {
+    /// The device it registers.
+    pub(super) fn device(&self) -> DeviceId {
+        self.0.dev.id
     }
 }

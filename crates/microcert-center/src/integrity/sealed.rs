@@ -53,9 +53,28 @@ impl Sealed {
 struct SealedTx<'a> {
     inner: &'a mut dyn Tx,
     card: &'a dyn EncryptionCard,
+    /// Device rows' digest changes not applied yet: applied before any
+    /// digest row is read or written through this transaction and when
+    /// its closure returns, so they commit with the rows (a batch import
+    /// reads and writes each device shard once per chunk, not once per
+    /// device).
+    devices: super::DigestDelta,
 }
 
-impl SealedTx<'_> {
+impl<'a> SealedTx<'a> {
+    fn new(inner: &'a mut dyn Tx, card: &'a dyn EncryptionCard) -> Self {
+        SealedTx {
+            inner,
+            card,
+            devices: super::DigestDelta::default(),
+        }
+    }
+
+    /// Applies the pending device digest changes.
+    fn settle(&mut self) -> Result<()> {
+        self.devices.flush(self.inner, self.card)
+    }
+
     fn shard(&mut self, shard: u8, old: Option<&[u8; 32]>, new: Option<&[u8; 32]>) -> Result<()> {
         if old.is_some() && old == new {
             return Ok(());
@@ -70,12 +89,18 @@ impl Tx for SealedTx<'_> {
     }
     fn insert_device(&mut self, d: &DeviceRow) -> Result<()> {
         self.inner.insert_device(d)?;
-        self.shard(DEVICE_BASE + shard_of(d.id), None, Some(&d.tag))
+        self.devices
+            .add_at(DEVICE_BASE + shard_of(d.id), None, Some(&d.tag));
+        Ok(())
     }
     fn update_device(&mut self, d: &DeviceRow) -> Result<()> {
         let old = self.inner.device(d.id)?.map(|o| o.tag);
         self.inner.update_device(d)?;
-        self.shard(DEVICE_BASE + shard_of(d.id), old.as_ref(), Some(&d.tag))
+        if old != Some(d.tag) {
+            self.devices
+                .add_at(DEVICE_BASE + shard_of(d.id), old.as_ref(), Some(&d.tag));
+        }
+        Ok(())
     }
     fn seeds(&mut self, id: DeviceId) -> Result<Vec<SeedRow>> {
         self.inner.seeds(id)
@@ -162,10 +187,18 @@ impl Tx for SealedTx<'_> {
         self.shard(COMMAND_BASE + shard_of(c.device), old.as_ref(), Some(&seal))
     }
     fn digest_shard(&mut self, shard: u8) -> Result<Option<DigestShard>> {
+        self.settle()?;
         self.inner.digest_shard(shard)
     }
     fn put_digest_shard(&mut self, s: &DigestShard) -> Result<()> {
+        self.settle()?;
         self.inner.put_digest_shard(s)
+    }
+    fn record_replays(&mut self, rows: &[(DeviceId, u8, u32, u64, u64)]) -> Result<Vec<bool>> {
+        self.inner.record_replays(rows)
+    }
+    fn prefetch_devices(&mut self, ids: &[DeviceId]) -> Result<()> {
+        self.inner.prefetch_devices(ids)
     }
     fn append_audit(&mut self, e: &NewAudit) -> Result<()> {
         self.inner.append_audit(e)
@@ -225,15 +258,17 @@ impl KeyDatabase for Sealed {
     fn transaction(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
         let card = &*self.card;
         self.inner.transaction(&mut |tx| {
-            let mut s = SealedTx { inner: tx, card };
-            f(&mut s)
+            let mut s = SealedTx::new(tx, card);
+            f(&mut s)?;
+            s.settle()
         })
     }
     fn read_transaction(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
         let card = &*self.card;
         self.inner.read_transaction(&mut |tx| {
-            let mut s = SealedTx { inner: tx, card };
-            f(&mut s)
+            let mut s = SealedTx::new(tx, card);
+            f(&mut s)?;
+            s.settle()
         })
     }
     fn meta(&self, key: &str) -> Result<Option<String>> {
@@ -310,6 +345,9 @@ impl KeyDatabase for Sealed {
     }
     fn set_bulk(&self, on: bool) -> Result<()> {
         self.inner.set_bulk(on)
+    }
+    fn load_device(&self, id: DeviceId) -> Result<Option<(DeviceRow, Vec<SeedRow>)>> {
+        self.inner.load_device(id)
     }
     fn local_path(&self) -> Option<&std::path::Path> {
         self.inner.local_path()

@@ -37,6 +37,9 @@ pub(super) struct PgTx<'c> {
     /// The audit chain's next (seq, prev_hash) once this transaction holds
     /// the audit lock (nobody else appends until it ends).
     pub(super) audit_head: Option<(u64, [u8; 32])>,
+    /// Digest shards whose advisory lock this transaction holds (taken
+    /// once, held to its end).
+    pub(super) shard_locks: HashSet<u8>,
 }
 
 type Params = Vec<Box<dyn ToSql + Sync + Send>>;
@@ -58,8 +61,9 @@ impl Pending {
 
 const AUDIT_COLS: &str = "seq, time, actor, action, device, generation, reason, prev_hash, hash";
 
-/// Rows per multi-row INSERT (seeds: 20 parameters a row).
-const ROWS_PER_INSERT: usize = 100;
+/// Rows per multi-row INSERT (seeds: 20 parameters a row, so 10,000
+/// parameters of the 65,535 a statement may have).
+const ROWS_PER_INSERT: usize = 500;
 
 impl<'c> PgTx<'c> {
     pub(super) fn new(c: &'c mut PgConn) -> Self {
@@ -70,6 +74,7 @@ impl<'c> PgTx<'c> {
             pending: Pending::default(),
             prefetched: HashMap::new(),
             audit_head: None,
+            shard_locks: HashSet::new(),
         }
     }
 
@@ -120,6 +125,20 @@ impl<'c> PgTx<'c> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Takes a digest shard's advisory lock unless this transaction
+    /// already holds it.
+    fn lock_shard(&mut self, shard: u8) -> Result<()> {
+        if self.shard_locks.contains(&shard) {
+            return Ok(());
+        }
+        self.conn()?.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&(DIGEST_LOCK | i64::from(shard))],
+        )?;
+        self.shard_locks.insert(shard);
         Ok(())
     }
 
@@ -524,10 +543,7 @@ impl Tx for PgTx<'_> {
         // read-modify-write of a shard is serialised across centers, also
         // for its first write when there is no row to lock yet. Under READ
         // COMMITTED the SELECT after it sees the previous holder's commit.
-        self.conn()?.execute(
-            "SELECT pg_advisory_xact_lock($1)",
-            &[&(DIGEST_LOCK | i64::from(shard))],
-        )?;
+        self.lock_shard(shard)?;
         let row = self.conn()?.query_opt(
             "SELECT acc, count, seq, tag FROM digest WHERE shard = $1",
             &[&small(shard)],
@@ -546,10 +562,7 @@ impl Tx for PgTx<'_> {
 
     fn put_digest_shard(&mut self, s: &DigestShard) -> Result<()> {
         self.wrote = true;
-        self.conn()?.execute(
-            "SELECT pg_advisory_xact_lock($1)",
-            &[&(DIGEST_LOCK | i64::from(s.shard))],
-        )?;
+        self.lock_shard(s.shard)?;
         self.conn()?.execute(
             "INSERT INTO digest (shard, acc, count, seq, tag) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (shard) DO UPDATE SET acc = EXCLUDED.acc, count = EXCLUDED.count, \
