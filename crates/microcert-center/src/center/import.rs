@@ -291,11 +291,12 @@ impl Center {
                 }
                 let last = line_no;
                 let (prepped, written) = std::thread::scope(|s| {
-                    let worker = (!batch.is_empty())
-                        .then(|| s.spawn(|| self.prepare_chunk(&batch, now)));
-                    let written = ready
-                        .take()
-                        .map(|(b, p, l)| self.write_chunk(&b, &p, source, l, now, actor).map(|w| (w, l)));
+                    let worker =
+                        (!batch.is_empty()).then(|| s.spawn(|| self.prepare_chunk(&batch, now)));
+                    let written = ready.take().map(|(b, p, l)| {
+                        self.write_chunk(&b, &p, source, l, now, actor)
+                            .map(|w| (w, l))
+                    });
                     let prepped = worker.map(|w| match w.join() {
                         Ok(p) => p,
                         Err(panic) => std::panic::resume_unwind(panic),
@@ -452,7 +453,10 @@ impl Center {
             .clamp(1, 8);
         let per = batch.len().div_ceil(workers).max(64);
         if batch.len() <= per {
-            return batch.iter().map(|(n, l)| self.prepare_line(*n, l, now)).collect();
+            return batch
+                .iter()
+                .map(|(n, l)| self.prepare_line(*n, l, now))
+                .collect();
         }
         std::thread::scope(|s| {
             let parts: Vec<_> = batch
@@ -554,13 +558,12 @@ impl Center {
                     },
                 };
                 let r = match fast {
-                    Some(Fast::Ready(ready)) => {
-                        self.store_prepared_enroll(tx, ready, &mut delta, now, actor)
-                            .map(|a| {
-                                audits.push(a);
-                                Some(true)
-                            })
-                    }
+                    Some(Fast::Ready(ready)) => self
+                        .store_prepared_enroll(tx, ready, &mut delta, now, actor)
+                        .map(|a| {
+                            audits.push(a);
+                            Some(true)
+                        }),
                     Some(Fast::Refused(r)) => {
                         rejected.push(r.clone());
                         continue;
