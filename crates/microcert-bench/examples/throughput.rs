@@ -42,6 +42,22 @@ fn main() {
     }
 }
 
+/// CPU time (user + system) this process has used so far, in seconds
+/// (Linux /proc/self/stat, in clock ticks of 10 ms; 0 elsewhere).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    match (f.get(11), f.get(12)) {
+        (Some(u), Some(s)) => (u + s) as f64 / 100.0,
+        _ => 0.0,
+    }
+}
+
 fn rate(n: usize, start: Instant) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
@@ -91,11 +107,23 @@ fn import(center: &Center, card: &SoftwareCard, dir: &Path, n: u64) -> (Vec<Test
     let batch = dir.join("b.jsonl");
     write_batch(&batch, &mut fleet, NOW);
     let start = Instant::now();
+    let cpu = cpu_secs();
     let r = center
         .import_batch(&batch, "factory", NOW, &mut |_| {})
         .unwrap();
     assert_eq!(r.enrolled, n);
-    (fleet, rate(n as usize, start))
+    let r = rate(n as usize, start);
+    // The center's own CPU per seed (a PostgreSQL server's is not in it).
+    println!(
+        "  import: {:.1} us of this process's CPU per seed, load average {}",
+        (cpu_secs() - cpu) * 1e6 / n as f64,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or("?")
+    );
+    (fleet, r)
 }
 
 fn run(sync_every_commit: bool, replay: ReplayMode) {
