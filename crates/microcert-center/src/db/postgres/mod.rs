@@ -318,6 +318,26 @@ impl PgConn {
         })
     }
 
+    /// A statement that takes an advisory lock (its answer ignored), then
+    /// a query, both sent before either answer is awaited: one round trip.
+    /// The server still runs them in order, so under READ COMMITTED the
+    /// query's snapshot is taken after the lock was granted.
+    pub(super) fn locked_query_opt(
+        &mut self,
+        lock_sql: &str,
+        lock_params: &[&(dyn ToSql + Sync)],
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>> {
+        self.call(async |c| {
+            let lock = c.prepare_cached(lock_sql).await?;
+            let st = c.prepare_cached(sql).await?;
+            let (l, v) = tokio::join!(c.execute(&lock, lock_params), c.query_opt(&st, params));
+            l?;
+            v
+        })
+    }
+
     fn batch(&mut self, sql: &str) -> Result<()> {
         self.call(async |c| c.batch_execute(sql).await)
     }
