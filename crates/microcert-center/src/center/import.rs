@@ -273,7 +273,7 @@ impl Center {
         // ENROLLs, seal the seeds, make the RECEIPTs and tags). Memory
         // holds at most two chunks.
         let mut chunks = || -> Result<()> {
-            let mut ready: Option<(Vec<(u64, NextLine)>, Vec<Prep>, u64)> = None;
+            let mut ready: Option<ReadyChunk> = None;
             loop {
                 let mut batch = Vec::with_capacity(chunk.min(4096));
                 let mut bytes = 0usize;
@@ -500,7 +500,7 @@ impl Center {
         };
         let register = p.register(msg.header.suite, now);
         let fast = match self.prepare_new_enroll((&msg, &p.digest), &register, now) {
-            Ok(ready) if ready.device() == p.id => Fast::Ready(ready),
+            Ok(ready) if ready.device() == p.id => Fast::Ready(Box::new(ready)),
             Ok(_) => Fast::Slow,
             Err(e) => reject(e).map_or(Fast::Slow, Fast::Refused),
         };
@@ -639,26 +639,6 @@ fn decode_hex(text: &[u8]) -> Option<Vec<u8>> {
     (bad & 0xf0 == 0).then_some(out)
 }
 
-#[cfg(test)]
-mod hex_tests {
-    #[test]
-    fn decode_hex_agrees_with_the_hex_crate() {
-        let bytes: Vec<u8> = (0..=255u8).collect();
-        let lower = hex::encode(&bytes);
-        assert_eq!(super::decode_hex(lower.as_bytes()), Some(bytes.clone()));
-        let upper = hex::encode_upper(&bytes);
-        assert_eq!(super::decode_hex(upper.as_bytes()), Some(bytes));
-        for bad in ["0", "0g", "g0", "0x", " 0", "zz", "\u{e9}0"] {
-            assert_eq!(super::decode_hex(bad.as_bytes()), None, "{bad}");
-        }
-        for b in 0..=255u8 {
-            let text = [b'0', b];
-            let ok = b.is_ascii_hexdigit();
-            assert_eq!(super::decode_hex(&text).is_some(), ok, "{b}");
-        }
-    }
-}
-
 /// A line that passed the checks needing no database ([`Center::parse_line`]).
 struct ParsedLine {
     id: DeviceId,
@@ -687,6 +667,9 @@ impl ParsedLine {
     }
 }
 
+/// A chunk's lines, their first stage and its last line number.
+type ReadyChunk = (Vec<(u64, NextLine)>, Vec<Prep>, u64);
+
 /// A line after the first stage of its chunk ([`Center::prepare_chunk`]).
 enum Prep {
     /// Blank: skipped.
@@ -702,9 +685,29 @@ enum Prep {
 /// An entry's outcome should its device be absent.
 enum Fast {
     /// Opened, sealed and tagged: written as is.
-    Ready(PreparedEnroll),
+    Ready(Box<PreparedEnroll>),
     /// Refused (as a single ENROLL of a new device would be).
     Refused(ImportReject),
     /// Undecided (an error that is not a refusal): the full path decides.
     Slow,
+}
+
+#[cfg(test)]
+mod hex_tests {
+    #[test]
+    fn decode_hex_agrees_with_the_hex_crate() {
+        let bytes: Vec<u8> = (0..=255u8).collect();
+        let lower = hex::encode(&bytes);
+        assert_eq!(super::decode_hex(lower.as_bytes()), Some(bytes.clone()));
+        let upper = hex::encode_upper(&bytes);
+        assert_eq!(super::decode_hex(upper.as_bytes()), Some(bytes));
+        for bad in ["0", "0g", "g0", "0x", " 0", "zz", "\u{e9}0"] {
+            assert_eq!(super::decode_hex(bad.as_bytes()), None, "{bad}");
+        }
+        for b in 0..=255u8 {
+            let text = [b'0', b];
+            let ok = b.is_ascii_hexdigit();
+            assert_eq!(super::decode_hex(&text).is_some(), ok, "{b}");
+        }
+    }
 }
