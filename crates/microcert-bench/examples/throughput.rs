@@ -42,6 +42,53 @@ fn main() {
     }
 }
 
+/// CPU time (user + system) this process has used so far, in seconds
+/// (Linux /proc/self/stat, in clock ticks of 10 ms; 0 elsewhere).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    match (f.get(11), f.get(12)) {
+        (Some(u), Some(s)) => (u + s) as f64 / 100.0,
+        _ => 0.0,
+    }
+}
+
+/// CPU time (user + system, and that of exited children) of the
+/// PostgreSQL cluster in `data`: its postmaster and every process it
+/// started (the connections' backends, the WAL writer, the
+/// checkpointer), in seconds. 0 when it cannot be read.
+fn pg_cpu_secs(data: &Path) -> f64 {
+    let Some(pm) = std::fs::read_to_string(data.join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<u64>().ok()))
+    else {
+        return 0.0;
+    };
+    let mut ticks = 0u64;
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u64>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // Fields from the state on: ppid is f[1], utime f[11], stime f[12],
+        // cutime f[13], cstime f[14].
+        if f.len() > 14 && (pid == pm || f[1] == pm) {
+            ticks += f[11] + f[12] + f[13] + f[14];
+        }
+    }
+    ticks as f64 / 100.0
+}
+
 fn rate(n: usize, start: Instant) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
@@ -91,11 +138,23 @@ fn import(center: &Center, card: &SoftwareCard, dir: &Path, n: u64) -> (Vec<Test
     let batch = dir.join("b.jsonl");
     write_batch(&batch, &mut fleet, NOW);
     let start = Instant::now();
+    let cpu = cpu_secs();
     let r = center
         .import_batch(&batch, "factory", NOW, &mut |_| {})
         .unwrap();
     assert_eq!(r.enrolled, n);
-    (fleet, rate(n as usize, start))
+    let r = rate(n as usize, start);
+    // The center's own CPU per seed (a PostgreSQL server's is not in it).
+    println!(
+        "  import: {:.1} us of this process's CPU per seed, load average {}",
+        (cpu_secs() - cpu) * 1e6 / n as f64,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .next()
+            .unwrap_or("?")
+    );
+    (fleet, r)
 }
 
 fn run(sync_every_commit: bool, replay: ReplayMode) {
@@ -289,8 +348,16 @@ fn measure_backend(pg: Option<&microcert_testkit::postgres::PgServer>) {
     };
     let center = Arc::new(Center::open_url(&loc, card.clone(), config).unwrap());
     let n = devices();
+    let server_cpu = || pg.map_or(0.0, |pg| pg_cpu_secs(&pg.data));
+    let pg0 = server_cpu();
     let (mut fleet, import_rate) = import(&center, &card, dir.path(), n);
     println!("{backend}: import {n} seeds: {import_rate:.0} seeds/s");
+    if pg.is_some() {
+        println!(
+            "  import: {:.1} us of PostgreSQL server CPU per seed",
+            (server_cpu() - pg0) * 1e6 / n as f64
+        );
+    }
 
     let c = Audience::CENTER;
     // First use activates each seed (a write); not measured.
@@ -306,7 +373,18 @@ fn measure_backend(pg: Option<&microcert_testkit::postgres::PgServer>) {
     for (round, threads) in counts.into_iter().enumerate() {
         let t = NOW + 1 + round as u64;
         let auths: Vec<Vec<u8>> = fleet.iter_mut().map(|node| node.auth(&c, t).0).collect();
+        let (cpu, pg0) = (cpu_secs(), server_cpu());
         let r = verify_threaded(&center, &auths, t, threads);
-        println!("{backend}: verify AUTH, cold cache, {threads} thread(s): {r:.0}/s");
+        println!(
+            "{backend}: verify AUTH, cold cache, {threads} thread(s): {r:.0}/s \
+             (CPU per verification: center {:.1} us, database server {:.1} us; load average {})",
+            (cpu_secs() - cpu) * 1e6 / auths.len() as f64,
+            (server_cpu() - pg0) * 1e6 / auths.len() as f64,
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .split_whitespace()
+                .next()
+                .unwrap_or("?")
+        );
     }
 }

@@ -7,7 +7,7 @@ use subtle::ConstantTimeEq;
 
 use super::{CENTER_ACTOR, Center, malformed};
 use crate::card::EnrollVia;
-use crate::db::{Blob, DeviceRow, SeedRow, Tx, with_read_tx, with_tx};
+use crate::db::{Blob, DeviceRow, NewAudit, SeedRow, Tx, with_read_tx, with_tx};
 use crate::integrity::{self, DigestDelta};
 use crate::policy::{self, DeviceSnapshot, covers};
 use crate::{Error, Result};
@@ -280,6 +280,23 @@ impl Center {
             }),
             _ => false,
         };
+        self.enroll_decide(msg, dev, is_new, seeds, update_asked, now)
+    }
+
+    /// The ENROLL rules once the database was read (no database access):
+    /// the policy's decision, the MAC (the card opens the ENROLL), the new
+    /// seed's years. The import runs it outside its transaction for a
+    /// device it expects to be new ([`Center::prepare_new_enroll`]).
+    fn enroll_decide(
+        &self,
+        msg: &Enroll<'_>,
+        dev: DeviceRow,
+        is_new: bool,
+        seeds: Vec<SeedRow>,
+        update_asked: bool,
+        now: u64,
+    ) -> Result<Checked> {
+        let h = msg.header;
         let input = policy::Input::Enroll {
             generation: h.generation,
             update_asked,
@@ -325,15 +342,50 @@ impl Center {
         now: u64,
         actor: &str,
     ) -> Result<Enrolled> {
+        let sealed = self.enroll_seal(msg, digest, a, now)?;
+        let audit = self.enroll_store(tx, sealed, delta, now, actor)?;
+        self.audit(
+            tx,
+            now,
+            actor,
+            &audit.action,
+            (audit.device, audit.generation),
+            &audit.reason,
+        )?;
+        tracing::info!(device = %msg.header.device, generation = msg.header.generation, "seed enrolled");
+        Ok(Enrolled::New(audit.receipt))
+    }
+
+    /// The card's work for an accepted ENROLL, no database access: the
+    /// seed sealed, the RECEIPT, the new record and the device row with
+    /// their tags.
+    fn enroll_seal(
+        &self,
+        msg: &Enroll<'_>,
+        digest: &[u8; 32],
+        a: Accepted,
+        now: u64,
+    ) -> Result<SealedEnroll> {
         let h = msg.header;
         let id = h.device;
         let Accepted {
             mut dev,
             is_new,
-            mut seeds,
+            seeds,
             seed,
             via,
         } = a;
+        // How the device's seeds change around the new one: the policy's,
+        // decided on the device as it was before this ENROLL.
+        let decision = policy::decide(
+            &DeviceSnapshot::of(&dev, seeds.iter()),
+            policy::Input::Enrolled {
+                generation: h.generation,
+                via,
+                grace_period: self.config.grace_period,
+            },
+            now,
+        )?;
         let sealed = self.card.seal_seed(id, h.generation, &seed)?;
         let receipt = self.receipt(&seed, dev.suite, id, h.generation, h.r, now)?;
         let base_year = seed.base_year();
@@ -361,16 +413,46 @@ impl Center {
             grace_until: None,
         };
         integrity::retag(&*self.card, &mut row)?;
-        // How the device's seeds change around the new one: the policy's.
-        let decision = policy::decide(
-            &DeviceSnapshot::of(&dev, seeds.iter()),
-            policy::Input::Enrolled {
-                generation: h.generation,
-                via,
-                grace_period: self.config.grace_period,
-            },
-            now,
-        )?;
+        dev.highest_generation = Some(h.generation);
+        for e in &decision.effects {
+            if let policy::Effect::Transport { open, epoch } = *e {
+                dev.transport_open = open;
+                dev.epoch = epoch;
+            }
+        }
+        integrity::retag_device(&*self.card, &mut dev)?;
+        Ok(SealedEnroll {
+            dev,
+            is_new,
+            seeds,
+            row,
+            receipt,
+            decision,
+        })
+    }
+
+    /// The database writes of an accepted ENROLL, in the caller's
+    /// transaction; returns its audit entry (for the caller to append) and
+    /// the RECEIPT.
+    fn enroll_store(
+        &self,
+        tx: &mut dyn Tx,
+        sealed: SealedEnroll,
+        delta: &mut DigestDelta,
+        now: u64,
+        actor: &str,
+    ) -> Result<StoredEnroll> {
+        let SealedEnroll {
+            dev,
+            is_new,
+            mut seeds,
+            row,
+            receipt,
+            decision,
+        } = sealed;
+        let id = dev.id;
+        let via = row.via;
+        let generation = row.generation;
         // One audit entry per enrollment; a device registered by this
         // batch entry says so in it.
         let reason = if is_new {
@@ -383,22 +465,126 @@ impl Center {
         } else {
             format!("via {}", via.name())
         };
-        dev.highest_generation = Some(h.generation);
-        let fresh = super::Fresh {
-            row: &row,
-            register: is_new,
-            delta,
-        };
-        self.apply_decision(
-            tx,
-            &mut dev,
-            &mut seeds,
-            &decision,
-            Some(fresh),
-            now,
-            (actor, &reason),
-        )?;
-        tracing::info!(device = %id, generation = h.generation, via = via.name(), "seed enrolled");
-        Ok(Enrolled::New(receipt))
+        let mut action = None;
+        for effect in &decision.effects {
+            match *effect {
+                policy::Effect::Grace { generation, until } => {
+                    let prev = super::seed_mut(&mut seeds, generation)?;
+                    self.set_grace(tx, prev, until)?;
+                }
+                policy::Effect::AnswerUpdate => self.answer_update(tx, id, now)?,
+                policy::Effect::Transition {
+                    generation,
+                    event,
+                    reason: why,
+                } => {
+                    let s = super::seed_mut(&mut seeds, generation)?;
+                    self.apply_event(tx, s, event, now, actor, &why.text(""))?;
+                }
+                // The device row was changed and tagged by enroll_seal.
+                policy::Effect::NewSeed { .. } => {
+                    if is_new {
+                        tx.insert_device(&dev)?;
+                    } else {
+                        tx.update_device(&dev)?;
+                    }
+                    tx.insert_seed(&row)?;
+                    delta.add(id, None, &row.tag);
+                }
+                policy::Effect::Audit { action: a } => action = Some(a),
+                policy::Effect::Transport { .. }
+                | policy::Effect::Use(_)
+                | policy::Effect::NotaryValid
+                | policy::Effect::EnrollKeys { .. }
+                | policy::Effect::QueueRevoke { .. }
+                | policy::Effect::QueueUpdate { .. } => {}
+            }
+        }
+        let action = action.ok_or(Error::NoSeed { device: id })?;
+        tracing::debug!(device = %id, generation, via = via.name(), "seed enrolled");
+        Ok(StoredEnroll {
+            action: action.into(),
+            device: Some(id),
+            generation: Some(generation),
+            reason,
+            receipt,
+        })
+    }
+
+    /// The import's fast path, run outside its transaction (on several
+    /// threads): everything an ENROLL of a device that is not registered
+    /// yet needs from the card, decided exactly as [`Center::enroll_in_tx`]
+    /// decides it for `register` when the device is absent. The import
+    /// uses it only after it found the device absent inside its
+    /// transaction (else it takes the full path).
+    pub(super) fn prepare_new_enroll(
+        &self,
+        (msg, digest): (&Enroll<'_>, &[u8; 32]),
+        register: &DeviceRow,
+        now: u64,
+    ) -> Result<PreparedEnroll> {
+        if msg.header.suite != register.suite {
+            return Err(Error::WrongSuite);
+        }
+        match self.enroll_decide(msg, register.clone(), true, Vec::new(), false, now)? {
+            // A new device has no earlier ENROLL to match.
+            Checked::Again(_) => Err(Error::Replay),
+            Checked::Accept(a) => Ok(PreparedEnroll(self.enroll_seal(msg, digest, a, now)?)),
+        }
+    }
+
+    /// Writes a [`PreparedEnroll`] in the import's transaction (the device
+    /// must have been found absent in it); returns the audit entry to
+    /// append for it.
+    pub(super) fn store_prepared_enroll(
+        &self,
+        tx: &mut dyn Tx,
+        p: &PreparedEnroll,
+        delta: &mut DigestDelta,
+        now: u64,
+        actor: &str,
+    ) -> Result<NewAudit> {
+        let s = self.enroll_store(tx, p.0.clone(), delta, now, actor)?;
+        Ok(NewAudit {
+            time: now,
+            actor: actor.to_string(),
+            action: s.action,
+            device: s.device,
+            generation: s.generation,
+            reason: s.reason,
+        })
+    }
+}
+
+/// The card's work of an accepted ENROLL ([`Center::enroll_seal`]): no
+/// secret in it (the seed is sealed).
+#[derive(Clone)]
+struct SealedEnroll {
+    dev: DeviceRow,
+    is_new: bool,
+    seeds: Vec<SeedRow>,
+    row: SeedRow,
+    receipt: Vec<u8>,
+    /// The policy's decision for it ([`policy::Input::Enrolled`]).
+    decision: policy::Decision,
+}
+
+/// What [`Center::enroll_store`] wrote: its audit entry and the RECEIPT.
+struct StoredEnroll {
+    action: String,
+    device: Option<DeviceId>,
+    generation: Option<u8>,
+    reason: String,
+    receipt: Vec<u8>,
+}
+
+/// An ENROLL of a new device, opened, sealed and tagged outside the
+/// import's transaction ([`Center::prepare_new_enroll`]).
+pub(super) struct PreparedEnroll(SealedEnroll);
+
+impl PreparedEnroll {
+    /// The device it registers.
+    pub(super) fn device(&self) -> DeviceId {
+        self.0.dev.id
     }
 }

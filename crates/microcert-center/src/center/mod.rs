@@ -56,7 +56,7 @@ pub(crate) struct Fresh<'a> {
 }
 
 /// The seed of `generation` among a device's seeds.
-fn seed_mut(seeds: &mut [SeedRow], generation: u8) -> Result<&mut SeedRow> {
+pub(crate) fn seed_mut(seeds: &mut [SeedRow], generation: u8) -> Result<&mut SeedRow> {
     seeds
         .iter_mut()
         .find(|s| s.generation == generation)
@@ -558,24 +558,9 @@ impl Center {
                     self.apply_event(tx, row, event, now, actor, &why.text(reason))?;
                 }
                 policy::Effect::Grace { generation, until } => {
-                    let row = seed_mut(seeds, generation)?;
-                    row.grace_until = Some(until);
-                    // grace_until is covered by the record's tag.
-                    let old_tag = row.tag;
-                    integrity::retag(&*self.card, row)?;
-                    tx.update_seed(row)?;
-                    integrity::apply_change(tx, &*self.card, dev.id, Some(&old_tag), &row.tag)?;
+                    self.set_grace(tx, seed_mut(seeds, generation)?, until)?;
                 }
-                policy::Effect::AnswerUpdate => {
-                    if let Some(mut cmd) = tx.command(dev.id)?
-                        && cmd.answered_at.is_none()
-                        && cmd.opcode == microcert_core::Opcode::UPDATE_SEED.get()
-                    {
-                        cmd.answered_at = Some(now);
-                        cmd.status = Some(0);
-                        tx.put_command(&cmd)?;
-                    }
-                }
+                policy::Effect::AnswerUpdate => self.answer_update(tx, dev.id, now)?,
                 policy::Effect::Transport { open, epoch } => {
                     dev.transport_open = open;
                     dev.epoch = epoch;
@@ -640,6 +625,28 @@ impl Center {
         }
         if dev_changed {
             self.put_device(tx, dev, false)?;
+        }
+        Ok(())
+    }
+
+    /// Gives a seed a grace period ending at `until` (covered by its tag).
+    pub(crate) fn set_grace(&self, tx: &mut dyn Tx, row: &mut SeedRow, until: u64) -> Result<()> {
+        row.grace_until = Some(until);
+        let old_tag = row.tag;
+        integrity::retag(&*self.card, row)?;
+        tx.update_seed(row)?;
+        integrity::apply_change(tx, &*self.card, row.device, Some(&old_tag), &row.tag)
+    }
+
+    /// Answers the device's pending UPDATE_SEED, if it has one (status 0).
+    pub(crate) fn answer_update(&self, tx: &mut dyn Tx, id: DeviceId, now: u64) -> Result<()> {
+        if let Some(mut cmd) = tx.command(id)?
+            && cmd.answered_at.is_none()
+            && cmd.opcode == microcert_core::Opcode::UPDATE_SEED.get()
+        {
+            cmd.answered_at = Some(now);
+            cmd.status = Some(0);
+            tx.put_command(&cmd)?;
         }
         Ok(())
     }

@@ -238,6 +238,7 @@ impl Sealed {
             key: self.row_key()?,
             checked_mark: &self.checked_mark,
             new_accs: Vec::new(),
+            devices: super::DigestDelta::default(),
         })
     }
 
@@ -255,9 +256,20 @@ struct SealedTx<'a> {
     /// Empty accumulators of devices inserted by this transaction,
     /// written at its end in one statement.
     new_accs: Vec<ReplayAcc>,
+    /// Device rows' digest changes not applied yet: applied before any
+    /// digest row is read or written through this transaction and when
+    /// its closure returns, so they commit with the rows (a batch import
+    /// reads and writes each device shard once per chunk, not once per
+    /// device).
+    devices: super::DigestDelta,
 }
 
-impl SealedTx<'_> {
+impl<'a> SealedTx<'a> {
+    /// Applies the pending device digest changes.
+    fn settle(&mut self) -> Result<()> {
+        self.devices.flush(self.inner, self.card)
+    }
+
     fn shard(&mut self, shard: u8, old: Option<&[u8; 32]>, new: Option<&[u8; 32]>) -> Result<()> {
         if old.is_some() && old == new {
             return Ok(());
@@ -462,12 +474,18 @@ impl Tx for SealedTx<'_> {
     fn insert_device(&mut self, d: &DeviceRow) -> Result<()> {
         self.inner.insert_device(d)?;
         self.new_accs.push(empty_acc(self.key, d.id)?);
-        self.shard(DEVICE_BASE + shard_of(d.id), None, Some(&d.tag))
+        self.devices
+            .add_at(DEVICE_BASE + shard_of(d.id), None, Some(&d.tag));
+        Ok(())
     }
     fn update_device(&mut self, d: &DeviceRow) -> Result<()> {
         let old = self.inner.device(d.id)?.map(|o| o.tag);
         self.inner.update_device(d)?;
-        self.shard(DEVICE_BASE + shard_of(d.id), old.as_ref(), Some(&d.tag))
+        if old != Some(d.tag) {
+            self.devices
+                .add_at(DEVICE_BASE + shard_of(d.id), old.as_ref(), Some(&d.tag));
+        }
+        Ok(())
     }
     fn seeds(&mut self, id: DeviceId) -> Result<Vec<SeedRow>> {
         self.inner.seeds(id)
@@ -619,9 +637,11 @@ impl Tx for SealedTx<'_> {
         self.shard(COMMAND_BASE + shard_of(c.device), old.as_ref(), Some(&seal))
     }
     fn digest_shard(&mut self, shard: u8) -> Result<Option<DigestShard>> {
+        self.settle()?;
         self.inner.digest_shard(shard)
     }
     fn put_digest_shard(&mut self, s: &DigestShard) -> Result<()> {
+        self.settle()?;
         self.inner.put_digest_shard(s)
     }
     fn append_audit(&mut self, e: &NewAudit) -> Result<()> {
@@ -693,6 +713,7 @@ impl KeyDatabase for Sealed {
         self.inner.transaction(&mut |tx| {
             let mut s = self.tx(tx)?;
             f(&mut s)?;
+            s.settle()?;
             s.finish()
         })
     }
@@ -700,6 +721,7 @@ impl KeyDatabase for Sealed {
         self.inner.read_transaction(&mut |tx| {
             let mut s = self.tx(tx)?;
             f(&mut s)?;
+            s.settle()?;
             s.finish()
         })
     }

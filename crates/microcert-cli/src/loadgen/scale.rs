@@ -1,5 +1,7 @@
-//! `microcert bench scale`: N devices imported into one SQLite database,
-//! then cold verification latency and an integrity check, all in process.
+//! `microcert bench scale`: N devices imported into one SQLite database
+//! (or the PostgreSQL database `--database` names), then cold
+//! verification latency and an integrity check, all in process; the
+//! import's rate and the process's memory (RSS) at each chunk.
 //!
 //! The ENROLLs are made with the core directly (two threads), under the
 //! transport keys of a throw-away in-memory card, and written as a factory
@@ -37,9 +39,28 @@ pub struct ScaleArgs {
     /// Keep the batch file (about 2 KB per device) after the import.
     #[arg(long)]
     pub keep_batch: bool,
+    /// Import into this database (a PostgreSQL URL) instead of a new
+    /// SQLite file in `--data`; it must be empty. The batch file is still
+    /// written in `--data`.
+    #[arg(long)]
+    pub database: Option<String>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// This process's resident set and its peak so far, in KiB (Linux
+/// /proc/self/status; zeros elsewhere).
+fn rss_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
 const ID_BASE: u64 = 0x5ca1_e000_0000_0000;
@@ -194,26 +215,47 @@ pub fn run(args: &ScaleArgs) -> anyhow::Result<()> {
     eprintln!("batch of {n} ENROLLs written in {gen_secs:.1} s ({batch_bytes} bytes)");
 
     let db = args.data.join("keys.db");
+    let location = match &args.database {
+        Some(url) => url.clone(),
+        None => db.to_string_lossy().into_owned(),
+    };
+    let backend = if args.database.is_some() {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
     let config = CenterConfig {
         import_chunk: args.chunk.max(1),
         ..CenterConfig::default()
     };
-    let center = Center::open_sqlite(&db, card.clone(), config.clone())?;
+    let center = Center::open_url(&location, card.clone(), config.clone())?;
+    let (rss_before, _) = rss_kib();
+    let mut rss_min = u64::MAX;
+    let mut rss_max = 0u64;
     let start = Instant::now();
     let mut last_print = Instant::now();
     let report = center.import_batch(&batch, "bench-scale", now, &mut |p| {
+        let (rss, _) = rss_kib();
+        rss_min = rss_min.min(rss);
+        rss_max = rss_max.max(rss);
         if last_print.elapsed() > Duration::from_secs(10) {
             last_print = Instant::now();
             let secs = start.elapsed().as_secs_f64();
+            let rate = p.enrolled as f64 / secs;
+            let left = p.lines_total.saturating_sub(p.lines_done) as f64 / rate.max(1.0);
             eprintln!(
-                "  imported {} of {} lines, {:.0} seeds/s",
+                "  imported {} of {} lines, {rate:.0} seeds/s, ETA {left:.0} s, RSS {} MiB",
                 p.lines_done,
                 p.lines_total,
-                p.enrolled as f64 / secs
+                rss / 1024
             );
         }
     })?;
     let import_secs = start.elapsed().as_secs_f64();
+    let (_, rss_peak) = rss_kib();
+    if rss_min == u64::MAX {
+        rss_min = 0;
+    }
     if report.enrolled != n || !report.rejected.is_empty() {
         bail!(
             "import: {} of {n} enrolled, {} rejected",
@@ -227,7 +269,11 @@ pub fn run(args: &ScaleArgs) -> anyhow::Result<()> {
     // Moves the write-ahead log into the database file, so the size is
     // the database's.
     center.database().flush_erased()?;
-    let db_bytes = size_of(&db) + size_of(&db.with_extension("db-wal"));
+    let db_bytes = if args.database.is_some() {
+        0
+    } else {
+        size_of(&db) + size_of(&db.with_extension("db-wal"))
+    };
     eprintln!(
         "import done in {import_secs:.1} s; database {db_bytes} bytes; activating the sample"
     );
@@ -239,8 +285,8 @@ pub fn run(args: &ScaleArgs) -> anyhow::Result<()> {
     let t1 = u32::try_from(now)?;
     let activation = verify_round(&center, &ids, year, t1, 0xa1 << 56)?;
     drop(center);
-    let cold_center = Center::open_sqlite(
-        &db,
+    let cold_center = Center::open_url(
+        &location,
         card.clone(),
         CenterConfig {
             cache_capacity: 0,
@@ -268,7 +314,11 @@ pub fn run(args: &ScaleArgs) -> anyhow::Result<()> {
                 "devices": n, "chunk": args.chunk,
                 "batch_seconds": gen_secs, "batch_bytes": batch_bytes,
                 "import_seconds": import_secs, "import_per_second": import_rate,
-                "database_bytes": db_bytes,
+                "database_bytes": db_bytes, "backend": backend,
+                "rss_kib_before_import": rss_before,
+                "rss_kib_during_import_min": rss_min,
+                "rss_kib_during_import_max": rss_max,
+                "rss_kib_peak": rss_peak,
                 "sample": ids.len(),
                 "activation_p50_us": pct(&activation, 0.5).as_micros() as u64,
                 "activation_p99_us": pct(&activation, 0.99).as_micros() as u64,
@@ -281,16 +331,29 @@ pub fn run(args: &ScaleArgs) -> anyhow::Result<()> {
         );
     } else {
         say!(
-            "scale run: {n} devices in one SQLite database ({})",
-            db.display()
+            "scale run: {n} devices in one {backend} database ({})",
+            if args.database.is_some() {
+                "--database".to_string()
+            } else {
+                db.display().to_string()
+            }
         );
         say!(
             "  import: {import_secs:.1} s, {import_rate:.0} seeds/s (chunk {})",
             args.chunk
         );
+        if db_bytes > 0 {
+            say!(
+                "  database file: {db_bytes} bytes ({:.0} bytes per device)",
+                db_bytes as f64 / n as f64
+            );
+        }
         say!(
-            "  database file: {db_bytes} bytes ({:.0} bytes per device)",
-            db_bytes as f64 / n as f64
+            "  memory: RSS {} MiB before the import, {} to {} MiB at its chunks, peak {} MiB",
+            rss_before / 1024,
+            rss_min / 1024,
+            rss_max / 1024,
+            rss_peak / 1024
         );
         say!(
             "  first AUTH (activation, one transaction), {} devices: p50 {:.2?}, p99 {:.2?}",

@@ -300,6 +300,26 @@ impl PgConn {
         })
     }
 
+    /// A statement that takes an advisory lock (its answer ignored), then
+    /// a query, both sent before either answer is awaited: one round trip.
+    /// The server still runs them in order, so under READ COMMITTED the
+    /// query's snapshot is taken after the lock was granted.
+    pub(super) fn locked_query_opt(
+        &mut self,
+        lock_sql: &str,
+        lock_params: &[&(dyn ToSql + Sync)],
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>> {
+        self.call(async |c| {
+            let lock = c.prepare_cached(lock_sql).await?;
+            let st = c.prepare_cached(sql).await?;
+            let (l, v) = tokio::join!(c.execute(&lock, lock_params), c.query_opt(&st, params));
+            l?;
+            v
+        })
+    }
+
     fn batch(&mut self, sql: &str) -> Result<()> {
         self.call(async |c| c.batch_execute(sql).await)
     }
@@ -365,9 +385,124 @@ impl Pool {
     }
 }
 
+/// What a cold load answers: the device and its seeds, None when absent.
+type Loaded = Option<(crate::db::DeviceRow, Vec<SeedRow>)>;
+
+/// Concurrent cold loads ([`KeyDatabase::load_device`]) grouped into one
+/// statement, as the group commit groups replay records: the first caller
+/// to find no read running becomes the leader, takes every device queued
+/// so far and reads them all at once; callers that arrived meanwhile form
+/// the next group, whose statement starts after they arrived (so nobody is
+/// answered from a read older than its own call). A lone caller reads
+/// alone.
+#[derive(Default)]
+struct ReadGroup {
+    state: Mutex<ReadState>,
+    turn: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct ReadState {
+    next: u64,
+    queue: Vec<(u64, DeviceId)>,
+    done: std::collections::HashMap<u64, std::result::Result<Loaded, String>>,
+    leader: bool,
+}
+
+/// The most devices one grouped read asks for.
+const READ_GROUP_MAX: usize = 256;
+
+impl ReadGroup {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReadState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn load(&self, pool: &Pool, id: DeviceId) -> Result<Loaded> {
+        let mut st = self.lock();
+        let ticket = st.next;
+        st.next = st.next.wrapping_add(1);
+        st.queue.push((ticket, id));
+        loop {
+            if let Some(r) = st.done.remove(&ticket) {
+                return r.map_err(Error::Database);
+            }
+            if st.leader {
+                st = self
+                    .turn
+                    .wait(st)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                continue;
+            }
+            st.leader = true;
+            let take = st.queue.len().min(READ_GROUP_MAX);
+            let batch: Vec<(u64, DeviceId)> = st.queue.drain(..take).collect();
+            drop(st);
+            // The leader's flag is cleared and the others woken even if
+            // the read panics (its callers then get an error).
+            struct Leading<'a>(&'a ReadGroup, &'a [(u64, DeviceId)]);
+            impl Drop for Leading<'_> {
+                fn drop(&mut self) {
+                    let mut st = self.0.lock();
+                    if std::thread::panicking() {
+                        for (t, _) in self.1 {
+                            st.done.insert(*t, Err("grouped read failed".into()));
+                        }
+                    }
+                    st.leader = false;
+                    drop(st);
+                    self.0.turn.notify_all();
+                }
+            }
+            let leading = Leading(self, &batch);
+            let results = Self::read(pool, &batch);
+            self.lock().done.extend(results);
+            drop(leading);
+            st = self.lock();
+        }
+    }
+
+    fn read(
+        pool: &Pool,
+        batch: &[(u64, DeviceId)],
+    ) -> Vec<(u64, std::result::Result<Loaded, String>)> {
+        let got = if let [(_, id)] = batch {
+            pool.get()
+                .and_then(|mut c| read::load_device(&mut c, *id))
+                .map(|one| {
+                    one.into_iter()
+                        .map(|(d, s)| (d.id, (d, s)))
+                        .collect::<std::collections::HashMap<_, _>>()
+                })
+        } else {
+            let mut ids: Vec<DeviceId> = batch.iter().map(|(_, id)| *id).collect();
+            ids.sort_unstable_by_key(|d| d.0);
+            ids.dedup();
+            pool.get()
+                .and_then(|mut c| read::load_devices(&mut c, &ids))
+        };
+        match got {
+            Ok(map) => batch
+                .iter()
+                .map(|(t, id)| (*t, Ok(map.get(id).cloned())))
+                .collect(),
+            Err(e) => {
+                let msg = match e {
+                    Error::Database(m) => m,
+                    other => other.to_string(),
+                };
+                batch.iter().map(|(t, _)| (*t, Err(msg.clone()))).collect()
+            }
+        }
+    }
+}
+
 /// The PostgreSQL key database.
 pub struct PostgresDatabase {
     pool: Pool,
+    /// Cold loads grouped into shared statements.
+    reads: ReadGroup,
     /// The URL without its password, for logs and Debug.
     shown: String,
     /// The schema version found when this open migrated (see
@@ -509,6 +644,7 @@ impl PostgresDatabase {
             .build()
             .map_err(|e| Error::Database(format!("PostgreSQL pool: {e}")))?;
         let mut db = PostgresDatabase {
+            reads: ReadGroup::default(),
             pool: Pool {
                 pool,
                 config,
@@ -689,7 +825,7 @@ impl KeyDatabase for PostgresDatabase {
     }
 
     fn load_device(&self, id: DeviceId) -> Result<Option<(crate::db::DeviceRow, Vec<SeedRow>)>> {
-        read::load_device(&mut self.pool.get()?, id)
+        self.reads.load(&self.pool, id)
     }
 
     fn watch_changes(&self, on_change: super::ChangeHook) -> Result<()> {

@@ -257,3 +257,34 @@ pub(super) fn load_device(
     }
     Ok(Some((device, seeds)))
 }
+
+/// Several devices and all their seeds in one statement: the cold loads
+/// of concurrent verifications, grouped ([`super::ReadGroup`]). Devices
+/// absent from the answer are not registered.
+pub(super) fn load_devices(
+    c: &mut PgConn,
+    ids: &[DeviceId],
+) -> Result<std::collections::HashMap<DeviceId, (crate::db::DeviceRow, Vec<SeedRow>)>> {
+    let dcols = prefixed(DEVICE_COLS, "d");
+    let scols = prefixed(SEED_COLS, "s");
+    let keys: Vec<&[u8]> = ids.iter().map(|d| &d.0[..]).collect();
+    let rows = c.query(
+        &format!(
+            "SELECT {dcols}, {scols} FROM devices d \
+             LEFT JOIN seeds s ON s.device = d.id WHERE d.id = ANY($1) \
+             ORDER BY d.id, s.generation"
+        ),
+        &[&keys],
+    )?;
+    let mut out: std::collections::HashMap<DeviceId, (crate::db::DeviceRow, Vec<SeedRow>)> =
+        std::collections::HashMap::with_capacity(ids.len());
+    for r in &rows {
+        let device = device_row(r)?;
+        let entry = out.entry(device.id).or_insert_with(|| (device, Vec::new()));
+        let has_seed: Option<&[u8]> = g(r, 9)?;
+        if has_seed.is_some() {
+            entry.1.push(seed_row_at(r, 9)?);
+        }
+    }
+    Ok(out)
+}

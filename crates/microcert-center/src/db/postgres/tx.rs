@@ -40,6 +40,9 @@ pub(super) struct PgTx<'c> {
     /// The audit chain's next (seq, prev_hash) once this transaction holds
     /// the audit lock (nobody else appends until it ends).
     pub(super) audit_head: Option<(u64, [u8; 32])>,
+    /// Digest shards whose advisory lock this transaction holds (taken
+    /// once, held to its end).
+    pub(super) shard_locks: HashSet<u8>,
 }
 
 type Params = Vec<Box<dyn ToSql + Sync + Send>>;
@@ -99,18 +102,24 @@ pub(super) struct Pending {
     device_ids: HashSet<DeviceId>,
     seeds: Vec<Params>,
     audit: Vec<Params>,
+    /// Digest rows to write (the last value of each shard).
+    digests: Vec<DigestShard>,
 }
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.devices.is_empty() && self.seeds.is_empty() && self.audit.is_empty()
+        self.devices.is_empty()
+            && self.seeds.is_empty()
+            && self.audit.is_empty()
+            && self.digests.is_empty()
     }
 }
 
 const AUDIT_COLS: &str = "seq, time, actor, action, device, generation, reason, prev_hash, hash";
 
-/// Rows per multi-row INSERT (seeds: 20 parameters a row).
-const ROWS_PER_INSERT: usize = 100;
+/// Rows per multi-row INSERT (seeds: 20 parameters a row, so 10,000
+/// parameters of the 65,535 a statement may have).
+const ROWS_PER_INSERT: usize = 500;
 
 impl<'c> PgTx<'c> {
     pub(super) fn new(c: &'c mut PgConn) -> Self {
@@ -121,6 +130,7 @@ impl<'c> PgTx<'c> {
             pending: Pending::default(),
             prefetched: HashMap::new(),
             audit_head: None,
+            shard_locks: HashSet::new(),
         }
     }
 
@@ -169,6 +179,52 @@ impl<'c> PgTx<'c> {
                 }
             }
         }
+        if !p.digests.is_empty() {
+            // One statement for every digest row the transaction changed
+            // (each shard at most once: its lock is held to the end).
+            let mut sql = String::from("INSERT INTO digest (shard, acc, count, seq, tag) VALUES ");
+            let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+            for (r, d) in p.digests.iter().enumerate() {
+                if r > 0 {
+                    sql.push(',');
+                }
+                let k = r * 5;
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${})",
+                    k + 1,
+                    k + 2,
+                    k + 3,
+                    k + 4,
+                    k + 5
+                ));
+                params.push(Box::new(small(d.shard)));
+                params.push(Box::new(d.acc.to_vec()));
+                params.push(Box::new(i(d.count)));
+                params.push(Box::new(i(d.seq)));
+                params.push(Box::new(d.tag.to_vec()));
+            }
+            sql.push_str(
+                " ON CONFLICT (shard) DO UPDATE SET acc = EXCLUDED.acc, count = EXCLUDED.count, \
+                 seq = EXCLUDED.seq, tag = EXCLUDED.tag",
+            );
+            let refs: Vec<&(dyn ToSql + Sync)> =
+                params.iter().map(|b| &**b as &(dyn ToSql + Sync)).collect();
+            self.c.execute(&sql, &refs)?;
+        }
+        Ok(())
+    }
+
+    /// Takes a digest shard's advisory lock unless this transaction
+    /// already holds it.
+    fn lock_shard(&mut self, shard: u8) -> Result<()> {
+        if self.shard_locks.contains(&shard) {
+            return Ok(());
+        }
+        self.conn()?.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&(DIGEST_LOCK | i64::from(shard))],
+        )?;
+        self.shard_locks.insert(shard);
         Ok(())
     }
 
@@ -698,14 +754,26 @@ impl Tx for PgTx<'_> {
         // read-modify-write of a shard is serialised across centers, also
         // for its first write when there is no row to lock yet. Under READ
         // COMMITTED the SELECT after it sees the previous holder's commit.
-        self.conn()?.execute(
-            "SELECT pg_advisory_xact_lock($1)",
-            &[&(DIGEST_LOCK | i64::from(shard))],
-        )?;
-        let row = self.conn()?.query_opt(
-            "SELECT acc, count, seq, tag FROM digest WHERE shard = $1",
-            &[&small(shard)],
-        )?;
+        // Only this shard's unsent write matters to this read; the other
+        // unsent rows stay buffered.
+        if self.pending.digests.iter().any(|d| d.shard == shard) {
+            self.flush()?;
+        }
+        const READ: &str = "SELECT acc, count, seq, tag FROM digest WHERE shard = $1";
+        let row = if self.shard_locks.contains(&shard) {
+            self.c.query_opt(READ, &[&small(shard)])?
+        } else {
+            // The lock and the read in one round trip; the read runs
+            // after the lock is granted.
+            let row = self.c.locked_query_opt(
+                "SELECT pg_advisory_xact_lock($1)",
+                &[&(DIGEST_LOCK | i64::from(shard))],
+                READ,
+                &[&small(shard)],
+            )?;
+            self.shard_locks.insert(shard);
+            row
+        };
         row.map(|row| {
             Ok(DigestShard {
                 shard,
@@ -720,22 +788,11 @@ impl Tx for PgTx<'_> {
 
     fn put_digest_shard(&mut self, s: &DigestShard) -> Result<()> {
         self.wrote = true;
-        self.conn()?.execute(
-            "SELECT pg_advisory_xact_lock($1)",
-            &[&(DIGEST_LOCK | i64::from(s.shard))],
-        )?;
-        self.conn()?.execute(
-            "INSERT INTO digest (shard, acc, count, seq, tag) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (shard) DO UPDATE SET acc = EXCLUDED.acc, count = EXCLUDED.count, \
-             seq = EXCLUDED.seq, tag = EXCLUDED.tag",
-            &[
-                &small(s.shard),
-                &&s.acc[..],
-                &i(s.count),
-                &i(s.seq),
-                &&s.tag[..],
-            ],
-        )?;
+        self.lock_shard(s.shard)?;
+        // Write-behind, as the inserts: sent before the next read of this
+        // shard and before the transaction ends.
+        self.pending.digests.retain(|d| d.shard != s.shard);
+        self.pending.digests.push(s.clone());
         Ok(())
     }
 
@@ -745,9 +802,13 @@ impl Tx for PgTx<'_> {
             Some(h) => h,
             None => {
                 let c = self.conn()?;
-                c.execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])?;
-                let last =
-                    c.query_opt("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", &[])?;
+                // The lock and the head's read in one round trip.
+                let last = c.locked_query_opt(
+                    "SELECT pg_advisory_xact_lock($1)",
+                    &[&AUDIT_LOCK],
+                    "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+                    &[],
+                )?;
                 match last {
                     Some(r) => (g::<i64>(&r, 0)? as u64 + 1, arr32(g(&r, 1)?)?),
                     None => (1, [0u8; 32]),
