@@ -248,11 +248,10 @@ impl Center {
                 let skew = config.profiles.iter().map(|p| u64::from(p.skew)).max();
                 let window = skew.unwrap_or(0) + config.instance_skew + 1;
                 let expected = watch::guard_state_expected(&*db, &*card)?;
-                // Through the sealing layer: the marker is a mark, with its
-                // place in the marks' digest shard.
-                let sealed: Arc<dyn KeyDatabase> =
-                    integrity::Sealed::wrap(db.clone(), card.clone());
-                let hook = watch::guard_started_hook(sealed, card.clone());
+                // The hook writes through the sealing layer (it wraps the
+                // database itself): the marker is a mark, with its place in
+                // the marks' digest shard, counted once.
+                let hook = watch::guard_started_hook(db.clone(), card.clone());
                 Replay::Memory(MemoryGuard::for_database(
                     path,
                     card.clone(),

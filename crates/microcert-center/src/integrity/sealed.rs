@@ -209,6 +209,8 @@ impl std::fmt::Debug for Sealed {
 impl Sealed {
     /// Wraps `inner`.
     pub fn wrap(inner: Arc<dyn KeyDatabase>, card: Arc<dyn EncryptionCard>) -> Arc<Self> {
+        // Sealed twice, every digest change would be counted twice.
+        debug_assert!(inner.unsealed().is_none(), "a database sealed twice");
         Arc::new(Sealed {
             inner,
             card,
