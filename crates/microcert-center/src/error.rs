@@ -270,6 +270,11 @@ pub enum Error {
     /// The encryption card failed (RNG, token, ...).
     #[error("encryption card failure: {0}")]
     Card(String),
+    /// The keyring in the key database (storage-key versions wrapped under
+    /// the card's root key, [`crate::keyring`]) fails its card tags, was
+    /// rolled back, or lacks a version that records need (issue 14).
+    #[error("keyring: {0}")]
+    Keyring(String),
     /// The key database failed.
     #[error("database error: {0}")]
     Database(String),
@@ -334,6 +339,7 @@ impl Error {
             Error::CardFormat(_) => "card-format",
             Error::Shares(_) => "shares",
             Error::Card(_) => "card",
+            Error::Keyring(_) => "keyring",
             Error::Database(_) | Error::Sqlite(_) => "database",
             Error::Io(_) => "io",
         }
@@ -391,6 +397,7 @@ impl Error {
             | Error::CardFormat(_)
             | Error::Shares(_)
             | Error::Card(_)
+            | Error::Keyring(_)
             | Error::Database(_)
             | Error::Sqlite(_)
             | Error::Io(_) => false,

@@ -377,6 +377,10 @@ pub const ERROR_KINDS: &[(&str, &str)] = &[
     ("card-format", "card data in an unknown format (500)"),
     ("shares", "backup shares that do not recover a card (500)"),
     ("card", "the encryption card failed (500)"),
+    (
+        "keyring",
+        "the keyring in the key database fails its card tags, was rolled back or lacks a version (500)",
+    ),
     ("database", "the key database failed (500)"),
     ("io", "a file could not be read or written (500)"),
     (

@@ -120,6 +120,7 @@ pub fn operator_status(e: &Error) -> StatusCode {
         | Error::CardFormat(_)
         | Error::Shares(_)
         | Error::Card(_)
+        | Error::Keyring(_)
         | Error::Database(_)
         | Error::Sqlite(_)
         | Error::Io(_) => refusal(e).http_status(),

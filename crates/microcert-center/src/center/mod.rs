@@ -62,6 +62,9 @@ pub struct Center {
     /// Keeps the card's anchor following the database once told where it
     /// is ([`Center::keep_anchor`]); writes it a last time when dropped.
     anchor: std::sync::OnceLock<crate::anchor::Keeper>,
+    /// The keyring in the key database, when the card has a root key
+    /// (issue 14, [`crate::keyring`]); `card` is then this wrapper.
+    keyring: Option<Arc<crate::keyring::KeyringCard>>,
 }
 
 /// Bytes drawn from the card's random generator, used once each. They only
@@ -154,6 +157,7 @@ impl Center {
         config: CenterConfig,
         replay: Replay,
     ) -> Self {
+        let (card, keyring) = crate::keyring::attach(card, db.clone());
         let db = integrity::seal_database(db, &card);
         let cache = Arc::new(SeedCache::new(
             config.cache_capacity,
@@ -184,7 +188,21 @@ impl Center {
             watch: crate::clock::ClockWatch::new(Arc::new(crate::clock::SystemClock::new())),
             config,
             anchor: std::sync::OnceLock::new(),
+            keyring,
         }
+    }
+
+    /// Reads and checks the keyring in the key database now (migrating the
+    /// card's own storage keys into it on the first open), instead of at
+    /// the first seal or unseal; its head, or None when the card keeps its
+    /// storage keys itself (a card without a root key).
+    pub fn sync_keyring(&self) -> Result<Option<crate::keyring::Head>> {
+        self.keyring.as_ref().map(|k| k.sync()).transpose()
+    }
+
+    /// Whether the storage keys are the key database's keyring.
+    pub fn uses_keyring(&self) -> bool {
+        self.keyring.is_some()
     }
 
     /// A center over the SQLite database at `path` (created if missing).

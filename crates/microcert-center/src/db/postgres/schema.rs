@@ -133,7 +133,23 @@ ALTER TABLE imports ADD COLUMN seal BYTEA;
 "#,
     MIGRATION_META,
     MIGRATION_TOKENS,
+    MIGRATION_KEYRING,
 ];
+
+/// Migration "keyring" (issue 14): the same as SQLite's of that name.
+const MIGRATION_KEYRING: &str = r#"
+CREATE TABLE IF NOT EXISTS keyring (
+    version BIGINT PRIMARY KEY,
+    bytes BYTEA NOT NULL,
+    tag BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_ms BIGINT NOT NULL,
+    tag BYTEA NOT NULL
+);
+"#;
 
 /// Migration "tokens" (issue 14, shared state): the operator API's bearer
 /// tokens, hashed, shared by every center on the database. `tag` is a card
