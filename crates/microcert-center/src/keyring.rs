@@ -23,10 +23,13 @@
 //! [`KeyringCard`] wraps a card that has a root key: seal and unseal go to
 //! the card, which holds the unwrapped keys (in memory, or a token's
 //! session objects); which version seals is re-read from the database at
-//! least every [`REFRESH`], and a version the card does not hold makes it
-//! reload the keyring before it fails. A rotation at one center is thus
-//! used by all: they seal under it within REFRESH and open what it sealed
-//! at once.
+//! least every [`REFRESH`] by a background thread (seal and unseal run
+//! inside database transactions and never read the database themselves),
+//! and a version the card does not hold makes it reload the keyring (up to
+//! [`MISS_WAIT`]) before it fails. A rotation at one center is thus used by
+//! all: they seal under it within REFRESH and open what it sealed at once.
+//! A keyring that fails its checks is never applied: the center keeps the
+//! versions it holds (it seals under the newest it has seen) and logs it.
 //!
 //! Migration: the first open of a database without a keyring by a card
 //! that still keeps its storage keys (card file key block version 1)
@@ -55,8 +58,9 @@ use crate::{Error, Result};
 /// How often a center re-reads which storage-key version is current.
 pub const REFRESH: Duration = Duration::from_secs(2);
 
-/// The least time between two reloads caused by an unknown version.
-const MISS_RELOAD: Duration = Duration::from_millis(100);
+/// How long an unseal of a version the card does not hold waits for the
+/// keyring to be reloaded before it fails.
+pub const MISS_WAIT: Duration = Duration::from_secs(2);
 
 const HEAD: u32 = 0;
 const DOMAIN: &[u8] = b"MC-KEYRING-v1\0";
@@ -211,8 +215,12 @@ struct State {
     floor: u64,
     /// When the keyring was last read and applied.
     synced: Option<Instant>,
-    /// When a reload for an unknown version was last tried.
-    missed: Option<Instant>,
+    /// Reads of the keyring tried (applied or not), for waiters.
+    tries: u64,
+    /// A reload was asked for (an unknown version met).
+    wanted: bool,
+    /// The last read failed (said once, not every REFRESH).
+    failing: bool,
     /// The versions the card holds from the keyring.
     held: Vec<u32>,
 }
@@ -222,7 +230,16 @@ struct State {
 pub struct KeyringCard {
     inner: Arc<dyn EncryptionCard>,
     db: Arc<dyn KeyDatabase>,
+    shared: Arc<Shared>,
+}
+
+/// What the refresher thread shares with the card (it holds the card
+/// only while it reads, so a dropped center ends it).
+#[derive(Debug, Default)]
+struct Shared {
     state: Mutex<State>,
+    /// Wakes the refresher (a reload wanted) and the waiters (a read done).
+    wake: std::sync::Condvar,
 }
 
 impl std::fmt::Debug for KeyringCard {
@@ -249,14 +266,62 @@ pub fn attach(
     let k = Arc::new(KeyringCard {
         inner: card,
         db,
-        state: Mutex::new(State::default()),
+        shared: Arc::new(Shared::default()),
     });
+    // The first read now, while no transaction of this process holds the
+    // database (an SQLite connection is one): it may migrate. A failure
+    // is said again by the first seal or unseal, and by Site::open.
+    if let Err(e) = k.sync() {
+        tracing::warn!(error = %e, "keyring not loaded");
+    }
+    spawn_refresher(Arc::downgrade(&k), k.shared.clone());
     (k.clone(), Some(k))
+}
+
+/// Re-reads the keyring every [`REFRESH`], or at once when a reload is
+/// wanted, until the card is dropped.
+fn spawn_refresher(weak: std::sync::Weak<KeyringCard>, shared: Arc<Shared>) {
+    let spawned = std::thread::Builder::new()
+        .name("keyring".into())
+        .spawn(move || {
+            loop {
+                {
+                    let st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+                    let (mut st, _) = shared
+                        .wake
+                        .wait_timeout_while(st, REFRESH, |s| !s.wanted)
+                        .unwrap_or_else(PoisonError::into_inner);
+                    st.wanted = false;
+                    let Some(k) = weak.upgrade() else { return };
+                    let r = k.sync_locked(&mut st);
+                    st.tries += 1;
+                    match r {
+                        Ok(_) => st.failing = false,
+                        Err(e) if !st.failing => {
+                            st.failing = true;
+                            if matches!(e, Error::Keyring(_)) {
+                                tracing::error!(error = %e, "KEYRING REFUSED: the versions held are kept");
+                            } else {
+                                tracing::warn!(error = %e, "keyring not re-read: the versions held are kept");
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "keyring not re-read"),
+                    }
+                    drop(st);
+                    shared.wake.notify_all();
+                }
+                // Not holding the card between reads.
+                std::thread::yield_now();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "no keyring refresher thread: rotations elsewhere are seen at restart");
+    }
 }
 
 impl KeyringCard {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Reads the keyring, checks it and makes the card hold exactly its
@@ -409,21 +474,45 @@ impl KeyringCard {
         Ok(())
     }
 
-    /// Syncs when the last sync is older than [`REFRESH`]; a failure is
-    /// logged and the held keys are used (the seal goes to the database,
-    /// which then fails too if it is down), unless nothing was ever loaded.
-    fn refresh(&self) -> Result<()> {
+    /// Asks the refresher for a reload and waits (at most `wait`) until
+    /// `done` holds or a read finished without it.
+    fn reload_until(&self, wait: Duration, done: impl Fn(&State) -> bool) -> bool {
         let mut st = self.lock();
-        if st.synced.is_some_and(|t| t.elapsed() < REFRESH) {
-            return Ok(());
+        if done(&st) {
+            return true;
         }
-        match self.sync_locked(&mut st) {
-            Ok(_) => Ok(()),
-            Err(e) if st.synced.is_some() && !matches!(e, Error::Keyring(_)) => {
-                tracing::warn!(error = %e, "keyring not re-read: using the versions held");
-                Ok(())
+        let deadline = Instant::now() + wait;
+        // Two reads: one may have started before the change we look for.
+        let target = st.tries + 2;
+        st.wanted = true;
+        self.shared.wake.notify_all();
+        while !done(&st) && st.tries < target {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
             }
-            Err(e) => Err(e),
+            st = self
+                .shared
+                .wake
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            if !st.wanted && st.tries < target {
+                st.wanted = true;
+                self.shared.wake.notify_all();
+            }
+        }
+        done(&st)
+    }
+
+    /// Fails when the keyring was never loaded (asks for a load first).
+    fn loaded(&self) -> Result<()> {
+        if self.reload_until(MISS_WAIT, |s| s.synced.is_some()) {
+            Ok(())
+        } else {
+            Err(Error::Keyring(
+                "the keyring in the key database could not be loaded (see the log)".into(),
+            ))
         }
     }
 
@@ -491,7 +580,7 @@ impl EncryptionCard for KeyringCard {
     }
 
     fn seal_seed(&self, device: DeviceId, generation: u8, seed: &KeySeed) -> Result<SealedSeed> {
-        self.refresh()?;
+        self.loaded()?;
         self.inner.seal_seed(device, generation, seed)
     }
 
@@ -502,21 +591,13 @@ impl EncryptionCard for KeyringCard {
         kstore_version: u32,
         ciphertext: &[u8],
     ) -> Result<KeySeed> {
-        {
-            let mut st = self.lock();
-            let known = st.held.contains(&kstore_version);
-            let may_reload = st.missed.is_none_or(|t| t.elapsed() >= MISS_RELOAD);
-            if st.synced.is_none() || (!known && may_reload) {
-                // A version this center does not hold: rotated at another
-                // center, reload before failing.
-                st.missed = Some(Instant::now());
-                self.sync_locked(&mut st)?;
-            }
-            if !st.held.contains(&kstore_version) {
-                return Err(Error::NoStorageKey {
-                    version: kstore_version,
-                });
-            }
+        // A version this center does not hold: rotated at another center,
+        // reload before failing.
+        if !self.reload_until(MISS_WAIT, |s| s.held.contains(&kstore_version)) {
+            self.loaded()?;
+            return Err(Error::NoStorageKey {
+                version: kstore_version,
+            });
         }
         self.inner
             .unseal_seed(device, generation, kstore_version, ciphertext)
@@ -535,16 +616,10 @@ impl EncryptionCard for KeyringCard {
     }
 
     fn storage_key_version(&self) -> u32 {
-        if let Err(e) = self.refresh() {
-            tracing::warn!(error = %e, "keyring not read");
-        }
         self.inner.storage_key_version()
     }
 
     fn storage_key_versions(&self) -> Vec<u32> {
-        if let Err(e) = self.refresh() {
-            tracing::warn!(error = %e, "keyring not read");
-        }
         self.lock().held.clone()
     }
 
@@ -647,11 +722,12 @@ pub fn restore_rows(
     needed: &[u32],
 ) -> Result<()> {
     let db = db.unsealed().unwrap_or(db);
-    let card = card.keyring_base();
-    let card: &dyn EncryptionCard = match &card {
-        Some(c) => &**c,
-        None => return Err(Error::Keyring("restore_rows needs the keyring card".into())),
-    };
+    let base = card.keyring_base();
+    let card: &dyn EncryptionCard = base.as_deref().unwrap_or(card);
+    if !card.has_keyring_root() {
+        // The card keeps its storage keys itself (a PKCS#11 token).
+        return Ok(());
+    }
     let have = read_rows(db)?;
     let source = if have.is_empty() { rows.to_vec() } else { have.clone() };
     let versions = match check(card, source)? {

@@ -382,6 +382,29 @@ impl SoftwareCard {
         self.save_new(path, passphrase, params).map(|_| ())
     }
 
+    /// Writes the card as a card file from before the keyring (key block
+    /// version 1) holding the storage keys it holds now, with the current
+    /// one: the data directory of an older release, for migration tests.
+    #[doc(hidden)]
+    pub fn save_pre_keyring(&self, path: &Path, passphrase: &[u8], params: KdfParams) -> Result<()> {
+        let keys = self.read();
+        let copy = CardKeys {
+            card_id: keys.card_id,
+            ktrans: Key128::from_bytes(*keys.ktrans.expose()),
+            kint: keys.kint.clone(),
+            kchal: Key128::from_bytes(*keys.kchal.expose()),
+            kstore_current: keys.kstore_current,
+            kstore: keys.kstore.clone(),
+            in_db: false,
+        };
+        drop(keys);
+        let card = SoftwareCard {
+            keys: RwLock::new(copy),
+            file: None,
+        };
+        card.save(path, passphrase, params)
+    }
+
     /// [`SoftwareCard::save`] under a fresh salt; returns the file key.
     fn save_new(&self, path: &Path, passphrase: &[u8], params: KdfParams) -> Result<CardFile> {
         let mut salt = [0u8; 16];

@@ -200,6 +200,13 @@ impl Center {
         self.keyring.as_ref().map(|k| k.sync()).transpose()
     }
 
+    /// The lease `name` on this center's database, lapsing `period` after
+    /// the last renewal: one leader among the centers sharing it
+    /// ([`crate::keyring::Leader`]).
+    pub fn leader(&self, name: &str, period: Duration) -> Result<crate::keyring::Leader> {
+        crate::keyring::Leader::new(self.db.clone(), self.card.clone(), name, period)
+    }
+
     /// Whether the storage keys are the key database's keyring.
     pub fn uses_keyring(&self) -> bool {
         self.keyring.is_some()

@@ -476,6 +476,15 @@ impl Site {
         for w in binding::check(&center, self, how.access)? {
             warn(w);
         }
+        // The keyring (issue 14): read and checked at open, and on the
+        // first open the card's own storage keys move into it. Not before
+        // a restore (the backup brings its keyring), nor for a read-only
+        // command (it writes nothing; the keyring is read when needed).
+        if matches!(how.access, Access::Write | Access::Destructive) {
+            center
+                .sync_keyring()
+                .map_err(step("the keyring in the key database cannot be used"))?;
+        }
         // The card's anchor follows every committed change (issue 12).
         center.keep_anchor(&self.anchor_file())?;
         Ok(Arc::new(center))
