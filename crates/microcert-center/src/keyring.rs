@@ -231,6 +231,8 @@ pub struct KeyringCard {
     inner: Arc<dyn EncryptionCard>,
     db: Arc<dyn KeyDatabase>,
     shared: Arc<Shared>,
+    /// One read or change of the keyring at a time.
+    serial: Mutex<()>,
 }
 
 /// What the refresher thread shares with the card (it holds the card
@@ -267,6 +269,7 @@ pub fn attach(
         inner: card,
         db,
         shared: Arc::new(Shared::default()),
+        serial: Mutex::new(()),
     });
     // The first read now, while no transaction of this process holds the
     // database (an SQLite connection is one): it may migrate. A failure
@@ -292,8 +295,10 @@ fn spawn_refresher(weak: std::sync::Weak<KeyringCard>, shared: Arc<Shared>) {
                         .wait_timeout_while(st, REFRESH, |s| !s.wanted)
                         .unwrap_or_else(PoisonError::into_inner);
                     st.wanted = false;
+                    drop(st);
                     let Some(k) = weak.upgrade() else { return };
-                    let r = k.sync_locked(&mut st);
+                    let r = k.sync();
+                    let mut st = shared.state.lock().unwrap_or_else(PoisonError::into_inner);
                     st.tries += 1;
                     match r {
                         Ok(_) => st.failing = false,
@@ -328,11 +333,14 @@ impl KeyringCard {
     /// versions with its current one; migrates the card's own storage
     /// keys into it first when the database has none. Returns the head.
     pub fn sync(&self) -> Result<Head> {
-        let mut st = self.lock();
-        self.sync_locked(&mut st)
+        let _one = self.serial.lock().unwrap_or_else(PoisonError::into_inner);
+        self.sync_serial()
     }
 
-    fn sync_locked(&self, st: &mut State) -> Result<Head> {
+    /// [`KeyringCard::sync`] with `serial` held. The database is read
+    /// without the state lock (seal and unseal take it inside their
+    /// transactions, which may hold the database: an SQLite connection).
+    fn sync_serial(&self) -> Result<Head> {
         let db = raw(&self.db);
         let card = &*self.inner;
         let mut checked = check(card, read_rows(db)?)?;
@@ -345,6 +353,7 @@ impl KeyringCard {
         if let Some((_, keys)) = &legacy {
             self.migrate(db, &c, keys)?;
         }
+        let mut st = self.lock();
         if c.head.epoch < st.floor {
             return Err(Error::Keyring(format!(
                 "the keyring was rolled back: its head has epoch {} (current version {}), this center has seen epoch {}",
@@ -524,8 +533,8 @@ impl KeyringCard {
     ) -> Result<Head> {
         let db = raw(&self.db);
         let card = &*self.inner;
-        let mut st = self.lock();
-        self.sync_locked(&mut st)?;
+        let _one = self.serial.lock().unwrap_or_else(PoisonError::into_inner);
+        self.sync_serial()?;
         let mut out = None;
         db.transaction(&mut |tx| {
             let c = check(card, tx.keyring()?)?
@@ -547,7 +556,7 @@ impl KeyringCard {
             Ok(())
         })?;
         let head = out.ok_or_else(|| Error::Keyring("keyring change lost".into()))?;
-        self.sync_locked(&mut st)?;
+        self.sync_serial()?;
         Ok(head)
     }
 }

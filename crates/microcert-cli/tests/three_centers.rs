@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use harness::Server;
+use microcert_testkit::nodes::{Chip, chip_auth, chip_from_image};
 use microcert_testkit::postgres::PgServer;
 use serde_json::Value;
 
@@ -111,6 +112,40 @@ fn assert_clean(v: &Value, devices: u64, what: &str) {
     assert!(count(v, "rp-verify-signature") >= devices, "{what}: {v}");
 }
 
+/// The chips a `simulate --state` directory keeps, by id.
+fn chip_images(state: &Path) -> Vec<(String, Chip)> {
+    let mut chips: Vec<(String, Chip)> = std::fs::read_dir(state)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "img"))
+        .map(|e| {
+            let id = e.path().file_stem().unwrap().to_string_lossy().into_owned();
+            (id, chip_from_image(&std::fs::read(e.path()).unwrap()))
+        })
+        .collect();
+    chips.sort_by(|x, y| x.0.cmp(&y.0));
+    chips
+}
+
+/// POST an AUTH over HTTP; the status (0: no answer).
+fn post_auth(server: &Server, body: Vec<u8>) -> u16 {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/v1/device/auth", server.http))
+            .body(body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    })
+}
+
 fn chip_ids(state: &Path) -> Vec<String> {
     let mut ids: Vec<String> = std::fs::read_dir(state)
         .unwrap()
@@ -194,6 +229,7 @@ fn three_centers_one_postgres_rotation_and_restart() {
     assert_eq!(count(&v, "enroll"), 2, "{v}");
     let ids = chip_ids(&state);
     let victim_ids = chip_ids(&victim_state);
+    let mut victim_chips = chip_images(&victim_state);
     assert_eq!((ids.len(), victim_ids.len()), (12, 2));
 
     // Operators: A's token at B and C; a token made at C works at A, and
@@ -223,30 +259,23 @@ fn three_centers_one_postgres_rotation_and_restart() {
     let out = run(&url, &["card", "rotate-storage-key", "--data", s(&data[1])]);
     assert!(out.contains("storage key version 2"), "{out}");
     assert!(out.contains("14 seeds re-sealed"), "{out}");
-    assert!(out.contains("destroyed storage key version 1"), "{out}");
     let keyring = pg.psql("microcert", "SELECT version FROM keyring ORDER BY version");
-    assert_eq!(
-        keyring.split_whitespace().collect::<Vec<_>>(),
-        ["0", "2"],
-        "{keyring}"
-    );
+    let keyring: Vec<&str> = keyring.split_whitespace().collect();
+    // Version 1 goes unless an automatic backup already names it.
+    if out.contains("destroyed storage key version 1") {
+        assert_eq!(keyring, ["0", "2"]);
+    } else {
+        assert!(out.contains("kept storage key version 1: a kept backup"), "{out}");
+        assert_eq!(keyring, ["0", "1", "2"]);
+    }
 
     // PostgreSQL goes away and comes back in the middle of the traffic.
     pg.stop();
-    let down = bin(&url)
-        .args([
-            "device", "revoke", &victim_ids[0], "--server", &centers[2].http, "--token",
-            &operator, "--reason", "lost",
-        ])
-        .output()
-        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
     pg.start_again();
     // The revocations: retried until acknowledged (a refusal while the
-    // database was away acknowledged nothing).
+    // centers reconnect acknowledged nothing).
     let mut acked = Vec::new();
-    if down.status.success() {
-        acked.push(victim_ids[0].clone());
-    }
     for (i, id) in victim_ids.iter().enumerate() {
         if acked.contains(id) {
             continue;
@@ -297,16 +326,14 @@ fn three_centers_one_postgres_rotation_and_restart() {
         }
     }
     for c in &centers {
-        let v = round(&url, c, "coap", &victims, &victim_state, &verifier);
-        let refused: u64 = v["refusals"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["op"] == "auth")
-            .map(|r| r["count"].as_u64().unwrap())
-            .sum();
-        assert!(refused >= 2, "a revoked device authenticated at {}: {v}", c.http);
-        assert_eq!(count(&v, "rp-verify-signature"), 0, "{v}");
+        for (id, chip) in victim_chips.iter_mut() {
+            assert_eq!(
+                post_auth(c, chip_auth(chip)),
+                403,
+                "the revoked {id} authenticated at {}",
+                c.http
+            );
+        }
     }
     // One lease row: one center runs the periodic jobs.
     let leases = pg.psql("microcert", "SELECT count(*) FROM leases");
