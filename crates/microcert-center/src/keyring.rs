@@ -100,7 +100,9 @@ impl Head {
             return None;
         }
         let versions = (0..n)
-            .map(|i| u32::from_be_bytes([b[14 + 4 * i], b[15 + 4 * i], b[16 + 4 * i], b[17 + 4 * i]]))
+            .map(|i| {
+                u32::from_be_bytes([b[14 + 4 * i], b[15 + 4 * i], b[16 + 4 * i], b[17 + 4 * i]])
+            })
             .collect();
         Some(Head {
             epoch,
@@ -326,7 +328,10 @@ fn spawn_refresher(weak: std::sync::Weak<KeyringCard>, shared: Arc<Shared>) {
 
 impl KeyringCard {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.shared.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Reads the keyring, checks it and makes the card hold exactly its
@@ -401,7 +406,11 @@ impl KeyringCard {
     /// the database but the card has no storage keys of its own (a card
     /// migrated elsewhere, over a database restored without its keyring):
     /// a new version 1 would not open them.
-    fn create(&self, db: &dyn KeyDatabase, legacy: Option<&(u32, Vec<(u32, Vec<u8>)>)>) -> Result<()> {
+    fn create(
+        &self,
+        db: &dyn KeyDatabase,
+        legacy: Option<&(u32, Vec<(u32, Vec<u8>)>)>,
+    ) -> Result<()> {
         let card = &*self.inner;
         let (current, keys) = match legacy {
             Some((cur, keys)) => (*cur, keys.clone()),
@@ -537,8 +546,8 @@ impl KeyringCard {
         self.sync_serial()?;
         let mut out = None;
         db.transaction(&mut |tx| {
-            let c = check(card, tx.keyring()?)?
-                .ok_or_else(|| Error::Keyring("no keyring".into()))?;
+            let c =
+                check(card, tx.keyring()?)?.ok_or_else(|| Error::Keyring("no keyring".into()))?;
             let (head, insert, delete) = f(&c)?;
             for r in &insert {
                 tx.insert_keyring(r)?;
@@ -738,7 +747,11 @@ pub fn restore_rows(
         return Ok(());
     }
     let have = read_rows(db)?;
-    let source = if have.is_empty() { rows.to_vec() } else { have.clone() };
+    let source = if have.is_empty() {
+        rows.to_vec()
+    } else {
+        have.clone()
+    };
     let versions = match check(card, source)? {
         Some(c) => c.head.versions,
         None => Vec::new(),
@@ -777,7 +790,12 @@ pub struct Leader {
     leading: Mutex<bool>,
 }
 
-fn lease_tag(card: &dyn EncryptionCard, name: &str, holder: &str, expires_ms: u64) -> Result<Vec<u8>> {
+fn lease_tag(
+    card: &dyn EncryptionCard,
+    name: &str,
+    holder: &str,
+    expires_ms: u64,
+) -> Result<Vec<u8>> {
     let mut m = Vec::new();
     m.extend_from_slice(LEASE_DOMAIN);
     m.extend_from_slice(&(name.len() as u32).to_be_bytes());

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use microcert_center::db::{KeyringRow, LeaseRow};
+use microcert_center::db::LeaseRow;
 use microcert_center::keyring::Leader;
 use microcert_center::{
     Center, CenterConfig, EncryptionCard, Error, KdfParams, KeyDatabase, ReplayMode, SoftwareCard,
@@ -172,7 +172,10 @@ fn a_rotation_at_one_center_is_used_by_the_other_at_once() {
     let r = a
         .rotate_storage_key(7, None, "ops", NOW + 2, &mut |_| {})
         .unwrap();
-    assert_eq!((r.version, r.resealed, r.destroyed.clone()), (2, 20, vec![1]));
+    assert_eq!(
+        (r.version, r.resealed, r.destroyed.clone()),
+        (2, 20, vec![1])
+    );
     // B opens what A re-sealed under a version it did not hold.
     auth_all(&b, &mut fleet[..20], NOW + 3);
     // B seals under the new version (re-read within REFRESH).
@@ -371,7 +374,10 @@ fn attack_forged_lease_does_not_stop_the_periodic_jobs() {
     assert!(b.poll(t + 16_000).unwrap());
     let cur = db.lease("periodic").unwrap().unwrap();
     assert!(db.swap_lease(Some(&cur), &old).unwrap());
-    assert!(b.poll(t + 16_001).unwrap(), "a replayed lapsed lease counts for nothing");
+    assert!(
+        b.poll(t + 16_001).unwrap(),
+        "a replayed lapsed lease counts for nothing"
+    );
 
     // A lease tagged by the card but claiming far ahead (a holder's clock
     // far in the future) is not honoured either.
@@ -380,5 +386,3 @@ fn attack_forged_lease_does_not_stop_the_periodic_jobs() {
     assert!(b.poll(t + 17_000).unwrap());
 }
 
-#[allow(dead_code)]
-fn unused(_: KeyringRow) {}

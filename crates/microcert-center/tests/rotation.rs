@@ -144,7 +144,10 @@ fn killed_rotation_resumes() {
 
     // A new process: the keyring holds only version 2, every device verifies.
     let card = Arc::new(SoftwareCard::open(&card_file, PASS).unwrap());
-    assert!(card.storage_key_versions().is_empty(), "the card file keeps no storage key");
+    assert!(
+        card.storage_key_versions().is_empty(),
+        "the card file keeps no storage key"
+    );
     let c = center(dir.path(), card);
     assert_eq!(c.sync_keyring().unwrap().unwrap().versions, vec![2]);
     for node in fleet.iter_mut() {

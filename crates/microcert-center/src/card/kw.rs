@@ -87,12 +87,11 @@ mod tests {
     #[test]
     fn rfc3394_vector_4_6() {
         let kek: [u8; 32] = core::array::from_fn(|i| i as u8);
-        let key: [u8; 32] = hex::decode(
-            "00112233445566778899AABBCCDDEEFF000102030405060708090A0B0C0D0E0F",
-        )
-        .unwrap()
-        .try_into()
-        .unwrap();
+        let key: [u8; 32] =
+            hex::decode("00112233445566778899AABBCCDDEEFF000102030405060708090A0B0C0D0E0F")
+                .unwrap()
+                .try_into()
+                .unwrap();
         let w = wrap(&kek, &key);
         assert_eq!(
             hex::encode_upper(w),

@@ -386,7 +386,12 @@ impl SoftwareCard {
     /// version 1) holding the storage keys it holds now, with the current
     /// one: the data directory of an older release, for migration tests.
     #[doc(hidden)]
-    pub fn save_pre_keyring(&self, path: &Path, passphrase: &[u8], params: KdfParams) -> Result<()> {
+    pub fn save_pre_keyring(
+        &self,
+        path: &Path,
+        passphrase: &[u8],
+        params: KdfParams,
+    ) -> Result<()> {
         let keys = self.read();
         let copy = CardKeys {
             card_id: keys.card_id,

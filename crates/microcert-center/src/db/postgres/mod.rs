@@ -768,7 +768,13 @@ impl KeyDatabase for PostgresDatabase {
                     "UPDATE leases SET holder = $2, expires_ms = $3, tag = $4 \
                      WHERE name = $1 AND holder = $5 AND expires_ms = $6 AND tag = $7",
                     &[
-                        &new.name, &new.holder, &exp, &new.tag, &o.holder, &old_exp, &o.tag,
+                        &new.name,
+                        &new.holder,
+                        &exp,
+                        &new.tag,
+                        &o.holder,
+                        &old_exp,
+                        &o.tag,
                     ],
                 )?
             }

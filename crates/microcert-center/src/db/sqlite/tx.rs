@@ -472,7 +472,9 @@ impl Tx for SqliteTx<'_> {
     fn update_keyring(&mut self, r: &crate::db::KeyringRow, old_tag: &[u8]) -> Result<bool> {
         let n = self
             .tx
-            .prepare_cached("UPDATE keyring SET bytes = ?2, tag = ?3 WHERE version = ?1 AND tag = ?4")?
+            .prepare_cached(
+                "UPDATE keyring SET bytes = ?2, tag = ?3 WHERE version = ?1 AND tag = ?4",
+            )?
             .execute(params![i64::from(r.version), r.bytes, r.tag, old_tag])?;
         Ok(n == 1)
     }
