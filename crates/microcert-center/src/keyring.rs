@@ -409,7 +409,7 @@ impl KeyringCard {
     fn create(
         &self,
         db: &dyn KeyDatabase,
-        legacy: Option<&(u32, Vec<(u32, Vec<u8>)>)>,
+        legacy: Option<&crate::card::WrappedStorageKeys>,
     ) -> Result<()> {
         let card = &*self.inner;
         let (current, keys) = match legacy {

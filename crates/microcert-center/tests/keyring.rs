@@ -385,4 +385,3 @@ fn attack_forged_lease_does_not_stop_the_periodic_jobs() {
     assert!(c.poll(t + 10_000_000).unwrap());
     assert!(b.poll(t + 17_000).unwrap());
 }
-

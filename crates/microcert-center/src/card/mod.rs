@@ -349,7 +349,7 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
     /// The storage keys the card keeps itself (from before the keyring),
     /// wrapped under the root key, with the current version: what the
     /// migration copies into the key database. None once migrated.
-    fn legacy_storage_keys(&self) -> Result<Option<(u32, Vec<(u32, Vec<u8>)>)>> {
+    fn legacy_storage_keys(&self) -> Result<Option<WrappedStorageKeys>> {
         Ok(None)
     }
 
@@ -366,6 +366,10 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
         None
     }
 }
+
+/// A card's own storage keys wrapped under its root key, with the current
+/// version: (current, [(version, wrapped)]) ([`EncryptionCard::legacy_storage_keys`]).
+pub type WrappedStorageKeys = (u32, Vec<(u32, Vec<u8>)>);
 
 /// A u64 from the card's random generator.
 pub(crate) fn random_u64(card: &dyn EncryptionCard) -> Result<u64> {

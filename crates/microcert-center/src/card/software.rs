@@ -813,7 +813,7 @@ impl EncryptionCard for SoftwareCard {
         Ok(())
     }
 
-    fn legacy_storage_keys(&self) -> Result<Option<(u32, Vec<(u32, Vec<u8>)>)>> {
+    fn legacy_storage_keys(&self) -> Result<Option<super::WrappedStorageKeys>> {
         self.reload_if_changed();
         let keys = self.read();
         if keys.in_db {
