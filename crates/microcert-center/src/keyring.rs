@@ -730,14 +730,17 @@ pub fn rows_for_backup(db: &dyn KeyDatabase, card: &dyn EncryptionCard) -> Resul
     Ok(out)
 }
 
-/// Puts a backup's keyring rows into a database without a keyring (a
-/// restore), after checking them; a database that has one keeps it, and
-/// then every version the backup's records need must be in it.
+/// Puts a backup's keyring into the database a restore writes (empty of
+/// records, so nothing depends on a keyring made there at open) and makes
+/// the card hold its keys; then checks that every version the backup's
+/// seeds are under is in the keyring (or among the card's own keys, from
+/// before the keyring) and opens one of its seeds. Refused otherwise,
+/// before any record is written, naming the versions.
 pub fn restore_rows(
     db: &dyn KeyDatabase,
     card: &dyn EncryptionCard,
     rows: &[KeyringRow],
-    needed: &[u32],
+    seeds: &[crate::db::SeedRow],
 ) -> Result<()> {
     let db = db.unsealed().unwrap_or(db);
     let base = card.keyring_base();
@@ -746,35 +749,67 @@ pub fn restore_rows(
         // The card keeps its storage keys itself (a PKCS#11 token).
         return Ok(());
     }
-    let have = read_rows(db)?;
-    let source = if have.is_empty() {
-        rows.to_vec()
-    } else {
-        have.clone()
-    };
-    let versions = match check(card, source)? {
-        Some(c) => c.head.versions,
-        None => Vec::new(),
-    };
-    let missing: Vec<u32> = needed
+    let mut needed: Vec<u32> = seeds
         .iter()
-        .copied()
-        .filter(|v| !versions.contains(v))
+        .filter(|s| s.ciphertext.is_some())
+        .map(|s| s.kstore_version)
         .collect();
-    if !missing.is_empty() && card.legacy_storage_keys()?.is_none() {
-        return Err(Error::Keyring(format!(
-            "the backup's seeds are sealed under storage key versions {missing:?}, which neither its \
-             keyring nor the database's holds: restore a backup made with its keyring (or with the \
-             card file from before the keyring)"
-        )));
-    }
-    if have.is_empty() && !rows.is_empty() {
+    needed.sort_unstable();
+    needed.dedup();
+    if let Some(c) = check(card, rows.to_vec())? {
+        for r in &c.keys {
+            card.hold_storage_key(r.version, &r.bytes)?;
+        }
+        card.set_storage_key_version(c.head.current)?;
         db.transaction(&mut |tx| {
+            for r in tx.keyring()? {
+                tx.delete_keyring(r.version)?;
+            }
             for r in rows {
                 tx.insert_keyring(r)?;
             }
             Ok(())
         })?;
+    }
+    let mut have = match check(card, read_rows(db)?)? {
+        Some(c) => c.head.versions,
+        None => Vec::new(),
+    };
+    if let Some((_, keys)) = card.legacy_storage_keys()? {
+        have.extend(keys.iter().map(|(v, _)| *v));
+    }
+    let missing: Vec<u32> = needed
+        .iter()
+        .copied()
+        .filter(|v| !have.contains(v))
+        .collect();
+    let wrong: Vec<u32> = needed
+        .iter()
+        .copied()
+        .filter(|v| have.contains(v))
+        .filter(|v| {
+            seeds
+                .iter()
+                .find(|s| s.kstore_version == *v && s.ciphertext.is_some())
+                .and_then(|s| {
+                    let ct = s.ciphertext.as_ref()?;
+                    Some(
+                        card.unseal_seed(s.device, s.generation, *v, &ct.0)
+                            .is_err(),
+                    )
+                })
+                .unwrap_or(false)
+        })
+        .collect();
+    if !missing.is_empty() || !wrong.is_empty() {
+        let mut bad = missing;
+        bad.extend(wrong);
+        bad.sort_unstable();
+        return Err(Error::Keyring(format!(
+            "the backup's seeds are sealed under storage key versions {bad:?}, which neither its \
+             keyring nor this card holds: restore a backup made with its keyring (or with the \
+             card file from before the keyring)"
+        )));
     }
     Ok(())
 }

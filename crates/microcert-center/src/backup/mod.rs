@@ -524,7 +524,7 @@ pub fn restore_into(
     b.check(card)?;
     // The keyring first (issue 14): the keys the seeds are sealed under,
     // or a clear refusal when neither the backup nor the card has them.
-    crate::keyring::restore_rows(db, card, &b.keyring, &b.kstore_versions())?;
+    crate::keyring::restore_rows(db, card, &b.keyring, &b.seeds)?;
     // Written without the sealing layer: this writes the seals and the
     // notary, command and device shards itself (rebuilt from the rows).
     let db = db.unsealed().unwrap_or(db);

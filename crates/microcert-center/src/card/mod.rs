@@ -321,8 +321,8 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
     }
 
     /// Unwraps `wrapped` under the root key and holds it as Kstore
-    /// `version` (never written to the card file or token); nothing
-    /// happens when the version is held already.
+    /// `version` (never written to the card file or token), replacing a
+    /// key held under that version.
     fn hold_storage_key(&self, version: u32, wrapped: &[u8]) -> Result<()> {
         let _ = (version, wrapped);
         Err(crate::Error::CardUnsupported {

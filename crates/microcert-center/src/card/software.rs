@@ -780,15 +780,15 @@ impl EncryptionCard for SoftwareCard {
 
     fn hold_storage_key(&self, version: u32, wrapped: &[u8]) -> Result<()> {
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
-        if keys.kstore.iter().any(|(v, _)| *v == version) {
-            return Ok(());
-        }
         let root = keys.root()?;
         let key = super::kw::unwrap(&root, wrapped).ok_or_else(|| {
             Error::Keyring(format!(
                 "storage key version {version} does not unwrap under this card's root key"
             ))
         })?;
+        // A held version is replaced (a keyring restored from a backup
+        // over one made for the empty database).
+        keys.kstore.retain(|(v, _)| *v != version);
         keys.kstore.push((version, key));
         keys.kstore.sort_by_key(|(v, _)| *v);
         Ok(())

@@ -532,6 +532,10 @@ impl Site {
             .map_err(step(format!("backup {} does not verify", file.display())))?;
         crate::backup::restore_into(center.database(), center.card(), &b, actor, now)
             .map_err(step("restore failed"))?;
+        // The keyring the backup brought, in place of one made at open.
+        center
+            .sync_keyring()
+            .map_err(step("the restored keyring cannot be used"))?;
         // The card's database is now this one (both sides record it).
         let binding_before = binding::record(&center, self)?;
         let rebuilt = center
