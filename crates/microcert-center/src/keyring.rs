@@ -793,10 +793,7 @@ pub fn restore_rows(
                 .find(|s| s.kstore_version == *v && s.ciphertext.is_some())
                 .and_then(|s| {
                     let ct = s.ciphertext.as_ref()?;
-                    Some(
-                        card.unseal_seed(s.device, s.generation, *v, &ct.0)
-                            .is_err(),
-                    )
+                    Some(card.unseal_seed(s.device, s.generation, *v, &ct.0).is_err())
                 })
                 .unwrap_or(false)
         })
