@@ -378,9 +378,8 @@ impl KeyringCard {
             // The keyring holds every storage key the card kept: from now
             // on the card file keeps only the root key.
             card.drop_legacy_storage_keys()?;
-            // Versions the card kept that are not in the keyring (made
-            // by this card after another migrated) were added by
-            // `migrate`; those still in memory and not live go now.
+            // Versions the card kept that the keyring destroyed since
+            // (`migrate` let them pass) go from memory now.
             for v in card.storage_key_versions() {
                 if !c.head.versions.contains(&v) {
                     card.release_storage_key(v)?;
@@ -463,9 +462,9 @@ impl KeyringCard {
 
     /// The card still keeps storage keys while the database has a keyring:
     /// each must be in it with the same wrapped bytes (AES-KW is
-    /// deterministic), or is added when the keyring lacks its version and
-    /// it is older than the current one... anything else is refused, and
-    /// the card keeps its keys.
+    /// deterministic), or be older than the keyring's oldest version
+    /// (destroyed there since); anything else is refused, and the card
+    /// keeps its keys.
     fn migrate(&self, db: &dyn KeyDatabase, c: &Checked, keys: &[(u32, Vec<u8>)]) -> Result<()> {
         for (v, w) in keys {
             match c.keys.iter().find(|r| r.version == *v) {
