@@ -270,6 +270,11 @@ pub enum Error {
     /// The encryption card failed (RNG, token, ...).
     #[error("encryption card failure: {0}")]
     Card(String),
+    /// The keyring in the key database (storage-key versions wrapped under
+    /// the card's root key, [`crate::keyring`]) fails its card tags, was
+    /// rolled back, or lacks a version that records need (issue 14).
+    #[error("keyring: {0}")]
+    Keyring(String),
     /// The key database failed.
     #[error("database error: {0}")]
     Database(String),
@@ -376,6 +381,7 @@ impl Error {
             Error::CardFormat(_) => "card-format",
             Error::Shares(_) => "shares",
             Error::Card(_) => "card",
+            Error::Keyring(_) => "keyring",
             Error::Database(_) | Error::Sqlite(_) => "database",
             Error::Io(_) => "io",
         }
@@ -431,9 +437,11 @@ impl Error {
             | Error::IllegalTransition { .. } => ErrorClass::Conflict,
             Error::Integrity(_) => ErrorClass::Integrity,
             Error::Card(_) | Error::Database(_) | Error::Sqlite(_) => ErrorClass::Unavailable,
-            Error::WrongPassphrase | Error::CardFormat(_) | Error::Shares(_) | Error::Io(_) => {
-                ErrorClass::Internal
-            }
+            Error::WrongPassphrase
+            | Error::CardFormat(_)
+            | Error::Shares(_)
+            | Error::Keyring(_)
+            | Error::Io(_) => ErrorClass::Internal,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod clock;
 pub mod db;
 mod error;
 pub mod integrity;
+pub mod keyring;
 pub mod lines;
 pub mod policy;
 pub mod profile;

@@ -95,11 +95,14 @@ fn killed_rotation_resumes() {
     child.kill().unwrap(); // SIGKILL
     assert!(!child.wait().unwrap().success());
 
-    // Half-way: the card file holds the new version, records are under both.
+    // Half-way: the keyring holds the new version (current) and the old
+    // one, records are under both; the card file keeps only its root key
+    // (issue 14: the storage keys live in the key database).
     let card = Arc::new(SoftwareCard::open(&card_file, PASS).unwrap());
-    assert_eq!(card.storage_key_version(), 2);
-    assert_eq!(card.storage_key_versions(), vec![1, 2]);
     let c = center(dir.path(), card.clone());
+    let head = c.sync_keyring().unwrap().unwrap();
+    assert_eq!((head.current, head.versions), (2, vec![1, 2]));
+    assert_eq!(card.storage_key_versions(), vec![1, 2]);
     let v = versions(&c);
     assert!(
         v.get(&1).copied().unwrap_or(0) > 0 && v.get(&2).copied().unwrap_or(0) >= 3 * BATCH,
@@ -139,10 +142,14 @@ fn killed_rotation_resumes() {
     );
     drop(c);
 
-    // A new process: the card file holds only version 2, every device verifies.
+    // A new process: the keyring holds only version 2, every device verifies.
     let card = Arc::new(SoftwareCard::open(&card_file, PASS).unwrap());
-    assert_eq!(card.storage_key_versions(), vec![2]);
+    assert!(
+        card.storage_key_versions().is_empty(),
+        "the card file keeps no storage key"
+    );
     let c = center(dir.path(), card);
+    assert_eq!(c.sync_keyring().unwrap().unwrap().versions, vec![2]);
     for node in fleet.iter_mut() {
         let (a, _) = node.auth(&C, NOW + 30);
         c.verify_auth(&a, &C, NOW + 30).unwrap();

@@ -64,6 +64,11 @@ pub struct Schedule {
     pub backup_dir: PathBuf,
     /// The card's anchor file.
     pub anchor: PathBuf,
+    /// The leader lease's period (issue 14): of the centers sharing one
+    /// database, only the lease holder runs housekeeping, backups and the
+    /// integrity check; it renews every third of this, and another center
+    /// takes over this long after it stopped renewing.
+    pub lease: Duration,
 }
 
 impl Schedule {
@@ -79,9 +84,13 @@ impl Schedule {
             backup_keep: 10,
             backup_dir: dir.join("backups"),
             anchor: dir.join("center.anchor"),
+            lease: Duration::from_secs(15),
         }
     }
 }
+
+/// The name of the periodic jobs' lease in the key database.
+pub const LEASE_NAME: &str = "periodic-jobs";
 
 /// A center process's server.
 pub struct App {
@@ -261,7 +270,10 @@ async fn overloaded(_: tower::BoxError) -> Response {
 /// The periodic work of a serving center: housekeeping, the automatic
 /// backup when one is due (checked every minute, debounced by the backup
 /// interval) and the integrity check with the card's anchor, each from
-/// `spawn_blocking`, every outcome logged.
+/// `spawn_blocking`, every outcome logged. Of several centers on one
+/// database only the holder of the leader lease runs them (issue 14: N
+/// centers do not run N full scans); the others take the lease when it
+/// lapses.
 #[derive(Debug)]
 pub struct Scheduler {
     center: Arc<Center>,
@@ -269,12 +281,25 @@ pub struct Scheduler {
     integrity: Duration,
     anchor: PathBuf,
     auto: AutoBackup,
+    lease: Duration,
+    /// None when the lease cannot be made (then every job runs here).
+    leader: Option<microcert_center::keyring::Leader>,
 }
 
 impl Scheduler {
     /// For `center` with `schedule` (intervals of zero count as one second).
     pub fn new(center: Arc<Center>, schedule: &Schedule) -> Scheduler {
+        let lease = schedule.lease.max(Duration::from_secs(1));
+        let leader = match center.leader(LEASE_NAME, lease) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "no leader lease: this center runs every periodic job");
+                None
+            }
+        };
         Scheduler {
+            lease,
+            leader,
             center,
             housekeeping: schedule.housekeeping.max(Duration::from_secs(1)),
             integrity: schedule.integrity.max(Duration::from_secs(1)),
@@ -336,26 +361,69 @@ impl Scheduler {
         }
     }
 
+    /// Takes or renews the leader lease; whether this center runs the
+    /// periodic jobs now. A database that cannot be reached: not the
+    /// leader (another center may be).
+    pub fn poll_leader(&self) -> bool {
+        let Some(l) = &self.leader else { return true };
+        match l.poll(microcert_center::keyring::now_ms()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "leader lease not renewed: periodic jobs paused here");
+                false
+            }
+        }
+    }
+
+    /// Whether this center held the lease at its last renewal.
+    pub fn is_leader(&self) -> bool {
+        self.leader.as_ref().is_none_or(|l| l.is_leader())
+    }
+
     /// Runs the periodic work on the current tokio runtime until `stop`
-    /// changes.
+    /// changes; the jobs only while this center holds the leader lease
+    /// (renewed every third of its period), which it gives up at the end.
     pub fn spawn(self, mut stop: watch::Receiver<bool>) {
         let this = Arc::new(self);
         tokio::spawn(async move {
             let mut hk = tokio::time::interval(this.housekeeping);
             let mut ic = tokio::time::interval(this.integrity);
             let mut bk = tokio::time::interval(Duration::from_secs(60));
+            let mut ld = tokio::time::interval(this.lease / 3);
             loop {
-                let job: fn(&Scheduler) = tokio::select! {
-                    _ = hk.tick() => Scheduler::housekeeping,
-                    _ = bk.tick() => Scheduler::backup,
-                    _ = ic.tick() => Scheduler::integrity,
+                let job: Option<fn(&Scheduler)> = tokio::select! {
+                    biased;
                     _ = stop.changed() => break,
+                    _ = ld.tick() => None,
+                    _ = hk.tick() => Some(Scheduler::housekeeping),
+                    _ = bk.tick() => Some(Scheduler::backup),
+                    _ = ic.tick() => Some(Scheduler::integrity),
                 };
                 let s = this.clone();
-                if let Err(e) = tokio::task::spawn_blocking(move || job(&s)).await {
+                let run = move || {
+                    // The lease is renewed on its tick and checked again
+                    // right before a job (this center may have stalled
+                    // past its expiry).
+                    let leads = s.poll_leader();
+                    if let Some(job) = job
+                        && leads
+                    {
+                        job(&s);
+                    }
+                };
+                if let Err(e) = tokio::task::spawn_blocking(run).await {
                     tracing::error!(error = %e, "periodic task failed");
                 }
             }
+            let s = this.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(l) = &s.leader
+                    && let Err(e) = l.release()
+                {
+                    tracing::warn!(error = %e, "leader lease not released");
+                }
+            })
+            .await;
         });
     }
 }

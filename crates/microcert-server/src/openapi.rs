@@ -385,6 +385,10 @@ pub const ERROR_KINDS: &[(&str, &str)] = &[
     ("card-format", "card data in an unknown format (500)"),
     ("shares", "backup shares that do not recover a card (500)"),
     ("card", "the encryption card failed (503: try again later)"),
+    (
+        "keyring",
+        "the keyring in the key database fails its card tags, was rolled back or lacks a version (500)",
+    ),
     ("database", "the key database failed (503: try again later)"),
     ("io", "a file could not be read or written (500)"),
     (

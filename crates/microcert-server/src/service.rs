@@ -232,6 +232,7 @@ mod tests {
             Error::CardFormat("x".into()),
             Error::Shares("x".into()),
             Error::Card("x".into()),
+            Error::Keyring("x".into()),
             Error::Database("x".into()),
             Error::Sqlite(rusqlite_error()),
             Error::Io(std::io::Error::other("x")),
@@ -286,6 +287,7 @@ mod tests {
                 | Error::CardFormat(_)
                 | Error::Shares(_)
                 | Error::Card(_)
+                | Error::Keyring(_)
                 | Error::Database(_)
                 | Error::Sqlite(_)
                 | Error::Io(_) => {}

@@ -79,6 +79,10 @@ pub struct Backup {
     pub notary: Vec<NotaryRow>,
     /// The audit log.
     pub audit: Vec<AuditRecord>,
+    /// The keyring's rows (issue 14: the storage keys wrapped under the
+    /// card's root key, and the head), so a restore has the keys its
+    /// seeds are sealed under. Empty for a card that keeps its keys.
+    pub keyring: Vec<crate::db::KeyringRow>,
 }
 
 impl Backup {
@@ -234,9 +238,10 @@ fn mac(card: &dyn EncryptionCard, body: &[u8]) -> Result<[u8; 32]> {
 pub fn snapshot(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64) -> Result<Backup> {
     for _ in 0..5 {
         let before = db.digest_shards()?;
-        let b = read_all(db, now, before.clone())?;
+        let mut b = read_all(db, now, before.clone())?;
         if db.digest_shards()? == before {
             b.check(card)?;
+            b.keyring = crate::keyring::rows_for_backup(db, card)?;
             return Ok(b);
         }
     }
@@ -368,6 +373,10 @@ pub fn encode(b: &Backup, card: &dyn EncryptionCard) -> Result<Vec<u8>> {
             "tag": hex::encode(&n.tag), "first_seen": n.first_seen,
             "seal": n.seal.map(hex::encode)}))?;
     }
+    for k in &b.keyring {
+        line(json!({"t": "keyring", "version": k.version,
+            "bytes": hex::encode(&k.bytes), "tag": hex::encode(&k.tag)}))?;
+    }
     for a in &b.audit {
         let mut v = crate::audit::to_json(a);
         v["t"] = json!("audit");
@@ -436,6 +445,16 @@ pub fn read(path: &Path, card: &dyn EncryptionCard) -> Result<Backup> {
             Some("command") => b.commands.push(parse_command(&v).ok_or_else(e)?),
             Some("notary") => b.notary.push(parse_notary(&v).ok_or_else(e)?),
             Some("audit") => b.audit.push(parse_audit(&v).ok_or_else(e)?),
+            Some("keyring") => b.keyring.push(
+                (|| {
+                    Some(crate::db::KeyringRow {
+                        version: u32::try_from(v["version"].as_u64()?).ok()?,
+                        bytes: hex::decode(v["bytes"].as_str()?).ok()?,
+                        tag: hex::decode(v["tag"].as_str()?).ok()?,
+                    })
+                })()
+                .ok_or_else(e)?,
+            ),
             Some("end") => ended = true,
             _ => return Err(e()),
         }
@@ -464,6 +483,9 @@ pub fn restore_into(
         return Err(Error::RestoreTargetNotEmpty);
     }
     b.check(card)?;
+    // The keyring first (issue 14): the keys the seeds are sealed under,
+    // or a clear refusal when neither the backup nor the card has them.
+    crate::keyring::restore_rows(db, card, &b.keyring, &b.seeds)?;
     // Written without the sealing layer: this writes the seals and the
     // notary, command and device shards itself (rebuilt from the rows).
     let db = db.unsealed().unwrap_or(db);

@@ -8,6 +8,7 @@
 //! chip. A seed's plaintext leaves the card only as a [`KeySeed`], which
 //! zeroizes itself on drop.
 
+mod kw;
 mod shares;
 mod software;
 
@@ -16,7 +17,7 @@ pub(crate) use software::write_atomically;
 pub use software::{KdfParams, SoftwareCard, card_random};
 
 use std::fmt;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use microcert_core::{CHALLENGE_LEN, DeviceId, Enroll, Key128, KeySeed, aes_cmac};
 use subtle::ConstantTimeEq;
@@ -300,7 +301,75 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
             operation: "destroy a storage key",
         })
     }
+
+    // The keyring in the key database (issue 14, [`crate::keyring`]): the
+    // card keeps a root key, the storage keys live in the database wrapped
+    // under it (AES-KW, RFC 3394), and the card holds the unwrapped ones
+    // in memory (a token: session objects) for seal and unseal.
+
+    /// Whether the card has a root key for a keyring in the key database.
+    /// The default: no (the card keeps its storage keys itself).
+    fn has_keyring_root(&self) -> bool {
+        false
+    }
+
+    /// A fresh storage key, wrapped under the root key (not held yet).
+    fn new_wrapped_storage_key(&self) -> Result<Vec<u8>> {
+        Err(crate::Error::CardUnsupported {
+            operation: "keep a keyring root key",
+        })
+    }
+
+    /// Unwraps `wrapped` under the root key and holds it as Kstore
+    /// `version` (never written to the card file or token), replacing a
+    /// key held under that version.
+    fn hold_storage_key(&self, version: u32, wrapped: &[u8]) -> Result<()> {
+        let _ = (version, wrapped);
+        Err(crate::Error::CardUnsupported {
+            operation: "keep a keyring root key",
+        })
+    }
+
+    /// Forgets a held Kstore version (not the current one).
+    fn release_storage_key(&self, version: u32) -> Result<()> {
+        let _ = version;
+        Err(crate::Error::CardUnsupported {
+            operation: "keep a keyring root key",
+        })
+    }
+
+    /// Seals new seeds under the held Kstore `version` from now on.
+    fn set_storage_key_version(&self, version: u32) -> Result<()> {
+        let _ = version;
+        Err(crate::Error::CardUnsupported {
+            operation: "keep a keyring root key",
+        })
+    }
+
+    /// The storage keys the card keeps itself (from before the keyring),
+    /// wrapped under the root key, with the current version: what the
+    /// migration copies into the key database. None once migrated.
+    fn legacy_storage_keys(&self) -> Result<Option<WrappedStorageKeys>> {
+        Ok(None)
+    }
+
+    /// Forgets the storage keys the card keeps itself, durably (the card
+    /// file keeps only the root key from then on). Called once the
+    /// keyring in the database holds them.
+    fn drop_legacy_storage_keys(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The card under a keyring wrapper ([`crate::keyring::KeyringCard`]);
+    /// None for a card itself.
+    fn keyring_base(&self) -> Option<Arc<dyn EncryptionCard>> {
+        None
+    }
 }
+
+/// A card's own storage keys wrapped under its root key, with the current
+/// version: (current, [(version, wrapped)]) ([`EncryptionCard::legacy_storage_keys`]).
+pub type WrappedStorageKeys = (u32, Vec<(u32, Vec<u8>)>);
 
 /// A u64 from the card's random generator.
 pub(crate) fn random_u64(card: &dyn EncryptionCard) -> Result<u64> {

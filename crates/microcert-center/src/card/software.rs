@@ -16,7 +16,12 @@
 //! | 48 | .. | AES-256-GCM(key = Argon2id(passphrase, salt), aad = bytes 0..48, keys) |
 //!
 //! The sealed keys are the [`CardKeys`] encoding (`keys_to_bytes`); the same
-//! encoding is what the Shamir backup shares split.
+//! encoding is what the Shamir backup shares split. Key block version 1
+//! holds the storage keys (Kstore versions) itself; version 2 (issue 14)
+//! holds none: they live in the key database's keyring ([`crate::keyring`]),
+//! wrapped under the card's root key, which is derived from the integrity
+//! key (HMAC-SHA256(Kint, "MC-KEYRING-ROOT\0"), so every clone and every
+//! recovery of the card has it and no file format change carries it).
 
 use std::fs;
 use std::io::Write;
@@ -40,6 +45,8 @@ use crate::{Error, Result};
 const MAGIC: &[u8; 8] = b"MCCARD01";
 const FILE_HEADER_LEN: usize = 48;
 const KEYS_VERSION: u8 = 1;
+/// Key block without storage keys: they are in the keyring (issue 14).
+const KEYS_VERSION_KEYRING: u8 = 2;
 const GCM_NONCE: usize = 12;
 const GCM_TAG: usize = 16;
 const SEED_PLAIN: usize = SEED_LEN + 2;
@@ -87,6 +94,9 @@ pub(crate) struct CardKeys {
     kstore_current: u32,
     /// Every Kstore version still needed, in version order.
     kstore: Vec<(u32, Zeroizing<[u8; 32]>)>,
+    /// The storage keys are the keyring's (held in memory, never written
+    /// to the card file): the card file keeps only the root key.
+    in_db: bool,
 }
 
 impl CardKeys {
@@ -109,11 +119,22 @@ impl CardKeys {
             kchal,
             kstore_current: 1,
             kstore: vec![(1, kstore)],
+            in_db: false,
         })
     }
 
     pub(crate) fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
         let mut b = Zeroizing::new(Vec::with_capacity(90 + 36 * self.kstore.len()));
+        if self.in_db {
+            b.push(KEYS_VERSION_KEYRING);
+            b.extend_from_slice(&self.card_id);
+            b.extend_from_slice(self.ktrans.expose());
+            b.extend_from_slice(&self.kint[..]);
+            b.extend_from_slice(self.kchal.expose());
+            b.extend_from_slice(&0u32.to_be_bytes());
+            b.push(0);
+            return b;
+        }
         b.push(KEYS_VERSION);
         b.extend_from_slice(&self.card_id);
         b.extend_from_slice(self.ktrans.expose());
@@ -132,11 +153,12 @@ impl CardKeys {
     pub(crate) fn from_bytes(b: &[u8]) -> Result<Self> {
         let bad = || Error::CardFormat("key block has the wrong length or version".into());
         let fixed = 1 + 16 + 16 + 32 + 16 + 4 + 1;
-        if b.len() < fixed || b[0] != KEYS_VERSION {
+        if b.len() < fixed || (b[0] != KEYS_VERSION && b[0] != KEYS_VERSION_KEYRING) {
             return Err(bad());
         }
+        let in_db = b[0] == KEYS_VERSION_KEYRING;
         let n = usize::from(b[fixed - 1]);
-        if b.len() != fixed + 36 * n || n == 0 {
+        if b.len() != fixed + 36 * n || (n == 0) != in_db {
             return Err(bad());
         }
         let arr16 = |o: usize| -> [u8; 16] {
@@ -162,7 +184,7 @@ impl CardKeys {
             key.copy_from_slice(&b[o + 4..o + 36]);
             kstore.push((v, key));
         }
-        if !kstore.iter().any(|(v, _)| *v == kstore_current) {
+        if !in_db && !kstore.iter().any(|(v, _)| *v == kstore_current) {
             return Err(bad());
         }
         Ok(CardKeys {
@@ -172,6 +194,7 @@ impl CardKeys {
             kchal,
             kstore_current,
             kstore,
+            in_db,
         })
     }
 }
@@ -513,6 +536,34 @@ impl SoftwareCard {
         self.save_new(path, passphrase, params).map(|_| ())
     }
 
+    /// Writes the card as a card file from before the keyring (key block
+    /// version 1) holding the storage keys it holds now, with the current
+    /// one: the data directory of an older release, for migration tests.
+    #[doc(hidden)]
+    pub fn save_pre_keyring(
+        &self,
+        path: &Path,
+        passphrase: &[u8],
+        params: KdfParams,
+    ) -> Result<()> {
+        let keys = self.read();
+        let copy = CardKeys {
+            card_id: keys.card_id,
+            ktrans: Key128::from_bytes(*keys.ktrans.expose()),
+            kint: keys.kint.clone(),
+            kchal: Key128::from_bytes(*keys.kchal.expose()),
+            kstore_current: keys.kstore_current,
+            kstore: keys.kstore.clone(),
+            in_db: false,
+        };
+        drop(keys);
+        let card = SoftwareCard {
+            keys: RwLock::new(copy),
+            file: None,
+        };
+        card.save(path, passphrase, params)
+    }
+
     /// [`SoftwareCard::save`] under a fresh salt; returns the file key.
     fn save_new(&self, path: &Path, passphrase: &[u8], params: KdfParams) -> Result<CardFile> {
         let mut salt = [0u8; 16];
@@ -594,7 +645,12 @@ impl SoftwareCard {
             .and_then(|b| decrypt_file(&b, &f.key));
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
         match loaded {
-            Ok(k) if k.card_id == keys.card_id => {
+            Ok(mut k) if k.card_id == keys.card_id => {
+                if k.in_db {
+                    // The keyring's keys are held in memory only: keep them.
+                    k.kstore = std::mem::take(&mut keys.kstore);
+                    k.kstore_current = keys.kstore_current;
+                }
                 tracing::info!(
                     kstore_version = k.kstore_current,
                     "card file changed by another process: keys reloaded"
@@ -637,6 +693,17 @@ impl SoftwareCard {
 }
 
 impl CardKeys {
+    /// The keyring's root key: HMAC-SHA256(Kint, "MC-KEYRING-ROOT\0")
+    /// (a domain no record, digest or anchor tag starts with).
+    fn root(&self) -> Result<Zeroizing<[u8; 32]>> {
+        let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.kint[..])
+            .map_err(|_| Error::Card("integrity key".into()))?;
+        m.update(b"MC-KEYRING-ROOT\0");
+        let mut out = Zeroizing::new([0u8; 32]);
+        out.copy_from_slice(&m.finalize().into_bytes());
+        Ok(out)
+    }
+
     fn kstore(&self, version: u32) -> Result<&[u8; 32]> {
         self.kstore
             .iter()
@@ -797,6 +864,11 @@ impl EncryptionCard for SoftwareCard {
     fn rotate_storage_key(&self) -> Result<u32> {
         self.reload_if_changed();
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        if keys.in_db {
+            return Err(Error::CardUnsupported {
+                operation: "rotate a storage key outside the keyring in the key database",
+            });
+        }
         let prev = keys.kstore_current;
         let next = keys
             .kstore
@@ -826,6 +898,11 @@ impl EncryptionCard for SoftwareCard {
     fn destroy_storage_key(&self, version: u32) -> Result<()> {
         self.reload_if_changed();
         let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        if keys.in_db {
+            return Err(Error::CardUnsupported {
+                operation: "destroy a storage key outside the keyring in the key database",
+            });
+        }
         if version == keys.kstore_current {
             return Err(Error::CurrentStorageKey { version });
         }
@@ -841,6 +918,82 @@ impl EncryptionCard for SoftwareCard {
         }
         // `removed` zeroizes here.
         tracing::info!(version, "storage key destroyed");
+        Ok(())
+    }
+
+    fn has_keyring_root(&self) -> bool {
+        true
+    }
+
+    fn new_wrapped_storage_key(&self) -> Result<Vec<u8>> {
+        let mut k = Zeroizing::new([0u8; 32]);
+        os_random(&mut k[..])?;
+        let root = self.read().root()?;
+        Ok(super::kw::wrap(&root, &k).to_vec())
+    }
+
+    fn hold_storage_key(&self, version: u32, wrapped: &[u8]) -> Result<()> {
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        let root = keys.root()?;
+        let key = super::kw::unwrap(&root, wrapped).ok_or_else(|| {
+            Error::Keyring(format!(
+                "storage key version {version} does not unwrap under this card's root key"
+            ))
+        })?;
+        // A held version is replaced (a keyring restored from a backup
+        // over one made for the empty database).
+        keys.kstore.retain(|(v, _)| *v != version);
+        keys.kstore.push((version, key));
+        keys.kstore.sort_by_key(|(v, _)| *v);
+        Ok(())
+    }
+
+    fn release_storage_key(&self, version: u32) -> Result<()> {
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        if version == keys.kstore_current {
+            return Err(Error::CurrentStorageKey { version });
+        }
+        // The removed key zeroizes on drop.
+        keys.kstore.retain(|(v, _)| *v != version);
+        Ok(())
+    }
+
+    fn set_storage_key_version(&self, version: u32) -> Result<()> {
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        if !keys.kstore.iter().any(|(v, _)| *v == version) {
+            return Err(Error::NoStorageKey { version });
+        }
+        keys.kstore_current = version;
+        Ok(())
+    }
+
+    fn legacy_storage_keys(&self) -> Result<Option<super::WrappedStorageKeys>> {
+        self.reload_if_changed();
+        let keys = self.read();
+        if keys.in_db {
+            return Ok(None);
+        }
+        let root = keys.root()?;
+        let wrapped = keys
+            .kstore
+            .iter()
+            .map(|(v, k)| (*v, super::kw::wrap(&root, k).to_vec()))
+            .collect();
+        Ok(Some((keys.kstore_current, wrapped)))
+    }
+
+    fn drop_legacy_storage_keys(&self) -> Result<()> {
+        self.reload_if_changed();
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        if keys.in_db {
+            return Ok(());
+        }
+        keys.in_db = true;
+        if let Err(e) = self.persist(&keys) {
+            keys.in_db = false;
+            return Err(e);
+        }
+        tracing::info!("card file now keeps only the root key: storage keys are in the keyring");
         Ok(())
     }
 }

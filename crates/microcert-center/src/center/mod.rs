@@ -82,6 +82,9 @@ pub struct Center {
     /// Keeps the card's anchor following the database once told where it
     /// is ([`Center::keep_anchor`]); writes it a last time when dropped.
     anchor: std::sync::OnceLock<crate::anchor::Keeper>,
+    /// The keyring in the key database, when the card has a root key
+    /// (issue 14, [`crate::keyring`]); `card` is then this wrapper.
+    keyring: Option<Arc<crate::keyring::KeyringCard>>,
 }
 
 /// Bytes drawn from the card's random generator, used once each. They only
@@ -174,6 +177,7 @@ impl Center {
         config: CenterConfig,
         replay: Replay,
     ) -> Self {
+        let (card, keyring) = crate::keyring::attach(card, db.clone());
         let db = integrity::seal_database(db, &card);
         let cache = Arc::new(SeedCache::new(
             config.cache_capacity,
@@ -204,7 +208,28 @@ impl Center {
             watch: crate::clock::ClockWatch::new(Arc::new(crate::clock::SystemClock::new())),
             config,
             anchor: std::sync::OnceLock::new(),
+            keyring,
         }
+    }
+
+    /// Reads and checks the keyring in the key database now (migrating the
+    /// card's own storage keys into it on the first open), instead of at
+    /// the first seal or unseal; its head, or None when the card keeps its
+    /// storage keys itself (a card without a root key).
+    pub fn sync_keyring(&self) -> Result<Option<crate::keyring::Head>> {
+        self.keyring.as_ref().map(|k| k.sync()).transpose()
+    }
+
+    /// The lease `name` on this center's database, lapsing `period` after
+    /// the last renewal: one leader among the centers sharing it
+    /// ([`crate::keyring::Leader`]).
+    pub fn leader(&self, name: &str, period: Duration) -> Result<crate::keyring::Leader> {
+        crate::keyring::Leader::new(self.db.clone(), self.card.clone(), name, period)
+    }
+
+    /// Whether the storage keys are the key database's keyring.
+    pub fn uses_keyring(&self) -> bool {
+        self.keyring.is_some()
     }
 
     /// A center over the SQLite database at `path` (created if missing).

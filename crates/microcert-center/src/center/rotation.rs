@@ -117,8 +117,15 @@ impl Center {
             // Another process on this database (a serving center beside
             // this command) may have sealed a seed under the old version
             // just before it saw the new one, in a transaction not yet
-            // committed: let it commit, then look again.
-            std::thread::sleep(std::time::Duration::from_secs(1));
+            // committed: let it commit, then look again. With the keyring
+            // in the database, the other centers see the new version
+            // within keyring::REFRESH: wait that long too.
+            let wait = if self.uses_keyring() {
+                crate::keyring::REFRESH + std::time::Duration::from_secs(1)
+            } else {
+                std::time::Duration::from_secs(1)
+            };
+            std::thread::sleep(wait);
             records = self.versions_in_records()?;
         }
         let in_backups = match backups {

@@ -394,8 +394,71 @@ pub struct ReplayAcc {
     pub tag: [u8; 32],
 }
 
+/// A row of the keyring (issue 14: storage-key versions in the key
+/// database, [`crate::keyring`]). `version` 0 is the head (which version is
+/// current, the live versions, an epoch that only grows); any other version
+/// holds that Kstore version wrapped under the card's root key. `tag` is a
+/// card tag over version and bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyringRow {
+    /// The Kstore version, or 0 for the head.
+    pub version: u32,
+    /// The wrapped key (AES-KW, RFC 3394) or the head's encoding.
+    pub bytes: Vec<u8>,
+    /// The card tag over version and bytes.
+    pub tag: Vec<u8>,
+}
+
+impl fmt::Debug for KeyringRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyringRow")
+            .field("version", &self.version)
+            .field("len", &self.bytes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A lease on a job shared by several centers (issue 14: one leader runs
+/// the periodic jobs, [`crate::keyring::Leader`]): who holds it and until
+/// when, with a card tag over the three.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRow {
+    /// The lease's name.
+    pub name: String,
+    /// The holder's id (random per process).
+    pub holder: String,
+    /// Unix milliseconds at which it lapses unless renewed.
+    pub expires_ms: u64,
+    /// The card tag over name, holder and expiry.
+    pub tag: Vec<u8>,
+}
+
 /// Reads and writes inside one transaction.
 pub trait Tx {
+    /// Every keyring row, by version (issue 14). The default refuses.
+    fn keyring(&mut self) -> Result<Vec<KeyringRow>> {
+        Err(Error::Database("this key database keeps no keyring".into()))
+    }
+
+    /// Inserts a keyring row; fails when its version is already stored.
+    fn insert_keyring(&mut self, r: &KeyringRow) -> Result<()> {
+        let _ = r;
+        Err(Error::Database("this key database keeps no keyring".into()))
+    }
+
+    /// Replaces the bytes and tag of a stored keyring row when they are
+    /// still `old_tag` (compare and swap); false when they changed.
+    fn update_keyring(&mut self, r: &KeyringRow, old_tag: &[u8]) -> Result<bool> {
+        let _ = (r, old_tag);
+        Err(Error::Database("this key database keeps no keyring".into()))
+    }
+
+    /// Deletes a keyring row; whether it was there.
+    fn delete_keyring(&mut self, version: u32) -> Result<bool> {
+        let _ = version;
+        Err(Error::Database("this key database keeps no keyring".into()))
+    }
+
     /// Every stored token (issue 14). The default refuses.
     fn tokens(&mut self) -> Result<Vec<TokenRow>> {
         Err(Error::Database("this key database keeps no tokens".into()))
@@ -813,6 +876,19 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     fn note_token_use(&self, hash: &str, last_used: Option<u64>, failures: u64) -> Result<()> {
         let _ = (hash, last_used, failures);
         Err(Error::Database("this key database keeps no tokens".into()))
+    }
+
+    /// The lease named `name`, if any (issue 14). The default refuses.
+    fn lease(&self, name: &str) -> Result<Option<LeaseRow>> {
+        let _ = name;
+        Err(Error::Database("this key database keeps no leases".into()))
+    }
+
+    /// Writes `new` if the lease is still `old` (None: absent), in one
+    /// atomic statement (compare and swap); whether it was written.
+    fn swap_lease(&self, old: Option<&LeaseRow>, new: &LeaseRow) -> Result<bool> {
+        let _ = (old, new);
+        Err(Error::Database("this key database keeps no leases".into()))
     }
 
     /// A device's row and all its seed rows (tags not checked), read in

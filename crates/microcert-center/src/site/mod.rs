@@ -476,6 +476,15 @@ impl Site {
         for w in binding::check(&center, self, how.access)? {
             warn(w);
         }
+        // The keyring (issue 14): read and checked at open, and on the
+        // first open the card's own storage keys move into it. Not before
+        // a restore (the backup brings its keyring), nor for a read-only
+        // command (it writes nothing; the keyring is read when needed).
+        if matches!(how.access, Access::Write | Access::Destructive) {
+            center
+                .sync_keyring()
+                .map_err(step("the keyring in the key database cannot be used"))?;
+        }
         // The card's anchor follows every committed change (issue 12).
         center.keep_anchor(&self.anchor_file())?;
         Ok(Arc::new(center))
@@ -523,6 +532,10 @@ impl Site {
             .map_err(step(format!("backup {} does not verify", file.display())))?;
         crate::backup::restore_into(center.database(), center.card(), &b, actor, now)
             .map_err(step("restore failed"))?;
+        // The keyring the backup brought, in place of one made at open.
+        center
+            .sync_keyring()
+            .map_err(step("the restored keyring cannot be used"))?;
         // The card's database is now this one (both sides record it).
         let binding_before = binding::record(&center, self)?;
         let rebuilt = center

@@ -854,6 +854,52 @@ impl KeyDatabase for PostgresDatabase {
         r.and(end)
     }
 
+    fn lease(&self, name: &str) -> Result<Option<super::LeaseRow>> {
+        let mut c = self.pool.get()?;
+        let row = c.query_opt(
+            "SELECT name, holder, expires_ms, tag FROM leases WHERE name = $1",
+            &[&name],
+        )?;
+        row.map(|r| {
+            Ok(super::LeaseRow {
+                name: g(&r, 0)?,
+                holder: g(&r, 1)?,
+                expires_ms: u64::try_from(g::<i64>(&r, 2)?).unwrap_or(0),
+                tag: g(&r, 3)?,
+            })
+        })
+        .transpose()
+    }
+
+    fn swap_lease(&self, old: Option<&super::LeaseRow>, new: &super::LeaseRow) -> Result<bool> {
+        let mut c = self.pool.get()?;
+        let exp = i64::try_from(new.expires_ms).unwrap_or(i64::MAX);
+        let n = match old {
+            None => c.execute(
+                "INSERT INTO leases (name, holder, expires_ms, tag) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (name) DO NOTHING",
+                &[&new.name, &new.holder, &exp, &new.tag],
+            )?,
+            Some(o) => {
+                let old_exp = i64::try_from(o.expires_ms).unwrap_or(i64::MAX);
+                c.execute(
+                    "UPDATE leases SET holder = $2, expires_ms = $3, tag = $4 \
+                     WHERE name = $1 AND holder = $5 AND expires_ms = $6 AND tag = $7",
+                    &[
+                        &new.name,
+                        &new.holder,
+                        &exp,
+                        &new.tag,
+                        &o.holder,
+                        &old_exp,
+                        &o.tag,
+                    ],
+                )?
+            }
+        };
+        Ok(n == 1)
+    }
+
     fn list_tokens(&self) -> Result<Vec<super::TokenRow>> {
         let mut c = self.pool.get()?;
         let rows = c.query(

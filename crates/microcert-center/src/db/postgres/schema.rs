@@ -31,7 +31,23 @@ CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
     MIGRATION_META,
     MIGRATION_TOKENS,
     MIGRATION_REPLAY_ACC,
+    MIGRATION_KEYRING,
 ];
+
+/// Migration "keyring" (issue 14): the same as SQLite's of that name.
+const MIGRATION_KEYRING: &str = r#"
+CREATE TABLE IF NOT EXISTS keyring (
+    version BIGINT PRIMARY KEY,
+    bytes BYTEA NOT NULL,
+    tag BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_ms BIGINT NOT NULL,
+    tag BYTEA NOT NULL
+);
+"#;
 
 /// Migration "tokens" (issue 14, shared state): see `schema_tokens` in db/schema.rs.
 const MIGRATION_TOKENS: &str = schema_tokens!(blob = "BYTEA", big = "BIGINT", keyed = "");

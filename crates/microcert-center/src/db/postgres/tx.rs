@@ -936,6 +936,49 @@ impl Tx for PgTx<'_> {
         )?;
         one_row(n, || "token".into())
     }
+
+    fn keyring(&mut self) -> Result<Vec<crate::db::KeyringRow>> {
+        let rows = self.c.query(
+            "SELECT version, bytes, tag FROM keyring ORDER BY version",
+            &[],
+        )?;
+        rows.iter()
+            .map(|r| {
+                Ok(crate::db::KeyringRow {
+                    version: u32::try_from(g::<i64>(r, 0)?).unwrap_or(u32::MAX),
+                    bytes: g(r, 1)?,
+                    tag: g(r, 2)?,
+                })
+            })
+            .collect()
+    }
+
+    fn insert_keyring(&mut self, r: &crate::db::KeyringRow) -> Result<()> {
+        self.wrote = true;
+        self.c.execute(
+            "INSERT INTO keyring (version, bytes, tag) VALUES ($1, $2, $3)",
+            &[&i64::from(r.version), &r.bytes, &r.tag],
+        )?;
+        Ok(())
+    }
+
+    fn update_keyring(&mut self, r: &crate::db::KeyringRow, old_tag: &[u8]) -> Result<bool> {
+        self.wrote = true;
+        let n = self.c.execute(
+            "UPDATE keyring SET bytes = $2, tag = $3 WHERE version = $1 AND tag = $4",
+            &[&i64::from(r.version), &r.bytes, &r.tag, &old_tag],
+        )?;
+        Ok(n == 1)
+    }
+
+    fn delete_keyring(&mut self, version: u32) -> Result<bool> {
+        self.wrote = true;
+        let n = self.c.execute(
+            "DELETE FROM keyring WHERE version = $1",
+            &[&i64::from(version)],
+        )?;
+        Ok(n == 1)
+    }
 }
 
 /// A challenge row (device, c, expires); a challenge of another length was

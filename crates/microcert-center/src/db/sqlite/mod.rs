@@ -462,6 +462,51 @@ impl KeyDatabase for SqliteDatabase {
         Ok(())
     }
 
+    fn lease(&self, name: &str) -> Result<Option<crate::db::LeaseRow>> {
+        let conn = self.lock()?;
+        Ok(conn
+            .prepare_cached("SELECT name, holder, expires_ms, tag FROM leases WHERE name = ?1")?
+            .query_row([name], |r| {
+                Ok(crate::db::LeaseRow {
+                    name: r.get(0)?,
+                    holder: r.get(1)?,
+                    expires_ms: u64::try_from(r.get::<_, i64>(2)?).unwrap_or(0),
+                    tag: r.get(3)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn swap_lease(
+        &self,
+        old: Option<&crate::db::LeaseRow>,
+        new: &crate::db::LeaseRow,
+    ) -> Result<bool> {
+        let conn = self.lock()?;
+        let exp = i64::try_from(new.expires_ms).unwrap_or(i64::MAX);
+        let n = match old {
+            None => conn.execute(
+                "INSERT INTO leases (name, holder, expires_ms, tag) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (name) DO NOTHING",
+                rusqlite::params![new.name, new.holder, exp, new.tag],
+            )?,
+            Some(o) => conn.execute(
+                "UPDATE leases SET holder = ?2, expires_ms = ?3, tag = ?4 \
+                 WHERE name = ?1 AND holder = ?5 AND expires_ms = ?6 AND tag = ?7",
+                rusqlite::params![
+                    new.name,
+                    new.holder,
+                    exp,
+                    new.tag,
+                    o.holder,
+                    i64::try_from(o.expires_ms).unwrap_or(i64::MAX),
+                    o.tag
+                ],
+            )?,
+        };
+        Ok(n == 1)
+    }
+
     fn list_tokens(&self) -> Result<Vec<crate::db::TokenRow>> {
         let conn = self.lock()?;
         let mut st = conn.prepare_cached(&format!(

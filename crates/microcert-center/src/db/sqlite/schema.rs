@@ -26,7 +26,26 @@ CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     MIGRATION_META,
     MIGRATION_TOKENS,
     MIGRATION_REPLAY_ACC,
+    MIGRATION_KEYRING,
 ];
+
+/// Migration "keyring" (issue 14, shared state): the storage-key versions,
+/// wrapped under the card's root key, and the head row (version 0) that
+/// says which one is current, each with a card tag ([`crate::keyring`]);
+/// and the leases that elect one center to run the periodic jobs.
+const MIGRATION_KEYRING: &str = r#"
+CREATE TABLE IF NOT EXISTS keyring (
+    version INTEGER PRIMARY KEY,
+    bytes BLOB NOT NULL,
+    tag BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    tag BLOB NOT NULL
+) WITHOUT ROWID;
+"#;
 
 /// Migration "tokens" (issue 14, shared state): see `schema_tokens` in db/schema.rs.
 const MIGRATION_TOKENS: &str =

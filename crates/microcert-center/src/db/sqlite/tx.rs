@@ -611,4 +611,43 @@ impl Tx for SqliteTx<'_> {
         let n = st.execute(params![t.hash, oi(t.expires), oi(t.revoked), t.tag])?;
         one_row(n as u64, || "token".into())
     }
+
+    fn keyring(&mut self) -> Result<Vec<crate::db::KeyringRow>> {
+        let mut st = self
+            .tx
+            .prepare_cached("SELECT version, bytes, tag FROM keyring ORDER BY version")?;
+        let rows = st.query_map([], |r| {
+            Ok(crate::db::KeyringRow {
+                version: u32::try_from(r.get::<_, i64>(0)?).unwrap_or(u32::MAX),
+                bytes: r.get(1)?,
+                tag: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    fn insert_keyring(&mut self, r: &crate::db::KeyringRow) -> Result<()> {
+        self.tx
+            .prepare_cached("INSERT INTO keyring (version, bytes, tag) VALUES (?1, ?2, ?3)")?
+            .execute(params![i64::from(r.version), r.bytes, r.tag])?;
+        Ok(())
+    }
+
+    fn update_keyring(&mut self, r: &crate::db::KeyringRow, old_tag: &[u8]) -> Result<bool> {
+        let n = self
+            .tx
+            .prepare_cached(
+                "UPDATE keyring SET bytes = ?2, tag = ?3 WHERE version = ?1 AND tag = ?4",
+            )?
+            .execute(params![i64::from(r.version), r.bytes, r.tag, old_tag])?;
+        Ok(n == 1)
+    }
+
+    fn delete_keyring(&mut self, version: u32) -> Result<bool> {
+        let n = self
+            .tx
+            .prepare_cached("DELETE FROM keyring WHERE version = ?1")?
+            .execute(params![i64::from(version)])?;
+        Ok(n == 1)
+    }
 }
