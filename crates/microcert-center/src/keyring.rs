@@ -423,7 +423,12 @@ impl KeyringCard {
                         s.kstore_version, s.device
                     )));
                 }
-                (1, vec![(1, card.new_wrapped_storage_key()?)])
+                // The keys this card holds already (a keyring of another
+                // database it serves in this process), else a first one.
+                match card.held_storage_keys()? {
+                    Some((cur, keys)) if !keys.is_empty() => (cur, keys),
+                    _ => (1, vec![(1, card.new_wrapped_storage_key()?)]),
+                }
             }
         };
         let mut versions: Vec<u32> = keys.iter().map(|(v, _)| *v).collect();

@@ -353,6 +353,15 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
         Ok(None)
     }
 
+    /// The storage keys the card holds now (from a keyring it was used
+    /// with in this process, or its own), wrapped under the root key, with
+    /// the current version; None when it holds none. A keyring made for a
+    /// new, empty database starts from these, so one card's seeds open in
+    /// every database it serves.
+    fn held_storage_keys(&self) -> Result<Option<WrappedStorageKeys>> {
+        Ok(None)
+    }
+
     /// Forgets the storage keys the card keeps itself, durably (the card
     /// file keeps only the root key from then on). Called once the
     /// keyring in the database holds them.

@@ -967,6 +967,20 @@ impl EncryptionCard for SoftwareCard {
         Ok(())
     }
 
+    fn held_storage_keys(&self) -> Result<Option<super::WrappedStorageKeys>> {
+        let keys = self.read();
+        if keys.kstore.is_empty() {
+            return Ok(None);
+        }
+        let root = keys.root()?;
+        let wrapped = keys
+            .kstore
+            .iter()
+            .map(|(v, k)| (*v, super::kw::wrap(&root, k).to_vec()))
+            .collect();
+        Ok(Some((keys.kstore_current, wrapped)))
+    }
+
     fn legacy_storage_keys(&self) -> Result<Option<super::WrappedStorageKeys>> {
         self.reload_if_changed();
         let keys = self.read();
