@@ -6,6 +6,7 @@
 //! carries key material, and a failed MAC or AEAD is always the one opaque
 //! [`Error::Verification`].
 
+use std::fmt;
 use std::path::PathBuf;
 
 use microcert_core::{DeviceId, Event, KeyState};
@@ -275,15 +276,67 @@ pub enum Error {
     /// rolled back, or lacks a version that records need (issue 14).
     #[error("keyring: {0}")]
     Keyring(String),
-    /// The key database failed.
+    /// The key database failed: what kind of failure ([`DbFailure`]) and
+    /// what the backend said.
     #[error("database error: {0}")]
-    Database(String),
+    Database(DbError),
     /// The SQLite database (or the replay guard's state file) failed.
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// A file could not be read or written.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What failed in the key database ([`Error::Database`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbFailure {
+    /// The server cannot be reached or closed the connection.
+    Unreachable,
+    /// A statement or a connection checkout took longer than allowed.
+    Timeout,
+    /// The server accepts no writes (a primary that failed over).
+    ReadOnly,
+    /// The server refused for now (a serialization failure, a deadlock,
+    /// too many connections, a shutdown in progress): try again.
+    Busy,
+    /// The configuration is wrong: the connection string, TLS, the
+    /// password file.
+    Config,
+    /// The database's schema is newer than this program.
+    Schema,
+    /// A stored row is not what the program wrote (a value out of range,
+    /// a row that vanished, a rewrite that found no row).
+    Corrupt,
+    /// This backend does not keep what was asked for.
+    Unsupported,
+    /// A fault of this process (a poisoned lock, a stopped worker).
+    Internal,
+}
+
+impl DbFailure {
+    /// Whether trying again later may succeed (answered 503 / 5.03).
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            DbFailure::Unreachable | DbFailure::Timeout | DbFailure::ReadOnly | DbFailure::Busy
+        )
+    }
+}
+
+/// A key database failure: its kind and what the backend said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbError {
+    /// What kind of failure.
+    pub kind: DbFailure,
+    /// The backend's words.
+    pub message: String,
+}
+
+impl fmt::Display for DbError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// The classes of [`Error`] ([`Error::class`]).
@@ -329,6 +382,14 @@ pub enum MessageRefusal {
 }
 
 impl Error {
+    /// A key database failure of `kind`.
+    pub fn db(kind: DbFailure, message: impl Into<String>) -> Self {
+        Error::Database(DbError {
+            kind,
+            message: message.into(),
+        })
+    }
+
     /// A short stable name of the refusal kind, for the network layer and
     /// logs (PROTOCOL.md section 8: the body of a refusal names its kind).
     pub fn kind(&self) -> &'static str {
@@ -436,7 +497,12 @@ impl Error {
             | Error::BadLegacyToken { .. }
             | Error::IllegalTransition { .. } => ErrorClass::Conflict,
             Error::Integrity(_) => ErrorClass::Integrity,
-            Error::Card(_) | Error::Database(_) | Error::Sqlite(_) => ErrorClass::Unavailable,
+            Error::Card(_) | Error::Sqlite(_) => ErrorClass::Unavailable,
+            // A database that went away, timed out, is read-only after a
+            // failover or refused for now is transient; a wrong
+            // configuration, a newer schema or a corrupt row is not.
+            Error::Database(d) if d.kind.is_transient() => ErrorClass::Unavailable,
+            Error::Database(_) => ErrorClass::Internal,
             Error::WrongPassphrase
             | Error::CardFormat(_)
             | Error::Shares(_)
@@ -493,6 +559,32 @@ mod tests {
         kinds.dedup();
         assert_eq!(kinds.len(), all.len());
         assert!(all.iter().all(Error::is_refusal));
-        assert!(!Error::Database("x".into()).is_refusal());
+        assert!(!Error::db(DbFailure::Internal, "x").is_refusal());
+    }
+
+    /// A database that went away, timed out, failed over or refused for
+    /// now is transient (503 / 5.03); a wrong configuration, a newer
+    /// schema, a corrupt row or a fault of this process is not.
+    #[test]
+    fn database_failures_are_classed_by_kind() {
+        use DbFailure::*;
+        for kind in [Unreachable, Timeout, ReadOnly, Busy] {
+            assert_eq!(
+                Error::db(kind, "x").class(),
+                ErrorClass::Unavailable,
+                "{kind:?}"
+            );
+        }
+        for kind in [Config, Schema, Corrupt, Unsupported, Internal] {
+            assert_eq!(
+                Error::db(kind, "x").class(),
+                ErrorClass::Internal,
+                "{kind:?}"
+            );
+        }
+        assert_eq!(
+            Error::db(Timeout, "took 5 s").to_string(),
+            "database error: took 5 s"
+        );
     }
 }

@@ -34,7 +34,7 @@ pub use db::{DeviceQuery, DeviceView, KeyDatabase};
 pub use db::{PostgresDatabase, PostgresOptions};
 #[cfg(feature = "sqlite")]
 pub use db::{SqliteDatabase, SqliteOptions};
-pub use error::{Error, ErrorClass, MessageRefusal, Result};
+pub use error::{DbError, DbFailure, Error, ErrorClass, MessageRefusal, Result};
 pub use integrity::IntegrityReport;
 pub use profile::{CenterConfig, ClassProfile, ReplayMode};
 

@@ -75,7 +75,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
 use crate::card::{EncryptionCard, TAG_LEN};
-use crate::{Error, Result};
+use crate::{DbFailure, Error, Result};
 
 /// How far ahead of the highest accepted t the persisted mark is set: one
 /// durable write per this many seconds of message time.
@@ -231,11 +231,11 @@ CREATE TABLE IF NOT EXISTS live (
 );";
 
 fn db_err(e: impl std::fmt::Display) -> Error {
-    Error::Database(format!("replay state: {e}"))
+    Error::db(DbFailure::Internal, format!("replay state: {e}"))
 }
 
 fn crashed() -> Error {
-    Error::Database("replay guard stopped (injected crash)".into())
+    Error::db(DbFailure::Internal, "replay guard stopped (injected crash)")
 }
 
 /// What the start-up found in the state file.
@@ -910,7 +910,7 @@ impl MemoryGuard {
         let mut active = lock(&self.active);
         let a = active
             .as_mut()
-            .ok_or_else(|| Error::Database("replay guard not started".into()))?;
+            .ok_or_else(|| Error::db(DbFailure::Internal, "replay guard not started"))?;
         if t > a.state.mark {
             let next = State {
                 mark: t.saturating_add(MARK_LEASE),

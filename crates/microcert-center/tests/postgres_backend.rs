@@ -260,7 +260,9 @@ fn server_restart_under_load_fails_fast_and_recovers() {
                             }
                             Err(Error::Database(msg)) => {
                                 failed += 1;
-                                assert!(msg.contains("PostgreSQL"), "worker {w}: {msg}");
+                                assert!(msg.message.contains("PostgreSQL"), "worker {w}: {msg}");
+                                // A database going away is transient: 503 / 5.03.
+                                assert!(msg.kind.is_transient(), "worker {w}: {msg:?}");
                                 std::thread::sleep(std::time::Duration::from_millis(20));
                             }
                             Err(e) => panic!("worker {w}: not a database error: {e:?}"),
@@ -336,7 +338,7 @@ fn read_only_server_is_reported_and_recovered_from() {
     let mut seen = None;
     for _ in 0..3 {
         match center.verify_auth(&a, &C, NOW + 3) {
-            Err(Error::Database(m)) if m.contains("read-only") => {
+            Err(Error::Database(m)) if m.message.contains("read-only") => {
                 seen = Some(m);
                 break;
             }
@@ -348,7 +350,8 @@ fn read_only_server_is_reported_and_recovered_from() {
         }
     }
     let m = seen.expect("a read-only error");
-    assert!(m.contains("primary"), "{m}");
+    assert!(m.message.contains("primary"), "{m}");
+    assert_eq!(m.kind, microcert_center::DbFailure::ReadOnly);
     server.psql(
         "postgres",
         "ALTER SYSTEM RESET default_transaction_read_only",
@@ -381,7 +384,8 @@ fn tls_sslmodes() {
     let err =
         microcert_center::PostgresDatabase::open(&format!("{url}?sslmode=require")).unwrap_err();
     assert!(
-        matches!(&err, Error::Database(m) if m.contains("TLS")),
+        matches!(&err, Error::Database(m) if m.message.contains("TLS")
+            && m.kind == microcert_center::DbFailure::Config),
         "{err:?}"
     );
     // disable and the default (prefer) still connect to it.

@@ -143,7 +143,10 @@ async fn blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(move || span.in_scope(f)).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(error(&e)),
-        Err(_) => Err(error(&Error::Database("worker thread failed".into()))),
+        Err(_) => Err(error(&Error::db(
+            microcert_center::DbFailure::Internal,
+            "worker thread failed",
+        ))),
     }
 }
 

@@ -233,7 +233,7 @@ mod tests {
             Error::Shares("x".into()),
             Error::Card("x".into()),
             Error::Keyring("x".into()),
-            Error::Database("x".into()),
+            Error::db(microcert_center::DbFailure::Internal, "x"),
             Error::Sqlite(rusqlite_error()),
             Error::Io(std::io::Error::other("x")),
         ];

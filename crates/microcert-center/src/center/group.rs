@@ -16,7 +16,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use microcert_core::DeviceId;
 
 use crate::db::{KeyDatabase, Tx, with_tx};
-use crate::{Error, Result};
+use crate::{DbFailure, Error, Result};
 
 /// A record that makes a message count once.
 #[derive(Debug, Clone, Copy)]
@@ -152,9 +152,9 @@ fn commit(db: &dyn KeyDatabase, batch: &[(u64, Mark)]) -> Vec<(u64, Result<bool>
             .map(|(id, m)| match m {
                 Mark::Replay { .. } => Ok((
                     *id,
-                    fresh
-                        .next()
-                        .ok_or_else(|| Error::Database("replay batch answer short".into()))?,
+                    fresh.next().ok_or_else(|| {
+                        Error::db(DbFailure::Internal, "replay batch answer short")
+                    })?,
                 )),
                 Mark::Challenge { .. } => Ok((*id, m.apply(tx)?)),
             })
@@ -163,10 +163,17 @@ fn commit(db: &dyn KeyDatabase, batch: &[(u64, Mark)]) -> Vec<(u64, Result<bool>
     match r {
         Ok(v) => v.into_iter().map(|(id, fresh)| (id, Ok(fresh))).collect(),
         Err(e) => {
+            // Every waiter gets the failure, of the kind it was (a
+            // database gone away stays transient for each of them).
+            let kind = match &e {
+                Error::Database(d) => d.kind,
+                Error::Sqlite(_) => DbFailure::Busy,
+                _ => DbFailure::Internal,
+            };
             let msg = e.to_string();
             batch
                 .iter()
-                .map(|(id, _)| (*id, Err(Error::Database(msg.clone()))))
+                .map(|(id, _)| (*id, Err(Error::db(kind, msg.clone()))))
                 .collect()
         }
     }

@@ -10,7 +10,7 @@ use crate::audit::{self, AuditFinding};
 use crate::backup::{self, BackupSummary};
 use crate::db::with_tx;
 use crate::integrity::{self, IntegrityReport};
-use crate::{Error, Result};
+use crate::{DbFailure, Error, Result};
 
 impl Center {
     /// A shared handle on the card, to keep using it after the center is
@@ -203,7 +203,7 @@ impl AutoBackup {
         let mut last = self
             .last
             .lock()
-            .map_err(|_| Error::Database("auto-backup state poisoned".into()))?;
+            .map_err(|_| Error::db(DbFailure::Internal, "auto-backup state poisoned"))?;
         // Only the record shards (seeds, notary records, commands, device
         // rows): the audit head moves with every backup (its own audit
         // entry), which must not count as a change.

@@ -47,7 +47,7 @@ use std::sync::Arc;
 use microcert_core::{DeviceId, KeyState, Suite};
 
 use crate::card::EnrollVia;
-use crate::{Error, Result};
+use crate::{DbFailure, Error, Result};
 
 /// A registered device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -326,7 +326,10 @@ pub fn device_pages(
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) fn one_row(n: u64, what: impl FnOnce() -> String) -> Result<()> {
     if n != 1 {
-        return Err(Error::Database(format!("{} not found", what())));
+        return Err(Error::db(
+            DbFailure::Corrupt,
+            format!("{} not found", what()),
+        ));
     }
     Ok(())
 }
@@ -437,43 +440,64 @@ pub struct LeaseRow {
 pub trait Tx {
     /// Every keyring row, by version (issue 14). The default refuses.
     fn keyring(&mut self) -> Result<Vec<KeyringRow>> {
-        Err(Error::Database("this key database keeps no keyring".into()))
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no keyring",
+        ))
     }
 
     /// Inserts a keyring row; fails when its version is already stored.
     fn insert_keyring(&mut self, r: &KeyringRow) -> Result<()> {
         let _ = r;
-        Err(Error::Database("this key database keeps no keyring".into()))
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no keyring",
+        ))
     }
 
     /// Replaces the bytes and tag of a stored keyring row when they are
     /// still `old_tag` (compare and swap); false when they changed.
     fn update_keyring(&mut self, r: &KeyringRow, old_tag: &[u8]) -> Result<bool> {
         let _ = (r, old_tag);
-        Err(Error::Database("this key database keeps no keyring".into()))
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no keyring",
+        ))
     }
 
     /// Deletes a keyring row; whether it was there.
     fn delete_keyring(&mut self, version: u32) -> Result<bool> {
         let _ = version;
-        Err(Error::Database("this key database keeps no keyring".into()))
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no keyring",
+        ))
     }
 
     /// Every stored token (issue 14). The default refuses.
     fn tokens(&mut self) -> Result<Vec<TokenRow>> {
-        Err(Error::Database("this key database keeps no tokens".into()))
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no tokens",
+        ))
     }
 
     /// Inserts a token; fails when its hash is already stored.
     fn insert_token(&mut self, t: &TokenRow) -> Result<()> {
         let _ = t;
-        Err(Error::Database("this key database keeps no tokens".into()))
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no tokens",
+        ))
     }
 
     /// Rewrites a stored token's expiry, revocation and tag.
     fn update_token(&mut self, t: &TokenRow) -> Result<()> {
         let _ = t;
-        Err(Error::Database("this key database keeps no tokens".into()))
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no tokens",
+        ))
     }
 
     /// The device row, locked for the rest of the transaction.
@@ -524,16 +548,18 @@ pub trait Tx {
     /// over fewer columns, [`crate::integrity::upgrade_legacy`]).
     fn set_seed_tag(&mut self, id: DeviceId, generation: u8, tag: &[u8; 32]) -> Result<()> {
         let _ = (id, generation, tag);
-        Err(Error::Database(
-            "this key database cannot re-tag seed records".into(),
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database cannot re-tag seed records",
         ))
     }
     /// Sets the seal of an existing notary record (the one-time upgrade of
     /// rows written before seals existed, [`crate::integrity::upgrade_legacy`]).
     fn set_notary_seal(&mut self, n: &NotaryRow) -> Result<()> {
         let _ = n;
-        Err(Error::Database(
-            "this key database cannot seal notary records".into(),
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database cannot seal notary records",
         ))
     }
     /// The device's latest command, pending or answered.
@@ -588,8 +614,9 @@ pub trait Tx {
     /// it too (the default refuses, so repair fails clearly there).
     fn delete_seed(&mut self, id: DeviceId, generation: u8) -> Result<bool> {
         let _ = (id, generation);
-        Err(Error::Database(
-            "this key database cannot delete a seed record for repair".into(),
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database cannot delete a seed record for repair",
         ))
     }
 
@@ -612,8 +639,9 @@ pub trait Tx {
         floor: u64,
     ) -> Result<Vec<bool>> {
         let _ = (rows, floor);
-        Err(Error::Database(
-            "this key database cannot check replay records against a floor".into(),
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database cannot check replay records against a floor",
         ))
     }
 
@@ -627,8 +655,9 @@ pub trait Tx {
         floor: u64,
     ) -> Result<bool> {
         let _ = (id, c, expires, floor);
-        Err(Error::Database(
-            "this key database cannot check challenges against a floor".into(),
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database cannot check challenges against a floor",
         ))
     }
 
@@ -641,14 +670,18 @@ pub trait Tx {
     /// Every shared mark, (name, value, tag), as this transaction sees
     /// them.
     fn marks(&mut self) -> Result<Vec<(String, u64, Vec<u8>)>> {
-        Err(Error::Database("this key database keeps no marks".into()))
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no marks",
+        ))
     }
 
     /// Every stored replay record and spent challenge of these devices.
     fn replay_rows(&mut self, ids: &[DeviceId]) -> Result<Vec<ReplayRow>> {
         let _ = ids;
-        Err(Error::Database(
-            "this key database keeps no replay accumulators".into(),
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no replay accumulators",
         ))
     }
 
@@ -656,16 +689,18 @@ pub trait Tx {
     /// for the rest of the transaction; an absent one is not returned.
     fn replay_accs(&mut self, ids: &[DeviceId]) -> Result<Vec<ReplayAcc>> {
         let _ = ids;
-        Err(Error::Database(
-            "this key database keeps no replay accumulators".into(),
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no replay accumulators",
         ))
     }
 
     /// Writes (inserts or replaces) replay accumulators.
     fn put_replay_accs(&mut self, accs: &[ReplayAcc]) -> Result<()> {
         let _ = accs;
-        Err(Error::Database(
-            "this key database keeps no replay accumulators".into(),
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no replay accumulators",
         ))
     }
 
@@ -673,8 +708,9 @@ pub trait Tx {
     /// expired before `now` and returns them.
     fn prune_replay_rows(&mut self, now: u64, limit: usize) -> Result<Vec<ReplayRow>> {
         let _ = (now, limit);
-        Err(Error::Database(
-            "this key database keeps no replay accumulators".into(),
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no replay accumulators",
         ))
     }
 
@@ -738,8 +774,9 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     /// with a clear error instead of silently leaving the notary out).
     fn scan_notary(&self, after: Option<&NotaryRow>, limit: usize) -> Result<Vec<NotaryRow>> {
         let _ = (after, limit);
-        Err(Error::Database(
-            "this key database cannot list notary records for a backup".into(),
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database cannot list notary records for a backup",
         ))
     }
 
@@ -751,8 +788,9 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
         limit: usize,
     ) -> Result<Vec<(CommandRow, Option<[u8; 32]>)>> {
         let _ = (after, limit);
-        Err(Error::Database(
-            "this key database cannot list commands for the integrity scan".into(),
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database cannot list commands for the integrity scan",
         ))
     }
 
@@ -822,16 +860,18 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     /// passing for a database without an identity.
     fn meta(&self, key: &str) -> Result<Option<String>> {
         let _ = key;
-        Err(Error::Database(
-            "this key database keeps no metadata (database identity)".into(),
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no metadata (database identity)",
         ))
     }
 
     /// Writes (inserts or replaces) a metadata value (see [`KeyDatabase::meta`]).
     fn set_meta(&self, key: &str, value: &str) -> Result<()> {
         let _ = (key, value);
-        Err(Error::Database(
-            "this key database keeps no metadata (database identity)".into(),
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no metadata (database identity)",
         ))
     }
 
@@ -862,33 +902,48 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     /// Every stored token, outside a transaction (the server's token cache
     /// reloads through it). The default refuses.
     fn list_tokens(&self) -> Result<Vec<TokenRow>> {
-        Err(Error::Database("this key database keeps no tokens".into()))
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no tokens",
+        ))
     }
 
     /// Every shared high-water mark: (name, value, card tag). The default
     /// refuses.
     fn list_marks(&self) -> Result<Vec<(String, u64, Vec<u8>)>> {
-        Err(Error::Database("this key database keeps no marks".into()))
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no marks",
+        ))
     }
 
     /// Bookkeeping of a token's use (not tagged): `last_used` is raised to
     /// `last_used` (never lowered) and `failures` grows by `failures`.
     fn note_token_use(&self, hash: &str, last_used: Option<u64>, failures: u64) -> Result<()> {
         let _ = (hash, last_used, failures);
-        Err(Error::Database("this key database keeps no tokens".into()))
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no tokens",
+        ))
     }
 
     /// The lease named `name`, if any (issue 14). The default refuses.
     fn lease(&self, name: &str) -> Result<Option<LeaseRow>> {
         let _ = name;
-        Err(Error::Database("this key database keeps no leases".into()))
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no leases",
+        ))
     }
 
     /// Writes `new` if the lease is still `old` (None: absent), in one
     /// atomic statement (compare and swap); whether it was written.
     fn swap_lease(&self, old: Option<&LeaseRow>, new: &LeaseRow) -> Result<bool> {
         let _ = (old, new);
-        Err(Error::Database("this key database keeps no leases".into()))
+        Err(Error::db(
+            DbFailure::Unsupported,
+            "this key database keeps no leases",
+        ))
     }
 
     /// A device's row and all its seed rows (tags not checked), read in
@@ -933,7 +988,7 @@ pub fn with_snapshot<T>(
         out = Some(f(view.unwrap_or(db))?);
         Ok(())
     })?;
-    out.ok_or_else(|| Error::Database("snapshot produced no value".into()))
+    out.ok_or_else(|| Error::db(DbFailure::Internal, "snapshot produced no value"))
 }
 
 /// Runs `f` in one read-only transaction of `db`
@@ -947,7 +1002,7 @@ pub fn with_read_tx<T>(
         out = Some(f(tx)?);
         Ok(())
     })?;
-    out.ok_or_else(|| Error::Database("transaction produced no value".into()))
+    out.ok_or_else(|| Error::db(DbFailure::Internal, "transaction produced no value"))
 }
 
 /// Runs `f` in one transaction of `db` and returns its value.
@@ -957,5 +1012,5 @@ pub fn with_tx<T>(db: &dyn KeyDatabase, mut f: impl FnMut(&mut dyn Tx) -> Result
         out = Some(f(tx)?);
         Ok(())
     })?;
-    out.ok_or_else(|| Error::Database("transaction produced no value".into()))
+    out.ok_or_else(|| Error::db(DbFailure::Internal, "transaction produced no value"))
 }

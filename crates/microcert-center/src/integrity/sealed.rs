@@ -44,7 +44,7 @@ use crate::db::{
     AuditRecord, ChangeHook, CommandRow, DeviceQuery, DeviceRow, DeviceView, DigestShard,
     KeyDatabase, MARK_PRUNED, NewAudit, NotaryRow, ReplayAcc, ReplayRow, SeedRow, TokenRow, Tx,
 };
-use crate::{Error, Result};
+use crate::{DbFailure, Error, Result};
 
 /// A key database whose notary records, commands, device rows, tokens and
 /// marks carry the card's tag and a place in the digest, and whose replay
@@ -70,7 +70,7 @@ const PRUNE_CHUNK: usize = 5000;
 /// HMAC-SHA256 under the replay-row key over `parts`.
 fn mac(key: &[u8; 32], parts: &[&[u8]]) -> Result<[u8; 32]> {
     let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(key)
-        .map_err(|_| Error::Database("replay-row key refused by HMAC".into()))?;
+        .map_err(|_| Error::db(DbFailure::Internal, "replay-row key refused by HMAC"))?;
     for p in parts {
         m.update(p);
     }
@@ -230,7 +230,7 @@ impl Sealed {
         self.row_key
             .get()
             .map(|k| &**k)
-            .ok_or_else(|| Error::Database("replay-row key not set".into()))
+            .ok_or_else(|| Error::db(DbFailure::Internal, "replay-row key not set"))
     }
 
     fn tx<'a>(&'a self, inner: &'a mut dyn Tx) -> Result<SealedTx<'a>> {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{Error, Result};
+use crate::{DbFailure, Error, Result};
 
 /// libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,10 +42,13 @@ impl SslMode {
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
             other => {
-                return Err(Error::Database(format!(
-                    "invalid PostgreSQL sslmode {other:?}: expected disable, allow, prefer, \
+                return Err(Error::db(
+                    DbFailure::Config,
+                    format!(
+                        "invalid PostgreSQL sslmode {other:?}: expected disable, allow, prefer, \
                      require, verify-ca or verify-full"
-                )));
+                    ),
+                ));
             }
         })
     }
@@ -72,9 +75,10 @@ impl Extras {
                 .filter(|s| s.is_finite() && *s > 0.0 && *s < 1e6)
                 .map(Duration::from_secs_f64)
                 .ok_or_else(|| {
-                    Error::Database(format!(
-                        "invalid PostgreSQL {key} {v:?}: expected seconds > 0"
-                    ))
+                    Error::db(
+                        DbFailure::Config,
+                        format!("invalid PostgreSQL {key} {v:?}: expected seconds > 0"),
+                    )
                 })
         };
         match key {
@@ -88,9 +92,12 @@ impl Extras {
                         .ok()
                         .filter(|n| (1..=1000).contains(n))
                         .ok_or_else(|| {
-                            Error::Database(format!(
-                                "invalid PostgreSQL pool_size {value:?}: expected 1..=1000"
-                            ))
+                            Error::db(
+                                DbFailure::Config,
+                                format!(
+                                    "invalid PostgreSQL pool_size {value:?}: expected 1..=1000"
+                                ),
+                            )
                         })?,
                 )
             }
@@ -171,9 +178,10 @@ pub(super) fn split(s: &str) -> Result<(String, Extras)> {
             i += 1;
         }
         if i >= b.len() || b[i] != b'=' {
-            return Err(Error::Database(format!(
-                "invalid PostgreSQL connection string: {key:?} has no value"
-            )));
+            return Err(Error::db(
+                DbFailure::Config,
+                format!("invalid PostgreSQL connection string: {key:?} has no value"),
+            ));
         }
         i += 1;
         while i < b.len() && ws(b[i]) {
@@ -185,8 +193,9 @@ pub(super) fn split(s: &str) -> Result<(String, Extras)> {
             loop {
                 match b.get(i) {
                     None => {
-                        return Err(Error::Database(
-                            "invalid PostgreSQL connection string: unterminated quote".into(),
+                        return Err(Error::db(
+                            DbFailure::Config,
+                            "invalid PostgreSQL connection string: unterminated quote",
                         ));
                     }
                     Some(b'\'') => {
@@ -310,7 +319,10 @@ pub(super) fn apply_pgpass(config: &mut tokio_postgres::Config, ex: &Extras) -> 
         return Ok(());
     }
     let text = std::fs::read_to_string(&path).map_err(|e| {
-        Error::Database(format!("PostgreSQL password file {}: {e}", path.display()))
+        Error::db(
+            DbFailure::Config,
+            format!("PostgreSQL password file {}: {e}", path.display()),
+        )
     })?;
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
@@ -342,17 +354,17 @@ pub(super) fn tls(
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Database(format!("PostgreSQL TLS: {e}")))?;
+        .map_err(|e| Error::db(DbFailure::Config, format!("PostgreSQL TLS: {e}")))?;
     let config = match mode {
         SslMode::VerifyCa | SslMode::VerifyFull => {
             let path = rootcert.map(Path::to_path_buf).or_else(|| {
                 std::env::var_os("HOME").map(|h| Path::new(&h).join(".postgresql/root.crt"))
             });
             let Some(path) = path.filter(|p| p.exists()) else {
-                return Err(Error::Database(
+                return Err(Error::db(
+                    DbFailure::Config,
                     "PostgreSQL sslmode verify-ca/verify-full needs sslrootcert (a PEM file of \
-                     the CA certificates to trust)"
-                        .into(),
+                     the CA certificates to trust)",
                 ));
             };
             let roots = load_roots(&path)?;
@@ -361,7 +373,7 @@ pub(super) fn tls(
                 provider.clone(),
             )
             .build()
-            .map_err(|e| Error::Database(format!("PostgreSQL TLS roots: {e}")))?;
+            .map_err(|e| Error::db(DbFailure::Config, format!("PostgreSQL TLS roots: {e}")))?;
             let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> =
                 if mode == SslMode::VerifyFull {
                     webpki
@@ -391,21 +403,34 @@ fn load_roots(path: &Path) -> Result<Arc<rustls::RootCertStore>> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| Error::Database(format!("PostgreSQL sslrootcert {}: {e}", path.display())))?;
+    let certs = CertificateDer::pem_file_iter(path).map_err(|e| {
+        Error::db(
+            DbFailure::Config,
+            format!("PostgreSQL sslrootcert {}: {e}", path.display()),
+        )
+    })?;
     for c in certs {
         let c = c.map_err(|e| {
-            Error::Database(format!("PostgreSQL sslrootcert {}: {e}", path.display()))
+            Error::db(
+                DbFailure::Config,
+                format!("PostgreSQL sslrootcert {}: {e}", path.display()),
+            )
         })?;
         roots.add(c).map_err(|e| {
-            Error::Database(format!("PostgreSQL sslrootcert {}: {e}", path.display()))
+            Error::db(
+                DbFailure::Config,
+                format!("PostgreSQL sslrootcert {}: {e}", path.display()),
+            )
         })?;
     }
     if roots.is_empty() {
-        return Err(Error::Database(format!(
-            "PostgreSQL sslrootcert {}: no certificate in it",
-            path.display()
-        )));
+        return Err(Error::db(
+            DbFailure::Config,
+            format!(
+                "PostgreSQL sslrootcert {}: no certificate in it",
+                path.display()
+            ),
+        ));
     }
     Ok(Arc::new(roots))
 }

@@ -60,7 +60,7 @@ use super::{
     AuditRecord, CommandRow, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit,
     NotaryRow, SeedRow, Tx,
 };
-use crate::{Error, Result};
+use crate::{DbError, DbFailure, Error, Result};
 
 pub mod conninfo;
 mod listen;
@@ -105,20 +105,39 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 pub(crate) fn pg_err(e: tokio_postgres::Error) -> Error {
     match e.as_db_error() {
-        Some(db) if *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION => {
-            Error::Database(format!("{READ_ONLY} ({})", db.message()))
+        Some(db) if *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION => Error::db(
+            DbFailure::ReadOnly,
+            format!("{READ_ONLY} ({})", db.message()),
+        ),
+        Some(db) if *db.code() == SqlState::QUERY_CANCELED => Error::db(
+            DbFailure::Timeout,
+            format!(
+                "PostgreSQL {}: {} (statement_timeout)",
+                db.code().code(),
+                db.message()
+            ),
+        ),
+        Some(db) => {
+            // SQLSTATE classes 08 (connection), 40 (transaction rollback:
+            // serialization, deadlock), 53 (insufficient resources), 57
+            // (operator intervention: shutdown, cancel) are for now;
+            // anything else (a constraint, a type) is this program's.
+            let code = db.code().code();
+            let kind = match code.get(..2) {
+                Some("08") => DbFailure::Unreachable,
+                Some("40" | "53" | "57") => DbFailure::Busy,
+                _ => DbFailure::Internal,
+            };
+            Error::db(kind, format!("PostgreSQL {code}: {}", db.message()))
         }
-        Some(db) if *db.code() == SqlState::QUERY_CANCELED => Error::Database(format!(
-            "PostgreSQL {}: {} (statement_timeout)",
-            db.code().code(),
-            db.message()
-        )),
-        Some(db) => Error::Database(format!("PostgreSQL {}: {}", db.code().code(), db.message())),
-        None if e.is_closed() => Error::Database(format!(
-            "PostgreSQL connection lost ({}); the request was not completed",
-            chain(&e)
-        )),
-        None => Error::Database(format!("PostgreSQL: {}", chain(&e))),
+        None if e.is_closed() => Error::db(
+            DbFailure::Unreachable,
+            format!(
+                "PostgreSQL connection lost ({}); the request was not completed",
+                chain(&e)
+            ),
+        ),
+        None => Error::db(DbFailure::Unreachable, format!("PostgreSQL: {}", chain(&e))),
     }
 }
 
@@ -173,7 +192,12 @@ impl Driver {
             .thread_name("microcert-pg")
             .enable_all()
             .build()
-            .map_err(|e| Error::Database(format!("PostgreSQL driver runtime: {e}")))?;
+            .map_err(|e| {
+                Error::db(
+                    DbFailure::Internal,
+                    format!("PostgreSQL driver runtime: {e}"),
+                )
+            })?;
         let handle = rt.handle().clone();
         Ok(Driver {
             rt: Some(rt),
@@ -267,10 +291,13 @@ impl PgConn {
             Err(_) => {
                 self.broken = true;
                 self.last_code = None;
-                Err(Error::Database(format!(
-                    "PostgreSQL did not answer within {} s; connection dropped",
-                    limit.as_secs_f32()
-                )))
+                Err(Error::db(
+                    DbFailure::Timeout,
+                    format!(
+                        "PostgreSQL did not answer within {} s; connection dropped",
+                        limit.as_secs_f32()
+                    ),
+                ))
             }
         }
     }
@@ -347,32 +374,44 @@ impl Pool {
         use deadpool_postgres::{PoolError, TimeoutType};
         let r = wait_on(&self.driver.handle, || self.pool.get());
         let obj = r.map_err(|e| match e {
-            PoolError::Timeout(TimeoutType::Wait) => Error::Database(format!(
-                "PostgreSQL: no connection free within {} s (all {} busy)",
-                self.opts.checkout_timeout.as_secs_f32(),
-                self.opts.pool_size
-            )),
-            PoolError::Timeout(_) => Error::Database(format!(
-                "PostgreSQL: could not connect within {} s",
-                self.opts.connect_timeout.as_secs_f32()
-            )),
+            PoolError::Timeout(TimeoutType::Wait) => Error::db(
+                DbFailure::Timeout,
+                format!(
+                    "PostgreSQL: no connection free within {} s (all {} busy)",
+                    self.opts.checkout_timeout.as_secs_f32(),
+                    self.opts.pool_size
+                ),
+            ),
+            PoolError::Timeout(_) => Error::db(
+                DbFailure::Timeout,
+                format!(
+                    "PostgreSQL: could not connect within {} s",
+                    self.opts.connect_timeout.as_secs_f32()
+                ),
+            ),
             PoolError::Backend(e) => {
                 let msg = chain(&e);
                 if msg.contains("does not allow writes")
                     || msg.contains("read-only")
                     || msg.contains("read only")
                 {
-                    Error::Database(format!("{READ_ONLY} ({msg})"))
+                    Error::db(DbFailure::ReadOnly, format!("{READ_ONLY} ({msg})"))
                 } else if msg.contains("TLS") || msg.contains("certificate") {
-                    Error::Database(format!(
-                        "PostgreSQL TLS: {msg} (sslmode requires TLS; the server does not \
+                    Error::db(
+                        DbFailure::Config,
+                        format!(
+                            "PostgreSQL TLS: {msg} (sslmode requires TLS; the server does not \
                          offer it or its certificate was refused)"
-                    ))
+                        ),
+                    )
                 } else {
-                    Error::Database(format!("PostgreSQL: cannot connect: {msg}"))
+                    Error::db(
+                        DbFailure::Unreachable,
+                        format!("PostgreSQL: cannot connect: {msg}"),
+                    )
                 }
             }
-            other => Error::Database(format!("PostgreSQL pool: {other}")),
+            other => Error::db(DbFailure::Unreachable, format!("PostgreSQL pool: {other}")),
         })?;
         Ok(PgConn {
             obj: Some(obj),
@@ -405,7 +444,7 @@ struct ReadGroup {
 struct ReadState {
     next: u64,
     queue: Vec<(u64, DeviceId)>,
-    done: std::collections::HashMap<u64, std::result::Result<Loaded, String>>,
+    done: std::collections::HashMap<u64, std::result::Result<Loaded, DbError>>,
     leader: bool,
 }
 
@@ -447,7 +486,13 @@ impl ReadGroup {
                     let mut st = self.0.lock();
                     if std::thread::panicking() {
                         for (t, _) in self.1 {
-                            st.done.insert(*t, Err("grouped read failed".into()));
+                            st.done.insert(
+                                *t,
+                                Err(DbError {
+                                    kind: DbFailure::Internal,
+                                    message: "grouped read failed".into(),
+                                }),
+                            );
                         }
                     }
                     st.leader = false;
@@ -466,7 +511,7 @@ impl ReadGroup {
     fn read(
         pool: &Pool,
         batch: &[(u64, DeviceId)],
-    ) -> Vec<(u64, std::result::Result<Loaded, String>)> {
+    ) -> Vec<(u64, std::result::Result<Loaded, DbError>)> {
         let got = if let [(_, id)] = batch {
             pool.get()
                 .and_then(|mut c| read::load_device(&mut c, *id))
@@ -489,8 +534,11 @@ impl ReadGroup {
                 .collect(),
             Err(e) => {
                 let msg = match e {
-                    Error::Database(m) => m,
-                    other => other.to_string(),
+                    Error::Database(d) => d,
+                    other => DbError {
+                        kind: DbFailure::Internal,
+                        message: other.to_string(),
+                    },
                 };
                 batch.iter().map(|(t, _)| (*t, Err(msg.clone()))).collect()
             }
@@ -579,9 +627,12 @@ impl PostgresDatabase {
     /// string's own settings win).
     pub fn open_with(url: &str, opts: PostgresOptions) -> Result<Self> {
         let (rest, ex) = conninfo::split(url)?;
-        let mut config: tokio_postgres::Config = rest
-            .parse()
-            .map_err(|e| Error::Database(format!("invalid PostgreSQL connection string: {e}")))?;
+        let mut config: tokio_postgres::Config = rest.parse().map_err(|e| {
+            Error::db(
+                DbFailure::Config,
+                format!("invalid PostgreSQL connection string: {e}"),
+            )
+        })?;
         let opts = PostgresOptions {
             pool_size: ex.pool_size.unwrap_or(opts.pool_size).max(1),
             checkout_timeout: ex.checkout_timeout.unwrap_or(opts.checkout_timeout),
@@ -642,7 +693,7 @@ impl PostgresDatabase {
             .create_timeout(Some(opts.connect_timeout))
             .recycle_timeout(Some(opts.checkout_timeout))
             .build()
-            .map_err(|e| Error::Database(format!("PostgreSQL pool: {e}")))?;
+            .map_err(|e| Error::db(DbFailure::Config, format!("PostgreSQL pool: {e}")))?;
         let mut db = PostgresDatabase {
             reads: ReadGroup::default(),
             pool: Pool {
@@ -955,14 +1006,17 @@ impl Snapshot<'_> {
         let mut g = self
             .conn
             .lock()
-            .map_err(|_| Error::Database("snapshot connection poisoned".into()))?;
+            .map_err(|_| Error::db(DbFailure::Internal, "snapshot connection poisoned"))?;
         f(&mut g)
     }
 }
 
 impl KeyDatabase for Snapshot<'_> {
     fn transaction(&self, _f: &mut dyn FnMut(&mut dyn Tx) -> Result<()>) -> Result<()> {
-        Err(Error::Database("a read snapshot cannot write".into()))
+        Err(Error::db(
+            DbFailure::Internal,
+            "a read snapshot cannot write",
+        ))
     }
     fn device_view(&self, id: DeviceId) -> Result<Option<DeviceView>> {
         self.with(|c| read::device_view(c, id))
@@ -996,7 +1050,10 @@ impl KeyDatabase for Snapshot<'_> {
         self.with(|c| read::scan_commands(c, after, limit))
     }
     fn prune(&self, _now: u64) -> Result<u64> {
-        Err(Error::Database("a read snapshot cannot write".into()))
+        Err(Error::db(
+            DbFailure::Internal,
+            "a read snapshot cannot write",
+        ))
     }
     fn list_tokens(&self) -> Result<Vec<super::TokenRow>> {
         self.with(|c| {
@@ -1011,7 +1068,10 @@ impl KeyDatabase for Snapshot<'_> {
         self.with(read_marks)
     }
     fn flush_erased(&self) -> Result<()> {
-        Err(Error::Database("a read snapshot cannot write".into()))
+        Err(Error::db(
+            DbFailure::Internal,
+            "a read snapshot cannot write",
+        ))
     }
 }
 

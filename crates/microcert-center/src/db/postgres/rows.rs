@@ -8,7 +8,7 @@ use tokio_postgres::Row;
 
 use crate::card::EnrollVia;
 use crate::db::{Blob, DeviceRow, SeedRow};
-use crate::{Error, Result};
+use crate::{DbFailure, Error, Result};
 
 /// A column's value, with the driver's error mapped.
 pub(super) fn g<'a, T: tokio_postgres::types::FromSql<'a>>(r: &'a Row, idx: usize) -> Result<T> {
@@ -16,7 +16,7 @@ pub(super) fn g<'a, T: tokio_postgres::types::FromSql<'a>>(r: &'a Row, idx: usiz
 }
 
 fn bad(what: &str) -> Error {
-    Error::Database(format!("stored {what} out of range"))
+    Error::db(DbFailure::Corrupt, format!("stored {what} out of range"))
 }
 
 pub(super) fn dev(b: &[u8]) -> Result<DeviceId> {

@@ -6,7 +6,7 @@
 use tokio_postgres::Client;
 
 use super::{block_on, pg_err};
-use crate::{Error, Result};
+use crate::{DbFailure, Error, Result};
 
 /// Schema versions, applied in order; `schema_version` counts those
 /// applied. Never edit an applied one: add the next (and the SQLite one of
@@ -127,9 +127,10 @@ fn apply(client: &Client) -> Result<Option<u32>> {
     };
     let known = MIGRATIONS.len() as i32;
     if version > known {
-        return Err(Error::Database(format!(
-            "database schema version {version} is newer than this program's {known}"
-        )));
+        return Err(Error::db(
+            DbFailure::Schema,
+            format!("database schema version {version} is newer than this program's {known}"),
+        ));
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         block_on(client.batch_execute(sql)).map_err(pg_err)?;

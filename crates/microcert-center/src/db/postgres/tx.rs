@@ -11,7 +11,7 @@ use crate::db::{
     Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, ReplayAcc, ReplayRow, SeedRow,
     Tx, one_row,
 };
-use crate::{Error, Result, audit};
+use crate::{DbFailure, Error, Result, audit};
 
 /// Advisory lock keys (transaction-scoped): one per digest shard, one for
 /// the audit chain. The high bits spell "MCDG" / "MCAU" so they do not
@@ -172,10 +172,10 @@ impl<'c> PgTx<'c> {
                     chunk.iter().flat_map(|row| refs(row.iter())).collect();
                 let n_rows = self.c.execute(&sql, &params)?;
                 if n_rows != chunk.len() as u64 {
-                    return Err(Error::Database(format!(
-                        "{table}: {n_rows} of {} rows inserted",
-                        chunk.len()
-                    )));
+                    return Err(Error::db(
+                        DbFailure::Corrupt,
+                        format!("{table}: {n_rows} of {} rows inserted", chunk.len()),
+                    ));
                 }
             }
         }
@@ -635,7 +635,7 @@ impl Tx for PgTx<'_> {
         )? == 1;
         let stored = self
             .notary(n.device, n.generation, n.t, n.r, &n.digest)?
-            .ok_or_else(|| Error::Database("notary record vanished".into()))?;
+            .ok_or_else(|| Error::db(DbFailure::Corrupt, "notary record vanished"))?;
         Ok((stored, inserted))
     }
 

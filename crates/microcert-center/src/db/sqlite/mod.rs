@@ -22,7 +22,7 @@ use super::{
     AuditRecord, Blob, CommandRow, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit,
     NotaryRow, SeedRow, Tx,
 };
-use crate::{Error, Result};
+use crate::{DbFailure, Error, Result};
 
 mod rows;
 mod schema;
@@ -67,7 +67,7 @@ pub struct SqliteDatabase {
 }
 
 fn db_err(e: impl std::fmt::Display) -> Error {
-    Error::Database(e.to_string())
+    Error::db(DbFailure::Internal, e.to_string())
 }
 
 impl SqliteDatabase {
@@ -168,7 +168,7 @@ impl SqliteDatabase {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Connection>> {
         self.conn
             .lock()
-            .map_err(|_| Error::Database("connection mutex poisoned".into()))
+            .map_err(|_| Error::db(DbFailure::Internal, "connection mutex poisoned"))
     }
 }
 

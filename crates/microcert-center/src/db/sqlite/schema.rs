@@ -2,7 +2,7 @@
 
 use rusqlite::{Connection, TransactionBehavior};
 
-use crate::{Error, Result};
+use crate::{DbFailure, Error, Result};
 
 /// Schema versions, applied in order; `user_version` counts those applied.
 /// Never edit an applied one: add the next.
@@ -105,9 +105,10 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<Option<u32>> {
     let version: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = MIGRATIONS.len() as u32;
     if version > known {
-        return Err(Error::Database(format!(
-            "database schema version {version} is newer than this program's {known}"
-        )));
+        return Err(Error::db(
+            DbFailure::Schema,
+            format!("database schema version {version} is newer than this program's {known}"),
+        ));
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.execute_batch(sql)?;

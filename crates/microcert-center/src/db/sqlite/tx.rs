@@ -8,7 +8,7 @@ use crate::db::{
     Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, ReplayAcc, ReplayRow, SeedRow,
     TokenRow, Tx, one_row,
 };
-use crate::{Error, Result, audit};
+use crate::{DbFailure, Error, Result, audit};
 
 /// The parameters ?1 to ?9 of a device row, in [`DEVICE_COLS`] order.
 macro_rules! device_params {
@@ -370,7 +370,7 @@ impl Tx for SqliteTx<'_> {
         ])? == 1;
         let stored = self
             .notary(n.device, n.generation, n.t, n.r, &n.digest)?
-            .ok_or_else(|| Error::Database("notary record vanished".into()))?;
+            .ok_or_else(|| Error::db(DbFailure::Corrupt, "notary record vanished"))?;
         Ok((stored, inserted))
     }
 
