@@ -40,7 +40,6 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use microcert_core::DeviceId;
-use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::anchor::Anchor;
@@ -343,58 +342,62 @@ pub fn create(
 /// The file's bytes.
 pub fn encode(b: &Backup, card: &dyn EncryptionCard) -> Result<Vec<u8>> {
     let mut out = BufWriter::new(Vec::new());
-    let mut line = |v: Value| writeln!(out, "{v}");
-    line(
-        json!({"format": FORMAT, "version": VERSION, "created": b.created, "card": card_id(card)?}),
-    )?;
+    let json = |e: serde_json::Error| Error::Io(std::io::Error::other(e));
+    let header = HeaderLine {
+        format: FORMAT.into(),
+        version: VERSION,
+        created: b.created,
+        card: card_id(card)?,
+    };
+    writeln!(out, "{}", serde_json::to_string(&header).map_err(json)?)?;
+    let mut line = |l: Line| -> Result<()> {
+        writeln!(out, "{}", serde_json::to_string(&l).map_err(json)?)?;
+        Ok(())
+    };
     for d in &b.devices {
-        line(device_json(d))?;
+        line(Line::Device(d.into()))?;
     }
     for s in &b.seeds {
-        line(seed_json(s))?;
+        line(Line::Seed(s.into()))?;
     }
     for s in &b.shards {
-        line(
-            json!({"t": "shard", "shard": s.shard, "acc": hex::encode(s.acc),
-            "count": s.count, "seq": s.seq, "tag": hex::encode(s.tag)}),
-        )?;
+        line(Line::Shard(s.into()))?;
     }
     for c in &b.commands {
-        line(
-            json!({"t": "command", "device": hex::encode(c.device.0), "counter": c.counter,
-            "opcode": c.opcode, "generation": c.generation, "r": c.r,
-            "bytes": hex::encode(&c.bytes.0), "created": c.created,
-            "answered_at": c.answered_at, "status": c.status}),
-        )?;
+        line(Line::Command(c.into()))?;
     }
     for n in &b.notary {
-        line(json!({"t": "notary", "device": hex::encode(n.device.0),
-            "generation": n.generation, "t_": n.t, "r": n.r, "digest": hex::encode(n.digest),
-            "tag": hex::encode(&n.tag), "first_seen": n.first_seen,
-            "seal": n.seal.map(hex::encode)}))?;
+        line(Line::Notary(n.into()))?;
     }
     for k in &b.keyring {
-        line(json!({"t": "keyring", "version": k.version,
-            "bytes": hex::encode(&k.bytes), "tag": hex::encode(&k.tag)}))?;
+        line(Line::Keyring(k.into()))?;
     }
     for a in &b.audit {
-        let mut v = crate::audit::to_json(a);
-        v["t"] = json!("audit");
-        line(v)?;
+        line(Line::Audit(a.into()))?;
     }
     let m = b.mark();
-    line(
-        json!({"t": "end", "devices": b.devices.len(), "seeds": b.seeds.len(),
-        "shards": b.shards.len(), "commands": b.commands.len(), "notary": b.notary.len(),
-        "audit": b.audit.len(), "kstore_versions": b.kstore_versions(),
-        "mark": {"shard_seq": m.shard_seq.to_vec(), "audit_seq": m.audit_seq,
-                 "audit_hash": hex::encode(m.audit_hash)}}),
-    )?;
+    line(Line::End(EndLine {
+        devices: b.devices.len() as u64,
+        seeds: b.seeds.len() as u64,
+        shards: b.shards.len() as u64,
+        commands: b.commands.len() as u64,
+        notary: b.notary.len() as u64,
+        audit: b.audit.len() as u64,
+        kstore_versions: b.kstore_versions(),
+        mark: MarkLine {
+            shard_seq: m.shard_seq.to_vec(),
+            audit_seq: m.audit_seq,
+            audit_hash: hex::encode(m.audit_hash),
+        },
+    }))?;
     let mut body = out
         .into_inner()
         .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
     let tag = mac(card, &body)?;
-    writeln!(body, "{}", json!({"mac": hex::encode(tag)}))?;
+    let mac_line = MacLine {
+        mac: hex::encode(tag),
+    };
+    writeln!(body, "{}", serde_json::to_string(&mac_line).map_err(json)?)?;
     Ok(body)
 }
 
@@ -410,53 +413,40 @@ pub fn read(path: &Path, card: &dyn EncryptionCard) -> Result<Backup> {
         .map(|i| i + 1)
         .ok_or_else(|| bad("not a backup file"))?;
     let (body, last) = text.split_at(body_end);
-    let first: Value = body
+    let first: HeaderLine = body
         .lines()
         .next()
         .and_then(|l| serde_json::from_str(l).ok())
         .ok_or_else(|| bad("not a backup file"))?;
-    if first["format"] != FORMAT || first["version"] != VERSION {
+    if first.format != FORMAT || first.version != VERSION {
         return Err(bad("not a backup file of this version"));
     }
-    if first["card"].as_str() != Some(card_id(card)?.as_str()) {
+    if first.card != card_id(card)? {
         return Err(bad("made with another encryption card"));
     }
-    let want: Value = serde_json::from_str(last.trim()).map_err(|_| bad("no MAC line"))?;
+    let want: MacLine = serde_json::from_str(last.trim()).map_err(|_| bad("no MAC line"))?;
     let got = mac(card, body.as_bytes())?;
-    let want = want["mac"]
-        .as_str()
-        .and_then(|h| hex::decode(h).ok())
-        .ok_or_else(|| bad("no MAC line"))?;
+    let want = hex::decode(&want.mac).map_err(|_| bad("no MAC line"))?;
     if !bool::from(subtle::ConstantTimeEq::ct_eq(&got[..], &want[..])) {
         return Err(bad("MAC does not match: the file was altered or cut short"));
     }
     let mut b = Backup {
-        created: first["created"].as_u64().ok_or_else(|| bad("header"))?,
+        created: first.created,
         ..Backup::default()
     };
     let mut ended = false;
     for (i, l) in body.lines().enumerate().skip(1) {
-        let v: Value = serde_json::from_str(l).map_err(|_| bad(&format!("line {}", i + 1)))?;
         let e = || bad(&format!("line {}", i + 1));
-        match v["t"].as_str() {
-            Some("device") => b.devices.push(parse_device(&v).ok_or_else(e)?),
-            Some("seed") => b.seeds.push(parse_seed(&v).ok_or_else(e)?),
-            Some("shard") => b.shards.push(parse_shard(&v).ok_or_else(e)?),
-            Some("command") => b.commands.push(parse_command(&v).ok_or_else(e)?),
-            Some("notary") => b.notary.push(parse_notary(&v).ok_or_else(e)?),
-            Some("audit") => b.audit.push(parse_audit(&v).ok_or_else(e)?),
-            Some("keyring") => b.keyring.push(
-                (|| {
-                    Some(crate::db::KeyringRow {
-                        version: u32::try_from(v["version"].as_u64()?).ok()?,
-                        bytes: hex::decode(v["bytes"].as_str()?).ok()?,
-                        tag: hex::decode(v["tag"].as_str()?).ok()?,
-                    })
-                })()
-                .ok_or_else(e)?,
-            ),
-            Some("end") => ended = true,
-            _ => return Err(e()),
+        let v: Line = serde_json::from_str(l).map_err(|_| e())?;
+        match v {
+            Line::Device(d) => b.devices.push(d.row().ok_or_else(e)?),
+            Line::Seed(x) => b.seeds.push(x.row().ok_or_else(e)?),
+            Line::Shard(x) => b.shards.push(x.row().ok_or_else(e)?),
+            Line::Command(x) => b.commands.push(x.row().ok_or_else(e)?),
+            Line::Notary(x) => b.notary.push(x.row().ok_or_else(e)?),
+            Line::Audit(x) => b.audit.push(x.row().ok_or_else(e)?),
+            Line::Keyring(x) => b.keyring.push(x.row().ok_or_else(e)?),
+            Line::End(_) => ended = true,
         }
     }
     if !ended {

@@ -1,169 +1,406 @@
-//! The backup file's rows as JSON and back.
+//! The backup file's lines as typed records (serde), and the database rows
+//! they carry. Byte strings are lower-case hex; the field names are the
+//! file format (`docs/architecture.md`, backups): never rename one.
 
 use microcert_core::{DeviceId, KeyState, Suite};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use crate::card::EnrollVia;
 use crate::db::{
-    AuditRecord, Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, SeedRow,
+    AuditRecord, Blob, CommandRow, DeviceRow, DigestShard, KeyringRow, NewAudit, NotaryRow, SeedRow,
 };
 
-pub(super) fn device_json(d: &DeviceRow) -> Value {
-    json!({"t": "device", "id": hex::encode(d.id.0), "class": d.class, "suite": d.suite.id(),
-        "epoch": d.epoch, "transport_open": d.transport_open, "created": d.created,
-        "highest_generation": d.highest_generation, "command_counter": d.command_counter,
-        "tag": hex::encode(d.tag)})
+/// The first line: what the file is, when it was made, and by which card.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct HeaderLine {
+    pub format: String,
+    pub version: u64,
+    pub created: u64,
+    pub card: String,
 }
 
-pub(super) fn seed_json(s: &SeedRow) -> Value {
-    json!({"t": "seed", "device": hex::encode(s.device.0), "generation": s.generation,
-        "state": s.state.name(), "base_year": s.base_year, "suite": s.suite.id(),
-        "kstore_version": s.kstore_version,
-        "ciphertext": s.ciphertext.as_ref().map(|c| hex::encode(&c.0)),
-        "tag": hex::encode(s.tag), "via": s.via.name(), "enroll_t": s.enroll_t,
-        "enroll_r": s.enroll_r, "enroll_digest": hex::encode(s.enroll_digest),
-        "receipt": hex::encode(&s.receipt.0), "created": s.created,
-        "activated_at": s.activated_at, "suspended_at": s.suspended_at,
-        "deactivated_at": s.deactivated_at, "compromised_at": s.compromised_at,
-        "destroyed_at": s.destroyed_at, "grace_until": s.grace_until})
+/// The last line: the card's MAC over every line before it.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct MacLine {
+    pub mac: String,
 }
 
-pub(super) fn h32(v: &Value) -> Option<[u8; 32]> {
-    hex::decode(v.as_str()?).ok()?.try_into().ok()
+/// One line between the header and the MAC, by its `t`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "lowercase")]
+pub(super) enum Line {
+    Device(DeviceLine),
+    Seed(SeedLine),
+    Shard(ShardLine),
+    Command(CommandLine),
+    Notary(NotaryLine),
+    Keyring(KeyringLine),
+    Audit(AuditLine),
+    End(EndLine),
 }
-pub(super) fn hdev(v: &Value) -> Option<DeviceId> {
-    Some(DeviceId(hex::decode(v.as_str()?).ok()?.try_into().ok()?))
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct DeviceLine {
+    id: String,
+    class: u8,
+    suite: u8,
+    epoch: u8,
+    transport_open: bool,
+    created: u64,
+    highest_generation: Option<u8>,
+    command_counter: u32,
+    tag: String,
 }
-pub(super) fn u(v: &Value) -> Option<u64> {
-    v.as_u64()
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct SeedLine {
+    device: String,
+    generation: u8,
+    state: String,
+    base_year: u16,
+    suite: u8,
+    kstore_version: u32,
+    ciphertext: Option<String>,
+    tag: String,
+    via: String,
+    enroll_t: u32,
+    enroll_r: u64,
+    enroll_digest: String,
+    receipt: String,
+    created: u64,
+    activated_at: Option<u64>,
+    suspended_at: Option<u64>,
+    deactivated_at: Option<u64>,
+    compromised_at: Option<u64>,
+    destroyed_at: Option<u64>,
+    grace_until: Option<u64>,
 }
-pub(super) fn u8_(v: &Value) -> Option<u8> {
-    u8::try_from(v.as_u64()?).ok()
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct ShardLine {
+    shard: u8,
+    acc: String,
+    count: u64,
+    seq: u64,
+    tag: String,
 }
-pub(super) fn u32_(v: &Value) -> Option<u32> {
-    u32::try_from(v.as_u64()?).ok()
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct CommandLine {
+    device: String,
+    counter: u32,
+    opcode: u8,
+    generation: u8,
+    r: u64,
+    bytes: String,
+    created: u64,
+    answered_at: Option<u64>,
+    status: Option<u8>,
 }
-pub(super) fn ou(v: &Value) -> Option<Option<u64>> {
-    if v.is_null() {
-        Some(None)
-    } else {
-        Some(Some(v.as_u64()?))
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct NotaryLine {
+    device: String,
+    generation: u8,
+    /// The message's t (`t` is the line's kind).
+    #[serde(rename = "t_")]
+    time: u32,
+    r: u64,
+    digest: String,
+    tag: String,
+    first_seen: u64,
+    /// Backups of version 1 have none: the restore seals every record
+    /// again (the backup's MAC vouches for it).
+    #[serde(default)]
+    seal: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct KeyringLine {
+    version: u32,
+    bytes: String,
+    tag: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct AuditLine {
+    seq: u64,
+    time: u64,
+    actor: String,
+    action: String,
+    device: Option<String>,
+    generation: Option<u8>,
+    reason: String,
+    prev_hash: String,
+    hash: String,
+}
+
+/// The counts and the anchor mark of the backup (read for completeness:
+/// a file without its end line was cut short).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub(super) struct EndLine {
+    pub devices: u64,
+    pub seeds: u64,
+    pub shards: u64,
+    pub commands: u64,
+    pub notary: u64,
+    pub audit: u64,
+    pub kstore_versions: Vec<u32>,
+    pub mark: MarkLine,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub(super) struct MarkLine {
+    pub shard_seq: Vec<u64>,
+    pub audit_seq: u64,
+    pub audit_hash: String,
+}
+
+fn h32(s: &str) -> Option<[u8; 32]> {
+    hex::decode(s).ok()?.try_into().ok()
+}
+
+fn hdev(s: &str) -> Option<DeviceId> {
+    Some(DeviceId(hex::decode(s).ok()?.try_into().ok()?))
+}
+
+fn hvec(s: &str) -> Option<Vec<u8>> {
+    hex::decode(s).ok()
+}
+
+impl From<&DeviceRow> for DeviceLine {
+    fn from(d: &DeviceRow) -> Self {
+        DeviceLine {
+            id: hex::encode(d.id.0),
+            class: d.class,
+            suite: d.suite.id(),
+            epoch: d.epoch,
+            transport_open: d.transport_open,
+            created: d.created,
+            highest_generation: d.highest_generation,
+            command_counter: d.command_counter,
+            tag: hex::encode(d.tag),
+        }
     }
 }
 
-pub(super) fn parse_device(v: &Value) -> Option<DeviceRow> {
-    Some(DeviceRow {
-        id: hdev(&v["id"])?,
-        class: u8_(&v["class"])?,
-        suite: Suite::new(u8_(&v["suite"])?).ok()?,
-        epoch: u8_(&v["epoch"])?,
-        transport_open: v["transport_open"].as_bool()?,
-        created: u(&v["created"])?,
-        highest_generation: if v["highest_generation"].is_null() {
-            None
-        } else {
-            Some(u8_(&v["highest_generation"])?)
-        },
-        command_counter: u32_(&v["command_counter"])?,
-        tag: h32(&v["tag"])?,
-    })
+impl DeviceLine {
+    pub(super) fn row(&self) -> Option<DeviceRow> {
+        Some(DeviceRow {
+            id: hdev(&self.id)?,
+            class: self.class,
+            suite: Suite::new(self.suite).ok()?,
+            epoch: self.epoch,
+            transport_open: self.transport_open,
+            created: self.created,
+            highest_generation: self.highest_generation,
+            command_counter: self.command_counter,
+            tag: h32(&self.tag)?,
+        })
+    }
 }
 
-pub(super) fn parse_seed(v: &Value) -> Option<SeedRow> {
-    Some(SeedRow {
-        device: hdev(&v["device"])?,
-        generation: u8_(&v["generation"])?,
-        state: KeyState::from_name(v["state"].as_str()?)?,
-        base_year: u16::try_from(u(&v["base_year"])?).ok()?,
-        suite: Suite::new(u8_(&v["suite"])?).ok()?,
-        kstore_version: u32_(&v["kstore_version"])?,
-        ciphertext: match &v["ciphertext"] {
-            Value::Null => None,
-            c => Some(Blob(hex::decode(c.as_str()?).ok()?)),
-        },
-        tag: h32(&v["tag"])?,
-        via: EnrollVia::from_name(v["via"].as_str()?)?,
-        enroll_t: u32_(&v["enroll_t"])?,
-        enroll_r: u(&v["enroll_r"])?,
-        enroll_digest: h32(&v["enroll_digest"])?,
-        receipt: Blob(hex::decode(v["receipt"].as_str()?).ok()?),
-        created: u(&v["created"])?,
-        activated_at: ou(&v["activated_at"])?,
-        suspended_at: ou(&v["suspended_at"])?,
-        deactivated_at: ou(&v["deactivated_at"])?,
-        compromised_at: ou(&v["compromised_at"])?,
-        destroyed_at: ou(&v["destroyed_at"])?,
-        grace_until: ou(&v["grace_until"])?,
-    })
+impl From<&SeedRow> for SeedLine {
+    fn from(s: &SeedRow) -> Self {
+        SeedLine {
+            device: hex::encode(s.device.0),
+            generation: s.generation,
+            state: s.state.name().to_string(),
+            base_year: s.base_year,
+            suite: s.suite.id(),
+            kstore_version: s.kstore_version,
+            ciphertext: s.ciphertext.as_ref().map(|c| hex::encode(&c.0)),
+            tag: hex::encode(s.tag),
+            via: s.via.name().to_string(),
+            enroll_t: s.enroll_t,
+            enroll_r: s.enroll_r,
+            enroll_digest: hex::encode(s.enroll_digest),
+            receipt: hex::encode(&s.receipt.0),
+            created: s.created,
+            activated_at: s.activated_at,
+            suspended_at: s.suspended_at,
+            deactivated_at: s.deactivated_at,
+            compromised_at: s.compromised_at,
+            destroyed_at: s.destroyed_at,
+            grace_until: s.grace_until,
+        }
+    }
 }
 
-pub(super) fn parse_shard(v: &Value) -> Option<DigestShard> {
-    Some(DigestShard {
-        shard: u8_(&v["shard"])?,
-        acc: h32(&v["acc"])?,
-        count: u(&v["count"])?,
-        seq: u(&v["seq"])?,
-        tag: h32(&v["tag"])?,
-    })
-}
-
-pub(super) fn parse_command(v: &Value) -> Option<CommandRow> {
-    Some(CommandRow {
-        device: hdev(&v["device"])?,
-        counter: u32_(&v["counter"])?,
-        opcode: u8_(&v["opcode"])?,
-        generation: u8_(&v["generation"])?,
-        r: u(&v["r"])?,
-        bytes: Blob(hex::decode(v["bytes"].as_str()?).ok()?),
-        created: u(&v["created"])?,
-        answered_at: ou(&v["answered_at"])?,
-        status: if v["status"].is_null() {
-            None
-        } else {
-            Some(u8_(&v["status"])?)
-        },
-    })
-}
-
-pub(super) fn parse_notary(v: &Value) -> Option<NotaryRow> {
-    Some(NotaryRow {
-        device: hdev(&v["device"])?,
-        generation: u8_(&v["generation"])?,
-        t: u32_(&v["t_"])?,
-        r: u(&v["r"])?,
-        digest: h32(&v["digest"])?,
-        tag: hex::decode(v["tag"].as_str()?).ok()?,
-        first_seen: u(&v["first_seen"])?,
-        // Backups of version 1 have none: the restore seals every record
-        // again (the backup's MAC vouches for it).
-        seal: match &v["seal"] {
-            Value::Null => None,
-            x => Some(h32(x)?),
-        },
-    })
-}
-
-pub(super) fn parse_audit(v: &Value) -> Option<AuditRecord> {
-    Some(AuditRecord {
-        seq: u(&v["seq"])?,
-        entry: NewAudit {
-            time: u(&v["time"])?,
-            actor: v["actor"].as_str()?.to_string(),
-            action: v["action"].as_str()?.to_string(),
-            device: match &v["device"] {
-                Value::Null => None,
-                d => Some(DeviceId::from_u64(
-                    u64::from_str_radix(d.as_str()?, 16).ok()?,
-                )),
+impl SeedLine {
+    pub(super) fn row(&self) -> Option<SeedRow> {
+        Some(SeedRow {
+            device: hdev(&self.device)?,
+            generation: self.generation,
+            state: KeyState::from_name(&self.state)?,
+            base_year: self.base_year,
+            suite: Suite::new(self.suite).ok()?,
+            kstore_version: self.kstore_version,
+            ciphertext: match &self.ciphertext {
+                None => None,
+                Some(c) => Some(Blob(hvec(c)?)),
             },
-            generation: if v["generation"].is_null() {
-                None
-            } else {
-                Some(u8_(&v["generation"])?)
+            tag: h32(&self.tag)?,
+            via: EnrollVia::from_name(&self.via)?,
+            enroll_t: self.enroll_t,
+            enroll_r: self.enroll_r,
+            enroll_digest: h32(&self.enroll_digest)?,
+            receipt: Blob(hvec(&self.receipt)?),
+            created: self.created,
+            activated_at: self.activated_at,
+            suspended_at: self.suspended_at,
+            deactivated_at: self.deactivated_at,
+            compromised_at: self.compromised_at,
+            destroyed_at: self.destroyed_at,
+            grace_until: self.grace_until,
+        })
+    }
+}
+
+impl From<&DigestShard> for ShardLine {
+    fn from(s: &DigestShard) -> Self {
+        ShardLine {
+            shard: s.shard,
+            acc: hex::encode(s.acc),
+            count: s.count,
+            seq: s.seq,
+            tag: hex::encode(s.tag),
+        }
+    }
+}
+
+impl ShardLine {
+    pub(super) fn row(&self) -> Option<DigestShard> {
+        Some(DigestShard {
+            shard: self.shard,
+            acc: h32(&self.acc)?,
+            count: self.count,
+            seq: self.seq,
+            tag: h32(&self.tag)?,
+        })
+    }
+}
+
+impl From<&CommandRow> for CommandLine {
+    fn from(c: &CommandRow) -> Self {
+        CommandLine {
+            device: hex::encode(c.device.0),
+            counter: c.counter,
+            opcode: c.opcode,
+            generation: c.generation,
+            r: c.r,
+            bytes: hex::encode(&c.bytes.0),
+            created: c.created,
+            answered_at: c.answered_at,
+            status: c.status,
+        }
+    }
+}
+
+impl CommandLine {
+    pub(super) fn row(&self) -> Option<CommandRow> {
+        Some(CommandRow {
+            device: hdev(&self.device)?,
+            counter: self.counter,
+            opcode: self.opcode,
+            generation: self.generation,
+            r: self.r,
+            bytes: Blob(hvec(&self.bytes)?),
+            created: self.created,
+            answered_at: self.answered_at,
+            status: self.status,
+        })
+    }
+}
+
+impl From<&NotaryRow> for NotaryLine {
+    fn from(n: &NotaryRow) -> Self {
+        NotaryLine {
+            device: hex::encode(n.device.0),
+            generation: n.generation,
+            time: n.t,
+            r: n.r,
+            digest: hex::encode(n.digest),
+            tag: hex::encode(&n.tag),
+            first_seen: n.first_seen,
+            seal: n.seal.map(hex::encode),
+        }
+    }
+}
+
+impl NotaryLine {
+    pub(super) fn row(&self) -> Option<NotaryRow> {
+        Some(NotaryRow {
+            device: hdev(&self.device)?,
+            generation: self.generation,
+            t: self.time,
+            r: self.r,
+            digest: h32(&self.digest)?,
+            tag: hvec(&self.tag)?,
+            first_seen: self.first_seen,
+            seal: match &self.seal {
+                None => None,
+                Some(x) => Some(h32(x)?),
             },
-            reason: v["reason"].as_str()?.to_string(),
-        },
-        prev_hash: h32(&v["prev_hash"])?,
-        hash: h32(&v["hash"])?,
-    })
+        })
+    }
+}
+
+impl From<&KeyringRow> for KeyringLine {
+    fn from(k: &KeyringRow) -> Self {
+        KeyringLine {
+            version: k.version,
+            bytes: hex::encode(&k.bytes),
+            tag: hex::encode(&k.tag),
+        }
+    }
+}
+
+impl KeyringLine {
+    pub(super) fn row(&self) -> Option<KeyringRow> {
+        Some(KeyringRow {
+            version: self.version,
+            bytes: hvec(&self.bytes)?,
+            tag: hvec(&self.tag)?,
+        })
+    }
+}
+
+impl From<&AuditRecord> for AuditLine {
+    fn from(r: &AuditRecord) -> Self {
+        AuditLine {
+            seq: r.seq,
+            time: r.entry.time,
+            actor: r.entry.actor.clone(),
+            action: r.entry.action.clone(),
+            device: r.entry.device.map(|d| d.to_string()),
+            generation: r.entry.generation,
+            reason: r.entry.reason.clone(),
+            prev_hash: hex::encode(r.prev_hash),
+            hash: hex::encode(r.hash),
+        }
+    }
+}
+
+impl AuditLine {
+    pub(super) fn row(&self) -> Option<AuditRecord> {
+        Some(AuditRecord {
+            seq: self.seq,
+            entry: NewAudit {
+                time: self.time,
+                actor: self.actor.clone(),
+                action: self.action.clone(),
+                device: match &self.device {
+                    None => None,
+                    Some(d) => Some(DeviceId::from_u64(u64::from_str_radix(d, 16).ok()?)),
+                },
+                generation: self.generation,
+                reason: self.reason.clone(),
+            },
+            prev_hash: h32(&self.prev_hash)?,
+            hash: h32(&self.hash)?,
+        })
+    }
 }
