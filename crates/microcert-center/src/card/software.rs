@@ -972,13 +972,7 @@ impl EncryptionCard for SoftwareCard {
         if keys.kstore.is_empty() {
             return Ok(None);
         }
-        let root = keys.root()?;
-        let wrapped = keys
-            .kstore
-            .iter()
-            .map(|(v, k)| (*v, super::kw::wrap(&root, k).to_vec()))
-            .collect();
-        Ok(Some((keys.kstore_current, wrapped)))
+        wrapped_storage_keys(&keys).map(Some)
     }
 
     fn legacy_storage_keys(&self) -> Result<Option<super::WrappedStorageKeys>> {
@@ -987,13 +981,7 @@ impl EncryptionCard for SoftwareCard {
         if keys.in_db {
             return Ok(None);
         }
-        let root = keys.root()?;
-        let wrapped = keys
-            .kstore
-            .iter()
-            .map(|(v, k)| (*v, super::kw::wrap(&root, k).to_vec()))
-            .collect();
-        Ok(Some((keys.kstore_current, wrapped)))
+        wrapped_storage_keys(&keys).map(Some)
     }
 
     fn drop_legacy_storage_keys(&self) -> Result<()> {
@@ -1077,4 +1065,16 @@ mod tests {
         assert_eq!(&again.to_bytes()[..], &b[..]);
         assert!(CardKeys::from_bytes(&b[..b.len() - 1]).is_err());
     }
+}
+
+/// The storage keys `keys` holds, wrapped under its root key, with the
+/// current version.
+fn wrapped_storage_keys(keys: &CardKeys) -> Result<super::WrappedStorageKeys> {
+    let root = keys.root()?;
+    let wrapped = keys
+        .kstore
+        .iter()
+        .map(|(v, k)| (*v, super::kw::wrap(&root, k).to_vec()))
+        .collect();
+    Ok((keys.kstore_current, wrapped))
 }

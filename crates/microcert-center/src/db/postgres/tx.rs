@@ -368,37 +368,8 @@ impl Tx for PgTx<'_> {
                 .map(|&(d, g, t, r, e)| self.record_replay(d, g, t, r, e))
                 .collect();
         }
-        self.wrote = true;
-        let devices: Vec<&[u8]> = rows.iter().map(|x| &x.0.0[..]).collect();
-        let gens: Vec<i16> = rows.iter().map(|x| small(x.1)).collect();
-        let ts: Vec<i64> = rows.iter().map(|x| i64::from(x.2)).collect();
-        let rs: Vec<i64> = rows.iter().map(|x| i(x.3)).collect();
-        let es: Vec<i64> = rows.iter().map(|x| i(x.4)).collect();
-        // As record_replay, for every row in one statement; a key twice in
-        // the batch is inserted once (the first occurrence counts).
-        let inserted = self.conn()?.query(
-            "INSERT INTO replay (device, generation, t, r, expires) \
-             SELECT x.d, x.g, x.t, x.r, x.e \
-             FROM unnest($1::bytea[], $2::smallint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
-             AS x(d, g, t, r, e) \
-             WHERE x.e >= COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0) \
-             ON CONFLICT DO NOTHING RETURNING device, generation, t, r",
-            &[&devices, &gens, &ts, &rs, &es],
-        )?;
-        let mut fresh = std::collections::HashSet::with_capacity(inserted.len());
-        for row in &inserted {
-            let d: &[u8] = g(row, 0)?;
-            fresh.insert((
-                d.to_vec(),
-                g::<i16>(row, 1)?,
-                g::<i64>(row, 2)?,
-                g::<i64>(row, 3)?,
-            ));
-        }
-        Ok(rows
-            .iter()
-            .map(|x| fresh.remove(&(x.0.0.to_vec(), small(x.1), i64::from(x.2), i(x.3))))
-            .collect())
+        // A floor of 0 leaves only the stored pruning mark.
+        self.record_replays_above(rows, 0)
     }
 
     fn record_replays_above(
