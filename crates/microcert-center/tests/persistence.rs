@@ -85,7 +85,15 @@ fn reopened_database_holds_everything(backend: Backend) {
     assert!(fleet[5].check_receipt(&center.verify_auth(&a, &c, t).unwrap().receipt, r));
     assert_eq!(center.audit_log(0, 10_000).unwrap().len(), audit_len);
     assert_eq!(center.verify_audit_chain().unwrap(), None);
-    assert_eq!(center.database().digest_shards().unwrap(), digest);
+    // Every shard as it was, but the marks' (shard 80): each start moves
+    // the replay guard's start counter, a mark with its place there.
+    let but_marks = |v: Vec<microcert_center::db::DigestShard>| {
+        v.into_iter().filter(|s| s.shard != 80).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        but_marks(center.database().digest_shards().unwrap()),
+        but_marks(digest.clone())
+    );
     assert!(center.integrity_scan().unwrap().is_clean());
 
     // Filters and paging.

@@ -267,13 +267,17 @@ async fn overloaded(_: tower::BoxError) -> Response {
     crate::http::unavailable(1)
 }
 
+/// One periodic job of the [`Scheduler`].
+type Job = fn(&Scheduler);
+
 /// The periodic work of a serving center: housekeeping, the automatic
 /// backup when one is due (checked every minute, debounced by the backup
 /// interval) and the integrity check with the card's anchor, each from
 /// `spawn_blocking`, every outcome logged. Of several centers on one
-/// database only the holder of the leader lease runs them (issue 14: N
-/// centers do not run N full scans); the others take the lease when it
-/// lapses.
+/// database only the holder of the leader lease runs the backup and the
+/// integrity check (issue 14: N centers do not run N full scans); the
+/// others take the lease when it lapses. Housekeeping runs on every
+/// center (its clock watch is per host).
 #[derive(Debug)]
 pub struct Scheduler {
     center: Arc<Center>,
@@ -381,7 +385,8 @@ impl Scheduler {
     }
 
     /// Runs the periodic work on the current tokio runtime until `stop`
-    /// changes; the jobs only while this center holds the leader lease
+    /// changes; the backup and the integrity check only while this center
+    /// holds the leader lease
     /// (renewed every third of its period), which it gives up at the end.
     pub fn spawn(self, mut stop: watch::Receiver<bool>) {
         let this = Arc::new(self);
@@ -391,13 +396,21 @@ impl Scheduler {
             let mut bk = tokio::time::interval(Duration::from_secs(60));
             let mut ld = tokio::time::interval(this.lease / 3);
             loop {
-                let job: Option<fn(&Scheduler)> = tokio::select! {
+                // (job, whether only the leader runs it). Housekeeping runs
+                // on every center: its clock watch is per host (a step on
+                // any center must be seen), its replay pruning covers this
+                // process's in-memory guard, and its changes are decided
+                // by the policy in one transaction each, so two centers
+                // running it at once change nothing twice. The backup and
+                // the integrity scan, which read the whole database, run
+                // on the leader alone.
+                let job: Option<(Job, bool)> = tokio::select! {
                     biased;
                     _ = stop.changed() => break,
                     _ = ld.tick() => None,
-                    _ = hk.tick() => Some(Scheduler::housekeeping),
-                    _ = bk.tick() => Some(Scheduler::backup),
-                    _ = ic.tick() => Some(Scheduler::integrity),
+                    _ = hk.tick() => Some((Scheduler::housekeeping, false)),
+                    _ = bk.tick() => Some((Scheduler::backup, true)),
+                    _ = ic.tick() => Some((Scheduler::integrity, true)),
                 };
                 let s = this.clone();
                 let run = move || {
@@ -405,8 +418,8 @@ impl Scheduler {
                     // right before a job (this center may have stalled
                     // past its expiry).
                     let leads = s.poll_leader();
-                    if let Some(job) = job
-                        && leads
+                    if let Some((job, leader_only)) = job
+                        && (leads || !leader_only)
                     {
                         job(&s);
                     }
