@@ -13,8 +13,10 @@
 //! the center's resident memory stays bounded (sampled and printed).
 //!
 //! `SOAK_SECONDS` sets the length (90 by default, the CI run; the
-//! PostgreSQL soak runs half as long beside it, `SOAK_PG_SECONDS`); the
-//! figures of a 30-minute run are in docs/benchmarks.md.
+//! PostgreSQL soak runs half as long beside it, `SOAK_PG_SECONDS`).
+//! A long run: `SOAK_SECONDS=1800 cargo test -p microcert-cli --test soak
+//! -- --nocapture` prints its figures (cycles, kills, replays refused,
+//! changes kept, RSS samples).
 
 mod harness;
 
