@@ -18,6 +18,8 @@
 #
 # Any arguments replace `serve` (e.g. `token create --role operator --name ops`).
 set -eu
+# Files the center makes (card, database, anchor, backups) are its own.
+umask 077
 
 BIN=${MICROCERT_BIN:-microcert}
 export MICROCERT_DATA="${MICROCERT_DATA:-/var/lib/microcert}"
@@ -36,7 +38,7 @@ elif [ -z "${MICROCERT_PASSPHRASE:-}" ] && [ -z "${MICROCERT_PKCS11:-}" ]; then
     exit 2
 fi
 
-mkdir -p "$MICROCERT_DATA"
+mkdir -p -m 0700 "$MICROCERT_DATA"
 if [ ! -e "$MICROCERT_DATA/card.mccard" ] && [ -z "${MICROCERT_PKCS11:-}" ]; then
     if [ -n "${MICROCERT_CARD_FROM:-}" ]; then
         echo "microcert: first start, importing the card from $MICROCERT_CARD_FROM" >&2
@@ -52,6 +54,9 @@ if [ ! -e "$MICROCERT_DATA/card.mccard" ] && [ -z "${MICROCERT_PKCS11:-}" ]; the
         "$BIN" card init $PASS_ARGS >&2
     fi
 fi
+
+# The export passphrase is needed only by the first start's import.
+unset MICROCERT_EXPORT_PASSPHRASE
 
 if [ "$#" -eq 0 ] || [ "${1#-}" != "$1" ]; then
     # No command, or only options: serve with them.

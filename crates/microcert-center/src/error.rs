@@ -288,6 +288,14 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+/// Whether a SQLite error may go away by itself (busy, locked).
+fn sqlite_transient(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 /// What failed in the key database ([`Error::Database`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DbFailure {
@@ -497,7 +505,12 @@ impl Error {
             | Error::BadLegacyToken { .. }
             | Error::IllegalTransition { .. } => ErrorClass::Conflict,
             Error::Integrity(_) => ErrorClass::Integrity,
-            Error::Card(_) | Error::Sqlite(_) => ErrorClass::Unavailable,
+            Error::Card(_) => ErrorClass::Unavailable,
+            // A busy or locked SQLite file is transient; anything else it
+            // says (a corrupt file, a row that does not convert: edited
+            // from outside) is not.
+            Error::Sqlite(e) if sqlite_transient(e) => ErrorClass::Unavailable,
+            Error::Sqlite(_) => ErrorClass::Internal,
             // A database that went away, timed out, is read-only after a
             // failover or refused for now is transient; a wrong
             // configuration, a newer schema or a corrupt row is not.
@@ -585,6 +598,35 @@ mod tests {
         assert_eq!(
             Error::db(Timeout, "took 5 s").to_string(),
             "database error: took 5 s"
+        );
+        let sqlite = |code| {
+            Error::Sqlite(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(code),
+                None,
+            ))
+        };
+        assert_eq!(
+            sqlite(rusqlite::ffi::SQLITE_BUSY).class(),
+            ErrorClass::Unavailable
+        );
+        assert_eq!(
+            sqlite(rusqlite::ffi::SQLITE_LOCKED).class(),
+            ErrorClass::Unavailable
+        );
+        // A corrupt file or a row that does not convert was edited from
+        // outside: not something to retry.
+        assert_eq!(
+            sqlite(rusqlite::ffi::SQLITE_CORRUPT).class(),
+            ErrorClass::Internal
+        );
+        assert_eq!(
+            Error::Sqlite(rusqlite::Error::InvalidColumnType(
+                0,
+                "tag".into(),
+                rusqlite::types::Type::Null
+            ))
+            .class(),
+            ErrorClass::Internal
         );
     }
 }

@@ -414,8 +414,11 @@ impl KeyringCard {
         let (current, keys) = match legacy {
             Some((cur, keys)) => (*cur, keys.clone()),
             None => {
-                let page = db.scan_seeds(None, 1000)?;
-                if let Some(s) = page.iter().find(|s| s.ciphertext.is_some()) {
+                // Any seed row at all (not only the first page's, and
+                // whether or not its ciphertext is there: a row edited from
+                // outside must not make this a fresh database).
+                let page = db.scan_seeds(None, 1)?;
+                if let Some(s) = page.first() {
                     return Err(Error::Keyring(format!(
                         "the key database has no keyring but holds seeds sealed under storage key version {} \
                          (e.g. {}), and this card keeps no storage keys of its own: restore a backup that \

@@ -396,6 +396,12 @@ impl Center {
                 // this change re-reads the device after its own commit.
                 self.cache.invalidate(id);
                 let n = with_tx(&*self.db, |tx| {
+                    // The device row first: it is the lock every writer of
+                    // a device takes (FOR UPDATE on PostgreSQL), so two
+                    // centers' housekeeping never both apply a transition
+                    // to the same seed (each would fold its own old tag
+                    // into the digest).
+                    self.device_in(tx, id)?;
                     let mut seeds = self.seeds_checked(tx, id)?;
                     let snapshot = policy::DeviceSnapshot::of_seeds(id, seeds.iter());
                     let d = policy::decide(&snapshot, policy::Input::Housekeeping, now)?;
