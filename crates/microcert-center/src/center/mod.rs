@@ -590,28 +590,14 @@ impl Center {
                     dev.epoch = epoch;
                     dev_changed = true;
                 }
-                policy::Effect::QueueRevoke { generation } => {
-                    self.queue_command(
-                        tx,
-                        dev,
-                        seeds,
-                        generation,
-                        microcert_core::Opcode::REVOKE,
-                        now,
-                        (actor, reason),
-                    )?;
-                    dev_changed = true;
-                }
-                policy::Effect::QueueUpdate { generation } => {
-                    self.queue_command(
-                        tx,
-                        dev,
-                        seeds,
-                        generation,
-                        microcert_core::Opcode::UPDATE_SEED,
-                        now,
-                        (actor, reason),
-                    )?;
+                policy::Effect::QueueRevoke { generation }
+                | policy::Effect::QueueUpdate { generation } => {
+                    let opcode = if matches!(effect, policy::Effect::QueueRevoke { .. }) {
+                        microcert_core::Opcode::REVOKE
+                    } else {
+                        microcert_core::Opcode::UPDATE_SEED
+                    };
+                    self.queue_command(tx, dev, seeds, generation, opcode, now, (actor, reason))?;
                     dev_changed = true;
                 }
                 policy::Effect::NewSeed { generation } => {
