@@ -15,29 +15,14 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 use microcert_core::DeviceId;
 
-use crate::db::{KeyDatabase, Tx, with_tx};
+use crate::db::{KeyDatabase, ReplayRow, Tx, with_tx};
 use crate::{DbFailure, Error, Result};
 
-/// A record that makes a message count once.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Mark {
-    /// (device, generation, t, r) of an AUTH or SEALED.
-    Replay {
-        device: DeviceId,
-        generation: u8,
-        t: u32,
-        r: u64,
-        expires: u64,
-    },
-    /// (device, c) of a spent challenge.
-    Challenge {
-        device: DeviceId,
-        c: [u8; 8],
-        expires: u64,
-    },
-}
+/// A record that makes a message count once: the database's
+/// [`ReplayRow`].
+pub(crate) use crate::db::ReplayRow as Mark;
 
-impl Mark {
+impl ReplayRow {
     /// Inserts the record if absent; false when it was already there.
     pub(crate) fn apply(&self, tx: &mut dyn Tx) -> Result<bool> {
         match *self {
