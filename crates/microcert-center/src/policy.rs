@@ -162,6 +162,9 @@ pub enum Input {
         generation: u8,
         /// The key that opened it.
         via: EnrollVia,
+        /// Whether an UPDATE_SEED under the current seed is pending, read
+        /// in the transaction that writes the new seed.
+        update_asked: bool,
         /// The grace period of a seed update, in seconds.
         grace_period: u64,
     },
@@ -588,6 +591,7 @@ pub fn decide(dev: &DeviceSnapshot, input: Input, now: u64) -> Result<Decision> 
         Input::Enrolled {
             generation,
             via,
+            update_asked,
             grace_period,
         } => {
             // Only with a key the ENROLL rules allow now (the same rules
@@ -597,7 +601,7 @@ pub fn decide(dev: &DeviceSnapshot, input: Input, now: u64) -> Result<Decision> 
                 dev,
                 Input::Enroll {
                     generation,
-                    update_asked: via == EnrollVia::Update,
+                    update_asked,
                 },
                 now,
             )?;
@@ -958,6 +962,7 @@ mod tests {
                 Input::Enrolled {
                     generation: u8::MAX,
                     via: EnrollVia::Update,
+                    update_asked: true,
                     grace_period: 3600,
                 },
                 false,
@@ -967,6 +972,7 @@ mod tests {
                 Input::Enrolled {
                     generation: u8::MAX,
                     via: EnrollVia::Transport,
+                    update_asked: false,
                     grace_period: 3600,
                 },
                 true,
@@ -1008,10 +1014,14 @@ mod tests {
                 update_asked,
             },
             Input::Enrolled {
-                via, grace_period, ..
+                via,
+                update_asked,
+                grace_period,
+                ..
             } => Input::Enrolled {
                 generation: d.highest_generation.map_or(0, |g| g + 1),
                 via,
+                update_asked,
                 grace_period,
             },
             other => other,
@@ -1219,5 +1229,27 @@ mod tests {
             NOW,
         );
         assert_eq!(wrong.unwrap_err().kind(), "wrong-generation");
+    }
+
+    /// The writes of an ENROLL opened under Kupd are decided again on the
+    /// state read in the transaction that makes them: an update answered
+    /// or cancelled in between (another center, an operator) refuses it.
+    #[test]
+    fn an_update_no_longer_asked_writes_nothing() {
+        let d = device(KeyState::Active, Clock::InWindow);
+        let e = |asked| {
+            decide(
+                &d,
+                Input::Enrolled {
+                    generation: 1,
+                    via: EnrollVia::Update,
+                    update_asked: asked,
+                    grace_period: 60,
+                },
+                NOW,
+            )
+        };
+        assert_eq!(e(false).unwrap_err().kind(), "verification-failed");
+        assert!(e(true).unwrap().effects.contains(&Effect::AnswerUpdate));
     }
 }

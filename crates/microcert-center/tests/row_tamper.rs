@@ -414,6 +414,50 @@ fn a_deleted_mark_is_repaired_to_safe_values(backend: Backend) {
     assert!(r.is_clean(), "{:?}", r.findings());
 }
 
+/// The sealing layer keeps every replay accumulator in step with its rows:
+/// its transaction refuses the raw row and accumulator writes that only
+/// its own paths may make (an untagged accumulator, a pruned row not taken
+/// out, a record inserted without being added), so no caller of
+/// `Center::database()` can put them out of step by mistake.
+fn the_sealed_layer_refuses_raw_accumulator_writes(backend: Backend) {
+    let w = two_centers(backend);
+    let id = w.fleet[0].id;
+    let acc = microcert_center::db::ReplayAcc {
+        device: id,
+        acc: [0; 32],
+        count: 0,
+        max_expires: 0,
+        tag: [0; 32],
+    };
+    let db = w.a.database();
+    let attempts: [(
+        &str,
+        &dyn Fn(&mut dyn microcert_center::db::Tx) -> microcert_center::Result<()>,
+    ); 4] = [
+        ("put_replay_accs", &|tx| {
+            tx.put_replay_accs(std::slice::from_ref(&acc))
+        }),
+        ("prune_replay_rows", &|tx| {
+            tx.prune_replay_rows(NOW + 10_000, 10).map(|_| ())
+        }),
+        ("record_replays_above", &|tx| {
+            tx.record_replays_above(&[(id, 1, 5, 7, NOW + 60)], 0)
+                .map(|_| ())
+        }),
+        ("spend_challenge_above", &|tx| {
+            tx.spend_challenge_above(id, &[1; 8], NOW + 60, 0)
+                .map(|_| ())
+        }),
+    ];
+    for (name, f) in attempts {
+        let r = db.transaction(&mut |tx| f(tx));
+        assert!(r.is_err(), "{name} went through the sealing layer");
+    }
+    // Nothing was written: the check is clean and the device works.
+    let r = w.a.integrity_check(None, NOW + 1).unwrap();
+    assert!(r.is_clean(), "{:?}", r.findings());
+}
+
 both_backends!(
     a_deleted_replay_row_reopens_no_auth,
     a_deleted_challenge_row_respends_nothing,
@@ -424,4 +468,5 @@ both_backends!(
     concurrent_centers_lose_no_update,
     a_database_from_before_is_covered_once,
     a_deleted_mark_is_repaired_to_safe_values,
+    the_sealed_layer_refuses_raw_accumulator_writes,
 );

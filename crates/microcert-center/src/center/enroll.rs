@@ -30,6 +30,9 @@ struct Accepted {
     /// The new seed (zeroizes on drop).
     seed: KeySeed,
     via: EnrollVia,
+    /// Whether an UPDATE_SEED under the current seed was pending, as read
+    /// in the transaction that writes the new seed.
+    update_asked: bool,
 }
 
 /// What one ENROLL did.
@@ -327,6 +330,7 @@ impl Center {
             seeds,
             seed,
             via,
+            update_asked,
         }))
     }
 
@@ -374,6 +378,7 @@ impl Center {
             seeds,
             seed,
             via,
+            update_asked,
         } = a;
         // How the device's seeds change around the new one: the policy's,
         // decided on the device as it was before this ENROLL.
@@ -382,6 +387,7 @@ impl Center {
             policy::Input::Enrolled {
                 generation: h.generation,
                 via,
+                update_asked,
                 grace_period: self.config.grace_period,
             },
             now,

@@ -539,12 +539,18 @@ impl Tx for SealedTx<'_> {
         };
         Ok(self.count_once(&[row])?[0])
     }
+    // The four raw replay writes below are the sealing layer's own tools
+    // (count_once, prune, the upgrade and the restore use the inner
+    // transaction): through the seal they are refused, so no caller can
+    // write a record, a pruning or an accumulator that is not in step
+    // with its tag.
     fn record_replays_above(
         &mut self,
         rows: &[(DeviceId, u8, u32, u64, u64)],
         floor: u64,
     ) -> Result<Vec<bool>> {
-        self.inner.record_replays_above(rows, floor)
+        let _ = (rows, floor);
+        Err(raw_replay_write())
     }
     fn spend_challenge_above(
         &mut self,
@@ -553,7 +559,8 @@ impl Tx for SealedTx<'_> {
         expires: u64,
         floor: u64,
     ) -> Result<bool> {
-        self.inner.spend_challenge_above(id, c, expires, floor)
+        let _ = (id, c, expires, floor);
+        Err(raw_replay_write())
     }
     fn marks(&mut self) -> Result<Vec<(String, u64, Vec<u8>)>> {
         self.inner.marks()
@@ -565,10 +572,12 @@ impl Tx for SealedTx<'_> {
         self.inner.replay_accs(ids)
     }
     fn put_replay_accs(&mut self, accs: &[ReplayAcc]) -> Result<()> {
-        self.inner.put_replay_accs(accs)
+        let _ = accs;
+        Err(raw_replay_write())
     }
     fn prune_replay_rows(&mut self, now: u64, limit: usize) -> Result<Vec<ReplayRow>> {
-        self.inner.prune_replay_rows(now, limit)
+        let _ = (now, limit);
+        Err(raw_replay_write())
     }
     fn prefetch_devices(&mut self, ids: &[DeviceId]) -> Result<()> {
         self.inner.prefetch_devices(ids)
@@ -847,4 +856,13 @@ impl KeyDatabase for Sealed {
     fn local_path(&self) -> Option<&std::path::Path> {
         self.inner.local_path()
     }
+}
+
+/// The refusal of a raw replay-record or accumulator write made through
+/// the sealing layer.
+fn raw_replay_write() -> Error {
+    Error::db(
+        crate::DbFailure::Unsupported,
+        "replay records and accumulators are written only by the sealing layer's own paths",
+    )
 }
