@@ -225,7 +225,16 @@ struct State {
     failing: bool,
     /// The versions the card holds from the keyring.
     held: Vec<u32>,
+    /// Versions a reload did not find, and when: an unseal of one of them
+    /// fails at once for [`REFRESH`] instead of waiting again (bounded to
+    /// [`MISSED_MAX`] entries), so that requests for a device whose seed
+    /// names a version no center holds cannot hold a transaction for
+    /// [`MISS_WAIT`] each.
+    missed: Vec<(u32, Instant)>,
 }
+
+/// How many recently missed versions are remembered.
+const MISSED_MAX: usize = 8;
 
 /// A card whose storage keys are the key database's keyring (see the
 /// module docs). Every other operation goes to the card as is.
@@ -530,6 +539,28 @@ impl KeyringCard {
         done(&st)
     }
 
+    /// Whether a reload missed `version` less than [`REFRESH`] ago (and the
+    /// card still does not hold it).
+    fn missed_recently(&self, version: u32) -> bool {
+        let st = self.lock();
+        !st.held.contains(&version)
+            && st
+                .missed
+                .iter()
+                .any(|&(v, at)| v == version && at.elapsed() < REFRESH)
+    }
+
+    /// Remembers that a reload did not find `version`.
+    fn note_missed(&self, version: u32) {
+        let mut st = self.lock();
+        st.missed
+            .retain(|&(v, at)| v != version && at.elapsed() < REFRESH);
+        if st.missed.len() >= MISSED_MAX {
+            st.missed.remove(0);
+        }
+        st.missed.push((version, Instant::now()));
+    }
+
     /// Fails when the keyring was never loaded (asks for a load first).
     fn loaded(&self) -> Result<()> {
         if self.reload_until(MISS_WAIT, |s| s.synced.is_some()) {
@@ -617,9 +648,12 @@ impl EncryptionCard for KeyringCard {
         ciphertext: &[u8],
     ) -> Result<KeySeed> {
         // A version this center does not hold: rotated at another center,
-        // reload before failing.
-        if !self.reload_until(MISS_WAIT, |s| s.held.contains(&kstore_version)) {
+        // reload before failing (unless a reload just missed it).
+        if self.missed_recently(kstore_version)
+            || !self.reload_until(MISS_WAIT, |s| s.held.contains(&kstore_version))
+        {
             self.loaded()?;
+            self.note_missed(kstore_version);
             return Err(Error::NoStorageKey {
                 version: kstore_version,
             });

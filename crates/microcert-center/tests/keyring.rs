@@ -385,3 +385,28 @@ fn attack_forged_lease_does_not_stop_the_periodic_jobs() {
     assert!(c.poll(t + 10_000_000).unwrap());
     assert!(b.poll(t + 17_000).unwrap());
 }
+
+/// A seed record naming a version no center holds (a restore of an old
+/// backup, an edited row) is refused with `NoStorageKey`, again and again
+/// without a reload each time, and the versions held keep working.
+#[test]
+fn an_unknown_version_is_refused_at_once_and_the_rest_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("center.db");
+    let card = init_card(&dir.path().join("a.mccard"));
+    let mut fleet = make_fleet(&*card, 3);
+    let c = center(&db, card);
+    import(&c, dir.path(), &mut fleet, "a.jsonl");
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        let e = c
+            .card()
+            .unseal_seed(fleet[0].id, 0, 99, &[0u8; 1024])
+            .unwrap_err();
+        assert!(matches!(e, Error::NoStorageKey { version: 99 }), "{e:?}");
+    }
+    // One reload for the first miss, none for the next 49 (bounded far
+    // below 50 waits of MISS_WAIT each).
+    assert!(started.elapsed() < microcert_center::keyring::MISS_WAIT * 2);
+    auth_all(&c, &mut fleet, NOW + 1);
+}
