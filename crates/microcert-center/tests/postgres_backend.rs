@@ -527,3 +527,39 @@ fn grouped_cold_loads_answer_each_caller_with_its_own_device() {
     });
     assert_eq!(ok.load(Ordering::SeqCst), 40 * 3);
 }
+
+/// A column whose type was changed behind the center's back (a row the
+/// program cannot convert) is a corrupt database, answered as a lasting
+/// failure: not "unreachable", which the device API would answer 503 and
+/// the device would retry forever.
+#[test]
+fn an_unconvertible_column_is_corrupt_not_unreachable() {
+    let Some(server) = private_pg_server(None) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.fresh_database("convert");
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let mut fleet = make_fleet(&*card, 2);
+    {
+        let center = open_center(&url, card.clone());
+        let batch = dir.path().join("b.jsonl");
+        write_batch(&batch, &mut fleet, NOW);
+        center
+            .import_batch(&batch, "factory", NOW, &mut |_| {})
+            .unwrap();
+    }
+    let db = url.rsplit('/').next().unwrap();
+    server.psql(db, "ALTER TABLE devices ALTER COLUMN class TYPE text");
+    // A fresh center: nothing cached, the device row is read and fails
+    // to convert.
+    let center = open_center(&url, card);
+    let (a, _) = fleet[0].auth(&C, NOW + 3);
+    match center.verify_auth(&a, &C, NOW + 3) {
+        Err(Error::Database(m)) => {
+            assert_eq!(m.kind, microcert_center::DbFailure::Corrupt, "{m}");
+            assert!(!m.kind.is_transient());
+        }
+        other => panic!("{other:?}"),
+    }
+}

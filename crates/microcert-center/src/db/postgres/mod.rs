@@ -137,7 +137,37 @@ pub(crate) fn pg_err(e: tokio_postgres::Error) -> Error {
                 chain(&e)
             ),
         ),
-        None => Error::db(DbFailure::Unreachable, format!("PostgreSQL: {}", chain(&e))),
+        None => Error::db(client_failure(&e), format!("PostgreSQL: {}", chain(&e))),
+    }
+}
+
+/// The kind of a client-side error (no SQLSTATE, connection not closed).
+/// `tokio_postgres` keeps its error kind private, so the kind is read
+/// from the source (an I/O error is the network) and the message: a row
+/// or a column the program cannot convert is a corrupt database (a
+/// lasting failure, not a 503 a device would retry forever); a wrong
+/// configuration or password is the operator's; a timeout or a failed
+/// connection is the network's; anything else is this program's.
+fn client_failure(e: &tokio_postgres::Error) -> DbFailure {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(s) = source {
+        if s.is::<std::io::Error>() {
+            return DbFailure::Unreachable;
+        }
+        source = s.source();
+    }
+    let text = e.to_string();
+    if text.starts_with("error deserializing") || text.contains("unexpected number of rows") {
+        DbFailure::Corrupt
+    } else if text.starts_with("invalid configuration") || text.starts_with("authentication") {
+        DbFailure::Config
+    } else if text.starts_with("timeout") {
+        DbFailure::Timeout
+    } else if text.starts_with("error connecting") || text.starts_with("error communicating") {
+        DbFailure::Unreachable
+    } else {
+        DbFailure::Internal
     }
 }
 
