@@ -26,32 +26,40 @@ export MICROCERT_DATA="${MICROCERT_DATA:-/var/lib/microcert}"
 export MICROCERT_HTTP="${MICROCERT_HTTP:-0.0.0.0:8080}"
 export MICROCERT_COAP="${MICROCERT_COAP:-0.0.0.0:5683}"
 
-PASS_ARGS=""
+PASS_FILE=""
 if [ -n "${MICROCERT_PASSPHRASE_FILE:-}" ]; then
     if [ ! -r "$MICROCERT_PASSPHRASE_FILE" ]; then
         echo "microcert: MICROCERT_PASSPHRASE_FILE=$MICROCERT_PASSPHRASE_FILE cannot be read" >&2
         exit 2
     fi
-    PASS_ARGS="--passphrase-file $MICROCERT_PASSPHRASE_FILE"
+    PASS_FILE=$MICROCERT_PASSPHRASE_FILE
 elif [ -z "${MICROCERT_PASSPHRASE:-}" ] && [ -z "${MICROCERT_PKCS11:-}" ]; then
     echo "microcert: set MICROCERT_PASSPHRASE_FILE (a secret) or MICROCERT_PASSPHRASE: the card's keys are sealed under it" >&2
     exit 2
 fi
 
+# `card init` with the passphrase file (every path stays one argument).
+card_init() {
+    if [ -n "$PASS_FILE" ]; then
+        "$BIN" card init --passphrase-file "$PASS_FILE" "$@"
+    else
+        "$BIN" card init "$@"
+    fi
+}
+
 mkdir -p -m 0700 "$MICROCERT_DATA"
 if [ ! -e "$MICROCERT_DATA/card.mccard" ] && [ -z "${MICROCERT_PKCS11:-}" ]; then
     if [ -n "${MICROCERT_CARD_FROM:-}" ]; then
         echo "microcert: first start, importing the card from $MICROCERT_CARD_FROM" >&2
-        EXPORT_ARGS=""
         if [ -n "${MICROCERT_EXPORT_PASSPHRASE_FILE:-}" ]; then
-            EXPORT_ARGS="--export-passphrase-file $MICROCERT_EXPORT_PASSPHRASE_FILE"
+            card_init --from "$MICROCERT_CARD_FROM" \
+                --export-passphrase-file "$MICROCERT_EXPORT_PASSPHRASE_FILE" >&2
+        else
+            card_init --from "$MICROCERT_CARD_FROM" >&2
         fi
-        # shellcheck disable=SC2086
-        "$BIN" card init $PASS_ARGS --from "$MICROCERT_CARD_FROM" $EXPORT_ARGS >&2
     else
         echo "microcert: first start, making the card in $MICROCERT_DATA" >&2
-        # shellcheck disable=SC2086
-        "$BIN" card init $PASS_ARGS >&2
+        card_init >&2
     fi
 fi
 
@@ -60,8 +68,10 @@ unset MICROCERT_EXPORT_PASSPHRASE
 
 if [ "$#" -eq 0 ] || [ "${1#-}" != "$1" ]; then
     # No command, or only options: serve with them.
-    # shellcheck disable=SC2086
-    exec "$BIN" serve $PASS_ARGS "$@"
+    if [ -n "$PASS_FILE" ]; then
+        set -- --passphrase-file "$PASS_FILE" "$@"
+    fi
+    exec "$BIN" serve "$@"
 fi
 # A command of its own (token create, backup, ...): run it as given.
 exec "$BIN" "$@"

@@ -153,7 +153,9 @@ fn terminate(mut child: Child) -> std::process::ExitStatus {
 fn the_container_entry_point_makes_the_card_once_and_serves() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("volume");
-    let secret = dir.path().join("passphrase");
+    // A secret's path with a space (a mounted secret's name is the
+    // operator's): passed to the binary as one argument.
+    let secret = dir.path().join("card passphrase");
     std::fs::write(&secret, "a container secret passphrase\n").unwrap();
     let env = [("MICROCERT_PASSPHRASE_FILE", secret.to_str().unwrap())];
 
