@@ -21,7 +21,10 @@
 //! to start on it). It is also refreshed after every clean integrity check
 //! and every backup. The seqs cover seed records, notary records, commands
 //! and device rows (their digest shards, [`crate::integrity`]) and the
-//! audit head.
+//! audit head; since v3 also the token and mark shards (a token row put
+//! back with its shard, a replay-guard or clock mark put back with the
+//! marks' shard) and the keyring's head epoch (an older keyring put back
+//! while every center was stopped).
 //!
 //! Where it lives: a file whose path the caller passes (the CLI and
 //! `serve` use `DATA/center.anchor`) and, when the card can keep one, a
@@ -40,13 +43,15 @@ use std::time::Duration;
 
 use crate::card::{EncryptionCard, TAG_LEN, write_atomically};
 use crate::db::{DigestShard, KeyDatabase};
-use crate::integrity::{ALL_SHARDS, SHARDS};
+use crate::integrity::{ALL_SHARDS, SCAN_SHARDS, SHARDS};
 use crate::{Error, Result};
 
 const MAGIC_V1: &[u8] = b"MC-ANCHOR-v1";
 const LEN_V1: usize = 12 + 8 + 8 * SHARDS as usize + 8 + 32;
-const MAGIC: &[u8] = b"MC-ANCHOR-v2";
-const LEN: usize = 12 + 8 + 8 * ALL_SHARDS as usize + 8 + 32;
+const MAGIC_V2: &[u8] = b"MC-ANCHOR-v2";
+const LEN_V2: usize = 12 + 8 + 8 * ALL_SHARDS as usize + 8 + 32;
+const MAGIC: &[u8] = b"MC-ANCHOR-v3";
+const LEN: usize = 12 + 8 + 8 * SCAN_SHARDS as usize + 8 + 32 + 8;
 
 /// Serialises read-merge-write of anchors in this process (the keeper and
 /// an operator's restore resetting it).
@@ -59,20 +64,23 @@ pub struct Anchor {
     /// When it was taken (Unix seconds).
     pub time: u64,
     /// `seq` of each digest shard (seed records, notary records,
-    /// commands, device rows: [`crate::integrity::ALL_SHARDS`]).
-    pub shard_seq: [u64; ALL_SHARDS as usize],
+    /// commands, device rows, tokens, marks:
+    /// [`crate::integrity::SCAN_SHARDS`]).
+    pub shard_seq: [u64; SCAN_SHARDS as usize],
     /// Seq of the audit chain's tagged head.
     pub audit_seq: u64,
     /// Hash of that head.
     pub audit_hash: [u8; 32],
+    /// The keyring head's epoch (0 without a keyring).
+    pub keyring_epoch: u64,
 }
 
 impl Anchor {
     /// The database's current mark (shard seqs and the tagged audit head).
     pub fn of(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64) -> Result<Self> {
-        let mut shard_seq = [0u64; ALL_SHARDS as usize];
+        let mut shard_seq = [0u64; SCAN_SHARDS as usize];
         for s in db.digest_shards()? {
-            if s.shard < ALL_SHARDS {
+            if s.shard < SCAN_SHARDS {
                 shard_seq[usize::from(s.shard)] = s.seq;
             }
         }
@@ -82,6 +90,7 @@ impl Anchor {
             shard_seq,
             audit_seq,
             audit_hash,
+            keyring_epoch: crate::keyring::head_epoch(db, card),
         })
     }
 
@@ -94,11 +103,14 @@ impl Anchor {
         }
         b.extend_from_slice(&self.audit_seq.to_be_bytes());
         b.extend_from_slice(&self.audit_hash);
+        b.extend_from_slice(&self.keyring_epoch.to_be_bytes());
         b
     }
 
     fn from_bytes(b: &[u8]) -> Option<Self> {
         let n = if b.len() == LEN && &b[..12] == MAGIC {
+            usize::from(SCAN_SHARDS)
+        } else if b.len() == LEN_V2 && &b[..12] == MAGIC_V2 {
             usize::from(ALL_SHARDS)
         } else if b.len() == LEN_V1 && &b[..12] == MAGIC_V1 {
             usize::from(SHARDS)
@@ -106,39 +118,60 @@ impl Anchor {
             return None;
         };
         let u64_at = |o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
-        let mut shard_seq = [0u64; ALL_SHARDS as usize];
+        let mut shard_seq = [0u64; SCAN_SHARDS as usize];
         for (i, s) in shard_seq.iter_mut().enumerate().take(n) {
             *s = u64_at(20 + 8 * i);
         }
         let o = 20 + 8 * n;
         let mut audit_hash = [0u8; 32];
         audit_hash.copy_from_slice(&b[o + 8..o + 40]);
+        // Older formats kept no keyring epoch: 0, which any database
+        // covers.
+        let keyring_epoch = if b.len() >= o + 48 { u64_at(o + 40) } else { 0 };
         Some(Anchor {
             time: u64_at(12),
             shard_seq,
             audit_seq: u64_at(o),
             audit_hash,
+            keyring_epoch,
         })
     }
 
     /// Shards whose seq in `db_mark` is below this anchor's: rolled back.
     pub fn rolled_back_shards(&self, db_mark: &Anchor) -> Vec<u8> {
-        (0..ALL_SHARDS)
+        (0..SCAN_SHARDS)
             .filter(|&i| db_mark.shard_seq[usize::from(i)] < self.shard_seq[usize::from(i)])
             .collect()
     }
 
+    /// Whether the keyring in `db_mark` is older than this anchor's.
+    pub fn keyring_rolled_back(&self, db_mark: &Anchor) -> bool {
+        db_mark.keyring_epoch < self.keyring_epoch
+    }
+
     /// True when `other` is at or beyond this anchor everywhere.
     pub fn is_covered_by(&self, other: &Anchor) -> bool {
-        self.rolled_back_shards(other).is_empty() && other.audit_seq >= self.audit_seq
+        self.rolled_back_shards(other).is_empty()
+            && other.audit_seq >= self.audit_seq
+            && !self.keyring_rolled_back(other)
+    }
+
+    /// True when a backup whose mark is `backup` holds every record change
+    /// this anchor saw: the record shards and the audit log (a backup
+    /// carries no tokens, marks or keyring epoch: those are the restored
+    /// database's own from then on).
+    pub fn records_covered_by(&self, backup: &Anchor) -> bool {
+        (0..ALL_SHARDS).all(|i| backup.shard_seq[usize::from(i)] >= self.shard_seq[usize::from(i)])
+            && backup.audit_seq >= self.audit_seq
     }
 
     /// Merges: the higher mark of each.
     fn max(&self, other: &Anchor) -> Anchor {
         let mut out = self.clone();
-        for i in 0..usize::from(ALL_SHARDS) {
+        for i in 0..usize::from(SCAN_SHARDS) {
             out.shard_seq[i] = out.shard_seq[i].max(other.shard_seq[i]);
         }
+        out.keyring_epoch = out.keyring_epoch.max(other.keyring_epoch);
         if other.audit_seq > out.audit_seq {
             out.audit_seq = other.audit_seq;
             out.audit_hash = other.audit_hash;
@@ -280,8 +313,16 @@ pub fn compare(
     if a.is_covered_by(&mark) {
         return Ok(None);
     }
+    let keyring = if a.keyring_rolled_back(&mark) {
+        format!(
+            ", keyring at epoch {} of {}",
+            mark.keyring_epoch, a.keyring_epoch
+        )
+    } else {
+        String::new()
+    };
     Ok(Some(format!(
-        "the key database is older than the card's anchor {} (shards {:?} behind, audit log at {} of {}): it was put back to an older copy; repair with `microcert integrity repair` or restore a backup",
+        "the key database is older than the card's anchor {} (shards {:?} behind, audit log at {} of {}{keyring}): it was put back to an older copy; repair with `microcert integrity repair` or restore a backup",
         path.display(),
         a.rolled_back_shards(&mark),
         mark.audit_seq,

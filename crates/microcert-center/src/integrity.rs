@@ -577,7 +577,8 @@ pub struct IntegrityReport {
     /// (see [`crate::audit::AuditFinding`]), or its head below the anchor.
     /// Filled by [`crate::Center::integrity_check`] only.
     pub audit: Option<String>,
-    /// The anchor file itself fails its card tag (or cannot be read).
+    /// The anchor file itself fails its card tag (or cannot be read), or
+    /// the keyring is older than the anchor saw.
     pub anchor: Option<String>,
     /// Shared high-water marks (pruning, clock, clock alarm, replay-guard
     /// marker) whose card tag fails. Filled by

@@ -195,6 +195,18 @@ pub fn check(card: &dyn EncryptionCard, rows: Vec<KeyringRow>) -> Result<Option<
     }))
 }
 
+/// The epoch of the keyring's head as stored, for the card's anchor: 0
+/// when there is no keyring, or when it cannot be read or fails its
+/// checks (then an anchor that saw a higher epoch reports the database as
+/// put back, and the keyring's own checks say why).
+pub fn head_epoch(db: &dyn KeyDatabase, card: &dyn EncryptionCard) -> u64 {
+    let db = db.unsealed().unwrap_or(db);
+    match read_rows(db).and_then(|rows| check(card, rows)) {
+        Ok(Some(c)) => c.head.epoch,
+        _ => 0,
+    }
+}
+
 /// Reads the keyring rows in one read transaction.
 fn read_rows(db: &dyn KeyDatabase) -> Result<Vec<KeyringRow>> {
     let mut out = Vec::new();

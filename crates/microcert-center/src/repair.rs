@@ -150,7 +150,7 @@ impl Center {
                 None => None,
             };
             match (a, valid.first()) {
-                (Some(a), Some((p, b))) if a.is_covered_by(&b.mark()) => {
+                (Some(a), Some((p, b))) if a.records_covered_by(&b.mark()) => {
                     out.whole_restore = Some(p.clone());
                 }
                 (_, Some((p, _))) => out.refused.push(format!(

@@ -410,3 +410,35 @@ fn an_unknown_version_is_refused_at_once_and_the_rest_works() {
     assert!(started.elapsed() < microcert_center::keyring::MISS_WAIT * 2);
     auth_all(&c, &mut fleet, NOW + 1);
 }
+
+/// Attack: with every center stopped, the whole older keyring (head and
+/// rows, validly tagged) put back. The running centers' epoch floor is
+/// gone with them; the card's anchor keeps the keyring's epoch, so the
+/// next start finds the database older than its anchor (and `serve`
+/// refuses to start on it).
+#[test]
+fn attack_keyring_put_back_while_stopped_is_found_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("center.db");
+    let anchor = dir.path().join("center.anchor");
+    let card = init_card(&dir.path().join("card"));
+    let mut fleet = make_fleet(&*card, 3);
+    let c = center(&db, card.clone());
+    assert!(c.keep_anchor(&anchor).unwrap().is_none());
+    import(&c, dir.path(), &mut fleet, "a.jsonl");
+    let saved = rows(&db);
+    c.rotate_storage_key(10, None, "ops", NOW + 1, &mut |_| {})
+        .unwrap();
+    c.refresh_anchor(&anchor, NOW + 2).unwrap();
+    drop(c);
+
+    put_rows(&db, &saved);
+    let c = center(&db, card);
+    let found = c.keep_anchor(&anchor).unwrap();
+    assert!(
+        found.as_deref().is_some_and(|f| f.contains("keyring")),
+        "a keyring put back while every center was stopped is not found: {found:?}"
+    );
+    let r = c.integrity_check(Some(&anchor), NOW + 3).unwrap();
+    assert!(!r.is_clean(), "{:?}", r.findings());
+}

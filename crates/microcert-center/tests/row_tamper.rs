@@ -458,6 +458,54 @@ fn the_sealed_layer_refuses_raw_accumulator_writes(backend: Backend) {
     assert!(r.is_clean(), "{:?}", r.findings());
 }
 
+/// Attack: a token row put back together with its digest shard row (a
+/// consistent partial rollback of the token tables, after the token's
+/// revocation). The tag and the shard agree; the card's anchor follows the
+/// token shards too, so the integrity check finds the shard older than
+/// the anchor.
+fn a_token_put_back_with_its_shard_is_older_than_the_anchor(backend: Backend) {
+    let w = two_centers(backend);
+    let now = NOW + 10;
+    let anchor = w._dir.path().join("center.anchor");
+    w.a.create_token("alice", "operator", None, "test", now)
+        .unwrap();
+    let before =
+        w.a.database()
+            .list_tokens()
+            .unwrap()
+            .into_iter()
+            .find(|t| t.name == "alice")
+            .unwrap();
+    let shard = microcert_center::integrity::token_shard(&before.hash);
+    let old_shard =
+        w.a.database()
+            .digest_shards()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.shard == shard)
+            .unwrap();
+    w.a.revoke_tokens("alice", None, "test", now + 1).unwrap();
+    w.a.refresh_anchor(&anchor, now + 1).unwrap();
+    let sql = format!(
+        "UPDATE tokens SET revoked = NULL, tag = {{id}} WHERE hash = '{}'",
+        before.hash
+    );
+    assert_eq!(raw_update(&w.loc, &sql, &before.tag), 1);
+    let sql = format!(
+        "UPDATE digest SET acc = {{id}}, count = {}, seq = {} WHERE shard = {shard}",
+        old_shard.count, old_shard.seq
+    );
+    assert_eq!(raw_update(&w.loc, &sql, &old_shard.acc), 1);
+    let sql = format!("UPDATE digest SET tag = {{id}} WHERE shard = {shard}");
+    assert_eq!(raw_update(&w.loc, &sql, &old_shard.tag), 1);
+    let report = w.b.integrity_check(Some(&anchor), now + 2).unwrap();
+    assert!(
+        report.rolled_back_shards.contains(&shard),
+        "a token row put back with its shard is not found: {:?}",
+        report.findings()
+    );
+}
+
 both_backends!(
     a_deleted_replay_row_reopens_no_auth,
     a_deleted_challenge_row_respends_nothing,
@@ -469,4 +517,5 @@ both_backends!(
     a_database_from_before_is_covered_once,
     a_deleted_mark_is_repaired_to_safe_values,
     the_sealed_layer_refuses_raw_accumulator_writes,
+    a_token_put_back_with_its_shard_is_older_than_the_anchor,
 );

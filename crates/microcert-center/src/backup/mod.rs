@@ -100,7 +100,7 @@ impl Backup {
 
     /// The high-water mark of the database this is a copy of.
     pub fn mark(&self) -> Anchor {
-        let mut shard_seq = [0u64; integrity::ALL_SHARDS as usize];
+        let mut shard_seq = [0u64; integrity::SCAN_SHARDS as usize];
         let mut audit = (0, [0u8; 32]);
         for s in &self.shards {
             if s.shard < integrity::ALL_SHARDS {
@@ -114,6 +114,7 @@ impl Backup {
             shard_seq,
             audit_seq: audit.0,
             audit_hash: audit.1,
+            keyring_epoch: 0,
         }
     }
 
@@ -385,7 +386,7 @@ pub fn encode(b: &Backup, card: &dyn EncryptionCard) -> Result<Vec<u8>> {
         audit: b.audit.len() as u64,
         kstore_versions: b.kstore_versions(),
         mark: MarkLine {
-            shard_seq: m.shard_seq.to_vec(),
+            shard_seq: m.shard_seq[..usize::from(integrity::ALL_SHARDS)].to_vec(),
             audit_seq: m.audit_seq,
             audit_hash: hex::encode(m.audit_hash),
         },

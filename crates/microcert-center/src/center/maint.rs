@@ -70,6 +70,12 @@ impl Center {
                         Err(e) => return Err(e),
                     };
                     r.rolled_back_shards = a.rolled_back_shards(&mark);
+                    if a.keyring_rolled_back(&mark) {
+                        r.anchor = Some(format!(
+                            "the keyring is at epoch {} but the card's anchor saw epoch {}: an older keyring was put back (storage-key versions retired since would be used again)",
+                            mark.keyring_epoch, a.keyring_epoch
+                        ));
+                    }
                     if mark.audit_seq < a.audit_seq {
                         r.audit = Some(format!(
                             "the log ends at entry {} but the card's anchor saw entry {}: the database was put back to an older copy",
