@@ -128,7 +128,7 @@ fn parts(c: &mut Criterion, fleet: &Fleet) {
         b.iter(|| {
             r += 1;
             with_tx(db, |tx| {
-                tx.record_replay(row.device, 0, fleet::NOW as u32, r, NOW + 1)
+                tx.record_replay((row.device, 0, fleet::NOW as u32, r, NOW + 1))
             })
             .expect("replay tx")
         })

@@ -459,7 +459,7 @@ fn batched_replay_records_count_each_key_once() {
     assert_eq!(first, [true, true, false, true]);
     let again = with_tx(&db, |tx| tx.record_replays(&batch)).unwrap();
     assert_eq!(again, [false; 4]);
-    assert!(!with_tx(&db, |tx| tx.record_replay(e, 1, 10, 1, far)).unwrap());
+    assert!(!with_tx(&db, |tx| tx.record_replay((e, 1, 10, 1, far))).unwrap());
 }
 
 /// Cold loads of concurrent verifications are grouped into shared

@@ -32,7 +32,7 @@ impl ReplayRow {
                 t,
                 r,
                 expires,
-            } => tx.record_replay(device, generation, t, r, expires),
+            } => tx.record_replay((device, generation, t, r, expires)),
             Mark::Challenge { device, c, expires } => tx.spend_challenge(device, &c, expires),
         }
     }

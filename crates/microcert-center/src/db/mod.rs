@@ -378,6 +378,10 @@ impl ReplayRow {
     }
 }
 
+/// A replay record's key and lifetime: (device, generation, t, r,
+/// expires).
+pub type ReplayKey = (DeviceId, u8, u32, u64, u64);
+
 /// The accumulator of one device's live replay records and spent
 /// challenges (gap 2: a record deleted from outside is found when the
 /// device's next record is inserted): the XOR of a card-keyed MAC of each
@@ -514,16 +518,9 @@ pub trait Tx {
     fn insert_seed(&mut self, s: &SeedRow) -> Result<()>;
     /// Rewrites a seed record (state, timestamps, tag, ciphertext).
     fn update_seed(&mut self, s: &SeedRow) -> Result<()>;
-    /// Records (device, generation, t, r) as accepted; false when it
-    /// already was (a replay).
-    fn record_replay(
-        &mut self,
-        id: DeviceId,
-        generation: u8,
-        t: u32,
-        r: u64,
-        expires: u64,
-    ) -> Result<bool>;
+    /// Records (device, generation, t, r) as accepted until `expires`;
+    /// false when it already was (a replay).
+    fn record_replay(&mut self, rec: ReplayKey) -> Result<bool>;
     /// Records challenge c of a device as used; false when it already was.
     fn spend_challenge(&mut self, id: DeviceId, c: &[u8; 8], expires: u64) -> Result<bool>;
     /// A named high-water mark shared by every center on the database
@@ -624,20 +621,14 @@ pub trait Tx {
     /// for each (device, generation, t, r, expires), whether it was
     /// inserted. The default calls `record_replay` for each; PostgreSQL
     /// sends one statement. (Added for issue 14, PostgreSQL at speed.)
-    fn record_replays(&mut self, rows: &[(DeviceId, u8, u32, u64, u64)]) -> Result<Vec<bool>> {
-        rows.iter()
-            .map(|&(d, g, t, r, e)| self.record_replay(d, g, t, r, e))
-            .collect()
+    fn record_replays(&mut self, rows: &[ReplayKey]) -> Result<Vec<bool>> {
+        rows.iter().map(|&rec| self.record_replay(rec)).collect()
     }
 
     /// As [`Tx::record_replays`], also refusing (answering false for) a
     /// record that expires before `floor` (the pruning high-water the
     /// caller read and checked), whatever the stored mark says.
-    fn record_replays_above(
-        &mut self,
-        rows: &[(DeviceId, u8, u32, u64, u64)],
-        floor: u64,
-    ) -> Result<Vec<bool>> {
+    fn record_replays_above(&mut self, rows: &[ReplayKey], floor: u64) -> Result<Vec<bool>> {
         let _ = (rows, floor);
         Err(Error::db(
             DbFailure::Unsupported,

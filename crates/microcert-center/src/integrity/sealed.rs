@@ -42,7 +42,8 @@ use super::{COMMAND_BASE, DEVICE_BASE, MARK_SHARD, NOTARY_BASE, shard_of, tag32,
 use crate::card::EncryptionCard;
 use crate::db::{
     AuditRecord, ChangeHook, CommandRow, DeviceQuery, DeviceRow, DeviceView, DigestShard,
-    KeyDatabase, MARK_PRUNED, NewAudit, NotaryRow, ReplayAcc, ReplayRow, SeedRow, TokenRow, Tx,
+    KeyDatabase, MARK_PRUNED, NewAudit, NotaryRow, ReplayAcc, ReplayKey, ReplayRow, SeedRow,
+    TokenRow, Tx,
 };
 use crate::{DbFailure, Error, Result};
 
@@ -501,16 +502,9 @@ impl Tx for SealedTx<'_> {
     fn update_seed(&mut self, s: &SeedRow) -> Result<()> {
         self.inner.update_seed(s)
     }
-    fn record_replay(
-        &mut self,
-        id: DeviceId,
-        generation: u8,
-        t: u32,
-        r: u64,
-        expires: u64,
-    ) -> Result<bool> {
+    fn record_replay(&mut self, (device, generation, t, r, expires): ReplayKey) -> Result<bool> {
         let row = ReplayRow::Replay {
-            device: id,
+            device,
             generation,
             t,
             r,
@@ -518,7 +512,7 @@ impl Tx for SealedTx<'_> {
         };
         Ok(self.count_once(&[row])?[0])
     }
-    fn record_replays(&mut self, rows: &[(DeviceId, u8, u32, u64, u64)]) -> Result<Vec<bool>> {
+    fn record_replays(&mut self, rows: &[ReplayKey]) -> Result<Vec<bool>> {
         let rows: Vec<ReplayRow> = rows
             .iter()
             .map(|&(device, generation, t, r, expires)| ReplayRow::Replay {
@@ -544,11 +538,7 @@ impl Tx for SealedTx<'_> {
     // transaction): through the seal they are refused, so no caller can
     // write a record, a pruning or an accumulator that is not in step
     // with its tag.
-    fn record_replays_above(
-        &mut self,
-        rows: &[(DeviceId, u8, u32, u64, u64)],
-        floor: u64,
-    ) -> Result<Vec<bool>> {
+    fn record_replays_above(&mut self, rows: &[ReplayKey], floor: u64) -> Result<Vec<bool>> {
         let _ = (rows, floor);
         Err(raw_replay_write())
     }
@@ -658,12 +648,8 @@ impl Tx for SealedTx<'_> {
     fn append_audit(&mut self, e: &NewAudit) -> Result<()> {
         self.inner.append_audit(e)
     }
-    fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>> {
-        Ok(self.import_progress_sealed(file)?.map(|(n, _)| n))
-    }
-    fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()> {
-        self.set_import_progress_sealed(file, next_line, now, None)
-    }
+    // import_progress / set_import_progress: the trait's defaults, which
+    // go through the two sealed methods below.
     /// A row without a seal (written before seals existed) counts as
     /// absent: the import starts again from the first line, which is
     /// idempotent. A row whose seal fails is refused.

@@ -8,8 +8,8 @@ use tokio_postgres::types::ToSql;
 use super::PgConn;
 use super::rows::*;
 use crate::db::{
-    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, ReplayAcc, ReplayRow, SeedRow,
-    Tx, one_row,
+    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, ReplayAcc, ReplayKey, ReplayRow,
+    SeedRow, Tx, one_row,
 };
 use crate::{DbFailure, Error, Result, audit};
 
@@ -331,14 +331,7 @@ impl Tx for PgTx<'_> {
         })
     }
 
-    fn record_replay(
-        &mut self,
-        id: DeviceId,
-        generation: u8,
-        t: u32,
-        r: u64,
-        expires: u64,
-    ) -> Result<bool> {
+    fn record_replay(&mut self, (id, generation, t, r, expires): ReplayKey) -> Result<bool> {
         self.wrote = true;
         // Of two concurrent inserts of one key (two centers), the second
         // waits for the first to commit and then inserts nothing.
@@ -361,22 +354,15 @@ impl Tx for PgTx<'_> {
         Ok(n == 1)
     }
 
-    fn record_replays(&mut self, rows: &[(DeviceId, u8, u32, u64, u64)]) -> Result<Vec<bool>> {
+    fn record_replays(&mut self, rows: &[ReplayKey]) -> Result<Vec<bool>> {
         if rows.len() <= 1 {
-            return rows
-                .iter()
-                .map(|&(d, g, t, r, e)| self.record_replay(d, g, t, r, e))
-                .collect();
+            return rows.iter().map(|&rec| self.record_replay(rec)).collect();
         }
         // A floor of 0 leaves only the stored pruning mark.
         self.record_replays_above(rows, 0)
     }
 
-    fn record_replays_above(
-        &mut self,
-        rows: &[(DeviceId, u8, u32, u64, u64)],
-        floor: u64,
-    ) -> Result<Vec<bool>> {
+    fn record_replays_above(&mut self, rows: &[ReplayKey], floor: u64) -> Result<Vec<bool>> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }

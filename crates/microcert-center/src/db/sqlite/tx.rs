@@ -5,8 +5,8 @@ use rusqlite::{OptionalExtension, params};
 
 use super::rows::*;
 use crate::db::{
-    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, ReplayAcc, ReplayRow, SeedRow,
-    TokenRow, Tx, one_row,
+    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, ReplayAcc, ReplayKey, ReplayRow,
+    SeedRow, TokenRow, Tx, one_row,
 };
 use crate::{DbFailure, Error, Result, audit};
 
@@ -125,14 +125,7 @@ impl Tx for SqliteTx<'_> {
         })
     }
 
-    fn record_replay(
-        &mut self,
-        id: DeviceId,
-        generation: u8,
-        t: u32,
-        r: u64,
-        expires: u64,
-    ) -> Result<bool> {
+    fn record_replay(&mut self, (id, generation, t, r, expires): ReplayKey) -> Result<bool> {
         // Nothing is inserted for a record that would have expired before
         // the pruning high-water: its earlier copy may have been pruned.
         let mut st = self.tx.prepare_cached(
@@ -143,11 +136,7 @@ impl Tx for SqliteTx<'_> {
         Ok(st.execute(params![&id.0[..], generation, t, i(r), i(expires)])? == 1)
     }
 
-    fn record_replays_above(
-        &mut self,
-        rows: &[(DeviceId, u8, u32, u64, u64)],
-        floor: u64,
-    ) -> Result<Vec<bool>> {
+    fn record_replays_above(&mut self, rows: &[ReplayKey], floor: u64) -> Result<Vec<bool>> {
         // The floor the caller checked, and the stored mark (which only
         // a center raises).
         let mut st = self.tx.prepare_cached(
