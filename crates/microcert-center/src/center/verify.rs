@@ -484,7 +484,7 @@ impl Center {
         // A record failing its card tag is refused (Error::Integrity).
         let refused = usable.err().unwrap_or(Error::NotActive);
         let found = with_tx(&*self.db, |tx| {
-            tx.notary(h.device, h.generation, h.t, h.r, digest)
+            tx.notary((h.device, h.generation, h.t, h.r, digest))
         })?;
         match found {
             Some(n)

@@ -378,6 +378,9 @@ impl ReplayRow {
     }
 }
 
+/// A notary record's key: (device, generation, t, r, digest).
+pub type NotaryKey<'a> = (DeviceId, u8, u32, u64, &'a [u8; 32]);
+
 /// A replay record's key and lifetime: (device, generation, t, r,
 /// expires).
 pub type ReplayKey = (DeviceId, u8, u32, u64, u64);
@@ -531,16 +534,18 @@ pub trait Tx {
     /// Records a verified signature unless already recorded; returns the
     /// stored record (with the first first_seen) and whether this call
     /// inserted it.
-    fn notarize(&mut self, n: &NotaryRow) -> Result<(NotaryRow, bool)>;
+    fn notarize(&mut self, n: &NotaryRow) -> Result<(NotaryRow, bool)> {
+        let inserted = self.insert_notary(n)?;
+        let stored = self
+            .notary((n.device, n.generation, n.t, n.r, &n.digest))?
+            .ok_or_else(|| Error::db(DbFailure::Corrupt, "notary record vanished"))?;
+        Ok((stored, inserted))
+    }
+    /// Inserts a notary record unless one of the same signature exists;
+    /// whether it did ([`Tx::notarize`] is the one to call).
+    fn insert_notary(&mut self, n: &NotaryRow) -> Result<bool>;
     /// A notary record of exactly this signature.
-    fn notary(
-        &mut self,
-        id: DeviceId,
-        generation: u8,
-        t: u32,
-        r: u64,
-        digest: &[u8; 32],
-    ) -> Result<Option<NotaryRow>>;
+    fn notary(&mut self, key: NotaryKey<'_>) -> Result<Option<NotaryRow>>;
     /// Replaces a seed record's tag (the one-time upgrade of records tagged
     /// over fewer columns, [`crate::integrity::upgrade_legacy`]).
     fn set_seed_tag(&mut self, id: DeviceId, generation: u8, tag: &[u8; 32]) -> Result<()> {

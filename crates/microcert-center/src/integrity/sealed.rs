@@ -42,8 +42,8 @@ use super::{COMMAND_BASE, DEVICE_BASE, MARK_SHARD, NOTARY_BASE, shard_of, tag32,
 use crate::card::EncryptionCard;
 use crate::db::{
     AuditRecord, ChangeHook, CommandRow, DeviceQuery, DeviceRow, DeviceView, DigestShard,
-    KeyDatabase, MARK_PRUNED, NewAudit, NotaryRow, ReplayAcc, ReplayKey, ReplayRow, SeedRow,
-    TokenRow, Tx,
+    KeyDatabase, MARK_PRUNED, NewAudit, NotaryKey, NotaryRow, ReplayAcc, ReplayKey, ReplayRow,
+    SeedRow, TokenRow, Tx,
 };
 use crate::{DbFailure, Error, Result};
 
@@ -597,15 +597,20 @@ impl Tx for SealedTx<'_> {
         }
         Ok((stored, inserted))
     }
+    /// A raw insert would skip the notary shard: refused through the seal
+    /// ([`Tx::notarize`] is its path).
+    fn insert_notary(&mut self, n: &NotaryRow) -> Result<bool> {
+        let _ = n;
+        Err(Error::db(
+            crate::DbFailure::Unsupported,
+            "notary records are inserted only through notarize",
+        ))
+    }
     fn notary(
         &mut self,
-        id: DeviceId,
-        generation: u8,
-        t: u32,
-        r: u64,
-        digest: &[u8; 32],
+        (id, generation, t, r, digest): NotaryKey<'_>,
     ) -> Result<Option<NotaryRow>> {
-        let found = self.inner.notary(id, generation, t, r, digest)?;
+        let found = self.inner.notary((id, generation, t, r, digest))?;
         if let Some(n) = &found {
             super::check_notary(self.card, n)?;
         }

@@ -8,8 +8,8 @@ use tokio_postgres::types::ToSql;
 use super::PgConn;
 use super::rows::*;
 use crate::db::{
-    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, ReplayAcc, ReplayKey, ReplayRow,
-    SeedRow, Tx, one_row,
+    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryKey, NotaryRow, ReplayAcc, ReplayKey,
+    ReplayRow, SeedRow, Tx, one_row,
 };
 use crate::{DbFailure, Error, Result, audit};
 
@@ -574,7 +574,7 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
-    fn notarize(&mut self, n: &NotaryRow) -> Result<(NotaryRow, bool)> {
+    fn insert_notary(&mut self, n: &NotaryRow) -> Result<bool> {
         self.wrote = true;
         let inserted = self.conn()?.execute(
             "INSERT INTO notary (device, generation, t, r, digest, tag, first_seen, seal) \
@@ -590,19 +590,12 @@ impl Tx for PgTx<'_> {
                 &n.seal.as_ref().map(|s| &s[..]),
             ],
         )? == 1;
-        let stored = self
-            .notary(n.device, n.generation, n.t, n.r, &n.digest)?
-            .ok_or_else(|| Error::db(DbFailure::Corrupt, "notary record vanished"))?;
-        Ok((stored, inserted))
+        Ok(inserted)
     }
 
     fn notary(
         &mut self,
-        id: DeviceId,
-        generation: u8,
-        t: u32,
-        r: u64,
-        digest: &[u8; 32],
+        (id, generation, t, r, digest): NotaryKey<'_>,
     ) -> Result<Option<NotaryRow>> {
         let row = self.conn()?.query_opt(
             "SELECT tag, first_seen, seal FROM notary WHERE device = $1 AND generation = $2 \

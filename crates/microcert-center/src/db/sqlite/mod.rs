@@ -19,7 +19,7 @@ use microcert_core::DeviceId;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{
-    AuditRecord, Blob, CommandRow, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit,
+    AuditRecord, CommandRow, DeviceQuery, DeviceView, DigestShard, KeyDatabase, NewAudit,
     NotaryRow, SeedRow, Tx,
 };
 use crate::{DbFailure, Error, Result};
@@ -416,27 +416,11 @@ impl KeyDatabase for SqliteDatabase {
         limit: usize,
     ) -> Result<Vec<(CommandRow, Option<[u8; 32]>)>> {
         let conn = self.lock()?;
-        let mut st = conn.prepare_cached(
-            "SELECT device, counter, opcode, generation, r, bytes, created, answered_at, status, \
-             seal FROM commands WHERE device > ?1 ORDER BY device LIMIT ?2",
-        )?;
+        let mut st = conn.prepare_cached(&format!(
+            "SELECT {COMMAND_COLS} FROM commands WHERE device > ?1 ORDER BY device LIMIT ?2"
+        ))?;
         let after = after.map(|d| d.0.to_vec()).unwrap_or_default();
-        let rows = st.query_map(params![after, limit as i64], |row| {
-            Ok((
-                CommandRow {
-                    device: dev(row.get(0)?)?,
-                    counter: row.get(1)?,
-                    opcode: row.get(2)?,
-                    generation: row.get(3)?,
-                    r: row.get::<_, i64>(4)? as u64,
-                    bytes: Blob(row.get(5)?),
-                    created: row.get::<_, i64>(6)? as u64,
-                    answered_at: opt_u64(row.get(7)?),
-                    status: row.get(8)?,
-                },
-                row.get::<_, Option<Vec<u8>>>(9)?.map(arr32).transpose()?,
-            ))
-        })?;
+        let rows = st.query_map(params![after, limit as i64], command_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 

@@ -105,6 +105,30 @@ pub(super) fn oi(v: Option<u64>) -> Option<i64> {
 }
 
 /// Token columns (issue 14).
+/// The columns [`command_row`] reads, in order.
+pub(super) const COMMAND_COLS: &str =
+    "device, counter, opcode, generation, r, bytes, created, answered_at, status, seal";
+
+/// A command row and its card tag (None: written without one).
+pub(super) fn command_row(
+    row: &Row<'_>,
+) -> rusqlite::Result<(crate::db::CommandRow, Option<[u8; 32]>)> {
+    Ok((
+        crate::db::CommandRow {
+            device: dev(row.get(0)?)?,
+            counter: row.get(1)?,
+            opcode: row.get(2)?,
+            generation: row.get(3)?,
+            r: row.get::<_, i64>(4)? as u64,
+            bytes: crate::db::Blob(row.get(5)?),
+            created: row.get::<_, i64>(6)? as u64,
+            answered_at: opt_u64(row.get(7)?),
+            status: row.get(8)?,
+        },
+        row.get::<_, Option<Vec<u8>>>(9)?.map(arr32).transpose()?,
+    ))
+}
+
 pub(super) const TOKEN_COLS: &str =
     "hash, name, role, created, expires, revoked, last_used, failures, tag";
 

@@ -5,10 +5,10 @@ use rusqlite::{OptionalExtension, params};
 
 use super::rows::*;
 use crate::db::{
-    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryRow, ReplayAcc, ReplayKey, ReplayRow,
-    SeedRow, TokenRow, Tx, one_row,
+    CommandRow, DeviceRow, DigestShard, NewAudit, NotaryKey, NotaryRow, ReplayAcc, ReplayKey,
+    ReplayRow, SeedRow, TokenRow, Tx, one_row,
 };
-use crate::{DbFailure, Error, Result, audit};
+use crate::{Result, audit};
 
 /// The parameters ?1 to ?9 of a device row, in [`DEVICE_COLS`] order.
 macro_rules! device_params {
@@ -342,7 +342,7 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
-    fn notarize(&mut self, n: &NotaryRow) -> Result<(NotaryRow, bool)> {
+    fn insert_notary(&mut self, n: &NotaryRow) -> Result<bool> {
         let mut st = self.tx.prepare_cached(
             "INSERT OR IGNORE INTO notary (device, generation, t, r, digest, tag, first_seen, \
              seal) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -357,19 +357,12 @@ impl Tx for SqliteTx<'_> {
             i(n.first_seen),
             n.seal.as_ref().map(|s| &s[..])
         ])? == 1;
-        let stored = self
-            .notary(n.device, n.generation, n.t, n.r, &n.digest)?
-            .ok_or_else(|| Error::db(DbFailure::Corrupt, "notary record vanished"))?;
-        Ok((stored, inserted))
+        Ok(inserted)
     }
 
     fn notary(
         &mut self,
-        id: DeviceId,
-        generation: u8,
-        t: u32,
-        r: u64,
-        digest: &[u8; 32],
+        (id, generation, t, r, digest): NotaryKey<'_>,
     ) -> Result<Option<NotaryRow>> {
         let mut st = self.tx.prepare_cached(
             "SELECT tag, first_seen, seal FROM notary WHERE device = ?1 AND generation = ?2 \
@@ -419,28 +412,10 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn command_sealed(&mut self, id: DeviceId) -> Result<Option<(CommandRow, Option<[u8; 32]>)>> {
-        let mut st = self.tx.prepare_cached(
-            "SELECT counter, opcode, generation, r, bytes, created, answered_at, status, seal \
-             FROM commands WHERE device = ?1",
-        )?;
-        Ok(st
-            .query_row([&id.0[..]], |row| {
-                Ok((
-                    CommandRow {
-                        device: id,
-                        counter: row.get(0)?,
-                        opcode: row.get(1)?,
-                        generation: row.get(2)?,
-                        r: row.get::<_, i64>(3)? as u64,
-                        bytes: Blob(row.get(4)?),
-                        created: row.get::<_, i64>(5)? as u64,
-                        answered_at: opt_u64(row.get(6)?),
-                        status: row.get(7)?,
-                    },
-                    row.get::<_, Option<Vec<u8>>>(8)?.map(arr32).transpose()?,
-                ))
-            })
-            .optional()?)
+        let mut st = self.tx.prepare_cached(&format!(
+            "SELECT {COMMAND_COLS} FROM commands WHERE device = ?1"
+        ))?;
+        Ok(st.query_row([&id.0[..]], command_row).optional()?)
     }
 
     fn put_command_sealed(&mut self, c: &CommandRow, seal: Option<&[u8; 32]>) -> Result<()> {
