@@ -44,26 +44,7 @@ fn head_tag_ok(card: &dyn EncryptionCard, row: &DigestShard) -> Result<bool> {
 /// Appends an entry and moves the card-tagged head on, in the caller's
 /// transaction. Every audit append of the center goes through here.
 pub fn append(tx: &mut dyn Tx, card: &dyn EncryptionCard, e: &NewAudit) -> Result<()> {
-    let (seq, prev) = match tx.digest_shard(AUDIT_HEAD_SHARD)? {
-        Some(row) => {
-            if !head_tag_ok(card, &row)? {
-                tracing::error!("audit chain head fails its card tag");
-                return Err(Error::Integrity("audit log head".into()));
-            }
-            (row.count, row.acc)
-        }
-        None => (0, [0u8; 32]),
-    };
-    tx.append_audit(e)?;
-    let hash = chain_hash(&prev, seq + 1, e);
-    let tag = card.digest_tag(&head_bytes(seq + 1, &hash))?;
-    tx.put_digest_shard(&DigestShard {
-        shard: AUDIT_HEAD_SHARD,
-        acc: hash,
-        count: seq + 1,
-        seq: seq + 1,
-        tag,
-    })
+    append_many(tx, card, std::slice::from_ref(e))
 }
 
 /// Appends several entries in order and moves the card-tagged head on

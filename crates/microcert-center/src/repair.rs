@@ -330,14 +330,9 @@ impl Center {
                 crate::audit::append(
                     tx,
                     card,
-                    &NewAudit {
-                        time: now,
-                        actor: actor.to_string(),
-                        action: "repair".into(),
-                        device: Some(k.0),
-                        generation: Some(k.1),
-                        reason: "record inserted outside the center: deleted".into(),
-                    },
+                    &NewAudit::new(now, actor, "repair")
+                        .on(Some(k.0), Some(k.1))
+                        .because("record inserted outside the center: deleted"),
                 )?;
             }
             for k in &restored {
@@ -384,14 +379,9 @@ fn audit_repair(
     crate::audit::append(
         tx,
         card,
-        &NewAudit {
-            time: now,
-            actor: actor.to_string(),
-            action: "repair".into(),
-            device,
-            generation,
-            reason: format!("put back from backup {name}"),
-        },
+        &NewAudit::new(now, actor, "repair")
+            .on(device, generation)
+            .because(format!("put back from backup {name}")),
     )
 }
 

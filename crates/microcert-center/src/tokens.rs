@@ -429,16 +429,9 @@ impl Center {
             crate::audit::append(
                 tx,
                 card,
-                &NewAudit {
-                    time: now,
-                    actor: actor.into(),
-                    action: "token-shard-repair".into(),
-                    device: None,
-                    generation: None,
-                    reason: format!(
+                &NewAudit::new(now, actor, "token-shard-repair").because(format!(
                         "token digest shards {bad:?} did not match their rows: {revoked} token(s) revoked, shards rebuilt"
-                    ),
-                },
+                    )),
             )?;
             tracing::warn!(shards = ?bad, revoked, "token digest shards repaired");
             Ok(bad.len())

@@ -419,6 +419,9 @@ fn a_deleted_mark_is_repaired_to_safe_values(backend: Backend) {
 /// its own paths may make (an untagged accumulator, a pruned row not taken
 /// out, a record inserted without being added), so no caller of
 /// `Center::database()` can put them out of step by mistake.
+/// One raw write tried through the sealing layer.
+type RawWrite<'a> = dyn Fn(&mut dyn microcert_center::db::Tx) -> microcert_center::Result<()> + 'a;
+
 fn the_sealed_layer_refuses_raw_accumulator_writes(backend: Backend) {
     let w = two_centers(backend);
     let id = w.fleet[0].id;
@@ -430,10 +433,7 @@ fn the_sealed_layer_refuses_raw_accumulator_writes(backend: Backend) {
         tag: [0; 32],
     };
     let db = w.a.database();
-    let attempts: [(
-        &str,
-        &dyn Fn(&mut dyn microcert_center::db::Tx) -> microcert_center::Result<()>,
-    ); 4] = [
+    let attempts: [(&str, &RawWrite<'_>); 4] = [
         ("put_replay_accs", &|tx| {
             tx.put_replay_accs(std::slice::from_ref(&acc))
         }),

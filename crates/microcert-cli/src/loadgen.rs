@@ -8,7 +8,6 @@
 mod scale;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -27,19 +26,9 @@ pub struct BenchArgs {
     /// Another benchmark instead of the network load.
     #[command(subcommand)]
     pub mode: Option<BenchMode>,
-    /// The center's HTTP address.
-    #[arg(
-        long,
-        env = "MICROCERT_SERVER",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub server: String,
-    /// The center's CoAP address.
-    #[arg(long, default_value = "127.0.0.1:5683")]
-    pub coap: SocketAddr,
-    /// The transport to load.
-    #[arg(long, value_enum, default_value_t = Transport::Coap)]
-    pub transport: Transport,
+    /// The center and the transport to load.
+    #[command(flatten)]
+    pub link: crate::simulate::CenterLink,
     /// The factory personalization file (chips.jsonl).
     #[arg(long, required = true)]
     pub chips: Option<PathBuf>,
@@ -110,10 +99,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let base = args.server.trim_end_matches('/').to_owned();
+    let base = args.link.server.trim_end_matches('/').to_owned();
     let (transport, coap, duration) = (
-        args.transport,
-        args.coap,
+        args.link.transport,
+        args.link.coap,
         Duration::from_secs(args.duration),
     );
     let (tallies, elapsed) = rt.block_on(async move {
@@ -206,7 +195,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         say!(
             "{}",
             serde_json::json!({
-                "transport": format!("{:?}", args.transport).to_lowercase(),
+                "transport": format!("{:?}", args.link.transport).to_lowercase(),
                 "nodes": total_nodes, "concurrency": tasks, "seconds": elapsed.as_secs_f64(),
                 "accepted": lat.len(), "per_second": rate,
                 "p50_us": p50.as_micros() as u64, "p99_us": p99.as_micros() as u64, "p999_us": p999.as_micros() as u64,
@@ -216,7 +205,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         say!(
             "{:?} AUTH on {} nodes, {tasks} clients, {:.1} s: {} accepted, {rate:.0}/s, p50 {p50:.2?}, p99 {p99:.2?}, p99.9 {p999:.2?}, errors {}",
-            args.transport,
+            args.link.transport,
             total_nodes,
             elapsed.as_secs_f64(),
             lat.len(),

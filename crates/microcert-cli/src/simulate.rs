@@ -17,9 +17,10 @@ use microcert_node::{EntropyFailure, Personalization, SecureChip, SoftChip};
 use microcert_server::coap_client::CoapClient;
 use serde::Deserialize;
 
-/// Arguments of `simulate`.
+/// Where simulated devices reach the center, and how (`simulate` and
+/// `bench`).
 #[derive(Debug, Args)]
-pub struct SimulateArgs {
+pub struct CenterLink {
     /// The center's HTTP address (also for /v1/verify and /v1/open).
     #[arg(
         long,
@@ -33,6 +34,14 @@ pub struct SimulateArgs {
     /// How devices talk to the center.
     #[arg(long, value_enum, default_value_t = Transport::Coap)]
     pub transport: Transport,
+}
+
+/// Arguments of `simulate`.
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// The center and the transport.
+    #[command(flatten)]
+    pub link: CenterLink,
     /// The factory personalization file (chips.jsonl).
     #[arg(long)]
     pub chips: PathBuf,
@@ -425,7 +434,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let base = args.server.trim_end_matches('/').to_owned();
+    let base = args.link.server.trim_end_matches('/').to_owned();
     let deadline = Instant::now() + Duration::from_secs(args.duration);
     let bar = indicatif::ProgressBar::new(args.duration);
     bar.set_style(
@@ -448,8 +457,8 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
                     t,
                 )
             });
-            let transport = args.transport;
-            let coap = args.coap;
+            let transport = args.link.transport;
+            let coap = args.link.coap;
             let rounds = args.rounds;
             tasks.push(tokio::spawn(async move {
                 let client = reqwest::Client::new();

@@ -315,6 +315,21 @@ unsafe fn made(r: Result<usize, Error>, out_len: *mut usize) -> i32 {
     }
 }
 
+/// [`made`] of `op` run with the caller's random source.
+///
+/// # Safety
+/// As [`rng_of`] and [`made`].
+unsafe fn made_with(
+    rng: *const McRng,
+    out_len: *mut usize,
+    op: impl FnOnce(CRng) -> Result<usize, Error>,
+) -> i32 {
+    // SAFETY: forwarded contract.
+    let rng = unsafe { rng_of(rng) };
+    // SAFETY: forwarded contract.
+    unsafe { made(op(rng), out_len) }
+}
+
 /// Writes the image of a blank (never personalized) node into `image`.
 ///
 /// # Safety
@@ -417,9 +432,7 @@ pub unsafe extern "C" fn mc_node_enroll(
         Err(c) => return c,
     };
     // SAFETY: forwarded contract.
-    let rng = unsafe { rng_of(rng) };
-    // SAFETY: forwarded contract.
-    unsafe { made(ops::enroll(image, rng, now, out), out_len) }
+    unsafe { made_with(rng, out_len, |rng| ops::enroll(image, rng, now, out)) }
 }
 
 /// Makes an AUTH for `audience` (`MC_AUDIENCE_LEN` bytes; NULL = the
@@ -453,9 +466,7 @@ pub unsafe extern "C" fn mc_node_auth(
         Some(a)
     };
     // SAFETY: forwarded contract.
-    let rng = unsafe { rng_of(rng) };
-    // SAFETY: forwarded contract.
-    unsafe { made(ops::auth(image, rng, now, aud, out), out_len) }
+    unsafe { made_with(rng, out_len, |rng| ops::auth(image, rng, now, aud, out)) }
 }
 
 /// Opens a COMMAND: verifies it (device, suite, generation, tag, counter
@@ -492,9 +503,11 @@ pub unsafe extern "C" fn mc_node_handle_command(
         return McError::Null as i32;
     };
     // SAFETY: forwarded contract.
-    let rng = unsafe { rng_of(rng) };
-    // SAFETY: forwarded contract.
-    unsafe { made(ops::handle_command(image, rng, now, command, out), out_len) }
+    unsafe {
+        made_with(rng, out_len, |rng| {
+            ops::handle_command(image, rng, now, command, out)
+        })
+    }
 }
 
 /// Accepts a RECEIPT of the center. `*generation` (may be NULL) gets the

@@ -576,19 +576,12 @@ pub fn restore_into(
         crate::audit::append(
             tx,
             card,
-            &NewAudit {
-                time: now,
-                actor: actor.to_string(),
-                action: "restore".into(),
-                device: None,
-                generation: None,
-                reason: format!(
-                    "backup of {} with {} seeds and {} audit entries",
-                    b.created,
-                    b.seeds.len(),
-                    b.audit.len()
-                ),
-            },
+            &NewAudit::new(now, actor, "restore").because(format!(
+                "backup of {} with {} seeds and {} audit entries",
+                b.created,
+                b.seeds.len(),
+                b.audit.len()
+            )),
         )
     })?;
     // The re-appended chain must be the backup's, entry for entry.

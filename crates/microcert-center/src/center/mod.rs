@@ -522,14 +522,9 @@ impl Center {
         crate::audit::append(
             tx,
             &*self.card,
-            &NewAudit {
-                time: now,
-                actor: actor.to_string(),
-                action: event.name().to_string(),
-                device: Some(row.device),
-                generation: Some(row.generation),
-                reason: reason.to_string(),
-            },
+            &NewAudit::new(now, actor, event.name())
+                .on(Some(row.device), Some(row.generation))
+                .because(reason),
         )?;
         tracing::info!(device = %row.device, generation = row.generation, event = event.name(), state = to.name(), actor, "life-cycle transition");
         Ok(())
@@ -709,14 +704,9 @@ impl Center {
         crate::audit::append(
             tx,
             &*self.card,
-            &NewAudit {
-                time: now,
-                actor: actor.to_string(),
-                action: action.to_string(),
-                device,
-                generation,
-                reason: reason.to_string(),
-            },
+            &NewAudit::new(now, actor, action)
+                .on(device, generation)
+                .because(reason),
         )
     }
 

@@ -228,6 +228,34 @@ pub struct NewAudit {
     pub reason: String,
 }
 
+impl NewAudit {
+    /// An entry of `actor` doing `action` at `time`, about no device,
+    /// with no reason.
+    pub fn new(time: u64, actor: impl Into<String>, action: impl Into<String>) -> Self {
+        NewAudit {
+            time,
+            actor: actor.into(),
+            action: action.into(),
+            device: None,
+            generation: None,
+            reason: String::new(),
+        }
+    }
+
+    /// The device (and the generation) concerned.
+    pub fn on(mut self, device: Option<DeviceId>, generation: Option<u8>) -> Self {
+        self.device = device;
+        self.generation = generation;
+        self
+    }
+
+    /// Why (free text, never key material).
+    pub fn because(mut self, reason: impl Into<String>) -> Self {
+        self.reason = reason.into();
+        self
+    }
+}
+
 /// A stored audit entry with its place in the hash chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {

@@ -95,16 +95,9 @@ impl Center {
             crate::audit::append(
                 tx,
                 card,
-                &NewAudit {
-                    time: now,
-                    actor: actor.into(),
-                    action: "mark-shard-repair".into(),
-                    device: None,
-                    generation: None,
-                    reason: format!(
+                &NewAudit::new(now, actor, "mark-shard-repair").because(format!(
                         "the marks did not match their digest shard: pruning high-water {pruned}, clock high-water {clock}, clock-step alarm raised at {alarm} (confirm the time with `microcert clock confirm`)"
-                    ),
-                },
+                    )),
             )?;
             tracing::warn!(
                 pruned,

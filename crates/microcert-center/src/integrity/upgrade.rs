@@ -171,20 +171,13 @@ pub fn upgrade_legacy(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64)
         crate::audit::append(
             tx,
             card,
-            &NewAudit {
-                time: now,
-                actor: "center".into(),
-                action: "upgrade".into(),
-                device: None,
-                generation: None,
-                reason: format!(
+            &NewAudit::new(now, "center", "upgrade").because(format!(
                     "card tags added: {} notary records, {} commands, {} devices in the digest, {} seed records re-tagged over every column",
                     notary.len(),
                     commands.len(),
                     devices.len(),
                     seeds.len()
-                ),
-            },
+                )),
         )?;
         Ok(true)
     })?;
@@ -269,20 +262,13 @@ pub fn cover_rows(db: &dyn KeyDatabase, card: &dyn EncryptionCard, now: u64) -> 
         crate::audit::append(
             tx,
             card,
-            &NewAudit {
-                time: now,
-                actor: "center".into(),
-                action: super::DIGEST_UPGRADE.into(),
-                device: None,
-                generation: None,
-                reason: format!(
+            &NewAudit::new(now, "center", super::DIGEST_UPGRADE).because(format!(
                     "digest shards of {} tokens and {} marks; replay accumulators of {} devices over {} records",
                     tokens.len(),
                     marks.len(),
                     ids.len(),
                     records
-                ),
-            },
+                )),
         )?;
         Ok(true)
     })?;

@@ -339,15 +339,13 @@ impl PgConn {
         })
     }
 
+    /// At most one row (the first, for a key that names one).
     pub(super) fn query_opt(
         &mut self,
         sql: &str,
-        params: &[&(dyn ToSql + Sync)],
+        p: &[&(dyn ToSql + Sync)],
     ) -> Result<Option<Row>> {
-        self.call(async |c| {
-            let st = c.prepare_cached(sql).await?;
-            c.query_opt(&st, params).await
-        })
+        Ok(self.query(sql, p)?.into_iter().next())
     }
 
     pub(super) fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {

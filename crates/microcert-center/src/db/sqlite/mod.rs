@@ -504,13 +504,7 @@ impl KeyDatabase for SqliteDatabase {
     fn list_marks(&self) -> Result<Vec<(String, u64, Vec<u8>)>> {
         let conn = self.lock()?;
         let mut st = conn.prepare_cached("SELECT name, value, tag FROM marks ORDER BY name")?;
-        let rows = st.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?.max(0) as u64,
-                r.get::<_, Vec<u8>>(2)?,
-            ))
-        })?;
+        let rows = st.query_map([], mark_row)?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 

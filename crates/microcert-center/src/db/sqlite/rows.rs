@@ -105,6 +105,15 @@ pub(super) fn oi(v: Option<u64>) -> Option<i64> {
 }
 
 /// Token columns (issue 14).
+/// A mark: (name, value, tag), from `SELECT name, value, tag`.
+pub(super) fn mark_row(r: &Row<'_>) -> rusqlite::Result<(String, u64, Vec<u8>)> {
+    Ok((
+        r.get::<_, String>(0)?,
+        r.get::<_, i64>(1)?.max(0) as u64,
+        r.get::<_, Vec<u8>>(2)?,
+    ))
+}
+
 /// The columns [`command_row`] reads, in order.
 pub(super) const COMMAND_COLS: &str =
     "device, counter, opcode, generation, r, bytes, created, answered_at, status, seal";
