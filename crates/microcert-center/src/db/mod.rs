@@ -675,10 +675,10 @@ pub trait Tx {
         &mut self,
         id: DeviceId,
         c: &[u8; 8],
-        expires: u64,
+        e: u64,
         floor: u64,
     ) -> Result<bool> {
-        let _ = (id, c, expires, floor);
+        let _ = (id, c, e, floor);
         Err(Error::db(
             DbFailure::Unsupported,
             "this key database cannot check challenges against a floor",
@@ -761,14 +761,9 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     fn list_devices(&self, q: &DeviceQuery) -> Result<Vec<DeviceView>>;
 
     /// Devices whose current seed is Active, has a base year of at most
-    /// `max_base_year`, and that have no pending command; ordered by id,
+    /// `y`, and that have no pending command; ordered by id,
     /// after `after`, at most `limit`.
-    fn devices_due(
-        &self,
-        max_base_year: u16,
-        after: Option<DeviceId>,
-        limit: usize,
-    ) -> Result<Vec<DeviceId>>;
+    fn devices_due(&self, y: u16, after: Option<DeviceId>, limit: usize) -> Result<Vec<DeviceId>>;
 
     /// Devices with a seed whose grace period ended before `now` and that
     /// is still Active, or an Active seed whose last year ended before `now`.

@@ -546,10 +546,10 @@ impl Tx for SealedTx<'_> {
         &mut self,
         id: DeviceId,
         c: &[u8; 8],
-        expires: u64,
+        e: u64,
         floor: u64,
     ) -> Result<bool> {
-        let _ = (id, c, expires, floor);
+        let _ = (id, c, e, floor);
         Err(raw_replay_write())
     }
     fn marks(&mut self) -> Result<Vec<(String, u64, Vec<u8>)>> {
@@ -751,13 +751,8 @@ impl KeyDatabase for Sealed {
     fn list_devices(&self, q: &DeviceQuery) -> Result<Vec<DeviceView>> {
         self.inner.list_devices(q)
     }
-    fn devices_due(
-        &self,
-        max_base_year: u16,
-        after: Option<DeviceId>,
-        limit: usize,
-    ) -> Result<Vec<DeviceId>> {
-        self.inner.devices_due(max_base_year, after, limit)
+    fn devices_due(&self, y: u16, after: Option<DeviceId>, limit: usize) -> Result<Vec<DeviceId>> {
+        self.inner.devices_due(y, after, limit)
     }
     fn devices_to_expire(&self, now: u64, year_now: u16, limit: usize) -> Result<Vec<DeviceId>> {
         self.inner.devices_to_expire(now, year_now, limit)

@@ -103,6 +103,9 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A statement's parameters.
+pub(super) type Params<'a, 'b> = &'a [&'b (dyn ToSql + Sync)];
+
 pub(crate) fn pg_err(e: tokio_postgres::Error) -> Error {
     match e.as_db_error() {
         Some(db) if *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION => Error::db(
@@ -332,7 +335,7 @@ impl PgConn {
         }
     }
 
-    pub(super) fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+    pub(super) fn query(&mut self, sql: &str, params: Params<'_, '_>) -> Result<Vec<Row>> {
         self.call(async |c| {
             let st = c.prepare_cached(sql).await?;
             c.query(&st, params).await
@@ -340,36 +343,32 @@ impl PgConn {
     }
 
     /// At most one row (the first, for a key that names one).
-    pub(super) fn query_opt(
-        &mut self,
-        sql: &str,
-        p: &[&(dyn ToSql + Sync)],
-    ) -> Result<Option<Row>> {
-        Ok(self.query(sql, p)?.into_iter().next())
+    pub(super) fn query_opt(&mut self, sql: &str, params: Params<'_, '_>) -> Result<Option<Row>> {
+        Ok(self.query(sql, params)?.into_iter().next())
     }
 
-    pub(super) fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+    pub(super) fn execute(&mut self, sql: &str, params: Params<'_, '_>) -> Result<u64> {
         self.call(async |c| {
             let st = c.prepare_cached(sql).await?;
             c.execute(&st, params).await
         })
     }
 
-    /// A statement that takes an advisory lock (its answer ignored), then
-    /// a query, both sent before either answer is awaited: one round trip.
+    /// Takes the transaction-scoped advisory lock `key`, then runs a
+    /// query, both sent before either answer is awaited: one round trip.
     /// The server still runs them in order, so under READ COMMITTED the
     /// query's snapshot is taken after the lock was granted.
     pub(super) fn locked_query_opt(
         &mut self,
-        lock_sql: &str,
-        lock_params: &[&(dyn ToSql + Sync)],
+        key: i64,
         sql: &str,
-        params: &[&(dyn ToSql + Sync)],
+        p: Params<'_, '_>,
     ) -> Result<Option<Row>> {
         self.call(async |c| {
-            let lock = c.prepare_cached(lock_sql).await?;
+            let lock = c.prepare_cached("SELECT pg_advisory_xact_lock($1)").await?;
             let st = c.prepare_cached(sql).await?;
-            let (l, v) = tokio::join!(c.execute(&lock, lock_params), c.query_opt(&st, params));
+            let key: [&(dyn ToSql + Sync); 1] = [&key];
+            let (l, v) = tokio::join!(c.execute(&lock, &key), c.query_opt(&st, p));
             l?;
             v
         })
@@ -817,13 +816,8 @@ impl KeyDatabase for PostgresDatabase {
         read::list_devices(&mut self.pool.get()?, q)
     }
 
-    fn devices_due(
-        &self,
-        max_base_year: u16,
-        after: Option<DeviceId>,
-        limit: usize,
-    ) -> Result<Vec<DeviceId>> {
-        read::devices_due(&mut self.pool.get()?, max_base_year, after, limit)
+    fn devices_due(&self, y: u16, after: Option<DeviceId>, limit: usize) -> Result<Vec<DeviceId>> {
+        read::devices_due(&mut self.pool.get()?, y, after, limit)
     }
 
     fn devices_to_expire(&self, now: u64, year_now: u16, limit: usize) -> Result<Vec<DeviceId>> {

@@ -404,7 +404,7 @@ impl Tx for PgTx<'_> {
         &mut self,
         id: DeviceId,
         c: &[u8; 8],
-        expires: u64,
+        e: u64,
         floor: u64,
     ) -> Result<bool> {
         self.wrote = true;
@@ -412,7 +412,7 @@ impl Tx for PgTx<'_> {
             "INSERT INTO challenges (device, c, expires) SELECT $1::bytea, $2::bytea, $3::bigint \
              WHERE $3::bigint >= $4::bigint AND $3::bigint >= \
              COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0) ON CONFLICT DO NOTHING",
-            &[&&id.0[..], &&c[..], &i(expires), &i(floor)],
+            &[&&id.0[..], &&c[..], &i(e), &i(floor)],
         )?;
         Ok(n == 1)
     }
@@ -715,12 +715,9 @@ impl Tx for PgTx<'_> {
         } else {
             // The lock and the read in one round trip; the read runs
             // after the lock is granted.
-            let row = self.c.locked_query_opt(
-                "SELECT pg_advisory_xact_lock($1)",
-                &[&(DIGEST_LOCK | i64::from(shard))],
-                READ,
-                &[&small(shard)],
-            )?;
+            let row =
+                self.c
+                    .locked_query_opt(DIGEST_LOCK | i64::from(shard), READ, &[&small(shard)])?;
             self.shard_locks.insert(shard);
             row
         };
@@ -754,8 +751,7 @@ impl Tx for PgTx<'_> {
                 let c = self.conn()?;
                 // The lock and the head's read in one round trip.
                 let last = c.locked_query_opt(
-                    "SELECT pg_advisory_xact_lock($1)",
-                    &[&AUDIT_LOCK],
+                    AUDIT_LOCK,
                     "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
                     &[],
                 )?;

@@ -276,12 +276,7 @@ impl KeyDatabase for SqliteDatabase {
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
-    fn devices_due(
-        &self,
-        max_base_year: u16,
-        after: Option<DeviceId>,
-        limit: usize,
-    ) -> Result<Vec<DeviceId>> {
+    fn devices_due(&self, y: u16, after: Option<DeviceId>, limit: usize) -> Result<Vec<DeviceId>> {
         let conn = self.lock()?;
         let mut st = conn.prepare_cached(
             "SELECT d.id FROM devices d JOIN seeds s ON s.device = d.id AND s.generation = d.highest_gen \
@@ -289,10 +284,9 @@ impl KeyDatabase for SqliteDatabase {
              WHERE s.state = 'active' AND s.base_year <= ?1 AND c.device IS NULL \
              AND (?2 IS NULL OR d.id > ?2) ORDER BY d.id LIMIT ?3",
         )?;
-        let rows = st.query_map(
-            params![max_base_year, after.map(|d| d.0.to_vec()), limit as i64],
-            |r| dev(r.get(0)?),
-        )?;
+        let rows = st.query_map(params![y, after.map(|d| d.0.to_vec()), limit as i64], |r| {
+            dev(r.get(0)?)
+        })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 

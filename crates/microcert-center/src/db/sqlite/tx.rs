@@ -155,7 +155,7 @@ impl Tx for SqliteTx<'_> {
         &mut self,
         id: DeviceId,
         c: &[u8; 8],
-        expires: u64,
+        e: u64,
         floor: u64,
     ) -> Result<bool> {
         let mut st = self.tx.prepare_cached(
@@ -163,7 +163,7 @@ impl Tx for SqliteTx<'_> {
              SELECT ?1, ?2, ?3 WHERE ?3 >= ?4 AND ?3 >= \
              COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0)",
         )?;
-        Ok(st.execute(params![&id.0[..], &c[..], i(expires), i(floor)])? == 1)
+        Ok(st.execute(params![&id.0[..], &c[..], i(e), i(floor)])? == 1)
     }
 
     fn marks(&mut self) -> Result<Vec<(String, u64, Vec<u8>)>> {
