@@ -827,14 +827,7 @@ mod tests {
 
     /// 2026-05-28, a Thursday.
     const NOW: u64 = 1_780_000_000;
-    const STATES: [KeyState; 6] = [
-        KeyState::PreActivation,
-        KeyState::Active,
-        KeyState::Suspended,
-        KeyState::Deactivated,
-        KeyState::Compromised,
-        KeyState::Destroyed,
-    ];
+    const STATES: [KeyState; 6] = KeyState::ALL;
 
     /// The clock cases, as the device they make.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]

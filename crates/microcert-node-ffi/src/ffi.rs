@@ -299,6 +299,27 @@ unsafe fn image_and_output<'a>(
     }
 }
 
+/// The image and an input buffer, checked not to overlap each other nor
+/// `extra` (an output region of the call, `(NULL, 0)` when none): the
+/// status code `Overlap` or `Null` when they cannot be used.
+///
+/// # Safety
+/// As for [`image_mut`] and [`input`].
+unsafe fn image_and_input<'a>(
+    image: *mut u8,
+    (data, len): (*const u8, usize),
+    extra: (*const u8, usize),
+) -> Result<(&'a mut [u8; IMAGE_LEN], &'a [u8]), i32> {
+    if !disjoint(&[(image, MC_NODE_IMAGE_LEN), (data, len), extra]) {
+        return Err(McError::Overlap as i32);
+    }
+    // SAFETY: forwarded contract; the ranges do not overlap.
+    match (unsafe { image_mut(image) }, unsafe { input(data, len) }) {
+        (Some(image), Some(data)) => Ok((image, data)),
+        _ => Err(McError::Null as i32),
+    }
+}
+
 /// The status code of a call that made a message of `n` bytes, whose
 /// length is stored through `out_len`.
 ///
@@ -380,22 +401,13 @@ pub unsafe extern "C" fn mc_node_add_audience(
     name_len: usize,
     audience_out: *mut u8,
 ) -> i32 {
-    if !disjoint(&[
-        (image, MC_NODE_IMAGE_LEN),
-        (name, name_len),
-        (
-            audience_out,
-            MC_AUDIENCE_LEN * usize::from(!audience_out.is_null()),
-        ),
-    ]) {
-        return McError::Overlap as i32;
-    }
+    let aud_len = MC_AUDIENCE_LEN * usize::from(!audience_out.is_null());
     // SAFETY: forwarded contract.
-    let (Some(image), Some(name)) = (unsafe { image_mut(image) }, unsafe {
-        input(name, name_len)
-    }) else {
-        return McError::Null as i32;
-    };
+    let (image, name) =
+        match unsafe { image_and_input(image, (name, name_len), (audience_out, aud_len)) } {
+            Ok(v) => v,
+            Err(c) => return c,
+        };
     match ops::add_audience(image, CRng(None), name) {
         Ok(aud) => {
             // SAFETY: forwarded contract.
@@ -524,15 +536,12 @@ pub unsafe extern "C" fn mc_node_accept_receipt(
     receipt_len: usize,
     generation: *mut i32,
 ) -> i32 {
-    if !disjoint(&[(image, MC_NODE_IMAGE_LEN), (receipt, receipt_len)]) {
-        return McError::Overlap as i32;
-    }
     // SAFETY: forwarded contract.
-    let (Some(image), Some(receipt)) = (unsafe { image_mut(image) }, unsafe {
-        input(receipt, receipt_len)
-    }) else {
-        return McError::Null as i32;
-    };
+    let (image, receipt) =
+        match unsafe { image_and_input(image, (receipt, receipt_len), (core::ptr::null(), 0)) } {
+            Ok(v) => v,
+            Err(c) => return c,
+        };
     match ops::accept_receipt(image, CRng(None), receipt) {
         Ok(g) => {
             // SAFETY: forwarded contract; `as_mut` handles NULL.

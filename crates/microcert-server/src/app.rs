@@ -28,7 +28,7 @@ use crate::http::{HttpState, device_only_routes, relying_party_routes};
 use crate::limits::{Limits, LimitsConfig};
 use crate::observe::Probes;
 use crate::operator::{self, Health, MaintenancePaths, OperatorState};
-use crate::run::{Listeners, serve_split};
+use crate::run::{CoapSetup, Listeners, serve_split};
 use crate::service::{CenterService, now};
 use crate::tokens::TokenStore;
 
@@ -223,13 +223,15 @@ impl App {
             self.assemble(listeners.operator.is_some());
         crate::observe::status().scan_backups(&self.settings.schedule.backup_dir);
         Scheduler::new(self.center.clone(), &self.settings.schedule).spawn(shutdown.clone());
-        serve_split(
-            listeners,
-            device_router,
-            operator_router,
+        let coap = CoapSetup {
             svc,
             limits,
-            self.settings.coap_workers,
+            workers: self.settings.coap_workers,
+        };
+        serve_split(
+            listeners,
+            (device_router, operator_router),
+            coap,
             self.tls,
             shutdown,
         )

@@ -226,58 +226,52 @@ pub fn shutdown_on_signals() -> watch::Receiver<bool> {
     rx
 }
 
-/// Serves HTTP (`router`; over TLS when `tls` is given) and CoAP (`svc`)
-/// until `shutdown` turns true, with the default CoAP [`Limits`] (the HTTP
-/// ones are the router's).
-pub async fn serve(
-    listeners: Listeners,
-    router: Router,
-    svc: Arc<dyn DeviceService>,
-    coap_workers: usize,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    shutdown: watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let limits = Arc::new(Limits::default());
-    serve_limited(listeners, router, svc, limits, coap_workers, tls, shutdown).await
+/// The CoAP side of a server: the device service, its limits (give the
+/// router's [`crate::http::HttpState`] the same, so both bindings share
+/// one budget) and the number of workers.
+#[derive(Clone)]
+pub struct CoapSetup {
+    /// The device service.
+    pub svc: Arc<dyn DeviceService>,
+    /// Limits of unauthenticated work.
+    pub limits: Arc<Limits>,
+    /// CoAP worker tasks.
+    pub workers: usize,
 }
 
-/// Like [`serve`], with `limits` for CoAP (give the router's
-/// [`crate::http::HttpState`] the same, so both bindings share one budget).
-/// An operator listener, if any, serves the same router.
+impl std::fmt::Debug for CoapSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoapSetup")
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves HTTP (`router`; over TLS when `tls` is given) and CoAP until
+/// `shutdown` turns true. An operator listener, if any, serves the same
+/// router.
 pub async fn serve_limited(
     listeners: Listeners,
     router: Router,
-    svc: Arc<dyn DeviceService>,
-    limits: Arc<Limits>,
-    coap_workers: usize,
+    coap: CoapSetup,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let operator = listeners.operator.is_some().then(|| router.clone());
-    serve_split(
-        listeners,
-        router,
-        operator,
-        svc,
-        limits,
-        coap_workers,
-        tls,
-        shutdown,
-    )
-    .await
+    serve_split(listeners, (router, operator), coap, tls, shutdown).await
 }
 
-/// Serves `device_router` on the HTTP listener, `operator_router` on the
-/// operator listener (both when given), CoAP with `svc` and `limits`,
-/// until `shutdown` turns true.
-#[allow(clippy::too_many_arguments)]
+/// Serves the device router on the HTTP listener, the operator router on
+/// the operator listener (both when given), and CoAP, until `shutdown`
+/// turns true.
 pub async fn serve_split(
     listeners: Listeners,
-    device_router: Router,
-    operator_router: Option<Router>,
-    svc: Arc<dyn DeviceService>,
-    limits: Arc<Limits>,
-    coap_workers: usize,
+    (device_router, operator_router): (Router, Option<Router>),
+    CoapSetup {
+        svc,
+        limits,
+        workers: coap_workers,
+    }: CoapSetup,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {

@@ -12,7 +12,7 @@ use microcert_server::api::DeviceService;
 use microcert_server::http::{HttpState, device_routes};
 use microcert_server::limits::Limits;
 use microcert_server::operator::{self, OperatorState};
-use microcert_server::run::{Listeners, serve_limited};
+use microcert_server::run::{CoapSetup, Listeners, serve_limited};
 use microcert_server::service::CenterService;
 use microcert_server::tokens::TokenStore;
 use tokio::sync::watch;
@@ -69,15 +69,12 @@ impl TestServer {
         let listeners = Listeners::bind(any, any).await.unwrap();
         let (http, coap) = listeners.addrs().unwrap();
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(serve_limited(
-            listeners,
-            router,
+        let setup = CoapSetup {
             svc,
-            limits.clone(),
-            2,
-            None,
-            rx,
-        ));
+            limits: limits.clone(),
+            workers: 2,
+        };
+        let task = tokio::spawn(serve_limited(listeners, router, setup, None, rx));
         TestServer {
             dir,
             center,
