@@ -247,3 +247,170 @@ pub(crate) fn check(
         (true, false) => Err(bad("extractable under any wrapping key")),
     }
 }
+
+/// Label of the keyring root key: AES-256, wraps and unwraps the storage
+/// keys of the keyring in the key database (CKM_AES_KEY_WRAP only).
+pub const KROOT_LABEL: &str = "microcert-kroot";
+
+/// The attributes of the root key, less its length and its unwrap
+/// template: a private token object, sensitive, never extractable, that
+/// can only wrap and unwrap with CKM_AES_KEY_WRAP (RFC 3394): no
+/// encryption, decryption, signature or derivation with it.
+pub(crate) fn root_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Label(KROOT_LABEL.as_bytes().to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::AES_KEY_WRAP]),
+    ]
+}
+
+/// What every key unwrapped under the root must be (its CKA_UNWRAP_TEMPLATE,
+/// enforced by the token): an AES session object (CKA_TOKEN false),
+/// sensitive, not extractable, for encryption and decryption only.
+pub(crate) fn held_key_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]
+}
+
+/// The template `hold_storage_key` unwraps with: the unwrap template, a
+/// private object, CKM_AES_GCM only.
+pub(crate) fn held_key_unwrap_template() -> Vec<Attribute> {
+    let mut t = held_key_template();
+    t.push(Attribute::Private(true));
+    t.push(Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]));
+    t
+}
+
+/// A fresh storage key as a session object, extractable (only so that it
+/// can be wrapped under the root once), sensitive, usable for nothing.
+pub(crate) fn fresh_key_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32u64.into()),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]
+}
+
+/// Makes the root key inside the token with its CKA_UNWRAP_TEMPLATE.
+/// cryptoki 0.12 cannot express an attribute-array attribute, so this one
+/// call goes through the module's C_GenerateKey directly (the module is
+/// loaded a second time: the same library state); the key is then found
+/// by label through cryptoki.
+#[allow(unsafe_code)]
+pub(crate) fn generate_root(module: &std::path::Path, session: &Session) -> Result<ObjectHandle> {
+    use cryptoki_sys::{CK_ATTRIBUTE, CK_MECHANISM, CK_OBJECT_HANDLE, CK_ULONG};
+
+    let inner = held_key_template();
+    let mut inner_raw: Vec<CK_ATTRIBUTE> = inner.iter().map(Into::into).collect();
+    let mut outer = root_template();
+    outer.push(Attribute::ValueLen(32u64.into()));
+    let mut raw: Vec<CK_ATTRIBUTE> = outer.iter().map(Into::into).collect();
+    raw.push(CK_ATTRIBUTE {
+        type_: cryptoki_sys::CKA_UNWRAP_TEMPLATE,
+        pValue: inner_raw.as_mut_ptr().cast(),
+        ulValueLen: (inner_raw.len() * std::mem::size_of::<CK_ATTRIBUTE>()) as CK_ULONG,
+    });
+    let mut mech = CK_MECHANISM {
+        mechanism: cryptoki_sys::CKM_AES_KEY_GEN,
+        pParameter: std::ptr::null_mut(),
+        ulParameterLen: 0,
+    };
+    let err = |reason: String| Pkcs11Error::Module {
+        path: module.to_path_buf(),
+        reason,
+    };
+    // SAFETY: the module is already loaded and C_Initialize'd by this
+    // process (the session exists); loading it again gives the same
+    // library state. Every pointer passed lives until the call returns:
+    // `raw` points into `outer` and `inner_raw` (into `inner`), all alive
+    // here; the output handle is a local.
+    let lib = unsafe { cryptoki_sys::Pkcs11::new(module) }.map_err(|e| err(e.to_string()))?;
+    let mut h: CK_OBJECT_HANDLE = 0;
+    let rv = unsafe {
+        lib.C_GenerateKey(
+            session.handle(),
+            &mut mech,
+            raw.as_mut_ptr(),
+            raw.len() as CK_ULONG,
+            &mut h,
+        )
+    };
+    drop(raw);
+    drop(inner_raw);
+    cryptoki::error::Rv::from(rv).into_result(cryptoki::context::Function::GenerateKey)?;
+    find(session, KROOT_LABEL)
+}
+
+/// Refuses a root key that could be read out, used for anything but
+/// wrapping, or is not AES-256.
+pub(crate) fn check_root(session: &Session, h: ObjectHandle) -> Result<()> {
+    let bad = |reason: &str| Pkcs11Error::KeyAttributes {
+        label: KROOT_LABEL.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let attrs = session.get_attributes(
+        h,
+        &[
+            AttributeType::KeyType,
+            AttributeType::ValueLen,
+            AttributeType::Sensitive,
+            AttributeType::Extractable,
+            AttributeType::Encrypt,
+            AttributeType::Decrypt,
+            AttributeType::Sign,
+            AttributeType::Derive,
+        ],
+    )?;
+    for a in attrs {
+        let ok = match a {
+            Attribute::KeyType(t) => t == KeyType::AES,
+            Attribute::ValueLen(l) => matches!(u64::from(l), 32 | 0),
+            Attribute::Sensitive(b) => b,
+            Attribute::Extractable(b) => !b,
+            Attribute::Encrypt(b) | Attribute::Decrypt(b) | Attribute::Sign(b) => !b,
+            Attribute::Derive(b) => !b,
+            _ => true,
+        };
+        if !ok {
+            return Err(bad(
+                "not a sensitive, non-extractable AES-256 key for wrapping only",
+            ));
+        }
+    }
+    Ok(())
+}
