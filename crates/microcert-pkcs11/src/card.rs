@@ -190,7 +190,7 @@ impl Pkcs11Card {
                 keys::generate(&session, label, role, policy)
             },
         )?;
-        if let Err(e) = keys::generate_root(&config.module, &session) {
+        if let Err(e) = keys::generate_root(&config.module, &session, policy) {
             for (_, h) in keys::card_objects(&session).unwrap_or_default() {
                 let _ = session.destroy_object(h);
             }
@@ -211,7 +211,8 @@ impl Pkcs11Card {
     /// it (docs/hsm.md).
     pub fn add_keyring_root(config: &Pkcs11Config) -> Result<()> {
         let session = one_session(config)?;
-        keys::find(&session, KINT_LABEL)?;
+        let ktrans = keys::find(&session, KTRANS_LABEL)?;
+        let policy = keys::check(&session, ktrans, KTRANS_LABEL, Role::Cmac)?;
         match keys::find(&session, keys::KROOT_LABEL) {
             Ok(_) => {
                 return Err(Pkcs11Error::KeysExist {
@@ -221,7 +222,7 @@ impl Pkcs11Card {
             Err(Pkcs11Error::KeyMissing { .. }) => {}
             Err(e) => return Err(e),
         }
-        keys::generate_root(&config.module, &session)?;
+        keys::generate_root(&config.module, &session, policy)?;
         tracing::info!(token = %config.token_label, "keyring root key made");
         Ok(())
     }
@@ -374,6 +375,9 @@ impl Pkcs11Card {
             (KINT_LABEL.to_owned(), self.fixed().kint),
             (KCHAL_LABEL.to_owned(), self.fixed().kchal),
         ];
+        if let Some(root) = self.fixed().kroot {
+            out.push((keys::KROOT_LABEL.to_owned(), root));
+        }
         let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
         out.extend(k.keys.iter().map(|(v, h)| (keys::kstore_label(*v), *h)));
         out

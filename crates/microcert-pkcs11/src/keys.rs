@@ -253,10 +253,11 @@ pub(crate) fn check(
 pub const KROOT_LABEL: &str = "microcert-kroot";
 
 /// The attributes of the root key, less its length and its unwrap
-/// template: a private token object, sensitive, never extractable, that
+/// template: a private token object, sensitive, extractable only as the
+/// card's policy allows (never readable), that
 /// can only wrap and unwrap with CKM_AES_KEY_WRAP (RFC 3394): no
 /// encryption, decryption, signature or derivation with it.
-pub(crate) fn root_template() -> Vec<Attribute> {
+pub(crate) fn root_template(policy: KeyPolicy) -> Vec<Attribute> {
     vec![
         Attribute::Class(ObjectClass::SECRET_KEY),
         Attribute::KeyType(KeyType::AES),
@@ -264,7 +265,10 @@ pub(crate) fn root_template() -> Vec<Attribute> {
         Attribute::Token(true),
         Attribute::Private(true),
         Attribute::Sensitive(true),
-        Attribute::Extractable(false),
+        // Cloneable like the card's other keys (only under a key the
+        // token's SO trusted) when the card is.
+        Attribute::Extractable(policy == KeyPolicy::WrapWithTrusted),
+        Attribute::WrapWithTrusted(policy == KeyPolicy::WrapWithTrusted),
         Attribute::Sign(false),
         Attribute::Verify(false),
         Attribute::Encrypt(false),
@@ -326,53 +330,119 @@ pub(crate) fn fresh_key_template() -> Vec<Attribute> {
     ]
 }
 
-/// Makes the root key inside the token with its CKA_UNWRAP_TEMPLATE.
-/// cryptoki 0.12 cannot express an attribute-array attribute, so this one
-/// call goes through the module's C_GenerateKey directly (the module is
-/// loaded a second time: the same library state); the key is then found
-/// by label through cryptoki.
+/// Runs `call` with the module's function list and the root key's raw
+/// template (`outer` plus CKA_UNWRAP_TEMPLATE = [`held_key_template`]).
+/// cryptoki 0.12 cannot express an attribute-array attribute, so the calls
+/// that make a root key go to the module directly (loaded a second time:
+/// the same library state, already initialised by this process).
 #[allow(unsafe_code)]
-pub(crate) fn generate_root(module: &std::path::Path, session: &Session) -> Result<ObjectHandle> {
-    use cryptoki_sys::{CK_ATTRIBUTE, CK_MECHANISM, CK_OBJECT_HANDLE, CK_ULONG};
+fn with_root_template(
+    module: &std::path::Path,
+    outer: &[Attribute],
+    call: impl FnOnce(&cryptoki_sys::Pkcs11, &mut [cryptoki_sys::CK_ATTRIBUTE]) -> cryptoki_sys::CK_RV,
+    function: cryptoki::context::Function,
+) -> Result<()> {
+    use cryptoki_sys::{CK_ATTRIBUTE, CK_ULONG};
 
     let inner = held_key_template();
     let mut inner_raw: Vec<CK_ATTRIBUTE> = inner.iter().map(Into::into).collect();
-    let mut outer = root_template();
-    outer.push(Attribute::ValueLen(32u64.into()));
     let mut raw: Vec<CK_ATTRIBUTE> = outer.iter().map(Into::into).collect();
     raw.push(CK_ATTRIBUTE {
         type_: cryptoki_sys::CKA_UNWRAP_TEMPLATE,
         pValue: inner_raw.as_mut_ptr().cast(),
         ulValueLen: (inner_raw.len() * std::mem::size_of::<CK_ATTRIBUTE>()) as CK_ULONG,
     });
-    let mut mech = CK_MECHANISM {
-        mechanism: cryptoki_sys::CKM_AES_KEY_GEN,
-        pParameter: std::ptr::null_mut(),
-        ulParameterLen: 0,
-    };
-    let err = |reason: String| Pkcs11Error::Module {
-        path: module.to_path_buf(),
-        reason,
-    };
     // SAFETY: the module is already loaded and C_Initialize'd by this
-    // process (the session exists); loading it again gives the same
-    // library state. Every pointer passed lives until the call returns:
+    // process (the caller holds a session on it); loading it again gives
+    // the same library state and the same function list.
+    let lib = unsafe { cryptoki_sys::Pkcs11::new(module) }.map_err(|e| Pkcs11Error::Module {
+        path: module.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     // `raw` points into `outer` and `inner_raw` (into `inner`), all alive
-    // here; the output handle is a local.
-    let lib = unsafe { cryptoki_sys::Pkcs11::new(module) }.map_err(|e| err(e.to_string()))?;
-    let mut h: CK_OBJECT_HANDLE = 0;
-    let rv = unsafe {
-        lib.C_GenerateKey(
-            session.handle(),
-            &mut mech,
-            raw.as_mut_ptr(),
-            raw.len() as CK_ULONG,
-            &mut h,
-        )
-    };
+    // until after the call.
+    let rv = call(&lib, &mut raw);
     drop(raw);
     drop(inner_raw);
-    cryptoki::error::Rv::from(rv).into_result(cryptoki::context::Function::GenerateKey)?;
+    cryptoki::error::Rv::from(rv).into_result(function)?;
+    Ok(())
+}
+
+/// Makes the root key inside the token with its CKA_UNWRAP_TEMPLATE
+/// (C_GenerateKey), then finds it by label.
+#[allow(unsafe_code)]
+pub(crate) fn generate_root(
+    module: &std::path::Path,
+    session: &Session,
+    policy: KeyPolicy,
+) -> Result<ObjectHandle> {
+    let mut outer = root_template(policy);
+    outer.push(Attribute::ValueLen(32u64.into()));
+    with_root_template(
+        module,
+        &outer,
+        |lib, raw| {
+            let mut mech = cryptoki_sys::CK_MECHANISM {
+                mechanism: cryptoki_sys::CKM_AES_KEY_GEN,
+                pParameter: std::ptr::null_mut(),
+                ulParameterLen: 0,
+            };
+            let mut h: cryptoki_sys::CK_OBJECT_HANDLE = 0;
+            // SAFETY: every pointer is to a live local or to `raw`, valid
+            // for the call; the session handle is the caller's, open.
+            unsafe {
+                lib.C_GenerateKey(
+                    session.handle(),
+                    &mut mech,
+                    raw.as_mut_ptr(),
+                    raw.len() as cryptoki_sys::CK_ULONG,
+                    &mut h,
+                )
+            }
+        },
+        cryptoki::context::Function::GenerateKey,
+    )?;
+    find(session, KROOT_LABEL)
+}
+
+/// Unwraps a clone package's root key inside the token (C_UnwrapKey under
+/// the key-transport key `kek` with `mechanism`), with its unwrap template.
+#[allow(unsafe_code)]
+pub(crate) fn unwrap_root(
+    module: &std::path::Path,
+    session: &Session,
+    mechanism: &Mechanism<'_>,
+    kek: ObjectHandle,
+    wrapped: &[u8],
+    policy: KeyPolicy,
+) -> Result<ObjectHandle> {
+    let outer = root_template(policy);
+    let kek = kek.handle();
+    with_root_template(
+        module,
+        &outer,
+        |lib, raw| {
+            let mut mech: cryptoki_sys::CK_MECHANISM = mechanism.into();
+            let mut wrapped = wrapped.to_vec();
+            let mut h: cryptoki_sys::CK_OBJECT_HANDLE = 0;
+            // SAFETY: the mechanism's parameters live in `mechanism`, the
+            // wrapped bytes in a local copy, the template in `raw`: all
+            // valid for the call; the session handle is the caller's.
+            unsafe {
+                lib.C_UnwrapKey(
+                    session.handle(),
+                    &mut mech,
+                    kek,
+                    wrapped.as_mut_ptr(),
+                    wrapped.len() as cryptoki_sys::CK_ULONG,
+                    raw.as_mut_ptr(),
+                    raw.len() as cryptoki_sys::CK_ULONG,
+                    &mut h,
+                )
+            }
+        },
+        cryptoki::context::Function::UnwrapKey,
+    )?;
     find(session, KROOT_LABEL)
 }
 
@@ -390,18 +460,20 @@ pub(crate) fn check_root(session: &Session, h: ObjectHandle) -> Result<()> {
             AttributeType::ValueLen,
             AttributeType::Sensitive,
             AttributeType::Extractable,
+            AttributeType::WrapWithTrusted,
             AttributeType::Encrypt,
             AttributeType::Decrypt,
             AttributeType::Sign,
             AttributeType::Derive,
         ],
     )?;
+    let trusted_only = attrs.contains(&Attribute::WrapWithTrusted(true));
     for a in attrs {
         let ok = match a {
             Attribute::KeyType(t) => t == KeyType::AES,
             Attribute::ValueLen(l) => matches!(u64::from(l), 32 | 0),
             Attribute::Sensitive(b) => b,
-            Attribute::Extractable(b) => !b,
+            Attribute::Extractable(b) => !b || trusted_only,
             Attribute::Encrypt(b) | Attribute::Decrypt(b) | Attribute::Sign(b) => !b,
             Attribute::Derive(b) => !b,
             _ => true,
