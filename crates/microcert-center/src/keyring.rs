@@ -709,7 +709,9 @@ impl EncryptionCard for KeyringCard {
     /// no kept backup needs it); a version the card keeps itself (a token
     /// object from before the keyring) is destroyed on the card.
     fn destroy_storage_key(&self, version: u32) -> Result<()> {
-        if self.inner.resident_storage_keys().contains(&version) && !self.lock().held.contains(&version) {
+        if self.inner.resident_storage_keys().contains(&version)
+            && !self.lock().held.contains(&version)
+        {
             return self.inner.destroy_storage_key(version);
         }
         self.change(|c| {

@@ -262,7 +262,9 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
 /// `card keyring-root` on the PKCS#11 token the configuration names.
 fn keyring_root(r: &Resolved) -> anyhow::Result<()> {
     let Some(cfg) = r.pkcs11() else {
-        bail!("card keyring-root is for a PKCS#11 card: the configuration has no [pkcs11] section (a software card has its root already)");
+        bail!(
+            "card keyring-root is for a PKCS#11 card: the configuration has no [pkcs11] section (a software card has its root already)"
+        );
     };
     microcert_pkcs11::Pkcs11Card::add_keyring_root(cfg).with_context(|| {
         format!(

@@ -800,7 +800,11 @@ impl EncryptionCard for Pkcs11Card {
         let wrapped = self
             .in_token(|s| {
                 let k = s.generate_key(&Mechanism::AesKeyGen, &keys::fresh_key_template())?;
-                let w = s.wrap_key(&Mechanism::AesKeyWrap, self.fixed().kroot.unwrap_or(root), k);
+                let w = s.wrap_key(
+                    &Mechanism::AesKeyWrap,
+                    self.fixed().kroot.unwrap_or(root),
+                    k,
+                );
                 let d = s.destroy_object(k);
                 let w = w?;
                 d?;

@@ -77,7 +77,12 @@ fn setup() -> Result<Hsm, String> {
     let conf = microcert_testkit::softhsm::init_tokens(dir.path(), TOKENS, SO_PIN, PIN)?;
     // Token A gets its keys in a child process.
     let out = std::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
-        .args(["child_init_token", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "child_init_token",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, &conf)
         .env("SOFTHSM2_CONF", &conf)
         .output()
@@ -214,8 +219,9 @@ fn put_rows(db: &Path, rows: &[KeyringRow]) {
     .unwrap();
 }
 
-/// A logged-in raw session on token `label`.
-fn raw_session(label: &str) -> Session {
+/// A raw context on the module (already initialised by a card: the same
+/// library state).
+fn raw_context() -> cryptoki::context::Pkcs11 {
     use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
     let ctx = Pkcs11::new(SOFTHSM2_MODULE).unwrap();
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
@@ -226,6 +232,12 @@ fn raw_session(label: &str) -> Session {
         )) => {}
         Err(e) => panic!("C_Initialize: {e}"),
     }
+    ctx
+}
+
+/// A logged-in raw session on token `label`.
+fn raw_session(label: &str) -> Session {
+    let ctx = raw_context();
     let slot = ctx
         .get_slots_with_token()
         .unwrap()
@@ -235,10 +247,8 @@ fn raw_session(label: &str) -> Session {
     let s = ctx.open_rw_session(slot).unwrap();
     match s.login(UserType::User, Some(&AuthPin::new(PIN.into()))) {
         Ok(())
-        | Err(cryptoki::error::Error::Pkcs11(
-            cryptoki::error::RvError::UserAlreadyLoggedIn,
-            _,
-        )) => {}
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
         Err(e) => panic!("login: {e}"),
     }
     s
@@ -350,7 +360,10 @@ fn attack_wrapped_key_edited_in_the_database_is_refused() {
     assert!(e.to_string().contains("does not unwrap"), "{e}");
 
     put_rows(&db, &good);
-    let c = center(&db, Arc::new(Pkcs11Card::open(&config("mc-ring-a")).unwrap()));
+    let c = center(
+        &db,
+        Arc::new(Pkcs11Card::open(&config("mc-ring-a")).unwrap()),
+    );
     auth_all(&c, &mut fleet, NOW + 2);
 }
 
@@ -368,6 +381,15 @@ fn attack_root_key_cannot_release_a_storage_key() {
     assert_eq!(wrapped.len(), 40);
     let s = raw_session("mc-attr");
     let root = find(&s, "microcert-kroot").unwrap();
+    // The mechanism the card uses is on the token's list (SoftHSM2 2.6.1
+    // offers CKM_AES_KEY_WRAP and CKM_AES_KEY_WRAP_PAD).
+    let slot = s.get_session_info().unwrap().slot_id();
+    let mechs = raw_context().get_mechanism_list(slot).unwrap();
+    assert!(mechs.contains(&cryptoki::mechanism::MechanismType::AES_KEY_WRAP));
+    eprintln!(
+        "AES_KEY_WRAP_PAD offered: {}",
+        mechs.contains(&cryptoki::mechanism::MechanismType::AES_KEY_WRAP_PAD)
+    );
 
     let aes = |extra: Vec<Attribute>| {
         let mut t = vec![
@@ -458,10 +480,12 @@ fn attack_root_key_cannot_release_a_storage_key() {
         assert!(s.decrypt(&m, root, &wrapped).is_err());
     }
     // Nor is its value readable.
-    assert!(s.get_attributes(root, &[AttributeType::Value]).is_err() || {
-        let v = s.get_attributes(root, &[AttributeType::Value]).unwrap();
-        !v.iter().any(|a| matches!(a, Attribute::Value(_)))
-    });
+    assert!(
+        s.get_attributes(root, &[AttributeType::Value]).is_err() || {
+            let v = s.get_attributes(root, &[AttributeType::Value]).unwrap();
+            !v.iter().any(|a| matches!(a, Attribute::Value(_)))
+        }
+    );
     // The card's own hold works and seals.
     card.hold_storage_key(40, &wrapped).unwrap();
     card.set_storage_key_version(40).unwrap();
@@ -499,7 +523,10 @@ fn held_keys_are_unwrapped_again_after_the_token_drops_every_session() {
     close_all_sessions("mc-lost");
     auth_all(&c, &mut fleet, NOW + 1);
     let seed = KeySeed::generate(2026, |b| b.fill(0x44));
-    let sealed = c.card().seal_seed(DeviceId::from_u64(99), 0, &seed).unwrap();
+    let sealed = c
+        .card()
+        .seal_seed(DeviceId::from_u64(99), 0, &seed)
+        .unwrap();
     assert_eq!(sealed.kstore_version, 2);
     close_all_sessions("mc-lost");
     assert!(
