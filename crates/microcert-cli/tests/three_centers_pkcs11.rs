@@ -194,6 +194,23 @@ fn three_centers_on_cloned_pkcs11_tokens_share_the_keyring() {
         .unwrap();
     let a = &centers[0];
     a.run(&["card", "init"]);
+    // `card init` made the keyring root: `card keyring-root` refuses to
+    // make a second one (it never replaces a root).
+    let mut cmd = harness::bin();
+    for (k, v) in a.env() {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .args(["card", "keyring-root", "--data", s(&a.data), "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        harness::stderr(&out).contains("microcert-kroot"),
+        "{}",
+        harness::stderr(&out)
+    );
     for c in &centers[1..] {
         std::fs::create_dir_all(&c.data).unwrap();
         copy_dir(

@@ -25,7 +25,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use microcert_center::db::KeyringRow;
 use microcert_center::{
-    Center, CenterConfig, EncryptionCard, Error, KeyDatabase, ReplayMode, SqliteDatabase,
+    Center, CenterConfig, EncryptionCard, Error, KeyDatabase, ReplayMode, SqliteDatabase, backup,
 };
 use microcert_core::{Audience, DeviceId, KeySeed};
 use microcert_pkcs11::{Pkcs11Card, Pkcs11Config, SOFTHSM2_MODULE};
@@ -38,7 +38,7 @@ const CHILD_ENV: &str = "MC_KEYRING_CHILD_CONF";
 
 /// Tokens made by softhsm2-util; "mc-ring-a" is initialised by the child
 /// and copied as "mc-ring-b".
-const TOKENS: &[&str] = &["mc-ring-a", "mc-attr", "mc-legacy", "mc-lost"];
+const TOKENS: &[&str] = &["mc-ring-a", "mc-attr", "mc-legacy", "mc-lost", "mc-back", "mc-roll"];
 
 struct Hsm {
     _dir: tempfile::TempDir,
@@ -596,4 +596,78 @@ fn a_token_from_before_the_keyring_keeps_its_storage_keys_beside_it() {
     auth_all(&c, &mut fleet, NOW + 4);
     let s = raw_session("mc-legacy");
     assert!(find(&s, "microcert-kstore-v1").is_none());
+}
+
+/// Attack: copy the keyring rows, wait for a rotation (the old key is
+/// retired because it leaked), put the old rows back so that new seeds
+/// are sealed under the retired key again. A center on a token that has
+/// seen the newer keyring refuses the older one and keeps sealing under
+/// the newest version it has seen.
+#[test]
+fn attack_keyring_rolled_back_is_refused_on_a_token() {
+    let Some(_) = hsm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("center.db");
+    let card = Arc::new(Pkcs11Card::init(&config("mc-roll")).unwrap());
+    let mut fleet = make_fleet(&*card, 6);
+    let c = center(&db, card.clone());
+    import(&c, dir.path(), &mut fleet[..3], "a.jsonl");
+    let saved = rows(&db);
+    let r = c
+        .rotate_storage_key(10, None, "ops", NOW + 1, &mut |_| {})
+        .unwrap();
+    let newest = r.version;
+    let newer = rows(&db);
+
+    put_rows(&db, &saved);
+    std::thread::sleep(microcert_center::keyring::REFRESH + Duration::from_millis(300));
+    let e = c.sync_keyring().unwrap_err();
+    assert!(e.to_string().contains("rolled back"), "{e}");
+    import(&c, dir.path(), &mut fleet[3..], "b.jsonl");
+    assert_eq!(versions_in_records(&c), vec![newest]);
+
+    put_rows(&db, &newer);
+    assert_eq!(c.sync_keyring().unwrap().unwrap().current, newest);
+    auth_all(&c, &mut fleet, NOW + 2);
+}
+
+/// A backup made with a token card carries the keyring; restored into a
+/// new database, its seeds open with the token; without its keyring the
+/// restore is refused before anything is written.
+#[test]
+fn a_backup_on_a_token_carries_the_keyring() {
+    let Some(_) = hsm() else { return };
+    let card = Arc::new(Pkcs11Card::init(&config("mc-back")).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("center.db");
+    let mut fleet = make_fleet(&*card, 6);
+    let c = center(&db, card.clone());
+    import(&c, dir.path(), &mut fleet[..3], "a.jsonl");
+    c.card().rotate_storage_key().unwrap();
+    import(&c, dir.path(), &mut fleet[3..], "b.jsonl");
+    let s = c
+        .create_backup(&dir.path().join("backups"), 5, None, "ops", NOW + 1)
+        .unwrap();
+    assert_eq!(s.kstore_versions, vec![2, 3]);
+    drop(c);
+    let b = backup::read(&s.path, &*card).unwrap();
+    assert_eq!(b.keyring.len(), 3);
+
+    let db2 = dir.path().join("restored.db");
+    {
+        let raw = SqliteDatabase::open(&db2).unwrap();
+        backup::restore_into(&raw, &*card, &b, "ops", NOW + 2).unwrap();
+    }
+    let c2 = center(&db2, card.clone());
+    auth_all(&c2, &mut fleet, NOW + 3);
+    drop(c2);
+
+    let mut stripped = b.clone();
+    stripped.keyring.clear();
+    let db3 = dir.path().join("refused.db");
+    let raw = SqliteDatabase::open(&db3).unwrap();
+    let e = backup::restore_into(&raw, &*card, &stripped, "ops", NOW + 2).unwrap_err();
+    assert!(matches!(e, Error::Keyring(_)), "{e}");
+    assert!(e.to_string().contains("[2, 3]"), "{e}");
+    assert!(raw.list_devices(&Default::default()).unwrap().is_empty());
 }
