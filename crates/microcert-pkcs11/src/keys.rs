@@ -405,6 +405,48 @@ pub(crate) fn generate_root(
     find(session, KROOT_LABEL)
 }
 
+/// Creates the root key from known bytes (C_CreateObject, with its unwrap
+/// template): a software card's root moved into the token. The attribute
+/// buffer holding the bytes is zeroized afterwards.
+#[allow(unsafe_code)]
+pub(crate) fn create_root(
+    module: &std::path::Path,
+    session: &Session,
+    policy: KeyPolicy,
+    value: &[u8],
+) -> Result<ObjectHandle> {
+    if value.len() != 32 {
+        return Err(Pkcs11Error::Format("keyring root: wrong key length".into()));
+    }
+    let mut outer = root_template(policy);
+    outer.push(Attribute::Value(value.to_vec()));
+    let r = with_root_template(
+        module,
+        &outer,
+        |lib, raw| {
+            let mut h: cryptoki_sys::CK_OBJECT_HANDLE = 0;
+            // SAFETY: the template in `raw` (into `outer`) is valid for the
+            // call; the session handle is the caller's, open.
+            unsafe {
+                lib.C_CreateObject(
+                    session.handle(),
+                    raw.as_mut_ptr(),
+                    raw.len() as cryptoki_sys::CK_ULONG,
+                    &mut h,
+                )
+            }
+        },
+        cryptoki::context::Function::CreateObject,
+    );
+    for a in &mut outer {
+        if let Attribute::Value(v) = a {
+            v.zeroize();
+        }
+    }
+    r?;
+    find(session, KROOT_LABEL)
+}
+
 /// Unwraps a clone package's root key inside the token (C_UnwrapKey under
 /// the key-transport key `kek` with `mechanism`), with its unwrap template.
 #[allow(unsafe_code)]

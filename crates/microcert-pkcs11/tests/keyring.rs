@@ -38,7 +38,15 @@ const CHILD_ENV: &str = "MC_KEYRING_CHILD_CONF";
 
 /// Tokens made by softhsm2-util; "mc-ring-a" is initialised by the child
 /// and copied as "mc-ring-b".
-const TOKENS: &[&str] = &["mc-ring-a", "mc-attr", "mc-legacy", "mc-lost", "mc-back", "mc-roll"];
+const TOKENS: &[&str] = &[
+    "mc-ring-a",
+    "mc-attr",
+    "mc-legacy",
+    "mc-lost",
+    "mc-back",
+    "mc-roll",
+    "mc-soft",
+];
 
 struct Hsm {
     _dir: tempfile::TempDir,
@@ -670,4 +678,56 @@ fn a_backup_on_a_token_carries_the_keyring() {
     assert!(matches!(e, Error::Keyring(_)), "{e}");
     assert!(e.to_string().contains("[2, 3]"), "{e}");
     assert!(raw.list_devices(&Default::default()).unwrap().is_empty());
+}
+
+/// A software card of the keyring era moved into a token
+/// (`import_key_block` of the block its Shamir shares recover): the token
+/// gets the card's keyring root, so the database's keyring, wrapped by
+/// the software card, opens on the token unchanged; a rotation at the
+/// token is opened by the software card, and the other way round.
+#[test]
+fn a_software_card_moved_into_a_token_keeps_its_keyring() {
+    let Some(_) = hsm() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("center.db");
+    let soft = Arc::new(
+        microcert_center::SoftwareCard::init(
+            &dir.path().join("card"),
+            b"pass",
+            microcert_center::KdfParams::insecure_for_tests(),
+        )
+        .unwrap(),
+    );
+    let mut fleet = make_fleet(&*soft, 8);
+    let c = Center::open_sqlite(&db, soft.clone(), center_config()).unwrap();
+    import(&c, dir.path(), &mut fleet[..4], "a.jsonl");
+    c.rotate_storage_key(10, None, "ops", NOW + 1, &mut |_| {})
+        .unwrap();
+    let head = c.sync_keyring().unwrap().unwrap();
+    drop(c);
+
+    let shares = soft.split(2, 2).unwrap();
+    let block = microcert_center::card::recover_secret(&shares).unwrap();
+    assert_eq!(block[0], 2, "a keyring card's key block");
+    let token = Arc::new(
+        Pkcs11Card::import_key_block(
+            &config("mc-soft"),
+            &block,
+            microcert_pkcs11::KeyPolicy::NonExtractable,
+        )
+        .unwrap(),
+    );
+    assert!(token.has_keyring_root());
+    assert!(token.storage_key_versions().is_empty());
+    let t = center(&db, token);
+    assert_eq!(t.sync_keyring().unwrap().unwrap(), head);
+    auth_all(&t, &mut fleet[..4], NOW + 2);
+    import(&t, dir.path(), &mut fleet[4..], "b.jsonl");
+    let r = t
+        .rotate_storage_key(10, None, "ops", NOW + 3, &mut |_| {})
+        .unwrap();
+    assert_eq!(r.version, head.current + 1);
+    drop(t);
+    let c = Center::open_sqlite(&db, soft, center_config()).unwrap();
+    auth_all(&c, &mut fleet, NOW + 4);
 }
