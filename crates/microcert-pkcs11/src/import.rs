@@ -35,9 +35,12 @@ const BLOCK_VERSION_KEYRING: u8 = 2;
 const ROOT_LABEL: &[u8] = b"MC-KEYRING-ROOT\0";
 const FIXED: usize = 1 + 16 + 16 + 32 + 16 + 4 + 1;
 
-/// The keys of a block, by label, in zeroizing buffers, and whether it
-/// is a keyring card's (version 2: no storage keys, a root instead).
-fn parse(block: &[u8]) -> Result<(Vec<(String, Zeroizing<Vec<u8>>)>, bool)> {
+/// A block's keys, by label, in zeroizing buffers.
+type Labelled = Vec<(String, Zeroizing<Vec<u8>>)>;
+
+/// The keys of a block, and whether it is a keyring card's (version 2:
+/// no storage keys, a root instead).
+fn parse(block: &[u8]) -> Result<(Labelled, bool)> {
     let bad = |why: &str| Pkcs11Error::Format(format!("software card key block: {why}"));
     if block.len() < FIXED || (block[0] != BLOCK_VERSION && block[0] != BLOCK_VERSION_KEYRING) {
         return Err(bad("wrong length or version"));

@@ -334,12 +334,17 @@ pub(crate) fn fresh_key_template() -> Vec<Attribute> {
 /// template (`outer` plus CKA_UNWRAP_TEMPLATE = [`held_key_template`]).
 /// cryptoki 0.12 cannot express an attribute-array attribute, so the calls
 /// that make a root key go to the module directly (loaded a second time:
-/// the same library state, already initialised by this process).
+/// the same library state, already initialised by this process), through
+/// its C_GetFunctionList (a module need not export every C_ symbol). A
+/// function the module lacks is CKR_FUNCTION_NOT_SUPPORTED, never a panic.
 #[allow(unsafe_code)]
 fn with_root_template(
     module: &std::path::Path,
     outer: &[Attribute],
-    call: impl FnOnce(&cryptoki_sys::Pkcs11, &mut [cryptoki_sys::CK_ATTRIBUTE]) -> cryptoki_sys::CK_RV,
+    call: impl FnOnce(
+        &cryptoki_sys::CK_FUNCTION_LIST,
+        &mut [cryptoki_sys::CK_ATTRIBUTE],
+    ) -> cryptoki_sys::CK_RV,
     function: cryptoki::context::Function,
 ) -> Result<()> {
     use cryptoki_sys::{CK_ATTRIBUTE, CK_ULONG};
@@ -355,13 +360,28 @@ fn with_root_template(
     // SAFETY: the module is already loaded and C_Initialize'd by this
     // process (the caller holds a session on it); loading it again gives
     // the same library state and the same function list.
-    let lib = unsafe { cryptoki_sys::Pkcs11::new(module) }.map_err(|e| Pkcs11Error::Module {
+    let err = |reason: String| Pkcs11Error::Module {
         path: module.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let lib = unsafe { cryptoki_sys::Pkcs11::new(module) }.map_err(|e| err(e.to_string()))?;
+    let get = lib
+        .C_GetFunctionList
+        .as_ref()
+        .map_err(|e| err(format!("C_GetFunctionList: {e}")))?;
+    let mut list: *mut cryptoki_sys::CK_FUNCTION_LIST = std::ptr::null_mut();
+    // SAFETY: C_GetFunctionList writes one pointer into `list`.
+    let rv = unsafe { get(&mut list) };
+    cryptoki::error::Rv::from(rv).into_result(cryptoki::context::Function::GetFunctionList)?;
+    // SAFETY: on success the module points `list` at its static function
+    // table, valid while the library is loaded (`lib` is alive here, and
+    // the card's own context keeps it loaded anyway).
+    let Some(list) = (unsafe { list.as_ref() }) else {
+        return Err(err("C_GetFunctionList gave no function list".into()));
+    };
     // `raw` points into `outer` and `inner_raw` (into `inner`), all alive
     // until after the call.
-    let rv = call(&lib, &mut raw);
+    let rv = call(list, &mut raw);
     drop(raw);
     drop(inner_raw);
     cryptoki::error::Rv::from(rv).into_result(function)?;
@@ -381,17 +401,20 @@ pub(crate) fn generate_root(
     with_root_template(
         module,
         &outer,
-        |lib, raw| {
+        |list, raw| {
             let mut mech = cryptoki_sys::CK_MECHANISM {
                 mechanism: cryptoki_sys::CKM_AES_KEY_GEN,
                 pParameter: std::ptr::null_mut(),
                 ulParameterLen: 0,
             };
             let mut h: cryptoki_sys::CK_OBJECT_HANDLE = 0;
+            let Some(f) = list.C_GenerateKey else {
+                return cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED;
+            };
             // SAFETY: every pointer is to a live local or to `raw`, valid
             // for the call; the session handle is the caller's, open.
             unsafe {
-                lib.C_GenerateKey(
+                f(
                     session.handle(),
                     &mut mech,
                     raw.as_mut_ptr(),
@@ -423,12 +446,15 @@ pub(crate) fn create_root(
     let r = with_root_template(
         module,
         &outer,
-        |lib, raw| {
+        |list, raw| {
             let mut h: cryptoki_sys::CK_OBJECT_HANDLE = 0;
+            let Some(f) = list.C_CreateObject else {
+                return cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED;
+            };
             // SAFETY: the template in `raw` (into `outer`) is valid for the
             // call; the session handle is the caller's, open.
             unsafe {
-                lib.C_CreateObject(
+                f(
                     session.handle(),
                     raw.as_mut_ptr(),
                     raw.len() as cryptoki_sys::CK_ULONG,
@@ -463,15 +489,18 @@ pub(crate) fn unwrap_root(
     with_root_template(
         module,
         &outer,
-        |lib, raw| {
+        |list, raw| {
             let mut mech: cryptoki_sys::CK_MECHANISM = mechanism.into();
             let mut wrapped = wrapped.to_vec();
             let mut h: cryptoki_sys::CK_OBJECT_HANDLE = 0;
+            let Some(f) = list.C_UnwrapKey else {
+                return cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED;
+            };
             // SAFETY: the mechanism's parameters live in `mechanism`, the
             // wrapped bytes in a local copy, the template in `raw`: all
             // valid for the call; the session handle is the caller's.
             unsafe {
-                lib.C_UnwrapKey(
+                f(
                     session.handle(),
                     &mut mech,
                     kek,
