@@ -46,6 +46,7 @@ const TOKENS: &[&str] = &[
     "mc-back",
     "mc-roll",
     "mc-soft",
+    "mc-steady",
 ];
 
 struct Hsm {
@@ -730,4 +731,35 @@ fn a_software_card_moved_into_a_token_keeps_its_keyring() {
     drop(t);
     let c = Center::open_sqlite(&db, soft, center_config()).unwrap();
     auth_all(&c, &mut fleet, NOW + 4);
+}
+
+/// The keyring is re-read every REFRESH; a version held already is not
+/// unwrapped again (the same session objects stay: no churn of objects
+/// that operations in flight use).
+#[test]
+fn held_keys_stay_the_same_objects_across_refreshes() {
+    let Some(_) = hsm() else { return };
+    let card = Arc::new(Pkcs11Card::init(&config("mc-steady")).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let c = center(&dir.path().join("center.db"), card);
+    c.sync_keyring().unwrap().unwrap();
+    let s = raw_session("mc-steady");
+    let session_keys = || {
+        let mut h: Vec<u64> = s
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::Token(false),
+            ])
+            .unwrap()
+            .iter()
+            .map(|h| h.handle())
+            .collect();
+        h.sort_unstable();
+        h
+    };
+    let before = session_keys();
+    assert_eq!(before.len(), 1, "one keyring version held");
+    std::thread::sleep(microcert_center::keyring::REFRESH * 2 + Duration::from_millis(300));
+    c.sync_keyring().unwrap();
+    assert_eq!(session_keys(), before);
 }
