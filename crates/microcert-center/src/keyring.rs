@@ -36,6 +36,10 @@
 //! copies them into the keyring, then the card file keeps only the root
 //! key. Idempotent: AES-KW is deterministic, so a clone of the card (or a
 //! second run after a crash between the two steps) finds the same rows.
+//! A card whose own storage keys cannot be wrapped (a PKCS#11 token's
+//! non-extractable `microcert-kstore-vN` objects,
+//! [`EncryptionCard::resident_storage_keys`]) keeps them for unsealing;
+//! the keyring it makes starts at the next version, current at once.
 //!
 //! # Leader
 //!
@@ -432,6 +436,11 @@ impl KeyringCard {
         legacy: Option<&crate::card::WrappedStorageKeys>,
     ) -> Result<()> {
         let card = &*self.inner;
+        // Versions the card keeps itself and cannot wrap (a token's
+        // non-extractable Kstore objects): they stay on the card, seeds
+        // sealed under them open as before, and the keyring starts above
+        // them (its first version is current at once).
+        let resident = card.resident_storage_keys();
         let (current, keys) = match legacy {
             Some((cur, keys)) => (*cur, keys.clone()),
             None => {
@@ -439,7 +448,9 @@ impl KeyringCard {
                 // whether or not its ciphertext is there: a row edited from
                 // outside must not make this a fresh database).
                 let page = db.scan_seeds(None, 1)?;
-                if let Some(s) = page.first() {
+                if let Some(s) = page.first()
+                    && resident.is_empty()
+                {
                     return Err(Error::Keyring(format!(
                         "the key database has no keyring but holds seeds sealed under storage key version {} \
                          (e.g. {}), and this card keeps no storage keys of its own: restore a backup that \
@@ -451,7 +462,14 @@ impl KeyringCard {
                 // database it serves in this process), else a first one.
                 match card.held_storage_keys()? {
                     Some((cur, keys)) if !keys.is_empty() => (cur, keys),
-                    _ => (1, vec![(1, card.new_wrapped_storage_key()?)]),
+                    _ => {
+                        let first = resident
+                            .iter()
+                            .max()
+                            .map_or(Some(1), |v| v.checked_add(1))
+                            .ok_or(Error::StorageKeysExhausted)?;
+                        (first, vec![(first, card.new_wrapped_storage_key()?)])
+                    }
                 }
             }
         };
@@ -659,6 +677,13 @@ impl EncryptionCard for KeyringCard {
         kstore_version: u32,
         ciphertext: &[u8],
     ) -> Result<KeySeed> {
+        // A version the card keeps itself (a token object from before the
+        // keyring).
+        if self.inner.resident_storage_keys().contains(&kstore_version) {
+            return self
+                .inner
+                .unseal_seed(device, generation, kstore_version, ciphertext);
+        }
         // A version this center does not hold: rotated at another center,
         // reload before failing (unless a reload just missed it).
         if self.missed_recently(kstore_version)
@@ -691,7 +716,11 @@ impl EncryptionCard for KeyringCard {
     }
 
     fn storage_key_versions(&self) -> Vec<u32> {
-        self.lock().held.clone()
+        let mut v = self.lock().held.clone();
+        v.extend(self.inner.resident_storage_keys());
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     /// A new version in the keyring, current at once for every center
@@ -723,8 +752,14 @@ impl EncryptionCard for KeyringCard {
     }
 
     /// Deletes the version's row (the caller checked that no record and
-    /// no kept backup needs it).
+    /// no kept backup needs it); a version the card keeps itself (a token
+    /// object from before the keyring) is destroyed on the card.
     fn destroy_storage_key(&self, version: u32) -> Result<()> {
+        if self.inner.resident_storage_keys().contains(&version)
+            && !self.lock().held.contains(&version)
+        {
+            return self.inner.destroy_storage_key(version);
+        }
         self.change(|c| {
             if version == c.head.current {
                 return Err(Error::CurrentStorageKey { version });
@@ -763,6 +798,10 @@ impl EncryptionCard for KeyringCard {
 
     fn keyring_base(&self) -> Option<Arc<dyn EncryptionCard>> {
         Some(self.inner.clone())
+    }
+
+    fn resident_storage_keys(&self) -> Vec<u32> {
+        self.inner.resident_storage_keys()
     }
 }
 
@@ -831,6 +870,7 @@ pub fn restore_rows(
     if let Some((_, keys)) = card.legacy_storage_keys()? {
         have.extend(keys.iter().map(|(v, _)| *v));
     }
+    have.extend(card.resident_storage_keys());
     let missing: Vec<u32> = needed
         .iter()
         .copied()

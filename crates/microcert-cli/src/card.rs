@@ -91,6 +91,16 @@ pub enum CardCommand {
         #[arg(long, value_name = "FILE")]
         shares_file: Option<PathBuf>,
     },
+    /// Make the keyring root key `microcert-kroot` on a PKCS#11 token
+    /// initialised before the keyring (issue 14; `card init` makes it).
+    /// Run it on ONE token, then clone that token to the other centers'
+    /// HSMs with the vendor's procedure: roots made on each token apart
+    /// differ, and a center whose root does not open the keyring refuses
+    /// it (docs/hsm.md).
+    KeyringRoot {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
 }
 
 /// Runs a card command.
@@ -244,7 +254,28 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
             let card = recover(&text)?;
             install(&data, &pass, &card, "recovered")?;
         }
+        CardCommand::KeyringRoot { cfg } => keyring_root(&cfg.resolve()?)?,
     }
+    Ok(())
+}
+
+/// `card keyring-root` on the PKCS#11 token the configuration names.
+fn keyring_root(r: &Resolved) -> anyhow::Result<()> {
+    let Some(cfg) = r.pkcs11() else {
+        bail!(
+            "card keyring-root is for a PKCS#11 card: the configuration has no [pkcs11] section (a software card has its root already)"
+        );
+    };
+    microcert_pkcs11::Pkcs11Card::add_keyring_root(cfg).with_context(|| {
+        format!(
+            "cannot make the keyring root key in token {:?}",
+            cfg.token_label
+        )
+    })?;
+    say!(
+        "keyring root key microcert-kroot made in PKCS#11 token {:?}: clone this token to the other centers' HSMs before they start",
+        cfg.token_label
+    );
     Ok(())
 }
 

@@ -37,6 +37,8 @@ struct Fixed {
     ktrans: ObjectHandle,
     kint: ObjectHandle,
     kchal: ObjectHandle,
+    /// The keyring root key `microcert-kroot`, when the token has one.
+    kroot: Option<ObjectHandle>,
 }
 
 /// Whether an error means the token no longer knows a key handle.
@@ -47,10 +49,47 @@ fn handle_lost(e: &CkError) -> bool {
     )
 }
 
-/// The Kstore versions on the token and the one new seeds are sealed under.
+/// The Kstore versions on the token, the keyring's versions held as
+/// session objects, and the one new seeds are sealed under.
 struct Kstores {
     current: u32,
+    /// Token objects `microcert-kstore-vN` (made before the keyring, or
+    /// by the card's own rotation outside a keyring).
     keys: Vec<(u32, ObjectHandle)>,
+    /// Keyring versions: unwrapped under the root into session objects
+    /// (CKA_TOKEN false, sensitive, non-extractable), with their wrapped
+    /// bytes to unwrap them again when the token drops the sessions.
+    held: Vec<Held>,
+}
+
+/// One keyring version held by the card.
+struct Held {
+    version: u32,
+    wrapped: Vec<u8>,
+    handle: ObjectHandle,
+}
+
+impl Kstores {
+    fn handle(&self, version: u32) -> Option<ObjectHandle> {
+        self.keys
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, h)| *h)
+            .or_else(|| {
+                self.held
+                    .iter()
+                    .find(|h| h.version == version)
+                    .map(|h| h.handle)
+            })
+    }
+
+    fn versions(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.keys.iter().map(|(v, _)| *v).collect();
+        v.extend(self.held.iter().map(|h| h.version));
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
 }
 
 /// An encryption card whose keys live in a PKCS#11 token.
@@ -151,9 +190,41 @@ impl Pkcs11Card {
                 keys::generate(&session, label, role, policy)
             },
         )?;
+        if let Err(e) = keys::generate_root(&config.module, &session, policy) {
+            for (_, h) in keys::card_objects(&session).unwrap_or_default() {
+                let _ = session.destroy_object(h);
+            }
+            return Err(e);
+        }
         drop(session);
         tracing::info!(token = %config.token_label, ?policy, "PKCS#11 card initialised");
         Self::open(config)
+    }
+
+    /// Makes the keyring root key `microcert-kroot` on a token initialised
+    /// before the keyring (issue 14). Refused with
+    /// [`Pkcs11Error::KeysExist`] when it is there already, and with
+    /// [`Pkcs11Error::KeyMissing`] on a token without card keys. Run it on
+    /// ONE token of a deployment, then copy that token to the others with
+    /// the vendor's cloning: a root made on each token separately differs,
+    /// and a center whose root does not unwrap the keyring fails to load
+    /// it (docs/hsm.md).
+    pub fn add_keyring_root(config: &Pkcs11Config) -> Result<()> {
+        let session = one_session(config)?;
+        let ktrans = keys::find(&session, KTRANS_LABEL)?;
+        let policy = keys::check(&session, ktrans, KTRANS_LABEL, Role::Cmac)?;
+        match keys::find(&session, keys::KROOT_LABEL) {
+            Ok(_) => {
+                return Err(Pkcs11Error::KeysExist {
+                    label: keys::KROOT_LABEL.to_owned(),
+                });
+            }
+            Err(Pkcs11Error::KeyMissing { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        keys::generate_root(&config.module, &session, policy)?;
+        tracing::info!(token = %config.token_label, "keyring root key made");
+        Ok(())
     }
 
     /// Opens the card on its token: loads the module, finds the token by
@@ -170,13 +241,21 @@ impl Pkcs11Card {
         let pin = config.read_pin()?;
         let pool = SessionPool::open(&ctx, slot, &pin, config.sessions)?;
         drop(pin);
-        let (ktrans, kint, kchal, kstore, policy) = pool.with(|s| -> Result<_> {
+        let (ktrans, kint, kchal, kroot, kstore, policy) = pool.with(|s| -> Result<_> {
             let ktrans = keys::find(s, KTRANS_LABEL)?;
             let kint = keys::find(s, KINT_LABEL)?;
             let kchal = keys::find(s, KCHAL_LABEL)?;
             let policy = keys::check(s, ktrans, KTRANS_LABEL, Role::Cmac)?;
             keys::check(s, kint, KINT_LABEL, Role::Hmac)?;
             keys::check(s, kchal, KCHAL_LABEL, Role::Cmac)?;
+            let kroot = match keys::find(s, keys::KROOT_LABEL) {
+                Ok(h) => {
+                    keys::check_root(s, h)?;
+                    Some(h)
+                }
+                Err(Pkcs11Error::KeyMissing { .. }) => None,
+                Err(e) => return Err(e),
+            };
             let mut stores = Vec::new();
             for (label, h) in keys::card_objects(s)? {
                 if let Some(v) = keys::parse_kstore_label(&label) {
@@ -185,8 +264,10 @@ impl Pkcs11Card {
                 }
             }
             stores.sort_by_key(|(v, _)| *v);
+            // With a root key the storage keys may all be in the keyring.
             let current = match stores.last() {
                 Some((v, _)) => *v,
+                None if kroot.is_some() => 0,
                 None => {
                     return Err(Pkcs11Error::KeyMissing {
                         label: keys::kstore_label(1),
@@ -196,8 +277,9 @@ impl Pkcs11Card {
             let kstore = Kstores {
                 current,
                 keys: stores,
+                held: Vec::new(),
             };
-            Ok((ktrans, kint, kchal, kstore, policy))
+            Ok((ktrans, kint, kchal, kroot, kstore, policy))
         })?;
         Ok(Pkcs11Card {
             _ctx: ctx,
@@ -210,6 +292,7 @@ impl Pkcs11Card {
                 ktrans,
                 kint,
                 kchal,
+                kroot,
             }),
             kstore: RwLock::new(kstore),
             chal_keys: ChallengeKeys::default(),
@@ -226,10 +309,18 @@ impl Pkcs11Card {
         self.policy
     }
 
-    /// Every Kstore version on the token, oldest first.
+    /// Every Kstore version the card can unseal with (token objects and
+    /// held keyring versions), oldest first.
     pub fn storage_key_versions(&self) -> Vec<u32> {
-        let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
-        k.keys.iter().map(|(v, _)| *v).collect()
+        self.kstore
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .versions()
+    }
+
+    /// Whether the token has the keyring root key `microcert-kroot`.
+    pub fn has_keyring_root(&self) -> bool {
+        self.fixed().kroot.is_some()
     }
 
     /// Makes the next Kstore version inside the token and seals new seeds
@@ -238,9 +329,8 @@ impl Pkcs11Card {
     pub fn rotate_storage_key(&self) -> Result<u32> {
         let mut k = self.kstore.write().unwrap_or_else(PoisonError::into_inner);
         let next = k
-            .keys
-            .iter()
-            .map(|(v, _)| *v)
+            .versions()
+            .into_iter()
             .max()
             .unwrap_or(0)
             .checked_add(1)
@@ -285,6 +375,9 @@ impl Pkcs11Card {
             (KINT_LABEL.to_owned(), self.fixed().kint),
             (KCHAL_LABEL.to_owned(), self.fixed().kchal),
         ];
+        if let Some(root) = self.fixed().kroot {
+            out.push((keys::KROOT_LABEL.to_owned(), root));
+        }
         let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
         out.extend(k.keys.iter().map(|(v, h)| (keys::kstore_label(*v), *h)));
         out
@@ -302,6 +395,11 @@ impl Pkcs11Card {
                 ktrans: keys::find(s, KTRANS_LABEL)?,
                 kint: keys::find(s, KINT_LABEL)?,
                 kchal: keys::find(s, KCHAL_LABEL)?,
+                kroot: match keys::find(s, keys::KROOT_LABEL) {
+                    Ok(h) => Some(h),
+                    Err(Pkcs11Error::KeyMissing { .. }) => None,
+                    Err(e) => return Err(e),
+                },
             };
             let mut stores = Vec::new();
             for (label, h) in keys::card_objects(s)? {
@@ -317,7 +415,52 @@ impl Pkcs11Card {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .keys = stores;
+        self.rehold()?;
         tracing::warn!(token = %self.token_label, "PKCS#11 key handles found again");
+        Ok(())
+    }
+
+    /// Unwraps again every held keyring version whose session object the
+    /// token dropped (its sessions were closed: a token reset, an HSM
+    /// restart). The token work runs without the lock (an operation in
+    /// the pool may be waiting for it); a version replaced meanwhile by
+    /// another thread keeps that thread's object and ours is destroyed.
+    fn rehold(&self) -> Result<()> {
+        let Some(root) = self.fixed().kroot else {
+            return Ok(());
+        };
+        let held: Vec<(u32, Vec<u8>, ObjectHandle)> = {
+            let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
+            k.held
+                .iter()
+                .map(|h| (h.version, h.wrapped.clone(), h.handle))
+                .collect()
+        };
+        for (version, wrapped, old) in held {
+            let alive = self
+                .pool
+                .with_retry(|s| s.get_attributes(old, &[AttributeType::Class]))
+                .is_ok();
+            if alive {
+                continue;
+            }
+            let new = self.pool.with_retry(|s| {
+                s.unwrap_key(
+                    &Mechanism::AesKeyWrap,
+                    root,
+                    &wrapped,
+                    &keys::held_key_unwrap_template(),
+                )
+            })?;
+            let mut k = self.kstore.write().unwrap_or_else(PoisonError::into_inner);
+            match k.held.iter_mut().find(|h| h.version == version) {
+                Some(h) if h.handle == old => h.handle = new,
+                _ => {
+                    drop(k);
+                    let _ = self.pool.with_retry(|s| s.destroy_object(new));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -340,11 +483,16 @@ impl Pkcs11Card {
 
     fn kstore_handle(&self, version: u32) -> microcert_center::Result<ObjectHandle> {
         let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
-        k.keys
-            .iter()
-            .find(|(v, _)| *v == version)
-            .map(|(_, h)| *h)
+        k.handle(version)
             .ok_or_else(|| card_err(format!("no storage key of version {version}")))
+    }
+
+    fn root(&self) -> microcert_center::Result<ObjectHandle> {
+        self.fixed()
+            .kroot
+            .ok_or(microcert_center::Error::CardUnsupported {
+                operation: "keep a keyring root key (no microcert-kroot on this token)",
+            })
     }
 
     /// A one-block CMAC inside the token; the result lands in a zeroizing
@@ -482,10 +630,7 @@ impl EncryptionCard for Pkcs11Card {
         let (version, key) = {
             let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
             let h = k
-                .keys
-                .iter()
-                .find(|(v, _)| *v == k.current)
-                .map(|(_, h)| *h)
+                .handle(k.current)
                 .ok_or_else(|| card_err("current storage key missing".into()))?;
             (k.current, h)
         };
@@ -637,5 +782,160 @@ impl EncryptionCard for Pkcs11Card {
 
     fn destroy_storage_key(&self, version: u32) -> microcert_center::Result<()> {
         Pkcs11Card::destroy_storage_key(self, version).map_err(Into::into)
+    }
+
+    // The keyring (issue 14): the root key `microcert-kroot` wraps and
+    // unwraps storage keys with CKM_AES_KEY_WRAP (RFC 3394) inside the
+    // token; an unwrapped key is a session object that never leaves it.
+
+    fn has_keyring_root(&self) -> bool {
+        Pkcs11Card::has_keyring_root(self)
+    }
+
+    /// C_GenerateKey of an extractable session key, C_WrapKey under the
+    /// root, C_DestroyObject: the key exists outside the token only
+    /// wrapped.
+    fn new_wrapped_storage_key(&self) -> microcert_center::Result<Vec<u8>> {
+        let root = self.root()?;
+        let wrapped = self
+            .in_token(|s| {
+                let k = s.generate_key(&Mechanism::AesKeyGen, &keys::fresh_key_template())?;
+                let w = s.wrap_key(
+                    &Mechanism::AesKeyWrap,
+                    self.fixed().kroot.unwrap_or(root),
+                    k,
+                );
+                let d = s.destroy_object(k);
+                let w = w?;
+                d?;
+                Ok(w)
+            })
+            .map_err(ck_err)?;
+        if wrapped.len() != 40 {
+            return Err(card_err("AES key wrap output of unexpected length".into()));
+        }
+        Ok(wrapped)
+    }
+
+    /// C_UnwrapKey under the root into a sensitive, non-extractable
+    /// session object for CKM_AES_GCM (the root's CKA_UNWRAP_TEMPLATE
+    /// allows nothing else).
+    fn hold_storage_key(&self, version: u32, wrapped: &[u8]) -> microcert_center::Result<()> {
+        let root = self.root()?;
+        {
+            let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
+            // Held already with the same bytes (the keyring is re-read
+            // every few seconds): nothing to do; a handle the token
+            // dropped since is unwrapped again by `rehold`.
+            if k.held
+                .iter()
+                .any(|h| h.version == version && h.wrapped == wrapped)
+            {
+                return Ok(());
+            }
+            if k.keys.iter().any(|(v, _)| *v == version) {
+                return Err(microcert_center::Error::Keyring(format!(
+                    "the keyring's storage key version {version} is also a token object \
+                     ({}) on this token: not the keyring of this card",
+                    keys::kstore_label(version)
+                )));
+            }
+        }
+        let h = self
+            .in_token(|s| {
+                s.unwrap_key(
+                    &Mechanism::AesKeyWrap,
+                    self.fixed().kroot.unwrap_or(root),
+                    wrapped,
+                    &keys::held_key_unwrap_template(),
+                )
+            })
+            .map_err(|e| match e {
+                CkError::Pkcs11(
+                    RvError::WrappedKeyInvalid
+                    | RvError::WrappedKeyLenRange
+                    | RvError::EncryptedDataInvalid
+                    | RvError::GeneralError,
+                    _,
+                ) => microcert_center::Error::Keyring(format!(
+                    "storage key version {version} does not unwrap under this token's root key \
+                     ({}): is this token a clone of the one that made the keyring?",
+                    keys::KROOT_LABEL
+                )),
+                other => ck_err(other),
+            })?;
+        let old = {
+            let mut k = self.kstore.write().unwrap_or_else(PoisonError::into_inner);
+            let old = k
+                .held
+                .iter()
+                .position(|x| x.version == version)
+                .map(|i| k.held.remove(i).handle);
+            k.held.push(Held {
+                version,
+                wrapped: wrapped.to_vec(),
+                handle: h,
+            });
+            k.held.sort_by_key(|x| x.version);
+            old
+        };
+        if let Some(old) = old {
+            let _ = self.pool.with_retry(|s| s.destroy_object(old));
+        }
+        Ok(())
+    }
+
+    fn release_storage_key(&self, version: u32) -> microcert_center::Result<()> {
+        let old = {
+            let mut k = self.kstore.write().unwrap_or_else(PoisonError::into_inner);
+            if version == k.current {
+                return Err(microcert_center::Error::CurrentStorageKey { version });
+            }
+            k.held
+                .iter()
+                .position(|x| x.version == version)
+                .map(|i| k.held.remove(i).handle)
+        };
+        if let Some(old) = old {
+            let _ = self.pool.with_retry(|s| s.destroy_object(old));
+        }
+        Ok(())
+    }
+
+    fn set_storage_key_version(&self, version: u32) -> microcert_center::Result<()> {
+        let mut k = self.kstore.write().unwrap_or_else(PoisonError::into_inner);
+        if k.handle(version).is_none() {
+            return Err(microcert_center::Error::NoStorageKey { version });
+        }
+        k.current = version;
+        Ok(())
+    }
+
+    fn held_storage_keys(
+        &self,
+    ) -> microcert_center::Result<Option<microcert_center::card::WrappedStorageKeys>> {
+        let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(newest) = k.held.last().map(|h| h.version) else {
+            return Ok(None);
+        };
+        let current = if k.held.iter().any(|h| h.version == k.current) {
+            k.current
+        } else {
+            newest
+        };
+        Ok(Some((
+            current,
+            k.held
+                .iter()
+                .map(|h| (h.version, h.wrapped.clone()))
+                .collect(),
+        )))
+    }
+
+    /// The token objects `microcert-kstore-vN`: non-extractable, they
+    /// cannot join the keyring and stay on the token beside it.
+    fn resident_storage_keys(&self) -> Vec<u32> {
+        let k = self.kstore.read().unwrap_or_else(PoisonError::into_inner);
+        k.keys.iter().map(|(v, _)| *v).collect()
     }
 }

@@ -314,6 +314,23 @@ impl Pkcs11Card {
         })?;
         let labels: Vec<&str> = package.keys.iter().map(|k| k.label.as_str()).collect();
         make_all(&session, &labels, |label| {
+            if label == keys::KROOT_LABEL {
+                let wrapped = package
+                    .keys
+                    .iter()
+                    .find(|k| k.label == label)
+                    .map(|k| k.wrapped.as_slice())
+                    .unwrap_or_default();
+                // With its unwrap template, which cryptoki cannot express.
+                return keys::unwrap_root(
+                    &config.module,
+                    &session,
+                    &package.oaep.mechanism(),
+                    kek,
+                    wrapped,
+                    package.policy,
+                );
+            }
             let role = Role::of_label(label)
                 .ok_or_else(|| Pkcs11Error::Format(format!("unknown key label {label:?}")))?;
             let wrapped = package

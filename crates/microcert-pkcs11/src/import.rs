@@ -14,6 +14,12 @@
 //! | 4 | current Kstore version |
 //! | 1 | n, number of Kstore versions (at least 1) |
 //! | 36 x n | version (4) \|\| Kstore (32) |
+//!
+//! Version 2 is a card whose storage keys are in the keyring of the key
+//! database (issue 14): n = 0, and the token gets the card's keyring root
+//! instead, HMAC-SHA256(integrity key, "MC-KEYRING-ROOT\0") as the
+//! software card derives it, so the keyring rows, wrapped under that
+//! root, open in the token unchanged.
 
 use zeroize::Zeroizing;
 
@@ -23,16 +29,25 @@ use crate::error::{Pkcs11Error, Result};
 use crate::keys::{self, KCHAL_LABEL, KINT_LABEL, KTRANS_LABEL, KeyPolicy, Role};
 
 const BLOCK_VERSION: u8 = 1;
+const BLOCK_VERSION_KEYRING: u8 = 2;
+/// The software card's derivation of its keyring root from its integrity
+/// key (HMAC-SHA256 message).
+const ROOT_LABEL: &[u8] = b"MC-KEYRING-ROOT\0";
 const FIXED: usize = 1 + 16 + 16 + 32 + 16 + 4 + 1;
 
-/// The keys of a block, by label, in zeroizing buffers.
-fn parse(block: &[u8]) -> Result<Vec<(String, Zeroizing<Vec<u8>>)>> {
+/// A block's keys, by label, in zeroizing buffers.
+type Labelled = Vec<(String, Zeroizing<Vec<u8>>)>;
+
+/// The keys of a block, and whether it is a keyring card's (version 2:
+/// no storage keys, a root instead).
+fn parse(block: &[u8]) -> Result<(Labelled, bool)> {
     let bad = |why: &str| Pkcs11Error::Format(format!("software card key block: {why}"));
-    if block.len() < FIXED || block[0] != BLOCK_VERSION {
+    if block.len() < FIXED || (block[0] != BLOCK_VERSION && block[0] != BLOCK_VERSION_KEYRING) {
         return Err(bad("wrong length or version"));
     }
+    let keyring = block[0] == BLOCK_VERSION_KEYRING;
     let n = usize::from(block[FIXED - 1]);
-    if n == 0 || block.len() != FIXED + 36 * n {
+    if (n == 0) != keyring || block.len() != FIXED + 36 * n {
         return Err(bad("wrong length"));
     }
     let current = u32::from_be_bytes([block[81], block[82], block[83], block[84]]);
@@ -53,10 +68,10 @@ fn parse(block: &[u8]) -> Result<Vec<(String, Zeroizing<Vec<u8>>)>> {
         out.push((keys::kstore_label(v), key(o + 4..o + 36)));
     }
     // The token's current version is its highest: the block must agree.
-    if versions.iter().max() != Some(&current) {
+    if !keyring && versions.iter().max() != Some(&current) {
         return Err(bad("the current Kstore version is not the highest"));
     }
-    Ok(out)
+    Ok((out, keyring))
 }
 
 impl Pkcs11Card {
@@ -69,12 +84,19 @@ impl Pkcs11Card {
     /// always sensitive (CKA_ALWAYS_SENSITIVE false); from now on they are
     /// as protected as generated ones, and the block and its shares should
     /// be destroyed.
+    ///
+    /// A keyring card's block (version 2) gives the token the card's
+    /// keyring root (`microcert-kroot`, the value the software card
+    /// derives, computed by the token from the imported integrity key), so
+    /// the key database's keyring opens on the token as it did on the
+    /// software card. A version 1 block gives no root: its storage keys
+    /// become token objects, as before the keyring.
     pub fn import_key_block(
         config: &Pkcs11Config,
         block: &[u8],
         policy: KeyPolicy,
     ) -> Result<Self> {
-        let parsed = parse(block)?;
+        let (parsed, keyring) = parse(block)?;
         let session = one_session(config)?;
         refuse_existing(&session)?;
         let labels: Vec<&str> = parsed.iter().map(|(l, _)| l.as_str()).collect();
@@ -87,10 +109,34 @@ impl Pkcs11Card {
             let role = Role::of_label(label).ok_or_else(|| Pkcs11Error::Format(label.into()))?;
             keys::import(&session, label, role, policy, value)
         })?;
+        if keyring && let Err(e) = import_root(config, &session, policy) {
+            for (_, h) in keys::card_objects(&session).unwrap_or_default() {
+                let _ = session.destroy_object(h);
+            }
+            return Err(e);
+        }
         drop(session);
         tracing::info!(token = %config.token_label, "software card keys imported into the token");
         Self::open(config)
     }
+}
+
+/// The software card's root, derived in the token from the imported
+/// integrity key and created as `microcert-kroot` (it crosses host memory
+/// once, as the block did).
+fn import_root(
+    config: &Pkcs11Config,
+    session: &cryptoki::session::Session,
+    policy: KeyPolicy,
+) -> Result<()> {
+    let kint = keys::find(session, KINT_LABEL)?;
+    let root = Zeroizing::new(session.sign(
+        &cryptoki::mechanism::Mechanism::Sha256Hmac,
+        kint,
+        ROOT_LABEL,
+    )?);
+    keys::create_root(&config.module, session, policy, &root)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -111,7 +157,8 @@ mod tests {
 
     #[test]
     fn parses_a_block() {
-        let keys = parse(&block(&[1, 2], 2)).unwrap();
+        let (keys, keyring) = parse(&block(&[1, 2], 2)).unwrap();
+        assert!(!keyring);
         let labels: Vec<_> = keys.iter().map(|(l, _)| l.as_str()).collect();
         assert_eq!(
             labels,
@@ -137,5 +184,13 @@ mod tests {
         assert!(parse(&block(&[1, 2], 1)).is_err());
         assert!(parse(&block(&[1, 1], 1)).is_err());
         assert!(parse(&block(&[0], 0)).is_err());
+        // A keyring card's block has no storage keys, and only it.
+        let mut keyring = block(&[], 0);
+        keyring[0] = 2;
+        let (keys, is_keyring) = parse(&keyring).unwrap();
+        assert!(is_keyring && keys.len() == 3);
+        let mut v2_with_keys = block(&[1], 1);
+        v2_with_keys[0] = 2;
+        assert!(parse(&v2_with_keys).is_err());
     }
 }

@@ -247,3 +247,313 @@ pub(crate) fn check(
         (true, false) => Err(bad("extractable under any wrapping key")),
     }
 }
+
+/// Label of the keyring root key: AES-256, wraps and unwraps the storage
+/// keys of the keyring in the key database (CKM_AES_KEY_WRAP only).
+pub const KROOT_LABEL: &str = "microcert-kroot";
+
+/// The attributes of the root key, less its length and its unwrap
+/// template: a private token object, sensitive, extractable only as the
+/// card's policy allows (never readable), that
+/// can only wrap and unwrap with CKM_AES_KEY_WRAP (RFC 3394): no
+/// encryption, decryption, signature or derivation with it.
+pub(crate) fn root_template(policy: KeyPolicy) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Label(KROOT_LABEL.as_bytes().to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        // Cloneable like the card's other keys (only under a key the
+        // token's SO trusted) when the card is.
+        Attribute::Extractable(policy == KeyPolicy::WrapWithTrusted),
+        Attribute::WrapWithTrusted(policy == KeyPolicy::WrapWithTrusted),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(true),
+        Attribute::Unwrap(true),
+        Attribute::Derive(false),
+        Attribute::AllowedMechanisms(vec![MechanismType::AES_KEY_WRAP]),
+    ]
+}
+
+/// What every key unwrapped under the root must be (its CKA_UNWRAP_TEMPLATE,
+/// enforced by the token): an AES session object (CKA_TOKEN false),
+/// sensitive, not extractable, for encryption and decryption only.
+pub(crate) fn held_key_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(false),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]
+}
+
+/// The template `hold_storage_key` unwraps with: the unwrap template, a
+/// private object, CKM_AES_GCM only.
+pub(crate) fn held_key_unwrap_template() -> Vec<Attribute> {
+    let mut t = held_key_template();
+    t.push(Attribute::Private(true));
+    t.push(Attribute::AllowedMechanisms(vec![MechanismType::AES_GCM]));
+    t
+}
+
+/// A fresh storage key as a session object, extractable (only so that it
+/// can be wrapped under the root once), sensitive, usable for nothing.
+pub(crate) fn fresh_key_template() -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32u64.into()),
+        Attribute::Token(false),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+    ]
+}
+
+/// Runs `call` with the module's function list and the root key's raw
+/// template (`outer` plus CKA_UNWRAP_TEMPLATE = [`held_key_template`]).
+/// cryptoki 0.12 cannot express an attribute-array attribute, so the calls
+/// that make a root key go to the module directly (loaded a second time:
+/// the same library state, already initialised by this process), through
+/// its C_GetFunctionList (a module need not export every C_ symbol). A
+/// function the module lacks is CKR_FUNCTION_NOT_SUPPORTED, never a panic.
+#[allow(unsafe_code)]
+fn with_root_template(
+    module: &std::path::Path,
+    outer: &[Attribute],
+    call: impl FnOnce(
+        &cryptoki_sys::CK_FUNCTION_LIST,
+        &mut [cryptoki_sys::CK_ATTRIBUTE],
+    ) -> cryptoki_sys::CK_RV,
+    function: cryptoki::context::Function,
+) -> Result<()> {
+    use cryptoki_sys::{CK_ATTRIBUTE, CK_ULONG};
+
+    let inner = held_key_template();
+    let mut inner_raw: Vec<CK_ATTRIBUTE> = inner.iter().map(Into::into).collect();
+    let mut raw: Vec<CK_ATTRIBUTE> = outer.iter().map(Into::into).collect();
+    raw.push(CK_ATTRIBUTE {
+        type_: cryptoki_sys::CKA_UNWRAP_TEMPLATE,
+        pValue: inner_raw.as_mut_ptr().cast(),
+        ulValueLen: (inner_raw.len() * std::mem::size_of::<CK_ATTRIBUTE>()) as CK_ULONG,
+    });
+    // SAFETY: the module is already loaded and C_Initialize'd by this
+    // process (the caller holds a session on it); loading it again gives
+    // the same library state and the same function list.
+    let err = |reason: String| Pkcs11Error::Module {
+        path: module.to_path_buf(),
+        reason,
+    };
+    let lib = unsafe { cryptoki_sys::Pkcs11::new(module) }.map_err(|e| err(e.to_string()))?;
+    let get = lib
+        .C_GetFunctionList
+        .as_ref()
+        .map_err(|e| err(format!("C_GetFunctionList: {e}")))?;
+    let mut list: *mut cryptoki_sys::CK_FUNCTION_LIST = std::ptr::null_mut();
+    // SAFETY: C_GetFunctionList writes one pointer into `list`.
+    let rv = unsafe { get(&mut list) };
+    cryptoki::error::Rv::from(rv).into_result(cryptoki::context::Function::GetFunctionList)?;
+    // SAFETY: on success the module points `list` at its static function
+    // table, valid while the library is loaded (`lib` is alive here, and
+    // the card's own context keeps it loaded anyway).
+    let Some(list) = (unsafe { list.as_ref() }) else {
+        return Err(err("C_GetFunctionList gave no function list".into()));
+    };
+    // `raw` points into `outer` and `inner_raw` (into `inner`), all alive
+    // until after the call.
+    let rv = call(list, &mut raw);
+    drop(raw);
+    drop(inner_raw);
+    cryptoki::error::Rv::from(rv).into_result(function)?;
+    Ok(())
+}
+
+/// Makes the root key inside the token with its CKA_UNWRAP_TEMPLATE
+/// (C_GenerateKey), then finds it by label.
+#[allow(unsafe_code)]
+pub(crate) fn generate_root(
+    module: &std::path::Path,
+    session: &Session,
+    policy: KeyPolicy,
+) -> Result<ObjectHandle> {
+    let mut outer = root_template(policy);
+    outer.push(Attribute::ValueLen(32u64.into()));
+    with_root_template(
+        module,
+        &outer,
+        |list, raw| {
+            let mut mech = cryptoki_sys::CK_MECHANISM {
+                mechanism: cryptoki_sys::CKM_AES_KEY_GEN,
+                pParameter: std::ptr::null_mut(),
+                ulParameterLen: 0,
+            };
+            let mut h: cryptoki_sys::CK_OBJECT_HANDLE = 0;
+            let Some(f) = list.C_GenerateKey else {
+                return cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED;
+            };
+            // SAFETY: every pointer is to a live local or to `raw`, valid
+            // for the call; the session handle is the caller's, open.
+            unsafe {
+                f(
+                    session.handle(),
+                    &mut mech,
+                    raw.as_mut_ptr(),
+                    raw.len() as cryptoki_sys::CK_ULONG,
+                    &mut h,
+                )
+            }
+        },
+        cryptoki::context::Function::GenerateKey,
+    )?;
+    find(session, KROOT_LABEL)
+}
+
+/// Creates the root key from known bytes (C_CreateObject, with its unwrap
+/// template): a software card's root moved into the token. The attribute
+/// buffer holding the bytes is zeroized afterwards.
+#[allow(unsafe_code)]
+pub(crate) fn create_root(
+    module: &std::path::Path,
+    session: &Session,
+    policy: KeyPolicy,
+    value: &[u8],
+) -> Result<ObjectHandle> {
+    if value.len() != 32 {
+        return Err(Pkcs11Error::Format("keyring root: wrong key length".into()));
+    }
+    let mut outer = root_template(policy);
+    outer.push(Attribute::Value(value.to_vec()));
+    let r = with_root_template(
+        module,
+        &outer,
+        |list, raw| {
+            let mut h: cryptoki_sys::CK_OBJECT_HANDLE = 0;
+            let Some(f) = list.C_CreateObject else {
+                return cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED;
+            };
+            // SAFETY: the template in `raw` (into `outer`) is valid for the
+            // call; the session handle is the caller's, open.
+            unsafe {
+                f(
+                    session.handle(),
+                    raw.as_mut_ptr(),
+                    raw.len() as cryptoki_sys::CK_ULONG,
+                    &mut h,
+                )
+            }
+        },
+        cryptoki::context::Function::CreateObject,
+    );
+    for a in &mut outer {
+        if let Attribute::Value(v) = a {
+            v.zeroize();
+        }
+    }
+    r?;
+    find(session, KROOT_LABEL)
+}
+
+/// Unwraps a clone package's root key inside the token (C_UnwrapKey under
+/// the key-transport key `kek` with `mechanism`), with its unwrap template.
+#[allow(unsafe_code)]
+pub(crate) fn unwrap_root(
+    module: &std::path::Path,
+    session: &Session,
+    mechanism: &Mechanism<'_>,
+    kek: ObjectHandle,
+    wrapped: &[u8],
+    policy: KeyPolicy,
+) -> Result<ObjectHandle> {
+    let outer = root_template(policy);
+    let kek = kek.handle();
+    with_root_template(
+        module,
+        &outer,
+        |list, raw| {
+            let mut mech: cryptoki_sys::CK_MECHANISM = mechanism.into();
+            let mut wrapped = wrapped.to_vec();
+            let mut h: cryptoki_sys::CK_OBJECT_HANDLE = 0;
+            let Some(f) = list.C_UnwrapKey else {
+                return cryptoki_sys::CKR_FUNCTION_NOT_SUPPORTED;
+            };
+            // SAFETY: the mechanism's parameters live in `mechanism`, the
+            // wrapped bytes in a local copy, the template in `raw`: all
+            // valid for the call; the session handle is the caller's.
+            unsafe {
+                f(
+                    session.handle(),
+                    &mut mech,
+                    kek,
+                    wrapped.as_mut_ptr(),
+                    wrapped.len() as cryptoki_sys::CK_ULONG,
+                    raw.as_mut_ptr(),
+                    raw.len() as cryptoki_sys::CK_ULONG,
+                    &mut h,
+                )
+            }
+        },
+        cryptoki::context::Function::UnwrapKey,
+    )?;
+    find(session, KROOT_LABEL)
+}
+
+/// Refuses a root key that could be read out, used for anything but
+/// wrapping, or is not AES-256.
+pub(crate) fn check_root(session: &Session, h: ObjectHandle) -> Result<()> {
+    let bad = |reason: &str| Pkcs11Error::KeyAttributes {
+        label: KROOT_LABEL.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let attrs = session.get_attributes(
+        h,
+        &[
+            AttributeType::KeyType,
+            AttributeType::ValueLen,
+            AttributeType::Sensitive,
+            AttributeType::Extractable,
+            AttributeType::WrapWithTrusted,
+            AttributeType::Encrypt,
+            AttributeType::Decrypt,
+            AttributeType::Sign,
+            AttributeType::Derive,
+        ],
+    )?;
+    let trusted_only = attrs.contains(&Attribute::WrapWithTrusted(true));
+    for a in attrs {
+        let ok = match a {
+            Attribute::KeyType(t) => t == KeyType::AES,
+            Attribute::ValueLen(l) => matches!(u64::from(l), 32 | 0),
+            Attribute::Sensitive(b) => b,
+            Attribute::Extractable(b) => !b || trusted_only,
+            Attribute::Encrypt(b) | Attribute::Decrypt(b) | Attribute::Sign(b) => !b,
+            Attribute::Derive(b) => !b,
+            _ => true,
+        };
+        if !ok {
+            return Err(bad(
+                "not a sensitive, non-extractable AES-256 key for wrapping only",
+            ));
+        }
+    }
+    Ok(())
+}

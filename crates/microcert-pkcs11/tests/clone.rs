@@ -73,7 +73,8 @@ fn a_clone_holds_the_same_keys() {
     // 3. The source wraps its keys for the target.
     let source = Pkcs11Card::open(&a).unwrap();
     let package = source.export_for_clone(&request).unwrap();
-    assert_eq!(package.keys.len(), 5);
+    // Ktrans, Kint, Kchal, the keyring root and two Kstore versions.
+    assert_eq!(package.keys.len(), 6);
     eprintln!("{package:?}");
     assert!(!format!("{package:?}").contains("wrapped: ["));
     // 4. The target unwraps them.
@@ -85,6 +86,36 @@ fn a_clone_holds_the_same_keys() {
     assert_eq!(clone.record_tag(b"record").unwrap(), tag);
     let back = clone.seal_seed(dev, 1, &seed).unwrap();
     assert!(source.unseal_seed(dev, 1, 2, &back.ciphertext).unwrap() == seed);
+    // The keyring root came along: a storage key A wraps, B unwraps, and
+    // what B seals under it A opens.
+    assert!(clone.has_keyring_root());
+    let wrapped = source.new_wrapped_storage_key().unwrap();
+    source.hold_storage_key(7, &wrapped).unwrap();
+    clone.hold_storage_key(7, &wrapped).unwrap();
+    clone.set_storage_key_version(7).unwrap();
+    let held = clone.seal_seed(dev, 2, &seed).unwrap();
+    assert_eq!(held.kstore_version, 7);
+    assert!(source.unseal_seed(dev, 2, 7, &held.ciphertext).unwrap() == seed);
+    // The clone's root kept its unwrap template: no readable key from it.
+    {
+        use cryptoki::mechanism::Mechanism;
+        use cryptoki::object::{Attribute, KeyType, ObjectClass};
+        let s = common::raw_session("mc-clone-b");
+        let root = s
+            .find_objects(&[Attribute::Label(b"microcert-kroot".to_vec())])
+            .unwrap()[0];
+        let readable = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Token(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+        ];
+        assert!(
+            s.unwrap_key(&Mechanism::AesKeyWrap, root, &wrapped, &readable)
+                .is_err()
+        );
+    }
     // The package opens on no other token (its key-transport key is gone).
     drop(clone);
     assert!(Pkcs11Card::import_clone(&b, &package).is_err());

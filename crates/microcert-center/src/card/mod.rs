@@ -369,6 +369,15 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Storage-key versions the card keeps itself and cannot wrap (a
+    /// token's non-extractable `microcert-kstore-vN` objects from before
+    /// the keyring): they stay on the card beside the keyring, for
+    /// unsealing, and the keyring's versions start above them. The
+    /// default: none.
+    fn resident_storage_keys(&self) -> Vec<u32> {
+        Vec::new()
+    }
+
     /// The card under a keyring wrapper ([`crate::keyring::KeyringCard`]);
     /// None for a card itself.
     fn keyring_base(&self) -> Option<Arc<dyn EncryptionCard>> {
