@@ -158,9 +158,15 @@ mod ecc {
 
         /// The shared secret Z with a peer's public key: the x coordinate
         /// of d * Q (SP 800-56A ECC CDH; P-256 has cofactor 1). The peer's
-        /// key is fully validated (SEC1 decoding, on the curve, not the
-        /// point at infinity); an invalid one is [`Error::Verification`].
+        /// key is fully validated (SP 800-56A 5.6.2.3.3 for P-256: SEC1
+        /// compressed, x below p, on the curve, not the point at infinity);
+        /// an invalid one is [`Error::Verification`].
         pub fn shared_secret(&self, peer: &[u8; FS_PUBLIC_LEN]) -> Result<Zeroizing<[u8; 32]>> {
+            // Only the SEC1 compressed form (0x02 or 0x03): the decoder
+            // would also take the non-standard "compact" tag 0x05.
+            if !matches!(peer[0], 0x02 | 0x03) {
+                return Err(Error::Verification);
+            }
             let q = PublicKey::from_sec1_bytes(peer).map_err(|_| Error::Verification)?;
             let shared = p256::ecdh::diffie_hellman(self.d, q.as_affine());
             let mut z = Zeroizing::new([0u8; 32]);
@@ -210,8 +216,10 @@ mod ecc {
             assert!(EphemeralKey::from_candidate(&[0xff; 32]).is_none());
             let k = EphemeralKey::from_candidate(&[0x11; 32]).unwrap();
             let mut bad = *k.public();
-            bad[0] = 0x04;
-            assert_eq!(k.shared_secret(&bad).err(), Some(Error::Verification));
+            for tag in [0x00, 0x01, 0x04, 0x05, 0x06, 0x07] {
+                bad[0] = tag;
+                assert_eq!(k.shared_secret(&bad).err(), Some(Error::Verification));
+            }
             assert_eq!(k.shared_secret(&[0; 33]).err(), Some(Error::Verification));
         }
     }
