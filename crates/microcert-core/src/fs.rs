@@ -121,8 +121,7 @@ mod ecc {
         /// FIPS 186-5 A.2.2): the 32 bytes, read big-endian, must be in
         /// [1, n - 1]. None otherwise (draw again).
         pub fn from_candidate(bytes: &[u8; 32]) -> Option<Self> {
-            let d: Option<NonZeroScalar> =
-                NonZeroScalar::from_repr((*bytes).into()).into_option();
+            let d: Option<NonZeroScalar> = NonZeroScalar::from_repr((*bytes).into()).into_option();
             let d = d?;
             let point: CompressedPoint<NistP256> = PublicKey::from_secret_scalar(&d).into();
             let mut public = [0u8; FS_PUBLIC_LEN];

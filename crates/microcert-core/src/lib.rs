@@ -26,8 +26,9 @@ pub use msg::{
 pub use ops::{
     DataDigest, EnrollKey, challenge_window, check_challenge, make_auth, make_auth_response,
     make_challenge, make_command, make_command_fs, make_enroll, make_enroll_fs, make_receipt,
-    make_signature, open_enroll, open_enroll_fs, open_in_place, verify_enroll_fs, seal, seal_in_place, verify_auth, verify_auth_response, verify_command,
-    verify_receipt, verify_signature, working_key,
+    make_signature, open_enroll, open_enroll_fs, open_in_place, seal, seal_in_place, verify_auth,
+    verify_auth_response, verify_command, verify_enroll_fs, verify_receipt, verify_signature,
+    working_key,
 };
 pub use secret::{Key128, KeySeed, SEED_LEN, SEED_ROWS, SEED_YEARS};
 pub use wire::{Audience, DeviceId, HEADER_LEN, Header, MsgType, Suite};

@@ -481,7 +481,12 @@ pub fn verify_enroll_fs(current: &KeySeed, msg: &EnrollFs<'_>) -> Result<()> {
     let kupd = working_key(current, Purpose::Upd, &msg.header)?;
     let mut buf = [0u8; HEADER_LEN + FS_PUBLIC_LEN + ENROLL_PLAINTEXT_LEN + 32];
     let len = msg.encode(&mut buf).map_err(|_| Error::Verification)?;
-    check_mac(&kupd, msg.header.suite, &[&buf[..len - msg.tag.len()]], msg.tag)
+    check_mac(
+        &kupd,
+        msg.header.suite,
+        &[&buf[..len - msg.tag.len()]],
+        msg.tag,
+    )
 }
 
 /// Opens the seed of a forward-secret ENROLL under `kfs` (its Kupd tag is

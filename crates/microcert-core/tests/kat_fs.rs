@@ -11,9 +11,9 @@ mod common;
 use common::{Kat, Record};
 use microcert_core::fs::{EphemeralKey, FsBinding, fs_key};
 use microcert_core::{
-    Command, EnrollFs, EnrollKey, Error, Header, Key128, KeySeed, Opcode, Purpose, SEED_LEN,
-    Suite, make_command_fs, make_enroll_fs, open_enroll, open_enroll_fs, verify_command,
-    verify_enroll_fs, working_key,
+    Command, EnrollFs, EnrollKey, Error, Header, Key128, KeySeed, Opcode, Purpose, SEED_LEN, Suite,
+    make_command_fs, make_enroll_fs, open_enroll, open_enroll_fs, verify_command, verify_enroll_fs,
+    working_key,
 };
 
 const KAT_FS: &str = include_str!("../testdata/kat_fs.txt");
@@ -88,7 +88,11 @@ fn the_forward_secret_vectors_are_reproduced_and_checked() {
         for bit in 0..m.len() * 8 {
             m[bit / 8] ^= 1 << (bit % 8);
             let ok = Command::decode(&m).is_ok_and(|c| verify_command(&old, &c).is_ok());
-            assert!(!ok, "COUNT {}: COMMAND bit {bit} flipped accepted", rec.count());
+            assert!(
+                !ok,
+                "COUNT {}: COMMAND bit {bit} flipped accepted",
+                rec.count()
+            );
             m[bit / 8] ^= 1 << (bit % 8);
         }
 
@@ -109,7 +113,11 @@ fn the_forward_secret_vectors_are_reproduced_and_checked() {
             let ok = EnrollFs::decode(&m).is_ok_and(|e| {
                 verify_enroll_fs(&old, &e).is_ok() && open_enroll_fs(&kfs, &e).is_ok()
             });
-            assert!(!ok, "COUNT {}: ENROLL bit {bit} flipped accepted", rec.count());
+            assert!(
+                !ok,
+                "COUNT {}: ENROLL bit {bit} flipped accepted",
+                rec.count()
+            );
             m[bit / 8] ^= 1 << (bit % 8);
         }
     }
@@ -194,6 +202,9 @@ fn the_old_seed_and_the_recorded_messages_do_not_open_the_new_seed() {
         );
         // The true key, from Z, opens it.
         let kfs = Key128::from_bytes(rec.array("KFS"));
-        assert_eq!(open_enroll_fs(&kfs, &msg).unwrap().expose(), new_seed(rec).expose());
+        assert_eq!(
+            open_enroll_fs(&kfs, &msg).unwrap().expose(),
+            new_seed(rec).expose()
+        );
     }
 }

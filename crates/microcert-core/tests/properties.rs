@@ -2,11 +2,12 @@
 //! changes, arbitrary input, and one error variant per kind of bad header.
 
 use microcert_core::{
-    Audience, Auth, AuthResponse, CHALLENGE_LEN, Command, DataDigest, DeviceId, Enroll, EnrollFs, EnrollKey,
-    Error, HEADER_LEN, Header, Key128, KeySeed, Message, Opcode, Receipt, SEED_LEN, Sealed, Sender,
-    Signature, Suite, check_challenge, make_auth, make_auth_response, make_challenge, make_command,
-    make_enroll, make_receipt, make_signature, open_enroll, open_in_place, seal, verify_auth,
-    verify_auth_response, verify_command, verify_receipt, verify_signature,
+    Audience, Auth, AuthResponse, CHALLENGE_LEN, Command, DataDigest, DeviceId, Enroll, EnrollFs,
+    EnrollKey, Error, HEADER_LEN, Header, Key128, KeySeed, Message, Opcode, Receipt, SEED_LEN,
+    Sealed, Sender, Signature, Suite, check_challenge, make_auth, make_auth_response,
+    make_challenge, make_command, make_enroll, make_receipt, make_signature, open_enroll,
+    open_in_place, seal, verify_auth, verify_auth_response, verify_command, verify_receipt,
+    verify_signature,
 };
 use proptest::prelude::*;
 

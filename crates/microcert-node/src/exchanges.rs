@@ -197,7 +197,8 @@ impl<S: ChipStorage> Node<S> {
             let mut candidate = zeroize::Zeroizing::new([0u8; 32]);
             let mut found = None;
             for _ in 0..8 {
-                self.rng.fill(rng, device, epoch, &mut candidate[..], true)?;
+                self.rng
+                    .fill(rng, device, epoch, &mut candidate[..], true)?;
                 found = microcert_core::fs::EphemeralKey::from_candidate(&candidate);
                 if found.is_some() {
                     break;

@@ -31,12 +31,14 @@
 //! | 1129 | 32 | audiences, 4 x 8 |
 //! | 1161 | 16 | checksum: SHA-256 of bytes 0..1161, first 16 bytes |
 //!
-//! Version 2 (a build with the `forward-secret` feature, protocol v1.2)
-//! adds flag 0x20 (the pending ENROLL is a forward-secret update) and,
-//! before the checksum, 1161: the node's ephemeral public key (33) and
-//! 1194: Kfs (16), zero unless the flag is set; the checksum moves to 1210
-//! (image 1,226 bytes). Such a build still reads version 1 images; a
-//! Class 1 build (no feature) writes and reads version 1 only.
+//! Version 2 (protocol v1.2, every build) adds flag 0x20 (the pending
+//! ENROLL is a forward-secret update) and, before the checksum, 1161: the
+//! node's ephemeral public key Qn (33) and 1194: Kfs (16), zero unless the
+//! flag is set; the checksum moves to 1210 (image 1,226 bytes). One layout
+//! for every build, so that the size does not depend on a cargo feature
+//! (the C library's `MC_NODE_IMAGE_LEN`); a build without the
+//! `forward-secret` feature (Class 1) never sets the flag and refuses an
+//! image that has it. Version 1 images (1,177 bytes) are still read.
 //!
 //! The checksum detects corruption (a torn write, a flipped bit), not a
 //! deliberate edit: the image holds the keys in the clear, so whoever can
@@ -53,18 +55,11 @@ use crate::{Error, Result};
 
 /// The image's first four bytes.
 pub const IMAGE_MAGIC: [u8; 4] = *b"MCNI";
-/// The image format this build writes (and reads, with version 1).
-#[cfg(feature = "forward-secret")]
+/// The image format this build writes (it also reads version 1).
 pub const IMAGE_VERSION: u8 = 2;
-/// The image format this build writes and reads.
-#[cfg(not(feature = "forward-secret"))]
-pub const IMAGE_VERSION: u8 = 1;
 const CHECKSUM_LEN: usize = 16;
 /// The forward-secret section of a version 2 image: Qn and Kfs.
-#[cfg(feature = "forward-secret")]
 const FS_SECTION: usize = microcert_core::FS_PUBLIC_LEN + 16;
-#[cfg(not(feature = "forward-secret"))]
-const FS_SECTION: usize = 0;
 const BODY_LEN: usize = BODY_LEN_V1 + FS_SECTION;
 const BODY_LEN_V1: usize = 4
     + 1
@@ -216,6 +211,8 @@ fn write_body(st: &NodeRecord, out: &mut [u8]) -> usize {
         }
         None => w.put(&[0; FS_SECTION]),
     }
+    #[cfg(not(feature = "forward-secret"))]
+    w.put(&[0; FS_SECTION]);
     w.pos
 }
 
@@ -257,6 +254,8 @@ fn read_state(body: &[u8]) -> Result<NodeRecord> {
         *aud = Audience(*rd.arr()?);
     }
     // A version 1 image (body of BODY_LEN_V1) has no forward-secret section.
+    #[cfg(not(feature = "forward-secret"))]
+    let _fs_section = rd.0;
     #[cfg(feature = "forward-secret")]
     let fs = if rd.0.is_empty() {
         None
@@ -387,7 +386,7 @@ mod tests {
     #[test]
     fn layout_offsets_match_the_table() {
         assert_eq!(BODY_LEN_V1, 1161);
-        assert_eq!(IMAGE_LEN, 1177 + FS_SECTION);
+        assert_eq!(IMAGE_LEN, 1226);
         let mut st = NodeRecord::blank();
         st.device = DeviceId([0xd0; 8]);
         st.epoch = 0xe1;

@@ -96,7 +96,15 @@ fn the_chip_answers_update_seed_fs_and_only_the_center_opens_the_new_seed() {
 
         // The RECEIPT keyed by the new seed commits it; the image then
         // holds no forward-secret material (Qn and Kfs zero).
-        let rc = receipt_as(&seed1, suite, 1, ISSUED + 600, msg.header.r, 0, Sender::Center);
+        let rc = receipt_as(
+            &seed1,
+            suite,
+            1,
+            ISSUED + 600,
+            msg.header.r,
+            0,
+            Sender::Center,
+        );
         chip.accept_receipt(&rc).unwrap();
         assert_eq!(chip.status().generation, Some(1));
         chip.to_image(&mut image);

@@ -8,13 +8,13 @@ use std::io::Write;
 use std::path::Path;
 
 use microcert_center::EncryptionCard;
+use microcert_core::fs::{EphemeralKey, FsBinding};
+use microcert_core::make_enroll_fs;
 use microcert_core::{
     Audience, Command, DataDigest, DeviceId, EnrollKey, HEADER_LEN, Header, Key128, KeySeed,
     Opcode, Receipt, Sender, Suite, make_auth, make_auth_response, make_enroll, make_receipt,
     make_signature, seal, verify_command, verify_receipt,
 };
-use microcert_core::fs::{EphemeralKey, FsBinding};
-use microcert_core::make_enroll_fs;
 use microcert_node::{EntropyFailure, SecureChip, SoftChip};
 use sha2::{Digest, Sha256};
 
@@ -206,7 +206,9 @@ impl TestNode {
                 center_public: qc,
                 node_public: key.public(),
             };
-            let kfs = key.transport_key(qc, &binding).expect("the center's key is valid");
+            let kfs = key
+                .transport_key(qc, &binding)
+                .expect("the center's key is valid");
             let mut out = vec![0u8; 1100];
             let n = make_enroll_fs(self.seed(), &kfs, key.public(), &new, &h, &mut out).unwrap();
             out.truncate(n);

@@ -336,7 +336,14 @@ impl Center {
             (_, None) => false,
         };
         let pending = pending.filter(|_| update_asked);
-        self.enroll_decide(msg, dev, is_new, seeds, (update_asked, pending.as_ref()), now)
+        self.enroll_decide(
+            msg,
+            dev,
+            is_new,
+            seeds,
+            (update_asked, pending.as_ref()),
+            now,
+        )
     }
 
     /// The ENROLL rules once the database was read (no database access):
@@ -371,9 +378,10 @@ impl Center {
             None => None,
         };
         let (seed, via) = match msg {
-            AnyEnroll::Plain(m) => self
-                .card
-                .open_enroll(m, update_seed.as_ref(), transport_epoch)?,
+            AnyEnroll::Plain(m) => {
+                self.card
+                    .open_enroll(m, update_seed.as_ref(), transport_epoch)?
+            }
             AnyEnroll::Fs(m) => {
                 // Only ever an update: the Kupd tag first (cheap, and
                 // before the card opens the ephemeral key), then the ECDH.

@@ -54,7 +54,6 @@ pub(crate) fn wire(row: &CommandRow) -> &[u8] {
     }
 }
 
-
 /// Destroys the sealed ephemeral key of a row (keeps the COMMAND bytes).
 /// The caller writes the row back.
 pub(crate) fn destroy_secret(row: &mut CommandRow) {
@@ -109,7 +108,12 @@ pub(crate) fn unseal_key(card: &dyn EncryptionCard, row: &CommandRow) -> Result<
     let version = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
     let padded = card
         .unseal_seed(row.device, row.generation, version, &rest[4..])
-        .map_err(|_| Error::Integrity(format!("{}: sealed ephemeral key does not open", row.device)))?;
+        .map_err(|_| {
+            Error::Integrity(format!(
+                "{}: sealed ephemeral key does not open",
+                row.device
+            ))
+        })?;
     if padded.base_year() != EPHEMERAL_MARK || padded.expose()[32..SEED_LEN].iter().any(|&b| b != 0)
     {
         return Err(Error::Integrity(format!(

@@ -146,8 +146,9 @@ impl Center {
             // only sealed, after the COMMAND's bytes, until the update is
             // answered (super::fsupdate).
             let key = super::fsupdate::new_key(&*self.card)?;
-            let n = microcert_core::make_command_fs(&seed, &header, counter, key.public(), &mut buf)
-                .map_err(|e| Error::Card(format!("making a command: {e}")))?;
+            let n =
+                microcert_core::make_command_fs(&seed, &header, counter, key.public(), &mut buf)
+                    .map_err(|e| Error::Card(format!("making a command: {e}")))?;
             let mut b = buf[..n].to_vec();
             b.extend(super::fsupdate::seal_key(
                 &*self.card,
