@@ -268,3 +268,70 @@ fn a_cancelled_forward_secret_update_leaves_no_sealed_key() {
     assert_eq!(Command::decode(&cmd).unwrap().opcode, Opcode::REVOKE);
     assert_eq!(fx.command_row_len(node.id), 36);
 }
+
+/// The profile rule on its own: an UPDATE_SEED of opcode 1 left pending
+/// for a Class 2 device (queued by a center configured without the
+/// forward-secret update) is not answered by a symmetric ENROLL once the
+/// center runs with the built-in profile: refused, nothing written.
+#[test]
+fn a_profile_that_requires_forward_secrecy_refuses_a_symmetric_update() {
+    let mut legacy = CenterConfig::default();
+    for p in &mut legacy.profiles {
+        p.forward_secret_update = false;
+    }
+    let fx = Fx::new(legacy);
+    let mut node = fx.device(5, 2, Suite::CMAC64);
+    let t = NOW + 100;
+    fx.center
+        .queue_update(node.id, "operator:ann", "roll-out", t)
+        .unwrap();
+    let cmd = fx.center.command(node.id).unwrap().unwrap();
+    assert_eq!(Command::decode(&cmd).unwrap().opcode, Opcode::UPDATE_SEED);
+    let Fx { dir, card, center } = fx;
+    drop(center);
+    let center =
+        Center::open_sqlite(&dir.path().join("c.db"), card.clone(), CenterConfig::default())
+            .unwrap();
+    let fx = Fx { dir, card, center };
+    let Reply::Enroll(e) = node.handle_command(&cmd, t + 10) else {
+        panic!()
+    };
+    assert!(matches!(fx.center.enroll(&e, t + 10), Err(Error::Verification)));
+    assert_eq!(fx.generations(node.id), vec![(0, KeyState::Active)]);
+    assert_eq!(fx.center.command(node.id).unwrap(), Some(cmd));
+}
+
+/// A node's RECEIPT that answers a pending UPDATE_SEED_FS (with an error
+/// status) ends it: the sealed key is erased with it.
+#[test]
+fn a_node_receipt_answering_the_update_erases_the_sealed_key() {
+    let fx = Fx::new(CenterConfig::default());
+    let node = fx.device(6, 2, Suite::CMAC64);
+    let t = NOW + 100;
+    fx.center
+        .queue_update(node.id, "operator:ann", "roll-out", t)
+        .unwrap();
+    let cmd = fx.center.command(node.id).unwrap().unwrap();
+    let c = Command::decode(&cmd).unwrap();
+    assert!(fx.command_row_len(node.id) > 69 + 900);
+    let h = Header {
+        suite: Suite::CMAC64,
+        device: node.id,
+        generation: 0,
+        t: (t + 5) as u32,
+        r: 0x5151,
+    };
+    let mut out = [0u8; 64];
+    let n = microcert_core::make_receipt(
+        &test_seed(node.id, 0, 2026),
+        &h,
+        microcert_core::Sender::Node,
+        c.header.r,
+        3,
+        &mut out,
+    )
+    .unwrap();
+    fx.center.accept_receipt(&out[..n], t + 5).unwrap();
+    assert_eq!(fx.center.command(node.id).unwrap(), None);
+    assert_eq!(fx.command_row_len(node.id), 69);
+}
