@@ -289,14 +289,20 @@ fn a_profile_that_requires_forward_secrecy_refuses_a_symmetric_update() {
     assert_eq!(Command::decode(&cmd).unwrap().opcode, Opcode::UPDATE_SEED);
     let Fx { dir, card, center } = fx;
     drop(center);
-    let center =
-        Center::open_sqlite(&dir.path().join("c.db"), card.clone(), CenterConfig::default())
-            .unwrap();
+    let center = Center::open_sqlite(
+        &dir.path().join("c.db"),
+        card.clone(),
+        CenterConfig::default(),
+    )
+    .unwrap();
     let fx = Fx { dir, card, center };
     let Reply::Enroll(e) = node.handle_command(&cmd, t + 10) else {
         panic!()
     };
-    assert!(matches!(fx.center.enroll(&e, t + 10), Err(Error::Verification)));
+    assert!(matches!(
+        fx.center.enroll(&e, t + 10),
+        Err(Error::Verification)
+    ));
     assert_eq!(fx.generations(node.id), vec![(0, KeyState::Active)]);
     assert_eq!(fx.center.command(node.id).unwrap(), Some(cmd));
 }
