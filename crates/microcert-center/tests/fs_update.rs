@@ -341,3 +341,34 @@ fn a_node_receipt_answering_the_update_erases_the_sealed_key() {
     assert_eq!(fx.center.command(node.id).unwrap(), None);
     assert_eq!(fx.command_row_len(node.id), 69);
 }
+
+/// A storage-key rotation while an UPDATE_SEED_FS is pending keeps the old
+/// Kstore version that seals its ephemeral key (and says why), so the
+/// update is still answered; once answered, the old version goes.
+#[test]
+fn a_rotation_keeps_the_storage_key_of_a_pending_forward_secret_update() {
+    let fx = Fx::new(CenterConfig::default());
+    let mut node = fx.device(7, 2, Suite::CMAC64);
+    let t = NOW + 100;
+    fx.center
+        .queue_update(node.id, "operator:ann", "roll-out", t)
+        .unwrap();
+    let cmd = fx.center.command(node.id).unwrap().unwrap();
+    let r = fx
+        .center
+        .rotate_storage_key(10, None, "ops", t + 1, &mut |_| {})
+        .unwrap();
+    assert!(r.destroyed.is_empty(), "{r:?}");
+    assert_eq!(r.kept.len(), 1, "{r:?}");
+    assert!(r.kept[0].1.contains("UPDATE_SEED_FS"), "{r:?}");
+    let Reply::Enroll(e) = node.handle_command(&cmd, t + 10) else {
+        panic!()
+    };
+    let receipt = fx.center.enroll(&e, t + 10).unwrap();
+    assert!(node.finish_update(&receipt));
+    let (destroyed, kept) = fx
+        .center
+        .destroy_unused_storage_keys(None, false, "ops", t + 20)
+        .unwrap();
+    assert_eq!((destroyed.len(), kept.len()), (1, 0));
+}

@@ -97,6 +97,13 @@ pub(crate) fn seal_key(
     Ok(out)
 }
 
+/// The Kstore version that sealed the row's ephemeral key, if it holds one.
+pub(crate) fn sealed_version(row: &CommandRow) -> Option<u32> {
+    let n = wire(row).len();
+    let v = row.bytes.0.get(n..n + 4)?;
+    Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
+}
+
 /// Opens the sealed ephemeral key of a pending UPDATE_SEED_FS row. A row
 /// without one (answered, destroyed, or tampered with) is refused.
 pub(crate) fn unseal_key(card: &dyn EncryptionCard, row: &CommandRow) -> Result<EphemeralKey> {
