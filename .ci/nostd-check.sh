@@ -34,6 +34,8 @@ fi
 if have_target; then
     echo "nostd-check: building microcert-core for $TARGET"
     cargo build -p microcert-core --target "$TARGET"
+    echo "nostd-check: building the node with forward-secret (P-256) for $TARGET"
+    cargo build -p microcert-node --features forward-secret --target "$TARGET"
     echo "nostd-check: building the no_std staticlib (core + node) for $TARGET"
     (cd nostd-check && cargo build --release --target "$TARGET")
     echo "nostd-check: ok ($TARGET: no std, no alloc)"

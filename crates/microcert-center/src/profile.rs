@@ -22,6 +22,10 @@ pub struct ClassProfile {
     pub renewal_years: u16,
     /// Longest SEALED plaintext accepted from this class.
     pub max_sealed: usize,
+    /// Seed updates of this class are forward-secret (v1.2: UPDATE_SEED_FS,
+    /// an ephemeral ECDH on P-256), and a symmetric (v1.1) update ENROLL
+    /// under Kupd is refused. Built-in: Class 2 and above.
+    pub forward_secret_update: bool,
 }
 
 impl ClassProfile {
@@ -49,6 +53,7 @@ impl ClassProfile {
             skew: 300,
             renewal_years: 1,
             max_sealed,
+            forward_secret_update: class >= 2,
         })
     }
 }

@@ -14,7 +14,9 @@
 //! | 3 | [`Signature`] | tag | 31 | 39 |
 //! | 4 | [`Sealed`] | ciphertext (0 to 65,535), CCM tag | 31 + n | 39 + n |
 //! | 5 | [`Enroll`] | ciphertext(978), CCM tag | 1,009 | 1,017 |
+//! | 5 | [`EnrollFs`] (v1.2) | public key(33), ciphertext(978), CCM tag, tag | 1,050 | 1,066 |
 //! | 6 | [`Command`] | counter(4), opcode(1), tag | 36 | 44 |
+//! | 6 | [`Command`] UPDATE_SEED_FS (v1.2) | counter(4), opcode(1), public key(33), tag | 69 | 77 |
 //! | 7 | [`Receipt`] | ref(8), status(1), tag | 40 | 48 |
 
 use core::fmt;
@@ -29,6 +31,9 @@ pub const CHALLENGE_LEN: usize = 16;
 pub const ENROLL_PLAINTEXT_LEN: usize = crate::secret::SEED_LEN + 2;
 /// Longest SEALED plaintext (CCM with a 13-byte nonce).
 pub const MAX_SEALED_PLAINTEXT: usize = 65_535;
+/// Length of an ephemeral P-256 public key on the wire (SEC1 compressed)
+/// in a forward-secret update (v1.2).
+pub const FS_PUBLIC_LEN: usize = 33;
 
 /// A COMMAND opcode.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -39,11 +44,15 @@ impl Opcode {
     pub const UPDATE_SEED: Opcode = Opcode(1);
     /// Answer with a RECEIPT, then zeroize every key.
     pub const REVOKE: Opcode = Opcode(2);
+    /// v1.2: a forward-secret seed update. The COMMAND carries the
+    /// center's ephemeral P-256 public key; the node answers with an
+    /// [`EnrollFs`] of generation + 1.
+    pub const UPDATE_SEED_FS: Opcode = Opcode(3);
 
     /// The opcode of a byte, if it is defined.
     pub const fn new(v: u8) -> Result<Self> {
         match v {
-            1 | 2 => Ok(Opcode(v)),
+            1..=3 => Ok(Opcode(v)),
             _ => Err(Error::UnknownOpcode(v)),
         }
     }
@@ -57,7 +66,8 @@ impl Opcode {
     pub const fn name(self) -> &'static str {
         match self.0 {
             1 => "UPDATE_SEED",
-            _ => "REVOKE",
+            2 => "REVOKE",
+            _ => "UPDATE_SEED_FS",
         }
     }
 }
@@ -163,6 +173,7 @@ mod private {
     impl Sealed for super::Signature<'_> {}
     impl Sealed for super::Sealed<'_> {}
     impl Sealed for super::Enroll<'_> {}
+    impl Sealed for super::EnrollFs<'_> {}
     impl Sealed for super::Command<'_> {}
     impl Sealed for super::Receipt<'_> {}
 }
@@ -202,6 +213,7 @@ inherent_codec!(
     Signature,
     Sealed,
     Enroll,
+    EnrollFs,
     Command,
     Receipt
 );
@@ -376,7 +388,59 @@ pub struct Enroll<'a> {
 
 array_codec!(Enroll, MsgType::ENROLL, ciphertext, ENROLL_PLAINTEXT_LEN);
 
-/// COMMAND: `H || counter(4) || opcode(1) || tag`.
+/// ENROLL of a forward-secret update (v1.2), the answer to UPDATE_SEED_FS:
+/// `H || Qn(33) || CCM(Kfs, nonce, aad = H || Qn, seed || base_year) ||
+/// tag(Kupd, H || Qn || ciphertext || CCM tag)`. Same message type as
+/// [`Enroll`]; the two are told apart by their length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnrollFs<'a> {
+    /// The header; its generation is the new seed's.
+    pub header: Header,
+    /// The node's ephemeral public key (SEC1 compressed).
+    pub ephemeral: &'a [u8; FS_PUBLIC_LEN],
+    /// The encrypted seed (976 bytes) and base year (2 bytes).
+    pub ciphertext: &'a [u8; ENROLL_PLAINTEXT_LEN],
+    /// The CCM tag (the suite's tag length).
+    pub ccm_tag: &'a [u8],
+    /// The MAC under Kupd of the current seed.
+    pub tag: &'a [u8],
+}
+
+impl<'a> Codec<'a> for EnrollFs<'a> {
+    const TYPE: MsgType = MsgType::ENROLL;
+    const BODY_LEN: Option<usize> = None;
+    header_and_tag!();
+
+    fn body_len(&self) -> usize {
+        FS_PUBLIC_LEN + ENROLL_PLAINTEXT_LEN + self.ccm_tag.len()
+    }
+
+    fn read_body(header: Header, body: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
+        let tag_len = header.suite.tag_len();
+        if body.remaining() != FS_PUBLIC_LEN + ENROLL_PLAINTEXT_LEN + tag_len {
+            return Err(Error::Length);
+        }
+        let ephemeral = body.take_array::<FS_PUBLIC_LEN>()?;
+        let ciphertext = body.take_array::<ENROLL_PLAINTEXT_LEN>()?;
+        let ccm_tag = body.take(tag_len)?;
+        Ok(EnrollFs {
+            header,
+            ephemeral,
+            ciphertext,
+            ccm_tag,
+            tag,
+        })
+    }
+
+    fn write_body(&self, w: &mut Writer<'_>) {
+        w.put(self.ephemeral);
+        w.put(self.ciphertext);
+        w.put(self.ccm_tag);
+    }
+}
+
+/// COMMAND: `H || counter(4) || opcode(1) || tag`, or for
+/// UPDATE_SEED_FS (v1.2) `H || counter(4) || opcode(1) || public key(33) || tag`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Command<'a> {
     /// The header.
@@ -385,24 +449,54 @@ pub struct Command<'a> {
     pub counter: u32,
     /// What the node is told to do.
     pub opcode: Opcode,
-    /// tag(Kcmd, H || counter || opcode).
+    /// The center's ephemeral public key (SEC1 compressed): present
+    /// exactly when the opcode is UPDATE_SEED_FS.
+    pub ephemeral: Option<&'a [u8; FS_PUBLIC_LEN]>,
+    /// tag(Kcmd, H || counter || opcode [|| public key]).
     pub tag: &'a [u8],
 }
 
+/// Body length of a COMMAND without and with a public key.
+const COMMAND_BODY: usize = 5;
+const COMMAND_FS_BODY: usize = COMMAND_BODY + FS_PUBLIC_LEN;
+
 impl<'a> Codec<'a> for Command<'a> {
     const TYPE: MsgType = MsgType::COMMAND;
-    const BODY_LEN: Option<usize> = Some(5);
+    const BODY_LEN: Option<usize> = None;
     header_and_tag!();
 
-    /// The length was checked first: a COMMAND of the wrong length is
-    /// [`Error::Length`] whatever its opcode byte.
+    fn body_len(&self) -> usize {
+        if self.ephemeral.is_some() {
+            COMMAND_FS_BODY
+        } else {
+            COMMAND_BODY
+        }
+    }
+
+    /// The length is checked first: a COMMAND of neither length is
+    /// [`Error::Length`] whatever its opcode byte; then the opcode, then
+    /// that the length is the opcode's.
     fn read_body(header: Header, body: &mut Reader<'a>, tag: &'a [u8]) -> Result<Self> {
+        let len = body.remaining();
+        if len != COMMAND_BODY && len != COMMAND_FS_BODY {
+            return Err(Error::Length);
+        }
         let counter = u32::from_be_bytes(*body.take_array::<4>()?);
         let opcode = Opcode::new(body.take_array::<1>()?[0])?;
+        let fs = opcode == Opcode::UPDATE_SEED_FS;
+        if fs != (len == COMMAND_FS_BODY) {
+            return Err(Error::Length);
+        }
+        let ephemeral = if fs {
+            Some(body.take_array::<FS_PUBLIC_LEN>()?)
+        } else {
+            None
+        };
         Ok(Command {
             header,
             counter,
             opcode,
+            ephemeral,
             tag,
         })
     }
@@ -410,6 +504,9 @@ impl<'a> Codec<'a> for Command<'a> {
     fn write_body(&self, w: &mut Writer<'_>) {
         w.put(&self.counter.to_be_bytes());
         w.put(&[self.opcode.get()]);
+        if let Some(q) = self.ephemeral {
+            w.put(q);
+        }
     }
 }
 

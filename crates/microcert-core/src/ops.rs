@@ -17,8 +17,8 @@ use zeroize::Zeroizing;
 use crate::csk;
 use crate::kdf::{Purpose, cmac_parts, derive_key};
 use crate::msg::{
-    Auth, AuthResponse, CHALLENGE_LEN, Codec, Command, ENROLL_PLAINTEXT_LEN, Enroll,
-    MAX_SEALED_PLAINTEXT, Opcode, Receipt, Sealed, Sender, Signature,
+    Auth, AuthResponse, CHALLENGE_LEN, Codec, Command, ENROLL_PLAINTEXT_LEN, Enroll, EnrollFs,
+    FS_PUBLIC_LEN, MAX_SEALED_PLAINTEXT, Opcode, Receipt, Sealed, Sender, Signature,
 };
 use crate::secret::{Key128, KeySeed, SEED_LEN};
 use crate::wire::{Audience, DeviceId, HEADER_LEN, Header, MsgType, Suite};
@@ -50,8 +50,8 @@ fn check_mac(key: &Key128, suite: Suite, parts: &[&[u8]], tag: &[u8]) -> Result<
 /// The tag field of a message being made, before its MAC is known.
 const NO_TAG: [u8; 16] = [0; 16];
 
-/// The longest MAC-tagged message: an AUTH_RESPONSE in suite 0x02.
-const MAX_TAGGED_LEN: usize = HEADER_LEN + CHALLENGE_LEN + 16;
+/// The longest MAC-tagged message: an UPDATE_SEED_FS COMMAND in suite 0x02.
+const MAX_TAGGED_LEN: usize = HEADER_LEN + 5 + FS_PUBLIC_LEN + 16;
 
 /// A placeholder tag of the suite's length.
 fn no_tag(header: &Header) -> &'static [u8] {
@@ -394,7 +394,8 @@ pub fn open_enroll(key: EnrollKey<'_>, msg: &Enroll<'_>) -> Result<KeySeed> {
     KeySeed::from_slice(&pt[..SEED_LEN], base_year)
 }
 
-/// Makes a COMMAND (center to node).
+/// Makes a COMMAND (center to node). UPDATE_SEED_FS carries a public key:
+/// it is made by [`make_command_fs`], and refused here ([`Error::Length`]).
 pub fn make_command(
     seed: &KeySeed,
     header: &Header,
@@ -402,14 +403,110 @@ pub fn make_command(
     opcode: Opcode,
     out: &mut [u8],
 ) -> Result<usize> {
+    if opcode == Opcode::UPDATE_SEED_FS {
+        return Err(Error::Length);
+    }
     let key = working_key(seed, Purpose::Cmd, header)?;
     let msg = Command {
         header: *header,
         counter,
         opcode,
+        ephemeral: None,
         tag: no_tag(header),
     };
     write_tagged(&msg, &key, &[], out)
+}
+
+/// Makes an UPDATE_SEED_FS COMMAND (v1.2) carrying the center's ephemeral
+/// public key `qc`, authenticated by the tag under Kcmd.
+pub fn make_command_fs(
+    seed: &KeySeed,
+    header: &Header,
+    counter: u32,
+    qc: &[u8; FS_PUBLIC_LEN],
+    out: &mut [u8],
+) -> Result<usize> {
+    let key = working_key(seed, Purpose::Cmd, header)?;
+    let msg = Command {
+        header: *header,
+        counter,
+        opcode: Opcode::UPDATE_SEED_FS,
+        ephemeral: Some(qc),
+        tag: no_tag(header),
+    };
+    write_tagged(&msg, &key, &[], out)
+}
+
+/// Makes the ENROLL of a forward-secret update (v1.2): `new_seed`
+/// encrypted under `kfs` (derived from the ECDH, [`crate::fs::fs_key`])
+/// with `H || qn` as associated data, then the whole message tagged under
+/// Kupd of `current` (the seed of generation g; the header carries g + 1).
+pub fn make_enroll_fs(
+    current: &KeySeed,
+    kfs: &Key128,
+    qn: &[u8; FS_PUBLIC_LEN],
+    new_seed: &KeySeed,
+    header: &Header,
+    out: &mut [u8],
+) -> Result<usize> {
+    let tag_len = header.suite.tag_len();
+    let len = HEADER_LEN + FS_PUBLIC_LEN + ENROLL_PLAINTEXT_LEN + 2 * tag_len;
+    if out.len() < len {
+        return Err(Error::BufferTooSmall);
+    }
+    let kupd = working_key(current, Purpose::Upd, header)?;
+    let hb = header.to_bytes(MsgType::ENROLL);
+    let mut aad = [0u8; HEADER_LEN + FS_PUBLIC_LEN];
+    aad[..HEADER_LEN].copy_from_slice(&hb);
+    aad[HEADER_LEN..].copy_from_slice(qn);
+    let (signed, mac_out) = out[..len].split_at_mut(len - tag_len);
+    let (head, rest) = signed.split_at_mut(HEADER_LEN + FS_PUBLIC_LEN);
+    let (body, ccm_tag) = rest.split_at_mut(ENROLL_PLAINTEXT_LEN);
+    head.copy_from_slice(&aad);
+    body[..SEED_LEN].copy_from_slice(new_seed.expose());
+    body[SEED_LEN..].copy_from_slice(&new_seed.base_year().to_be_bytes());
+    if let Err(e) = ccm_encrypt(kfs, header.suite, &header.nonce(), &aad, body, ccm_tag) {
+        body.fill(0);
+        return Err(e);
+    }
+    let full = mac(&kupd, &[signed]);
+    mac_out.copy_from_slice(&full[..tag_len]);
+    Ok(len)
+}
+
+/// Checks the Kupd tag of a forward-secret ENROLL under `current` (the
+/// seed of generation g): who sent the node's public key. Cheap, and
+/// checked before any elliptic-curve work or key unsealing.
+pub fn verify_enroll_fs(current: &KeySeed, msg: &EnrollFs<'_>) -> Result<()> {
+    let kupd = working_key(current, Purpose::Upd, &msg.header)?;
+    let mut buf = [0u8; HEADER_LEN + FS_PUBLIC_LEN + ENROLL_PLAINTEXT_LEN + 32];
+    let len = msg.encode(&mut buf).map_err(|_| Error::Verification)?;
+    check_mac(
+        &kupd,
+        msg.header.suite,
+        &[&buf[..len - msg.tag.len()]],
+        msg.tag,
+    )
+}
+
+/// Opens the seed of a forward-secret ENROLL under `kfs` (its Kupd tag is
+/// [`verify_enroll_fs`]'s to check).
+pub fn open_enroll_fs(kfs: &Key128, msg: &EnrollFs<'_>) -> Result<KeySeed> {
+    let hb = msg.header.to_bytes(MsgType::ENROLL);
+    let mut aad = [0u8; HEADER_LEN + FS_PUBLIC_LEN];
+    aad[..HEADER_LEN].copy_from_slice(&hb);
+    aad[HEADER_LEN..].copy_from_slice(msg.ephemeral);
+    let mut pt = Zeroizing::new(*msg.ciphertext);
+    ccm_decrypt(
+        kfs,
+        msg.header.suite,
+        &msg.header.nonce(),
+        &aad,
+        &mut pt[..],
+        msg.ccm_tag,
+    )?;
+    let base_year = u16::from_be_bytes([pt[SEED_LEN], pt[SEED_LEN + 1]]);
+    KeySeed::from_slice(&pt[..SEED_LEN], base_year)
 }
 
 /// Checks a COMMAND's tag (the counter's freshness is the node's to check).

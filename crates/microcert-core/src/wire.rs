@@ -284,6 +284,11 @@ impl<'a> Reader<'a> {
         Ok(head)
     }
 
+    /// How many bytes are left.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Everything left.
     pub fn rest(&mut self) -> &'a [u8] {
         core::mem::take(&mut self.buf)

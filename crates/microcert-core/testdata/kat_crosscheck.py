@@ -7,7 +7,10 @@ with the Rust crate.
     python3 crates/microcert-core/testdata/kat_crosscheck.py [kat.txt]
 
 Recomputes every K0, KEY, KTR, challenge and MESSAGE of the file and exits
-non-zero at the first difference.
+non-zero at the first difference. Without an argument it also checks
+kat_fs.txt, the forward-secret update (v1.2): the public keys from the
+private ones, Z by pyca's ECDH on P-256, the SP 800-56C two-step KDF,
+the UPDATE_SEED_FS COMMAND and the ENROLL answering it.
 """
 
 import datetime
@@ -16,7 +19,9 @@ import os
 import struct
 import sys
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import algorithms
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 from cryptography.hazmat.primitives.cmac import CMAC
 
@@ -155,5 +160,61 @@ def main():
         sys.exit(1)
 
 
+def check_fs(path):
+    """The forward-secret update vectors (docs/protocol.md, v1.2)."""
+    g, records = parse(path)
+    seed, base_year = bytes.fromhex(g["SEED"]), int(g["BASE_YEAR"])
+    curve = ec.SECP256R1()
+    checked = 0
+    for rec in records:
+        assert rec["TYPE"] == "fs-update"
+        suite = int(rec["SUITE"])
+        taglen = {1: 8, 2: 16}[suite]
+        dev = bytes.fromhex(rec["DEVICE"])
+        priv = {}
+        for who in ("C", "N"):
+            d = ec.derive_private_key(int(rec["D_" + who], 16), curve)
+            priv[who] = d
+            check(rec, "Q_" + who, d.public_key().public_bytes(Encoding.X962, PublicFormat.CompressedPoint))
+        qc, qn = bytes.fromhex(rec["Q_C"]), bytes.fromhex(rec["Q_N"])
+        z = priv["C"].exchange(ec.ECDH(), ec.EllipticCurvePublicKey.from_encoded_point(curve, qn))
+        assert z == priv["N"].exchange(ec.ECDH(), ec.EllipticCurvePublicKey.from_encoded_point(curve, qc))
+        check(rec, "Z", z)
+        ct, cr = int(rec["CMD_TIME"]), int(rec["CMD_NONCE"], 16)
+        et, er = int(rec["ENROLL_TIME"]), int(rec["ENROLL_NONCE"], 16)
+        salt = struct.pack(">QQ", cr, er)
+        check(rec, "SALT", salt)
+        kdk = cmac(salt, z)
+        check(rec, "KDK", kdk)
+        context = dev + bytes([0, 1]) + qc + qn
+        check(rec, "CONTEXT", context)
+        kfs = kdf(kdk, b"MC-FS-UPD", context)
+        check(rec, "KFS", kfs)
+        # The COMMAND: generation 0, opcode 3, the center's public key under Kcmd.
+        k = k0(seed, base_year, ct, cr)
+        check(rec, "CMD_K0", k)
+        kcmd = kdf(k, b"MC-CMD", dev + bytes([0]) + struct.pack(">IQ", ct, cr))
+        check(rec, "CMD_KEY", kcmd)
+        header = bytes([0x16, suite]) + dev + bytes([0]) + struct.pack(">IQ", ct, cr)
+        body = struct.pack(">IB", int(rec["COUNTER"]), 3) + qc
+        check(rec, "COMMAND", header + body + cmac(kcmd, header + body)[:taglen])
+        # The ENROLL: generation 1, Qn, CCM under Kfs (aad H || Qn), Kupd tag.
+        k = k0(seed, base_year, et, er)
+        check(rec, "UPD_K0", k)
+        kupd = kdf(k, b"MC-UPD", dev + bytes([1]) + struct.pack(">IQ", et, er))
+        check(rec, "UPD_KEY", kupd)
+        header = bytes([0x15, suite]) + dev + bytes([1]) + struct.pack(">IQ", et, er)
+        nonce = struct.pack(">IQ", et, er) + b"\x00"
+        pt = bytes.fromhex(rec["NEW_SEED"]) + struct.pack(">H", int(rec["NEW_SEED_BASE_YEAR"]))
+        signed = header + qn + AESCCM(kfs, tag_length=taglen).encrypt(nonce, pt, header + qn)
+        check(rec, "MESSAGE", signed + cmac(kupd, signed)[:taglen])
+        checked += 1
+    print(f"{checked} of {len(records)} forward-secret records match the independent implementation")
+    if checked != len(records) or not records:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()
+    if len(sys.argv) == 1:
+        check_fs(os.path.join(os.path.dirname(__file__), "kat_fs.txt"))

@@ -2,11 +2,12 @@
 //! changes, arbitrary input, and one error variant per kind of bad header.
 
 use microcert_core::{
-    Audience, Auth, AuthResponse, CHALLENGE_LEN, Command, DataDigest, DeviceId, Enroll, EnrollKey,
-    Error, HEADER_LEN, Header, Key128, KeySeed, Message, Opcode, Receipt, SEED_LEN, Sealed, Sender,
-    Signature, Suite, check_challenge, make_auth, make_auth_response, make_challenge, make_command,
-    make_enroll, make_receipt, make_signature, open_enroll, open_in_place, seal, verify_auth,
-    verify_auth_response, verify_command, verify_receipt, verify_signature,
+    Audience, Auth, AuthResponse, CHALLENGE_LEN, Command, DataDigest, DeviceId, Enroll, EnrollFs,
+    EnrollKey, Error, HEADER_LEN, Header, Key128, KeySeed, Message, Opcode, Receipt, SEED_LEN,
+    Sealed, Sender, Signature, Suite, check_challenge, make_auth, make_auth_response,
+    make_challenge, make_command, make_enroll, make_receipt, make_signature, open_enroll,
+    open_in_place, seal, verify_auth, verify_auth_response, verify_command, verify_receipt,
+    verify_signature,
 };
 use proptest::prelude::*;
 
@@ -177,9 +178,17 @@ proptest! {
         let n = enroll.encode(&mut buf).unwrap();
         prop_assert_eq!(Enroll::decode(&buf[..n]).unwrap(), enroll);
         let opcode = if revoke { Opcode::REVOKE } else { Opcode::UPDATE_SEED };
-        let cmd = Command { header: h, counter, opcode, tag };
+        let cmd = Command { header: h, counter, opcode, ephemeral: None, tag };
         let n = cmd.encode(&mut buf).unwrap();
         prop_assert_eq!(Command::decode(&buf[..n]).unwrap(), cmd);
+        let qc = [enroll_ct; 33];
+        let cmd = Command { header: h, counter, opcode: Opcode::UPDATE_SEED_FS, ephemeral: Some(&qc), tag };
+        let n = cmd.encode(&mut buf).unwrap();
+        prop_assert_eq!(Command::decode(&buf[..n]).unwrap(), cmd);
+        let efs = EnrollFs { header: h, ephemeral: &qc, ciphertext: &ect, ccm_tag: tag, tag };
+        let n = efs.encode(&mut buf).unwrap();
+        prop_assert_eq!(EnrollFs::decode(&buf[..n]).unwrap(), efs);
+        prop_assert_eq!(Enroll::decode(&buf[..n]), Err(Error::Length));
         let rc = Receipt { header: h, reference, status, tag };
         let n = rc.encode(&mut buf).unwrap();
         prop_assert_eq!(Receipt::decode(&buf[..n]).unwrap(), rc);
@@ -350,9 +359,12 @@ proptest! {
 
     #[test]
     fn unknown_opcode_is_error_unknown_opcode(h in header(), op in any::<u8>()) {
-        prop_assume!(op != 1 && op != 2);
+        prop_assume!(!(1..=3).contains(&op));
         let mut m = make(6, &h);
         m[HEADER_LEN + 4] = op;
         prop_assert_eq!(reencode(6, &m), Err(Error::UnknownOpcode(op)));
+        // UPDATE_SEED_FS without its public key is the wrong length.
+        m[HEADER_LEN + 4] = 3;
+        prop_assert_eq!(reencode(6, &m), Err(Error::Length));
     }
 }

@@ -11,7 +11,7 @@
 /**
  * Length of the node's persistent image in bytes.
  */
-#define MC_NODE_IMAGE_LEN 1177
+#define MC_NODE_IMAGE_LEN 1226
 
 /**
  * Length of an audience (the 8-byte hash of a relying party's name).

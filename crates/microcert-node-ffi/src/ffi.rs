@@ -17,7 +17,7 @@ use microcert_node::{Entropy, EntropyFailure, Error, IMAGE_LEN, Life};
 use crate::ops::{self, Line};
 
 /// Length of the node's persistent image in bytes.
-pub const MC_NODE_IMAGE_LEN: usize = 1177;
+pub const MC_NODE_IMAGE_LEN: usize = 1226;
 /// Length of an audience (the 8-byte hash of a relying party's name).
 pub const MC_AUDIENCE_LEN: usize = 8;
 /// Longest ENROLL (suite CMAC128); an `out` buffer of this size fits any

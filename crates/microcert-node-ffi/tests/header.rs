@@ -50,7 +50,7 @@ fn committed_header_matches_cbindgen() {
         "mc_node_handle_command",
         "mc_node_accept_receipt",
         "mc_node_status",
-        "MC_NODE_IMAGE_LEN 1177",
+        "MC_NODE_IMAGE_LEN 1226",
         "MC_ERROR_VERIFICATION = -10",
     ] {
         assert!(fresh.contains(name), "header lacks {name}");

@@ -21,6 +21,15 @@ impl<S: ChipStorage> Node<S> {
         HEADER_LEN + ENROLL_PLAINTEXT_LEN + self.st().suite.tag_len()
     }
 
+    /// Length of a forward-secret update ENROLL (v1.2).
+    #[cfg(feature = "forward-secret")]
+    pub(crate) fn enroll_fs_len(&self) -> usize {
+        HEADER_LEN
+            + microcert_core::FS_PUBLIC_LEN
+            + ENROLL_PLAINTEXT_LEN
+            + 2 * self.st().suite.tag_len()
+    }
+
     /// Rebuilds the identical bytes of the pending ENROLL.
     pub(crate) fn build_pending(&self, out: &mut [u8]) -> Result<usize> {
         let p = self
@@ -30,6 +39,21 @@ impl<S: ChipStorage> Node<S> {
             .ok_or(Error::NothingToRetransmit)?;
         let new_seed = seedgen::expand(&p.input, p.base_year)?;
         let header = self.header(p.generation, p.t, p.r);
+        #[cfg(feature = "forward-secret")]
+        if let Some(fs) = &p.fs {
+            if !self.st().has_seed {
+                return Err(Error::NotEnrolled);
+            }
+            return microcert_core::make_enroll_fs(
+                &self.st().seed,
+                &fs.kfs,
+                &fs.public,
+                &new_seed,
+                &header,
+                out,
+            )
+            .map_err(from_make);
+        }
         let key = if p.under_update {
             if !self.st().has_seed {
                 return Err(Error::NotEnrolled);
@@ -53,6 +77,13 @@ impl<S: ChipStorage> Node<S> {
         if out.len() < self.enroll_len() {
             return Err(Error::BufferTooSmall);
         }
+        self.draw_pending(t, generation, under_update)?;
+        self.build_pending(out)
+    }
+
+    /// Draws a fresh seed input and r for generation `generation` and keeps
+    /// them as the pending ENROLL (not built yet).
+    fn draw_pending(&mut self, t: u32, generation: u8, under_update: bool) -> Result<()> {
         let base_year =
             u16::try_from(time::date_of(i64::from(t)).year).map_err(|_| Error::SeedExpired)?;
         let r = self.next_r()?;
@@ -66,6 +97,8 @@ impl<S: ChipStorage> Node<S> {
             base_year,
             under_update,
             input: SeedInput([0; SEED_INPUT_LEN]),
+            #[cfg(feature = "forward-secret")]
+            fs: None,
         });
         // With prediction resistance: the DRBG reseeds from the entropy
         // source right before it generates the seed's input.
@@ -77,7 +110,7 @@ impl<S: ChipStorage> Node<S> {
             return Err(e);
         }
         self.changed();
-        self.build_pending(out)
+        Ok(())
     }
 
     /// Runs `check` with the pending ENROLL's seed. Kept out of line, like
@@ -128,6 +161,78 @@ impl<S: ChipStorage> Node<S> {
             .checked_add(1)
             .ok_or(Error::GenerationsExhausted)?;
         self.start_enrollment(t, generation, true, out)
+    }
+
+    /// Answers UPDATE_SEED_FS (v1.2): a fresh seed as for UPDATE_SEED, and
+    /// an ephemeral P-256 key pair from the chip's DRBG (with prediction
+    /// resistance); Kfs from the ECDH with the center's key `qc`. The
+    /// private key is wiped here; the pending ENROLL keeps Qn and Kfs to
+    /// be resent byte for byte until its RECEIPT.
+    #[cfg(feature = "forward-secret")]
+    pub(crate) fn update_seed_fs(
+        &mut self,
+        qc: &[u8; microcert_core::FS_PUBLIC_LEN],
+        command_r: u64,
+        out: &mut [u8],
+    ) -> Result<usize> {
+        if self.st().pending.is_some() {
+            // The same ENROLL again, never a second seed or key pair.
+            return self.build_pending(out);
+        }
+        if out.len() < self.enroll_fs_len() {
+            return Err(Error::BufferTooSmall);
+        }
+        let t = self.st().node_time;
+        self.seed_serves(t)?;
+        let generation = self
+            .st()
+            .generation
+            .checked_add(1)
+            .ok_or(Error::GenerationsExhausted)?;
+        // The key pair first (SP 800-56A 5.6.1.2.2: candidates from the
+        // DRBG until one is in [1, n - 1]): nothing is pending if it fails.
+        let key = {
+            let (record, rng) = self.store.parts();
+            let (device, epoch) = (record.device, record.epoch);
+            let mut candidate = zeroize::Zeroizing::new([0u8; 32]);
+            let mut found = None;
+            for _ in 0..8 {
+                self.rng
+                    .fill(rng, device, epoch, &mut candidate[..], true)?;
+                found = microcert_core::fs::EphemeralKey::from_candidate(&candidate);
+                if found.is_some() {
+                    break;
+                }
+            }
+            found.ok_or(Error::Entropy)?
+        };
+        // The seed input and r, as for any ENROLL.
+        self.draw_pending(t, generation, true)?;
+        let st = self.st_mut();
+        let p = st.pending.as_mut().ok_or(Error::NotPending)?;
+        let binding = microcert_core::fs::FsBinding {
+            device: st.device,
+            new_generation: generation,
+            command_r,
+            enroll_r: p.r,
+            center_public: qc,
+            node_public: key.public(),
+        };
+        let kfs = match key.transport_key(qc, &binding) {
+            Ok(k) => k,
+            Err(_) => {
+                // An invalid center key: nothing stays pending.
+                st.pending = None;
+                return Err(Error::Malformed(microcert_core::Error::Verification));
+            }
+        };
+        p.fs = Some(crate::storage::FsPending {
+            public: *key.public(),
+            kfs,
+        });
+        drop(key);
+        self.changed();
+        self.build_pending(out)
     }
 
     /// Answers REVOKE with a RECEIPT, then wipes every key whatever happened.
@@ -233,6 +338,19 @@ impl<S: ChipStorage> Node<S> {
         }
         let reply_len = if cmd.opcode == Opcode::UPDATE_SEED {
             self.enroll_len()
+        } else if cmd.opcode == Opcode::UPDATE_SEED_FS {
+            // v1.2: only a build with the forward-secret feature answers
+            // it; a Class 1 build refuses it before accepting anything.
+            #[cfg(feature = "forward-secret")]
+            {
+                self.enroll_fs_len()
+            }
+            #[cfg(not(feature = "forward-secret"))]
+            {
+                return Err(Error::Malformed(microcert_core::Error::UnknownOpcode(
+                    Opcode::UPDATE_SEED_FS.get(),
+                )));
+            }
         } else {
             HEADER_LEN + 9 + self.st().suite.tag_len()
         };
@@ -246,6 +364,10 @@ impl<S: ChipStorage> Node<S> {
         if promote {
             // The center proved it holds the new seed: as good as its RECEIPT.
             self.commit_pending()?;
+        }
+        #[cfg(feature = "forward-secret")]
+        if let Some(qc) = cmd.ephemeral {
+            return self.update_seed_fs(qc, cmd.header.r, out);
         }
         if cmd.opcode == Opcode::UPDATE_SEED {
             self.update_seed(out)

@@ -31,6 +31,15 @@
 //! | 1129 | 32 | audiences, 4 x 8 |
 //! | 1161 | 16 | checksum: SHA-256 of bytes 0..1161, first 16 bytes |
 //!
+//! Version 2 (protocol v1.2, every build) adds flag 0x20 (the pending
+//! ENROLL is a forward-secret update) and, before the checksum, 1161: the
+//! node's ephemeral public key Qn (33) and 1194: Kfs (16), zero unless the
+//! flag is set; the checksum moves to 1210 (image 1,226 bytes). One layout
+//! for every build, so that the size does not depend on a cargo feature
+//! (the C library's `MC_NODE_IMAGE_LEN`); a build without the
+//! `forward-secret` feature (Class 1) never sets the flag and refuses an
+//! image that has it. Version 1 images (1,177 bytes) are still read.
+//!
 //! The checksum detects corruption (a torn write, a flipped bit), not a
 //! deliberate edit: the image holds the keys in the clear, so whoever can
 //! write it can read them anyway. A real chip keeps it in protected memory.
@@ -46,10 +55,13 @@ use crate::{Error, Result};
 
 /// The image's first four bytes.
 pub const IMAGE_MAGIC: [u8; 4] = *b"MCNI";
-/// The image format this build writes and reads.
-pub const IMAGE_VERSION: u8 = 1;
+/// The image format this build writes (it also reads version 1).
+pub const IMAGE_VERSION: u8 = 2;
 const CHECKSUM_LEN: usize = 16;
-const BODY_LEN: usize = 4
+/// The forward-secret section of a version 2 image: Qn and Kfs.
+const FS_SECTION: usize = microcert_core::FS_PUBLIC_LEN + 16;
+const BODY_LEN: usize = BODY_LEN_V1 + FS_SECTION;
+const BODY_LEN_V1: usize = 4
     + 1
     + 1
     + 1
@@ -75,6 +87,11 @@ const F_ENROLLED: u8 = 0x02;
 const F_PENDING: u8 = 0x04;
 const F_PENDING_UPD: u8 = 0x08;
 const F_AWAITING: u8 = 0x10;
+#[cfg(feature = "forward-secret")]
+const F_PENDING_FS: u8 = 0x20;
+#[cfg(feature = "forward-secret")]
+const F_ALL: u8 = 0x3f;
+#[cfg(not(feature = "forward-secret"))]
 const F_ALL: u8 = 0x1f;
 
 /// Writes into a fixed buffer; the layout is fixed, so it never overflows
@@ -144,6 +161,11 @@ fn write_body(st: &NodeRecord, out: &mut [u8]) -> usize {
             F_PENDING_UPD,
         ),
         (st.awaiting.is_some(), F_AWAITING),
+        #[cfg(feature = "forward-secret")]
+        (
+            st.pending.as_ref().is_some_and(|p| p.fs.is_some()),
+            F_PENDING_FS,
+        ),
     ] {
         if set {
             flags |= bit;
@@ -181,6 +203,16 @@ fn write_body(st: &NodeRecord, out: &mut [u8]) -> usize {
     for aud in &st.audiences {
         w.put(&aud.0);
     }
+    #[cfg(feature = "forward-secret")]
+    match st.pending.as_ref().and_then(|p| p.fs.as_ref()) {
+        Some(fs) => {
+            w.put(&fs.public);
+            w.put(fs.kfs.expose());
+        }
+        None => w.put(&[0; FS_SECTION]),
+    }
+    #[cfg(not(feature = "forward-secret"))]
+    w.put(&[0; FS_SECTION]);
     w.pos
 }
 
@@ -221,6 +253,17 @@ fn read_state(body: &[u8]) -> Result<NodeRecord> {
     for aud in &mut audiences {
         *aud = Audience(*rd.arr()?);
     }
+    // A version 1 image (body of BODY_LEN_V1) has no forward-secret section.
+    #[cfg(not(feature = "forward-secret"))]
+    let _fs_section = rd.0;
+    #[cfg(feature = "forward-secret")]
+    let fs = if rd.0.is_empty() {
+        None
+    } else {
+        let public = *rd.arr::<{ microcert_core::FS_PUBLIC_LEN }>()?;
+        let kfs = Key128::from_bytes(*rd.arr::<16>()?);
+        (flags & F_PENDING_FS != 0).then_some(crate::storage::FsPending { public, kfs })
+    };
 
     let has_seed = flags & F_SEED != 0;
     let has_pending = flags & F_PENDING != 0;
@@ -230,6 +273,7 @@ fn read_state(body: &[u8]) -> Result<NodeRecord> {
     let consistent = (life == Life::Personalized || !holds_keys)
         && (has_pending || !under_update)
         && (has_seed || !under_update)
+        && fs_consistent(flags, has_pending && under_update)
         && (!has_awaiting
             || (usize::from(a_len) >= microcert_core::HEADER_LEN
                 && usize::from(a_len) <= AWAIT_MAX))
@@ -258,6 +302,8 @@ fn read_state(body: &[u8]) -> Result<NodeRecord> {
             base_year: p_base_year,
             under_update,
             input: p_input,
+            #[cfg(feature = "forward-secret")]
+            fs,
         }),
         awaiting: has_awaiting.then_some(Awaiting {
             len: a_len,
@@ -266,6 +312,17 @@ fn read_state(body: &[u8]) -> Result<NodeRecord> {
         audiences,
         audience_count,
     })
+}
+
+/// A forward-secret pending ENROLL is always a pending update.
+#[cfg(feature = "forward-secret")]
+fn fs_consistent(flags: u8, pending_update: bool) -> bool {
+    flags & F_PENDING_FS == 0 || pending_update
+}
+
+#[cfg(not(feature = "forward-secret"))]
+fn fs_consistent(_: u8, _: bool) -> bool {
+    true
 }
 
 impl NodeRecord {
@@ -293,16 +350,21 @@ impl NodeRecord {
     pub(crate) fn decode_image(image: &[u8]) -> Result<Self> {
         match image.split_first_chunk::<5>() {
             Some((head, _)) if head[..4] != IMAGE_MAGIC => return Err(Error::ImageMagic),
-            Some((head, _)) if head[4] != IMAGE_VERSION => {
+            Some((head, _)) if head[4] != IMAGE_VERSION && head[4] != 1 => {
                 return Err(Error::ImageVersion(head[4]));
             }
             Some(_) => {}
             None => return Err(Error::ImageLength),
         }
-        if image.len() != IMAGE_LEN {
+        let body_len = if image.get(4) == Some(&1) {
+            BODY_LEN_V1
+        } else {
+            BODY_LEN
+        };
+        if image.len() != body_len + CHECKSUM_LEN {
             return Err(Error::ImageLength);
         }
-        let (body, sum) = image.split_at(BODY_LEN);
+        let (body, sum) = image.split_at(body_len);
         if !bool::from(checksum(body).ct_eq(sum)) {
             return Err(Error::ImageChecksum);
         }
@@ -323,8 +385,8 @@ mod tests {
 
     #[test]
     fn layout_offsets_match_the_table() {
-        assert_eq!(BODY_LEN, 1161);
-        assert_eq!(IMAGE_LEN, 1177);
+        assert_eq!(BODY_LEN_V1, 1161);
+        assert_eq!(IMAGE_LEN, 1226);
         let mut st = NodeRecord::blank();
         st.device = DeviceId([0xd0; 8]);
         st.epoch = 0xe1;
@@ -337,6 +399,8 @@ mod tests {
             base_year: 3,
             under_update: false,
             input: SeedInput([0x1b; SEED_INPUT_LEN]),
+            #[cfg(feature = "forward-secret")]
+            fs: None,
         });
         st.audience_count = 1;
         st.audiences[0] = Audience([0xa0; 8]);

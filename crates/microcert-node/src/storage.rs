@@ -17,6 +17,16 @@ pub const CLASS1_MAX_SEALED: usize = 1024;
 /// Longest message kept for retransmission: an AUTH_RESPONSE with 16-byte tags.
 pub(crate) const AWAIT_MAX: usize = HEADER_LEN + CHALLENGE_LEN + 16;
 
+/// What a forward-secret update ENROLL (v1.2) needs beyond a plain one to
+/// be rebuilt byte for byte: the node's ephemeral public key and Kfs. The
+/// ephemeral private key itself is wiped as soon as Kfs is derived; Kfs
+/// goes with the pending ENROLL when its RECEIPT commits the new seed.
+#[cfg(feature = "forward-secret")]
+pub(crate) struct FsPending {
+    pub(crate) public: [u8; microcert_core::FS_PUBLIC_LEN],
+    pub(crate) kfs: Key128,
+}
+
 /// An ENROLL sent and not yet answered by the center's RECEIPT. Everything
 /// needed to rebuild its identical bytes: t, r, generation, base year, the
 /// key it is under and the generator input of its seed.
@@ -28,6 +38,9 @@ pub(crate) struct Pending {
     /// Under Kupd of the current seed (an update) rather than Ktr.
     pub(crate) under_update: bool,
     pub(crate) input: SeedInput,
+    /// A forward-secret update: the ENROLL is an EnrollFs.
+    #[cfg(feature = "forward-secret")]
+    pub(crate) fs: Option<FsPending>,
 }
 
 /// The bytes of the last AUTH or AUTH_RESPONSE to the center, waiting for

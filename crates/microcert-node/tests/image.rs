@@ -22,7 +22,9 @@ fn reseal(image: &mut [u8; IMAGE_LEN]) {
 
 #[test]
 fn image_length_is_fixed_and_under_target() {
-    assert_eq!(IMAGE_LEN, 1177);
+    // Version 2 (v1.2): 1,177 bytes of version 1 and the forward-secret
+    // section (Qn, Kfs), in every build.
+    assert_eq!(IMAGE_LEN, 1177 + 33 + 16);
     // Chip state target: under 1.2 KiB (1,228.8 bytes).
     const { assert!(IMAGE_LEN < 1229) };
 }
@@ -97,11 +99,11 @@ fn rejects_wrong_version_and_magic() {
     let (chip, _) = enrolled(Suite::CMAC64);
     let mut image = image_of(&chip);
     assert_eq!(image[4], IMAGE_VERSION);
-    image[4] = 2;
+    image[4] = IMAGE_VERSION + 1;
     reseal(&mut image);
     assert_eq!(
         SoftChip::from_image(&image, Det(1)).err(),
-        Some(Error::ImageVersion(2))
+        Some(Error::ImageVersion(IMAGE_VERSION + 1))
     );
     let mut image = image_of(&chip);
     image[0] = b'X';

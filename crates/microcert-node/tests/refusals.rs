@@ -361,3 +361,28 @@ fn debug_prints_no_key_bytes() {
     let err = format!("{} {:?}", Error::Verification, Error::Verification);
     assert_eq!(err, "verification failed Verification");
 }
+
+/// A Class 1 build (no `forward-secret` feature) refuses a forward-secret
+/// UPDATE_SEED_FS (v1.2) as an unknown opcode, before taking its counter:
+/// it carries no P-256 code to answer it.
+#[cfg(not(feature = "forward-secret"))]
+#[test]
+fn a_class_1_build_refuses_update_seed_fs() {
+    let (mut chip, seed) = enrolled(Suite::CMAC64);
+    let header = microcert_core::Header {
+        suite: Suite::CMAC64,
+        device: DEVICE,
+        generation: 0,
+        t: ISSUED + 60,
+        r: 0xcccc_0000_0000_0001,
+    };
+    let mut cmd = [0u8; 128];
+    let n = microcert_core::make_command_fs(&seed, &header, 1, &[2; 33], &mut cmd).unwrap();
+    let mut reply = [0u8; 1100];
+    assert_eq!(
+        chip.handle_command(0, &cmd[..n], &mut reply),
+        Err(Error::Malformed(microcert_core::Error::UnknownOpcode(3)))
+    );
+    assert_eq!(chip.status().highest_counter, 0);
+    assert_eq!(chip.status().pending_generation, None);
+}

@@ -8,6 +8,8 @@ use std::io::Write;
 use std::path::Path;
 
 use microcert_center::EncryptionCard;
+use microcert_core::fs::{EphemeralKey, FsBinding};
+use microcert_core::make_enroll_fs;
 use microcert_core::{
     Audience, Command, DataDigest, DeviceId, EnrollKey, HEADER_LEN, Header, Key128, KeySeed,
     Opcode, Receipt, Sender, Suite, make_auth, make_auth_response, make_enroll, make_receipt,
@@ -36,6 +38,18 @@ pub fn test_seed(id: DeviceId, generation: u8, base_year: u16) -> KeySeed {
     })
 }
 
+/// A forward-secret update as a wiretapper recorded it, and the key only
+/// the two ends can derive.
+#[derive(Debug)]
+pub struct FsRecord {
+    /// The UPDATE_SEED_FS COMMAND's bytes.
+    pub command: Vec<u8>,
+    /// The ENROLL's bytes.
+    pub enroll: Vec<u8>,
+    /// Kfs (the node's and the center's; never on the wire).
+    pub kfs: Key128,
+}
+
 /// What a node did with a COMMAND.
 #[derive(Debug)]
 pub enum Reply {
@@ -57,6 +71,9 @@ pub struct TestNode {
     pub generation: u8,
     /// A seed update in flight: the new seed, and the ENROLL's r.
     pub next: Option<(KeySeed, u64)>,
+    /// The last forward-secret update (v1.2) this node answered: the
+    /// COMMAND's and the ENROLL's bytes as recorded on the wire, and Kfs.
+    pub last_fs: Option<FsRecord>,
     pub counter_seen: u32,
     r_next: u64,
 }
@@ -72,6 +89,7 @@ impl TestNode {
             seed: Some(test_seed(id, 0, 2026)),
             generation: 0,
             next: None,
+            last_fs: None,
             counter_seen: 0,
             r_next: id.to_u64().rotate_left(17) ^ 0x5eed,
         }
@@ -155,7 +173,53 @@ impl TestNode {
         verify_command(self.seed(), &cmd).expect("COMMAND verifies");
         assert!(cmd.counter > self.counter_seen, "counter must rise");
         self.counter_seen = cmd.counter;
-        if cmd.opcode == Opcode::UPDATE_SEED {
+        if let Some(qc) = cmd.ephemeral {
+            // v1.2: an ephemeral key pair (deterministic: test data only),
+            // Kfs from the ECDH, the EnrollFs under Kfs and Kupd.
+            let g = self.generation + 1;
+            let new = test_seed(self.id, g, 2026);
+            let h = Header {
+                suite: self.suite,
+                device: self.id,
+                generation: g,
+                t: t as u32,
+                r: self.fresh_r(),
+            };
+            let mut n = 0u32;
+            let key = EphemeralKey::generate(|buf| {
+                n += 1;
+                let d = Sha256::new()
+                    .chain_update(b"test ephemeral")
+                    .chain_update(self.id.0)
+                    .chain_update([g])
+                    .chain_update(n.to_be_bytes())
+                    .finalize();
+                buf.copy_from_slice(&d);
+                Ok(())
+            })
+            .unwrap();
+            let binding = FsBinding {
+                device: self.id,
+                new_generation: g,
+                command_r: cmd.header.r,
+                enroll_r: h.r,
+                center_public: qc,
+                node_public: key.public(),
+            };
+            let kfs = key
+                .transport_key(qc, &binding)
+                .expect("the center's key is valid");
+            let mut out = vec![0u8; 1100];
+            let n = make_enroll_fs(self.seed(), &kfs, key.public(), &new, &h, &mut out).unwrap();
+            out.truncate(n);
+            self.last_fs = Some(FsRecord {
+                command: bytes.to_vec(),
+                enroll: out.clone(),
+                kfs,
+            });
+            self.next = Some((new, h.r));
+            Reply::Enroll(out)
+        } else if cmd.opcode == Opcode::UPDATE_SEED {
             let g = self.generation + 1;
             let new = test_seed(self.id, g, 2026);
             let h = Header {

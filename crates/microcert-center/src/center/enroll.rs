@@ -1,16 +1,45 @@
 //! Registration and ENROLL (PROTOCOL.md section 6).
 
-use microcert_core::KeySeed;
-use microcert_core::{DeviceId, Enroll, KeyState, Suite};
+use microcert_core::{DeviceId, Enroll, EnrollFs, Header, KeySeed, KeyState, Opcode, Suite};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{CENTER_ACTOR, Center, malformed};
+use super::{CENTER_ACTOR, Center, fsupdate, malformed};
 use crate::card::EnrollVia;
-use crate::db::{Blob, DeviceRow, NewAudit, SeedRow, Tx, with_read_tx, with_tx};
+use crate::db::{Blob, CommandRow, DeviceRow, NewAudit, SeedRow, Tx, with_read_tx, with_tx};
 use crate::integrity::{self, DigestDelta};
 use crate::policy::{self, DeviceSnapshot, covers};
 use crate::{Error, Result};
+
+/// An ENROLL of either form: v1.1 (under Kupd or Ktr) or the answer to a
+/// forward-secret UPDATE_SEED_FS (v1.2). The two have one message type
+/// and are told apart by their length.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum AnyEnroll<'a> {
+    /// Under Kupd or Ktr.
+    Plain(Enroll<'a>),
+    /// Forward-secret: the node's public key, the seed under Kfs, a Kupd tag.
+    Fs(EnrollFs<'a>),
+}
+
+impl<'a> AnyEnroll<'a> {
+    /// Decodes either form by its length.
+    pub(super) fn decode(bytes: &'a [u8]) -> microcert_core::Result<Self> {
+        match Enroll::decode(bytes) {
+            Ok(m) => Ok(AnyEnroll::Plain(m)),
+            Err(microcert_core::Error::Length) => EnrollFs::decode(bytes).map(AnyEnroll::Fs),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The header (its generation is the new seed's).
+    pub(super) fn header(&self) -> Header {
+        match self {
+            AnyEnroll::Plain(m) => m.header,
+            AnyEnroll::Fs(m) => m.header,
+        }
+    }
+}
 
 /// What the ENROLL rules decided, before any write. Not boxed: boxing
 /// would only add another copy of the seed's bytes to wipe.
@@ -178,9 +207,9 @@ impl Center {
     /// the seed cache. Only an ENROLL whose MAC verified is checked again,
     /// and written, in a write transaction.
     pub fn enroll(&self, bytes: &[u8], now: u64) -> Result<Vec<u8>> {
-        let msg = Enroll::decode(bytes).map_err(malformed)?;
+        let msg = AnyEnroll::decode(bytes).map_err(malformed)?;
         let digest: [u8; 32] = Sha256::digest(bytes).into();
-        let id = msg.header.device;
+        let id = msg.header().device;
         let pre = with_read_tx(&*self.db, |tx| {
             Ok(match self.enroll_check(tx, (&msg, &digest), None, now)? {
                 // The opened seed zeroizes as it is dropped here.
@@ -202,7 +231,7 @@ impl Center {
         let out = with_tx(&*self.db, |tx| {
             let mut delta = DigestDelta::default();
             let out =
-                self.enroll_in_tx(tx, (&msg, &digest), None, &mut delta, now, CENTER_ACTOR)?;
+                self.enroll_in_tx_any(tx, (&msg, &digest), None, &mut delta, now, CENTER_ACTOR)?;
             delta.flush(tx, &*self.card)?;
             Ok(out)
         });
@@ -230,6 +259,20 @@ impl Center {
         now: u64,
         actor: &str,
     ) -> Result<Enrolled> {
+        let msg = AnyEnroll::Plain(*msg);
+        self.enroll_in_tx_any(tx, (&msg, digest), register, delta, now, actor)
+    }
+
+    /// [`Center::enroll_in_tx`] for either form of ENROLL.
+    fn enroll_in_tx_any(
+        &self,
+        tx: &mut dyn Tx,
+        (msg, digest): (&AnyEnroll<'_>, &[u8; 32]),
+        register: Option<&DeviceRow>,
+        delta: &mut DigestDelta,
+        now: u64,
+        actor: &str,
+    ) -> Result<Enrolled> {
         match self.enroll_check(tx, (msg, digest), register, now)? {
             Checked::Again(r) => Ok(Enrolled::Again(r)),
             Checked::Accept(a) => self.enroll_write(tx, msg, digest, a, delta, now, actor),
@@ -244,11 +287,11 @@ impl Center {
     fn enroll_check(
         &self,
         tx: &mut dyn Tx,
-        (msg, digest): (&Enroll<'_>, &[u8; 32]),
+        (msg, digest): (&AnyEnroll<'_>, &[u8; 32]),
         register: Option<&DeviceRow>,
         now: u64,
     ) -> Result<Checked> {
-        let h = msg.header;
+        let h = msg.header();
         let id = h.device;
         let (dev, is_new) = match (self.device_opt(tx, id)?, register) {
             (Some(d), _) => (d, false),
@@ -273,17 +316,37 @@ impl Center {
             self.seeds_checked(tx, id)?
         };
         // Whether the center asked for this update: an UPDATE_SEED under
-        // the current seed is pending.
+        // the current seed is pending, of the ENROLL's kind. v1.2: a
+        // device whose profile requires the forward-secret update never
+        // gets a symmetric one (a thief holding seed g cannot answer a
+        // pending UPDATE_SEED_FS with a plain Kupd ENROLL and skip the
+        // ECDH), and an UPDATE_SEED_FS is answered only by an EnrollFs.
         let current = seeds.last();
-        let update_asked = match current {
-            Some(c) if !is_new => tx.command(id)?.is_some_and(|cmd| {
+        let pending = match current {
+            Some(c) if !is_new => tx.command(id)?.filter(|cmd| {
                 cmd.answered_at.is_none()
-                    && cmd.opcode == microcert_core::Opcode::UPDATE_SEED.get()
+                    && fsupdate::is_update(cmd.opcode)
                     && cmd.generation == c.generation
             }),
-            _ => false,
+            _ => None,
         };
-        self.enroll_decide(msg, dev, is_new, seeds, update_asked, now)
+        let fs_required = self.profile(dev.class)?.forward_secret_update;
+        let update_asked = match (msg, &pending) {
+            (AnyEnroll::Plain(_), Some(cmd)) => {
+                cmd.opcode == Opcode::UPDATE_SEED.get() && !fs_required
+            }
+            (AnyEnroll::Fs(_), Some(cmd)) => cmd.opcode == Opcode::UPDATE_SEED_FS.get(),
+            (_, None) => false,
+        };
+        let pending = pending.filter(|_| update_asked);
+        self.enroll_decide(
+            msg,
+            dev,
+            is_new,
+            seeds,
+            (update_asked, pending.as_ref()),
+            now,
+        )
     }
 
     /// The ENROLL rules once the database was read (no database access):
@@ -292,14 +355,14 @@ impl Center {
     /// device it expects to be new ([`Center::prepare_new_enroll`]).
     fn enroll_decide(
         &self,
-        msg: &Enroll<'_>,
+        msg: &AnyEnroll<'_>,
         dev: DeviceRow,
         is_new: bool,
         seeds: Vec<SeedRow>,
-        update_asked: bool,
+        (update_asked, pending): (bool, Option<&CommandRow>),
         now: u64,
     ) -> Result<Checked> {
-        let h = msg.header;
+        let h = msg.header();
         let input = policy::Input::Enroll {
             generation: h.generation,
             update_asked,
@@ -317,9 +380,23 @@ impl Center {
             Some(c) => Some(self.unseal(c)?),
             None => None,
         };
-        let (seed, via) = self
-            .card
-            .open_enroll(msg, update_seed.as_ref(), transport_epoch)?;
+        let (seed, via) = match msg {
+            AnyEnroll::Plain(m) => {
+                self.card
+                    .open_enroll(m, update_seed.as_ref(), transport_epoch)?
+            }
+            AnyEnroll::Fs(m) => {
+                // Only ever an update: the Kupd tag first (cheap, and
+                // before the card opens the ephemeral key), then the ECDH.
+                let (Some(current), Some(cmd)) = (update_seed.as_ref(), pending) else {
+                    return Err(Error::Verification);
+                };
+                microcert_core::verify_enroll_fs(current, m).map_err(|_| Error::Verification)?;
+                let kfs = fsupdate::transport_key(&*self.card, cmd, m)?;
+                let s = microcert_core::open_enroll_fs(&kfs, m).map_err(|_| Error::Verification)?;
+                (s, EnrollVia::Update)
+            }
+        };
         drop(update_seed);
         if !covers(seed.base_year(), now) {
             return Err(Error::Expired);
@@ -339,7 +416,7 @@ impl Center {
     fn enroll_write(
         &self,
         tx: &mut dyn Tx,
-        msg: &Enroll<'_>,
+        msg: &AnyEnroll<'_>,
         digest: &[u8; 32],
         a: Accepted,
         delta: &mut DigestDelta,
@@ -356,7 +433,8 @@ impl Center {
             (audit.device, audit.generation),
             &audit.reason,
         )?;
-        tracing::info!(device = %msg.header.device, generation = msg.header.generation, "seed enrolled");
+        let h = msg.header();
+        tracing::info!(device = %h.device, generation = h.generation, "seed enrolled");
         Ok(Enrolled::New(audit.receipt))
     }
 
@@ -365,12 +443,12 @@ impl Center {
     /// their tags.
     fn enroll_seal(
         &self,
-        msg: &Enroll<'_>,
+        msg: &AnyEnroll<'_>,
         digest: &[u8; 32],
         a: Accepted,
         now: u64,
     ) -> Result<SealedEnroll> {
-        let h = msg.header;
+        let h = msg.header();
         let id = h.device;
         let Accepted {
             mut dev,
@@ -532,10 +610,11 @@ impl Center {
         if msg.header.suite != register.suite {
             return Err(Error::WrongSuite);
         }
-        match self.enroll_decide(msg, register.clone(), true, Vec::new(), false, now)? {
+        let msg = AnyEnroll::Plain(*msg);
+        match self.enroll_decide(&msg, register.clone(), true, Vec::new(), (false, None), now)? {
             // A new device has no earlier ENROLL to match.
             Checked::Again(_) => Err(Error::Replay),
-            Checked::Accept(a) => Ok(PreparedEnroll(self.enroll_seal(msg, digest, a, now)?)),
+            Checked::Accept(a) => Ok(PreparedEnroll(self.enroll_seal(&msg, digest, a, now)?)),
         }
     }
 

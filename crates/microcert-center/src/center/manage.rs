@@ -140,16 +140,36 @@ impl Center {
             r: random_u64(&*self.card)?,
         };
         let seed = self.unseal(seed_row)?;
-        let mut buf = [0u8; microcert_core::HEADER_LEN + 5 + 16];
-        let n = make_command(&seed, &header, counter, opcode, &mut buf)
-            .map_err(|e| Error::Card(format!("making a command: {e}")))?;
+        let mut buf = [0u8; microcert_core::HEADER_LEN + 5 + microcert_core::FS_PUBLIC_LEN + 16];
+        let mut bytes = if opcode == Opcode::UPDATE_SEED_FS {
+            // v1.2: a fresh ephemeral key pair; its private key is kept
+            // only sealed, after the COMMAND's bytes, until the update is
+            // answered (super::fsupdate).
+            let key = super::fsupdate::new_key(&*self.card)?;
+            let n =
+                microcert_core::make_command_fs(&seed, &header, counter, key.public(), &mut buf)
+                    .map_err(|e| Error::Card(format!("making a command: {e}")))?;
+            let mut b = buf[..n].to_vec();
+            b.extend(super::fsupdate::seal_key(
+                &*self.card,
+                dev.id,
+                seed_row.generation,
+                &key,
+            )?);
+            b
+        } else {
+            let n = make_command(&seed, &header, counter, opcode, &mut buf)
+                .map_err(|e| Error::Card(format!("making a command: {e}")))?;
+            buf[..n].to_vec()
+        };
+        bytes.shrink_to_fit();
         Ok(CommandRow {
             device: dev.id,
             counter,
             opcode: opcode.get(),
             generation: seed_row.generation,
             r: header.r,
-            bytes: Blob(buf[..n].to_vec()),
+            bytes: Blob(bytes),
             created: now,
             answered_at: None,
             status: None,
@@ -287,7 +307,7 @@ impl Center {
             Ok(tx
                 .command(id)?
                 .filter(|c| c.answered_at.is_none())
-                .map(|c| c.bytes.0))
+                .map(|c| super::fsupdate::wire(&c).to_vec()))
         })
     }
 
@@ -323,6 +343,8 @@ impl Center {
                 let mut cmd = check(tx)?;
                 cmd.answered_at = Some(now);
                 cmd.status = Some(msg.status);
+                // An answered UPDATE_SEED_FS no longer needs its key.
+                super::fsupdate::destroy_secret(&mut cmd);
                 tx.put_command(&cmd)?;
                 let name = Opcode::new(cmd.opcode).map(|o| o.name()).unwrap_or("?");
                 self.audit(

@@ -9,6 +9,7 @@
 //! housekeeping, operator queries).
 
 mod enroll;
+mod fsupdate;
 mod group;
 mod import;
 mod maint;
@@ -589,6 +590,9 @@ impl Center {
                 | policy::Effect::QueueUpdate { generation } => {
                     let opcode = if matches!(effect, policy::Effect::QueueRevoke { .. }) {
                         microcert_core::Opcode::REVOKE
+                    } else if self.profile(dev.class)?.forward_secret_update {
+                        // v1.2: the class asks for a forward-secret update.
+                        microcert_core::Opcode::UPDATE_SEED_FS
                     } else {
                         microcert_core::Opcode::UPDATE_SEED
                     };
@@ -643,14 +647,17 @@ impl Center {
         integrity::apply_change(tx, &*self.card, row.device, Some(&old_tag), &row.tag)
     }
 
-    /// Answers the device's pending UPDATE_SEED, if it has one (status 0).
+    /// Answers the device's pending UPDATE_SEED or UPDATE_SEED_FS, if it
+    /// has one (status 0), and destroys the sealed ephemeral key of the
+    /// latter in the same write.
     pub(crate) fn answer_update(&self, tx: &mut dyn Tx, id: DeviceId, now: u64) -> Result<()> {
         if let Some(mut cmd) = tx.command(id)?
             && cmd.answered_at.is_none()
-            && cmd.opcode == microcert_core::Opcode::UPDATE_SEED.get()
+            && fsupdate::is_update(cmd.opcode)
         {
             cmd.answered_at = Some(now);
             cmd.status = Some(0);
+            fsupdate::destroy_secret(&mut cmd);
             tx.put_command(&cmd)?;
         }
         Ok(())

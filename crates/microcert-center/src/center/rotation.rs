@@ -132,6 +132,7 @@ impl Center {
             Some(dir) => crate::backup::versions_in_use(dir, &*self.card)?,
             None => Vec::new(),
         };
+        let in_commands = self.versions_in_pending_commands()?;
         let mut destroyed = Vec::new();
         let mut kept = Vec::new();
         for v in self.card.storage_key_versions() {
@@ -149,6 +150,13 @@ impl Center {
             }
             if in_backups.contains(&v) {
                 kept.push((v, "a kept backup is sealed under it".to_string()));
+                continue;
+            }
+            if in_commands.contains(&v) {
+                kept.push((
+                    v,
+                    "a pending UPDATE_SEED_FS keeps its ephemeral key sealed under it".to_string(),
+                ));
                 continue;
             }
             self.card.destroy_storage_key(v)?;
@@ -211,6 +219,34 @@ impl Center {
             }
         }
         Ok(ids)
+    }
+
+    /// The Kstore versions of the ephemeral keys sealed in pending
+    /// UPDATE_SEED_FS commands (v1.2): destroying one would leave that
+    /// update unanswerable.
+    fn versions_in_pending_commands(&self) -> Result<Vec<u32>> {
+        let mut q = crate::db::DeviceQuery {
+            limit: 500,
+            ..Default::default()
+        };
+        let mut v = Vec::new();
+        loop {
+            let page = self.db.list_devices(&q)?;
+            let Some(last) = page.last() else { break };
+            q.after = Some(last.device.id);
+            for d in &page {
+                let cmd = crate::db::with_read_tx(&*self.db, |tx| tx.command(d.device.id))?;
+                if let Some(ver) = cmd
+                    .filter(|c| c.answered_at.is_none())
+                    .and_then(|c| super::fsupdate::sealed_version(&c))
+                {
+                    v.push(ver);
+                }
+            }
+            v.sort_unstable();
+            v.dedup();
+        }
+        Ok(v)
     }
 
     fn versions_in_records(&self) -> Result<Vec<u32>> {
