@@ -147,12 +147,9 @@ impl<S: ChipStorage> Node<S> {
         Ok(())
     }
 
-    pub(crate) fn update_seed(&mut self, out: &mut [u8]) -> Result<usize> {
-        if self.st().pending.is_some() {
-            // A repeated or newer UPDATE_SEED while the ENROLL waits for its
-            // RECEIPT: the same seed again, never a second one.
-            return self.build_pending(out);
-        }
+    /// The node's time and the next generation, for an update: the
+    /// current seed must still serve now.
+    fn next_generation(&mut self) -> Result<(u32, u8)> {
         let t = self.st().node_time;
         self.seed_serves(t)?;
         let generation = self
@@ -160,6 +157,16 @@ impl<S: ChipStorage> Node<S> {
             .generation
             .checked_add(1)
             .ok_or(Error::GenerationsExhausted)?;
+        Ok((t, generation))
+    }
+
+    pub(crate) fn update_seed(&mut self, out: &mut [u8]) -> Result<usize> {
+        if self.st().pending.is_some() {
+            // A repeated or newer UPDATE_SEED while the ENROLL waits for its
+            // RECEIPT: the same seed again, never a second one.
+            return self.build_pending(out);
+        }
+        let (t, generation) = self.next_generation()?;
         self.start_enrollment(t, generation, true, out)
     }
 
@@ -182,13 +189,7 @@ impl<S: ChipStorage> Node<S> {
         if out.len() < self.enroll_fs_len() {
             return Err(Error::BufferTooSmall);
         }
-        let t = self.st().node_time;
-        self.seed_serves(t)?;
-        let generation = self
-            .st()
-            .generation
-            .checked_add(1)
-            .ok_or(Error::GenerationsExhausted)?;
+        let (t, generation) = self.next_generation()?;
         // The key pair first (SP 800-56A 5.6.1.2.2: candidates from the
         // DRBG until one is in [1, n - 1]): nothing is pending if it fails.
         let key = {

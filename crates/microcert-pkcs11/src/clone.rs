@@ -314,13 +314,13 @@ impl Pkcs11Card {
         })?;
         let labels: Vec<&str> = package.keys.iter().map(|k| k.label.as_str()).collect();
         make_all(&session, &labels, |label| {
+            let wrapped = package
+                .keys
+                .iter()
+                .find(|k| k.label == label)
+                .map(|k| k.wrapped.as_slice())
+                .unwrap_or_default();
             if label == keys::KROOT_LABEL {
-                let wrapped = package
-                    .keys
-                    .iter()
-                    .find(|k| k.label == label)
-                    .map(|k| k.wrapped.as_slice())
-                    .unwrap_or_default();
                 // With its unwrap template, which cryptoki cannot express.
                 return keys::unwrap_root(
                     &config.module,
@@ -333,12 +333,6 @@ impl Pkcs11Card {
             }
             let role = Role::of_label(label)
                 .ok_or_else(|| Pkcs11Error::Format(format!("unknown key label {label:?}")))?;
-            let wrapped = package
-                .keys
-                .iter()
-                .find(|k| k.label == label)
-                .map(|k| k.wrapped.as_slice())
-                .unwrap_or_default();
             let template = keys::template(label, role, package.policy);
             Ok(session.unwrap_key(&package.oaep.mechanism(), kek, wrapped, &template)?)
         })?;

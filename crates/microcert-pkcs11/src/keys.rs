@@ -198,6 +198,32 @@ pub(crate) fn find(session: &Session, label: &str) -> Result<ObjectHandle> {
     }
 }
 
+/// The refusal of the key `label`'s attributes.
+fn refusal(label: &str) -> impl Fn(&str) -> Pkcs11Error + '_ {
+    move |reason| Pkcs11Error::KeyAttributes {
+        label: label.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// The attributes that say whether a key can leave the token (type,
+/// length, sensitive, extractable, wrap-with-trusted), then `more`.
+fn key_attributes(
+    session: &Session,
+    h: ObjectHandle,
+    more: &[AttributeType],
+) -> Result<Vec<Attribute>> {
+    let mut types = vec![
+        AttributeType::KeyType,
+        AttributeType::ValueLen,
+        AttributeType::Sensitive,
+        AttributeType::Extractable,
+        AttributeType::WrapWithTrusted,
+    ];
+    types.extend_from_slice(more);
+    Ok(session.get_attributes(h, &types)?)
+}
+
 /// Refuses a key that could be read out of the token, or that is not the
 /// type and size its role needs. Returns the key's policy.
 pub(crate) fn check(
@@ -206,20 +232,8 @@ pub(crate) fn check(
     label: &str,
     role: Role,
 ) -> Result<KeyPolicy> {
-    let bad = |reason: &str| Pkcs11Error::KeyAttributes {
-        label: label.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let attrs = session.get_attributes(
-        h,
-        &[
-            AttributeType::KeyType,
-            AttributeType::ValueLen,
-            AttributeType::Sensitive,
-            AttributeType::Extractable,
-            AttributeType::WrapWithTrusted,
-        ],
-    )?;
+    let bad = refusal(label);
+    let attrs = key_attributes(session, h, &[])?;
     let (mut key_type, mut len, mut sensitive, mut extractable, mut trusted_only) =
         (None, None, false, true, false);
     for a in attrs {
@@ -520,18 +534,11 @@ pub(crate) fn unwrap_root(
 /// Refuses a root key that could be read out, used for anything but
 /// wrapping, or is not AES-256.
 pub(crate) fn check_root(session: &Session, h: ObjectHandle) -> Result<()> {
-    let bad = |reason: &str| Pkcs11Error::KeyAttributes {
-        label: KROOT_LABEL.to_owned(),
-        reason: reason.to_owned(),
-    };
-    let attrs = session.get_attributes(
+    let bad = refusal(KROOT_LABEL);
+    let attrs = key_attributes(
+        session,
         h,
         &[
-            AttributeType::KeyType,
-            AttributeType::ValueLen,
-            AttributeType::Sensitive,
-            AttributeType::Extractable,
-            AttributeType::WrapWithTrusted,
             AttributeType::Encrypt,
             AttributeType::Decrypt,
             AttributeType::Sign,
