@@ -583,6 +583,14 @@ pub trait Tx {
     fn put_digest_shard(&mut self, s: &DigestShard) -> Result<()>;
     /// Appends an audit entry to the hash chain.
     fn append_audit(&mut self, e: &NewAudit) -> Result<()>;
+    /// Hands entries just appended (with their chain hashes) to the
+    /// configured second audit sink before the transaction commits; an
+    /// error refuses the change (the transaction rolls back). The
+    /// backends keep no sink: the center's sealing layer does
+    /// ([`crate::integrity::Sealed`], [`KeyDatabase::set_audit_sink`]).
+    fn audit_sink_record(&mut self, _entries: &[AuditRecord]) -> Result<()> {
+        Ok(())
+    }
     /// The next line to import of the batch file with this SHA-256.
     fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>> {
         Ok(self.import_progress_sealed(file)?.map(|(n, _)| n))
@@ -798,6 +806,13 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     /// ([`crate::integrity::Sealed`]); None when this is not one.
     fn unsealed(&self) -> Option<&dyn KeyDatabase> {
         None
+    }
+
+    /// Sets the second audit sink every audit append of this database's
+    /// transactions writes to before it commits (once; false when this
+    /// database keeps no sink: only the center's sealing layer does).
+    fn set_audit_sink(&self, _sink: Arc<dyn crate::audit::AuditSink>) -> bool {
+        false
     }
 
     /// The schema version this process found before it migrated the
