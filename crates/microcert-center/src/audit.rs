@@ -27,6 +27,46 @@ use crate::{Error, Result};
 /// are 0..[`crate::integrity::SHARDS`]).
 pub const AUDIT_HEAD_SHARD: u8 = 255;
 
+/// The digest-table row that holds the archive checkpoint (issue 15 item
+/// 5, retention): acc = the hash of the last entry moved out to an
+/// archive, count = its seq. The table's chain starts right after it.
+/// No such row: nothing was archived, the chain starts at (0, 0^32).
+pub const AUDIT_BASE_SHARD: u8 = 254;
+
+/// The canonical bytes of the archive checkpoint that the card tags.
+pub fn base_bytes(seq: u64, hash: &[u8; 32]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(56);
+    b.extend_from_slice(b"MC-AUDIT-BASE-v1");
+    b.extend_from_slice(&seq.to_be_bytes());
+    b.extend_from_slice(hash);
+    b
+}
+
+/// The archive checkpoint as the card tagged it: (seq, hash) of the last
+/// archived entry, (0, 0^32) when nothing was archived. Err(Integrity)
+/// when the stored checkpoint's tag is wrong.
+pub fn tagged_base_of(
+    card: &dyn EncryptionCard,
+    shards: &[DigestShard],
+) -> Result<(u64, [u8; 32])> {
+    match shards.iter().find(|s| s.shard == AUDIT_BASE_SHARD) {
+        Some(row) => {
+            let tag = card.digest_tag(&base_bytes(row.count, &row.acc))?;
+            if subtle::ConstantTimeEq::ct_eq(&tag[..], &row.tag[..]).into() {
+                Ok((row.count, row.acc))
+            } else {
+                Err(Error::Integrity("audit archive checkpoint".into()))
+            }
+        }
+        None => Ok((0, [0u8; 32])),
+    }
+}
+
+/// [`tagged_base_of`] the database's digest rows.
+pub fn tagged_base(db: &dyn KeyDatabase, card: &dyn EncryptionCard) -> Result<(u64, [u8; 32])> {
+    tagged_base_of(card, &db.digest_shards()?)
+}
+
 /// The canonical bytes of a chain head that the card tags.
 pub fn head_bytes(seq: u64, hash: &[u8; 32]) -> Vec<u8> {
     let mut b = Vec::with_capacity(56);
@@ -161,6 +201,9 @@ pub enum AuditFinding {
     },
     /// The stored head itself fails the card's tag.
     HeadTag,
+    /// The archive checkpoint (where the table's chain starts after an
+    /// archive) fails the card's tag.
+    BaseTag,
 }
 
 impl AuditFinding {
@@ -171,7 +214,7 @@ impl AuditFinding {
             AuditFinding::Broken { seq } | AuditFinding::HeadMismatch { seq } => *seq,
             AuditFinding::Truncated { last, .. } => last + 1,
             AuditFinding::Untagged { first } => *first,
-            AuditFinding::HeadTag => 0,
+            AuditFinding::HeadTag | AuditFinding::BaseTag => 0,
         }
     }
 }
@@ -195,6 +238,10 @@ impl std::fmt::Display for AuditFinding {
                 write!(f, "entry {seq} is not the one the card tagged as the head")
             }
             AuditFinding::HeadTag => write!(f, "the stored chain head fails the card's tag"),
+            AuditFinding::BaseTag => write!(
+                f,
+                "the archive checkpoint (where the table's chain starts) fails the card's tag"
+            ),
         }
     }
 }
@@ -205,8 +252,13 @@ pub fn verify(
     db: &dyn KeyDatabase,
     card: &dyn EncryptionCard,
 ) -> Result<(u64, Option<AuditFinding>)> {
-    let mut prev = [0u8; 32];
-    let mut after = 0;
+    // After an archive the table's chain starts at the card-tagged
+    // checkpoint (the last archived entry), not at (0, 0^32).
+    let (mut after, mut prev) = match tagged_base(db, card) {
+        Ok(b) => b,
+        Err(Error::Integrity(_)) => return Ok((0, Some(AuditFinding::BaseTag))),
+        Err(e) => return Err(e),
+    };
     let mut n = 0;
     loop {
         let page = db.audit_log(after, 1000)?;

@@ -213,3 +213,61 @@ fn an_unwritable_audit_sink_refuses_the_change() {
     assert_eq!(bob["status"], "valid", "{bob}");
     assert_eq!(count(&data, "token-revoke"), 0);
 }
+
+/// Retention from the command line: `audit archive --before` moves the old
+/// entries into a verifiable archive, `audit verify-archive` checks it
+/// against the card and the table's checkpoint, and an edited archive is
+/// BROKEN (exit 1).
+#[test]
+fn audit_archive_and_verify_archive() {
+    let setup = Setup::new(1);
+    let data = setup.data();
+    let before = actions(&data).len();
+    assert!(before >= 3);
+    let out = setup.dir.path().join("audit-2026.jsonl");
+    let far = "2999-01-01";
+    let said = stdout(&run(&[
+        "audit",
+        "archive",
+        "--data",
+        s(&data),
+        "--before",
+        far,
+        "--out",
+        s(&out),
+    ]));
+    assert!(
+        said.contains(&format!("{} audit entries", before - 1)),
+        "{said}"
+    );
+    // The table keeps its newest entry and the archive's own entry.
+    assert_eq!(actions(&data).len(), 2);
+    assert!(stdout(&run(&["audit", "verify-local", "--data", s(&data)])).contains("intact"));
+    let ok = stdout(&run(&[
+        "audit",
+        "verify-archive",
+        "--data",
+        s(&data),
+        s(&out),
+    ]));
+    assert!(ok.contains("archive intact"), "{ok}");
+    assert!(ok.contains("goes on from its last entry"), "{ok}");
+    // An edited archive.
+    let text = std::fs::read_to_string(&out).unwrap();
+    std::fs::write(&out, text.replacen("alice", "mallory", 1)).unwrap();
+    let o = try_run(&["audit", "verify-archive", "--data", s(&data), s(&out)]);
+    assert!(!o.status.success());
+    assert!(stdout(&o).contains("BROKEN"), "{}", stdout(&o));
+    // A bad date changes nothing.
+    let o = try_run(&[
+        "audit",
+        "archive",
+        "--data",
+        s(&data),
+        "--before",
+        "yesterday",
+        "--out",
+        s(&setup.dir.path().join("x")),
+    ]);
+    assert!(!o.status.success());
+}

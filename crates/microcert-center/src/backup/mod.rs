@@ -197,7 +197,18 @@ impl Backup {
             }
         }
         self.check_other_shards(card)?;
-        let mut prev = [0u8; 32];
+        // After an archive the log starts after the card-tagged
+        // checkpoint (issue 15 item 5).
+        let (base_seq, mut prev) =
+            crate::audit::tagged_base_of(card, &self.shards).map_err(|_| {
+                Error::Integrity("backup: the audit archive checkpoint fails its tag".into())
+            })?;
+        if self.audit.first().is_some_and(|a| a.seq != base_seq + 1) {
+            return Err(Error::Integrity(format!(
+                "backup: audit entry {}",
+                base_seq + 1
+            )));
+        }
         if let Some(bad) = crate::audit::verify_chain(prev, &self.audit) {
             return Err(Error::Integrity(format!("backup: audit entry {bad}")));
         }
@@ -499,7 +510,11 @@ pub fn restore_into(
     let mut shards: Vec<DigestShard> = b
         .shards
         .iter()
-        .filter(|s| s.shard < SHARDS || s.shard == AUDIT_HEAD_SHARD)
+        .filter(|s| {
+            s.shard < SHARDS
+                || s.shard == AUDIT_HEAD_SHARD
+                || s.shard == crate::audit::AUDIT_BASE_SHARD
+        })
         .cloned()
         .collect();
     for s in seeds.iter_mut() {
@@ -569,8 +584,19 @@ pub fn restore_into(
             }
         }
         delta.flush(tx, card)?;
+        // A log archived in part starts after its checkpoint: its rows
+        // go back as they are (seq and hashes kept); otherwise they are
+        // re-appended (the chain must come out the same).
+        let archived = b
+            .shards
+            .iter()
+            .any(|s| s.shard == crate::audit::AUDIT_BASE_SHARD);
         for a in &b.audit {
-            tx.append_audit(&a.entry)?;
+            if archived {
+                tx.insert_audit_record(a)?;
+            } else {
+                tx.append_audit(&a.entry)?;
+            }
         }
         crate::audit::append(
             tx,

@@ -591,6 +591,12 @@ pub trait Tx {
     fn audit_sink_record(&mut self, _entries: &[AuditRecord]) -> Result<()> {
         Ok(())
     }
+    /// Deletes the audit entries with seq <= `through` (an archive moved
+    /// them out, [`crate::audit::archive`]); returns how many.
+    fn delete_audit_through(&mut self, through: u64) -> Result<u64>;
+    /// Inserts an audit entry as it is (its seq and hashes kept): a
+    /// restore of a backup whose log starts after an archive checkpoint.
+    fn insert_audit_record(&mut self, r: &AuditRecord) -> Result<()>;
     /// The next line to import of the batch file with this SHA-256.
     fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>> {
         Ok(self.import_progress_sealed(file)?.map(|(n, _)| n))

@@ -656,6 +656,12 @@ impl Tx for SealedTx<'_> {
     fn append_audit(&mut self, e: &NewAudit) -> Result<()> {
         self.inner.append_audit(e)
     }
+    fn delete_audit_through(&mut self, through: u64) -> Result<u64> {
+        self.inner.delete_audit_through(through)
+    }
+    fn insert_audit_record(&mut self, r: &AuditRecord) -> Result<()> {
+        self.inner.insert_audit_record(r)
+    }
     fn audit_sink_record(&mut self, entries: &[AuditRecord]) -> Result<()> {
         self.inner.audit_sink_record(entries)?;
         match self.sink {
