@@ -360,6 +360,36 @@ impl Center {
     }
 }
 
+/// Checks an archive file's MAC (the card's tag over every line but the
+/// last), reading it line by line.
+fn check_mac(path: &Path, card: &dyn EncryptionCard) -> Result<()> {
+    let mut h = Sha256::new();
+    let mut pending: Option<String> = None;
+    for line in BufReader::new(std::fs::File::open(path)?).lines() {
+        let line = line.map_err(|_| bad(path, "not an archive file"))?;
+        if let Some(p) = pending.replace(line) {
+            h.update(p.as_bytes());
+            h.update(b"\n");
+        }
+    }
+    let last_line = pending.ok_or_else(|| bad(path, "empty"))?;
+    let want: serde_json::Value =
+        serde_json::from_str(&last_line).map_err(|_| bad(path, "no MAC line"))?;
+    let want = want
+        .get("mac")
+        .and_then(|m| m.as_str())
+        .and_then(|m| hex::decode(m).ok())
+        .ok_or_else(|| bad(path, "no MAC line"))?;
+    let got = mac(card, &h.finalize())?;
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(&got[..], &want[..])) {
+        return Err(bad(
+            path,
+            "MAC does not match: altered, cut short, or made with another card",
+        ));
+    }
+    Ok(())
+}
+
 fn bad(path: &Path, why: impl std::fmt::Display) -> Error {
     Error::Integrity(format!("audit archive {}: {why}", path.display()))
 }
@@ -403,31 +433,7 @@ pub fn verify_archive(
     card: &dyn EncryptionCard,
     db: &dyn crate::db::KeyDatabase,
 ) -> Result<ArchiveCheck> {
-    // Pass 1: the MAC over every line but the last.
-    let mut h = Sha256::new();
-    let mut pending: Option<String> = None;
-    for line in BufReader::new(std::fs::File::open(path)?).lines() {
-        let line = line.map_err(|_| bad(path, "not an archive file"))?;
-        if let Some(p) = pending.replace(line) {
-            h.update(p.as_bytes());
-            h.update(b"\n");
-        }
-    }
-    let last_line = pending.ok_or_else(|| bad(path, "empty"))?;
-    let want: serde_json::Value =
-        serde_json::from_str(&last_line).map_err(|_| bad(path, "no MAC line"))?;
-    let want = want
-        .get("mac")
-        .and_then(|m| m.as_str())
-        .and_then(|m| hex::decode(m).ok())
-        .ok_or_else(|| bad(path, "no MAC line"))?;
-    let got = mac(card, &h.finalize())?;
-    if !bool::from(subtle::ConstantTimeEq::ct_eq(&got[..], &want[..])) {
-        return Err(bad(
-            path,
-            "MAC does not match: altered, cut short, or made with another card",
-        ));
-    }
+    check_mac(path, card)?;
     // Pass 2: the chain.
     let mut lines = BufReader::new(std::fs::File::open(path)?).lines();
     let header: serde_json::Value = lines
@@ -512,4 +518,315 @@ pub fn verify_archive(
         last: seq,
         link,
     })
+}
+
+/// The notary table's archive format (the same framing: a header, one
+/// line per record with its card seal, an end line, the card's MAC).
+const NOTARY_FORMAT: &str = "microcert-notary-archive";
+
+/// Records deleted per transaction when a notary archive empties the
+/// table of what it moved (each chunk's records are in the complete
+/// archive before any is deleted).
+const NOTARY_CHUNK: usize = 500;
+
+fn notary_json(n: &crate::db::NotaryRow) -> serde_json::Value {
+    serde_json::json!({
+        "device": n.device.to_string(),
+        "generation": n.generation,
+        "t": n.t,
+        "r": n.r,
+        "digest": hex::encode(n.digest),
+        "tag": hex::encode(&n.tag),
+        "first_seen": n.first_seen,
+        "seal": n.seal.map(hex::encode),
+    })
+}
+
+fn notary_of(v: &serde_json::Value) -> Option<crate::db::NotaryRow> {
+    let device: [u8; 8] = hex::decode(v.get("device")?.as_str()?)
+        .ok()?
+        .try_into()
+        .ok()?;
+    Some(crate::db::NotaryRow {
+        device: microcert_core::DeviceId(device),
+        generation: u8::try_from(v.get("generation")?.as_u64()?).ok()?,
+        t: u32::try_from(v.get("t")?.as_u64()?).ok()?,
+        r: v.get("r")?.as_u64()?,
+        digest: hex::decode(v.get("digest")?.as_str()?)
+            .ok()?
+            .try_into()
+            .ok()?,
+        tag: hex::decode(v.get("tag")?.as_str()?).ok()?,
+        first_seen: v.get("first_seen")?.as_u64()?,
+        seal: match v.get("seal")? {
+            serde_json::Value::Null => None,
+            s => Some(hex::decode(s.as_str()?).ok()?.try_into().ok()?),
+        },
+    })
+}
+
+/// The records of a notary archive, in order (its MAC already checked).
+fn notary_records(
+    path: &Path,
+    mut each: impl FnMut(crate::db::NotaryRow) -> Result<()>,
+) -> Result<u64> {
+    let mut lines = BufReader::new(std::fs::File::open(path)?).lines();
+    let header: serde_json::Value = lines
+        .next()
+        .and_then(|l| l.ok())
+        .and_then(|l| serde_json::from_str(&l).ok())
+        .ok_or_else(|| bad(path, "no header"))?;
+    if header.get("format").and_then(|f| f.as_str()) != Some(NOTARY_FORMAT) {
+        return Err(bad(path, "not a notary archive"));
+    }
+    let mut n = 0u64;
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(&line?).map_err(|_| bad(path, format!("record {}", n + 1)))?;
+        if v.get("t").and_then(|t| t.as_str()) == Some("end") {
+            if v.get("entries").and_then(|e| e.as_u64()) != Some(n) {
+                return Err(bad(path, "the end line does not match the records"));
+            }
+            return Ok(n);
+        }
+        let row = notary_of(&v).ok_or_else(|| bad(path, format!("record {}", n + 1)))?;
+        each(row)?;
+        n += 1;
+    }
+    Err(bad(path, "no end line"))
+}
+
+/// Whether `path` is a notary archive (by its header), else an audit one.
+pub fn is_notary_archive(path: &Path) -> Result<bool> {
+    let first = BufReader::new(std::fs::File::open(path)?)
+        .lines()
+        .next()
+        .transpose()?
+        .unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(&first).map_err(|_| bad(path, "not an archive file"))?;
+    Ok(v.get("format").and_then(|f| f.as_str()) == Some(NOTARY_FORMAT))
+}
+
+/// What [`verify_notary_archive`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotaryArchiveCheck {
+    /// Records in the file.
+    pub records: u64,
+    /// Of them, still in the table (an archive interrupted before its
+    /// deletions committed, or a copy).
+    pub in_table: u64,
+}
+
+/// Checks a notary archive: the card's MAC over the file, then every
+/// record's own card seal (each stays verifiable alone), read line by
+/// line.
+pub fn verify_notary_archive(
+    path: &Path,
+    card: &dyn EncryptionCard,
+    db: &dyn crate::db::KeyDatabase,
+) -> Result<NotaryArchiveCheck> {
+    check_mac(path, card)?;
+    let mut in_table = 0;
+    let records = notary_records(path, |n| {
+        crate::integrity::check_notary(card, &n).map_err(|_| {
+            bad(
+                path,
+                format!("the record of {} t {} fails its card seal", n.device, n.t),
+            )
+        })?;
+        let stored = with_tx(db, |tx| {
+            tx.notary(n.device, n.generation, n.t, n.r, &n.digest)
+        })?;
+        if stored.is_some() {
+            in_table += 1;
+        }
+        Ok(())
+    })?;
+    Ok(NotaryArchiveCheck { records, in_table })
+}
+
+impl Center {
+    /// Moves the notary records first seen before `before` (Unix seconds)
+    /// into the new archive file `out` (each with its card seal, the file
+    /// under the card's MAC) and deletes them from the table, their digest
+    /// shards following, audited as `actor`. None when there is nothing
+    /// to archive. A signature whose record was archived and that is
+    /// verified again is notarized again, first seen at that time.
+    pub fn archive_notary(
+        &self,
+        before: u64,
+        out: &Path,
+        actor: &str,
+        now: u64,
+    ) -> Result<Option<ArchiveReport>> {
+        self.archive_notary_until(before, out, actor, now, None)
+    }
+
+    /// [`Center::archive_notary`], stopped at `stop` as a kill would (tests).
+    #[doc(hidden)]
+    pub fn archive_notary_until(
+        &self,
+        before: u64,
+        out: &Path,
+        actor: &str,
+        now: u64,
+        stop: Option<ArchiveStep>,
+    ) -> Result<Option<ArchiveReport>> {
+        let db = self.database();
+        let card = self.card();
+        for t in stale_temps(out) {
+            tracing::warn!(file = %t.display(), "removing the temporary file of an interrupted archive");
+            std::fs::remove_file(&t)?;
+        }
+        if out.exists() {
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists: an archive goes to a new file", out.display()),
+            )));
+        }
+        let dir = match out.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut r = [0u8; 6];
+        card.random(&mut r)?;
+        let name = out
+            .file_name()
+            .ok_or_else(|| Error::Io(std::io::Error::other("the archive path has no file name")))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            hex::encode(r)
+        ));
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut count = 0u64;
+        let written = (|| -> Result<()> {
+            let file = opts.open(&tmp)?;
+            let mut w = Hashing {
+                inner: std::io::BufWriter::new(file),
+                h: Sha256::new(),
+            };
+            let header = serde_json::json!({
+                "format": NOTARY_FORMAT,
+                "version": 1,
+                "table": "notary",
+                "card": card_id(card)?,
+                "created": now,
+                "before": before,
+            });
+            writeln!(w, "{header}")?;
+            let mut last: Option<crate::db::NotaryRow> = None;
+            loop {
+                let page = db.scan_notary(last.as_ref(), 1000)?;
+                let Some(end) = page.last().cloned() else {
+                    break;
+                };
+                for n in page.iter().filter(|n| n.first_seen < before) {
+                    // A record that fails its seal is not archived as
+                    // good: the archive stops (the integrity check names
+                    // it; repair first).
+                    crate::integrity::check_notary(card, n)?;
+                    writeln!(w, "{}", notary_json(n))?;
+                    count += 1;
+                    if stop == Some(ArchiveStep::PartWritten) {
+                        w.flush()?;
+                        return fault(stop, ArchiveStep::PartWritten);
+                    }
+                }
+                last = Some(end);
+            }
+            if count == 0 {
+                return Ok(());
+            }
+            writeln!(w, "{}", serde_json::json!({ "t": "end", "entries": count }))?;
+            let tag = mac(card, &w.h.clone().finalize())?;
+            writeln!(
+                w.inner,
+                "{}",
+                serde_json::json!({ "mac": hex::encode(tag) })
+            )?;
+            let file = w
+                .inner
+                .into_inner()
+                .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+            file.sync_all()?;
+            Ok(())
+        })();
+        match &written {
+            Err(_) if stop.is_some() => return written.map(|()| None),
+            Err(_) => {
+                let _ = std::fs::remove_file(&tmp);
+                return written.map(|()| None);
+            }
+            Ok(()) if count == 0 => {
+                std::fs::remove_file(&tmp)?;
+                return Ok(None);
+            }
+            Ok(()) => {}
+        }
+        fault(stop, ArchiveStep::Written)?;
+        std::fs::rename(&tmp, out)?;
+        std::fs::File::open(&dir)?.sync_all()?;
+        fault(stop, ArchiveStep::Renamed)?;
+        // The records go, chunk by chunk, from the complete archive (read
+        // back, so memory stays bounded); the first chunk's transaction
+        // carries the audit entry.
+        let mut chunk = Vec::with_capacity(NOTARY_CHUNK);
+        let mut first = true;
+        let flush = |chunk: &mut Vec<crate::db::NotaryRow>, first: &mut bool| -> Result<()> {
+            with_tx(db, |tx| {
+                if *first {
+                    audit::append(
+                        tx,
+                        card,
+                        &NewAudit {
+                            time: now,
+                            actor: actor.to_owned(),
+                            action: "notary-archive".into(),
+                            device: None,
+                            generation: None,
+                            reason: format!(
+                                "{count} notary record(s) first seen before {before} moved to the archive {}",
+                                out.display()
+                            ),
+                        },
+                    )?;
+                }
+                for n in chunk.iter() {
+                    tx.delete_notary(n)?;
+                }
+                fault(stop, ArchiveStep::Deleted)
+            })?;
+            *first = false;
+            chunk.clear();
+            Ok(())
+        };
+        notary_records(out, |n| {
+            chunk.push(n);
+            if chunk.len() == NOTARY_CHUNK {
+                flush(&mut chunk, &mut first)?;
+            }
+            Ok(())
+        })?;
+        if !chunk.is_empty() {
+            flush(&mut chunk, &mut first)?;
+        }
+        tracing::info!(records = count, file = %out.display(), "notary records archived");
+        Ok(Some(ArchiveReport {
+            path: out.to_owned(),
+            entries: count,
+            first: 0,
+            last: 0,
+        }))
+    }
+
+    /// Checks a notary archive ([`verify_notary_archive`]) against this
+    /// center's card and table.
+    pub fn verify_notary_archive(&self, path: &Path) -> Result<NotaryArchiveCheck> {
+        verify_notary_archive(path, self.card(), self.database())
+    }
 }

@@ -194,7 +194,102 @@ fn a_forged_checkpoint_is_found(backend: Backend) {
     assert_eq!(c.verify_audit().unwrap().1, Some(AuditFinding::BaseTag));
 }
 
+/// A center with 6 devices, each with one notarized signature: devices
+/// 0..4 first seen at NOW + 10, 4..6 at NOW + 500.
+fn center_with_notary(backend: Backend, dir: &Path, name: &str) -> Center {
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let c = open_center(&backend.location(dir, name), card.clone());
+    let mut fleet = make_fleet(&*card, 6);
+    let batch = dir.join(format!("{name}.jsonl"));
+    write_batch(&batch, &mut fleet, NOW);
+    c.import_batch(&batch, "factory", NOW, &mut |_| {}).unwrap();
+    let aud = microcert_core::Audience::CENTER;
+    for (i, node) in fleet.iter_mut().enumerate() {
+        let t = if i < 4 { NOW + 10 } else { NOW + 500 };
+        let (a, _) = node.auth(&aud, t);
+        c.verify_auth(&a, &aud, t).unwrap();
+        let sig = node.sign(b"reading", t);
+        c.verify_signature(&sig, b"reading", t).unwrap();
+    }
+    c
+}
+
+fn notary_rows(c: &Center) -> usize {
+    c.database().scan_notary(None, 1000).unwrap().len()
+}
+
+/// Retention of the notary table: the old records move into an archive
+/// (each with its card seal, the file under the card's MAC), the digest
+/// shards follow (the integrity check stays clean), and a kill at each
+/// step leaves every record in the table or in a complete archive.
+fn notary_archive_keeps_records_verifiable(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let c = center_with_notary(backend, dir.path(), "notary.db");
+    assert_eq!(notary_rows(&c), 6);
+    let out = dir.path().join("notary-old.jsonl");
+    let r = c
+        .archive_notary(NOW + 100, &out, "alice", NOW + 600)
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.entries, 4);
+    assert_eq!(notary_rows(&c), 2);
+    assert!(c.integrity_scan().unwrap().is_clean());
+    let check = c.verify_notary_archive(&out).unwrap();
+    assert_eq!((check.records, check.in_table), (4, 0));
+    assert_eq!(
+        c.audit_log(0, 1000).unwrap().pop().unwrap().entry.action,
+        "notary-archive"
+    );
+    // An edited record fails the file's MAC.
+    let text = std::fs::read_to_string(&out).unwrap();
+    let edited = text.replacen("\"generation\":0", "\"generation\":1", 1);
+    assert_ne!(edited, text);
+    std::fs::write(&out, edited).unwrap();
+    assert!(c.verify_notary_archive(&out).is_err());
+
+    for (i, step) in [
+        ArchiveStep::PartWritten,
+        ArchiveStep::Written,
+        ArchiveStep::Renamed,
+        ArchiveStep::Deleted,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = tempfile::tempdir().unwrap();
+        let c = center_with_notary(backend, d.path(), &format!("nk{i}.db"));
+        let out = d.path().join("n.jsonl");
+        assert!(
+            c.archive_notary_until(NOW + 100, &out, "alice", NOW + 600, Some(step))
+                .is_err()
+        );
+        // Every record still in the table, the digest whole.
+        assert_eq!(notary_rows(&c), 6, "{step:?}");
+        assert!(c.integrity_scan().unwrap().is_clean(), "{step:?}");
+        if out.exists() {
+            let check = c.verify_notary_archive(&out).unwrap();
+            assert_eq!((check.records, check.in_table), (4, 4), "{step:?}");
+        }
+        // Again, to the same path when it was not made (its stale
+        // temporary file is removed).
+        let out2 = if out.exists() {
+            d.path().join("n2.jsonl")
+        } else {
+            out.clone()
+        };
+        let r = c
+            .archive_notary(NOW + 100, &out2, "alice", NOW + 600)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.entries, 4, "{step:?}");
+        assert_eq!(notary_rows(&c), 2);
+        assert!(temps(d.path()).is_empty(), "{step:?}");
+        assert!(c.integrity_scan().unwrap().is_clean());
+    }
+}
+
 both_backends!(
+    notary_archive_keeps_records_verifiable,
     archive_keeps_the_log_verifiable,
     a_kill_at_each_step_loses_no_entry,
     a_forged_checkpoint_is_found

@@ -212,3 +212,49 @@ both_backends!(
     every_opening_is_audited_without_its_plaintext,
     a_sink_that_cannot_record_refuses_the_change
 );
+
+/// The syslog sink: one RFC 3164 datagram per entry (facility auth,
+/// severity notice) carrying the entry with its chain hash; no socket
+/// listening: the sink cannot record, the change is refused.
+#[cfg(unix)]
+#[test]
+fn the_syslog_sink_sends_one_datagram_per_entry() {
+    use microcert_center::audit::SyslogSink;
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("log");
+    let listener = UnixDatagram::bind(&sock).unwrap();
+    listener
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let card = Arc::new(SoftwareCard::ephemeral().unwrap());
+    let center = new_center(&dir.path().join("c.db"), card);
+    center
+        .set_audit_sink(Arc::new(SyslogSink::open(&sock).unwrap()))
+        .unwrap();
+    let e = NewAudit {
+        time: NOW,
+        actor: "alice".into(),
+        action: "note".into(),
+        device: None,
+        generation: None,
+        reason: "syslog".into(),
+    };
+    center.record_audit(&[e.clone(), e.clone()]).unwrap();
+    let log = center.audit_log(0, 10).unwrap();
+    for r in &log {
+        let mut buf = [0u8; 4096];
+        let n = listener.recv(&mut buf).unwrap();
+        let msg = std::str::from_utf8(&buf[..n]).unwrap();
+        assert!(msg.starts_with("<37>microcert-audit: {"), "{msg}");
+        assert!(msg.contains(&hex::encode(r.hash)), "{msg}");
+    }
+    // The daemon goes away: refused, nothing appended.
+    drop(listener);
+    std::fs::remove_file(&sock).unwrap();
+    assert!(matches!(
+        center.record_audit(&[e]),
+        Err(Error::AuditSink(_))
+    ));
+    assert_eq!(center.audit_log(0, 10).unwrap().len(), log.len());
+}

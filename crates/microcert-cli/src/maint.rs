@@ -278,6 +278,10 @@ pub enum LocalAuditCommand {
         /// The archive file; it must not exist.
         #[arg(long)]
         out: PathBuf,
+        /// Which table: the audit log, or the notary records first seen
+        /// before the date (each archived with its card seal).
+        #[arg(long, value_enum, default_value = "audit")]
+        table: ArchiveTable,
     },
     /// Check an archive file: the card's MAC, the hash chain of its
     /// entries, and that it ends at the table's checkpoint (or is older,
@@ -288,6 +292,15 @@ pub enum LocalAuditCommand {
         /// The archive file.
         file: PathBuf,
     },
+}
+
+/// The table `audit archive` moves rows out of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArchiveTable {
+    /// The audit log (hash chain; the table keeps a card-tagged checkpoint).
+    Audit,
+    /// The notary records of verified signatures.
+    Notary,
 }
 
 /// A date as Unix seconds: YYYY-MM-DD (UTC midnight) or a number.
@@ -352,11 +365,24 @@ pub fn audit(cmd: LocalAuditCommand) -> anyhow::Result<bool> {
             eprintln!("{n} entries exported");
             Ok(true)
         }
-        LocalAuditCommand::Archive { local, before, out } => {
+        LocalAuditCommand::Archive {
+            local,
+            before,
+            out,
+            table,
+        } => {
             let center = local
                 .resolve()?
                 .open_center(Open::maintenance(Access::Write))?;
-            match center.archive_audit(before, &out, &crate::tokencmd::actor(), now())? {
+            let actor = crate::tokencmd::actor();
+            if table == ArchiveTable::Notary {
+                match center.archive_notary(before, &out, &actor, now())? {
+                    Some(r) => say!("{} notary records moved to {}", r.entries, r.path.display()),
+                    None => say!("no notary record first seen before {before} to archive"),
+                }
+                return Ok(true);
+            }
+            match center.archive_audit(before, &out, &actor, now())? {
                 Some(r) => say!(
                     "{} audit entries ({} to {}) moved to {}",
                     r.entries,
@@ -372,6 +398,23 @@ pub fn audit(cmd: LocalAuditCommand) -> anyhow::Result<bool> {
             let center = local
                 .resolve()?
                 .open_center(Open::maintenance(Access::ReadOnly))?;
+            if microcert_center::audit_archive::is_notary_archive(&file)? {
+                return match center.verify_notary_archive(&file) {
+                    Ok(c) => {
+                        say!(
+                            "notary archive intact: {} records, each with its card seal ({} still in the table)",
+                            c.records,
+                            c.in_table
+                        );
+                        Ok(true)
+                    }
+                    Err(microcert_center::Error::Integrity(why)) => {
+                        say!("archive BROKEN: {why}");
+                        Ok(false)
+                    }
+                    Err(e) => Err(e.into()),
+                };
+            }
             match center.verify_audit_archive(&file) {
                 Ok(c) => {
                     use microcert_center::audit_archive::ArchiveLink;

@@ -271,3 +271,26 @@ fn audit_archive_and_verify_archive() {
     ]);
     assert!(!o.status.success());
 }
+
+/// The notary table's retention from the command line.
+#[test]
+fn notary_archive_from_the_command_line() {
+    let setup = Setup::new(1);
+    let data = setup.data();
+    // No signature verified yet: nothing to archive, no file.
+    let out = setup.dir.path().join("notary.jsonl");
+    let said = stdout(&run(&[
+        "audit",
+        "archive",
+        "--table",
+        "notary",
+        "--data",
+        s(&data),
+        "--before",
+        "2999-01-01",
+        "--out",
+        s(&out),
+    ]));
+    assert!(said.contains("no notary record"), "{said}");
+    assert!(!out.exists());
+}

@@ -594,6 +594,10 @@ pub trait Tx {
     /// Deletes the audit entries with seq <= `through` (an archive moved
     /// them out, [`crate::audit::archive`]); returns how many.
     fn delete_audit_through(&mut self, through: u64) -> Result<u64>;
+    /// Deletes a notary record (an archive moved it out,
+    /// [`Center::archive_notary`](crate::Center::archive_notary)); false
+    /// when there was none.
+    fn delete_notary(&mut self, n: &NotaryRow) -> Result<bool>;
     /// Inserts an audit entry as it is (its seq and hashes kept): a
     /// restore of a backup whose log starts after an archive checkpoint.
     fn insert_audit_record(&mut self, r: &AuditRecord) -> Result<()>;

@@ -659,6 +659,21 @@ impl Tx for SealedTx<'_> {
     fn delete_audit_through(&mut self, through: u64) -> Result<u64> {
         self.inner.delete_audit_through(through)
     }
+    fn delete_notary(&mut self, n: &NotaryRow) -> Result<bool> {
+        // The stored row (its seal checked) leaves its shard.
+        let Some(stored) = self
+            .inner
+            .notary(n.device, n.generation, n.t, n.r, &n.digest)?
+        else {
+            return Ok(false);
+        };
+        super::check_notary(self.card, &stored)?;
+        let gone = self.inner.delete_notary(&stored)?;
+        if gone {
+            self.shard(NOTARY_BASE + shard_of(n.device), stored.seal.as_ref(), None)?;
+        }
+        Ok(gone)
+    }
     fn insert_audit_record(&mut self, r: &AuditRecord) -> Result<()> {
         self.inner.insert_audit_record(r)
     }

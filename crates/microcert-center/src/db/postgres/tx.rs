@@ -803,6 +803,22 @@ impl Tx for PgTx<'_> {
         Ok(())
     }
 
+    fn delete_notary(&mut self, n: &NotaryRow) -> Result<bool> {
+        self.wrote = true;
+        let k = self.conn()?.execute(
+            "DELETE FROM notary WHERE device = $1 AND generation = $2 AND t = $3 AND r = $4 \
+             AND digest = $5",
+            &[
+                &&n.device.0[..],
+                &small(n.generation),
+                &i64::from(n.t),
+                &i(n.r),
+                &&n.digest[..],
+            ],
+        )?;
+        Ok(k == 1)
+    }
+
     fn delete_audit_through(&mut self, through: u64) -> Result<u64> {
         self.wrote = true;
         let n = self

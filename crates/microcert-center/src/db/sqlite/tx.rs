@@ -534,6 +534,15 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
+    fn delete_notary(&mut self, n: &NotaryRow) -> Result<bool> {
+        let k = self.tx.execute(
+            "DELETE FROM notary WHERE device = ?1 AND generation = ?2 AND t = ?3 AND r = ?4 \
+             AND digest = ?5",
+            params![&n.device.0[..], n.generation, n.t, i(n.r), &n.digest[..]],
+        )?;
+        Ok(k == 1)
+    }
+
     fn delete_audit_through(&mut self, through: u64) -> Result<u64> {
         let n = self
             .tx
