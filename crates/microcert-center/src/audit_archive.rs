@@ -579,8 +579,7 @@ fn notary_records(
     if header.get("format").and_then(|f| f.as_str()) != Some(NOTARY_FORMAT) {
         return Err(bad(path, "not a notary archive"));
     }
-    let mut n = 0u64;
-    for line in lines {
+    for (n, line) in (0u64..).zip(lines) {
         let v: serde_json::Value =
             serde_json::from_str(&line?).map_err(|_| bad(path, format!("record {}", n + 1)))?;
         if v.get("t").and_then(|t| t.as_str()) == Some("end") {
@@ -591,7 +590,6 @@ fn notary_records(
         }
         let row = notary_of(&v).ok_or_else(|| bad(path, format!("record {}", n + 1)))?;
         each(row)?;
-        n += 1;
     }
     Err(bad(path, "no end line"))
 }
