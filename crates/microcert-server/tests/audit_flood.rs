@@ -118,3 +118,40 @@ async fn a_flood_of_bad_tokens_is_audited_in_bounded_entries() {
     assert_eq!(srv.center.verify_audit().unwrap().1, None);
     srv.stop().await;
 }
+
+/// A configured audit sink that cannot record: the operator API answers
+/// 503 with `"error": "audit-sink"` and nothing changes (here a backup,
+/// which is audited before it is made).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_sink_cannot_record_is_503_and_changes_nothing() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let srv = common::TestServer::start().await;
+    let operator = create(&srv.center, Role::Operator, "alice", None, "test").unwrap();
+    let sink_path = srv.dir.path().join("audit.jsonl");
+    srv.center
+        .set_audit_sink(std::sync::Arc::new(
+            microcert_center::audit::FileSink::open(&sink_path).unwrap(),
+        ))
+        .unwrap();
+    std::fs::remove_file(&sink_path).unwrap();
+    std::fs::create_dir(&sink_path).unwrap();
+    let before = srv.center.audit_log(0, 1000).unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/backups", srv.http))
+        .bearer_auth(operator.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "audit-sink", "{body}");
+    assert_eq!(srv.center.audit_log(0, 1000).unwrap(), before);
+    assert!(
+        !srv.dir.path().join("backups").exists()
+            || std::fs::read_dir(srv.dir.path().join("backups"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+    srv.stop().await;
+}
