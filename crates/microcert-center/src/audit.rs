@@ -410,7 +410,16 @@ impl FileSink {
             path: path.to_owned(),
             lock: std::sync::Mutex::new(()),
         };
-        drop(s.file()?);
+        let f = s.file()?;
+        // An existing file readable by others is made private.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if f.metadata()?.permissions().mode() & 0o077 != 0 {
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+        drop(f);
         Ok(s)
     }
 
