@@ -27,6 +27,46 @@ use crate::{Error, Result};
 /// are 0..[`crate::integrity::SHARDS`]).
 pub const AUDIT_HEAD_SHARD: u8 = 255;
 
+/// The digest-table row that holds the archive checkpoint (issue 15 item
+/// 5, retention): acc = the hash of the last entry moved out to an
+/// archive, count = its seq. The table's chain starts right after it.
+/// No such row: nothing was archived, the chain starts at (0, 0^32).
+pub const AUDIT_BASE_SHARD: u8 = 254;
+
+/// The canonical bytes of the archive checkpoint that the card tags.
+pub fn base_bytes(seq: u64, hash: &[u8; 32]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(56);
+    b.extend_from_slice(b"MC-AUDIT-BASE-v1");
+    b.extend_from_slice(&seq.to_be_bytes());
+    b.extend_from_slice(hash);
+    b
+}
+
+/// The archive checkpoint as the card tagged it: (seq, hash) of the last
+/// archived entry, (0, 0^32) when nothing was archived. Err(Integrity)
+/// when the stored checkpoint's tag is wrong.
+pub fn tagged_base_of(
+    card: &dyn EncryptionCard,
+    shards: &[DigestShard],
+) -> Result<(u64, [u8; 32])> {
+    match shards.iter().find(|s| s.shard == AUDIT_BASE_SHARD) {
+        Some(row) => {
+            let tag = card.digest_tag(&base_bytes(row.count, &row.acc))?;
+            if subtle::ConstantTimeEq::ct_eq(&tag[..], &row.tag[..]).into() {
+                Ok((row.count, row.acc))
+            } else {
+                Err(Error::Integrity("audit archive checkpoint".into()))
+            }
+        }
+        None => Ok((0, [0u8; 32])),
+    }
+}
+
+/// [`tagged_base_of`] the database's digest rows.
+pub fn tagged_base(db: &dyn KeyDatabase, card: &dyn EncryptionCard) -> Result<(u64, [u8; 32])> {
+    tagged_base_of(card, &db.digest_shards()?)
+}
+
 /// The canonical bytes of a chain head that the card tags.
 pub fn head_bytes(seq: u64, hash: &[u8; 32]) -> Vec<u8> {
     let mut b = Vec::with_capacity(56);
@@ -66,11 +106,20 @@ pub fn append_many(tx: &mut dyn Tx, card: &dyn EncryptionCard, entries: &[NewAud
         }
         None => (0, [0u8; 32]),
     };
+    let mut records = Vec::with_capacity(entries.len());
     for e in entries {
         tx.append_audit(e)?;
         seq += 1;
-        prev = chain_hash(&prev, seq, e);
+        let hash = chain_hash(&prev, seq, e);
+        records.push(AuditRecord {
+            seq,
+            entry: e.clone(),
+            prev_hash: prev,
+            hash,
+        });
+        prev = hash;
     }
+    tx.audit_sink_record(&records)?;
     let tag = card.digest_tag(&head_bytes(seq, &prev))?;
     tx.put_digest_shard(&DigestShard {
         shard: AUDIT_HEAD_SHARD,
@@ -125,6 +174,9 @@ pub enum AuditFinding {
     },
     /// The stored head itself fails the card's tag.
     HeadTag,
+    /// The archive checkpoint (where the table's chain starts after an
+    /// archive) fails the card's tag.
+    BaseTag,
 }
 
 impl AuditFinding {
@@ -135,7 +187,7 @@ impl AuditFinding {
             AuditFinding::Broken { seq } | AuditFinding::HeadMismatch { seq } => *seq,
             AuditFinding::Truncated { last, .. } => last + 1,
             AuditFinding::Untagged { first } => *first,
-            AuditFinding::HeadTag => 0,
+            AuditFinding::HeadTag | AuditFinding::BaseTag => 0,
         }
     }
 }
@@ -159,6 +211,10 @@ impl std::fmt::Display for AuditFinding {
                 write!(f, "entry {seq} is not the one the card tagged as the head")
             }
             AuditFinding::HeadTag => write!(f, "the stored chain head fails the card's tag"),
+            AuditFinding::BaseTag => write!(
+                f,
+                "the archive checkpoint (where the table's chain starts) fails the card's tag"
+            ),
         }
     }
 }
@@ -169,8 +225,13 @@ pub fn verify(
     db: &dyn KeyDatabase,
     card: &dyn EncryptionCard,
 ) -> Result<(u64, Option<AuditFinding>)> {
-    let mut prev = [0u8; 32];
-    let mut after = 0;
+    // After an archive the table's chain starts at the card-tagged
+    // checkpoint (the last archived entry), not at (0, 0^32).
+    let (mut after, mut prev) = match tagged_base(db, card) {
+        Ok(b) => b,
+        Err(Error::Integrity(_)) => return Ok((0, Some(AuditFinding::BaseTag))),
+        Err(e) => return Err(e),
+    };
     let mut n = 0;
     loop {
         let page = db.audit_log(after, 1000)?;
@@ -285,4 +346,160 @@ pub fn verify_chain(prev: [u8; 32], entries: &[AuditRecord]) -> Option<u64> {
         prev = e.hash;
     }
     None
+}
+
+/// A second audit sink, like Vault's audit devices: every audit entry the
+/// center appends is handed to it (with its chain hash) inside the
+/// entry's transaction, before the commit. When it cannot record the
+/// entry, the change is refused and nothing is changed (the transaction
+/// rolls back). Decision: the sink is written first, the database commits
+/// second, so no committed change is missing from the sink; the price is
+/// that a sink may hold an entry whose transaction then failed to commit
+/// (a crash, a lost connection): its seq and chain hash then do not match
+/// the table's entry of that seq (or there is none), which tells them
+/// apart.
+pub trait AuditSink: Send + Sync + std::fmt::Debug {
+    /// Records `entries` durably, in order, or fails.
+    fn record(&self, entries: &[AuditRecord]) -> std::io::Result<()>;
+    /// What it is, for messages ("file /var/log/microcert/audit.jsonl").
+    fn describe(&self) -> String;
+}
+
+/// A JSON-lines file (mode 0600): one line per entry, [`to_json`] (with
+/// its chain hash), written with O_APPEND and fsync'd before the entry's
+/// transaction commits. The file is opened for each batch, so a file
+/// moved away by log rotation is made again.
+#[derive(Debug)]
+pub struct FileSink {
+    path: std::path::PathBuf,
+    lock: std::sync::Mutex<()>,
+}
+
+impl FileSink {
+    /// A sink appending to `path`, which is opened (made, mode 0600) now
+    /// to check it can be written.
+    pub fn open(path: &std::path::Path) -> std::io::Result<FileSink> {
+        let s = FileSink {
+            path: path.to_owned(),
+            lock: std::sync::Mutex::new(()),
+        };
+        let f = s.file()?;
+        // An existing file readable by others is made private.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if f.metadata()?.permissions().mode() & 0o077 != 0 {
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+        drop(f);
+        Ok(s)
+    }
+
+    fn file(&self) -> std::io::Result<std::fs::File> {
+        let mut o = std::fs::OpenOptions::new();
+        o.append(true).create(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        o.open(&self.path)
+    }
+}
+
+impl AuditSink for FileSink {
+    fn record(&self, entries: &[AuditRecord]) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(256 * entries.len());
+        for r in entries {
+            serde_json::to_writer(&mut buf, &to_json(r))?;
+            buf.push(b'\n');
+        }
+        let _g = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut f = self.file()?;
+        f.write_all(&buf)?;
+        f.sync_data()
+    }
+
+    fn describe(&self) -> String {
+        format!("file {}", self.path.display())
+    }
+}
+
+/// The local syslog (RFC 3164 over the Unix datagram socket, `/dev/log`
+/// unless told otherwise), facility auth (4), severity notice: one
+/// message per entry, its JSON line as the text. A datagram the socket
+/// does not take (no syslog daemon, its queue full) is an error.
+#[cfg(unix)]
+#[derive(Debug)]
+pub struct SyslogSink {
+    socket: std::path::PathBuf,
+}
+
+#[cfg(unix)]
+impl SyslogSink {
+    /// The syslog socket `socket` (usually `/dev/log`), checked now.
+    pub fn open(socket: &std::path::Path) -> std::io::Result<SyslogSink> {
+        let s = SyslogSink {
+            socket: socket.to_owned(),
+        };
+        s.connect()?;
+        Ok(s)
+    }
+
+    fn connect(&self) -> std::io::Result<std::os::unix::net::UnixDatagram> {
+        let d = std::os::unix::net::UnixDatagram::unbound()?;
+        d.connect(&self.socket)?;
+        d.set_write_timeout(Some(std::time::Duration::from_secs(2)))?;
+        Ok(d)
+    }
+}
+
+#[cfg(unix)]
+impl AuditSink for SyslogSink {
+    fn record(&self, entries: &[AuditRecord]) -> std::io::Result<()> {
+        let d = self.connect()?;
+        for r in entries {
+            // <PRI> = facility auth (4) * 8 + severity notice (5).
+            let msg = format!("<37>microcert-audit: {}", to_json(r));
+            d.send(msg.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("syslog {}", self.socket.display())
+    }
+}
+
+/// Several sinks: an entry is recorded when every one recorded it.
+#[derive(Debug)]
+pub struct Sinks(pub Vec<std::sync::Arc<dyn AuditSink>>);
+
+impl AuditSink for Sinks {
+    fn record(&self, entries: &[AuditRecord]) -> std::io::Result<()> {
+        for s in &self.0 {
+            s.record(entries)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", s.describe())))?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        self.0
+            .iter()
+            .map(|s| s.describe())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Hands `entries` to `sink`, mapping a failure to [`Error::AuditSink`]
+/// (counted in `microcert_audit_sink_failures_total`).
+pub fn record_in_sink(sink: &dyn AuditSink, entries: &[AuditRecord]) -> Result<()> {
+    sink.record(entries).map_err(|e| {
+        metrics::counter!("microcert_audit_sink_failures_total").increment(1);
+        tracing::error!(sink = %sink.describe(), error = %e, "the audit sink cannot record an entry: the change is refused");
+        Error::AuditSink(format!("{}: {e}", sink.describe()))
+    })
 }

@@ -276,6 +276,11 @@ pub enum Error {
     /// rolled back, or lacks a version that records need (issue 14).
     #[error("keyring: {0}")]
     Keyring(String),
+    /// A configured audit sink (`[audit] file` / `syslog`,
+    /// [`crate::audit::AuditSink`]) could not record an entry: the change
+    /// it was for is refused and rolled back.
+    #[error("the audit sink cannot record the entry, so the change is refused: {0}")]
+    AuditSink(String),
     /// The key database failed: what kind of failure ([`DbFailure`]) and
     /// what the backend said.
     #[error("database error: {0}")]
@@ -451,6 +456,7 @@ impl Error {
             Error::Shares(_) => "shares",
             Error::Card(_) => "card",
             Error::Keyring(_) => "keyring",
+            Error::AuditSink(_) => "audit-sink",
             Error::Database(_) | Error::Sqlite(_) => "database",
             Error::Io(_) => "io",
         }
@@ -506,6 +512,9 @@ impl Error {
             | Error::IllegalTransition { .. } => ErrorClass::Conflict,
             Error::Integrity(_) => ErrorClass::Integrity,
             Error::Card(_) => ErrorClass::Unavailable,
+            // The sink may come back (a full disk, a syslog restarting):
+            // 503, nothing changed.
+            Error::AuditSink(_) => ErrorClass::Unavailable,
             // A busy or locked SQLite file is transient; anything else it
             // says (a corrupt file, a row that does not convert: edited
             // from outside) is not.

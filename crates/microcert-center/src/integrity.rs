@@ -159,6 +159,7 @@ pub fn shard_kind(shard: u8) -> &'static str {
         s if s < ALL_SHARDS => "device rows",
         s if s < MARK_SHARD => "tokens",
         MARK_SHARD => "marks",
+        crate::audit::AUDIT_BASE_SHARD => "audit archive checkpoint",
         _ => "audit head",
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod anchor;
 pub mod audit;
+pub mod audit_archive;
 pub mod backup;
 mod cache;
 pub mod card;

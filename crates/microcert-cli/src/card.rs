@@ -2,10 +2,12 @@
 
 use std::io::BufRead;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use microcert_center::card::{KdfParams, SoftwareCard};
+use microcert_center::db::NewAudit;
 
 use crate::binding::Access;
 use crate::config::{ConfigArgs, Open, Resolved};
@@ -61,6 +63,11 @@ pub enum CardCommand {
         /// MICROCERT_EXPORT_PASSPHRASE).
         #[arg(long, value_name = "FILE")]
         export_passphrase_file: Option<PathBuf>,
+        /// Act even when the key database cannot be opened to record this
+        /// in its audit log (the entry is then missing: say why in your
+        /// own records). Without it the command refuses.
+        #[arg(long)]
+        unaudited: bool,
     },
     /// Print the card's keys as M-of-N Shamir shares, one per line, for
     /// N custodians; any M of them recover the card.
@@ -73,6 +80,11 @@ pub enum CardCommand {
         /// How many shares recover the card (M).
         #[arg(long, default_value_t = 3)]
         threshold: u8,
+        /// Act even when the key database cannot be opened to record this
+        /// in its audit log (the entry is then missing: say why in your
+        /// own records). Without it the command refuses.
+        #[arg(long)]
+        unaudited: bool,
     },
     /// Record that the configured key database is this card's database
     /// (both in the database and in the data directory): after moving the
@@ -90,6 +102,11 @@ pub enum CardCommand {
         /// A file with the shares, one per line; standard input if absent.
         #[arg(long, value_name = "FILE")]
         shares_file: Option<PathBuf>,
+        /// Act even when the key database cannot be opened to record this
+        /// in its audit log (the entry is then missing: say why in your
+        /// own records). Without it the command refuses.
+        #[arg(long)]
+        unaudited: bool,
     },
     /// Make the keyring root key `microcert-kroot` on a PKCS#11 token
     /// initialised before the keyring (issue 14; `card init` makes it).
@@ -159,15 +176,39 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
             shares,
             threshold,
             export_passphrase_file,
+            unaudited,
         } => {
             let data = cfg.resolve()?;
             data.require_software_card("card clone")?;
             let pass = data.passphrase()?;
-            let card =
-                SoftwareCard::open(&data.card_file(), &pass).context("cannot open the card")?;
+            let card = Arc::new(
+                SoftwareCard::open(&data.card_file(), &pass).context("cannot open the card")?,
+            );
             if out.exists() {
                 bail!("{} exists: the export goes to a new path", out.display());
             }
+            if let Some(n) = shares {
+                check_threshold(n, threshold)?;
+            }
+            let how = match shares {
+                Some(n) => format!("as {threshold}-of-{n} Shamir shares"),
+                None => "sealed under an export passphrase".to_owned(),
+            };
+            audit_card_op(
+                &data,
+                &card,
+                CardOp {
+                    what: "card clone",
+                    action: "card-clone",
+                    reason: format!(
+                        "card {} exported {how} to {}",
+                        card.card_id(),
+                        out.display()
+                    ),
+                    create_db: true,
+                    unaudited,
+                },
+            )?;
             match shares {
                 Some(n) => {
                     let lines = card.split(n, threshold)?;
@@ -214,12 +255,30 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
             cfg,
             shares,
             threshold,
+            unaudited,
         } => {
             let data = cfg.resolve()?;
             data.require_software_card("card split")?;
             let pass = data.passphrase()?;
-            let card =
-                SoftwareCard::open(&data.card_file(), &pass).context("cannot open the card")?;
+            let card = Arc::new(
+                SoftwareCard::open(&data.card_file(), &pass).context("cannot open the card")?,
+            );
+            // Refused parameters make no entry.
+            check_threshold(shares, threshold)?;
+            audit_card_op(
+                &data,
+                &card,
+                CardOp {
+                    what: "card split",
+                    action: "card-split",
+                    reason: format!(
+                        "card {} printed as {threshold}-of-{shares} Shamir shares",
+                        card.card_id()
+                    ),
+                    create_db: true,
+                    unaudited,
+                },
+            )?;
             let lines = card.split(shares, threshold)?;
             eprintln!(
                 "{shares} shares of card {}; any {threshold} recover it. Give each to one custodian.",
@@ -229,7 +288,11 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
                 say!("{line}");
             }
         }
-        CardCommand::Recover { cfg, shares_file } => {
+        CardCommand::Recover {
+            cfg,
+            shares_file,
+            unaudited,
+        } => {
             let data = cfg.resolve()?;
             data.require_software_card("card recover")?;
             let pass = data.passphrase()?;
@@ -251,7 +314,26 @@ pub fn run(cmd: CardCommand) -> anyhow::Result<()> {
                     s
                 }
             };
-            let card = recover(&text)?;
+            let card = Arc::new(recover(&text)?);
+            // Recorded in the card's database before the card file is
+            // written; not made when missing (a backup restore into it
+            // follows a recovery from nothing: pass --unaudited then).
+            data.create_data_dir()?;
+            audit_card_op(
+                &data,
+                &card,
+                CardOp {
+                    what: "card recover",
+                    action: "card-recover",
+                    reason: format!(
+                        "card {} recovered from shares into {}",
+                        card.card_id(),
+                        data.card_file().display()
+                    ),
+                    create_db: false,
+                    unaudited,
+                },
+            )?;
             install(&data, &pass, &card, "recovered")?;
         }
         CardCommand::KeyringRoot { cfg } => keyring_root(&cfg.resolve()?)?,
@@ -277,6 +359,69 @@ fn keyring_root(r: &Resolved) -> anyhow::Result<()> {
         cfg.token_label
     );
     Ok(())
+}
+
+/// Shamir parameters the card accepts (checked before the audit entry,
+/// so a refused split makes none).
+fn check_threshold(shares: u8, threshold: u8) -> anyhow::Result<()> {
+    if threshold < 2 || shares < threshold {
+        return Err(microcert_center::Error::ShareThreshold { threshold, shares }.into());
+    }
+    Ok(())
+}
+
+/// A card operation to audit ([`audit_card_op`]).
+struct CardOp {
+    /// The command, for messages.
+    what: &'static str,
+    /// The audit action.
+    action: &'static str,
+    /// The entry's reason.
+    reason: String,
+    /// Whether a missing SQLite database is made (a card cloned before
+    /// the first `serve`: its audit log starts with the export).
+    create_db: bool,
+    /// `--unaudited`: act even when the entry cannot be written.
+    unaudited: bool,
+}
+
+/// Records a card operation in the audit log of the configured key
+/// database (resolved as for every command), with `card` (the one the
+/// operation uses), before the operation. When the database cannot be
+/// opened or the entry cannot be written, the operation is refused with
+/// a message that says so, unless `--unaudited` (then a warning).
+fn audit_card_op(data: &Resolved, card: &Arc<SoftwareCard>, op: CardOp) -> anyhow::Result<()> {
+    let recorded = (|| -> anyhow::Result<()> {
+        let how = Open {
+            create_db: op.create_db,
+            ..Open::maintenance(Access::Write)
+        };
+        let center = data.open_center_with(how, card.clone())?;
+        center.record_audit(&[NewAudit::new(
+            crate::tokencmd::now(),
+            crate::tokencmd::actor(),
+            op.action,
+        )
+        .because(op.reason.clone())])?;
+        Ok(())
+    })();
+    match recorded {
+        Ok(()) => Ok(()),
+        Err(e) if op.unaudited => {
+            eprintln!(
+                "warning: --unaudited: `microcert {}` is NOT recorded in any audit log ({e:#})",
+                op.what
+            );
+            Ok(())
+        }
+        Err(e) => Err(e.context(format!(
+            "refused: `microcert {}` is recorded in the audit log of the key database {}, which \
+             cannot record it. Give the command the configuration `serve` uses (--config, \
+             --database, MICROCERT_DATABASE), or pass --unaudited to act without an audit entry",
+            op.what,
+            data.database_shown()
+        ))),
+    }
 }
 
 /// The card of the shares in `text`, one a line (blank lines ignored).

@@ -111,6 +111,26 @@ pub struct FileConfig {
     /// (`microcert_server::limits`).
     #[serde(default)]
     pub limits: microcert_server::limits::LimitsConfig,
+    /// `[audit]`: a second audit sink beside the database's audit log.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`: where every audit entry is also recorded (like Vault's
+/// audit devices). When a configured sink cannot record an entry, the
+/// change is refused (503 on the operator API, an error on the command
+/// line) and nothing changes.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// A JSON-lines file (made with mode 0600, appended, fsync'd before
+    /// the change commits): one line per entry with its chain hash.
+    pub file: Option<PathBuf>,
+    /// Also to the local syslog (facility auth), through `syslog_socket`.
+    #[serde(default)]
+    pub syslog: bool,
+    /// The syslog socket (default /dev/log).
+    pub syslog_socket: Option<PathBuf>,
 }
 
 /// Reads a configuration file.
@@ -338,16 +358,87 @@ impl Resolved {
         }
     }
 
+    /// The configured second audit sink (`[audit]`), opened and checked;
+    /// None when none is configured.
+    pub fn audit_sink(
+        &self,
+    ) -> anyhow::Result<Option<Arc<dyn microcert_center::audit::AuditSink>>> {
+        use microcert_center::audit::{AuditSink, FileSink, Sinks};
+        let a = &self.file.audit;
+        let mut sinks: Vec<Arc<dyn AuditSink>> = Vec::new();
+        if let Some(path) = &a.file {
+            sinks.push(Arc::new(FileSink::open(path).with_context(|| {
+                format!(
+                    "the audit file {} ([audit] file) cannot be written",
+                    path.display()
+                )
+            })?));
+        }
+        if a.syslog {
+            #[cfg(unix)]
+            {
+                let socket = a
+                    .syslog_socket
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/dev/log"));
+                sinks.push(Arc::new(
+                    microcert_center::audit::SyslogSink::open(&socket).with_context(|| {
+                        format!(
+                            "the syslog socket {} ([audit] syslog) cannot be reached",
+                            socket.display()
+                        )
+                    })?,
+                ));
+            }
+            #[cfg(not(unix))]
+            bail!("[audit] syslog needs a Unix syslog socket");
+        }
+        Ok(match sinks.len() {
+            0 => None,
+            1 => sinks.pop(),
+            _ => Some(Arc::new(Sinks(sinks))),
+        })
+    }
+
+    /// Sets the configured audit sink on a center just opened (not for a
+    /// read-only command: it appends nothing, and reads on when the sink
+    /// is down).
+    fn with_sink(&self, center: Arc<Center>, access: Access) -> anyhow::Result<Arc<Center>> {
+        if access == Access::ReadOnly {
+            return Ok(center);
+        }
+        if let Some(sink) = self.audit_sink()? {
+            center.set_audit_sink(sink)?;
+        }
+        Ok(center)
+    }
+
+    /// Opens the center over the resolved database with a card the caller
+    /// already opened (the card commands), as [`Resolved::open_center`].
+    pub fn open_center_with(
+        &self,
+        how: Open,
+        card: Arc<dyn EncryptionCard>,
+    ) -> anyhow::Result<Arc<Center>> {
+        let center = self.site.open(
+            self.site_open(&how),
+            || Ok::<_, std::io::Error>(card),
+            &mut |w| eprintln!("warning: {w}"),
+        )?;
+        self.with_sink(center, how.access)
+    }
+
     /// Opens the card and the center over the resolved database, and
     /// checks (and on first use records) that the database is the one the
     /// card was last used with (`microcert_center::site::binding`);
     /// prints what that check only warns about.
     pub fn open_center(&self, how: Open) -> anyhow::Result<Arc<Center>> {
-        Ok(self.site.open(
+        let center = self.site.open(
             self.site_open(&how),
             || self.open_card(how.create_card, how.dev),
             &mut |w| eprintln!("warning: {w}"),
-        )?)
+        )?;
+        self.with_sink(center, how.access)
     }
 }
 

@@ -264,6 +264,70 @@ pub enum LocalAuditCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Move the entries older than a date out of the table into a new
+    /// archive file that stays verifiable (`audit verify-archive`); the
+    /// table's chain goes on from a card-tagged checkpoint. Safe to
+    /// interrupt: the entries are in the table or in a complete archive.
+    Archive {
+        #[command(flatten)]
+        local: ConfigArgs,
+        /// Entries before this date move: YYYY-MM-DD (UTC midnight) or
+        /// Unix seconds.
+        #[arg(long, value_parser = parse_date)]
+        before: u64,
+        /// The archive file; it must not exist.
+        #[arg(long)]
+        out: PathBuf,
+        /// Which table: the audit log, or the notary records first seen
+        /// before the date (each archived with its card seal).
+        #[arg(long, value_enum, default_value = "audit")]
+        table: ArchiveTable,
+    },
+    /// Check an archive file: the card's MAC, the hash chain of its
+    /// entries, and that it ends at the table's checkpoint (or is older,
+    /// or its entries are still in the table); exit 1 if not.
+    VerifyArchive {
+        #[command(flatten)]
+        local: ConfigArgs,
+        /// The archive file.
+        file: PathBuf,
+    },
+}
+
+/// The table `audit archive` moves rows out of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArchiveTable {
+    /// The audit log (hash chain; the table keeps a card-tagged checkpoint).
+    Audit,
+    /// The notary records of verified signatures.
+    Notary,
+}
+
+/// A date as Unix seconds: YYYY-MM-DD (UTC midnight) or a number.
+pub fn parse_date(s: &str) -> Result<u64, String> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(n);
+    }
+    let bad = || format!("{s:?} is not YYYY-MM-DD or Unix seconds");
+    let mut it = s
+        .splitn(3, '-')
+        .map(|p| p.parse::<i64>().map_err(|_| bad()));
+    let (y, m, d) = match (it.next(), it.next(), it.next()) {
+        (Some(y), Some(m), Some(d)) => (y?, m?, d?),
+        _ => return Err(bad()),
+    };
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return Err(bad());
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400).map_err(|_| bad())
 }
 
 /// Runs a local audit command; false when the log is not intact.
@@ -300,6 +364,79 @@ pub fn audit(cmd: LocalAuditCommand) -> anyhow::Result<bool> {
             };
             eprintln!("{n} entries exported");
             Ok(true)
+        }
+        LocalAuditCommand::Archive {
+            local,
+            before,
+            out,
+            table,
+        } => {
+            let center = local
+                .resolve()?
+                .open_center(Open::maintenance(Access::Write))?;
+            let actor = crate::tokencmd::actor();
+            if table == ArchiveTable::Notary {
+                match center.archive_notary(before, &out, &actor, now())? {
+                    Some(r) => say!("{} notary records moved to {}", r.entries, r.path.display()),
+                    None => say!("no notary record first seen before {before} to archive"),
+                }
+                return Ok(true);
+            }
+            match center.archive_audit(before, &out, &actor, now())? {
+                Some(r) => say!(
+                    "{} audit entries ({} to {}) moved to {}",
+                    r.entries,
+                    r.first,
+                    r.last,
+                    r.path.display()
+                ),
+                None => say!("no audit entry before {before} to archive"),
+            }
+            Ok(true)
+        }
+        LocalAuditCommand::VerifyArchive { local, file } => {
+            let center = local
+                .resolve()?
+                .open_center(Open::maintenance(Access::ReadOnly))?;
+            if microcert_center::audit_archive::is_notary_archive(&file)? {
+                return match center.verify_notary_archive(&file) {
+                    Ok(c) => {
+                        say!(
+                            "notary archive intact: {} records, each with its card seal ({} still in the table)",
+                            c.records,
+                            c.in_table
+                        );
+                        Ok(true)
+                    }
+                    Err(microcert_center::Error::Integrity(why)) => {
+                        say!("archive BROKEN: {why}");
+                        Ok(false)
+                    }
+                    Err(e) => Err(e.into()),
+                };
+            }
+            match center.verify_audit_archive(&file) {
+                Ok(c) => {
+                    use microcert_center::audit_archive::ArchiveLink;
+                    let link = match c.link {
+                        ArchiveLink::Checkpoint => "the table's chain goes on from its last entry",
+                        ArchiveLink::InTable => "its entries are still in the table",
+                        ArchiveLink::Older => "an older archive: the next archives link it",
+                    };
+                    say!(
+                        "archive intact: entries {} to {} ({}), {link}",
+                        c.first,
+                        c.last,
+                        c.entries
+                    );
+                    Ok(true)
+                }
+                Err(microcert_center::Error::Integrity(why)) => {
+                    say!("archive BROKEN: {why}");
+                    Ok(false)
+                }
+                Err(e) => Err(e.into()),
+            }
         }
     }
 }

@@ -75,7 +75,7 @@ pub fn parse_ttl(s: &str) -> Result<u64, String> {
     }
 }
 
-fn actor() -> String {
+pub(crate) fn actor() -> String {
     match std::env::var("USER") {
         Ok(u) if !u.is_empty() && u.len() <= 64 && !u.chars().any(char::is_control) => {
             format!("cli:{u}")
@@ -84,7 +84,7 @@ fn actor() -> String {
     }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())

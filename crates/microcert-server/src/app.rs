@@ -223,19 +223,28 @@ impl App {
             self.assemble(listeners.operator.is_some());
         crate::observe::status().scan_backups(&self.settings.schedule.backup_dir);
         Scheduler::new(self.center.clone(), &self.settings.schedule).spawn(shutdown.clone());
+        let tokens = self.tokens.clone();
         let coap = CoapSetup {
             svc,
             limits,
             workers: self.settings.coap_workers,
         };
-        serve_split(
+        let served = serve_split(
             listeners,
             (device_router, operator_router),
             coap,
             self.tls,
             shutdown,
         )
-        .await
+        .await;
+        // The failed authentications of the last window are audited
+        // before the process ends.
+        let _ = tokio::task::spawn_blocking(move || {
+            let last = tokens.closed_failures(None);
+            tokens.write_failures(&last);
+        })
+        .await;
+        served
     }
 }
 

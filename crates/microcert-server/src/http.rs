@@ -71,11 +71,58 @@ pub fn device_only_routes(state: HttpState) -> Router {
 /// The relying-party routes (`/v1/verify`, `/v1/open`), bodies of at most
 /// [`MAX_BODY`] bytes.
 pub fn relying_party_routes(state: HttpState) -> Router {
+    let tokens = state.tokens.clone();
     Router::new()
         .route("/v1/verify", post(verify))
         .route("/v1/open", post(open))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(tokens, audit_denials))
+}
+
+/// A layer over every route that takes a bearer token: a request whose
+/// token was refused ([`Denied`], found in the response's extensions) is
+/// counted and aggregated per source address and window
+/// ([`TokenStore::note_denied`]); the aggregate of a window is written to
+/// the audit log when the next window starts or its end passes, whichever
+/// comes first.
+pub async fn audit_denials(
+    State(tokens): State<Arc<TokenStore>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let source = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let resp = next.run(req).await;
+    let Some(denied) = resp.extensions().get::<Denied>().copied() else {
+        return resp;
+    };
+    let kind = match denied {
+        Denied::Unauthenticated => crate::tokens::DenialKind::Unauthenticated,
+        Denied::Forbidden => crate::tokens::DenialKind::Forbidden,
+    };
+    let now = crate::service::now();
+    let (closed, arm) = tokens.note_denied(source, kind, now);
+    if !closed.is_empty() {
+        let t = tokens.clone();
+        tokio::task::spawn_blocking(move || t.write_failures(&closed));
+    }
+    if arm {
+        let window_end =
+            now - now % crate::tokens::AUTH_FAILURE_WINDOW + crate::tokens::AUTH_FAILURE_WINDOW;
+        let wait = std::time::Duration::from_secs(window_end - now + 1);
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                let closed = tokens.closed_failures(Some(crate::service::now()));
+                tokens.write_failures(&closed);
+            })
+            .await;
+        });
+    }
+    resp
 }
 
 /// 503 Service Unavailable with Retry-After: the database or the card
@@ -204,7 +251,8 @@ pub enum Denied {
 
 impl IntoResponse for Denied {
     fn into_response(self) -> Response {
-        match self {
+        // Marked for the audit layer ([`audit_denials`]).
+        let mut r = match self {
             Denied::Unauthenticated => (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -216,7 +264,9 @@ impl IntoResponse for Denied {
                 axum::Json(json!({ "error": "forbidden" })),
             )
                 .into_response(),
-        }
+        };
+        r.extensions_mut().insert(self);
+        r
     }
 }
 

@@ -274,6 +274,10 @@ pub const ERROR_KINDS: &[(&str, &str)] = &[
     ),
     ("replay", "already accepted once (409; CoAP 4.03)"),
     (
+        "audit-sink",
+        "the configured audit sink cannot record the entry: the change is refused, nothing changed (503)",
+    ),
+    (
         "too-large",
         "the body is larger than the resource accepts (413)",
     ),

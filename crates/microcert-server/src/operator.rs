@@ -70,10 +70,17 @@ pub const MAX_OPERATOR_BODY: usize = 64 * 1024;
 /// body is a whole batch file, read line by line, and it takes as long as
 /// the batch takes).
 pub fn route_parts(state: OperatorState) -> (Router, Router) {
+    let tokens = state.tokens.clone();
+    let audited = move |r: Router| {
+        r.layer(axum::middleware::from_fn_with_state(
+            tokens.clone(),
+            crate::http::audit_denials,
+        ))
+    };
     let streamed = Router::new()
         .route("/v1/import", post(import))
         .with_state(state.clone());
-    (bounded_routes(state), streamed)
+    (audited(bounded_routes(state)), audited(streamed))
 }
 
 fn bounded_routes(state: OperatorState) -> Router {

@@ -144,8 +144,9 @@ impl DeviceService for CenterService {
     }
 
     fn open(&self, name: &str, body: &[u8]) -> Result<Vec<u8>, Refusal> {
-        let aud = Audience::relying_party(name);
-        let r = self.center.open_sealed(body, &aud, now());
+        // Audited (who, which device, how much) before the plaintext is
+        // handed out; an entry that cannot be written refuses the opening.
+        let r = self.center.open_sealed_audited(body, name, now());
         self.run("open", r.map(|o| o.plaintext.to_vec()))
     }
 }
@@ -233,6 +234,7 @@ mod tests {
             Error::Shares("x".into()),
             Error::Card("x".into()),
             Error::Keyring("x".into()),
+            Error::AuditSink("x".into()),
             Error::db(microcert_center::DbFailure::Internal, "x"),
             Error::Sqlite(rusqlite_error()),
             Error::Io(std::io::Error::other("x")),
@@ -288,6 +290,7 @@ mod tests {
                 | Error::Shares(_)
                 | Error::Card(_)
                 | Error::Keyring(_)
+                | Error::AuditSink(_)
                 | Error::Database(_)
                 | Error::Sqlite(_)
                 | Error::Io(_) => {}

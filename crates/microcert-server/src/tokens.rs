@@ -19,11 +19,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use microcert_center::Center;
-use microcert_center::db::TokenRow;
+use microcert_center::db::{NewAudit, TokenRow};
 use microcert_center::tokens::{LegacyToken, TokenStatus, token_hash, token_status};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -194,6 +195,70 @@ struct Cache {
 pub struct TokenStore {
     center: Arc<Center>,
     cache: Mutex<Cache>,
+    failures: Mutex<Failures>,
+    failures_total: AtomicU64,
+}
+
+/// Failed operator authentications are audited per window of this many
+/// seconds: one entry per source address with its count, not one per
+/// request (they come from unauthenticated peers).
+pub const AUTH_FAILURE_WINDOW: u64 = 60;
+
+/// At most this many sources get their own entry per window; the
+/// failures of every further source are summed in one more entry. So a
+/// flood writes at most `AUTH_FAILURE_SOURCES + 1` audit entries a window
+/// per center, however many requests or addresses it uses, and the
+/// aggregate in memory holds at most as many sources.
+pub const AUTH_FAILURE_SOURCES: usize = 16;
+
+/// Why a request's token was not accepted (counted and audited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenialKind {
+    /// No token, or one that is unknown, revoked or expired.
+    Unauthenticated,
+    /// A valid token without the role the route needs.
+    Forbidden,
+}
+
+/// The failed authentications of the current window.
+#[derive(Debug, Default)]
+struct Failures {
+    /// Start of the window (Unix seconds, a multiple of the window).
+    window: u64,
+    /// Per source: (unauthenticated, forbidden).
+    by_source: std::collections::BTreeMap<String, (u64, u64)>,
+    /// The sources beyond [`AUTH_FAILURE_SOURCES`], summed.
+    other: (u64, u64),
+    /// Whether a flush at the window's end is scheduled.
+    armed: bool,
+}
+
+impl Failures {
+    fn is_empty(&self) -> bool {
+        self.by_source.is_empty() && self.other == (0, 0)
+    }
+
+    /// The window's audit entries (and resets it).
+    fn take(&mut self) -> Vec<NewAudit> {
+        let start = self.window;
+        let end = start + AUTH_FAILURE_WINDOW;
+        let entry = |actor: String, (u, f): (u64, u64)| {
+            NewAudit::new(end, actor, "auth-failure").because(format!(
+                "{} failed operator authentication(s) in [{start}, {end}): {u} without a valid token, {f} with a token lacking the role",
+                u + f
+            ))
+        };
+        let mut out: Vec<NewAudit> = std::mem::take(&mut self.by_source)
+            .into_iter()
+            .map(|(src, n)| entry(src, n))
+            .collect();
+        if self.other != (0, 0) {
+            out.push(entry("other-sources".into(), self.other));
+        }
+        self.other = (0, 0);
+        self.armed = false;
+        out
+    }
 }
 
 fn refused(reason: &'static str) {
@@ -206,6 +271,86 @@ impl TokenStore {
         TokenStore {
             center,
             cache: Mutex::new(Cache::default()),
+            failures: Mutex::new(Failures::default()),
+            failures_total: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a refused token from `source` at `now` (Unix seconds) in
+    /// the Prometheus counter (`microcert_auth_failures_total{kind}`, every
+    /// one) and in the window's aggregate (bounded, see
+    /// [`AUTH_FAILURE_SOURCES`]). Returns the audit entries of a window
+    /// that this one closed (to be written with [`TokenStore::write_failures`])
+    /// and whether the caller should schedule a flush at the end of the
+    /// window this failure opened ([`TokenStore::closed_failures`]).
+    pub fn note_denied(
+        &self,
+        source: Option<std::net::IpAddr>,
+        kind: DenialKind,
+        now: u64,
+    ) -> (Vec<NewAudit>, bool) {
+        let label = match kind {
+            DenialKind::Unauthenticated => "unauthenticated",
+            DenialKind::Forbidden => "forbidden",
+        };
+        metrics::counter!("microcert_auth_failures_total", "kind" => label).increment(1);
+        self.failures_total.fetch_add(1, Ordering::Relaxed);
+        let window = now - now % AUTH_FAILURE_WINDOW;
+        let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let closed = if f.window != window && !f.is_empty() {
+            f.take()
+        } else {
+            Vec::new()
+        };
+        if f.window != window {
+            f.window = window;
+            f.armed = false;
+        }
+        let src = source.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+        let full = f.by_source.len() >= AUTH_FAILURE_SOURCES;
+        let f = &mut *f;
+        let slot = if !full || f.by_source.contains_key(&src) {
+            f.by_source.entry(src).or_default()
+        } else {
+            &mut f.other
+        };
+        match kind {
+            DenialKind::Unauthenticated => slot.0 += 1,
+            DenialKind::Forbidden => slot.1 += 1,
+        }
+        let arm = !f.armed;
+        f.armed = true;
+        (closed, arm)
+    }
+
+    /// How many refused tokens were counted since the start (what
+    /// `microcert_auth_failures_total` sums).
+    pub fn failures_total(&self) -> u64 {
+        self.failures_total.load(Ordering::Relaxed)
+    }
+
+    /// The audit entries of the aggregate when its window ended before
+    /// `now` (or, with `now` = None, at once: at shutdown, in tests).
+    pub fn closed_failures(&self, now: Option<u64>) -> Vec<NewAudit> {
+        let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let ended = now.is_none_or(|t| t >= f.window + AUTH_FAILURE_WINDOW);
+        if ended && !f.is_empty() {
+            f.take()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// Writes failed-authentication entries to the audit log (blocking).
+    /// A failure is logged and counted: the entries are lost, the
+    /// Prometheus counter still has them.
+    pub fn write_failures(&self, entries: &[NewAudit]) {
+        if entries.is_empty() {
+            return;
+        }
+        if let Err(e) = self.center.record_audit(entries) {
+            metrics::counter!("microcert_auth_failure_audit_errors_total").increment(1);
+            tracing::error!(error = %e, entries = entries.len(), "cannot audit failed operator authentications");
         }
     }
 

@@ -36,7 +36,7 @@
 //! backup of a tampered database is refused rather than kept.
 
 use std::collections::HashMap;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use microcert_core::DeviceId;
@@ -198,7 +198,18 @@ impl Backup {
             }
         }
         self.check_other_shards(card)?;
-        let mut prev = [0u8; 32];
+        // After an archive the log starts after the card-tagged
+        // checkpoint (issue 15 item 5).
+        let (base_seq, mut prev) =
+            crate::audit::tagged_base_of(card, &self.shards).map_err(|_| {
+                Error::Integrity("backup: the audit archive checkpoint fails its tag".into())
+            })?;
+        if self.audit.first().is_some_and(|a| a.seq != base_seq + 1) {
+            return Err(Error::Integrity(format!(
+                "backup: audit entry {}",
+                base_seq + 1
+            )));
+        }
         if let Some(bad) = crate::audit::verify_chain(prev, &self.audit) {
             return Err(Error::Integrity(format!("backup: audit entry {bad}")));
         }
@@ -228,9 +239,9 @@ fn card_id(card: &dyn EncryptionCard) -> Result<String> {
     Ok(hex::encode(&card.digest_tag(b"MC-BACKUP-CARD")?[..8]))
 }
 
-fn mac(card: &dyn EncryptionCard, body: &[u8]) -> Result<[u8; 32]> {
+fn mac_of_digest(card: &dyn EncryptionCard, body_digest: &[u8]) -> Result<[u8; 32]> {
     let mut b = b"MC-BACKUP-v1".to_vec();
-    b.extend_from_slice(&Sha256::digest(body));
+    b.extend_from_slice(body_digest);
     card.digest_tag(&b)
 }
 
@@ -318,17 +329,109 @@ pub fn create(
     dir: &Path,
     now: u64,
 ) -> Result<BackupSummary> {
-    let b = snapshot(db, card, now)?;
+    create_with_fault(db, card, dir, now, None)
+}
+
+/// Where a test makes [`create`] fail: a write error half-way (cleaned
+/// up as any error is), or a kill half-way (nothing cleaned up).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupFault {
+    /// The temporary file's write fails after the first rows.
+    WriteError,
+    /// The process dies after the first rows (no clean-up runs).
+    Kill,
+}
+
+/// The prefix and suffix of a backup's temporary file in its directory.
+const TEMP_PREFIX: &str = ".backup-";
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Removes the temporary files that backups killed half-way left in
+/// `dir` (called with the directory's backup lock held, so no backup is
+/// writing one); returns how many.
+fn remove_stale_temps(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) {
+            tracing::warn!(file = %p.display(), "removing the temporary file of an interrupted backup");
+            std::fs::remove_file(&p)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// [`create`] with a fault injected (tests).
+#[doc(hidden)]
+pub fn create_with_fault(
+    db: &dyn KeyDatabase,
+    card: &dyn EncryptionCard,
+    dir: &Path,
+    now: u64,
+    fault: Option<BackupFault>,
+) -> Result<BackupSummary> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     builder.create(dir)?;
+    // One backup at a time per directory (across processes: `serve` and
+    // a `backup create` beside it): a temporary file present while the
+    // lock is held was left by a backup that died.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(".backup.lock"))?;
+    lock.lock()?;
+    remove_stale_temps(dir)?;
+    let b = snapshot(db, card, now)?;
     let mut r = [0u8; 4];
     card.random(&mut r)?;
-    let path = dir.join(format!("backup-{now:012}-{}.{EXTENSION}", hex::encode(r)));
-    let bytes = encode(&b, card)?;
-    crate::card::write_atomically(&path, &bytes)?;
+    let name = format!("backup-{now:012}-{}.{EXTENSION}", hex::encode(r));
+    let path = dir.join(&name);
+    let tmp = dir.join(format!(".{name}{TEMP_SUFFIX}"));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    // Streamed into the file (the rows are in memory once, in the
+    // snapshot; the file's bytes never are), fsync'd, renamed.
+    let written = (|| -> Result<()> {
+        let f = opts.open(&tmp)?;
+        let mut w = std::io::BufWriter::new(f);
+        match fault {
+            Some(fault) => {
+                let mut limited = Faulty {
+                    inner: &mut w,
+                    left: 4096,
+                    fault,
+                };
+                encode_to(&b, card, &mut limited)?;
+            }
+            None => encode_to(&b, card, &mut w)?,
+        }
+        let f = w
+            .into_inner()
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        // A kill runs no clean-up: its temporary file stays until the
+        // next backup of the directory removes it.
+        if fault != Some(BackupFault::Kill) {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        return Err(e);
+    }
+    drop(lock);
     tracing::info!(path = %path.display(), seeds = b.seeds.len(), "backup written");
     Ok(BackupSummary {
         path,
@@ -340,9 +443,63 @@ pub fn create(
     })
 }
 
-/// The file's bytes.
+/// A writer that fails (or "dies") after `left` bytes (tests).
+struct Faulty<'a> {
+    inner: &'a mut dyn Write,
+    left: usize,
+    fault: BackupFault,
+}
+
+impl Write for Faulty<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            self.inner.flush()?;
+            return Err(match self.fault {
+                BackupFault::WriteError => std::io::Error::other("no space left (test)"),
+                BackupFault::Kill => std::io::Error::other("killed (test)"),
+            });
+        }
+        let n = buf.len().min(self.left);
+        let n = self.inner.write(&buf[..n])?;
+        self.left -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A writer that hashes what goes through it.
+struct Hashing<'a> {
+    inner: &'a mut dyn Write,
+    h: Sha256,
+}
+
+impl Write for Hashing<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.h.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The file's bytes (see [`encode_to`]).
 pub fn encode(b: &Backup, card: &dyn EncryptionCard) -> Result<Vec<u8>> {
-    let mut out = BufWriter::new(Vec::new());
+    let mut v = Vec::new();
+    encode_to(b, card, &mut v)?;
+    Ok(v)
+}
+
+/// Writes the file to `to`, line by line, the MAC computed over what was
+/// written (no copy of the file in memory).
+pub fn encode_to(b: &Backup, card: &dyn EncryptionCard, to: &mut dyn Write) -> Result<()> {
+    let mut out = Hashing {
+        inner: to,
+        h: Sha256::new(),
+    };
     let json = |e: serde_json::Error| Error::Io(std::io::Error::other(e));
     let header = HeaderLine {
         format: FORMAT.into(),
@@ -391,54 +548,89 @@ pub fn encode(b: &Backup, card: &dyn EncryptionCard) -> Result<Vec<u8>> {
             audit_hash: hex::encode(m.audit_hash),
         },
     }))?;
-    let mut body = out
-        .into_inner()
-        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
-    let tag = mac(card, &body)?;
+    let digest = out.h.finalize();
+    let tag = mac_of_digest(card, &digest)?;
     let mac_line = MacLine {
         mac: hex::encode(tag),
     };
-    writeln!(body, "{}", serde_json::to_string(&mac_line).map_err(json)?)?;
-    Ok(body)
+    writeln!(
+        out.inner,
+        "{}",
+        serde_json::to_string(&mac_line).map_err(json)?
+    )?;
+    Ok(())
 }
 
 /// Reads a backup file: the MAC is checked before anything is parsed,
-/// then every record against the card ([`Backup::check`]).
+/// then every record against the card ([`Backup::check`]). The file is
+/// read twice through one handle, line by line (never whole in memory):
+/// first for the MAC, then to parse, hashed again and compared, so a file
+/// changed between the two reads is refused.
 pub fn read(path: &Path, card: &dyn EncryptionCard) -> Result<Backup> {
-    let bytes = std::fs::read(path)?;
+    use std::io::{BufRead, Seek};
     let bad = |why: &str| Error::Integrity(format!("backup {}: {why}", path.display()));
-    let text = std::str::from_utf8(&bytes).map_err(|_| bad("not a backup file"))?;
-    let body_end = text
-        .trim_end_matches('\n')
-        .rfind('\n')
-        .map(|i| i + 1)
-        .ok_or_else(|| bad("not a backup file"))?;
-    let (body, last) = text.split_at(body_end);
-    let first: HeaderLine = body
-        .lines()
-        .next()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .ok_or_else(|| bad("not a backup file"))?;
+    let mut file = std::io::BufReader::new(std::fs::File::open(path)?);
+    // Pass 1: the header, the body's digest, the MAC line (the last line
+    // that is not empty) and how many lines the body has.
+    let mut h = Sha256::new();
+    let mut line = Vec::new();
+    let mut pending: Option<Vec<u8>> = None;
+    let mut blanks = Vec::new();
+    let mut body_lines = 0u64;
+    let mut first: Option<HeaderLine> = None;
+    loop {
+        line.clear();
+        if file.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        if line.iter().all(|c| c.is_ascii_whitespace()) {
+            blanks.extend_from_slice(&line);
+            continue;
+        }
+        if let Some(p) = pending.replace(line.clone()) {
+            h.update(&p);
+            h.update(&blanks);
+            body_lines += 1 + blanks.iter().filter(|c| **c == b'\n').count() as u64;
+            blanks.clear();
+            if first.is_none() {
+                first = Some(serde_json::from_slice(&p).map_err(|_| bad("not a backup file"))?);
+            }
+        } else {
+            blanks.clear();
+        }
+    }
+    let first = first.ok_or_else(|| bad("not a backup file"))?;
+    let last = pending.ok_or_else(|| bad("not a backup file"))?;
     if first.format != FORMAT || first.version != VERSION {
         return Err(bad("not a backup file of this version"));
     }
     if first.card != card_id(card)? {
         return Err(bad("made with another encryption card"));
     }
-    let want: MacLine = serde_json::from_str(last.trim()).map_err(|_| bad("no MAC line"))?;
-    let got = mac(card, body.as_bytes())?;
+    let want: MacLine = serde_json::from_slice(&last).map_err(|_| bad("no MAC line"))?;
+    let digest = h.finalize();
+    let got = mac_of_digest(card, &digest)?;
     let want = hex::decode(&want.mac).map_err(|_| bad("no MAC line"))?;
     if !bool::from(subtle::ConstantTimeEq::ct_eq(&got[..], &want[..])) {
         return Err(bad("MAC does not match: the file was altered or cut short"));
     }
+    // Pass 2: parse the body, hashing it again.
+    file.rewind()?;
+    let mut h2 = Sha256::new();
     let mut b = Backup {
         created: first.created,
         ..Backup::default()
     };
     let mut ended = false;
-    for (i, l) in body.lines().enumerate().skip(1) {
+    for i in 0..body_lines {
+        line.clear();
+        file.read_until(b'\n', &mut line)?;
+        h2.update(&line);
+        if i == 0 {
+            continue;
+        }
         let e = || bad(&format!("line {}", i + 1));
-        let v: Line = serde_json::from_str(l).map_err(|_| e())?;
+        let v: Line = serde_json::from_slice(&line).map_err(|_| e())?;
         match v {
             Line::Device(d) => b.devices.push(d.row().ok_or_else(e)?),
             Line::Seed(x) => b.seeds.push(x.row().ok_or_else(e)?),
@@ -449,6 +641,9 @@ pub fn read(path: &Path, card: &dyn EncryptionCard) -> Result<Backup> {
             Line::Keyring(x) => b.keyring.push(x.row().ok_or_else(e)?),
             Line::End(_) => ended = true,
         }
+    }
+    if h2.finalize() != digest {
+        return Err(bad("the file changed while it was read"));
     }
     if !ended {
         return Err(bad("no end line"));
@@ -500,7 +695,11 @@ pub fn restore_into(
     let mut shards: Vec<DigestShard> = b
         .shards
         .iter()
-        .filter(|s| s.shard < SHARDS || s.shard == AUDIT_HEAD_SHARD)
+        .filter(|s| {
+            s.shard < SHARDS
+                || s.shard == AUDIT_HEAD_SHARD
+                || s.shard == crate::audit::AUDIT_BASE_SHARD
+        })
         .cloned()
         .collect();
     for s in seeds.iter_mut() {
@@ -570,8 +769,19 @@ pub fn restore_into(
             }
         }
         delta.flush(tx, card)?;
+        // A log archived in part starts after its checkpoint: its rows
+        // go back as they are (seq and hashes kept); otherwise they are
+        // re-appended (the chain must come out the same).
+        let archived = b
+            .shards
+            .iter()
+            .any(|s| s.shard == crate::audit::AUDIT_BASE_SHARD);
         for a in &b.audit {
-            tx.append_audit(&a.entry)?;
+            if archived {
+                tx.insert_audit_record(a)?;
+            } else {
+                tx.append_audit(&a.entry)?;
+            }
         }
         crate::audit::append(
             tx,

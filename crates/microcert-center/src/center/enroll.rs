@@ -630,14 +630,9 @@ impl Center {
         actor: &str,
     ) -> Result<NewAudit> {
         let s = self.enroll_store(tx, p.0.clone(), delta, now, actor)?;
-        Ok(NewAudit {
-            time: now,
-            actor: actor.to_string(),
-            action: s.action,
-            device: s.device,
-            generation: s.generation,
-            reason: s.reason,
-        })
+        Ok(NewAudit::new(now, actor, s.action)
+            .on(s.device, s.generation)
+            .because(s.reason))
     }
 }
 

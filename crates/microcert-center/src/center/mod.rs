@@ -8,6 +8,7 @@
 //! [`manage`] (life cycle, updates, revocation, commands, receipts,
 //! housekeeping, operator queries).
 
+mod audited;
 mod enroll;
 mod fsupdate;
 mod group;

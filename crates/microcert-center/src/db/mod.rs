@@ -613,6 +613,24 @@ pub trait Tx {
     fn put_digest_shard(&mut self, s: &DigestShard) -> Result<()>;
     /// Appends an audit entry to the hash chain.
     fn append_audit(&mut self, e: &NewAudit) -> Result<()>;
+    /// Hands entries just appended (with their chain hashes) to the
+    /// configured second audit sink before the transaction commits; an
+    /// error refuses the change (the transaction rolls back). The
+    /// backends keep no sink: the center's sealing layer does
+    /// ([`crate::integrity::Sealed`], [`KeyDatabase::set_audit_sink`]).
+    fn audit_sink_record(&mut self, _entries: &[AuditRecord]) -> Result<()> {
+        Ok(())
+    }
+    /// Deletes the audit entries with seq <= `through` (an archive moved
+    /// them out, [`crate::audit::archive`]); returns how many.
+    fn delete_audit_through(&mut self, through: u64) -> Result<u64>;
+    /// Deletes a notary record (an archive moved it out,
+    /// [`Center::archive_notary`](crate::Center::archive_notary)); false
+    /// when there was none.
+    fn delete_notary(&mut self, n: &NotaryRow) -> Result<bool>;
+    /// Inserts an audit entry as it is (its seq and hashes kept): a
+    /// restore of a backup whose log starts after an archive checkpoint.
+    fn insert_audit_record(&mut self, r: &AuditRecord) -> Result<()>;
     /// The next line to import of the batch file with this SHA-256.
     fn import_progress(&mut self, file: &[u8; 32]) -> Result<Option<u64>> {
         Ok(self.import_progress_sealed(file)?.map(|(n, _)| n))
@@ -817,6 +835,13 @@ pub trait KeyDatabase: Send + Sync + fmt::Debug {
     /// ([`crate::integrity::Sealed`]); None when this is not one.
     fn unsealed(&self) -> Option<&dyn KeyDatabase> {
         None
+    }
+
+    /// Sets the second audit sink every audit append of this database's
+    /// transactions writes to before it commits (once; false when this
+    /// database keeps no sink: only the center's sealing layer does).
+    fn set_audit_sink(&self, _sink: Arc<dyn crate::audit::AuditSink>) -> bool {
+        false
     }
 
     /// The schema version this process found before it migrated the

@@ -39,6 +39,7 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use super::{COMMAND_BASE, DEVICE_BASE, MARK_SHARD, NOTARY_BASE, shard_of, tag32, token_shard};
+use crate::audit::AuditSink;
 use crate::card::EncryptionCard;
 use crate::db::{
     AuditRecord, ChangeHook, CommandRow, DeviceQuery, DeviceRow, DeviceView, DigestShard,
@@ -58,6 +59,8 @@ pub struct Sealed {
     /// The last pruning mark whose card tag verified: (value, tag). The
     /// hot path asks the card again only when the mark changed.
     checked_mark: Mutex<Option<(u64, Vec<u8>)>>,
+    /// The second audit sink, if configured ([`KeyDatabase::set_audit_sink`]).
+    sink: OnceLock<Arc<dyn AuditSink>>,
 }
 
 /// The input of the card's record tag from which the replay-row key is
@@ -217,6 +220,7 @@ impl Sealed {
             card,
             row_key: OnceLock::new(),
             checked_mark: Mutex::new(None),
+            sink: OnceLock::new(),
         })
     }
 
@@ -240,6 +244,7 @@ impl Sealed {
             card: &*self.card,
             key: self.row_key()?,
             checked_mark: &self.checked_mark,
+            sink: self.sink.get().map(|s| &**s),
             new_accs: Vec::new(),
             devices: super::DigestDelta::default(),
         })
@@ -256,6 +261,8 @@ struct SealedTx<'a> {
     card: &'a dyn EncryptionCard,
     key: &'a [u8; 32],
     checked_mark: &'a Mutex<Option<(u64, Vec<u8>)>>,
+    /// The second audit sink, if configured.
+    sink: Option<&'a dyn AuditSink>,
     /// Empty accumulators of devices inserted by this transaction,
     /// written at its end in one statement.
     new_accs: Vec<ReplayAcc>,
@@ -653,6 +660,34 @@ impl Tx for SealedTx<'_> {
     fn append_audit(&mut self, e: &NewAudit) -> Result<()> {
         self.inner.append_audit(e)
     }
+    fn delete_audit_through(&mut self, through: u64) -> Result<u64> {
+        self.inner.delete_audit_through(through)
+    }
+    fn delete_notary(&mut self, n: &NotaryRow) -> Result<bool> {
+        // The stored row (its seal checked) leaves its shard.
+        let Some(stored) = self
+            .inner
+            .notary((n.device, n.generation, n.t, n.r, &n.digest))?
+        else {
+            return Ok(false);
+        };
+        super::check_notary(self.card, &stored)?;
+        let gone = self.inner.delete_notary(&stored)?;
+        if gone {
+            self.shard(NOTARY_BASE + shard_of(n.device), stored.seal.as_ref(), None)?;
+        }
+        Ok(gone)
+    }
+    fn insert_audit_record(&mut self, r: &AuditRecord) -> Result<()> {
+        self.inner.insert_audit_record(r)
+    }
+    fn audit_sink_record(&mut self, entries: &[AuditRecord]) -> Result<()> {
+        self.inner.audit_sink_record(entries)?;
+        match self.sink {
+            Some(s) => crate::audit::record_in_sink(s, entries),
+            None => Ok(()),
+        }
+    }
     // import_progress / set_import_progress: the trait's defaults, which
     // go through the two sealed methods below.
     /// A row without a seal (written before seals existed) counts as
@@ -820,6 +855,9 @@ impl KeyDatabase for Sealed {
     }
     fn unsealed(&self) -> Option<&dyn KeyDatabase> {
         Some(&*self.inner)
+    }
+    fn set_audit_sink(&self, sink: Arc<dyn AuditSink>) -> bool {
+        self.sink.set(sink).is_ok()
     }
     fn flush_erased(&self) -> Result<()> {
         self.inner.flush_erased()

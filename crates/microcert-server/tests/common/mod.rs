@@ -24,6 +24,7 @@ pub struct TestServer {
     pub http: SocketAddr,
     pub coap: SocketAddr,
     pub limits: Arc<Limits>,
+    pub tokens: Arc<TokenStore>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -50,7 +51,7 @@ impl TestServer {
         })
         .merge(operator::routes(OperatorState {
             center: center.clone(),
-            tokens,
+            tokens: tokens.clone(),
             // A recorder that is not installed globally: it renders
             // nothing, but the route is served as in production.
             metrics: Some(
@@ -81,6 +82,7 @@ impl TestServer {
             http,
             coap,
             limits,
+            tokens,
             stop,
             task,
         }

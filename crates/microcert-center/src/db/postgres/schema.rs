@@ -32,7 +32,27 @@ CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit
     MIGRATION_TOKENS,
     MIGRATION_REPLAY_ACC,
     MIGRATION_KEYRING,
+    MIGRATION_AUDIT_ARCHIVE,
 ];
+
+/// Migration "audit_archive" (issue 15 item 5): the same as SQLite's of
+/// that name: deletes only of entries at or before the archive checkpoint
+/// (digest shard 254); updates and TRUNCATE stay refused. Idempotent.
+const MIGRATION_AUDIT_ARCHIVE: &str = r#"
+CREATE OR REPLACE FUNCTION audit_delete_archived() RETURNS trigger LANGUAGE plpgsql AS
+    $$ BEGIN
+        IF OLD.seq <= COALESCE((SELECT count FROM digest WHERE shard = 254), 0) THEN
+            RETURN OLD;
+        END IF;
+        RAISE EXCEPTION 'the audit log is append-only';
+    END; $$;
+DROP TRIGGER IF EXISTS audit_no_update ON audit;
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    FOR EACH ROW EXECUTE FUNCTION audit_append_only();
+DROP TRIGGER IF EXISTS audit_no_delete ON audit;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    FOR EACH ROW EXECUTE FUNCTION audit_delete_archived();
+"#;
 
 /// Migration "keyring" (issue 14): the same as SQLite's of that name.
 const MIGRATION_KEYRING: &str = r#"

@@ -8,8 +8,8 @@ use tokio_postgres::types::ToSql;
 use super::PgConn;
 use super::rows::*;
 use crate::db::{
-    Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryKey, NotaryRow, ReplayAcc, ReplayKey,
-    ReplayRow, SeedRow, Tx, one_row,
+    AuditRecord, Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryKey, NotaryRow,
+    ReplayAcc, ReplayKey, ReplayRow, SeedRow, Tx, one_row,
 };
 use crate::{DbFailure, Error, Result, audit};
 
@@ -774,6 +774,53 @@ impl Tx for PgTx<'_> {
             Box::new(e.reason.clone()),
             Box::new(prev.to_vec()),
             Box::new(hash.to_vec()),
+        ]);
+        Ok(())
+    }
+
+    fn delete_notary(&mut self, n: &NotaryRow) -> Result<bool> {
+        self.wrote = true;
+        let k = self.conn()?.execute(
+            "DELETE FROM notary WHERE device = $1 AND generation = $2 AND t = $3 AND r = $4 \
+             AND digest = $5",
+            &[
+                &&n.device.0[..],
+                &small(n.generation),
+                &i64::from(n.t),
+                &i(n.r),
+                &&n.digest[..],
+            ],
+        )?;
+        Ok(k == 1)
+    }
+
+    fn delete_audit_through(&mut self, through: u64) -> Result<u64> {
+        self.wrote = true;
+        let n = self
+            .conn()?
+            .execute("DELETE FROM audit WHERE seq <= $1", &[&i(through)])?;
+        Ok(n)
+    }
+
+    fn insert_audit_record(&mut self, r: &AuditRecord) -> Result<()> {
+        self.wrote = true;
+        if self.audit_head.is_none() {
+            // The same lock as an append: the head is ours until the end.
+            self.conn()?
+                .execute("SELECT pg_advisory_xact_lock($1)", &[&AUDIT_LOCK])?;
+        }
+        self.audit_head = Some((r.seq + 1, r.hash));
+        let e = &r.entry;
+        self.pending.audit.push(vec![
+            Box::new(i(r.seq)),
+            Box::new(i(e.time)),
+            Box::new(e.actor.clone()),
+            Box::new(e.action.clone()),
+            Box::new(e.device.map(|d| d.0.to_vec())),
+            Box::new(e.generation.map(small)),
+            Box::new(e.reason.clone()),
+            Box::new(r.prev_hash.to_vec()),
+            Box::new(r.hash.to_vec()),
         ]);
         Ok(())
     }

@@ -27,7 +27,19 @@ CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     MIGRATION_TOKENS,
     MIGRATION_REPLAY_ACC,
     MIGRATION_KEYRING,
+    MIGRATION_AUDIT_ARCHIVE,
 ];
+
+/// Migration "audit_archive" (issue 15 item 5, retention): the audit log
+/// stays append-only except for the entries at or before the card-tagged
+/// archive checkpoint (digest shard 254, written before the rows are
+/// deleted, [`crate::audit_archive`]). Idempotent.
+const MIGRATION_AUDIT_ARCHIVE: &str = "
+DROP TRIGGER IF EXISTS audit_no_delete;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    WHEN OLD.seq > COALESCE((SELECT count FROM digest WHERE shard = 254), 0)
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+";
 
 /// Migration "keyring" (issue 14, shared state): the storage-key versions,
 /// wrapped under the card's root key, and the head row (version 0) that

@@ -5,8 +5,8 @@ use rusqlite::{OptionalExtension, params};
 
 use super::rows::*;
 use crate::db::{
-    CommandRow, DeviceRow, DigestShard, NewAudit, NotaryKey, NotaryRow, ReplayAcc, ReplayKey,
-    ReplayRow, SeedRow, TokenRow, Tx, one_row,
+    AuditRecord, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryKey, NotaryRow, ReplayAcc,
+    ReplayKey, ReplayRow, SeedRow, TokenRow, Tx, one_row,
 };
 use crate::{Result, audit};
 
@@ -488,6 +488,42 @@ impl Tx for SqliteTx<'_> {
             e.reason,
             &prev[..],
             &hash[..]
+        ])?;
+        Ok(())
+    }
+
+    fn delete_notary(&mut self, n: &NotaryRow) -> Result<bool> {
+        let k = self.tx.execute(
+            "DELETE FROM notary WHERE device = ?1 AND generation = ?2 AND t = ?3 AND r = ?4 \
+             AND digest = ?5",
+            params![&n.device.0[..], n.generation, n.t, i(n.r), &n.digest[..]],
+        )?;
+        Ok(k == 1)
+    }
+
+    fn delete_audit_through(&mut self, through: u64) -> Result<u64> {
+        let n = self
+            .tx
+            .execute("DELETE FROM audit WHERE seq <= ?1", params![i(through)])?;
+        Ok(n as u64)
+    }
+
+    fn insert_audit_record(&mut self, r: &AuditRecord) -> Result<()> {
+        let e = &r.entry;
+        self.tx.prepare_cached(
+            "INSERT INTO audit (seq, time, actor, action, device, generation, reason, prev_hash, hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?
+        .execute(params![
+            i(r.seq),
+            i(e.time),
+            e.actor,
+            e.action,
+            e.device.map(|d| d.0.to_vec()),
+            e.generation,
+            e.reason,
+            &r.prev_hash[..],
+            &r.hash[..]
         ])?;
         Ok(())
     }
