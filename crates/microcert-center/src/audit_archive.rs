@@ -43,6 +43,33 @@ use crate::{Center, Error, Result};
 const FORMAT: &str = "microcert-audit-archive";
 const MAC_DOMAIN: &[u8] = b"MC-AUDIT-ARCHIVE-v1";
 
+/// The table an archive moves rows out of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveTable {
+    /// The audit log.
+    Audit,
+    /// The notary records.
+    Notary,
+}
+
+/// What an archive run is asked to do.
+#[derive(Debug, Clone, Copy)]
+pub struct ArchiveJob<'a> {
+    /// Rows older than this (Unix seconds) move.
+    pub before: u64,
+    /// The new archive file.
+    pub out: &'a Path,
+    /// Who asks (audited).
+    pub actor: &'a str,
+    /// Now (Unix seconds).
+    pub now: u64,
+    /// Stop at this step as a kill would (tests).
+    pub stop: Option<ArchiveStep>,
+}
+
+/// What an archive run returns: None when there was nothing to move.
+pub type Archived = Result<Option<ArchiveReport>>;
+
 /// Where a test stops an archive, as a kill would (no clean-up runs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArchiveStep {
@@ -162,39 +189,52 @@ impl Center {
     /// oldest run of them, never the newest entry) into the new archive
     /// file `out` and the table's checkpoint to the last of them, audited
     /// as `actor`. None when there is nothing to archive.
-    pub fn archive_audit(
-        &self,
-        before: u64,
-        out: &Path,
-        actor: &str,
-        now: u64,
-    ) -> Result<Option<ArchiveReport>> {
-        self.archive_audit_until(before, out, actor, now, None)
+    pub fn archive_audit(&self, before: u64, out: &Path, actor: &str, now: u64) -> Archived {
+        let job = ArchiveJob {
+            before,
+            out,
+            actor,
+            now,
+            stop: None,
+        };
+        self.archive(ArchiveTable::Audit, job)
     }
 
-    /// [`Center::archive_audit`], stopped at `stop` as a kill would (tests).
+    /// Runs an archive of `table` (as [`Center::archive_audit`] and
+    /// [`Center::archive_notary`]); with `job.stop`, stopped at that step
+    /// as a kill would (tests).
     #[doc(hidden)]
-    pub fn archive_audit_until(
-        &self,
-        before: u64,
-        out: &Path,
-        actor: &str,
-        now: u64,
-        stop: Option<ArchiveStep>,
-    ) -> Result<Option<ArchiveReport>> {
-        let db = self.database();
-        let card = self.card();
+    pub fn archive(&self, table: ArchiveTable, job: ArchiveJob<'_>) -> Archived {
         // What an interrupted archive to this path left.
-        for t in stale_temps(out) {
+        for t in stale_temps(job.out) {
             tracing::warn!(file = %t.display(), "removing the temporary file of an interrupted archive");
             std::fs::remove_file(&t)?;
         }
-        if out.exists() {
+        if job.out.exists() {
             return Err(Error::Io(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
-                format!("{} exists: an archive goes to a new file", out.display()),
+                format!(
+                    "{} exists: an archive goes to a new file",
+                    job.out.display()
+                ),
             )));
         }
+        match table {
+            ArchiveTable::Audit => self.archive_audit_job(job),
+            ArchiveTable::Notary => self.archive_notary_job(job),
+        }
+    }
+
+    fn archive_audit_job(&self, job: ArchiveJob<'_>) -> Archived {
+        let ArchiveJob {
+            before,
+            out,
+            actor,
+            now,
+            stop,
+        } = job;
+        let db = self.database();
+        let card = self.card();
         let (base_seq, base_hash) = tagged_base(db, card)?;
         let (head_seq, _) = audit::tagged_head(db, card)?;
         // The entries to move: from the checkpoint on, while older than
@@ -644,38 +684,27 @@ impl Center {
     /// shards following, audited as `actor`. None when there is nothing
     /// to archive. A signature whose record was archived and that is
     /// verified again is notarized again, first seen at that time.
-    pub fn archive_notary(
-        &self,
-        before: u64,
-        out: &Path,
-        actor: &str,
-        now: u64,
-    ) -> Result<Option<ArchiveReport>> {
-        self.archive_notary_until(before, out, actor, now, None)
+    pub fn archive_notary(&self, before: u64, out: &Path, actor: &str, now: u64) -> Archived {
+        let job = ArchiveJob {
+            before,
+            out,
+            actor,
+            now,
+            stop: None,
+        };
+        self.archive(ArchiveTable::Notary, job)
     }
 
-    /// [`Center::archive_notary`], stopped at `stop` as a kill would (tests).
-    #[doc(hidden)]
-    pub fn archive_notary_until(
-        &self,
-        before: u64,
-        out: &Path,
-        actor: &str,
-        now: u64,
-        stop: Option<ArchiveStep>,
-    ) -> Result<Option<ArchiveReport>> {
+    fn archive_notary_job(&self, job: ArchiveJob<'_>) -> Archived {
+        let ArchiveJob {
+            before,
+            out,
+            actor,
+            now,
+            stop,
+        } = job;
         let db = self.database();
         let card = self.card();
-        for t in stale_temps(out) {
-            tracing::warn!(file = %t.display(), "removing the temporary file of an interrupted archive");
-            std::fs::remove_file(&t)?;
-        }
-        if out.exists() {
-            return Err(Error::Io(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{} exists: an archive goes to a new file", out.display()),
-            )));
-        }
         let dir = match out.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),

@@ -670,33 +670,22 @@ impl EncryptionCard for KeyringCard {
         self.inner.seal_seed(device, generation, seed)
     }
 
-    fn unseal_seed(
-        &self,
-        device: DeviceId,
-        generation: u8,
-        kstore_version: u32,
-        ciphertext: &[u8],
-    ) -> Result<KeySeed> {
+    fn unseal_seed(&self, id: DeviceId, g: u8, version: u32, ct: &[u8]) -> Result<KeySeed> {
         // A version the card keeps itself (a token object from before the
         // keyring).
-        if self.inner.resident_storage_keys().contains(&kstore_version) {
-            return self
-                .inner
-                .unseal_seed(device, generation, kstore_version, ciphertext);
+        if self.inner.resident_storage_keys().contains(&version) {
+            return self.inner.unseal_seed(id, g, version, ct);
         }
         // A version this center does not hold: rotated at another center,
         // reload before failing (unless a reload just missed it).
-        if self.missed_recently(kstore_version)
-            || !self.reload_until(MISS_WAIT, |s| s.held.contains(&kstore_version))
+        if self.missed_recently(version)
+            || !self.reload_until(MISS_WAIT, |s| s.held.contains(&version))
         {
             self.loaded()?;
-            self.note_missed(kstore_version);
-            return Err(Error::NoStorageKey {
-                version: kstore_version,
-            });
+            self.note_missed(version);
+            return Err(Error::NoStorageKey { version });
         }
-        self.inner
-            .unseal_seed(device, generation, kstore_version, ciphertext)
+        self.inner.unseal_seed(id, g, version, ct)
     }
 
     fn record_tag(&self, record: &[u8]) -> Result<[u8; TAG_LEN]> {

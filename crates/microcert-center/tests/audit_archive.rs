@@ -11,9 +11,20 @@ use std::sync::Arc;
 
 use common::*;
 use microcert_center::audit::AuditFinding;
-use microcert_center::audit_archive::{ArchiveLink, ArchiveStep};
+use microcert_center::audit_archive::{ArchiveJob, ArchiveLink, ArchiveStep, ArchiveTable};
 use microcert_center::db::NewAudit;
 use microcert_center::{Center, SoftwareCard, backup};
+
+/// An archive by "alice" stopped at `step`.
+fn job(before: u64, out: &Path, now: u64, step: ArchiveStep) -> ArchiveJob<'_> {
+    ArchiveJob {
+        before,
+        out,
+        actor: "alice",
+        now,
+        stop: Some(step),
+    }
+}
 
 fn entry(t: u64, i: u64) -> NewAudit {
     NewAudit {
@@ -133,7 +144,7 @@ fn a_kill_at_each_step_loses_no_entry(backend: Backend) {
         let before = c.audit_log(0, 1000).unwrap();
         let out = dir.path().join("a.jsonl");
         assert!(
-            c.archive_audit_until(150, &out, "alice", 300, Some(step))
+            c.archive(ArchiveTable::Audit, job(150, &out, 300, step))
                 .is_err(),
             "{step:?}"
         );
@@ -260,7 +271,7 @@ fn notary_archive_keeps_records_verifiable(backend: Backend) {
         let c = center_with_notary(backend, d.path(), &format!("nk{i}.db"));
         let out = d.path().join("n.jsonl");
         assert!(
-            c.archive_notary_until(NOW + 100, &out, "alice", NOW + 600, Some(step))
+            c.archive(ArchiveTable::Notary, job(NOW + 100, &out, NOW + 600, step))
                 .is_err()
         );
         // Every record still in the table, the digest whole.

@@ -663,23 +663,23 @@ impl EncryptionCard for Pkcs11Card {
 
     fn unseal_seed(
         &self,
-        device: DeviceId,
-        generation: u8,
-        kstore_version: u32,
-        ciphertext: &[u8],
+        id: DeviceId,
+        g: u8,
+        version: u32,
+        ct: &[u8],
     ) -> microcert_center::Result<KeySeed> {
-        if ciphertext.len() != SEALED_LEN {
+        if ct.len() != SEALED_LEN {
             return Err(microcert_center::Error::Verification);
         }
-        let key = self.kstore_handle(kstore_version)?;
-        let aad = seed_aad(device, generation);
+        let key = self.kstore_handle(version)?;
+        let aad = seed_aad(id, g);
         let mut iv = [0u8; GCM_NONCE];
-        iv.copy_from_slice(&ciphertext[..GCM_NONCE]);
+        iv.copy_from_slice(&ct[..GCM_NONCE]);
         let plain = self
             .in_token(|s| -> std::result::Result<_, CkError> {
-                let key = self.kstore_handle(kstore_version).unwrap_or(key);
+                let key = self.kstore_handle(version).unwrap_or(key);
                 let params = GcmParams::new(&mut iv, &aad, (GCM_TAG as u64 * 8).into())?;
-                s.decrypt(&Mechanism::AesGcm(params), key, &ciphertext[GCM_NONCE..])
+                s.decrypt(&Mechanism::AesGcm(params), key, &ct[GCM_NONCE..])
             })
             .map(Zeroizing::new)
             .map_err(|e| match e {

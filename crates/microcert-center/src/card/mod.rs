@@ -239,13 +239,7 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
 
     /// Opens a stored seed; fails when it was moved to another
     /// device or generation, or altered.
-    fn unseal_seed(
-        &self,
-        device: DeviceId,
-        generation: u8,
-        kstore_version: u32,
-        ciphertext: &[u8],
-    ) -> Result<KeySeed>;
+    fn unseal_seed(&self, id: DeviceId, g: u8, version: u32, ct: &[u8]) -> Result<KeySeed>;
 
     /// The integrity tag of a record's canonical bytes (HMAC-SHA256 under
     /// the integrity key, domain "MC-REC").

@@ -805,33 +805,27 @@ impl EncryptionCard for SoftwareCard {
         })
     }
 
-    fn unseal_seed(
-        &self,
-        device: DeviceId,
-        generation: u8,
-        kstore_version: u32,
-        ciphertext: &[u8],
-    ) -> Result<KeySeed> {
-        if ciphertext.len() != GCM_NONCE + SEED_PLAIN + GCM_TAG {
+    fn unseal_seed(&self, id: DeviceId, g: u8, version: u32, ct: &[u8]) -> Result<KeySeed> {
+        if ct.len() != GCM_NONCE + SEED_PLAIN + GCM_TAG {
             return Err(Error::Verification);
         }
-        if !self.read().kstore.iter().any(|(v, _)| *v == kstore_version) {
+        if !self.read().kstore.iter().any(|(v, _)| *v == version) {
             self.reload_if_changed();
         }
         let keys = self.read();
-        let key = keys.kstore(kstore_version)?;
-        let nonce: [u8; GCM_NONCE] = ciphertext[..GCM_NONCE]
+        let key = keys.kstore(version)?;
+        let nonce: [u8; GCM_NONCE] = ct[..GCM_NONCE]
             .try_into()
             .map_err(|_| Error::Verification)?;
         let mut plain = Zeroizing::new([0u8; SEED_PLAIN]);
-        plain.copy_from_slice(&ciphertext[GCM_NONCE..GCM_NONCE + SEED_PLAIN]);
-        let tag: &Array<u8, _> = ciphertext[GCM_NONCE + SEED_PLAIN..]
+        plain.copy_from_slice(&ct[GCM_NONCE..GCM_NONCE + SEED_PLAIN]);
+        let tag: &Array<u8, _> = ct[GCM_NONCE + SEED_PLAIN..]
             .try_into()
             .map_err(|_| Error::Verification)?;
         gcm(key)
             .decrypt_inout_detached(
                 (&nonce).into(),
-                &seed_aad(device, generation),
+                &seed_aad(id, g),
                 plain[..].as_mut().into(),
                 tag,
             )

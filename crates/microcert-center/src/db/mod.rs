@@ -687,16 +687,11 @@ pub trait Tx {
         ))
     }
 
-    /// As [`Tx::spend_challenge`], also refusing a challenge that expires
-    /// before `floor`.
-    fn spend_challenge_above(
-        &mut self,
-        id: DeviceId,
-        c: &[u8; 8],
-        e: u64,
-        floor: u64,
-    ) -> Result<bool> {
-        let _ = (id, c, e, floor);
+    /// As [`Tx::spend_challenge`] of device `d`, challenge `c` expiring at
+    /// `e`, also refusing a challenge that expires before `m` (the pruning
+    /// floor the caller checked).
+    fn spend_challenge_above(&mut self, d: DeviceId, c: &[u8; 8], e: u64, m: u64) -> Result<bool> {
+        let _ = (d, c, e, m);
         Err(Error::db(
             DbFailure::Unsupported,
             "this key database cannot check challenges against a floor",

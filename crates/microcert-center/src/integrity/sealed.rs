@@ -549,14 +549,8 @@ impl Tx for SealedTx<'_> {
         let _ = (rows, floor);
         Err(raw_replay_write())
     }
-    fn spend_challenge_above(
-        &mut self,
-        id: DeviceId,
-        c: &[u8; 8],
-        e: u64,
-        floor: u64,
-    ) -> Result<bool> {
-        let _ = (id, c, e, floor);
+    fn spend_challenge_above(&mut self, d: DeviceId, c: &[u8; 8], e: u64, m: u64) -> Result<bool> {
+        let _ = (d, c, e, m);
         Err(raw_replay_write())
     }
     fn marks(&mut self) -> Result<Vec<(String, u64, Vec<u8>)>> {

@@ -400,19 +400,13 @@ impl Tx for PgTx<'_> {
             .collect())
     }
 
-    fn spend_challenge_above(
-        &mut self,
-        id: DeviceId,
-        c: &[u8; 8],
-        e: u64,
-        floor: u64,
-    ) -> Result<bool> {
+    fn spend_challenge_above(&mut self, d: DeviceId, c: &[u8; 8], e: u64, m: u64) -> Result<bool> {
         self.wrote = true;
         let n = self.conn()?.execute(
             "INSERT INTO challenges (device, c, expires) SELECT $1::bytea, $2::bytea, $3::bigint \
              WHERE $3::bigint >= $4::bigint AND $3::bigint >= \
              COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0) ON CONFLICT DO NOTHING",
-            &[&&id.0[..], &&c[..], &i(e), &i(floor)],
+            &[&&d.0[..], &&c[..], &i(e), &i(m)],
         )?;
         Ok(n == 1)
     }

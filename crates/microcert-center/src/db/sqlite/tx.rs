@@ -151,19 +151,13 @@ impl Tx for SqliteTx<'_> {
             .collect()
     }
 
-    fn spend_challenge_above(
-        &mut self,
-        id: DeviceId,
-        c: &[u8; 8],
-        e: u64,
-        floor: u64,
-    ) -> Result<bool> {
+    fn spend_challenge_above(&mut self, d: DeviceId, c: &[u8; 8], e: u64, m: u64) -> Result<bool> {
         let mut st = self.tx.prepare_cached(
             "INSERT OR IGNORE INTO challenges (device, c, expires) \
              SELECT ?1, ?2, ?3 WHERE ?3 >= ?4 AND ?3 >= \
              COALESCE((SELECT value FROM marks WHERE name = 'pruned'), 0)",
         )?;
-        Ok(st.execute(params![&id.0[..], &c[..], i(e), i(floor)])? == 1)
+        Ok(st.execute(params![&d.0[..], &c[..], i(e), i(m)])? == 1)
     }
 
     fn marks(&mut self) -> Result<Vec<(String, u64, Vec<u8>)>> {
