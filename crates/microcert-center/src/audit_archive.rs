@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::audit::{self, AUDIT_BASE_SHARD, base_bytes, tagged_base, tagged_base_of};
+use crate::backup::Hashing;
 use crate::card::EncryptionCard;
 use crate::db::{AuditRecord, DigestShard, NewAudit, with_tx};
 use crate::{Center, Error, Result};
@@ -133,21 +134,80 @@ fn mac(card: &dyn EncryptionCard, body_digest: &[u8]) -> Result<[u8; 32]> {
     card.digest_tag(&b)
 }
 
-/// A writer that hashes what goes through it.
-struct Hashing<W: Write> {
-    inner: W,
-    h: Sha256,
+impl Hashing<std::io::BufWriter<std::fs::File>> {
+    /// Ends an archive: the MAC line over everything written, then the
+    /// file synced.
+    fn finish(mut self, card: &dyn EncryptionCard) -> Result<()> {
+        let tag = mac(card, &self.h.clone().finalize())?;
+        writeln!(
+            self.inner,
+            "{}",
+            serde_json::json!({ "mac": hex::encode(tag) })
+        )?;
+        let file = self
+            .inner
+            .into_inner()
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+        file.sync_all()?;
+        Ok(())
+    }
 }
 
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.h.update(&buf[..n]);
-        Ok(n)
+/// Puts a written archive in place: the temporary file `tmp` renamed to
+/// `out` and the directory synced. A failed write removes `tmp` (unless
+/// the failure is a test's stop, which stands for a kill); an empty one
+/// is removed too. Ok(false) when there is nothing to archive.
+fn publish(
+    written: Result<()>,
+    count: u64,
+    stop: Option<ArchiveStep>,
+    (tmp, out, dir): (&Path, &Path, &Path),
+) -> Result<bool> {
+    match written {
+        // A stop is a kill: nothing is cleaned up.
+        Err(e) if stop.is_some() => return Err(e),
+        Err(e) => {
+            let _ = std::fs::remove_file(tmp);
+            return Err(e);
+        }
+        Ok(()) if count == 0 => {
+            std::fs::remove_file(tmp)?;
+            return Ok(false);
+        }
+        Ok(()) => {}
     }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
+    fault(stop, ArchiveStep::Written)?;
+    std::fs::rename(tmp, out)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    fault(stop, ArchiveStep::Renamed)?;
+    Ok(true)
+}
+
+/// The directory of `out`, a fresh temporary path beside it and the
+/// options that create it (new, 0600).
+fn temp_beside(
+    out: &Path,
+    card: &dyn EncryptionCard,
+) -> Result<(PathBuf, PathBuf, std::fs::OpenOptions)> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut r = [0u8; 6];
+    card.random(&mut r)?;
+    let name = out
+        .file_name()
+        .ok_or_else(|| Error::Io(std::io::Error::other("the archive path has no file name")))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        hex::encode(r)
+    ));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    Ok((dir, tmp, opts))
 }
 
 /// The temporary files an interrupted archive to `out` left.
@@ -239,24 +299,7 @@ impl Center {
         let (head_seq, _) = audit::tagged_head(db, card)?;
         // The entries to move: from the checkpoint on, while older than
         // `before`, never the newest.
-        let dir = match out.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let mut r = [0u8; 6];
-        card.random(&mut r)?;
-        let name = out
-            .file_name()
-            .ok_or_else(|| Error::Io(std::io::Error::other("the archive path has no file name")))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            hex::encode(r)
-        ));
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let (dir, tmp, opts) = temp_beside(out, card)?;
         let mut count = 0u64;
         let mut last = (base_seq, base_hash);
         let written = (|| -> Result<()> {
@@ -305,37 +348,11 @@ impl Center {
                 "last_hash": hex::encode(last.1),
             });
             writeln!(w, "{end}")?;
-            let digest = w.h.clone().finalize();
-            let tag = mac(card, &digest)?;
-            writeln!(
-                w.inner,
-                "{}",
-                serde_json::json!({ "mac": hex::encode(tag) })
-            )?;
-            let file = w
-                .inner
-                .into_inner()
-                .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
-            file.sync_all()?;
-            Ok(())
+            w.finish(card)
         })();
-        match &written {
-            // A stop is a kill: nothing is cleaned up.
-            Err(_) if stop.is_some() => return written.map(|()| None),
-            Err(_) => {
-                let _ = std::fs::remove_file(&tmp);
-                return written.map(|()| None);
-            }
-            Ok(()) if count == 0 => {
-                std::fs::remove_file(&tmp)?;
-                return Ok(None);
-            }
-            Ok(()) => {}
+        if !publish(written, count, stop, (&tmp, out, &dir))? {
+            return Ok(None);
         }
-        fault(stop, ArchiveStep::Written)?;
-        std::fs::rename(&tmp, out)?;
-        std::fs::File::open(&dir)?.sync_all()?;
-        fault(stop, ArchiveStep::Renamed)?;
         let first = base_seq + 1;
         with_tx(db, |tx| {
             // The append first: it serialises with every other audited
@@ -705,24 +722,7 @@ impl Center {
         } = job;
         let db = self.database();
         let card = self.card();
-        let dir = match out.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let mut r = [0u8; 6];
-        card.random(&mut r)?;
-        let name = out
-            .file_name()
-            .ok_or_else(|| Error::Io(std::io::Error::other("the archive path has no file name")))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            hex::encode(r)
-        ));
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let (dir, tmp, opts) = temp_beside(out, card)?;
         let mut count = 0u64;
         let written = (|| -> Result<()> {
             let file = opts.open(&tmp)?;
@@ -763,35 +763,11 @@ impl Center {
                 return Ok(());
             }
             writeln!(w, "{}", serde_json::json!({ "t": "end", "entries": count }))?;
-            let tag = mac(card, &w.h.clone().finalize())?;
-            writeln!(
-                w.inner,
-                "{}",
-                serde_json::json!({ "mac": hex::encode(tag) })
-            )?;
-            let file = w
-                .inner
-                .into_inner()
-                .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
-            file.sync_all()?;
-            Ok(())
+            w.finish(card)
         })();
-        match &written {
-            Err(_) if stop.is_some() => return written.map(|()| None),
-            Err(_) => {
-                let _ = std::fs::remove_file(&tmp);
-                return written.map(|()| None);
-            }
-            Ok(()) if count == 0 => {
-                std::fs::remove_file(&tmp)?;
-                return Ok(None);
-            }
-            Ok(()) => {}
+        if !publish(written, count, stop, (&tmp, out, &dir))? {
+            return Ok(None);
         }
-        fault(stop, ArchiveStep::Written)?;
-        std::fs::rename(&tmp, out)?;
-        std::fs::File::open(&dir)?.sync_all()?;
-        fault(stop, ArchiveStep::Renamed)?;
         // The records go, chunk by chunk, from the complete archive (read
         // back, so memory stays bounded); the first chunk's transaction
         // carries the audit entry.

@@ -647,13 +647,8 @@ impl EncryptionCard for KeyringCard {
         self.inner.make_challenge(device, now)
     }
 
-    fn check_challenge(
-        &self,
-        device: DeviceId,
-        challenge: &[u8; CHALLENGE_LEN],
-        now: u32,
-    ) -> Result<()> {
-        self.inner.check_challenge(device, challenge, now)
+    fn check_challenge(&self, device: DeviceId, c: &[u8; CHALLENGE_LEN], now: u32) -> Result<()> {
+        self.inner.check_challenge(device, c, now)
     }
 
     fn open_enroll(

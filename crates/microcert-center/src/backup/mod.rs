@@ -469,13 +469,15 @@ impl Write for Faulty<'_> {
     }
 }
 
-/// A writer that hashes what goes through it.
-struct Hashing<'a> {
-    inner: &'a mut dyn Write,
-    h: Sha256,
+/// A writer that hashes what goes through it (backups and archives).
+pub(crate) struct Hashing<W: Write> {
+    /// Where the bytes go.
+    pub(crate) inner: W,
+    /// The hash of every byte written.
+    pub(crate) h: Sha256,
 }
 
-impl Write for Hashing<'_> {
+impl<W: Write> Write for Hashing<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.h.update(&buf[..n]);

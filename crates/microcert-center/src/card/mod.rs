@@ -216,12 +216,7 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
     fn make_challenge(&self, device: DeviceId, now: u32) -> Result<[u8; CHALLENGE_LEN]>;
 
     /// Checks a challenge's MAC for the current or the previous window.
-    fn check_challenge(
-        &self,
-        device: DeviceId,
-        challenge: &[u8; CHALLENGE_LEN],
-        now: u32,
-    ) -> Result<()>;
+    fn check_challenge(&self, device: DeviceId, c: &[u8; CHALLENGE_LEN], now: u32) -> Result<()>;
 
     /// Opens an ENROLL: first with Kupd of `current` when given (a seed
     /// the caller unsealed and checked is allowed to update), then with

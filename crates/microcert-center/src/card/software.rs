@@ -739,16 +739,11 @@ impl EncryptionCard for SoftwareCard {
         Ok(super::challenge_with(&self.challenge_key(w), device, &c))
     }
 
-    fn check_challenge(
-        &self,
-        device: DeviceId,
-        challenge: &[u8; CHALLENGE_LEN],
-        now: u32,
-    ) -> Result<()> {
+    fn check_challenge(&self, device: DeviceId, c: &[u8; CHALLENGE_LEN], now: u32) -> Result<()> {
         // Two CMACs per window key: cheaper than keeping a cache here.
         let mut ok = false;
         for w in super::challenge_windows(challenge_window(now)) {
-            ok |= super::challenge_matches(&self.challenge_key(w), device, challenge);
+            ok |= super::challenge_matches(&self.challenge_key(w), device, c);
         }
         if ok { Ok(()) } else { Err(Error::Verification) }
     }

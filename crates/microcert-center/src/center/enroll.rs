@@ -71,6 +71,33 @@ pub(super) enum Enrolled {
 }
 
 impl Center {
+    /// A new device's row (not yet tagged): the class's profile must
+    /// exist and allow the suite (its default when None); transport
+    /// enrollment open.
+    fn new_device_row(
+        &self,
+        id: DeviceId,
+        (class, suite, epoch): (u8, Option<Suite>, u8),
+        now: u64,
+    ) -> Result<DeviceRow> {
+        let profile = self.profile(class)?;
+        let suite = suite.unwrap_or(profile.default_suite);
+        if !profile.suites.contains(&suite) {
+            return Err(Error::WrongSuite);
+        }
+        Ok(DeviceRow {
+            id,
+            class,
+            suite,
+            epoch,
+            transport_open: true,
+            created: now,
+            highest_generation: None,
+            command_counter: 0,
+            tag: [0; 32],
+        })
+    }
+
     /// Registers a device (factory provisioning): class profile, suite
     /// (the profile's default when None), epoch; transport enrollment open.
     pub fn register_device(
@@ -82,22 +109,7 @@ impl Center {
         actor: &str,
         now: u64,
     ) -> Result<DeviceRow> {
-        let profile = self.profile(class)?;
-        let suite = suite.unwrap_or(profile.default_suite);
-        if !profile.suites.contains(&suite) {
-            return Err(Error::WrongSuite);
-        }
-        let row = DeviceRow {
-            id,
-            class,
-            suite,
-            epoch,
-            transport_open: true,
-            created: now,
-            highest_generation: None,
-            command_counter: 0,
-            tag: [0; 32],
-        };
+        let row = self.new_device_row(id, (class, suite, epoch), now)?;
         let row = with_tx(&*self.db, |tx| {
             if tx.device(id)?.is_some() {
                 return Err(Error::AlreadyRegistered { device: id });
@@ -130,31 +142,17 @@ impl Center {
         actor: &str,
         now: u64,
     ) -> Result<Vec<microcert_core::Key128>> {
-        let profile = self.profile(class)?;
-        let suite = suite.unwrap_or(profile.default_suite);
-        if !profile.suites.contains(&suite) {
-            return Err(Error::WrongSuite);
-        }
+        let template = self.new_device_row(DeviceId([0; 8]), (class, suite, epoch), now)?;
         with_tx(&*self.db, |tx| {
             for &id in ids {
                 if tx.device(id)?.is_some() {
                     return Err(Error::AlreadyRegistered { device: id });
                 }
-                self.put_device(
-                    tx,
-                    &mut DeviceRow {
-                        id,
-                        class,
-                        suite,
-                        epoch,
-                        transport_open: true,
-                        created: now,
-                        highest_generation: None,
-                        command_counter: 0,
-                        tag: [0; 32],
-                    },
-                    true,
-                )?;
+                let mut row = DeviceRow {
+                    id,
+                    ..template.clone()
+                };
+                self.put_device(tx, &mut row, true)?;
                 self.audit(
                     tx,
                     now,

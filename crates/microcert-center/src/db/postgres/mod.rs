@@ -974,12 +974,7 @@ impl KeyDatabase for PostgresDatabase {
     }
 
     fn list_tokens(&self) -> Result<Vec<super::TokenRow>> {
-        let mut c = self.pool.get()?;
-        let rows = c.query(
-            &format!("SELECT {TOKEN_COLS} FROM tokens ORDER BY created, hash"),
-            &[],
-        )?;
-        rows.iter().map(token_row).collect()
+        read_tokens(&mut self.pool.get()?)
     }
 
     fn list_marks(&self) -> Result<Vec<(String, u64, Vec<u8>)>> {
@@ -998,6 +993,15 @@ impl KeyDatabase for PostgresDatabase {
 }
 
 /// Every shared mark: (name, value, tag).
+/// Every token row, oldest first.
+pub(super) fn read_tokens(c: &mut PgConn) -> Result<Vec<super::TokenRow>> {
+    let rows = c.query(
+        &format!("SELECT {TOKEN_COLS} FROM tokens ORDER BY created, hash"),
+        &[],
+    )?;
+    rows.iter().map(token_row).collect()
+}
+
 pub(super) fn read_marks(c: &mut PgConn) -> Result<Vec<(String, u64, Vec<u8>)>> {
     let rows = c.query("SELECT name, value, tag FROM marks ORDER BY name", &[])?;
     rows.iter()
@@ -1078,13 +1082,7 @@ impl KeyDatabase for Snapshot<'_> {
         ))
     }
     fn list_tokens(&self) -> Result<Vec<super::TokenRow>> {
-        self.with(|c| {
-            let rows = c.query(
-                &format!("SELECT {TOKEN_COLS} FROM tokens ORDER BY created, hash"),
-                &[],
-            )?;
-            rows.iter().map(token_row).collect()
-        })
+        self.with(read_tokens)
     }
     fn list_marks(&self) -> Result<Vec<(String, u64, Vec<u8>)>> {
         self.with(read_marks)

@@ -758,17 +758,7 @@ impl Tx for PgTx<'_> {
         let hash = audit::chain_hash(&prev, seq, e);
         // The lock is held until this transaction ends: the head is ours.
         self.audit_head = Some((seq + 1, hash));
-        self.pending.audit.push(vec![
-            Box::new(i(seq)),
-            Box::new(i(e.time)),
-            Box::new(e.actor.clone()),
-            Box::new(e.action.clone()),
-            Box::new(e.device.map(|d| d.0.to_vec())),
-            Box::new(e.generation.map(small)),
-            Box::new(e.reason.clone()),
-            Box::new(prev.to_vec()),
-            Box::new(hash.to_vec()),
-        ]);
+        self.pending.audit.push(audit_params(seq, e, &prev, &hash));
         Ok(())
     }
 
@@ -805,17 +795,9 @@ impl Tx for PgTx<'_> {
         }
         self.audit_head = Some((r.seq + 1, r.hash));
         let e = &r.entry;
-        self.pending.audit.push(vec![
-            Box::new(i(r.seq)),
-            Box::new(i(e.time)),
-            Box::new(e.actor.clone()),
-            Box::new(e.action.clone()),
-            Box::new(e.device.map(|d| d.0.to_vec())),
-            Box::new(e.generation.map(small)),
-            Box::new(e.reason.clone()),
-            Box::new(r.prev_hash.to_vec()),
-            Box::new(r.hash.to_vec()),
-        ]);
+        self.pending
+            .audit
+            .push(audit_params(r.seq, e, &r.prev_hash, &r.hash));
         Ok(())
     }
 
@@ -984,4 +966,19 @@ fn challenge_of(row: &tokio_postgres::Row) -> Result<ReplayRow> {
             u64::MAX
         },
     })
+}
+
+/// The parameters of one audit row's insert (write-behind).
+fn audit_params(seq: u64, e: &NewAudit, prev: &[u8; 32], hash: &[u8; 32]) -> Params {
+    vec![
+        Box::new(i(seq)),
+        Box::new(i(e.time)),
+        Box::new(e.actor.clone()),
+        Box::new(e.action.clone()),
+        Box::new(e.device.map(|d| d.0.to_vec())),
+        Box::new(e.generation.map(small)),
+        Box::new(e.reason.clone()),
+        Box::new(prev.to_vec()),
+        Box::new(hash.to_vec()),
+    ]
 }
