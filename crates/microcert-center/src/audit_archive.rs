@@ -303,9 +303,8 @@ impl Center {
         let mut count = 0u64;
         let mut last = (base_seq, base_hash);
         let written = (|| -> Result<()> {
-            let file = opts.open(&tmp)?;
             let mut w = Hashing {
-                inner: std::io::BufWriter::new(file),
+                inner: std::io::BufWriter::new(opts.open(&tmp)?),
                 h: Sha256::new(),
             };
             let header = serde_json::json!({
@@ -725,9 +724,8 @@ impl Center {
         let (dir, tmp, opts) = temp_beside(out, card)?;
         let mut count = 0u64;
         let written = (|| -> Result<()> {
-            let file = opts.open(&tmp)?;
             let mut w = Hashing {
-                inner: std::io::BufWriter::new(file),
+                inner: std::io::BufWriter::new(opts.open(&tmp)?),
                 h: Sha256::new(),
             };
             let header = serde_json::json!({

@@ -52,10 +52,10 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use microcert_core::{CHALLENGE_LEN, DeviceId, Enroll, Key128, KeySeed};
+use microcert_core::{CHALLENGE_LEN, DeviceId, Key128, KeySeed};
 use subtle::ConstantTimeEq;
 
-use crate::card::{EncryptionCard, EnrollVia, SealedSeed, TAG_LEN};
+use crate::card::{EncryptionCard, SealedSeed, TAG_LEN};
 use crate::db::{KeyDatabase, KeyringRow, LeaseRow};
 use crate::{Error, Result};
 
@@ -649,15 +649,6 @@ impl EncryptionCard for KeyringCard {
 
     fn check_challenge(&self, device: DeviceId, c: &[u8; CHALLENGE_LEN], now: u32) -> Result<()> {
         self.inner.check_challenge(device, c, now)
-    }
-
-    fn open_enroll(
-        &self,
-        msg: &Enroll<'_>,
-        current: Option<&KeySeed>,
-        transport_epoch: Option<u8>,
-    ) -> Result<(KeySeed, EnrollVia)> {
-        self.inner.open_enroll(msg, current, transport_epoch)
     }
 
     fn seal_seed(&self, device: DeviceId, generation: u8, seed: &KeySeed) -> Result<SealedSeed> {

@@ -146,16 +146,10 @@ pub trait SecureChip {
     fn sign(&mut self, now: u32, digest: DataDigest, out: &mut [u8]) -> Result<usize>;
 
     /// Makes a SEALED message for a configured relying party in place: the
-    /// caller puts `plaintext_len` bytes of plaintext at
+    /// caller puts `len` bytes of plaintext at
     /// `buf[HEADER_LEN..]`; the chip writes the header before it, encrypts
     /// it in place and appends the tag. Returns the message length.
-    fn seal(
-        &mut self,
-        now: u32,
-        aud: &Audience,
-        buf: &mut [u8],
-        plaintext_len: usize,
-    ) -> Result<usize>;
+    fn seal(&mut self, now: u32, aud: &Audience, buf: &mut [u8], len: usize) -> Result<usize>;
 
     /// Checks a RECEIPT from the center: accepted once, and only when it
     /// answers the chip's own unanswered ENROLL, AUTH or AUTH_RESPONSE.

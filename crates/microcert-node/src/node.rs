@@ -273,13 +273,7 @@ impl<S: ChipStorage> SecureChip for Node<S> {
         make_signature(&self.st().seed, &header, &digest.finish(), out).map_err(from_make)
     }
 
-    fn seal(
-        &mut self,
-        now: u32,
-        aud: &Audience,
-        buf: &mut [u8],
-        plaintext_len: usize,
-    ) -> Result<usize> {
+    fn seal(&mut self, now: u32, aud: &Audience, buf: &mut [u8], len: usize) -> Result<usize> {
         self.ready()?;
         if aud.is_center() {
             return Err(Error::CenterAudience);
@@ -290,11 +284,11 @@ impl<S: ChipStorage> SecureChip for Node<S> {
         } else {
             microcert_core::MAX_SEALED_PLAINTEXT
         };
-        if plaintext_len > limit {
+        if len > limit {
             return Err(Error::PlaintextTooLong);
         }
         let header = self.fresh_header(now)?;
-        seal_in_place(&self.st().seed, &header, aud, buf, plaintext_len).map_err(from_make)
+        seal_in_place(&self.st().seed, &header, aud, buf, len).map_err(from_make)
     }
 
     fn accept_receipt(&mut self, receipt: &[u8]) -> Result<Answered> {

@@ -11,12 +11,9 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use microcert_center::card::{
-    ChallengeKeys, EncryptionCard, EnrollVia, SealedSeed, TAG_LEN, challenge_key_input,
+    ChallengeKeys, EncryptionCard, SealedSeed, TAG_LEN, challenge_key_input,
 };
-use microcert_core::{
-    CHALLENGE_LEN, DeviceId, Enroll, EnrollKey, Key128, KeySeed, SEED_LEN, challenge_window,
-    open_enroll,
-};
+use microcert_core::{CHALLENGE_LEN, DeviceId, Key128, KeySeed, SEED_LEN, challenge_window};
 use zeroize::Zeroizing;
 
 use crate::config::Pkcs11Config;
@@ -597,28 +594,6 @@ impl EncryptionCard for Pkcs11Card {
             .check(challenge_window(now), device, challenge, |w| {
                 self.challenge_key(w)
             })
-    }
-
-    fn open_enroll(
-        &self,
-        msg: &Enroll<'_>,
-        current: Option<&KeySeed>,
-        transport_epoch: Option<u8>,
-    ) -> microcert_center::Result<(KeySeed, EnrollVia)> {
-        // Kupd comes from a seed, which is in host memory already.
-        if let Some(seed) = current
-            && let Ok(s) = open_enroll(EnrollKey::Update(seed), msg)
-        {
-            return Ok((s, EnrollVia::Update));
-        }
-        if let Some(epoch) = transport_epoch {
-            // Ktr leaves the token: the token has no AES-CCM (docs/hsm.md).
-            let ktr = self.ktr(msg.header.device, epoch)?;
-            if let Ok(s) = open_enroll(EnrollKey::Transport(&ktr), msg) {
-                return Ok((s, EnrollVia::Transport));
-            }
-        }
-        Err(microcert_center::Error::Verification)
     }
 
     fn seal_seed(

@@ -220,14 +220,30 @@ pub trait EncryptionCard: Send + Sync + fmt::Debug {
 
     /// Opens an ENROLL: first with Kupd of `current` when given (a seed
     /// the caller unsealed and checked is allowed to update), then with
-    /// Ktr(device, epoch) when `transport_epoch` is given. Which key opened
-    /// it is returned beside the new seed.
+    /// Ktr(device, epoch) when `transport_epoch` is given
+    /// ([`EncryptionCard::transport_key`]: a PKCS#11 token has no AES-CCM,
+    /// so Ktr leaves it, docs/hsm.md). Which key opened it is returned
+    /// beside the new seed; neither: [`Error::Verification`].
     fn open_enroll(
         &self,
         msg: &Enroll<'_>,
         current: Option<&KeySeed>,
         transport_epoch: Option<u8>,
-    ) -> Result<(KeySeed, EnrollVia)>;
+    ) -> Result<(KeySeed, EnrollVia)> {
+        use microcert_core::EnrollKey;
+        if let Some(seed) = current
+            && let Ok(s) = microcert_core::open_enroll(EnrollKey::Update(seed), msg)
+        {
+            return Ok((s, EnrollVia::Update));
+        }
+        if let Some(epoch) = transport_epoch {
+            let ktr = self.transport_key(msg.header.device, epoch)?;
+            if let Ok(s) = microcert_core::open_enroll(EnrollKey::Transport(&ktr), msg) {
+                return Ok((s, EnrollVia::Transport));
+            }
+        }
+        Err(Error::Verification)
+    }
 
     /// Seals a seed for storage under the current Kstore.
     fn seal_seed(&self, device: DeviceId, generation: u8, seed: &KeySeed) -> Result<SealedSeed>;

@@ -33,13 +33,12 @@ use aes_gcm::aead::array::Array;
 use aes_gcm::{AeadInOut, Aes256Gcm, KeyInit};
 use hmac::{Hmac, Mac};
 use microcert_core::{
-    CHALLENGE_LEN, DeviceId, Enroll, EnrollKey, Key128, KeySeed, SEED_LEN, challenge_window,
-    derive_key, open_enroll, transport_key,
+    CHALLENGE_LEN, DeviceId, Key128, KeySeed, SEED_LEN, challenge_window, derive_key, transport_key,
 };
 use sha2::Sha256;
 use zeroize::{Zeroize, Zeroizing};
 
-use super::{EncryptionCard, EnrollVia, SealedSeed, TAG_LEN};
+use super::{EncryptionCard, SealedSeed, TAG_LEN};
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"MCCARD01";
@@ -746,26 +745,6 @@ impl EncryptionCard for SoftwareCard {
             ok |= super::challenge_matches(&self.challenge_key(w), device, c);
         }
         if ok { Ok(()) } else { Err(Error::Verification) }
-    }
-
-    fn open_enroll(
-        &self,
-        msg: &Enroll<'_>,
-        current: Option<&KeySeed>,
-        transport_epoch: Option<u8>,
-    ) -> Result<(KeySeed, EnrollVia)> {
-        if let Some(seed) = current
-            && let Ok(s) = open_enroll(EnrollKey::Update(seed), msg)
-        {
-            return Ok((s, EnrollVia::Update));
-        }
-        if let Some(epoch) = transport_epoch {
-            let ktr = transport_key(&self.read().ktrans, msg.header.device, epoch);
-            if let Ok(s) = open_enroll(EnrollKey::Transport(&ktr), msg) {
-                return Ok((s, EnrollVia::Transport));
-            }
-        }
-        Err(Error::Verification)
     }
 
     fn seal_seed(&self, device: DeviceId, generation: u8, seed: &KeySeed) -> Result<SealedSeed> {

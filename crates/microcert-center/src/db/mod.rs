@@ -406,6 +406,19 @@ impl ReplayRow {
     }
 }
 
+/// How far a batch file was imported ([`Tx::set_import_progress_sealed`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ImportMark<'a> {
+    /// The batch file's SHA-256.
+    pub file: &'a [u8; 32],
+    /// The next line to import.
+    pub next_line: u64,
+    /// When.
+    pub now: u64,
+    /// The card tag over [`crate::integrity::import_bytes`], if any.
+    pub seal: Option<&'a [u8; 32]>,
+}
+
 /// A notary record's key: (device, generation, t, r, digest).
 pub type NotaryKey<'a> = (DeviceId, u8, u32, u64, &'a [u8; 32]);
 
@@ -637,7 +650,12 @@ pub trait Tx {
     }
     /// Records how far a batch file was imported.
     fn set_import_progress(&mut self, file: &[u8; 32], next_line: u64, now: u64) -> Result<()> {
-        self.set_import_progress_sealed(file, next_line, now, None)
+        self.set_import_progress_sealed(&ImportMark {
+            file,
+            next_line,
+            now,
+            seal: None,
+        })
     }
     /// The next line to import with its card tag over
     /// [`crate::integrity::import_bytes`].
@@ -646,13 +664,7 @@ pub trait Tx {
         file: &[u8; 32],
     ) -> Result<Option<(u64, Option<[u8; 32]>)>>;
     /// Records how far a batch file was imported, with its card tag.
-    fn set_import_progress_sealed(
-        &mut self,
-        file: &[u8; 32],
-        next_line: u64,
-        now: u64,
-        seal: Option<&[u8; 32]>,
-    ) -> Result<()>;
+    fn set_import_progress_sealed(&mut self, p: &ImportMark<'_>) -> Result<()>;
 
     /// Deletes a seed record: only `integrity repair` does, to remove a
     /// row inserted outside the center or to put back a backup's copy

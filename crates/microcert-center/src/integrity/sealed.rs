@@ -43,8 +43,8 @@ use crate::audit::AuditSink;
 use crate::card::EncryptionCard;
 use crate::db::{
     AuditRecord, ChangeHook, CommandRow, DeviceQuery, DeviceRow, DeviceView, DigestShard,
-    KeyDatabase, MARK_PRUNED, NewAudit, NotaryKey, NotaryRow, ReplayAcc, ReplayKey, ReplayRow,
-    SeedRow, TokenRow, Tx,
+    ImportMark, KeyDatabase, MARK_PRUNED, NewAudit, NotaryKey, NotaryRow, ReplayAcc, ReplayKey,
+    ReplayRow, SeedRow, TokenRow, Tx,
 };
 use crate::{DbFailure, Error, Result};
 
@@ -700,18 +700,22 @@ impl Tx for SealedTx<'_> {
             None => Ok(None),
         }
     }
-    fn set_import_progress_sealed(
-        &mut self,
-        file: &[u8; 32],
-        next_line: u64,
-        now: u64,
-        _seal: Option<&[u8; 32]>,
-    ) -> Result<()> {
+    fn set_import_progress_sealed(&mut self, p: &ImportMark<'_>) -> Result<()> {
+        let ImportMark {
+            file,
+            next_line,
+            now,
+            seal: _,
+        } = *p;
         let seal = self
             .card
             .record_tag(&super::import_bytes(file, next_line))?;
-        self.inner
-            .set_import_progress_sealed(file, next_line, now, Some(&seal))
+        self.inner.set_import_progress_sealed(&ImportMark {
+            file,
+            next_line,
+            now,
+            seal: Some(&seal),
+        })
     }
     fn delete_seed(&mut self, id: DeviceId, generation: u8) -> Result<bool> {
         self.inner.delete_seed(id, generation)

@@ -8,8 +8,8 @@ use tokio_postgres::types::ToSql;
 use super::PgConn;
 use super::rows::*;
 use crate::db::{
-    AuditRecord, Blob, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryKey, NotaryRow,
-    ReplayAcc, ReplayKey, ReplayRow, SeedRow, Tx, one_row,
+    AuditRecord, Blob, CommandRow, DeviceRow, DigestShard, ImportMark, NewAudit, NotaryKey,
+    NotaryRow, ReplayAcc, ReplayKey, ReplayRow, SeedRow, Tx, one_row,
 };
 use crate::{DbFailure, Error, Result, audit};
 
@@ -851,13 +851,13 @@ impl Tx for PgTx<'_> {
         .transpose()
     }
 
-    fn set_import_progress_sealed(
-        &mut self,
-        file: &[u8; 32],
-        next_line: u64,
-        now: u64,
-        seal: Option<&[u8; 32]>,
-    ) -> Result<()> {
+    fn set_import_progress_sealed(&mut self, p: &ImportMark<'_>) -> Result<()> {
+        let ImportMark {
+            file,
+            next_line,
+            now,
+            seal,
+        } = *p;
         self.wrote = true;
         self.conn()?.execute(
             "INSERT INTO imports (file_digest, next_line, updated, seal) VALUES ($1, $2, $3, $4) \

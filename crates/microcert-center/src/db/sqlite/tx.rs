@@ -5,8 +5,8 @@ use rusqlite::{OptionalExtension, params};
 
 use super::rows::*;
 use crate::db::{
-    AuditRecord, CommandRow, DeviceRow, DigestShard, NewAudit, NotaryKey, NotaryRow, ReplayAcc,
-    ReplayKey, ReplayRow, SeedRow, TokenRow, Tx, one_row,
+    AuditRecord, CommandRow, DeviceRow, DigestShard, ImportMark, NewAudit, NotaryKey, NotaryRow,
+    ReplayAcc, ReplayKey, ReplayRow, SeedRow, TokenRow, Tx, one_row,
 };
 use crate::{Result, audit};
 
@@ -546,13 +546,13 @@ impl Tx for SqliteTx<'_> {
         Ok(st.execute(params![&id.0[..], generation])? == 1)
     }
 
-    fn set_import_progress_sealed(
-        &mut self,
-        file: &[u8; 32],
-        next_line: u64,
-        now: u64,
-        seal: Option<&[u8; 32]>,
-    ) -> Result<()> {
+    fn set_import_progress_sealed(&mut self, p: &ImportMark<'_>) -> Result<()> {
+        let ImportMark {
+            file,
+            next_line,
+            now,
+            seal,
+        } = *p;
         let mut st = self.tx.prepare_cached(
             "INSERT OR REPLACE INTO imports (file_digest, next_line, updated, seal) \
              VALUES (?1, ?2, ?3, ?4)",
