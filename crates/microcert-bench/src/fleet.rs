@@ -9,6 +9,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use microcert_center::{Center, CenterConfig, EncryptionCard, SoftwareCard};
 use microcert_core::{
@@ -103,12 +104,20 @@ impl std::fmt::Debug for Fleet {
 impl Fleet {
     /// Creates a card, a database and imports `n` devices.
     pub fn new(n: u64, config: CenterConfig) -> Result<Self, BoxError> {
+        Self::new_timed(n, config).map(|(fleet, _)| fleet)
+    }
+
+    /// [`Fleet::new`], also returning how long the import itself took (the
+    /// batch file is written before the clock starts).
+    pub fn new_timed(n: u64, config: CenterConfig) -> Result<(Self, Duration), BoxError> {
         let card = Arc::new(SoftwareCard::ephemeral()?);
         let dir = temp_dir()?;
         let batch = dir.path().join("batch.jsonl");
         write_batch(&*card, n, &batch)?;
         let center = Center::open_sqlite(&dir.path().join("keys.db"), card.clone(), config)?;
+        let start = Instant::now();
         let report = center.import_batch(&batch, "bench", NOW, &mut |_| {})?;
+        let took = start.elapsed();
         if report.enrolled != n || !report.rejected.is_empty() {
             return Err(format!(
                 "import: {} of {n} enrolled, {} rejected",
@@ -117,12 +126,15 @@ impl Fleet {
             )
             .into());
         }
-        Ok(Fleet {
-            center,
-            card,
-            devices: n,
-            dir,
-        })
+        Ok((
+            Fleet {
+                center,
+                card,
+                devices: n,
+                dir,
+            },
+            took,
+        ))
     }
 
     /// A second center over the same database and card, with `config`
