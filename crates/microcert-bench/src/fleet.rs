@@ -197,6 +197,57 @@ pub fn cold_config() -> CenterConfig {
 mod tests {
     use super::*;
 
+    /// RECEIPT r values come from several pools (one per device group) so
+    /// that threads do not share one lock: every RECEIPT still verifies
+    /// under its device's seed, answers its AUTH's r, and no r repeats,
+    /// over devices of every pool and two threads at once.
+    #[test]
+    fn receipts_from_two_threads_verify_and_never_repeat_r() {
+        use microcert_core::{Receipt, Sender, verify_receipt};
+        const N: u64 = 40;
+        let fleet = Fleet::new(N, CenterConfig::default()).unwrap();
+        let center = &fleet.center;
+        let run = |thread: u64| {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            for round in 0..6u64 {
+                for i in 0..N {
+                    let h = Header {
+                        suite: SUITE,
+                        device: device(i),
+                        generation: 0,
+                        t: T,
+                        r: (thread << 32) | (round << 16) | i,
+                    };
+                    let n = make_auth(&fixtures::seed_n(i), &h, &Audience::CENTER, &mut buf)
+                        .unwrap();
+                    let out = center
+                        .verify_auth(&buf[..n], &Audience::CENTER, NOW)
+                        .unwrap();
+                    let rc = Receipt::decode(&out.receipt).unwrap();
+                    verify_receipt(&fixtures::seed_n(i), &rc, Sender::Center).unwrap();
+                    assert_eq!((rc.header.device, rc.reference), (h.device, h.r));
+                    got.push(rc.header.r);
+                }
+            }
+            got
+        };
+        // The first AUTH of each device activates it; then two threads.
+        let mut all = run(9);
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| run(1));
+            let b = s.spawn(|| run(2));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        all.extend(a);
+        all.extend(b);
+        let count = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), count, "a RECEIPT r repeated");
+        assert_eq!(count, 3 * 6 * N as usize);
+    }
+
     #[test]
     fn fleet_verifies_fresh_auth_and_refuses_replay() {
         let fleet = Fleet::new(3, CenterConfig::default()).unwrap();
