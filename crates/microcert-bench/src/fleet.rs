@@ -219,8 +219,8 @@ mod tests {
                         t: T,
                         r: (thread << 32) | (round << 16) | i,
                     };
-                    let n = make_auth(&fixtures::seed_n(i), &h, &Audience::CENTER, &mut buf)
-                        .unwrap();
+                    let n =
+                        make_auth(&fixtures::seed_n(i), &h, &Audience::CENTER, &mut buf).unwrap();
                     let out = center
                         .verify_auth(&buf[..n], &Audience::CENTER, NOW)
                         .unwrap();

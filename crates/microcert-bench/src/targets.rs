@@ -237,7 +237,7 @@ pub fn measure(import_devices: u64) -> Result<Report, BoxError> {
     let (big, took) = Fleet::new_timed(import_devices, warm_config())?;
     let import_rate = import_devices as f64 / took.as_secs_f64();
     rows.push(rate_row(
-        "import into SQLite (factory batch, one thread of the caller)",
+        "import into SQLite (factory batch, `import_batch`, pipelined over the cores)",
         import_rate,
         "seeds/s",
         ">= 50,000 seeds/s",

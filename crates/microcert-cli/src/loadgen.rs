@@ -245,12 +245,13 @@ fn ecdsa_verify_rate() -> anyhow::Result<f64> {
         UnparsedPublicKey,
     };
     let rng = SystemRandom::new();
-    let bad = |_| anyhow::anyhow!("ECDSA baseline setup failed");
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).map_err(bad)?;
+    let bad = || anyhow::anyhow!("ECDSA baseline setup failed");
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).map_err(|_| bad())?;
     let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
-        .map_err(bad)?;
+        .map_err(|_| bad())?;
     let message = [0x5au8; 300];
-    let sig = pair.sign(&rng, &message).map_err(bad)?;
+    let sig = pair.sign(&rng, &message).map_err(|_| bad())?;
     let key = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, pair.public_key().as_ref());
     let mut rates = Vec::with_capacity(9);
     for _ in 0..9 {

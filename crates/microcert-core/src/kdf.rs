@@ -179,7 +179,11 @@ mod tests {
             for a in 0..=len {
                 let b = (a + (len - a) / 2).min(len);
                 let split = cmac_parts(&key, &[&data[..a], &data[a..b], &data[b..len]]);
-                assert_eq!(split.expose(), whole.expose(), "len {len}, split at {a} and {b}");
+                assert_eq!(
+                    split.expose(),
+                    whole.expose(),
+                    "len {len}, split at {a} and {b}"
+                );
             }
             // Against the MAC crate driven directly, one update per byte.
             let mut mac = <Cmac<Aes128Enc> as KeyInit>::new((&key).into());
