@@ -80,10 +80,23 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    assert_eq!(old(&KEY, &MSG16), TAG16, "aes 0.8 / cmac 0.7 fails RFC 4493");
-    assert_eq!(new(&KEY, &MSG16), TAG16, "aes 0.9 / cmac 0.8 fails RFC 4493");
-    let rounds: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(31);
-    println!("one AES-128-CMAC incl. key expansion, ns (median of {rounds} interleaved batches of 20,000)");
+    assert_eq!(
+        old(&KEY, &MSG16),
+        TAG16,
+        "aes 0.8 / cmac 0.7 fails RFC 4493"
+    );
+    assert_eq!(
+        new(&KEY, &MSG16),
+        TAG16,
+        "aes 0.9 / cmac 0.8 fails RFC 4493"
+    );
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(31);
+    println!(
+        "one AES-128-CMAC incl. key expansion, ns (median of {rounds} interleaved batches of 20,000)"
+    );
     println!("| message | aes 0.8 / cmac 0.7 | aes 0.9.4 / cmac 0.8 | new / old |");
     println!("| --- | --- | --- | --- |");
     let long = [0x5au8; 64];
