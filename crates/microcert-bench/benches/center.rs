@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use criterion::{BatchSize, Criterion, SamplingMode, Throughput};
 use microcert_bench::ecdsa::Baseline;
 use microcert_bench::fleet::{self, AuthMaker, Fleet, NOW};
-use microcert_bench::timing;
+use microcert_bench::{targets, timing};
 use microcert_center::db::with_tx;
 use microcert_center::{Center, CenterConfig, ReplayMode, SoftwareCard, integrity};
 use microcert_core::Audience;
@@ -289,5 +289,14 @@ fn main() {
     c.final_summary();
     if measuring() {
         summary(&fleet, &cold, &db_replay, &mut maker);
+        drop((fleet, cold, db_replay));
+        // The table of issue 16, every figure beside its target and ECDSA.
+        match targets::measure(targets::import_devices_from_env()) {
+            Ok(report) => println!("\n{}", report.table()),
+            Err(e) => {
+                eprintln!("targets: not measured: {e}");
+                std::process::exit(1);
+            }
+        }
     }
 }

@@ -9,6 +9,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use microcert_center::{Center, CenterConfig, EncryptionCard, SoftwareCard};
 use microcert_core::{
@@ -103,12 +104,20 @@ impl std::fmt::Debug for Fleet {
 impl Fleet {
     /// Creates a card, a database and imports `n` devices.
     pub fn new(n: u64, config: CenterConfig) -> Result<Self, BoxError> {
+        Self::new_timed(n, config).map(|(fleet, _)| fleet)
+    }
+
+    /// [`Fleet::new`], also returning how long the import itself took (the
+    /// batch file is written before the clock starts).
+    pub fn new_timed(n: u64, config: CenterConfig) -> Result<(Self, Duration), BoxError> {
         let card = Arc::new(SoftwareCard::ephemeral()?);
         let dir = temp_dir()?;
         let batch = dir.path().join("batch.jsonl");
         write_batch(&*card, n, &batch)?;
         let center = Center::open_sqlite(&dir.path().join("keys.db"), card.clone(), config)?;
+        let start = Instant::now();
         let report = center.import_batch(&batch, "bench", NOW, &mut |_| {})?;
+        let took = start.elapsed();
         if report.enrolled != n || !report.rejected.is_empty() {
             return Err(format!(
                 "import: {} of {n} enrolled, {} rejected",
@@ -117,12 +126,15 @@ impl Fleet {
             )
             .into());
         }
-        Ok(Fleet {
-            center,
-            card,
-            devices: n,
-            dir,
-        })
+        Ok((
+            Fleet {
+                center,
+                card,
+                devices: n,
+                dir,
+            },
+            took,
+        ))
     }
 
     /// A second center over the same database and card, with `config`
@@ -184,6 +196,57 @@ pub fn cold_config() -> CenterConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RECEIPT r values come from several pools (one per device group) so
+    /// that threads do not share one lock: every RECEIPT still verifies
+    /// under its device's seed, answers its AUTH's r, and no r repeats,
+    /// over devices of every pool and two threads at once.
+    #[test]
+    fn receipts_from_two_threads_verify_and_never_repeat_r() {
+        use microcert_core::{Receipt, Sender, verify_receipt};
+        const N: u64 = 40;
+        let fleet = Fleet::new(N, CenterConfig::default()).unwrap();
+        let center = &fleet.center;
+        let run = |thread: u64| {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 64];
+            for round in 0..6u64 {
+                for i in 0..N {
+                    let h = Header {
+                        suite: SUITE,
+                        device: device(i),
+                        generation: 0,
+                        t: T,
+                        r: (thread << 32) | (round << 16) | i,
+                    };
+                    let n =
+                        make_auth(&fixtures::seed_n(i), &h, &Audience::CENTER, &mut buf).unwrap();
+                    let out = center
+                        .verify_auth(&buf[..n], &Audience::CENTER, NOW)
+                        .unwrap();
+                    let rc = Receipt::decode(&out.receipt).unwrap();
+                    verify_receipt(&fixtures::seed_n(i), &rc, Sender::Center).unwrap();
+                    assert_eq!((rc.header.device, rc.reference), (h.device, h.r));
+                    got.push(rc.header.r);
+                }
+            }
+            got
+        };
+        // The first AUTH of each device activates it; then two threads.
+        let mut all = run(9);
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| run(1));
+            let b = s.spawn(|| run(2));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        all.extend(a);
+        all.extend(b);
+        let count = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), count, "a RECEIPT r repeated");
+        assert_eq!(count, 3 * 6 * N as usize);
+    }
 
     #[test]
     fn fleet_verifies_fresh_auth_and_refuses_replay() {

@@ -28,3 +28,4 @@ pub mod sizes {
 }
 
 pub mod ratio;
+pub mod targets;

@@ -189,3 +189,17 @@ impl SeedCache {
         self.shards.iter().map(|s| Self::map(s).len()).sum()
     }
 }
+
+/// Heap bytes the cache holds for one device with `seeds` seed records,
+/// from the struct sizes: the map's slot (key, pointer, control byte, at
+/// the map's 7/8 maximum load), the `Arc` block (two counters and the
+/// device), the seed records and the policy snapshot's seed list. The
+/// allocator's rounding and the map's spare capacity after a resize come
+/// on top; the benchmark measures those by resident memory.
+pub(crate) fn bytes_per_device(seeds: usize) -> usize {
+    let slot = (size_of::<DeviceId>() + size_of::<Arc<CachedDevice>>() + 1) * 8 / 7;
+    let arc = 2 * size_of::<usize>() + size_of::<CachedDevice>();
+    let records = seeds * size_of::<CachedSeed>();
+    let snapshot = seeds * size_of::<crate::policy::SeedSnapshot>();
+    slot + arc + records + snapshot
+}

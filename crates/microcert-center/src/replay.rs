@@ -997,6 +997,14 @@ impl Drop for MemoryGuard {
     }
 }
 
+/// Heap bytes of one accepted message in the guard, from the struct sizes:
+/// the hash set's slot (key and control byte at the 7/8 maximum load). A
+/// bucket per second of t per shard comes on top, shared by every key of
+/// that second.
+pub(crate) fn bytes_per_key() -> usize {
+    (size_of::<Key>() + 1) * 8 / 7
+}
+
 fn shard_of(device: DeviceId, r: u64) -> usize {
     // r is random per message, so it spreads one device's messages too.
     ((r ^ device.to_u64()) as usize) % SHARDS

@@ -77,7 +77,10 @@ pub struct Center {
     /// Random bytes from the card, fetched 4 KiB at a time for the r of
     /// the center's RECEIPTs: one card call (a system call for the
     /// software card) per 512 receipts instead of one each.
-    receipt_r: std::sync::Mutex<RandomPool>,
+    /// RECEIPT r values, [`RECEIPT_POOLS`] pools chosen by device, so
+    /// that verifying threads do not queue on one lock (nor behind one
+    /// 4 KiB draw from the card).
+    receipt_r: Vec<std::sync::Mutex<RandomPool>>,
     /// Detects steps of the wall clock (issue 12).
     watch: crate::clock::ClockWatch,
     config: CenterConfig,
@@ -88,6 +91,9 @@ pub struct Center {
     /// (issue 14, [`crate::keyring`]); `card` is then this wrapper.
     keyring: Option<Arc<crate::keyring::KeyringCard>>,
 }
+
+/// How many [`RandomPool`]s RECEIPT r values are drawn from.
+const RECEIPT_POOLS: usize = 16;
 
 /// Bytes drawn from the card's random generator, used once each. They only
 /// become public header fields (r), so holding them in memory is harmless.
@@ -206,7 +212,9 @@ impl Center {
             cache,
             group: group::GroupCommit::default(),
             replay,
-            receipt_r: std::sync::Mutex::new(RandomPool::new()),
+            receipt_r: (0..RECEIPT_POOLS)
+                .map(|_| std::sync::Mutex::new(RandomPool::new()))
+                .collect(),
             watch: crate::clock::ClockWatch::new(Arc::new(crate::clock::SystemClock::new())),
             config,
             anchor: std::sync::OnceLock::new(),
@@ -493,8 +501,7 @@ impl Center {
             device,
             generation,
             t: now32(now)?,
-            r: self
-                .receipt_r
+            r: self.receipt_r[usize::from(device.0[7]) % RECEIPT_POOLS]
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .next_u64(&*self.card)?,

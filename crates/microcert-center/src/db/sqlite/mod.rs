@@ -28,6 +28,42 @@ mod rows;
 mod schema;
 mod tx;
 
+/// A deferred (read) transaction whose BEGIN and COMMIT are cached
+/// prepared statements: rusqlite's `Transaction` parses and prepares both
+/// texts on every use, which was a tenth of a cold verification (issue 16
+/// profile). Rolled back when dropped without [`ReadTx::commit`] (an early
+/// return, an error or a panic), as rusqlite's is.
+struct ReadTx<'c> {
+    conn: &'c Connection,
+    open: bool,
+}
+
+impl<'c> ReadTx<'c> {
+    fn begin(conn: &'c Connection) -> rusqlite::Result<Self> {
+        conn.prepare_cached("BEGIN DEFERRED")?.execute([])?;
+        Ok(ReadTx { conn, open: true })
+    }
+
+    fn commit(mut self) -> rusqlite::Result<()> {
+        // A COMMIT that fails leaves the transaction open: the drop rolls
+        // it back.
+        let done = self.conn.prepare_cached("COMMIT")?.execute([]).map(|_| ());
+        self.open = done.is_err();
+        done
+    }
+}
+
+impl Drop for ReadTx<'_> {
+    fn drop(&mut self) {
+        if self.open && !self.conn.is_autocommit() {
+            let _ = self
+                .conn
+                .prepare_cached("ROLLBACK")
+                .and_then(|mut st| st.execute([]));
+        }
+    }
+}
+
 use rows::*;
 use schema::migrate;
 use tx::SqliteTx;
@@ -135,16 +171,16 @@ impl SqliteDatabase {
                 format!("SELECT {SEED_COLS} FROM seeds WHERE device = ?1 ORDER BY generation"),
             )
         });
-        let mut conn = self.lock()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
-        let device = tx
+        let conn = self.lock()?;
+        let tx = ReadTx::begin(&conn)?;
+        let device = conn
             .prepare_cached(dev_sql)?
             .query_row([&id.0[..]], device_row)
             .optional()?;
         let Some(device) = device else {
             return Ok(None);
         };
-        let seeds = tx
+        let seeds = conn
             .prepare_cached(seeds_sql)?
             .query_map([&id.0[..]], seed_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -518,5 +554,52 @@ impl KeyDatabase for SqliteDatabase {
         let conn = self.lock()?;
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod read_tx_tests {
+    use super::*;
+
+    /// The cached BEGIN/COMMIT read leaves no transaction open on any path
+    /// (a device that is absent returns early, one that exists commits, a
+    /// statement that fails inside is rolled back), so the next write
+    /// transaction starts: an open one would make its BEGIN IMMEDIATE fail.
+    #[test]
+    fn read_device_leaves_no_transaction_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteDatabase::open(&dir.path().join("k.db")).unwrap();
+        let id = DeviceId::from_u64(7);
+        let row = super::super::DeviceRow {
+            id,
+            class: 1,
+            suite: microcert_core::Suite::CMAC64,
+            epoch: 0,
+            transport_open: true,
+            created: 1,
+            highest_generation: None,
+            command_counter: 0,
+            tag: [0; 32],
+        };
+        for round in 0..3 {
+            let found = db.read_device(id).unwrap();
+            assert_eq!(found.is_some(), round > 0);
+            assert!(db.lock().unwrap().is_autocommit());
+            db.transaction(&mut |tx| {
+                if round == 0 {
+                    tx.insert_device(&row)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        }
+        // The seeds query fails (its table is gone): an error, rolled back.
+        db.lock()
+            .unwrap()
+            .execute_batch("ALTER TABLE seeds RENAME TO seeds_gone")
+            .unwrap();
+        assert!(db.read_device(id).is_err());
+        assert!(db.lock().unwrap().is_autocommit());
+        db.transaction(&mut |_| Ok(())).unwrap();
     }
 }
