@@ -153,6 +153,20 @@ impl Hashing<std::io::BufWriter<std::fs::File>> {
     }
 }
 
+/// Creates the archive's temporary file and writes its header line.
+fn start(
+    opts: &std::fs::OpenOptions,
+    tmp: &Path,
+    header: &serde_json::Value,
+) -> Result<Hashing<std::io::BufWriter<std::fs::File>>> {
+    let mut w = Hashing {
+        inner: std::io::BufWriter::new(opts.open(tmp)?),
+        h: Sha256::new(),
+    };
+    writeln!(w, "{header}")?;
+    Ok(w)
+}
+
 /// Puts a written archive in place: the temporary file `tmp` renamed to
 /// `out` and the directory synced. A failed write removes `tmp` (unless
 /// the failure is a test's stop, which stands for a kill); an empty one
@@ -303,10 +317,6 @@ impl Center {
         let mut count = 0u64;
         let mut last = (base_seq, base_hash);
         let written = (|| -> Result<()> {
-            let mut w = Hashing {
-                inner: std::io::BufWriter::new(opts.open(&tmp)?),
-                h: Sha256::new(),
-            };
             let header = serde_json::json!({
                 "format": FORMAT,
                 "version": 1,
@@ -316,7 +326,7 @@ impl Center {
                 "first": base_seq + 1,
                 "prev_hash": hex::encode(base_hash),
             });
-            writeln!(w, "{header}")?;
+            let mut w = start(&opts, &tmp, &header)?;
             let mut after = base_seq;
             'pages: loop {
                 let page = db.audit_log(after, 1000)?;
@@ -724,10 +734,6 @@ impl Center {
         let (dir, tmp, opts) = temp_beside(out, card)?;
         let mut count = 0u64;
         let written = (|| -> Result<()> {
-            let mut w = Hashing {
-                inner: std::io::BufWriter::new(opts.open(&tmp)?),
-                h: Sha256::new(),
-            };
             let header = serde_json::json!({
                 "format": NOTARY_FORMAT,
                 "version": 1,
@@ -736,7 +742,7 @@ impl Center {
                 "created": now,
                 "before": before,
             });
-            writeln!(w, "{header}")?;
+            let mut w = start(&opts, &tmp, &header)?;
             let mut last: Option<crate::db::NotaryRow> = None;
             loop {
                 let page = db.scan_notary(last.as_ref(), 1000)?;

@@ -408,19 +408,20 @@ impl Drbg {
             return Err(DrbgError::RequestTooLong);
         }
         check_input(additional_input)?;
-        let result = self.generate_inner(source, out, prediction_resistance, additional_input);
+        let result = self.generate_inner(source, out, (prediction_resistance, additional_input));
         if result.is_err() {
             out.zeroize();
         }
         result
     }
 
+    /// [`Drbg::generate`] once its request was checked: (prediction
+    /// resistance, additional input).
     fn generate_inner(
         &mut self,
         source: &mut impl EntropySource,
         out: &mut [u8],
-        prediction_resistance: bool,
-        additional_input: &[u8],
+        (prediction_resistance, additional_input): (bool, &[u8]),
     ) -> Result<(), DrbgError> {
         let mut additional = additional_input;
         if prediction_resistance || self.prediction_resistance || self.failed {

@@ -15,7 +15,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use microcert_center::db::SeedRow;
+use microcert_center::db::{SeedRow, SeedTimes};
 use microcert_center::{Center, DeviceQuery, DeviceView, Error, ErrorClass, MessageRefusal};
 use microcert_core::{DeviceId, Event, KeyState};
 use serde::{Deserialize, Serialize};
@@ -213,13 +213,8 @@ pub struct SeedJson {
     suite: u8,
     kstore_version: u32,
     via: &'static str,
-    created: u64,
-    activated_at: Option<u64>,
-    suspended_at: Option<u64>,
-    deactivated_at: Option<u64>,
-    compromised_at: Option<u64>,
-    destroyed_at: Option<u64>,
-    grace_until: Option<u64>,
+    #[serde(flatten)]
+    times: SeedTimes,
 }
 
 impl From<&SeedRow> for SeedJson {
@@ -232,13 +227,7 @@ impl From<&SeedRow> for SeedJson {
             suite: s.suite.id(),
             kstore_version: s.kstore_version,
             via: s.via.name(),
-            created: s.created,
-            activated_at: s.activated_at,
-            suspended_at: s.suspended_at,
-            deactivated_at: s.deactivated_at,
-            compromised_at: s.compromised_at,
-            destroyed_at: s.destroyed_at,
-            grace_until: s.grace_until,
+            times: SeedTimes::of(s),
         }
     }
 }

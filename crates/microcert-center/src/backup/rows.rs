@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::card::EnrollVia;
 use crate::db::{
-    AuditRecord, Blob, CommandRow, DeviceRow, DigestShard, KeyringRow, NewAudit, NotaryRow, SeedRow,
+    AuditRecord, Blob, CommandRow, DeviceRow, DigestShard, KeyringRow, NewAudit, NotaryRow,
+    SeedRow, SeedTimes,
 };
 
 /// The first line: what the file is, when it was made, and by which card.
@@ -67,13 +68,8 @@ pub(super) struct SeedLine {
     enroll_r: u64,
     enroll_digest: String,
     receipt: String,
-    created: u64,
-    activated_at: Option<u64>,
-    suspended_at: Option<u64>,
-    deactivated_at: Option<u64>,
-    compromised_at: Option<u64>,
-    destroyed_at: Option<u64>,
-    grace_until: Option<u64>,
+    #[serde(flatten)]
+    times: SeedTimes,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -218,20 +214,14 @@ impl From<&SeedRow> for SeedLine {
             enroll_r: s.enroll_r,
             enroll_digest: hex::encode(s.enroll_digest),
             receipt: hex::encode(&s.receipt.0),
-            created: s.created,
-            activated_at: s.activated_at,
-            suspended_at: s.suspended_at,
-            deactivated_at: s.deactivated_at,
-            compromised_at: s.compromised_at,
-            destroyed_at: s.destroyed_at,
-            grace_until: s.grace_until,
+            times: SeedTimes::of(s),
         }
     }
 }
 
 impl SeedLine {
     pub(super) fn row(&self) -> Option<SeedRow> {
-        Some(SeedRow {
+        let mut row = SeedRow {
             device: hdev(&self.device)?,
             generation: self.generation,
             state: KeyState::from_name(&self.state)?,
@@ -248,14 +238,16 @@ impl SeedLine {
             enroll_r: self.enroll_r,
             enroll_digest: h32(&self.enroll_digest)?,
             receipt: Blob(hvec(&self.receipt)?),
-            created: self.created,
-            activated_at: self.activated_at,
-            suspended_at: self.suspended_at,
-            deactivated_at: self.deactivated_at,
-            compromised_at: self.compromised_at,
-            destroyed_at: self.destroyed_at,
-            grace_until: self.grace_until,
-        })
+            created: 0,
+            activated_at: None,
+            suspended_at: None,
+            deactivated_at: None,
+            compromised_at: None,
+            destroyed_at: None,
+            grace_until: None,
+        };
+        self.times.set(&mut row);
+        Some(row)
     }
 }
 

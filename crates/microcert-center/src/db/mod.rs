@@ -132,6 +132,47 @@ pub struct SeedRow {
     pub grace_until: Option<u64>,
 }
 
+/// A seed record's life-cycle times ([`SeedRow`]'s `created` to
+/// `grace_until`), as backups and the operator API write them (flattened
+/// into their JSON objects). Made with [`SeedTimes::of`], put back with
+/// [`SeedTimes::set`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SeedTimes {
+    created: u64,
+    activated_at: Option<u64>,
+    suspended_at: Option<u64>,
+    deactivated_at: Option<u64>,
+    compromised_at: Option<u64>,
+    destroyed_at: Option<u64>,
+    grace_until: Option<u64>,
+}
+
+impl SeedTimes {
+    /// The times of `s`.
+    pub fn of(s: &SeedRow) -> Self {
+        SeedTimes {
+            created: s.created,
+            activated_at: s.activated_at,
+            suspended_at: s.suspended_at,
+            deactivated_at: s.deactivated_at,
+            compromised_at: s.compromised_at,
+            destroyed_at: s.destroyed_at,
+            grace_until: s.grace_until,
+        }
+    }
+
+    /// Writes these times into `s`.
+    pub fn set(&self, s: &mut SeedRow) {
+        s.created = self.created;
+        s.activated_at = self.activated_at;
+        s.suspended_at = self.suspended_at;
+        s.deactivated_at = self.deactivated_at;
+        s.compromised_at = self.compromised_at;
+        s.destroyed_at = self.destroyed_at;
+        s.grace_until = self.grace_until;
+    }
+}
+
 /// A device and its seeds (ascending generation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceView {

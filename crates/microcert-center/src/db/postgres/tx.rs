@@ -852,12 +852,7 @@ impl Tx for PgTx<'_> {
     }
 
     fn set_import_progress_sealed(&mut self, p: &ImportMark<'_>) -> Result<()> {
-        let ImportMark {
-            file,
-            next_line,
-            now,
-            seal,
-        } = *p;
+        let (file, next_line, now, seal) = (p.file, p.next_line, p.now, p.seal);
         self.wrote = true;
         self.conn()?.execute(
             "INSERT INTO imports (file_digest, next_line, updated, seal) VALUES ($1, $2, $3, $4) \

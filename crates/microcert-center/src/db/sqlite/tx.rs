@@ -68,10 +68,11 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn insert_device(&mut self, d: &DeviceRow) -> Result<()> {
-        let mut st = self.tx.prepare_cached(&format!(
-            "INSERT INTO devices ({DEVICE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
-        ))?;
-        st.execute(device_params!(d))?;
+        let sql = format!(
+            "INSERT INTO devices ({DEVICE_COLS}) VALUES ({})",
+            placeholders(9)
+        );
+        self.tx.prepare_cached(&sql)?.execute(device_params!(d))?;
         Ok(())
     }
 
@@ -102,11 +103,11 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn insert_seed(&mut self, s: &SeedRow) -> Result<()> {
-        let mut st = self.tx.prepare_cached(&format!(
-            "INSERT INTO seeds ({SEED_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
-             ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
-        ))?;
-        st.execute(seed_params!(s))?;
+        let sql = format!(
+            "INSERT INTO seeds ({SEED_COLS}) VALUES ({})",
+            placeholders(20)
+        );
+        self.tx.prepare_cached(&sql)?.execute(seed_params!(s))?;
         Ok(())
     }
 
@@ -547,12 +548,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn set_import_progress_sealed(&mut self, p: &ImportMark<'_>) -> Result<()> {
-        let ImportMark {
-            file,
-            next_line,
-            now,
-            seal,
-        } = *p;
+        let (file, next_line, now, seal) = (p.file, p.next_line, p.now, p.seal);
         let mut st = self.tx.prepare_cached(
             "INSERT OR REPLACE INTO imports (file_digest, next_line, updated, seal) \
              VALUES (?1, ?2, ?3, ?4)",
@@ -638,4 +634,12 @@ impl Tx for SqliteTx<'_> {
             .execute(params![i64::from(version)])?;
         Ok(n == 1)
     }
+}
+
+/// "?1, ?2, ..., ?n": the placeholders of an n-column insert.
+fn placeholders(n: usize) -> String {
+    (1..=n)
+        .map(|k| format!("?{k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
