@@ -90,7 +90,7 @@ impl Anchor {
             shard_seq,
             audit_seq,
             audit_hash,
-            keyring_epoch: crate::keyring::head_epoch(db, card),
+            keyring_epoch: crate::keyring::head_epoch(db, card)?,
         })
     }
 

@@ -200,14 +200,16 @@ pub fn check(card: &dyn EncryptionCard, rows: Vec<KeyringRow>) -> Result<Option<
 }
 
 /// The epoch of the keyring's head as stored, for the card's anchor: 0
-/// when there is no keyring, or when it cannot be read or fails its
-/// checks (then an anchor that saw a higher epoch reports the database as
-/// put back, and the keyring's own checks say why).
-pub fn head_epoch(db: &dyn KeyDatabase, card: &dyn EncryptionCard) -> u64 {
+/// when there is no keyring, or when it fails its checks (then an anchor
+/// that saw a higher epoch reports the database as put back, and the
+/// keyring's own checks say why). A database or card that does not answer
+/// is an error, never a "rolled back" keyring.
+pub fn head_epoch(db: &dyn KeyDatabase, card: &dyn EncryptionCard) -> Result<u64> {
     let db = db.unsealed().unwrap_or(db);
     match read_rows(db).and_then(|rows| check(card, rows)) {
-        Ok(Some(c)) => c.head.epoch,
-        _ => 0,
+        Ok(Some(c)) => Ok(c.head.epoch),
+        Ok(None) | Err(Error::Keyring(_) | Error::Integrity(_)) => Ok(0),
+        Err(e) => Err(e),
     }
 }
 
@@ -664,11 +666,12 @@ impl EncryptionCard for KeyringCard {
         }
         // A version this center does not hold: rotated at another center,
         // reload before failing (unless a reload just missed it).
-        if self.missed_recently(version)
-            || !self.reload_until(MISS_WAIT, |s| s.held.contains(&version))
-        {
+        let recent = self.missed_recently(version);
+        if recent || !self.reload_until(MISS_WAIT, |s| s.held.contains(&version)) {
             self.loaded()?;
-            self.note_missed(version);
+            if !recent {
+                self.note_missed(version);
+            }
             return Err(Error::NoStorageKey { version });
         }
         self.inner.unseal_seed(id, g, version, ct)

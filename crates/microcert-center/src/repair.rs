@@ -139,7 +139,19 @@ impl Center {
                     .push(format!("backup {} not used: {e}", p.display())),
             }
         }
-        if !found.rolled_back_shards.is_empty()
+        if let Some(a) = found.anchor.as_deref().filter(|a| a.contains("keyring")) {
+            out.refused.push(format!(
+                "{a}: put the keyring back with `backup restore` of a backup taken after the last rotation, or, if the keyring really is the newest one, reset the anchor with `integrity repair` after a restore; nothing is changed here"
+            ));
+        }
+        // Token and mark shards behind the anchor (rows put back with
+        // their shard rows) are repaired in place below; only records and
+        // the audit log need a whole restore.
+        let records_behind = found
+            .rolled_back_shards
+            .iter()
+            .any(|&s| s < integrity::ALL_SHARDS);
+        if records_behind
             || found
                 .audit
                 .as_deref()
@@ -178,15 +190,25 @@ impl Center {
                 .map(|(d, _)| integrity::shard_of(*d)),
         );
         // Token and mark shards (gap 3) are repaired in place, not from a
-        // backup (backups hold neither).
+        // backup (backups hold neither): those that do not match their
+        // rows, and those older than the card's anchor.
+        shards.extend(found.rolled_back_shards.iter().copied());
+        let behind = if found.rolled_back_shards.is_empty() {
+            None
+        } else {
+            match anchor {
+                Some(p) => crate::anchor::load(p, card)?,
+                None => None,
+            }
+        };
         if shards
             .iter()
             .any(|s| (integrity::TOKEN_BASE..integrity::MARK_SHARD).contains(s))
         {
-            out.token_shards = self.repair_token_shards(actor, now)?;
+            out.token_shards = self.repair_token_shards_behind(actor, now, behind.as_ref())?;
         }
         if shards.contains(&integrity::MARK_SHARD) {
-            out.marks = self.repair_mark_shard(actor, now)?;
+            out.marks = self.repair_mark_shard_behind(actor, now, behind.as_ref())?;
         }
         shards.retain(|&s| s < integrity::ALL_SHARDS);
         // Notary records, commands and device-row shards are not repaired

@@ -383,6 +383,20 @@ impl Center {
     /// repaired. Forged rows (failing their own tag) are left as they are
     /// (refused) and counted in the shard as they stand.
     pub fn repair_token_shards(&self, actor: &str, now: u64) -> Result<usize> {
+        self.repair_token_shards_behind(actor, now, None)
+    }
+
+    /// [`Center::repair_token_shards`], also for the shards that the card's
+    /// anchor `behind` saw at a higher change count (a token row put back
+    /// together with its shard row): their tokens are revoked too, and
+    /// each rebuilt shard's count moves past the anchor's, so the next
+    /// check finds it current.
+    pub fn repair_token_shards_behind(
+        &self,
+        actor: &str,
+        now: u64,
+        behind: Option<&crate::anchor::Anchor>,
+    ) -> Result<usize> {
         let card = self.card();
         with_tx(self.database(), |tx| {
             let rows = tx.tokens()?;
@@ -390,7 +404,13 @@ impl Center {
             for s in TOKEN_BASE..TOKEN_BASE + SHARDS {
                 shards.extend(tx.digest_shard(s)?);
             }
-            let bad = bad_token_shards(card, &rows, &shards)?;
+            let mut bad = bad_token_shards(card, &rows, &shards)?;
+            let floor = |shard: u8| behind.map_or(0, |a| a.shard_seq[usize::from(shard)]);
+            for s in &shards {
+                if s.seq < floor(s.shard) && !bad.contains(&s.shard) {
+                    bad.push(s.shard);
+                }
+            }
             if bad.is_empty() {
                 return Ok(0);
             }
@@ -414,7 +434,7 @@ impl Center {
                     shard,
                     acc: [0; 32],
                     count: 0,
-                    seq: old.map_or(0, |o| o.seq) + 1,
+                    seq: old.map_or(0, |o| o.seq).max(floor(shard)) + 1,
                     tag: [0; 32],
                 };
                 for r in kept.iter().filter(|r| token_shard(&r.hash) == shard) {

@@ -44,7 +44,27 @@ impl Center {
     /// Makes the marks' digest shard whole again when it does not match
     /// the marks (see the module docs); returns whether it did anything.
     pub fn repair_mark_shard(&self, actor: &str, now: u64) -> Result<bool> {
-        if self.mark_shard_ok()? {
+        self.repair_mark_shard_behind(actor, now, None)
+    }
+
+    /// [`Center::repair_mark_shard`], also when the marks' shard is whole
+    /// but older than the card's anchor `behind` saw it (marks put back
+    /// together with their shard row): the marks get their safe values and
+    /// the shard's count moves past the anchor's.
+    pub fn repair_mark_shard_behind(
+        &self,
+        actor: &str,
+        now: u64,
+        behind: Option<&crate::anchor::Anchor>,
+    ) -> Result<bool> {
+        let floor = behind.map_or(0, |a| a.shard_seq[usize::from(MARK_SHARD)]);
+        let stored_seq = self
+            .database()
+            .digest_shards()?
+            .into_iter()
+            .find(|s| s.shard == MARK_SHARD)
+            .map_or(0, |s| s.seq);
+        if stored_seq >= floor && self.mark_shard_ok()? {
             return Ok(false);
         }
         let card = self.card();
@@ -82,7 +102,7 @@ impl Center {
                 shard: MARK_SHARD,
                 acc: [0; 32],
                 count: rows.len() as u64,
-                seq: old.map_or(0, |o| o.seq) + 1,
+                seq: old.map_or(0, |o| o.seq).max(floor) + 1,
                 tag: [0; 32],
             };
             for (_, _, tag) in &rows {

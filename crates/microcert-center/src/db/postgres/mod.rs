@@ -342,9 +342,18 @@ impl PgConn {
         })
     }
 
-    /// At most one row (the first, for a key that names one).
+    /// At most one row (a key names one): more than one is a corrupt
+    /// database (a unique index dropped and a row planted), never "the
+    /// first of them".
     pub(super) fn query_opt(&mut self, sql: &str, params: Params<'_, '_>) -> Result<Option<Row>> {
-        Ok(self.query(sql, params)?.into_iter().next())
+        let mut rows = self.query(sql, params)?;
+        if rows.len() > 1 {
+            return Err(Error::db(
+                DbFailure::Corrupt,
+                "a query by key found more than one row (a unique index is missing)",
+            ));
+        }
+        Ok(rows.pop())
     }
 
     pub(super) fn execute(&mut self, sql: &str, params: Params<'_, '_>) -> Result<u64> {

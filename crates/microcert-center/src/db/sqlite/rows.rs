@@ -104,7 +104,6 @@ pub(super) fn oi(v: Option<u64>) -> Option<i64> {
     v.map(i)
 }
 
-/// Token columns (issue 14).
 /// A mark: (name, value, tag), from `SELECT name, value, tag`.
 pub(super) fn mark_row(r: &Row<'_>) -> rusqlite::Result<(String, u64, Vec<u8>)> {
     Ok((
@@ -138,6 +137,7 @@ pub(super) fn command_row(
     ))
 }
 
+/// Token columns (issue 14).
 pub(super) const TOKEN_COLS: &str =
     "hash, name, role, created, expires, revoked, last_used, failures, tag";
 
