@@ -512,14 +512,13 @@ fn a_token_put_back_with_its_shard_is_older_than_the_anchor(backend: Backend) {
     let r = w.b.repair(&backups, Some(&anchor), "ops", now + 3).unwrap();
     assert!(r.whole_restore.is_none(), "{r:?}");
     assert!(r.token_shards >= 1, "{r:?}");
-    let alice = w
-        .b
-        .list_tokens(now + 4)
-        .unwrap()
-        .into_iter()
-        .find(|(t, _)| t.name == "alice")
-        .unwrap()
-        .1;
+    let alice =
+        w.b.list_tokens(now + 4)
+            .unwrap()
+            .into_iter()
+            .find(|(t, _)| t.name == "alice")
+            .unwrap()
+            .1;
     assert_eq!(alice, TokenStatus::Revoked);
     let report = w.b.integrity_check(Some(&anchor), now + 4).unwrap();
     assert!(report.is_clean(), "{:?}", report.findings());
