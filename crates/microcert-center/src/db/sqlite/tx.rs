@@ -469,22 +469,7 @@ impl Tx for SqliteTx<'_> {
             None => (1, [0u8; 32]),
         };
         let hash = audit::chain_hash(&prev, seq, e);
-        let mut st = self.tx.prepare_cached(
-            "INSERT INTO audit (seq, time, actor, action, device, generation, reason, prev_hash, hash) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )?;
-        st.execute(params![
-            i(seq),
-            i(e.time),
-            e.actor,
-            e.action,
-            e.device.map(|d| d.0.to_vec()),
-            e.generation,
-            e.reason,
-            &prev[..],
-            &hash[..]
-        ])?;
-        Ok(())
+        self.insert_audit_row(seq, e, (&prev, &hash))
     }
 
     fn delete_notary(&mut self, n: &NotaryRow) -> Result<bool> {
@@ -504,23 +489,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn insert_audit_record(&mut self, r: &AuditRecord) -> Result<()> {
-        let e = &r.entry;
-        self.tx.prepare_cached(
-            "INSERT INTO audit (seq, time, actor, action, device, generation, reason, prev_hash, hash) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )?
-        .execute(params![
-            i(r.seq),
-            i(e.time),
-            e.actor,
-            e.action,
-            e.device.map(|d| d.0.to_vec()),
-            e.generation,
-            e.reason,
-            &r.prev_hash[..],
-            &r.hash[..]
-        ])?;
-        Ok(())
+        self.insert_audit_row(r.seq, &r.entry, (&r.prev_hash, &r.hash))
     }
 
     fn import_progress_sealed(
@@ -642,4 +611,32 @@ fn placeholders(n: usize) -> String {
         .map(|k| format!("?{k}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+impl SqliteTx<'_> {
+    /// Inserts one audit row with its place in the hash chain.
+    fn insert_audit_row(
+        &mut self,
+        seq: u64,
+        e: &NewAudit,
+        (prev, hash): (&[u8; 32], &[u8; 32]),
+    ) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO audit (seq, time, actor, action, device, generation, reason, \
+                 prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                i(seq),
+                i(e.time),
+                e.actor,
+                e.action,
+                e.device.map(|d| d.0.to_vec()),
+                e.generation,
+                e.reason,
+                &prev[..],
+                &hash[..]
+            ])?;
+        Ok(())
+    }
 }
